@@ -1,0 +1,160 @@
+#include "fdpass/opener.hpp"
+
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <linux/openat2.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "fdpass/errc.hpp"
+
+namespace fdpass {
+namespace {
+
+constexpr std::size_t kMaxPath = 4096;
+
+// glibc 2.36 has no openat2() wrapper.
+int sys_openat2(int dirfd, const char* path, std::uint64_t flags) {
+  open_how how{};
+  how.flags = flags;
+  how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+  return static_cast<int>(::syscall(SYS_openat2, dirfd, path, &how, sizeof(how)));
+}
+
+std::error_code open_error(int e) {
+  switch (e) {
+    case EXDEV: return make_error_code(errc::escapes_root);
+    case ELOOP: return make_error_code(errc::symlink);
+    case ENOENT: return make_error_code(errc::not_found);
+    case ENAMETOOLONG: return make_error_code(errc::bad_path);
+    default: return {e, std::system_category()};
+  }
+}
+
+std::error_code type_error(mode_t mode) {
+  switch (mode & S_IFMT) {
+    case S_IFIFO: return make_error_code(errc::is_fifo);
+    case S_IFSOCK: return make_error_code(errc::is_socket);
+    case S_IFCHR: return make_error_code(errc::is_char_device);
+    case S_IFDIR: return make_error_code(errc::is_directory);
+    default: return make_error_code(errc::unsupported_type);
+  }
+}
+
+bool valid_path(std::string_view p) {
+  return !p.empty() && p.size() < kMaxPath && p.front() == '/' &&
+         p.find('\0') == std::string_view::npos;
+}
+
+// `path` lies in `root` if root is a leading run of whole components of path.
+bool component_prefix(std::string_view root, std::string_view path) {
+  while (root.size() > 1 && root.back() == '/') root.remove_suffix(1);
+  if (root == "/") return true;
+  if (!path.starts_with(root)) return false;
+  return path.size() == root.size() || path[root.size()] == '/';
+}
+
+}  // namespace
+
+Result<std::uint64_t> disk_sequence(BorrowedFd fd) {
+  std::uint64_t seq = 0;
+  if (::ioctl(fd.get(), BLKGETDISKSEQ, &seq) != 0) {
+    if (errno == ENOTTY || errno == EINVAL) return make_error_code(errc::diskseq_unsupported);
+    return last_error();
+  }
+  return seq;
+}
+
+Result<Identity> identify(BorrowedFd fd) {
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return last_error();
+  Identity id;
+  if (S_ISREG(st.st_mode)) {
+    id.kind = Identity::Kind::regular;
+    id.dev = st.st_dev;
+    id.ino = st.st_ino;
+    id.size = static_cast<std::uint64_t>(st.st_size);
+    return id;
+  }
+  if (!S_ISBLK(st.st_mode)) return type_error(st.st_mode);
+  id.kind = Identity::Kind::block;
+  id.rdev = st.st_rdev;
+  auto seq = disk_sequence(fd);
+  if (!seq) return seq.error();
+  id.diskseq = *seq;
+  if (::ioctl(fd.get(), BLKGETSIZE64, &id.size) != 0) return last_error();
+  return id;
+}
+
+Result<ImageRoots> ImageRoots::open(const std::vector<std::string>& paths) {
+  ImageRoots roots;
+  for (const auto& p : paths) {
+    if (!valid_path(p)) return make_error_code(errc::bad_path);
+    int fd = ::open(p.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return errno == ENOTDIR ? make_error_code(errc::unsupported_type) : last_error();
+    roots.dirs_.emplace_back(fd);
+    roots.paths_.push_back(p);
+  }
+  return roots;
+}
+
+std::optional<std::string_view> ImageRoots::root_of(std::string_view path) const {
+  for (const auto& r : paths_) {
+    if (component_prefix(r, path)) return std::string_view(r);
+  }
+  return std::nullopt;
+}
+
+Result<Opened> ImageRoots::open(std::string_view path, const OpenOptions& options) const {
+  if (!valid_path(path)) return make_error_code(errc::bad_path);
+  const UniqueFd* root = nullptr;
+  std::string rel;
+  for (std::size_t i = 0; i < paths_.size(); ++i) {
+    if (!component_prefix(paths_[i], path)) continue;
+    root = &dirs_[i];
+    std::string_view r = paths_[i];
+    while (r.size() > 1 && r.back() == '/') r.remove_suffix(1);
+    rel.assign(r == "/" ? path : path.substr(r.size()));
+    break;
+  }
+  if (root == nullptr) return make_error_code(errc::outside_roots);
+  while (!rel.empty() && rel.front() == '/') rel.erase(0, 1);
+  if (rel.empty()) return make_error_code(errc::is_directory);
+
+  // First look: O_PATH opens nothing (no FIFO wait, no device open side effects).
+  UniqueFd probe(sys_openat2(root->get(), rel.c_str(), O_PATH | O_CLOEXEC));
+  if (!probe) return open_error(errno);
+  struct stat st {};
+  if (::fstat(probe.get(), &st) != 0) return last_error();
+  if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) return type_error(st.st_mode);
+  if (options.expect_diskseq && !S_ISBLK(st.st_mode)) {
+    return make_error_code(errc::invalid_argument);
+  }
+
+  // Real open, same resolution rules. O_NONBLOCK guards against a swap to a FIFO in between.
+  std::uint64_t flags = O_CLOEXEC | O_NOCTTY | O_NONBLOCK |
+                        (options.access == Access::read_write ? O_RDWR : O_RDONLY) |
+                        (options.direct ? O_DIRECT : 0);
+  UniqueFd fd(sys_openat2(root->get(), rel.c_str(), flags));
+  if (!fd) return open_error(errno);
+  auto id = identify(fd);
+  if (!id) return id.error();
+  struct stat again {};
+  if (::fstat(fd.get(), &again) != 0) return last_error();
+  if (again.st_dev != st.st_dev || again.st_ino != st.st_ino ||
+      (again.st_mode & S_IFMT) != (st.st_mode & S_IFMT)) {
+    return make_error_code(errc::identity_changed);
+  }
+  if (options.expect_diskseq && *options.expect_diskseq != id->diskseq) {
+    return make_error_code(errc::diskseq_mismatch);
+  }
+  int fl = ::fcntl(fd.get(), F_GETFL);
+  if (fl < 0 || ::fcntl(fd.get(), F_SETFL, fl & ~O_NONBLOCK) != 0) return last_error();
+  return Opened{std::move(fd), *id};
+}
+
+}  // namespace fdpass

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs the Debian packages qbroker needs to build, test and run the demo.
+# Checks first, so a second run on a ready machine costs well under a second.
+set -euo pipefail
+
+packages=(
+  g++ cmake ninja-build pkg-config
+  libboost1.81-dev libboost-json1.81-dev
+  catch2
+  libxen-dev libsystemd-dev
+  qemu-system-x86 qemu-utils busybox-static cpio kmod
+  iproute2 curl procps
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$'; then
+    missing+=("$p")
+  fi
+done
+
+if ((${#missing[@]})); then
+  if ((EUID != 0)); then
+    echo "setup: missing packages: ${missing[*]}; run as root to install them" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

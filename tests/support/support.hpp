@@ -1,0 +1,56 @@
+// Helpers shared by every test: fd-leak checks, root checks and the test guest's location.
+#pragma once
+
+#include <unistd.h>
+
+#include <cstddef>
+#include <string>
+
+#include <catch2/catch.hpp>
+
+namespace qbtest {
+
+// Number of open fds of this process (entries of /proc/self/fd, minus the one used to read it).
+std::size_t open_fd_count();
+
+// Asserts at scope exit that the fd count is what it was at construction.
+class FdLeakCheck {
+ public:
+  FdLeakCheck() : before_(open_fd_count()) {}
+  ~FdLeakCheck() { CHECK(open_fd_count() == before_); }
+  FdLeakCheck(const FdLeakCheck&) = delete;
+  FdLeakCheck& operator=(const FdLeakCheck&) = delete;
+
+ private:
+  std::size_t before_;
+};
+
+inline bool is_root() { return ::geteuid() == 0; }
+
+// A fresh, empty temporary directory removed (recursively) at scope exit.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::string& path() const { return path_; }
+  std::string operator/(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+// Writes `content` to `path` (created or truncated, mode 0644).
+void write_file(const std::string& path, const std::string& content);
+
+}  // namespace qbtest
+
+// Skips the rest of a [privileged] test when not running as root.
+#define QB_REQUIRE_ROOT()                                  \
+  do {                                                     \
+    if (!::qbtest::is_root()) {                            \
+      WARN("skipped: needs root ([privileged])");          \
+      return;                                              \
+    }                                                      \
+  } while (0)
