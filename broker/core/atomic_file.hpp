@@ -1,0 +1,22 @@
+// Durable, atomic replacement of small state files: write a temporary file in the same directory,
+// fsync it, rename it over the target, fsync the directory. A crash leaves the old or the new
+// content, never a torn file.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <system_error>
+#include <vector>
+
+namespace broker {
+
+std::error_code write_file_atomic(const std::string& dir, const std::string& name,
+                                  std::string_view content, unsigned mode = 0600);
+std::error_code remove_file_durable(const std::string& dir, const std::string& name);
+std::optional<std::string> read_small_file(const std::string& path, std::size_t limit = 1 << 20);
+// Creates `path` and its parents with `mode` (existing directories are left as they are).
+std::error_code make_dirs(const std::string& path, unsigned mode = 0700);
+// Names in `dir` (no "." / ".."), empty when dir does not exist.
+std::vector<std::string> list_dir(const std::string& dir);
+
+}  // namespace broker

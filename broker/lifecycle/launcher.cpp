@@ -1,0 +1,250 @@
+#include "broker/lifecycle/launcher.hpp"
+
+#include <fcntl.h>
+#include <grp.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <functional>
+
+#include "broker/core/atomic_file.hpp"
+#include "broker/core/log.hpp"
+#include "broker/lifecycle/errc.hpp"
+#include "broker/lifecycle/proc.hpp"
+#include "fdpass/devices.hpp"
+
+namespace broker::lifecycle {
+namespace {
+
+constexpr const char* kKernelInJail = "/boot/kernel";
+constexpr const char* kInitrdInJail = "/boot/initrd";
+constexpr int kQmpFd = 3;
+constexpr int kConsoleFd = 4;
+constexpr int kFirstColdFd = 5;
+
+std::error_code errno_code() { return {errno, std::system_category()}; }
+
+// Reaps a child through its pidfd, if it has exited or once it does.
+void reap(const fdpass::UniqueFd& pidfd) {
+  if (!pidfd) return;
+  siginfo_t info{};
+  while (::waitid(P_PIDFD, static_cast<id_t>(pidfd.get()), &info, WEXITED) != 0 && errno == EINTR) {
+  }
+}
+
+// Undo list for start(): each completed step pushes its inverse.
+class Rollback {
+ public:
+  ~Rollback() {
+    if (armed_) {
+      for (auto it = steps_.rbegin(); it != steps_.rend(); ++it) (*it)();
+    }
+  }
+  void push(std::function<void()> f) { steps_.push_back(std::move(f)); }
+  void disarm() { armed_ = false; }
+
+ private:
+  std::vector<std::function<void()>> steps_;
+  bool armed_ = true;
+};
+
+}  // namespace
+
+Launcher::Launcher(LauncherConfig config, UidPool& uids, CgroupManager& cgroups,
+                   const fdpass::ImageRoots& roots)
+    : config_(std::move(config)), uids_(uids), cgroups_(cgroups), roots_(roots) {}
+
+Accel Launcher::detect_accel(Accel wanted) const {
+  if (wanted != Accel::automatic) return wanted;
+  fdpass::UniqueFd kvm(::open(config_.kvm_device.c_str(), O_RDWR | O_CLOEXEC));
+  return kvm ? Accel::kvm : Accel::tcg;
+}
+
+std::vector<std::string> Launcher::command_line(const DomainSpec& spec, Accel accel,
+                                                const std::vector<ColdFd>& cold,
+                                                const std::vector<std::string>& extra) const {
+  std::vector<std::string> a = {
+      config_.qemu,
+      "-name", "guest=" + spec.name + ",debug-threads=on",
+      "-machine", std::string(to_string(spec.machine)) + ",accel=" + std::string(to_string(accel)),
+      "-m", std::to_string(spec.memory_mib),
+      "-smp", std::to_string(spec.vcpus),
+      "-nodefaults", "-no-user-config", "-display", "none",
+      // Seccomp: no obsolete syscalls, no privilege changes, no exec/fork, no cgroup/sched games.
+      "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+      "-chardev", "socket,id=qmp,fd=" + std::to_string(kQmpFd) + ",server=on,wait=off",
+      "-mon", "chardev=qmp,mode=control",
+      // Start paused: the broker hands over fds and then sends `cont`.
+      "-S",
+  };
+  if (spec.machine == Machine::q35) {
+    // A VNC display with no listener, so one can be handed over later (display-update).
+    a.insert(a.end(), {"-vnc", "none"});
+    a.insert(a.end(), {"-chardev",
+                       "socket,id=console,fd=" + std::to_string(kConsoleFd) + ",server=on,wait=off",
+                       "-serial", "chardev:console"});
+    a.insert(a.end(), {"-kernel", kKernelInJail});
+    if (!spec.initrd.empty()) a.insert(a.end(), {"-initrd", kInitrdInJail});
+    if (!spec.append.empty()) a.insert(a.end(), {"-append", spec.append});
+    for (std::uint32_t i = 1; i <= spec.pci_slots; ++i) {
+      a.insert(a.end(), {"-device", "pcie-root-port,id=rp" + std::to_string(i) +
+                                        ",chassis=" + std::to_string(i) + ",bus=pcie.0"});
+    }
+  }
+  for (std::size_t i = 0; i < cold.size(); ++i) {
+    a.insert(a.end(), {"-add-fd", "fd=" + std::to_string(kFirstColdFd + static_cast<int>(i)) +
+                                      ",set=" + std::to_string(cold[i].fdset) +
+                                      (cold[i].opaque.empty() ? "" : ",opaque=" + cold[i].opaque)});
+  }
+  a.insert(a.end(), extra.begin(), extra.end());
+  return a;
+}
+
+void Launcher::remove_files(const std::string& name) {
+  for (const char* sub : {"/qmp/", "/console/"}) {
+    ::unlink((config_.run_dir + sub + name + ".sock").c_str());
+  }
+}
+
+Result<Instance> Launcher::start(const DomainSpec& spec, const std::vector<ColdFd>& cold,
+                                 const std::vector<std::string>& extra_args) {
+  if (auto ok = validate(spec); !ok) return ok.error();
+  Rollback undo;
+  Instance inst;
+  inst.name = spec.name;
+  inst.accel = detect_accel(spec.accel);
+
+  for (const char* sub : {"/qmp", "/console", "/log", "/jail"}) {
+    if (auto ec = make_dirs(config_.run_dir + sub, 0700)) {
+      return make_error(ec, "creating " + config_.run_dir + sub);
+    }
+  }
+  // The jail mount point must be reachable (traversable) only by root.
+  ::chmod((config_.run_dir + "/jail").c_str(), 0700);
+
+  // Step 2: a uid, swept and recorded before anything runs under it.
+  auto uid = uids_.allocate(spec.name);
+  if (!uid) return uid.error();
+  inst.uid = *uid;
+  undo.push([this, u = *uid] { (void)uids_.release(u); });
+
+  // Step 3: open everything with the broker's credentials.
+  std::vector<fdpass::UniqueFd> mounts;
+  JailLayout layout = default_qemu_layout(config_.run_dir + "/jail", inst.accel == Accel::kvm);
+  for (auto [path, target, field] : {std::tuple{&spec.kernel, kKernelInJail, "kernel"},
+                                     std::tuple{&spec.initrd, kInitrdInJail, "initrd"}}) {
+    if (path->empty()) continue;
+    auto opened = roots_.open(*path, {});
+    if (!opened) {
+      Error e(opened.error(), std::string(field) + ": " + *path + ": " + opened.error().message());
+      e.field = field;
+      return e;
+    }
+    auto tree = detached_mount(opened->fd);
+    if (!tree) return tree.error();
+    mounts.push_back(std::move(*tree));
+    layout.fd_mounts.emplace_back(mounts.back(), target);
+  }
+
+  inst.qmp_path = config_.run_dir + "/qmp/" + spec.name + ".sock";
+  inst.console_path = config_.run_dir + "/console/" + spec.name + ".sock";
+  inst.log_path = config_.run_dir + "/log/" + spec.name + ".log";
+  undo.push([this, name = spec.name] { remove_files(name); });
+  auto qmp = fdpass::listen_unix(inst.qmp_path, 0600, 0, 0, 4);
+  if (!qmp) return make_error(qmp.error(), "QMP listener " + inst.qmp_path);
+  auto console = fdpass::listen_unix(inst.console_path, 0600, 0, 0, 4);
+  if (!console) return make_error(console.error(), "console listener " + inst.console_path);
+  fdpass::UniqueFd log(::open(inst.log_path.c_str(),
+                              O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0600));
+  if (!log) return make_error(errno_code(), "QEMU log " + inst.log_path);
+
+  if (config_.use_cgroup && cgroups_.available()) {
+    CgroupLimits limits;
+    // Guest RAM plus room for QEMU itself.
+    limits.memory_bytes = (static_cast<std::uint64_t>(spec.memory_mib) + 256) << 20;
+    limits.pids = config_.limits.nproc;
+    auto cg = cgroups_.create("dom-" + std::to_string(inst.uid), limits);
+    if (!cg) return cg.error();
+    inst.cgroup = std::move(*cg);
+    undo.push([&inst] { (void)inst.cgroup.remove(); });
+  } else if (config_.use_cgroup) {
+    log::info("domain " + spec.name + ": no cgroup (" + cgroups_.why_unavailable() + ")");
+  }
+
+  // Step 4: spawn.
+  SpawnRequest req;
+  req.executable = config_.qemu;
+  req.argv = command_line(spec, inst.accel, cold, extra_args);
+  req.pass = {*qmp, *console};
+  for (const auto& c : cold) req.pass.push_back(c.fd);
+  req.output = log;
+  req.jail = std::move(layout);
+  req.uid = inst.uid;
+  req.gid = inst.uid;
+  if (inst.accel == Accel::kvm) {
+    struct stat st {};
+    if (::stat(config_.kvm_device.c_str(), &st) == 0) req.groups.push_back(st.st_gid);
+  }
+  req.limits = config_.limits;
+  req.pdeathsig = config_.pdeathsig;
+  req.cgroup = inst.cgroup.dir();
+  auto child = spawn_jailed(req);
+  if (!child) {
+    auto e = child.error();
+    auto tail = read_small_file(inst.log_path, 4096);
+    if (tail && !tail->empty()) e.message += "; QEMU said: " + *tail;
+    return e;
+  }
+  inst.pid = child->pid;
+  inst.pidfd = std::move(child->pidfd);
+  inst.start_time = process_start_time(config_.proc_root, inst.pid);
+  inst.argv = std::move(req.argv);
+  undo.disarm();
+  return inst;
+}
+
+Result<KillReport> Launcher::destroy(Instance& inst) {
+  const auto start = std::chrono::steady_clock::now();
+  std::string method;
+  // 1. cgroup.kill: everything in the cgroup, whatever uid it switched to.
+  if (inst.cgroup.valid() && inst.cgroup.kill()) method += "cgroup.kill+";
+  // 2. The pid-namespace init: its death takes every process of the namespace with it.
+  if (inst.pidfd && ::syscall(SYS_pidfd_send_signal, inst.pidfd.get(), SIGKILL, nullptr, 0) == 0) {
+    method += "pidns-init+";
+  }
+  // 3. By uid, for anything that escaped both (never skipped when the uid is known).
+  auto report = uids_.reaper().kill_uid(inst.uid);
+  if (!report) return report.error();
+  // 4. Reap our child, so no zombie of the uid remains.
+  reap(inst.pidfd);
+  inst.pidfd.reset();
+  // 5. Verify: nothing, not even a zombie we could reap, runs under the uid.
+  if (live_processes_of_uid(config_.proc_root, inst.uid) != 0) {
+    Error e(make_error_code(errc::survivors), "processes of uid " + std::to_string(inst.uid) +
+                                                  " survived teardown; uid not released");
+    return e;
+  }
+  if (inst.cgroup.valid()) {
+    if (auto removed = inst.cgroup.remove(); !removed) log::warn(removed.error().describe());
+  }
+  if (auto released = uids_.release(inst.uid); !released) return released.error();
+  remove_files(inst.name);
+  report->method = method + "uid";
+  report->duration = std::chrono::duration_cast<std::chrono::microseconds>(
+      std::chrono::steady_clock::now() - start);
+  return report;
+}
+
+Result<KillReport> Launcher::destroy_uid(uid_t uid, const std::string& name) {
+  Instance inst;
+  inst.uid = uid;
+  inst.name = name;
+  if (auto cg = cgroups_.open("dom-" + std::to_string(uid))) inst.cgroup = std::move(*cg);
+  return destroy(inst);
+}
+
+}  // namespace broker::lifecycle

@@ -1,0 +1,91 @@
+// Starting and destroying one jailed QEMU: lifecycle steps 2-4 and 6 of docs/lifecycle.md.
+// (Step 1, parsing, is spec.hpp; step 5, QMP, belongs to the domain, which owns the client.)
+//
+// start(): allocate + sweep + record a uid → open the boot files under the image roots → make the
+// QMP and console listeners → cgroup → spawn in the jail with `-S`. QEMU gets the listeners as
+// fds 3 and 4, boot files as read-only mounts of the opened inodes, cold fds with -add-fd; no
+// host path reaches its command line. Every step is undone if a later one fails.
+//
+// destroy(): cgroup.kill → SIGKILL the pid-namespace init → kill(-1) as the uid → reap → verify
+// /proc → release the uid. Never a kill by pid alone when the uid is known.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "broker/core/error.hpp"
+#include "broker/lifecycle/cgroup.hpp"
+#include "broker/lifecycle/reaper.hpp"
+#include "broker/lifecycle/spawner.hpp"
+#include "broker/lifecycle/spec.hpp"
+#include "broker/lifecycle/uid_pool.hpp"
+#include "fdpass/opener.hpp"
+
+namespace broker::lifecycle {
+
+struct LauncherConfig {
+  std::string qemu = "/usr/bin/qemu-system-x86_64";
+  std::string run_dir = "/run/qbroker";  // sockets, logs, the jail mount point
+  JailLimits limits;
+  int pdeathsig = 0;
+  std::string proc_root = "/proc";
+  std::string kvm_device = "/dev/kvm";
+  bool use_cgroup = true;
+};
+
+// An fd handed to QEMU at start with -add-fd (cold-plugged disks and CDs).
+struct ColdFd {
+  fdpass::BorrowedFd fd;
+  unsigned fdset = 0;
+  std::string opaque;
+};
+
+struct Instance {
+  std::string name;
+  uid_t uid = 0;
+  pid_t pid = 0;
+  fdpass::UniqueFd pidfd;
+  unsigned long long start_time = 0;  // /proc/<pid>/stat field 22, for re-adoption
+  Cgroup cgroup;
+  Accel accel = Accel::tcg;
+  std::string qmp_path;      // the listener QEMU holds; the broker connects here
+  std::string console_path;  // serial console listener
+  std::string log_path;      // QEMU's stdout/stderr
+  std::vector<std::string> argv;
+};
+
+class Launcher {
+ public:
+  Launcher(LauncherConfig config, UidPool& uids, CgroupManager& cgroups,
+           const fdpass::ImageRoots& roots);
+
+  // `extra_args` are further QEMU words built by the device layers (never host paths).
+  Result<Instance> start(const DomainSpec& spec, const std::vector<ColdFd>& cold = {},
+                         const std::vector<std::string>& extra_args = {});
+
+  // Kills everything of the instance's uid, reaps, verifies and releases the uid and the files.
+  Result<KillReport> destroy(Instance& instance);
+
+  // Kills a uid whose instance is gone (restart recovery), then releases it.
+  Result<KillReport> destroy_uid(uid_t uid, const std::string& name);
+
+  const LauncherConfig& config() const { return config_; }
+  Accel detect_accel(Accel wanted) const;
+  std::vector<std::string> command_line(const DomainSpec& spec, Accel accel,
+                                        const std::vector<ColdFd>& cold,
+                                        const std::vector<std::string>& extra_args) const;
+
+ private:
+  void remove_files(const std::string& name);
+
+  LauncherConfig config_;
+  UidPool& uids_;
+  CgroupManager& cgroups_;
+  const fdpass::ImageRoots& roots_;
+};
+
+}  // namespace broker::lifecycle

@@ -1,0 +1,72 @@
+#include "broker/lifecycle/proc.hpp"
+
+#include <dirent.h>
+#include <signal.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "broker/core/atomic_file.hpp"
+
+namespace broker::lifecycle {
+
+std::vector<ProcInfo> processes_of_uid(const std::string& proc_root, uid_t uid) {
+  std::vector<ProcInfo> out;
+  DIR* d = ::opendir(proc_root.c_str());
+  if (d == nullptr) return out;
+  while (dirent* e = ::readdir(d)) {
+    char* end = nullptr;
+    long pid = std::strtol(e->d_name, &end, 10);
+    if (pid <= 0 || *end != '\0') continue;
+    auto status = read_small_file(proc_root + "/" + e->d_name + "/status", 64 << 10);
+    if (!status) continue;  // gone since readdir
+    auto uid_at = status->find("\nUid:");
+    auto state_at = status->find("\nState:");
+    if (uid_at == std::string::npos) continue;
+    const char* p = status->c_str() + uid_at + 5;
+    bool match = false;
+    for (int i = 0; i < 4; ++i) {
+      char* next = nullptr;
+      unsigned long v = std::strtoul(p, &next, 10);
+      if (next == p) break;
+      if (v == uid) match = true;
+      p = next;
+    }
+    if (!match) continue;
+    bool zombie = state_at != std::string::npos &&
+                  status->compare(state_at + 7, 2, "\tZ") == 0;
+    // SigPnd (thread) and ShdPnd (process) are hex masks; SIGKILL is bit 9 - 1.
+    bool kill_pending = false;
+    for (const char* key : {"\nSigPnd:", "\nShdPnd:"}) {
+      auto at = status->find(key);
+      if (at == std::string::npos) continue;
+      unsigned long long mask = std::strtoull(status->c_str() + at + 8, nullptr, 16);
+      kill_pending = kill_pending || (mask & (1ULL << (SIGKILL - 1))) != 0;
+    }
+    out.push_back({static_cast<pid_t>(pid), zombie, kill_pending});
+  }
+  ::closedir(d);
+  return out;
+}
+
+std::size_t live_processes_of_uid(const std::string& proc_root, uid_t uid) {
+  std::size_t n = 0;
+  for (const auto& p : processes_of_uid(proc_root, uid)) n += p.zombie ? 0 : 1;
+  return n;
+}
+
+unsigned long long process_start_time(const std::string& proc_root, pid_t pid) {
+  auto stat = read_small_file(proc_root + "/" + std::to_string(pid) + "/stat", 8192);
+  if (!stat) return 0;
+  // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+  auto close = stat->rfind(')');
+  if (close == std::string::npos) return 0;
+  const char* p = stat->c_str() + close + 1;
+  for (int field = 3; field < 22; ++field) {
+    p = std::strchr(p + 1, ' ');
+    if (p == nullptr) return 0;
+  }
+  return std::strtoull(p + 1, nullptr, 10);
+}
+
+}  // namespace broker::lifecycle

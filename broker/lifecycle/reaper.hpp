@@ -1,0 +1,66 @@
+// Kill by uid (seed 000, libxl's dm_kill_uid): a child process takes real uid = the reaper uid,
+// effective uid = the target uid, saved uid = 0, and calls kill(-1, SIGKILL). The kernel lets a
+// process signal every process whose real or saved uid matches its own real or effective uid, and
+// kill(-1) visits every such process under the tasklist lock, so a fork storm cannot outrun it:
+// a process with SIGKILL pending cannot complete a fork. The reaper's own real uid is the reaper
+// uid (which never runs a QEMU), so nothing running under the target uid can signal the reaper.
+//
+// There is no fallback to killing by pid: a pid can be reused, and a compromised QEMU controls its
+// own children's pids. If the uid is known and killing by uid fails, that is an error.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstddef>
+#include <string>
+
+#include "broker/core/error.hpp"
+
+namespace broker::lifecycle {
+
+struct KillReport {
+  uid_t uid = 0;
+  std::size_t found = 0;      // live processes of the uid before the kill
+  std::size_t survivors = 0;  // live processes of the uid after it (0 on success)
+  int rounds = 0;             // kill(-1) rounds taken
+  std::string method;         // e.g. "cgroup.kill+pidns-init+uid"
+  std::chrono::microseconds duration{0};
+};
+
+// What touches the world in a kill, injectable so tests can make it fail.
+class UidKiller {
+ public:
+  virtual ~UidKiller() = default;
+  // One kill(-1, SIGKILL) round as `uid`, from a child running with the reaper's credentials.
+  virtual std::error_code kill_all(uid_t reaper_uid, uid_t uid) = 0;
+};
+
+// The real thing: fork, setresuid(reaper, uid, 0), kill(-1, SIGKILL), _exit.
+class ForkingUidKiller final : public UidKiller {
+ public:
+  std::error_code kill_all(uid_t reaper_uid, uid_t uid) override;
+};
+
+class Reaper {
+ public:
+  Reaper(UidKiller& killer, uid_t reaper_uid, std::string proc_root = "/proc",
+         std::chrono::milliseconds settle = std::chrono::milliseconds(10000))
+      : killer_(killer), reaper_uid_(reaper_uid), proc_root_(std::move(proc_root)),
+        settle_(settle) {}
+
+  // Kills every process of `uid` and waits (bounded by `settle`) until /proc shows none alive.
+  // Zombies do not count as alive; their parents reap them (the daemon is a subreaper).
+  Result<KillReport> kill_uid(uid_t uid);
+
+  uid_t reaper_uid() const { return reaper_uid_; }
+  const std::string& proc_root() const { return proc_root_; }
+
+ private:
+  UidKiller& killer_;
+  uid_t reaper_uid_;
+  std::string proc_root_;
+  std::chrono::milliseconds settle_;
+};
+
+}  // namespace broker::lifecycle

@@ -1,0 +1,50 @@
+// The validated description of a domain's QEMU (style point 1: parse, then act). Nothing here is
+// opened yet; the values are checked so the command line built from them cannot be malformed and
+// cannot carry a host path.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <boost/json/value.hpp>
+
+#include "broker/core/error.hpp"
+
+namespace broker::lifecycle {
+
+enum class Machine { q35, none };
+enum class Accel { automatic, kvm, tcg };
+
+struct DomainSpec {
+  std::string name;
+  Machine machine = Machine::q35;
+  Accel accel = Accel::automatic;
+  std::uint32_t memory_mib = 128;
+  std::uint32_t vcpus = 1;
+  std::string kernel;                  // host path, opened by the broker
+  std::string initrd;                  // host path, optional
+  std::string append;
+  std::uint32_t pci_slots = 4;         // hot-pluggable PCIe root ports
+  bool paused = false;                 // stay paused after start-up
+};
+
+// Checks a name for a domain, disk, CD, NIC: [A-Za-z0-9][A-Za-z0-9_.-]{0,63}. Such names go on
+// QEMU's command line and into QMP ids, so they carry no comma, slash or quote.
+bool valid_name(std::string_view name);
+
+// Parses the JSON body of POST /v1/domains: {name, memory_mib, vcpus, kernel?, initrd?, append?,
+// machine?, accel?, pci_slots?, paused?}. Unknown fields are refused by name. Device lists
+// (disks, cdroms, nics, vnc) are parsed by the layers that plug them and passed through here.
+Result<DomainSpec> parse_domain_spec(const boost::json::value& body,
+                                     const std::vector<std::string_view>& also_allowed = {});
+
+// Validates a spec built in code.
+Result<void> validate(const DomainSpec& spec);
+
+std::string_view to_string(Machine m);
+std::string_view to_string(Accel a);
+
+}  // namespace broker::lifecycle

@@ -1,0 +1,144 @@
+#include "broker/lifecycle/uid_pool.hpp"
+
+#include <pwd.h>
+
+#include <charconv>
+#include <fstream>
+#include <sstream>
+
+#include "broker/core/atomic_file.hpp"
+#include "broker/core/log.hpp"
+#include "broker/lifecycle/errc.hpp"
+
+namespace broker::lifecycle {
+namespace {
+
+Error range_error(std::string msg) {
+  Error e(make_error_code(errc::invalid_uid_range), std::move(msg));
+  e.field = "uid-range";
+  return e;
+}
+
+template <class T>
+bool parse_number(std::string_view s, T& out) {
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), out);
+  return ec == std::errc() && p == s.data() + s.size() && !s.empty();
+}
+
+}  // namespace
+
+Result<UidRange> UidRange::parse(std::string_view text) {
+  auto colon = text.find(':');
+  UidRange r;
+  if (colon == std::string_view::npos || !parse_number(text.substr(0, colon), r.base) ||
+      !parse_number(text.substr(colon + 1), r.count)) {
+    return range_error("uid range must be BASE:COUNT, got '" + std::string(text) + "'");
+  }
+  return r;
+}
+
+Result<UidRange> UidRange::from_user(const std::string& name, uid_t count) {
+  passwd pw{};
+  passwd* found = nullptr;
+  char buf[4096];
+  if (::getpwnam_r(name.c_str(), &pw, buf, sizeof(buf), &found) != 0 || found == nullptr) {
+    return range_error("no user named '" + name + "' for the uid range base");
+  }
+  return UidRange{found->pw_uid, count};
+}
+
+Result<void> UidRange::validate(const std::string& passwd) const {
+  if (base == 0) return range_error("uid range base must not be 0 (root)");
+  if (count < 2) return range_error("uid range needs at least 2 uids (the reaper and one QEMU)");
+  if (base > 0xfffffffeU - count) return range_error("uid range overflows");
+  std::ifstream in(passwd);
+  std::string line;
+  while (std::getline(in, line)) {
+    // name:x:uid:...
+    std::istringstream fields(line);
+    std::string name, pw, uid_text;
+    if (!std::getline(fields, name, ':') || !std::getline(fields, pw, ':') ||
+        !std::getline(fields, uid_text, ':')) {
+      continue;
+    }
+    uid_t uid = 0;
+    if (!parse_number(std::string_view(uid_text), uid)) continue;
+    if (uid > base && uid < base + count) {
+      return range_error("uid " + std::to_string(uid) + " in range " + std::to_string(base) +
+                         ":" + std::to_string(count) + " belongs to user '" + name + "'");
+    }
+  }
+  return {};
+}
+
+UidPool::UidPool(UidRange range, std::string state_dir, Reaper& reaper)
+    : range_(range), dir_(std::move(state_dir) + "/uids"), reaper_(reaper) {}
+
+std::map<uid_t, std::string> UidPool::load() {
+  make_dirs(dir_);
+  in_use_.clear();
+  for (const auto& name : list_dir(dir_)) {
+    uid_t uid = 0;
+    if (!parse_number(std::string_view(name), uid)) continue;
+    auto owner = read_small_file(dir_ + "/" + name, 4096);
+    in_use_[uid] = owner ? *owner : std::string();
+  }
+  return in_use_;
+}
+
+Result<void> UidPool::sweep(uid_t uid) {
+  auto report = reaper_.kill_uid(uid);
+  if (!report) {
+    quarantined_.insert(uid);
+    log::error("uid " + std::to_string(uid) + " quarantined: " + report.error().describe());
+    Error e(make_error_code(errc::uid_quarantined), report.error().message);
+    return e;
+  }
+  if (report->found > 0) {
+    log::warn("uid " + std::to_string(uid) + ": killed " + std::to_string(report->found) +
+              " leftover processes before reuse");
+  }
+  return {};
+}
+
+Result<uid_t> UidPool::allocate(const std::string& domain, std::optional<uid_t> wanted) {
+  if (auto ec = make_dirs(dir_)) return make_error(ec, "creating " + dir_);
+  auto try_uid = [&](uid_t uid) -> Result<uid_t> {
+    if (auto swept = sweep(uid); !swept) return swept.error();
+    if (auto ec = write_file_atomic(dir_, std::to_string(uid), domain)) {
+      return make_error(ec, "recording uid " + std::to_string(uid));
+    }
+    in_use_[uid] = domain;
+    return uid;
+  };
+  if (wanted) {
+    if (*wanted <= range_.base || *wanted >= range_.base + range_.count) {
+      return range_error("uid " + std::to_string(*wanted) + " is outside the range");
+    }
+    if (in_use_.contains(*wanted) || quarantined_.contains(*wanted)) {
+      Error e(make_error_code(errc::uid_exhausted),
+              "uid " + std::to_string(*wanted) + " is in use or quarantined");
+      return e;
+    }
+    return try_uid(*wanted);
+  }
+  for (uid_t uid = range_.base + 1; uid < range_.base + range_.count; ++uid) {
+    if (in_use_.contains(uid) || quarantined_.contains(uid)) continue;
+    auto r = try_uid(uid);
+    if (r) return r;
+    if (r.error().code != errc::uid_quarantined) return r;
+  }
+  Error e(make_error_code(errc::uid_exhausted),
+          "all " + std::to_string(range_.count - 1) + " uids of the range are in use or quarantined");
+  return e;
+}
+
+Result<void> UidPool::release(uid_t uid) {
+  if (auto ec = remove_file_durable(dir_, std::to_string(uid))) {
+    return make_error(ec, "forgetting uid " + std::to_string(uid));
+  }
+  in_use_.erase(uid);
+  return {};
+}
+
+}  // namespace broker::lifecycle

@@ -1,0 +1,66 @@
+// The pool of QEMU uids: BASE+1 ... BASE+COUNT-1, one per domain. BASE itself is the reaper uid
+// and never runs a QEMU (docs/lifecycle.md). Allocation order:
+//   1. pick the lowest uid that has no record and is not quarantined;
+//   2. sweep it: kill(-1) as that uid, so nothing left from an earlier owner (or planted by a
+//      local user who could setuid to it) survives into the new domain; if anything survives,
+//      quarantine the uid, report it, and try the next one;
+//   3. record the allocation durably (atomic write + fsync) before the caller spawns anything,
+//      so a broker restarted at any point still knows which uid to kill.
+// A uid is released only after its teardown verified that no process runs under it.
+#pragma once
+
+#include <sys/types.h>
+
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+
+#include "broker/core/error.hpp"
+#include "broker/lifecycle/reaper.hpp"
+
+namespace broker::lifecycle {
+
+struct UidRange {
+  uid_t base = 0;    // the reaper uid
+  uid_t count = 0;   // base + 1 ... base + count - 1 run QEMUs
+
+  // "BASE:COUNT".
+  static Result<UidRange> parse(std::string_view text);
+  // libxl-style: the named user's uid is the base; `count` uids follow it.
+  static Result<UidRange> from_user(const std::string& name, uid_t count);
+  // Refuses base 0, count < 2, overflow, and any uid above the base that has a passwd entry.
+  // `passwd` is a path so tests can supply their own file.
+  Result<void> validate(const std::string& passwd = "/etc/passwd") const;
+};
+
+class UidPool {
+ public:
+  // `state_dir/uids/<uid>` holds the name of the domain that owns the uid.
+  UidPool(UidRange range, std::string state_dir, Reaper& reaper);
+
+  // Reloads the records written by an earlier broker. Returns uid -> domain name.
+  std::map<uid_t, std::string> load();
+
+  // Sweeps and records a uid for `domain`. On Xen the caller names the uid (base + domid).
+  Result<uid_t> allocate(const std::string& domain, std::optional<uid_t> wanted = std::nullopt);
+
+  // Forgets the record. Call only after the uid's teardown verified that nothing runs under it.
+  Result<void> release(uid_t uid);
+
+  const std::set<uid_t>& quarantined() const { return quarantined_; }
+  const std::map<uid_t, std::string>& in_use() const { return in_use_; }
+  const UidRange& range() const { return range_; }
+  Reaper& reaper() { return reaper_; }
+
+ private:
+  Result<void> sweep(uid_t uid);
+
+  UidRange range_;
+  std::string dir_;
+  Reaper& reaper_;
+  std::map<uid_t, std::string> in_use_;
+  std::set<uid_t> quarantined_;
+};
+
+}  // namespace broker::lifecycle

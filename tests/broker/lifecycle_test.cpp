@@ -1,0 +1,333 @@
+// The security core against a real QEMU: jail properties read from /proc, kill by uid under a
+// fork storm, kill before reuse, no pid fallback, quarantine. [privileged]: needs root.
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "broker/lifecycle/errc.hpp"
+#include "broker/lifecycle/proc.hpp"
+#include "lifecycle_fixture.hpp"
+
+using namespace broker::lifecycle;
+using namespace std::chrono_literals;
+namespace fs = std::filesystem;
+
+namespace {
+
+// Distinct uid ranges per test case (ctest runs cases in parallel).
+constexpr uid_t kJailBase = 3'100'000;
+constexpr uid_t kStormBase = 3'100'100;
+constexpr uid_t kReuseBase = 3'100'200;
+constexpr uid_t kNoFallbackBase = 3'100'300;
+constexpr uid_t kQuarantineBase = 3'100'400;
+constexpr uid_t kBadKernelBase = 3'100'500;
+
+std::string proc_field(pid_t pid, const std::string& key) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(key + ":", 0) == 0) {
+      auto v = line.substr(key.size() + 1);
+      v.erase(0, v.find_first_not_of(" \t"));
+      return v;
+    }
+  }
+  return {};
+}
+
+std::string link(const std::string& path) {
+  std::error_code ec;
+  return fs::read_symlink(path, ec).string();
+}
+
+// Forks a child that becomes `uid` and then runs `body`; returns its pid.
+template <class F>
+pid_t fork_as(uid_t uid, F body) {
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    if (::setresgid(uid, uid, uid) != 0 || ::setresuid(uid, uid, uid) != 0) ::_exit(99);
+    body();
+    ::_exit(0);
+  }
+  return pid;
+}
+
+// The storm (tests/broker/fork_storm.c): double-fork, setsid, ignore SIGTERM, fork forever,
+// capped near 300 processes by RLIMIT_NPROC.
+pid_t plant_fork_storm(uid_t uid) {
+  return fork_as(uid, [] {
+    const char* argv[] = {QB_FORK_STORM, "300", nullptr};
+    ::execv(argv[0], const_cast<char* const*>(argv));
+  });
+}
+
+pid_t plant_sleeper(uid_t uid) {
+  return fork_as(uid, [] {
+    for (;;) ::pause();
+  });
+}
+
+bool wait_until(auto pred, std::chrono::milliseconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(5ms);
+  }
+  return true;
+}
+
+bool alive(pid_t pid) {
+  int status = 0;
+  return ::waitpid(pid, &status, WNOHANG) == 0;
+}
+
+class NoopKiller final : public UidKiller {
+ public:
+  std::error_code kill_all(uid_t, uid_t) override { return {}; }
+};
+
+class FailingKiller final : public UidKiller {
+ public:
+  std::error_code kill_all(uid_t, uid_t) override { return {EPERM, std::system_category()}; }
+};
+
+}  // namespace
+
+TEST_CASE("a started domain runs jailed: uid, groups, seccomp, namespaces, root, limits, fds",
+          "[lifecycle][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::FdLeakCheck leaks;
+  qbtest::LifecycleFixture fx(kJailBase);
+  auto inst = fx.launcher.start(qbtest::LifecycleFixture::guest_spec("jail1"));
+  REQUIRE(inst);
+  const pid_t pid = inst->pid;
+  const uid_t uid = inst->uid;
+  CHECK(uid == kJailBase + 1);
+
+  auto qmp = qbtest::connect_retry(inst->qmp_path, 5s);
+  REQUIRE(qmp);
+  REQUIRE(qbtest::qmp_handshake(qmp.get(), 20s));  // start-up is finished only after this
+
+  SECTION("credentials") {
+    std::string u = std::to_string(uid);
+    std::string all = u + "\t" + u + "\t" + u + "\t" + u;
+    CHECK(proc_field(pid, "Uid") == all);
+    CHECK(proc_field(pid, "Gid") == all);
+    CHECK(proc_field(pid, "Groups").empty());  // TCG: not even the kvm group
+    CHECK(proc_field(pid, "NoNewPrivs") == "1");
+    CHECK(proc_field(pid, "Seccomp") == "2");
+    CHECK(proc_field(pid, "CapEff") == "0000000000000000");
+    CHECK(proc_field(pid, "CapPrm") == "0000000000000000");
+  }
+  SECTION("namespaces differ from the broker's") {
+    for (const char* ns : {"mnt", "ipc", "net", "pid", "uts"}) {
+      INFO(ns);
+      std::string mine = link(std::string("/proc/self/ns/") + ns);
+      std::string theirs = link("/proc/" + std::to_string(pid) + "/ns/" + ns);
+      REQUIRE_FALSE(theirs.empty());
+      CHECK(mine != theirs);
+    }
+    CHECK(proc_field(pid, "NSpid").find("\t1") != std::string::npos);  // init of its pid ns
+  }
+  SECTION("the root is the jail and holds nothing of the host's data") {
+    std::string root = "/proc/" + std::to_string(pid) + "/root";
+    std::set<std::string> entries;
+    for (const auto& e : fs::directory_iterator(root)) entries.insert(e.path().filename());
+    CHECK(entries == std::set<std::string>{"bin", "boot", "dev", "etc", "lib", "lib64", "usr"});
+    std::set<std::string> etc;
+    for (const auto& e : fs::directory_iterator(root + "/etc")) etc.insert(e.path().filename());
+    CHECK(etc == std::set<std::string>{"ld.so.cache"});
+    for (const char* absent : {"/etc/shadow", "/etc/passwd", "/home", "/var", "/root", "/tmp",
+                               "/proc", "/sys", "/run"}) {
+      INFO(absent);
+      CHECK_FALSE(fs::exists(root + absent));
+    }
+    std::set<std::string> dev;
+    for (const auto& e : fs::directory_iterator(root + "/dev")) dev.insert(e.path().filename());
+    CHECK(dev == std::set<std::string>{"null", "urandom", "zero"});
+    // The guest kernel is there only as a read-only mount of the inode the broker opened.
+    struct stat in_jail {}, on_host {};
+    REQUIRE(::stat((root + "/boot/kernel").c_str(), &in_jail) == 0);
+    REQUIRE(::stat(qbtest::guest_kernel().c_str(), &on_host) == 0);
+    CHECK(in_jail.st_ino == on_host.st_ino);
+    CHECK(::access((root + "/boot/kernel").c_str(), W_OK) != 0);
+    CHECK(::access((root + "/usr/bin").c_str(), W_OK) != 0);
+  }
+  SECTION("resource limits") {
+    std::ifstream in("/proc/" + std::to_string(pid) + "/limits");
+    std::string text((std::istreambuf_iterator<char>(in)), {});
+    auto limit = [&](const std::string& name) {
+      auto at = text.find(name);
+      REQUIRE(at != std::string::npos);
+      std::istringstream row(text.substr(at + name.size()));
+      std::string soft, hard;
+      row >> soft >> hard;
+      return soft + "/" + hard;
+    };
+    CHECK(limit("Max file size") == "262144/262144");
+    CHECK(limit("Max core file size") == "0/0");
+    CHECK(limit("Max msgqueue size") == "0/0");
+    CHECK(limit("Max file locks") == "0/0");
+    CHECK(limit("Max locked memory") == "0/0");
+    CHECK(limit("Max processes") == "256/256");
+    CHECK(limit("Max open files") == "1024/1024");
+  }
+  SECTION("the fd table holds only what the broker passed and QEMU's own anonymous objects") {
+    std::string dir = "/proc/" + std::to_string(pid) + "/fd";
+    int sockets = 0;
+    for (const auto& e : fs::directory_iterator(dir)) {
+      std::string target = link(e.path());
+      INFO(e.path().filename().string() << " -> " << target);
+      bool anonymous = target.rfind("socket:", 0) == 0 || target.rfind("pipe:", 0) == 0 ||
+                       target.rfind("anon_inode:", 0) == 0;
+      bool allowed_file = target == "/dev/null" || target == "/dev/urandom" || target == inst->log_path;
+      CHECK((anonymous || allowed_file));
+      if (target.rfind("socket:", 0) == 0) ++sockets;
+    }
+    CHECK(link(dir + "/0") == "/dev/null");
+    CHECK(link(dir + "/1") == inst->log_path);
+    CHECK(link(dir + "/3").rfind("socket:", 0) == 0);  // QMP listener
+    CHECK(link(dir + "/4").rfind("socket:", 0) == 0);  // console listener
+    CHECK(sockets >= 3);                                // + the accepted QMP connection
+  }
+  SECTION("no host path on the command line") {
+    for (const auto& word : inst->argv) {
+      INFO(word);
+      CHECK(word.find(fx.run.path()) == std::string::npos);
+      CHECK(word.find(qbtest::guest_dir()) == std::string::npos);
+    }
+  }
+
+  qmp.reset();
+  auto report = fx.launcher.destroy(*inst);
+  REQUIRE(report);
+  CHECK(report->survivors == 0);
+  CHECK(report->method == "cgroup.kill+pidns-init+uid");
+  CHECK(live_processes_of_uid("/proc", uid) == 0);
+  CHECK(processes_of_uid("/proc", uid).empty());  // reaped, not even a zombie
+  CHECK_FALSE(fx.uids.in_use().contains(uid));
+  CHECK_FALSE(fs::exists(fx.state / ("uids/" + std::to_string(uid))));
+  CHECK_FALSE(fs::exists(inst->qmp_path));
+}
+
+TEST_CASE("a fork storm under the domain uid is gone after teardown, 20 times",
+          "[lifecycle][privileged][qemu][storm]") {
+  QB_REQUIRE_ROOT();
+  qbtest::FdLeakCheck leaks;
+  qbtest::LifecycleFixture fx(kStormBase);
+  for (int round = 0; round < 20; ++round) {
+    INFO("round " << round);
+    auto inst = fx.launcher.start(qbtest::LifecycleFixture::tiny_spec("storm"));
+    REQUIRE(inst);
+    const uid_t uid = inst->uid;
+    pid_t planter = plant_fork_storm(uid);
+    REQUIRE(planter > 0);
+    ::waitpid(planter, nullptr, 0);
+    REQUIRE(wait_until([&] { return live_processes_of_uid("/proc", uid) >= 200; }, 20s));
+    auto report = fx.launcher.destroy(*inst);
+    REQUIRE(report);
+    CHECK(report->found >= 150);  // a /proc scan during the storm misses some
+    CHECK(report->survivors == 0);
+    qbtest::reap_exited_children();
+    CHECK(live_processes_of_uid("/proc", uid) == 0);
+    CHECK(wait_until([&] { return processes_of_uid("/proc", uid).empty(); }, 5s));
+  }
+}
+
+TEST_CASE("a process planted under a free uid is killed when the uid is allocated",
+          "[lifecycle][privileged]") {
+  QB_REQUIRE_ROOT();
+  qbtest::LifecycleFixture fx(kReuseBase);
+  pid_t planted = plant_sleeper(kReuseBase + 1);
+  REQUIRE(wait_until([&] { return live_processes_of_uid("/proc", kReuseBase + 1) == 1; }, 5s));
+  auto uid = fx.uids.allocate("victim-owner");
+  REQUIRE(uid);
+  CHECK(*uid == kReuseBase + 1);
+  int status = 0;
+  REQUIRE(::waitpid(planted, &status, 0) == planted);
+  CHECK(WIFSIGNALED(status));
+  CHECK(WTERMSIG(status) == SIGKILL);
+  CHECK(fx.uids.release(*uid));
+}
+
+TEST_CASE("a uid whose processes survive the sweep is quarantined, not handed out",
+          "[lifecycle][privileged]") {
+  QB_REQUIRE_ROOT();
+  NoopKiller noop;
+  qbtest::TempDir state;
+  Reaper reaper(noop, kQuarantineBase, "/proc", 100ms);
+  UidPool pool({kQuarantineBase, 8}, state.path(), reaper);
+  pid_t planted = plant_sleeper(kQuarantineBase + 1);
+  REQUIRE(wait_until([&] { return live_processes_of_uid("/proc", kQuarantineBase + 1) == 1; }, 5s));
+  auto uid = pool.allocate("dom");
+  REQUIRE(uid);
+  CHECK(*uid == kQuarantineBase + 2);  // the next one: +1 is quarantined
+  CHECK(pool.quarantined().contains(kQuarantineBase + 1));
+  CHECK(alive(planted));
+  ::kill(planted, SIGKILL);
+  ::waitpid(planted, nullptr, 0);
+}
+
+TEST_CASE("a kill failure with a known uid is an error, never a kill by pid",
+          "[lifecycle][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  FailingKiller failing;
+  qbtest::LifecycleFixture fx(kNoFallbackBase, &failing);
+  auto inst = fx.launcher.start(qbtest::LifecycleFixture::tiny_spec("nofallback"));
+  // The sweep at allocation already fails: no uid is handed out.
+  REQUIRE_FALSE(inst);
+  CHECK(inst.error().code == errc::uid_exhausted);
+  CHECK(fx.uids.quarantined().size() == 7);
+
+  // With a working sweep but a failing teardown kill, teardown reports the error and keeps the
+  // uid recorded; a process of the uid outside the jail is left alone (no pid scan-and-kill).
+  ForkingUidKiller real;
+  Reaper good(real, kNoFallbackBase);
+  qbtest::TempDir state;
+  UidPool pool({kNoFallbackBase, 8}, state.path(), good);
+  auto uid = pool.allocate("nofallback");
+  REQUIRE(uid);
+  pid_t outsider = plant_sleeper(*uid);
+  REQUIRE(wait_until([&] { return live_processes_of_uid("/proc", *uid) == 1; }, 5s));
+  Reaper bad(failing, kNoFallbackBase);
+  auto report = bad.kill_uid(*uid);
+  REQUIRE_FALSE(report);
+  CHECK(report.error().code == errc::kill_failed);
+  CHECK(alive(outsider));
+  CHECK(pool.in_use().contains(*uid));
+  // Clean up with the real reaper.
+  REQUIRE(good.kill_uid(*uid));
+  ::waitpid(outsider, nullptr, 0);
+  CHECK(pool.release(*uid));
+}
+
+TEST_CASE("a missing kernel is refused before anything runs and leaves nothing behind",
+          "[lifecycle][privileged]") {
+  QB_REQUIRE_ROOT();
+  qbtest::FdLeakCheck leaks;
+  qbtest::LifecycleFixture fx(kBadKernelBase);
+  auto spec = qbtest::LifecycleFixture::guest_spec("nokernel");
+  spec.kernel = qbtest::guest_dir() + "/no-such-kernel";
+  auto inst = fx.launcher.start(spec);
+  REQUIRE_FALSE(inst);
+  CHECK(inst.error().field == "kernel");
+  CHECK(inst.error().message.find("no such file") != std::string::npos);
+  CHECK(fx.uids.in_use().empty());
+  CHECK(fs::is_empty(fx.state / "uids"));
+  CHECK_FALSE(fs::exists(fx.run / "qmp/nokernel.sock"));
+
+  spec.kernel = "/etc/passwd";
+  inst = fx.launcher.start(spec);
+  REQUIRE_FALSE(inst);
+  CHECK(inst.error().field == "kernel");
+  CHECK(fx.uids.in_use().empty());
+}

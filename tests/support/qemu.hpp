@@ -1,0 +1,57 @@
+// Helpers for tests that run real QEMUs: the test guest's files, a blocking QMP handshake for
+// tests below the QMP client, a console client, and child reaping for subreaper tests.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <optional>
+#include <string>
+
+#include "fdpass/unique_fd.hpp"
+
+namespace qbtest {
+
+// The directory tests/guest/build.sh fills (QB_GUEST_DIR or /var/cache/qbroker/guest).
+std::string guest_dir();
+std::string guest_kernel();
+std::string guest_initrd();
+inline const char* kGuestAppend = "console=ttyS0 quiet panic=-1 cryptomgr.notests";
+
+// Connects to a Unix socket path, retrying until `timeout` (the listener may not exist yet).
+fdpass::UniqueFd connect_retry(const std::string& path, std::chrono::milliseconds timeout);
+
+// Reads one line (without the newline), waiting at most `timeout`. nullopt on EOF or timeout.
+std::optional<std::string> read_line(int fd, std::chrono::milliseconds timeout);
+bool write_all(int fd, std::string_view data);
+
+// Greeting + qmp_capabilities on a connected QMP socket. Returns false on any failure.
+bool qmp_handshake(int fd, std::chrono::milliseconds timeout);
+// Sends one command and returns the reply line (events before it are skipped).
+std::optional<std::string> qmp_command(int fd, const std::string& json,
+                                       std::chrono::milliseconds timeout);
+
+// Makes the calling process a child subreaper and reaps every exited child without blocking.
+void become_subreaper();
+int reap_exited_children();
+
+// A serial console session on the test guest (tests/guest/README.md has the protocol).
+class GuestConsole {
+ public:
+  explicit GuestConsole(fdpass::UniqueFd fd) : fd_(std::move(fd)) {}
+  // Waits for the guest's ready marker.
+  bool wait_ready(std::chrono::milliseconds timeout);
+  // Runs a shell command; returns its output and exit code, nullopt on timeout.
+  struct Output {
+    std::string text;
+    int rc = -1;
+  };
+  std::optional<Output> run(const std::string& command, std::chrono::milliseconds timeout);
+
+ private:
+  bool read_until(const std::string& marker, std::string& out, std::chrono::milliseconds timeout);
+  fdpass::UniqueFd fd_;
+  std::string buffer_;
+};
+
+}  // namespace qbtest
