@@ -239,6 +239,10 @@ Result<KillReport> Launcher::destroy(Instance& inst) {
   return report;
 }
 
+void Launcher::reattach(Instance& inst) {
+  if (auto cg = cgroups_.open("dom-" + std::to_string(inst.uid))) inst.cgroup = std::move(*cg);
+}
+
 Result<KillReport> Launcher::destroy_uid(uid_t uid, const std::string& name) {
   Instance inst;
   inst.uid = uid;

@@ -70,6 +70,9 @@ class Launcher {
   // Kills everything of the instance's uid, reaps, verifies and releases the uid and the files.
   Result<KillReport> destroy(Instance& instance);
 
+  // Re-opens the cgroup of an instance recorded by an earlier broker.
+  void reattach(Instance& instance);
+
   // Kills a uid whose instance is gone (restart recovery), then releases it.
   Result<KillReport> destroy_uid(uid_t uid, const std::string& name);
 

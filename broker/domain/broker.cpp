@@ -1,0 +1,512 @@
+#include "broker/domain/broker.hpp"
+
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/json.hpp>
+
+#include "broker/core/atomic_file.hpp"
+#include "broker/core/errc.hpp"
+#include "broker/core/log.hpp"
+#include "broker/domain/state_file.hpp"
+#include "broker/lifecycle/proc.hpp"
+#include "fdpass/devices.hpp"
+#include "qmp/commands.hpp"
+
+namespace broker {
+namespace asio = boost::asio;
+namespace json = boost::json;
+using asio::awaitable;
+using asio::use_awaitable;
+
+namespace {
+
+Error from_qmp(const qmp::Error& e, std::string_view context) {
+  Error out;
+  switch (static_cast<qmp::errc>(e.code.value())) {
+    case qmp::errc::command_failed: out.code = make_error_code(errc::qemu_error); break;
+    case qmp::errc::timeout: out.code = make_error_code(errc::qemu_timeout); break;
+    case qmp::errc::disconnected:
+    case qmp::errc::closed: out.code = make_error_code(errc::qemu_gone); break;
+    default: out.code = make_error_code(errc::internal); break;
+  }
+  if (e.code.category() != qmp::category()) out.code = make_error_code(errc::internal);
+  out.message = std::string(context) + ": " + (e.message.empty() ? e.code.message() : e.message);
+  out.qmp_class = e.qmp_class;
+  out.qmp_desc = e.qmp_desc;
+  return out;
+}
+
+std::string domains_dir(const BrokerConfig& c) { return c.state_dir + "/domains"; }
+
+}  // namespace
+
+json::object DomainInfo::to_json() const {
+  json::object o;
+  o["name"] = name;
+  o["state"] = to_string(state);
+  if (!qemu_status.empty()) o["qemu_status"] = qemu_status;
+  o["uid"] = uid;
+  o["pid"] = pid;
+  o["accel"] = accel;
+  o["job"] = job.empty() ? json::value(nullptr) : json::value(job);
+  o["console"] = console;
+  o["memory_mib"] = spec.memory_mib;
+  o["vcpus"] = spec.vcpus;
+  o["machine"] = lifecycle::to_string(spec.machine);
+  o["devices"] = devices;
+  return o;
+}
+
+Broker::Broker(asio::any_io_executor ex, BrokerConfig config, lifecycle::Launcher& launcher,
+               const fdpass::ImageRoots& roots)
+    : ex_(ex),
+      config_(std::move(config)),
+      launcher_(launcher),
+      roots_(roots),
+      events_(ex),
+      flow_ctx_{ex, roots, events_, config_.timeouts} {
+  make_dirs(domains_dir(config_));
+}
+
+Broker::~Broker() { pool_.join(); }
+
+template <class F>
+auto Broker::blocking(F&& f) -> awaitable<std::invoke_result_t<F&>> {
+  // `f` runs on the lifecycle thread; it wakes this coroutine by posting a timer cancel back to
+  // the broker's executor. The result lives in this frame, which outlives the wait. `f` is taken
+  // by reference (the caller's temporary lives until the co_await completes) and moved into the
+  // posted handler before the first suspension. Callers pass closures of pointers only: g++ 12
+  // mis-copies closures with non-trivial members that are created inside a coroutine.
+  std::optional<std::invoke_result_t<F&>> result;
+  auto done = std::make_shared<asio::steady_timer>(ex_, asio::steady_timer::time_point::max());
+  asio::post(pool_, [&result, f = std::forward<F>(f), done, ex = ex_]() mutable {
+    result.emplace(f());
+    asio::post(ex, [done] { done->cancel(); });
+  });
+  co_await done->async_wait(asio::as_tuple(use_awaitable));
+  co_return std::move(*result);
+}
+
+Result<std::shared_ptr<Domain>> Broker::find(const std::string& name) const {
+  auto it = domains_.find(name);
+  if (it == domains_.end()) {
+    Error e(make_error_code(errc::not_found), "no domain named '" + name + "'");
+    e.field = "name";
+    return e;
+  }
+  return it->second;
+}
+
+void Broker::persist(const Domain& d) {
+  if (auto ec = write_file_atomic(domains_dir(config_), d.name() + ".json",
+                                  json::serialize(state_to_json(d)))) {
+    log::error("domain " + d.name() + ": cannot write state: " + ec.message());
+  }
+}
+
+void Broker::forget(const std::string& name) {
+  remove_file_durable(domains_dir(config_), name + ".json");
+  domains_.erase(name);
+}
+
+awaitable<Result<json::value>> Broker::qmp_call(Domain& d, qmp::Command c) {
+  if (d.qmp() == nullptr) {
+    co_return Error(make_error_code(errc::qemu_gone), "domain " + d.name() + " has no QEMU");
+  }
+  std::string what = c.name;
+  auto r = co_await d.qmp()->execute(std::move(c), qmp::after(config_.timeouts.qmp));
+  if (!r) co_return from_qmp(r.error(), what);
+  co_return std::move(*r);
+}
+
+awaitable<Result<void>> Broker::connect_qmp(Domain& d) {
+  auto sock = fdpass::connect_unix(d.instance().qmp_path);
+  if (!sock) co_return make_error(sock.error(), "connecting to QMP at " + d.instance().qmp_path);
+  qmp::ClientOptions opts;
+  opts.limits.max_line = config_.qmp_max_line;
+  if (config_.transcript) {
+    opts.transcript = [hook = config_.transcript](qmp::Direction dir, std::string_view line,
+                                                   bool fd) { hook(dir, line, fd); };
+  }
+  auto client = co_await qmp::Client::connect(ex_, std::move(*sock),
+                                              qmp::after(config_.start_timeout), std::move(opts));
+  if (!client) co_return from_qmp(client.error(), "QMP handshake");
+  d.set_qmp(std::move(*client));
+  co_return Result<void>{};
+}
+
+awaitable<void> Broker::pump_events(std::shared_ptr<Domain> d) {
+  qmp::Client* client = d->qmp();
+  if (client == nullptr) co_return;
+  auto sub = client->subscribe({.capacity = 256});
+  for (;;) {
+    auto ev = co_await sub.next(qmp::after(std::chrono::hours(24)));
+    if (!ev) {
+      if (ev.error().code == qmp::errc::timeout) continue;
+      break;  // disconnected: QEMU is gone (or the domain is being destroyed)
+    }
+    if (ev->name == qmp::event::kStop) d->set_state(RunState::paused);
+    if (ev->name == qmp::event::kResume) d->set_state(RunState::running);
+    if (ev->name == qmp::event::kShutdown) d->set_state(RunState::shutdown);
+    events_.publish(d->name(), "qemu", ev->name, ev->data);
+  }
+  // QEMU went away without being asked to: tear the domain down by uid.
+  if (d->state() == RunState::stopping || !domains_.contains(d->name()) ||
+      domains_.at(d->name()) != d) {
+    co_return;
+  }
+  log::warn("domain " + d->name() + ": QEMU exited; tearing down uid " +
+            std::to_string(d->instance().uid));
+  auto report = co_await teardown(d, false);
+  json::object data;
+  if (report) {
+    data["killed"] = report->found;
+    data["method"] = report->method;
+  } else {
+    data["error"] = report.error().describe();
+  }
+  events_.publish(d->name(), "domain", "exited", std::move(data));
+}
+
+awaitable<Result<lifecycle::KillReport>> Broker::teardown(std::shared_ptr<Domain> d, bool graceful) {
+  d->set_state(RunState::stopping);
+  if (graceful && d->qmp() != nullptr && d->qmp()->is_open()) {
+    co_await d->qmp()->execute(qmp::cmd::quit(), qmp::after(config_.quit_timeout));
+  }
+  if (d->qmp() != nullptr) d->qmp()->close();
+  Domain* raw = d.get();  // closures handed to blocking() hold only trivially copyable state
+  auto report = co_await blocking([this, raw] { return launcher_.destroy(raw->instance()); });
+  if (!report) {
+    log::error("domain " + d->name() + ": teardown failed: " + report.error().describe());
+    co_return report.error();
+  }
+  d->set_qmp(nullptr);
+  forget(d->name());
+  co_return std::move(*report);
+}
+
+awaitable<Result<DomainInfo>> Broker::create(CreateDomain request) {
+  const std::string name = request.spec.name;
+  if (domains_.contains(name)) {
+    Error e(make_error_code(errc::already_exists), "a domain named '" + name + "' exists");
+    e.field = "name";
+    co_return e;
+  }
+  auto d = std::make_shared<Domain>(request.spec);
+  domains_[name] = d;  // reserves the name while starting
+  auto job = d->begin_job("create");
+  events_.publish(name, "domain", "starting");
+
+  Domain* raw = d.get();
+  auto inst = co_await blocking([this, raw] { return launcher_.start(raw->spec()); });
+  if (!inst) {
+    domains_.erase(name);
+    co_return inst.error();
+  }
+  d->instance() = std::move(*inst);
+  persist(*d);
+
+  auto fail = [&](Error e) -> awaitable<Result<DomainInfo>> {
+    co_await teardown(d, false);
+    domains_.erase(name);
+    events_.publish(name, "domain", "failed", {{"error", e.describe()}});
+    co_return e;
+  };
+  if (auto ok = co_await connect_qmp(*d); !ok) co_return co_await fail(ok.error());
+  d->set_state(RunState::paused);
+  asio::co_spawn(ex_, pump_events(d), asio::detached);
+
+  // Devices go in while the guest has not run yet, through the same flows as hotplug.
+  for (auto& cd : request.cdroms) {
+    std::string path = cd.path;
+    std::string id = cd.id;
+    auto ok = co_await flows::add_cdrom_drive(flow_ctx_, *d, std::move(cd));
+    if (!ok) co_return co_await fail(ok.error());
+    if (!path.empty()) {
+      ok = co_await flows::insert_medium(flow_ctx_, *d, id, InsertMedium{path, false});
+      if (!ok) co_return co_await fail(ok.error());
+    }
+  }
+  for (auto& disk : request.disks) {
+    auto ok = co_await flows::add_disk(flow_ctx_, *d, std::move(disk));
+    if (!ok) co_return co_await fail(ok.error());
+  }
+  for (auto& nic : request.nics) {
+    auto ok = co_await flows::add_nic(flow_ctx_, *d, std::move(nic));
+    if (!ok) co_return co_await fail(ok.error());
+  }
+  if (request.vnc) {
+    auto ok = co_await flows::set_vnc(flow_ctx_, *d, std::move(*request.vnc));
+    if (!ok) co_return co_await fail(ok.error());
+  }
+  if (!request.spec.paused) {
+    auto ok = co_await qmp_call(*d, qmp::cmd::cont());
+    if (!ok) co_return co_await fail(ok.error());
+    d->set_state(RunState::running);
+  }
+  persist(*d);
+  events_.publish(name, "domain", "created",
+                  {{"uid", d->instance().uid}, {"pid", d->instance().pid}});
+  co_return co_await info(name, false);
+}
+
+awaitable<Result<lifecycle::KillReport>> Broker::destroy(std::string name, bool graceful) {
+  auto d = find(name);
+  if (!d) co_return d.error();
+  if ((*d)->state() == RunState::stopping) {
+    co_return Error(make_error_code(errc::busy), "domain " + name + " is already being destroyed");
+  }
+  auto report = co_await teardown(*d, graceful);
+  if (report) {
+    events_.publish(name, "domain", "destroyed",
+                    {{"killed", report->found},
+                     {"method", report->method},
+                     {"duration_us", report->duration.count()}});
+  }
+  co_return report;
+}
+
+awaitable<Result<DomainInfo>> Broker::info(std::string name, bool live) {
+  auto found = find(name);
+  if (!found) co_return found.error();
+  auto d = *found;
+  DomainInfo i;
+  i.name = d->name();
+  i.state = d->state();
+  i.uid = d->instance().uid;
+  i.pid = d->instance().pid;
+  i.accel = lifecycle::to_string(d->instance().accel);
+  i.job = d->job();
+  i.console = d->instance().console_path;
+  i.spec = d->spec();
+  i.devices = d->devices_json();
+  if (live && d->qmp() != nullptr) {
+    auto st = co_await qmp_call(*d, qmp::cmd::query_status());
+    if (!st) co_return st.error();
+    auto s = qmp::reply::status(*st);
+    if (s) i.qemu_status = s->status;
+  }
+  co_return i;
+}
+
+std::vector<DomainInfo> Broker::list() const {
+  std::vector<DomainInfo> out;
+  for (const auto& [name, d] : domains_) {
+    DomainInfo i;
+    i.name = name;
+    i.state = d->state();
+    i.uid = d->instance().uid;
+    i.pid = d->instance().pid;
+    i.accel = lifecycle::to_string(d->instance().accel);
+    i.job = d->job();
+    i.console = d->instance().console_path;
+    i.spec = d->spec();
+    i.devices = d->devices_json();
+    out.push_back(std::move(i));
+  }
+  return out;
+}
+
+template <class T, class F>
+awaitable<Result<T>> Broker::run_job(const std::string& name, std::string job, F flow) {
+  auto found = find(name);
+  if (!found) co_return found.error();
+  auto d = *found;
+  if (d->state() == RunState::starting || d->state() == RunState::stopping) {
+    co_return Error(make_error_code(errc::wrong_state),
+                    "domain " + name + " is " + std::string(to_string(d->state())));
+  }
+  auto guard = d->begin_job(job);
+  if (!guard) co_return guard.error();
+  events_.publish(name, "job", "started", {{"job", job}});
+  Result<T> r = co_await flow(*d);
+  if (domains_.contains(name)) persist(*d);
+  json::object data{{"job", job}, {"ok", r.has_value()}};
+  if (!r) data["error"] = r.error().describe();
+  events_.publish(name, "job", "finished", std::move(data));
+  co_return r;
+}
+
+awaitable<Result<void>> Broker::pause(std::string name) {
+  return run_job<void>(name, "pause", [this](Domain& d) -> awaitable<Result<void>> {
+    if (d.state() == RunState::paused) {
+      co_return Error(make_error_code(errc::wrong_state), "domain " + d.name() + " is already paused");
+    }
+    auto r = co_await qmp_call(d, qmp::cmd::stop());
+    if (!r) co_return r.error();
+    d.set_state(RunState::paused);
+    co_return Result<void>{};
+  });
+}
+
+awaitable<Result<void>> Broker::resume(std::string name) {
+  return run_job<void>(name, "resume", [this](Domain& d) -> awaitable<Result<void>> {
+    if (d.state() == RunState::running) {
+      co_return Error(make_error_code(errc::wrong_state), "domain " + d.name() + " is already running");
+    }
+    auto r = co_await qmp_call(d, qmp::cmd::cont());
+    if (!r) co_return r.error();
+    d.set_state(RunState::running);
+    co_return Result<void>{};
+  });
+}
+
+awaitable<Result<void>> Broker::shutdown(std::string name) {
+  return run_job<void>(name, "shutdown", [this](Domain& d) -> awaitable<Result<void>> {
+    auto r = co_await qmp_call(d, qmp::cmd::system_powerdown());
+    if (!r) co_return r.error();
+    co_return Result<void>{};
+  });
+}
+
+awaitable<Result<void>> Broker::reset(std::string name) {
+  return run_job<void>(name, "reset", [this](Domain& d) -> awaitable<Result<void>> {
+    auto r = co_await qmp_call(d, qmp::cmd::system_reset());
+    if (!r) co_return r.error();
+    co_return Result<void>{};
+  });
+}
+
+awaitable<Result<void>> Broker::insert_medium(std::string name, std::string cdrom, InsertMedium m) {
+  return run_job<void>(name, "cdrom-insert", [this, cdrom, m](Domain& d) {
+    return flows::insert_medium(flow_ctx_, d, cdrom, m);
+  });
+}
+
+awaitable<Result<void>> Broker::eject_medium(std::string name, std::string cdrom, bool force) {
+  return run_job<void>(name, "cdrom-eject", [this, cdrom, force](Domain& d) {
+    return flows::eject_medium(flow_ctx_, d, cdrom, force);
+  });
+}
+
+awaitable<Result<void>> Broker::add_disk(std::string name, DiskSpec disk) {
+  return run_job<void>(name, "disk-add", [this, disk](Domain& d) {
+    return flows::add_disk(flow_ctx_, d, disk);
+  });
+}
+
+awaitable<Result<void>> Broker::remove_disk(std::string name, std::string id, ProgressFn progress) {
+  return run_job<void>(name, "disk-remove", [this, id, progress](Domain& d) {
+    return flows::remove_disk(flow_ctx_, d, id, progress);
+  });
+}
+
+awaitable<Result<void>> Broker::add_nic(std::string name, NicSpec nic) {
+  return run_job<void>(name, "nic-add", [this, nic](Domain& d) {
+    return flows::add_nic(flow_ctx_, d, nic);
+  });
+}
+
+awaitable<Result<void>> Broker::remove_nic(std::string name, std::string id, ProgressFn progress) {
+  return run_job<void>(name, "nic-remove", [this, id, progress](Domain& d) {
+    return flows::remove_nic(flow_ctx_, d, id, progress);
+  });
+}
+
+awaitable<Result<VncState>> Broker::set_vnc(std::string name, VncSpec vnc) {
+  return run_job<VncState>(name, "vnc-set", [this, vnc](Domain& d) {
+    return flows::set_vnc(flow_ctx_, d, vnc);
+  });
+}
+
+awaitable<Result<void>> Broker::remove_vnc(std::string name) {
+  return run_job<void>(name, "vnc-remove", [this](Domain& d) { return flows::remove_vnc(flow_ctx_, d); });
+}
+
+awaitable<Result<void>> Broker::save(std::string name, std::string, ProgressFn) {
+  if (auto d = find(name); !d) co_return d.error();
+  co_return Error(make_error_code(errc::not_implemented), "save is not implemented yet");
+}
+
+awaitable<Result<DomainInfo>> Broker::restore(RestoreRequest, ProgressFn) {
+  co_return Error(make_error_code(errc::not_implemented), "restore is not implemented yet");
+}
+
+awaitable<Result<void>> Broker::migrate(std::string name, std::string, ProgressFn) {
+  if (auto d = find(name); !d) co_return d.error();
+  co_return Error(make_error_code(errc::not_implemented), "live migration is not implemented yet");
+}
+
+awaitable<Result<json::value>> Broker::qmp_passthrough(std::string name, json::value command) {
+  auto found = find(name);
+  if (!found) co_return found.error();
+  if (!command.is_object()) co_return field_error("body", "must be a QMP command object");
+  const auto& o = command.get_object();
+  for (const auto& kv : o) {
+    if (kv.key() != "execute" && kv.key() != "arguments") {
+      co_return field_error(kv.key(), "unknown field (QMP commands have execute and arguments)");
+    }
+  }
+  auto exec = o.find("execute");
+  if (exec == o.end() || !exec->value().is_string()) {
+    co_return field_error("execute", "must be the name of a QMP command");
+  }
+  std::string cmd_name(exec->value().get_string());
+  if (qmp::cmd::is_fd_command(cmd_name) || cmd_name == "qmp_capabilities") {
+    co_return Error(make_error_code(errc::forbidden),
+                    "'" + cmd_name + "' is not allowed through the passthrough: the broker owns fds");
+  }
+  json::object args;
+  if (auto a = o.find("arguments"); a != o.end()) {
+    if (!a->value().is_object()) co_return field_error("arguments", "must be an object");
+    args = a->value().get_object();
+  }
+  co_return co_await qmp_call(**found, qmp::cmd::raw(cmd_name, std::move(args)));
+}
+
+awaitable<Broker::RecoveryReport> Broker::recover() {
+  RecoveryReport report;
+  for (const auto& file : list_dir(domains_dir(config_))) {
+    if (file.size() < 6 || file.substr(file.size() - 5) != ".json") continue;
+    auto text = read_small_file(domains_dir(config_) + "/" + file);
+    std::error_code ec;
+    json::value v = text ? json::parse(*text, ec) : json::value();
+    auto restored = (!text || ec) ? Result<std::shared_ptr<Domain>>(Error(
+                                        make_error_code(errc::internal), "unreadable state file"))
+                                  : domain_from_json(v);
+    if (!restored) {
+      log::error("state file " + file + ": " + restored.error().describe());
+      continue;
+    }
+    auto d = *restored;
+    const auto& inst = d->instance();
+    bool same = inst.pid > 0 &&
+                lifecycle::process_start_time(launcher_.config().proc_root, inst.pid) ==
+                    inst.start_time;
+    if (same) {
+      d->instance().pidfd.reset(static_cast<int>(::syscall(SYS_pidfd_open, inst.pid, 0)));
+    }
+    launcher_.reattach(d->instance());
+    domains_[d->name()] = d;
+    Result<void> connected = Error(make_error_code(errc::qemu_gone), "QEMU is gone");
+    if (same && d->instance().pidfd) connected = co_await connect_qmp(*d);
+    if (!connected) {
+      log::warn("domain " + d->name() + ": " + connected.error().describe() + "; tearing down uid " +
+                std::to_string(inst.uid));
+      auto killed = co_await teardown(d, false);
+      if (!killed) log::error("domain " + d->name() + ": " + killed.error().describe());
+      report.torn_down.push_back(d->name());
+      continue;
+    }
+    auto st = co_await qmp_call(*d, qmp::cmd::query_status());
+    bool running = false;
+    if (st) {
+      auto s = qmp::reply::status(*st);
+      running = s && s->running;
+    }
+    d->set_state(running ? RunState::running : RunState::paused);
+    asio::co_spawn(ex_, pump_events(d), asio::detached);
+    report.adopted.push_back(d->name());
+    events_.publish(d->name(), "domain", "adopted", {{"pid", inst.pid}, {"uid", inst.uid}});
+  }
+  co_return report;
+}
+
+}  // namespace broker

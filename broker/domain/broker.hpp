@@ -1,0 +1,144 @@
+// The Broker: the one internal command surface (style point 3). Every operation a user can ask
+// for is a method here; the REST API and any other front end only parse, call and render.
+//
+// Threads: one io_context runs the Broker, every domain, every QMP client and the API. Work that
+// blocks (spawning, kill by uid, which polls /proc) runs on one lifecycle thread, strictly one
+// operation at a time, so the io_context never waits on it. Each domain has one job slot: a
+// second mutating request while a job runs gets errc::busy (409), while queries go through
+// (docs/concurrency.md).
+#pragma once
+
+#include <chrono>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/thread_pool.hpp>
+#include <boost/json/object.hpp>
+#include <boost/json/value.hpp>
+
+#include "broker/core/error.hpp"
+#include "broker/domain/domain.hpp"
+#include "broker/domain/event_bus.hpp"
+#include "broker/domain/requests.hpp"
+#include "broker/flows/flows.hpp"
+#include "broker/lifecycle/launcher.hpp"
+#include "fdpass/opener.hpp"
+
+namespace broker {
+
+struct BrokerConfig {
+  std::string state_dir = "/var/lib/qbroker";
+  flows::Timeouts timeouts;
+  std::chrono::milliseconds start_timeout{30000};  // spawn -> capabilities negotiated
+  std::chrono::milliseconds quit_timeout{3000};    // graceful quit before the kill
+  std::size_t qmp_max_line = 16u << 20;
+  qmp::TranscriptHook transcript;                  // every QMP line of every domain (audits, tests)
+};
+
+struct DomainInfo {
+  std::string name;
+  RunState state = RunState::starting;
+  std::string qemu_status;  // live query-status, when asked for and available
+  uid_t uid = 0;
+  pid_t pid = 0;
+  std::string accel;
+  std::string job;
+  std::string console;  // serial console socket
+  lifecycle::DomainSpec spec;
+  boost::json::object devices;
+
+  boost::json::object to_json() const;
+};
+
+class Broker {
+ public:
+  Broker(boost::asio::any_io_executor ex, BrokerConfig config, lifecycle::Launcher& launcher,
+         const fdpass::ImageRoots& roots);
+  ~Broker();
+  Broker(const Broker&) = delete;
+  Broker& operator=(const Broker&) = delete;
+
+  using Awaitable = boost::asio::awaitable<Result<void>>;
+
+  // Lifecycle.
+  boost::asio::awaitable<Result<DomainInfo>> create(CreateDomain request);
+  boost::asio::awaitable<Result<lifecycle::KillReport>> destroy(std::string name, bool graceful = false);
+  // Re-adopts the domains recorded in the state directory (after a restart); tears down by uid
+  // those whose QEMU is gone. Returns how many were adopted and how many torn down.
+  struct RecoveryReport {
+    std::vector<std::string> adopted;
+    std::vector<std::string> torn_down;
+  };
+  boost::asio::awaitable<RecoveryReport> recover();
+
+  // Queries: allowed while a job runs.
+  boost::asio::awaitable<Result<DomainInfo>> info(std::string name, bool live = true);
+  std::vector<DomainInfo> list() const;
+  bool exists(const std::string& name) const { return domains_.contains(name); }
+
+  // Run state.
+  Awaitable pause(std::string name);
+  Awaitable resume(std::string name);
+  Awaitable shutdown(std::string name);  // ACPI power button
+  Awaitable reset(std::string name);
+
+  // Devices.
+  Awaitable insert_medium(std::string name, std::string cdrom, InsertMedium medium);
+  Awaitable eject_medium(std::string name, std::string cdrom, bool force);
+  Awaitable add_disk(std::string name, DiskSpec disk);
+  Awaitable remove_disk(std::string name, std::string id, ProgressFn progress = {});
+  Awaitable add_nic(std::string name, NicSpec nic);
+  Awaitable remove_nic(std::string name, std::string id, ProgressFn progress = {});
+  boost::asio::awaitable<Result<VncState>> set_vnc(std::string name, VncSpec vnc);
+  Awaitable remove_vnc(std::string name);
+
+  // Not yet built: these answer errc::not_implemented.
+  Awaitable save(std::string name, std::string path, ProgressFn progress = {});
+  boost::asio::awaitable<Result<DomainInfo>> restore(RestoreRequest request, ProgressFn progress = {});
+  Awaitable migrate(std::string name, std::string to, ProgressFn progress = {});
+
+  // Administrators' QMP passthrough: {"execute": NAME, "arguments": {...}}. Commands that move
+  // fds are refused (errc::forbidden).
+  boost::asio::awaitable<Result<boost::json::value>> qmp_passthrough(std::string name,
+                                                                      boost::json::value command);
+
+  EventBus& events() { return events_; }
+  const BrokerConfig& config() const { return config_; }
+  flows::Context& flow_context() { return flow_ctx_; }
+  lifecycle::Launcher& launcher() { return launcher_; }
+
+ private:
+  // Runs `f` on the lifecycle thread and resumes on the broker's executor with its result.
+  template <class F>
+  auto blocking(F&& f) -> boost::asio::awaitable<std::invoke_result_t<F&>>;
+
+  Result<std::shared_ptr<Domain>> find(const std::string& name) const;
+  // Claims the domain's job slot and runs a flow in it, persisting the domain after success.
+  template <class T, class F>
+  boost::asio::awaitable<Result<T>> run_job(const std::string& name, std::string job, F flow);
+  boost::asio::awaitable<Result<void>> connect_qmp(Domain& d);
+  boost::asio::awaitable<Result<boost::json::value>> qmp_call(Domain& d, qmp::Command c);
+  boost::asio::awaitable<void> pump_events(std::shared_ptr<Domain> d);
+  boost::asio::awaitable<Result<lifecycle::KillReport>> teardown(std::shared_ptr<Domain> d,
+                                                                  bool graceful);
+  void persist(const Domain& d);
+  void forget(const std::string& name);
+
+  boost::asio::any_io_executor ex_;
+  BrokerConfig config_;
+  lifecycle::Launcher& launcher_;
+  const fdpass::ImageRoots& roots_;
+  EventBus events_;
+  flows::Context flow_ctx_;
+  boost::asio::thread_pool pool_{1};
+  std::map<std::string, std::shared_ptr<Domain>> domains_;
+};
+
+}  // namespace broker

@@ -1,0 +1,84 @@
+#include "broker/domain/domain.hpp"
+
+#include "broker/core/errc.hpp"
+
+namespace broker {
+
+std::string_view to_string(RunState s) {
+  switch (s) {
+    case RunState::starting: return "starting";
+    case RunState::paused: return "paused";
+    case RunState::running: return "running";
+    case RunState::shutdown: return "shutdown";
+    case RunState::stopping: return "stopping";
+  }
+  return "unknown";
+}
+
+JobGuard::~JobGuard() {
+  if (d_ != nullptr) d_->job_.clear();
+}
+
+Result<JobGuard> Domain::begin_job(std::string job) {
+  if (!job_.empty()) {
+    return Error(make_error_code(errc::busy),
+                 "domain " + name() + " is busy with '" + job_ + "'; retry when it is done");
+  }
+  job_ = std::move(job);
+  return JobGuard(this);
+}
+
+std::optional<std::string> Domain::allocate_slot(const std::string& owner) {
+  for (std::uint32_t i = 1; i <= spec_.pci_slots; ++i) {
+    std::string slot = "rp" + std::to_string(i);
+    if (!slots_.contains(slot)) {
+      slots_[slot] = owner;
+      return slot;
+    }
+  }
+  return std::nullopt;
+}
+
+void Domain::free_slot(const std::string& slot) { slots_.erase(slot); }
+
+std::size_t Domain::free_slots() const { return spec_.pci_slots - slots_.size(); }
+
+bool Domain::has_device(const std::string& id) const {
+  return cdroms.contains(id) || disks.contains(id) || nics.contains(id);
+}
+
+boost::json::object Domain::devices_json() const {
+  boost::json::object out;
+  boost::json::array cds;
+  for (const auto& [id, cd] : cdroms) {
+    boost::json::object o{{"id", id}, {"medium", cd.path.empty() ? boost::json::value(nullptr)
+                                                                 : boost::json::value(cd.path)}};
+    cds.push_back(std::move(o));
+  }
+  boost::json::array ds;
+  for (const auto& [id, d] : disks) {
+    boost::json::object o{{"id", id},
+                          {"path", d.spec.path},
+                          {"format", to_string(d.spec.format)},
+                          {"bus", to_string(d.spec.bus)},
+                          {"read_only", d.spec.read_only}};
+    if (!d.spec.backing.empty()) o["backing"] = d.spec.backing;
+    if (d.identity.kind == fdpass::Identity::Kind::block) o["diskseq"] = d.identity.diskseq;
+    ds.push_back(std::move(o));
+  }
+  boost::json::array ns;
+  for (const auto& [id, n] : nics) {
+    boost::json::object o{{"id", id}, {"tap", n.tap}};
+    if (!n.spec.mac.empty()) o["mac"] = n.spec.mac;
+    ns.push_back(std::move(o));
+  }
+  out["cdroms"] = std::move(cds);
+  out["disks"] = std::move(ds);
+  out["nics"] = std::move(ns);
+  out["vnc"] = vnc ? boost::json::value(boost::json::object{{"listen", vnc->spec.listen},
+                                                            {"address", vnc->address}})
+                   : boost::json::value(nullptr);
+  return out;
+}
+
+}  // namespace broker

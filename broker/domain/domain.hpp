@@ -1,0 +1,123 @@
+// One running domain: its lifecycle instance, its QMP client, the devices plugged into it and its
+// job slot. Owned by the Broker, used by the flows, touched only on the broker's io_context.
+//
+// Naming inside QEMU (the flows and restart recovery rely on it):
+//   devices       the user's id (cd0, disk1, net0), validated by lifecycle::valid_name
+//   block nodes   qb-<id>-file, qb-<id>-fmt, qb-<id>-backing-file, qb-<id>-backing
+//   netdevs       qb-net-<id>          getfd names  qb-tap-<id>, qb-vnc
+//   fdset opaque  qb:<id>              SCSI         controller "qb-scsi0" on its own root port
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <boost/json/object.hpp>
+
+#include "broker/core/error.hpp"
+#include "broker/domain/requests.hpp"
+#include "broker/lifecycle/launcher.hpp"
+#include "fdpass/opener.hpp"
+#include "qmp/client.hpp"
+
+namespace broker {
+
+enum class RunState { starting, paused, running, shutdown, stopping };
+std::string_view to_string(RunState s);
+
+struct CdromState {
+  std::string id;
+  std::string path;  // empty: no medium
+  fdpass::Identity identity;
+  std::int64_t fdset = -1;
+  std::string slot;  // the SCSI controller's bus
+};
+
+struct DiskState {
+  DiskSpec spec;
+  fdpass::Identity identity;
+  std::int64_t fdset = -1;
+  std::int64_t backing_fdset = -1;
+  std::string slot;  // root port (virtio) or SCSI bus
+};
+
+struct NicState {
+  NicSpec spec;
+  std::string tap;  // actual tap name
+  std::string slot;
+};
+
+struct VncState {
+  VncSpec spec;
+  std::string address;  // what a client connects to: "127.0.0.1:5901" or "unix:/path"
+};
+
+class Domain;
+
+// The job slot: one job per domain at a time (docs/concurrency.md). Released on destruction.
+class JobGuard {
+ public:
+  JobGuard(JobGuard&& o) noexcept : d_(std::exchange(o.d_, nullptr)) {}
+  JobGuard& operator=(JobGuard&&) = delete;
+  ~JobGuard();
+
+ private:
+  friend class Domain;
+  explicit JobGuard(Domain* d) : d_(d) {}
+  Domain* d_;
+};
+
+class Domain {
+ public:
+  explicit Domain(lifecycle::DomainSpec spec) : spec_(std::move(spec)) {}
+
+  const std::string& name() const { return spec_.name; }
+  const lifecycle::DomainSpec& spec() const { return spec_; }
+  lifecycle::Instance& instance() { return instance_; }
+  const lifecycle::Instance& instance() const { return instance_; }
+
+  // Valid once started; null after QEMU exited.
+  qmp::Client* qmp() { return qmp_.get(); }
+  void set_qmp(std::unique_ptr<qmp::Client> c) { qmp_ = std::move(c); }
+
+  RunState state() const { return state_; }
+  void set_state(RunState s) { state_ = s; }
+
+  // Claims the job slot, or errc::busy naming the job that holds it.
+  Result<JobGuard> begin_job(std::string job);
+  const std::string& job() const { return job_; }
+
+  // A free hot-pluggable root port ("rpN") for `owner`, or nullopt when all are taken.
+  std::optional<std::string> allocate_slot(const std::string& owner);
+  void free_slot(const std::string& slot);
+  void claim_slot(const std::string& slot, const std::string& owner) { slots_[slot] = owner; }
+  const std::map<std::string, std::string>& slots() const { return slots_; }
+  std::size_t free_slots() const;
+
+  std::map<std::string, CdromState> cdroms;
+  std::map<std::string, DiskState> disks;
+  std::map<std::string, NicState> nics;
+  std::optional<VncState> vnc;
+  bool scsi_controller = false;  // "qb-scsi0" plugged
+  std::string scsi_slot;
+
+  // True when `id` names any device of this domain.
+  bool has_device(const std::string& id) const;
+
+  // Everything above as JSON, for GET and for the state file.
+  boost::json::object devices_json() const;
+
+ private:
+  friend class JobGuard;
+  lifecycle::DomainSpec spec_;
+  lifecycle::Instance instance_;
+  std::unique_ptr<qmp::Client> qmp_;
+  RunState state_ = RunState::starting;
+  std::string job_;
+  std::map<std::string, std::string> slots_;  // "rpN" -> owner
+};
+
+}  // namespace broker

@@ -1,0 +1,350 @@
+#include "broker/domain/requests.hpp"
+
+#include <algorithm>
+#include <initializer_list>
+#include <set>
+
+#include <boost/json.hpp>
+
+#include "broker/core/errc.hpp"
+
+namespace broker {
+namespace json = boost::json;
+namespace {
+
+constexpr std::size_t kMaxPath = 4096;
+
+// Refuses any key of `o` not in `known`, naming it (prefix gives nested context: "disks[1].").
+Result<void> only_known(const json::object& o, std::initializer_list<std::string_view> known,
+                        const std::string& prefix = {}) {
+  for (const auto& kv : o) {
+    if (std::find(known.begin(), known.end(), kv.key()) == known.end()) {
+      return field_error(prefix + std::string(kv.key()), "unknown field");
+    }
+  }
+  return {};
+}
+
+Result<const json::object*> as_object(const json::value& v, const std::string& what) {
+  if (!v.is_object()) return field_error(what, "must be a JSON object");
+  return &v.get_object();
+}
+
+Result<std::string> str(const json::object& o, std::string_view key, bool required,
+                        const std::string& prefix = {}) {
+  auto it = o.find(key);
+  std::string field = prefix + std::string(key);
+  if (it == o.end()) {
+    if (required) return field_error(field, "is required");
+    return std::string();
+  }
+  if (!it->value().is_string()) return field_error(field, "must be a string");
+  return std::string(it->value().get_string());
+}
+
+Result<bool> boolean(const json::object& o, std::string_view key, bool dflt,
+                     const std::string& prefix = {}) {
+  auto it = o.find(key);
+  if (it == o.end()) return dflt;
+  if (!it->value().is_bool()) return field_error(prefix + std::string(key), "must be true or false");
+  return it->value().get_bool();
+}
+
+Result<void> check_id(const std::string& id, const std::string& field) {
+  if (!lifecycle::valid_name(id)) {
+    return field_error(field, "must be 1-64 characters of A-Z a-z 0-9 _ . - starting with a letter or digit");
+  }
+  return {};
+}
+
+Result<void> check_path(const std::string& path, const std::string& field) {
+  if (path.empty() || path.front() != '/' || path.size() > kMaxPath ||
+      path.find('\0') != std::string::npos) {
+    return field_error(field, "must be an absolute path");
+  }
+  return {};
+}
+
+bool valid_mac(std::string_view mac) {
+  if (mac.size() != 17) return false;
+  for (std::size_t i = 0; i < mac.size(); ++i) {
+    char c = mac[i];
+    if (i % 3 == 2) {
+      if (c != ':') return false;
+    } else if (!std::isxdigit(static_cast<unsigned char>(c))) {
+      return false;
+    }
+  }
+  // A unicast address: the low bit of the first octet is the multicast bit.
+  return (std::stoi(std::string(mac.substr(0, 2)), nullptr, 16) & 1) == 0;
+}
+
+bool valid_ifname(std::string_view n) {
+  return n.size() < 16 && std::all_of(n.begin(), n.end(), [](char c) {
+           return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.';
+         });
+}
+
+Result<DiskSpec> disk_from(const json::object& o, const std::string& prefix) {
+  if (auto ok = only_known(o, {"id", "path", "format", "bus", "read_only", "backing", "diskseq",
+                               "serial"}, prefix);
+      !ok) {
+    return ok.error();
+  }
+  DiskSpec d;
+  auto id = str(o, "id", true, prefix);
+  if (!id) return id.error();
+  d.id = *id;
+  if (auto ok = check_id(d.id, prefix + "id"); !ok) return ok.error();
+  auto path = str(o, "path", true, prefix);
+  if (!path) return path.error();
+  d.path = *path;
+  if (auto ok = check_path(d.path, prefix + "path"); !ok) return ok.error();
+  auto format = str(o, "format", false, prefix);
+  if (!format) return format.error();
+  if (*format == "qcow2") d.format = DiskFormat::qcow2;
+  else if (!format->empty() && *format != "raw") return field_error(prefix + "format", "must be raw or qcow2");
+  auto bus = str(o, "bus", false, prefix);
+  if (!bus) return bus.error();
+  if (*bus == "virtio") d.bus = DiskBus::virtio;
+  else if (!bus->empty() && *bus != "scsi") return field_error(prefix + "bus", "must be scsi or virtio");
+  auto ro = boolean(o, "read_only", false, prefix);
+  if (!ro) return ro.error();
+  d.read_only = *ro;
+  auto backing = str(o, "backing", false, prefix);
+  if (!backing) return backing.error();
+  d.backing = *backing;
+  if (!d.backing.empty()) {
+    if (d.format != DiskFormat::qcow2) return field_error(prefix + "backing", "needs format qcow2");
+    if (auto ok = check_path(d.backing, prefix + "backing"); !ok) return ok.error();
+  }
+  if (auto it = o.find("diskseq"); it != o.end()) {
+    if (!it->value().is_uint64() && !(it->value().is_int64() && it->value().get_int64() > 0)) {
+      return field_error(prefix + "diskseq", "must be a positive integer");
+    }
+    d.diskseq = it->value().to_number<std::uint64_t>();
+  }
+  auto serial = str(o, "serial", false, prefix);
+  if (!serial) return serial.error();
+  d.serial = *serial;
+  if (d.serial.size() > 20 || !std::all_of(d.serial.begin(), d.serial.end(), [](char c) {
+        return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_';
+      })) {
+    return field_error(prefix + "serial", "must be at most 20 characters of A-Z a-z 0-9 - _");
+  }
+  return d;
+}
+
+Result<NicSpec> nic_from(const json::object& o, const std::string& prefix) {
+  if (auto ok = only_known(o, {"id", "tap", "mac"}, prefix); !ok) return ok.error();
+  NicSpec n;
+  auto id = str(o, "id", true, prefix);
+  if (!id) return id.error();
+  n.id = *id;
+  if (auto ok = check_id(n.id, prefix + "id"); !ok) return ok.error();
+  auto tap = str(o, "tap", false, prefix);
+  if (!tap) return tap.error();
+  n.tap = *tap;
+  if (!valid_ifname(n.tap)) {
+    return field_error(prefix + "tap", "must be an interface name of at most 15 characters");
+  }
+  auto mac = str(o, "mac", false, prefix);
+  if (!mac) return mac.error();
+  n.mac = *mac;
+  if (!n.mac.empty() && !valid_mac(n.mac)) {
+    return field_error(prefix + "mac", "must be a unicast MAC address like 52:54:00:12:34:56");
+  }
+  return n;
+}
+
+Result<VncSpec> vnc_from(const json::object& o, const std::string& prefix) {
+  if (auto ok = only_known(o, {"listen"}, prefix); !ok) return ok.error();
+  auto listen = str(o, "listen", true, prefix);
+  if (!listen) return listen.error();
+  const std::string& l = *listen;
+  std::string field = prefix + "listen";
+  if (l.rfind("unix:", 0) == 0) {
+    if (auto ok = check_path(l.substr(5), field); !ok) return ok.error();
+    if (l.size() - 5 >= 108) return field_error(field, "unix socket path is too long");
+    return VncSpec{l};
+  }
+  auto colon = l.rfind(':');
+  if (colon == std::string::npos || colon + 1 == l.size()) {
+    return field_error(field, "must be HOST:PORT or unix:/path");
+  }
+  std::string port = l.substr(colon + 1);
+  if (!std::all_of(port.begin(), port.end(), ::isdigit) || port.size() > 5 ||
+      std::stoi(port) > 65535) {
+    return field_error(field, "port must be 0-65535");
+  }
+  return VncSpec{l};
+}
+
+}  // namespace
+
+Error field_error(std::string_view field, std::string message) {
+  Error e(make_error_code(errc::invalid_argument), std::string(field) + ": " + message);
+  e.field = std::string(field);
+  return e;
+}
+
+std::string_view to_string(DiskFormat f) { return f == DiskFormat::raw ? "raw" : "qcow2"; }
+std::string_view to_string(DiskBus b) { return b == DiskBus::scsi ? "scsi" : "virtio"; }
+
+Result<CreateDomain> parse_create_domain(const json::value& body) {
+  auto spec = lifecycle::parse_domain_spec(body, {"cdroms", "disks", "nics", "vnc"});
+  if (!spec) {
+    Error e = spec.error();
+    e.code = make_error_code(errc::invalid_argument);
+    return e;
+  }
+  CreateDomain c;
+  c.spec = std::move(*spec);
+  const auto& o = body.get_object();
+  std::set<std::string> ids;
+  auto unique = [&](const std::string& id, const std::string& field) -> Result<void> {
+    if (!ids.insert(id).second) return field_error(field, "duplicate device id '" + id + "'");
+    return {};
+  };
+  auto list = [&](std::string_view key) -> Result<const json::array*> {
+    static const json::array empty;
+    auto it = o.find(key);
+    if (it == o.end()) return &empty;
+    if (!it->value().is_array()) return field_error(key, "must be an array");
+    if (it->value().get_array().size() > 16) return field_error(key, "at most 16 entries");
+    return &it->value().get_array();
+  };
+  auto cdroms = list("cdroms");
+  if (!cdroms) return cdroms.error();
+  for (std::size_t i = 0; i < (*cdroms)->size(); ++i) {
+    std::string prefix = "cdroms[" + std::to_string(i) + "].";
+    auto obj = as_object((**cdroms)[i], "cdroms[" + std::to_string(i) + "]");
+    if (!obj) return obj.error();
+    if (auto ok = only_known(**obj, {"id", "path"}, prefix); !ok) return ok.error();
+    CdromSpec cd;
+    auto id = str(**obj, "id", true, prefix);
+    if (!id) return id.error();
+    cd.id = *id;
+    if (auto ok = check_id(cd.id, prefix + "id"); !ok) return ok.error();
+    auto path = str(**obj, "path", false, prefix);
+    if (!path) return path.error();
+    cd.path = *path;
+    if (!cd.path.empty()) {
+      if (auto ok = check_path(cd.path, prefix + "path"); !ok) return ok.error();
+    }
+    if (auto ok = unique(cd.id, prefix + "id"); !ok) return ok.error();
+    c.cdroms.push_back(std::move(cd));
+  }
+  auto disks = list("disks");
+  if (!disks) return disks.error();
+  for (std::size_t i = 0; i < (*disks)->size(); ++i) {
+    std::string prefix = "disks[" + std::to_string(i) + "].";
+    auto obj = as_object((**disks)[i], "disks[" + std::to_string(i) + "]");
+    if (!obj) return obj.error();
+    auto d = disk_from(**obj, prefix);
+    if (!d) return d.error();
+    if (auto ok = unique(d->id, prefix + "id"); !ok) return ok.error();
+    c.disks.push_back(std::move(*d));
+  }
+  auto nics = list("nics");
+  if (!nics) return nics.error();
+  for (std::size_t i = 0; i < (*nics)->size(); ++i) {
+    std::string prefix = "nics[" + std::to_string(i) + "].";
+    auto obj = as_object((**nics)[i], "nics[" + std::to_string(i) + "]");
+    if (!obj) return obj.error();
+    auto n = nic_from(**obj, prefix);
+    if (!n) return n.error();
+    if (auto ok = unique(n->id, prefix + "id"); !ok) return ok.error();
+    c.nics.push_back(std::move(*n));
+  }
+  if (auto it = o.find("vnc"); it != o.end() && !it->value().is_null()) {
+    auto obj = as_object(it->value(), "vnc");
+    if (!obj) return obj.error();
+    auto v = vnc_from(**obj, "vnc.");
+    if (!v) return v.error();
+    c.vnc = *v;
+  }
+  return c;
+}
+
+Result<InsertMedium> parse_insert_medium(const json::value& body) {
+  auto o = as_object(body, "body");
+  if (!o) return o.error();
+  if (auto ok = only_known(**o, {"path", "force"}); !ok) return ok.error();
+  InsertMedium m;
+  auto path = str(**o, "path", true);
+  if (!path) return path.error();
+  m.path = *path;
+  if (auto ok = check_path(m.path, "path"); !ok) return ok.error();
+  auto force = boolean(**o, "force", false);
+  if (!force) return force.error();
+  m.force = *force;
+  return m;
+}
+
+Result<bool> parse_force(const json::value& body) {
+  if (body.is_null()) return false;
+  auto o = as_object(body, "body");
+  if (!o) return o.error();
+  if (auto ok = only_known(**o, {"force"}); !ok) return ok.error();
+  return boolean(**o, "force", false);
+}
+
+Result<DiskSpec> parse_disk(const json::value& body) {
+  auto o = as_object(body, "body");
+  if (!o) return o.error();
+  return disk_from(**o, "");
+}
+
+Result<NicSpec> parse_nic(const json::value& body) {
+  auto o = as_object(body, "body");
+  if (!o) return o.error();
+  return nic_from(**o, "");
+}
+
+Result<VncSpec> parse_vnc(const json::value& body) {
+  auto o = as_object(body, "body");
+  if (!o) return o.error();
+  return vnc_from(**o, "");
+}
+
+Result<std::string> parse_path_body(const json::value& body) {
+  auto o = as_object(body, "body");
+  if (!o) return o.error();
+  if (auto ok = only_known(**o, {"path"}); !ok) return ok.error();
+  auto path = str(**o, "path", true);
+  if (!path) return path.error();
+  if (auto ok = check_path(*path, "path"); !ok) return ok.error();
+  return *path;
+}
+
+Result<RestoreRequest> parse_restore(const json::value& body) {
+  auto o = as_object(body, "body");
+  if (!o) return o.error();
+  if (auto ok = only_known(**o, {"path", "name", "paused"}); !ok) return ok.error();
+  RestoreRequest r;
+  auto path = str(**o, "path", true);
+  if (!path) return path.error();
+  r.path = *path;
+  if (auto ok = check_path(r.path, "path"); !ok) return ok.error();
+  auto name = str(**o, "name", true);
+  if (!name) return name.error();
+  r.name = *name;
+  if (auto ok = check_id(r.name, "name"); !ok) return ok.error();
+  auto paused = boolean(**o, "paused", false);
+  if (!paused) return paused.error();
+  r.paused = *paused;
+  return r;
+}
+
+Result<std::string> parse_migrate(const json::value& body) {
+  auto o = as_object(body, "body");
+  if (!o) return o.error();
+  if (auto ok = only_known(**o, {"to"}); !ok) return ok.error();
+  auto to = str(**o, "to", true);
+  if (!to) return to.error();
+  if (to->empty()) return field_error("to", "must name another broker's endpoint");
+  return *to;
+}
+
+}  // namespace broker

@@ -1,0 +1,87 @@
+// Validated request values: every operation of the broker takes one of these, never raw JSON
+// (style point 1). parse_*() turn a JSON body into one, naming the field that is wrong; the HTTP
+// router and the CLI both use them, so the rules live in one place.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <boost/json/value.hpp>
+
+#include "broker/core/error.hpp"
+#include "broker/lifecycle/spec.hpp"
+
+namespace broker {
+
+enum class DiskFormat { raw, qcow2 };
+enum class DiskBus { scsi, virtio };
+
+struct CdromSpec {  // a CD drive created with the domain (empty tray unless path is set)
+  std::string id;
+  std::string path;  // optional initial medium
+};
+
+struct DiskSpec {
+  std::string id;
+  std::string path;                     // image file or block device, beneath an image root
+  DiskFormat format = DiskFormat::raw;
+  DiskBus bus = DiskBus::scsi;
+  bool read_only = false;
+  std::string backing;                  // qcow2: the backing file, opened by the broker too
+  std::optional<std::uint64_t> diskseq; // block devices: refuse any other disk
+  std::string serial;                   // virtio: shown in /sys/block/vdX/serial
+};
+
+struct NicSpec {
+  std::string id;
+  std::string tap;  // tap name to create or open; empty: the kernel picks one
+  std::string mac;  // empty: QEMU picks one
+};
+
+struct VncSpec {
+  // "127.0.0.1:5901", "[::1]:5901", or "unix:/path". Port 0 picks a free port.
+  std::string listen;
+};
+
+struct CreateDomain {
+  lifecycle::DomainSpec spec;
+  std::vector<CdromSpec> cdroms;
+  std::vector<DiskSpec> disks;
+  std::vector<NicSpec> nics;
+  std::optional<VncSpec> vnc;
+};
+
+struct InsertMedium {
+  std::string path;
+  bool force = false;  // override a guest's tray lock
+};
+
+// Progress of a long job: fraction in [0, 1] and a phase name ("copying", "waiting for guest").
+using ProgressFn = std::function<void(double fraction, std::string_view phase)>;
+
+Result<CreateDomain> parse_create_domain(const boost::json::value& body);
+Result<InsertMedium> parse_insert_medium(const boost::json::value& body);
+Result<bool> parse_force(const boost::json::value& body);  // {} or {"force": bool}
+Result<DiskSpec> parse_disk(const boost::json::value& body);
+Result<NicSpec> parse_nic(const boost::json::value& body);
+Result<VncSpec> parse_vnc(const boost::json::value& body);
+Result<std::string> parse_path_body(const boost::json::value& body);  // {"path": "..."}
+struct RestoreRequest {
+  std::string path;
+  std::string name;
+  bool paused = false;
+};
+Result<RestoreRequest> parse_restore(const boost::json::value& body);
+Result<std::string> parse_migrate(const boost::json::value& body);  // {"to": "..."}
+
+std::string_view to_string(DiskFormat f);
+std::string_view to_string(DiskBus b);
+
+// Error helper shared by the parsers and the flows: invalid_argument naming `field`.
+Error field_error(std::string_view field, std::string message);
+
+}  // namespace broker

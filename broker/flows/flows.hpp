@@ -1,0 +1,52 @@
+// The device flows (docs/architecture.md, "Flows"): each is one coroutine, written top to
+// bottom, that opens what the user named with the broker's credentials, hands QEMU the fd over
+// QMP and plugs the device, rolling back every completed step when a later one fails. They run
+// inside a domain's job slot (the Broker claims it) on the broker's io_context.
+#pragma once
+
+#include <chrono>
+#include <string>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+
+#include "broker/core/error.hpp"
+#include "broker/domain/domain.hpp"
+#include "broker/domain/event_bus.hpp"
+#include "broker/domain/requests.hpp"
+#include "fdpass/opener.hpp"
+
+namespace broker::flows {
+
+struct Timeouts {
+  std::chrono::milliseconds qmp{5000};       // one QMP command
+  std::chrono::milliseconds unplug{10000};   // device_del -> DEVICE_DELETED (native pciehp ~6 s)
+};
+
+struct Context {
+  boost::asio::any_io_executor ex;
+  const fdpass::ImageRoots& roots;
+  EventBus& events;
+  Timeouts timeouts;
+};
+
+using boost::asio::awaitable;
+
+// CD: a scsi-cd drive with an empty tray (created with the domain), then media in and out.
+awaitable<Result<void>> add_cdrom_drive(Context& ctx, Domain& d, CdromSpec cd);
+awaitable<Result<void>> insert_medium(Context& ctx, Domain& d, std::string id, InsertMedium m);
+awaitable<Result<void>> eject_medium(Context& ctx, Domain& d, std::string id, bool force);
+
+// Disks: hotplug and unplug (scsi-hd on virtio-scsi, or virtio-blk-pci on a root port).
+awaitable<Result<void>> add_disk(Context& ctx, Domain& d, DiskSpec disk);
+awaitable<Result<void>> remove_disk(Context& ctx, Domain& d, std::string id, ProgressFn progress);
+
+// NICs: a tap opened by the broker in the host netns, passed with getfd.
+awaitable<Result<void>> add_nic(Context& ctx, Domain& d, NicSpec nic);
+awaitable<Result<void>> remove_nic(Context& ctx, Domain& d, std::string id, ProgressFn progress);
+
+// VNC: a listener bound by the broker in the host netns, handed over with display-update.
+awaitable<Result<VncState>> set_vnc(Context& ctx, Domain& d, VncSpec vnc);
+awaitable<Result<void>> remove_vnc(Context& ctx, Domain& d);
+
+}  // namespace broker::flows

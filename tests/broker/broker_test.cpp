@@ -1,0 +1,101 @@
+// The Broker's own operations against a real QEMU: create, query, run state, passthrough,
+// destroy, and what is left afterwards.
+#include <filesystem>
+
+#include <boost/json.hpp>
+
+#include "broker/core/errc.hpp"
+#include "broker/lifecycle/proc.hpp"
+#include "broker_fixture.hpp"
+
+using namespace std::chrono_literals;
+namespace fs = std::filesystem;
+namespace json = boost::json;
+
+namespace {
+constexpr uid_t kBase = 3'101'000;
+constexpr uid_t kDupBase = 3'101'100;
+}  // namespace
+
+TEST_CASE("a domain is created, runs, pauses, resumes and is destroyed by uid",
+          "[broker][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::FdLeakCheck leaks;
+  {
+    qbtest::BrokerFixture fx(kBase);
+    auto events = fx.broker.events().subscribe("vm1");
+    auto info = fx.run(fx.broker.create(qbtest::BrokerFixture::guest("vm1")));
+    REQUIRE(info);
+    CHECK(info->state == broker::RunState::running);
+    CHECK(info->uid == kBase + 1);
+    CHECK(fs::exists(fx.state / "domains/vm1.json"));
+
+    auto live = fx.run(fx.broker.info("vm1"));
+    REQUIRE(live);
+    CHECK(live->qemu_status == "running");
+
+    REQUIRE(fx.run(fx.broker.pause("vm1")));
+    CHECK(fx.run(fx.broker.info("vm1"))->qemu_status == "paused");
+    auto again = fx.run(fx.broker.pause("vm1"));
+    REQUIRE_FALSE(again);
+    CHECK(again.error().code == broker::errc::wrong_state);
+    REQUIRE(fx.run(fx.broker.resume("vm1")));
+    CHECK(fx.run(fx.broker.info("vm1"))->qemu_status == "running");
+
+    auto qmp = fx.run(fx.broker.qmp_passthrough("vm1", json::parse(R"({"execute":"query-status"})")));
+    REQUIRE(qmp);
+    CHECK(qmp->as_object().at("status") == "running");
+    auto refused = fx.run(fx.broker.qmp_passthrough(
+        "vm1", json::parse(R"({"execute":"getfd","arguments":{"fdname":"x"}})")));
+    REQUIRE_FALSE(refused);
+    CHECK(refused.error().code == broker::errc::forbidden);
+    auto bad = fx.run(fx.broker.qmp_passthrough(
+        "vm1", json::parse(R"({"execute":"no-such-command"})")));
+    REQUIRE_FALSE(bad);
+    CHECK(bad.error().code == broker::errc::qemu_error);
+    CHECK(bad.error().qmp_class == "CommandNotFound");
+
+    auto report = fx.run(fx.broker.destroy("vm1"));
+    REQUIRE(report);
+    CHECK(report->survivors == 0);
+    CHECK(broker::lifecycle::live_processes_of_uid("/proc", kBase + 1) == 0);
+    CHECK_FALSE(fx.broker.exists("vm1"));
+    CHECK_FALSE(fs::exists(fx.state / "domains/vm1.json"));
+    CHECK(fx.uids.in_use().empty());
+    auto gone = fx.run(fx.broker.info("vm1"));
+    REQUIRE_FALSE(gone);
+    CHECK(gone.error().code == broker::errc::not_found);
+
+    std::vector<std::string> names;
+    while (auto e = fx.run(events->next(std::chrono::steady_clock::now()))) names.push_back(e->name);
+    CHECK(std::find(names.begin(), names.end(), "created") != names.end());
+    CHECK(std::find(names.begin(), names.end(), "STOP") != names.end());
+    CHECK(std::find(names.begin(), names.end(), "RESUME") != names.end());
+    CHECK(std::find(names.begin(), names.end(), "destroyed") != names.end());
+  }
+}
+
+TEST_CASE("a second domain with the same name is refused; a QEMU that dies is torn down by uid",
+          "[broker][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::BrokerFixture fx(kDupBase);
+  auto first = fx.run(fx.broker.create(qbtest::BrokerFixture::guest("dup")));
+  REQUIRE(first);
+  auto second = fx.run(fx.broker.create(qbtest::BrokerFixture::guest("dup")));
+  REQUIRE_FALSE(second);
+  CHECK(second.error().code == broker::errc::already_exists);
+  CHECK(second.error().field == "name");
+
+  // Kill QEMU behind the broker's back: the broker notices and cleans up the uid.
+  auto events = fx.broker.events().subscribe("dup");
+  ::kill(first->pid, SIGKILL);
+  std::optional<broker::BusEvent> exited;
+  for (int i = 0; i < 100 && !exited; ++i) {
+    auto e = fx.run(events->next(std::chrono::steady_clock::now() + 100ms));
+    if (e && e->name == "exited") exited = e;
+  }
+  REQUIRE(exited);
+  CHECK_FALSE(fx.broker.exists("dup"));
+  CHECK(fx.uids.in_use().empty());
+  CHECK(broker::lifecycle::processes_of_uid("/proc", kDupBase + 1).empty());
+}
