@@ -1,6 +1,8 @@
 #include "broker/lifecycle/reaper.hpp"
 
+#include <sched.h>
 #include <signal.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -12,16 +14,31 @@
 
 namespace broker::lifecycle {
 
+namespace {
+
+struct KillArgs {
+  uid_t reaper_uid;
+  uid_t uid;
+};
+
+// Runs in a child that shares the broker's memory (CLONE_VM | CLONE_VFORK: no page-table copy,
+// the parent sleeps until it exits). Raw syscalls only: glibc's setresuid() would broadcast the
+// change to the parent's threads, since they share its memory.
+int kill_child(void* arg) {
+  const auto* a = static_cast<const KillArgs*>(arg);
+  if (::syscall(SYS_setresuid, a->reaper_uid, a->uid, 0) != 0) return 100 + (errno & 0x3f);
+  if (::syscall(SYS_kill, -1, SIGKILL) != 0 && errno != ESRCH) return 100 + (errno & 0x3f);
+  return 0;
+}
+
+}  // namespace
+
 std::error_code ForkingUidKiller::kill_all(uid_t reaper_uid, uid_t uid) {
   if (uid == 0 || reaper_uid == 0 || reaper_uid == uid) return make_error_code(errc::kill_failed);
-  pid_t child = ::fork();
+  KillArgs args{reaper_uid, uid};
+  alignas(16) static thread_local char stack[16 * 1024];
+  pid_t child = ::clone(kill_child, stack + sizeof(stack), CLONE_VM | CLONE_VFORK | SIGCHLD, &args);
   if (child < 0) return {errno, std::system_category()};
-  if (child == 0) {
-    // Only async-signal-safe calls from here on.
-    if (::setresuid(reaper_uid, uid, 0) != 0) ::_exit(100 + (errno & 0x3f));
-    if (::kill(-1, SIGKILL) != 0 && errno != ESRCH) ::_exit(100 + (errno & 0x3f));
-    ::_exit(0);
-  }
   int status = 0;
   while (::waitpid(child, &status, 0) < 0) {
     if (errno != EINTR) return {errno, std::system_category()};
@@ -38,7 +55,6 @@ Result<KillReport> Reaper::kill_uid(uid_t uid) {
   KillReport report;
   report.uid = uid;
   report.method = "uid";
-  report.found = live_processes_of_uid(proc_root_, uid);
   const auto deadline = start + settle_;
   bool kill_again = true;
   for (;;) {
@@ -54,6 +70,8 @@ Result<KillReport> Reaper::kill_uid(uid_t uid) {
     // torn down: poll /proc until the uid is empty. Another round is sent only when a live
     // process has no SIGKILL pending (one round stops a fork storm; this is the safety net).
     auto procs = processes_of_uid(proc_root_, uid);
+    // The first scan after the first round still sees every victim (dying, or a zombie).
+    if (report.rounds == 1 && report.found == 0) report.found = procs.size();
     report.survivors = 0;
     kill_again = false;
     for (const auto& p : procs) {

@@ -21,7 +21,7 @@ namespace broker::lifecycle {
 
 struct KillReport {
   uid_t uid = 0;
-  std::size_t found = 0;      // live processes of the uid before the kill
+  std::size_t found = 0;      // processes of the uid seen right after the first kill round
   std::size_t survivors = 0;  // live processes of the uid after it (0 on success)
   int rounds = 0;             // kill(-1) rounds taken
   std::string method;         // e.g. "cgroup.kill+pidns-init+uid"
@@ -36,7 +36,7 @@ class UidKiller {
   virtual std::error_code kill_all(uid_t reaper_uid, uid_t uid) = 0;
 };
 
-// The real thing: fork, setresuid(reaper, uid, 0), kill(-1, SIGKILL), _exit.
+// The real thing: a child that runs setresuid(reaper, uid, 0) then kill(-1, SIGKILL).
 class ForkingUidKiller final : public UidKiller {
  public:
   std::error_code kill_all(uid_t reaper_uid, uid_t uid) override;

@@ -1,6 +1,9 @@
 #include "broker/lifecycle/uid_pool.hpp"
 
 #include <pwd.h>
+#include <unistd.h>
+
+#include <cerrno>
 
 #include <charconv>
 #include <fstream>
@@ -134,7 +137,10 @@ Result<uid_t> UidPool::allocate(const std::string& domain, std::optional<uid_t> 
 }
 
 Result<void> UidPool::release(uid_t uid) {
-  if (auto ec = remove_file_durable(dir_, std::to_string(uid))) {
+  // No fsync: if the removal is lost in a crash, the restarted broker finds a record with no
+  // domain, sweeps the uid and frees it again. Only allocation must be durable before use.
+  if (::unlink((dir_ + "/" + std::to_string(uid)).c_str()) != 0 && errno != ENOENT) {
+    std::error_code ec(errno, std::system_category());
     return make_error(ec, "forgetting uid " + std::to_string(uid));
   }
   in_use_.erase(uid);
