@@ -1,5 +1,6 @@
 // The security core against a real QEMU: jail properties read from /proc, kill by uid under a
 // fork storm, kill before reuse, no pid fallback, quarantine. [privileged]: needs root.
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -30,6 +31,7 @@ constexpr uid_t kReuseBase = 3'100'200;
 constexpr uid_t kNoFallbackBase = 3'100'300;
 constexpr uid_t kQuarantineBase = 3'100'400;
 constexpr uid_t kBadKernelBase = 3'100'500;
+constexpr uid_t kColdBase = 3'100'600;
 
 std::string proc_field(pid_t pid, const std::string& key) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/status");
@@ -330,4 +332,40 @@ TEST_CASE("a missing kernel is refused before anything runs and leaves nothing b
   REQUIRE_FALSE(inst);
   CHECK(inst.error().field == "kernel");
   CHECK(fx.uids.in_use().empty());
+}
+
+TEST_CASE("cold-plugged fds reach QEMU with -add-fd, never as paths",
+          "[lifecycle][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::FdLeakCheck leaks;
+  qbtest::LifecycleFixture fx(kColdBase);
+  qbtest::TempDir images;
+  qbtest::write_file(images / "cold.img", std::string(4096, 'C'));
+  fdpass::UniqueFd image(::open((images / "cold.img").c_str(), O_RDONLY | O_CLOEXEC));
+  REQUIRE(image);
+  auto inst = fx.launcher.start(qbtest::LifecycleFixture::tiny_spec("cold"),
+                                {{image, 7, "qb:cold0"}});
+  REQUIRE(inst);
+  for (const auto& word : inst->argv) CHECK(word.find(images.path()) == std::string::npos);
+  auto qmp = qbtest::connect_retry(inst->qmp_path, 5s);
+  REQUIRE(qmp);
+  REQUIRE(qbtest::qmp_handshake(qmp.get(), 20s));
+  auto fdsets = qbtest::qmp_command(qmp.get(), R"({"execute":"query-fdsets"})", 10s);
+  REQUIRE(fdsets);
+  CHECK(fdsets->find("\"fdset-id\": 7") != std::string::npos);
+  CHECK(fdsets->find("qb:cold0") != std::string::npos);
+  // The fd QEMU holds is the very file the broker opened.
+  struct stat mine {};
+  REQUIRE(::fstat(image.get(), &mine) == 0);
+  bool found = false;
+  for (const auto& e : fs::directory_iterator("/proc/" + std::to_string(inst->pid) + "/fd")) {
+    struct stat theirs {};
+    if (::stat(e.path().c_str(), &theirs) == 0 && theirs.st_ino == mine.st_ino &&
+        theirs.st_dev == mine.st_dev) {
+      found = true;
+    }
+  }
+  CHECK(found);
+  qmp.reset();
+  REQUIRE(fx.launcher.destroy(*inst));
 }
