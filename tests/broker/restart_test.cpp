@@ -1,0 +1,138 @@
+// Restart recovery at the Broker level: a broker that goes away without tearing anything down
+// (as after SIGKILL) leaves its domains running; the next broker on the same state directory
+// re-adopts each one whose QEMU still runs (pid + start time + uid, QMP through the listener the
+// QEMU holds) and tears down by uid each one whose QEMU is gone. No uid, file or process leaks.
+#include <signal.h>
+#include <sys/wait.h>
+
+#include <filesystem>
+#include <memory>
+
+#include <boost/asio/io_context.hpp>
+
+#include "broker/domain/broker.hpp"
+#include "broker/lifecycle/proc.hpp"
+#include "lifecycle_fixture.hpp"
+#include "support/asio_run.hpp"
+
+using namespace std::chrono_literals;
+namespace fs = std::filesystem;
+using broker::lifecycle::live_processes_of_uid;
+using broker::lifecycle::processes_of_uid;
+
+namespace {
+
+constexpr uid_t kAdoptBase = 3'101'200;
+constexpr uid_t kDeadBase = 3'101'300;
+
+// Everything one broker process would own, on shared state and run directories.
+struct Stack {
+  broker::lifecycle::ForkingUidKiller killer;
+  broker::lifecycle::Reaper reaper;
+  broker::lifecycle::UidPool uids;
+  broker::lifecycle::CgroupManager cgroups;
+  fdpass::ImageRoots roots;
+  broker::lifecycle::Launcher launcher;
+  boost::asio::io_context io;
+  std::unique_ptr<broker::Broker> broker;
+
+  Stack(uid_t base, const std::string& state, const std::string& run)
+      : reaper(killer, base),
+        uids({base, 8}, state, reaper),
+        roots(*fdpass::ImageRoots::open({qbtest::guest_dir()})),
+        launcher(qbtest::LifecycleFixture::make_config(run), uids, cgroups, roots) {
+    uids.load();
+    broker::BrokerConfig c;
+    c.state_dir = state;
+    broker = std::make_unique<broker::Broker>(io.get_executor(), c, launcher, roots);
+  }
+  ~Stack() {
+    broker.reset();
+  }
+  template <class T>
+  T run(boost::asio::awaitable<T> t) {
+    return qbtest::run(io, std::move(t));
+  }
+};
+
+broker::CreateDomain guest(const std::string& name) {
+  broker::CreateDomain c;
+  c.spec = qbtest::LifecycleFixture::guest_spec(name);
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("a restarted broker re-adopts a running domain and can still destroy it",
+          "[broker][restart][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::become_subreaper();
+  qbtest::TempDir state, run;
+  pid_t pid = 0;
+  {
+    Stack first(kAdoptBase, state.path(), run.path());
+    auto info = first.run(first.broker->create(guest("r1")));
+    REQUIRE(info);
+    pid = info->pid;
+  }  // the broker is gone; nothing was torn down
+  REQUIRE(::kill(pid, 0) == 0);
+  CHECK(live_processes_of_uid("/proc", kAdoptBase + 1) >= 1);
+
+  qbtest::FdLeakCheck leaks;
+  {
+    Stack second(kAdoptBase, state.path(), run.path());
+    auto report = second.run(second.broker->recover());
+    REQUIRE(report.adopted == std::vector<std::string>{"r1"});
+    CHECK(report.torn_down.empty());
+    auto info = second.run(second.broker->info("r1"));
+    REQUIRE(info);
+    CHECK(info->pid == pid);
+    CHECK(info->qemu_status == "running");
+    REQUIRE(second.run(second.broker->pause("r1")));
+    CHECK(second.run(second.broker->info("r1"))->qemu_status == "paused");
+
+    auto killed = second.run(second.broker->destroy("r1"));
+    REQUIRE(killed);
+    CHECK(killed->method.find("pidns-init") != std::string::npos);  // the pidfd was re-opened
+    CHECK(killed->method.find("cgroup.kill") != std::string::npos);  // and the cgroup
+  }
+  qbtest::reap_exited_children();
+  CHECK(processes_of_uid("/proc", kAdoptBase + 1).empty());
+  CHECK(fs::is_empty(state / "uids"));
+  CHECK(fs::is_empty(state / "domains"));
+  CHECK_FALSE(fs::exists(run / "qmp/r1.sock"));
+}
+
+TEST_CASE("a restarted broker tears down by uid a domain whose QEMU died meanwhile",
+          "[broker][restart][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::become_subreaper();
+  qbtest::TempDir state, run;
+  uid_t uid = 0;
+  {
+    Stack first(kDeadBase, state.path(), run.path());
+    auto info = first.run(first.broker->create(guest("r2")));
+    REQUIRE(info);
+    uid = info->uid;
+    ::kill(info->pid, SIGKILL);  // QEMU dies while no broker watches
+  }
+  // A process the dead QEMU left behind under its uid (as if it had forked before dying).
+  pid_t straggler = ::fork();
+  if (straggler == 0) {
+    if (::setresgid(uid, uid, uid) != 0 || ::setresuid(uid, uid, uid) != 0) ::_exit(99);
+    for (;;) ::pause();
+  }
+  qbtest::reap_exited_children();
+
+  Stack second(kDeadBase, state.path(), run.path());
+  auto report = second.run(second.broker->recover());
+  CHECK(report.adopted.empty());
+  REQUIRE(report.torn_down == std::vector<std::string>{"r2"});
+  int status = 0;
+  REQUIRE(::waitpid(straggler, &status, 0) == straggler);
+  CHECK(WIFSIGNALED(status));
+  CHECK(live_processes_of_uid("/proc", uid) == 0);
+  CHECK_FALSE(second.broker->exists("r2"));
+  CHECK(fs::is_empty(state / "uids"));
+  CHECK(fs::is_empty(state / "domains"));
+}
