@@ -230,7 +230,8 @@ awaitable<Result<DomainInfo>> Broker::create(CreateDomain request) {
     auto ok = co_await flows::add_cdrom_drive(flow_ctx_, *d, std::move(cd));
     if (!ok) co_return co_await fail(ok.error());
     if (!path.empty()) {
-      ok = co_await flows::insert_medium(flow_ctx_, *d, id, InsertMedium{path, false});
+      InsertMedium medium{path, false};
+      ok = co_await flows::insert_medium(flow_ctx_, *d, id, std::move(medium));
       if (!ok) co_return co_await fail(ok.error());
     }
   }
@@ -315,7 +316,7 @@ std::vector<DomainInfo> Broker::list() const {
 }
 
 template <class T, class F>
-awaitable<Result<T>> Broker::run_job(const std::string& name, std::string job, F flow) {
+awaitable<Result<T>> Broker::run_job(std::string name, std::string job, std::string target, F flow) {
   auto found = find(name);
   if (!found) co_return found.error();
   auto d = *found;
@@ -323,10 +324,13 @@ awaitable<Result<T>> Broker::run_job(const std::string& name, std::string job, F
     co_return Error(make_error_code(errc::wrong_state),
                     "domain " + name + " is " + std::string(to_string(d->state())));
   }
-  auto guard = d->begin_job(job);
+  auto guard = d->begin_job(job, target);
   if (!guard) co_return guard.error();
-  events_.publish(name, "job", "started", {{"job", job}});
+  // Journal the job before the first step, so a broker killed mid-flow can finish or undo it.
+  persist(*d);
+  events_.publish(name, "job", "started", {{"job", job}, {"target", target}});
   Result<T> r = co_await flow(*d);
+  guard->release();
   if (domains_.contains(name)) persist(*d);
   json::object data{{"job", job}, {"ok", r.has_value()}};
   if (!r) data["error"] = r.error().describe();
@@ -335,7 +339,7 @@ awaitable<Result<T>> Broker::run_job(const std::string& name, std::string job, F
 }
 
 awaitable<Result<void>> Broker::pause(std::string name) {
-  return run_job<void>(name, "pause", [this](Domain& d) -> awaitable<Result<void>> {
+  return run_job<void>(name, "pause", {}, [this](Domain& d) -> awaitable<Result<void>> {
     if (d.state() == RunState::paused) {
       co_return Error(make_error_code(errc::wrong_state), "domain " + d.name() + " is already paused");
     }
@@ -347,7 +351,7 @@ awaitable<Result<void>> Broker::pause(std::string name) {
 }
 
 awaitable<Result<void>> Broker::resume(std::string name) {
-  return run_job<void>(name, "resume", [this](Domain& d) -> awaitable<Result<void>> {
+  return run_job<void>(name, "resume", {}, [this](Domain& d) -> awaitable<Result<void>> {
     if (d.state() == RunState::running) {
       co_return Error(make_error_code(errc::wrong_state), "domain " + d.name() + " is already running");
     }
@@ -359,7 +363,7 @@ awaitable<Result<void>> Broker::resume(std::string name) {
 }
 
 awaitable<Result<void>> Broker::shutdown(std::string name) {
-  return run_job<void>(name, "shutdown", [this](Domain& d) -> awaitable<Result<void>> {
+  return run_job<void>(name, "shutdown", {}, [this](Domain& d) -> awaitable<Result<void>> {
     auto r = co_await qmp_call(d, qmp::cmd::system_powerdown());
     if (!r) co_return r.error();
     co_return Result<void>{};
@@ -367,7 +371,7 @@ awaitable<Result<void>> Broker::shutdown(std::string name) {
 }
 
 awaitable<Result<void>> Broker::reset(std::string name) {
-  return run_job<void>(name, "reset", [this](Domain& d) -> awaitable<Result<void>> {
+  return run_job<void>(name, "reset", {}, [this](Domain& d) -> awaitable<Result<void>> {
     auto r = co_await qmp_call(d, qmp::cmd::system_reset());
     if (!r) co_return r.error();
     co_return Result<void>{};
@@ -375,49 +379,49 @@ awaitable<Result<void>> Broker::reset(std::string name) {
 }
 
 awaitable<Result<void>> Broker::insert_medium(std::string name, std::string cdrom, InsertMedium m) {
-  return run_job<void>(name, "cdrom-insert", [this, cdrom, m](Domain& d) {
+  return run_job<void>(name, "cdrom-insert", cdrom, [this, cdrom, m](Domain& d) {
     return flows::insert_medium(flow_ctx_, d, cdrom, m);
   });
 }
 
 awaitable<Result<void>> Broker::eject_medium(std::string name, std::string cdrom, bool force) {
-  return run_job<void>(name, "cdrom-eject", [this, cdrom, force](Domain& d) {
+  return run_job<void>(name, "cdrom-eject", cdrom, [this, cdrom, force](Domain& d) {
     return flows::eject_medium(flow_ctx_, d, cdrom, force);
   });
 }
 
 awaitable<Result<void>> Broker::add_disk(std::string name, DiskSpec disk) {
-  return run_job<void>(name, "disk-add", [this, disk](Domain& d) {
+  return run_job<void>(name, "disk-add", disk.id, [this, disk](Domain& d) {
     return flows::add_disk(flow_ctx_, d, disk);
   });
 }
 
 awaitable<Result<void>> Broker::remove_disk(std::string name, std::string id, ProgressFn progress) {
-  return run_job<void>(name, "disk-remove", [this, id, progress](Domain& d) {
+  return run_job<void>(name, "disk-remove", id, [this, id, progress](Domain& d) {
     return flows::remove_disk(flow_ctx_, d, id, progress);
   });
 }
 
 awaitable<Result<void>> Broker::add_nic(std::string name, NicSpec nic) {
-  return run_job<void>(name, "nic-add", [this, nic](Domain& d) {
+  return run_job<void>(name, "nic-add", nic.id, [this, nic](Domain& d) {
     return flows::add_nic(flow_ctx_, d, nic);
   });
 }
 
 awaitable<Result<void>> Broker::remove_nic(std::string name, std::string id, ProgressFn progress) {
-  return run_job<void>(name, "nic-remove", [this, id, progress](Domain& d) {
+  return run_job<void>(name, "nic-remove", id, [this, id, progress](Domain& d) {
     return flows::remove_nic(flow_ctx_, d, id, progress);
   });
 }
 
 awaitable<Result<VncState>> Broker::set_vnc(std::string name, VncSpec vnc) {
-  return run_job<VncState>(name, "vnc-set", [this, vnc](Domain& d) {
+  return run_job<VncState>(name, "vnc-set", "vnc", [this, vnc](Domain& d) {
     return flows::set_vnc(flow_ctx_, d, vnc);
   });
 }
 
 awaitable<Result<void>> Broker::remove_vnc(std::string name) {
-  return run_job<void>(name, "vnc-remove", [this](Domain& d) { return flows::remove_vnc(flow_ctx_, d); });
+  return run_job<void>(name, "vnc-remove", "vnc", [this](Domain& d) { return flows::remove_vnc(flow_ctx_, d); });
 }
 
 awaitable<Result<void>> Broker::save(std::string name, std::string, ProgressFn) {
@@ -459,6 +463,65 @@ awaitable<Result<json::value>> Broker::qmp_passthrough(std::string name, json::v
     args = a->value().get_object();
   }
   co_return co_await qmp_call(**found, qmp::cmd::raw(cmd_name, std::move(args)));
+}
+
+awaitable<void> Broker::reconcile(Domain& d, Domain::PendingJob job) {
+  // The device naming of broker/domain/domain.hpp tells what a flow may have left in QEMU.
+  const std::string& id = job.target;
+  log::warn("domain " + d.name() + ": finishing interrupted job " + job.kind + " " + id);
+  if (job.kind.rfind("cdrom-", 0) == 0 || job.kind.rfind("vnc-", 0) == 0 || id.empty()) {
+    // Media changes and display handovers are complete or absent as QEMU reports them; the
+    // next query shows the truth, and nothing of theirs outlives the monitor but in-use fds.
+    co_return;
+  }
+  bool committed = d.has_device(id);
+  auto peripherals = co_await qmp_call(d, qmp::cmd::qom_list("/machine/peripheral"));
+  bool present = false;
+  if (peripherals) {
+    if (auto props = qmp::reply::qom_list(*peripherals)) {
+      for (const auto& p : *props) present = present || p.name == id;
+    }
+  }
+  const bool adding = job.kind.ends_with("-add");
+  if (committed && present) co_return;  // an interrupted removal: the device stays
+  if (!committed && present && adding) {
+    // An interrupted addition reached device_add: take the device out again.
+    auto sub = d.qmp()->subscribe();
+    if (co_await qmp_call(d, qmp::cmd::device_del(id))) {
+      auto gone = co_await sub.wait_for(qmp::event::device_deleted(id),
+                                        qmp::after(config_.timeouts.unplug));
+      if (!gone) {
+        log::error("domain " + d.name() + ": interrupted " + job.kind + " " + id +
+                   ": the guest did not release the device; it stays plugged");
+        co_return;
+      }
+    }
+  }
+  // Whatever lies below the device: format and file nodes, netdev, passed fds, fdsets.
+  for (const char* suffix : {"-fmt", "-file", "-backing", "-backing-file"}) {
+    co_await qmp_call(d, qmp::cmd::blockdev_del("qb-" + id + suffix));
+  }
+  co_await qmp_call(d, qmp::cmd::netdev_del("qb-net-" + id));
+  co_await qmp_call(d, qmp::cmd::closefd("qb-tap-" + id));
+  if (auto sets = co_await qmp_call(d, qmp::cmd::query_fdsets())) {
+    if (auto fdsets = qmp::reply::fdsets(*sets)) {
+      for (const auto& set : *fdsets) {
+        for (const auto& fd : set.fds) {
+          if (fd.opaque == "qb:" + id) co_await qmp_call(d, qmp::cmd::remove_fd(set.fdset_id, fd.fd));
+        }
+      }
+    }
+  }
+  if (committed) {  // an interrupted removal that got past device_del: finish it
+    if (auto it = d.disks.find(id); it != d.disks.end()) {
+      if (!it->second.slot.empty()) d.free_slot(it->second.slot);
+      d.disks.erase(it);
+    }
+    if (auto it = d.nics.find(id); it != d.nics.end()) {
+      if (!it->second.slot.empty()) d.free_slot(it->second.slot);
+      d.nics.erase(it);
+    }
+  }
 }
 
 awaitable<Broker::RecoveryReport> Broker::recover() {
@@ -503,6 +566,12 @@ awaitable<Broker::RecoveryReport> Broker::recover() {
     }
     d->set_state(running ? RunState::running : RunState::paused);
     asio::co_spawn(ex_, pump_events(d), asio::detached);
+    if (d->interrupted) {
+      auto job = *d->interrupted;
+      d->interrupted.reset();
+      co_await reconcile(*d, job);
+      persist(*d);
+    }
     report.adopted.push_back(d->name());
     events_.publish(d->name(), "domain", "adopted", {{"pid", inst.pid}, {"uid", inst.uid}});
   }

@@ -122,7 +122,10 @@ class Broker {
   Result<std::shared_ptr<Domain>> find(const std::string& name) const;
   // Claims the domain's job slot and runs a flow in it, persisting the domain after success.
   template <class T, class F>
-  boost::asio::awaitable<Result<T>> run_job(const std::string& name, std::string job, F flow);
+  boost::asio::awaitable<Result<T>> run_job(std::string name, std::string job, std::string target,
+                                            F flow);
+  // Finishes or undoes a job an earlier broker left half done (from the state file).
+  boost::asio::awaitable<void> reconcile(Domain& d, Domain::PendingJob job);
   boost::asio::awaitable<Result<void>> connect_qmp(Domain& d);
   boost::asio::awaitable<Result<boost::json::value>> qmp_call(Domain& d, qmp::Command c);
   boost::asio::awaitable<void> pump_events(std::shared_ptr<Domain> d);

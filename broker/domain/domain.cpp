@@ -15,16 +15,21 @@ std::string_view to_string(RunState s) {
   return "unknown";
 }
 
-JobGuard::~JobGuard() {
-  if (d_ != nullptr) d_->job_.clear();
+void JobGuard::release() {
+  if (d_ != nullptr) {
+    d_->job_.clear();
+    d_->job_target_.clear();
+    d_ = nullptr;
+  }
 }
 
-Result<JobGuard> Domain::begin_job(std::string job) {
+Result<JobGuard> Domain::begin_job(std::string job, std::string target) {
   if (!job_.empty()) {
     return Error(make_error_code(errc::busy),
                  "domain " + name() + " is busy with '" + job_ + "'; retry when it is done");
   }
   job_ = std::move(job);
+  job_target_ = std::move(target);
   return JobGuard(this);
 }
 

@@ -62,7 +62,9 @@ class JobGuard {
  public:
   JobGuard(JobGuard&& o) noexcept : d_(std::exchange(o.d_, nullptr)) {}
   JobGuard& operator=(JobGuard&&) = delete;
-  ~JobGuard();
+  ~JobGuard() { release(); }
+  // Ends the job now (before the state file is written for the last time).
+  void release();
 
  private:
   friend class Domain;
@@ -86,9 +88,18 @@ class Domain {
   RunState state() const { return state_; }
   void set_state(RunState s) { state_ = s; }
 
-  // Claims the job slot, or errc::busy naming the job that holds it.
-  Result<JobGuard> begin_job(std::string job);
+  // Claims the job slot, or errc::busy naming the job that holds it. `target` is the device the
+  // job works on, recorded in the state file so a restarted broker can finish or undo it.
+  Result<JobGuard> begin_job(std::string job, std::string target = {});
   const std::string& job() const { return job_; }
+  const std::string& job_target() const { return job_target_; }
+
+  // A job an earlier broker recorded and did not finish (set from the state file).
+  struct PendingJob {
+    std::string kind;
+    std::string target;
+  };
+  std::optional<PendingJob> interrupted;
 
   // A free hot-pluggable root port ("rpN") for `owner`, or nullopt when all are taken.
   std::optional<std::string> allocate_slot(const std::string& owner);
@@ -101,6 +112,10 @@ class Domain {
   std::map<std::string, DiskState> disks;
   std::map<std::string, NicState> nics;
   std::optional<VncState> vnc;
+  // VNC by add_client (QEMU without display-update): the broker's accept loop. Releasing it stops
+  // the loop and closes the listener (broker/flows/vnc.cpp). Not persisted: a restarted broker
+  // no longer holds the listener.
+  std::shared_ptr<void> vnc_acceptor;
   bool scsi_controller = false;  // "qb-scsi0" plugged
   std::string scsi_slot;
 
@@ -117,6 +132,7 @@ class Domain {
   std::unique_ptr<qmp::Client> qmp_;
   RunState state_ = RunState::starting;
   std::string job_;
+  std::string job_target_;
   std::map<std::string, std::string> slots_;  // "rpN" -> owner
 };
 

@@ -86,7 +86,7 @@ json::value state_to_json(const Domain& d) {
                    {"slots", std::move(slots)},
                    {"scsi_controller", d.scsi_controller},
                    {"scsi_slot", d.scsi_slot}};
-  out["job"] = d.job();
+  if (!d.job().empty()) out["job"] = json::object{{"kind", d.job()}, {"target", d.job_target()}};
   if (d.vnc) out["vnc"] = json::object{{"listen", d.vnc->spec.listen}, {"address", d.vnc->address}};
   return out;
 }
@@ -158,6 +158,10 @@ Result<std::shared_ptr<Domain>> domain_from_json(const json::value& v) {
     }
     d->scsi_controller = o.at("scsi_controller").as_bool();
     d->scsi_slot = str(o, "scsi_slot");
+    if (auto it = o.find("job"); it != o.end() && it->value().is_object()) {
+      const auto& jo = it->value().as_object();
+      d->interrupted = Domain::PendingJob{str(jo, "kind"), str(jo, "target")};
+    }
     if (auto it = o.find("vnc"); it != o.end()) {
       const auto& vo = it->value().as_object();
       d->vnc = VncState{VncSpec{str(vo, "listen")}, str(vo, "address")};
