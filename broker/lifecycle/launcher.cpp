@@ -28,6 +28,8 @@ constexpr int kFirstColdFd = 5;
 
 std::error_code errno_code() { return {errno, std::system_category()}; }
 
+std::string cgroup_name(const std::string& domain) { return "dom-" + domain; }
+
 // Reaps a child through its pidfd, if it has exited or once it does.
 void reap(const fdpass::UniqueFd& pidfd) {
   if (!pidfd) return;
@@ -167,7 +169,8 @@ Result<Instance> Launcher::start(const DomainSpec& spec, const std::vector<ColdF
     // Guest RAM plus room for QEMU itself.
     limits.memory_bytes = (static_cast<std::uint64_t>(spec.memory_mib) + 256) << 20;
     limits.pids = config_.limits.nproc;
-    auto cg = cgroups_.create("dom-" + std::to_string(inst.uid), limits);
+    // Named after the domain, not the uid: in shared-uid mode every domain has the same uid.
+    auto cg = cgroups_.create(cgroup_name(spec.name), limits);
     if (!cg) return cg.error();
     inst.cgroup = std::move(*cg);
     undo.push([&inst] { (void)inst.cgroup.remove(); });
@@ -216,33 +219,61 @@ Result<KillReport> Launcher::destroy(Instance& inst) {
   if (inst.pidfd && ::syscall(SYS_pidfd_send_signal, inst.pidfd.get(), SIGKILL, nullptr, 0) == 0) {
     method += "pidns-init+";
   }
-  // 3. By uid, for anything that escaped both (never skipped when the uid is known). It returns
-  //    only once its last /proc scan saw no live process of the uid: that scan is the check.
-  auto report = uids_.reaper().kill_uid(inst.uid);
-  if (!report) return report.error();
-  // 4. Reap our child, so not even a zombie of the uid remains.
-  reap(inst.pidfd);
-  inst.pidfd.reset();
+  KillReport report;
+  if (uids_.is_shared()) {
+    // 3'. Shared uid: a kill by uid would take every domain down. The pid namespace's init is
+    //     dead, which kills everything in the namespace; wait for that and check the cgroup.
+    if (!inst.pidfd && !inst.cgroup.valid()) {
+      Error e(make_error_code(errc::kill_failed),
+              "shared uid, and neither a pidfd nor a cgroup for domain " + inst.name +
+                  ": nothing safe to kill by");
+      return e;
+    }
+    reap(inst.pidfd);
+    inst.pidfd.reset();
+    for (int i = 0; i < 1000 && inst.cgroup.valid() && inst.cgroup.populated(); ++i) {
+      ::usleep(1000);
+    }
+    if (inst.cgroup.valid() && inst.cgroup.populated()) {
+      Error e(make_error_code(errc::survivors), "cgroup of domain " + inst.name + " still populated");
+      return e;
+    }
+    report.uid = inst.uid;
+    report.found = 1;
+    report.rounds = 0;
+    method += "shared-uid";
+  } else {
+    // 3. By uid, for anything that escaped both (never skipped when the uid is known). It
+    //    returns only once its last /proc scan saw no live process of the uid: that scan is
+    //    the check.
+    auto killed = uids_.reaper().kill_uid(inst.uid);
+    if (!killed) return killed.error();
+    report = *killed;
+    // 4. Reap our child, so not even a zombie of the uid remains.
+    reap(inst.pidfd);
+    inst.pidfd.reset();
+    method += "uid";
+  }
   if (inst.cgroup.valid()) {
     if (auto removed = inst.cgroup.remove(); !removed) log::warn(removed.error().describe());
   }
   if (auto released = uids_.release(inst.uid); !released) return released.error();
   remove_files(inst.name);
-  report->method = method + "uid";
-  report->duration = std::chrono::duration_cast<std::chrono::microseconds>(
+  report.method = method;
+  report.duration = std::chrono::duration_cast<std::chrono::microseconds>(
       std::chrono::steady_clock::now() - start);
   return report;
 }
 
 void Launcher::reattach(Instance& inst) {
-  if (auto cg = cgroups_.open("dom-" + std::to_string(inst.uid))) inst.cgroup = std::move(*cg);
+  if (auto cg = cgroups_.open(cgroup_name(inst.name))) inst.cgroup = std::move(*cg);
 }
 
 Result<KillReport> Launcher::destroy_uid(uid_t uid, const std::string& name) {
   Instance inst;
   inst.uid = uid;
   inst.name = name;
-  if (auto cg = cgroups_.open("dom-" + std::to_string(uid))) inst.cgroup = std::move(*cg);
+  if (auto cg = cgroups_.open(cgroup_name(name))) inst.cgroup = std::move(*cg);
   return destroy(inst);
 }
 

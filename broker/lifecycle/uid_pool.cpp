@@ -77,6 +77,15 @@ Result<void> UidRange::validate(const std::string& passwd) const {
 UidPool::UidPool(UidRange range, std::string state_dir, Reaper& reaper)
     : range_(range), dir_(std::move(state_dir) + "/uids"), reaper_(reaper) {}
 
+UidPool UidPool::shared(uid_t uid, std::string state_dir, Reaper& reaper) {
+  UidPool pool({uid, 1}, std::move(state_dir), reaper);
+  pool.shared_ = true;
+  log::warn("shared-uid mode: every QEMU runs as uid " + std::to_string(uid) +
+            "; a compromised QEMU can signal or ptrace the others, and teardown cannot kill by "
+            "uid (it relies on cgroup.kill and the pid namespace). Use a uid range instead.");
+  return pool;
+}
+
 std::map<uid_t, std::string> UidPool::load() {
   make_dirs(dir_);
   in_use_.clear();
@@ -105,6 +114,11 @@ Result<void> UidPool::sweep(uid_t uid) {
 }
 
 Result<uid_t> UidPool::allocate(const std::string& domain, std::optional<uid_t> wanted) {
+  if (shared_) {
+    // No sweep: the other domains run under this uid. No record: the uid is never released.
+    if (range_.base == 0) return range_error("the shared uid must not be 0 (root)");
+    return range_.base;
+  }
   if (auto ec = make_dirs(dir_)) return make_error(ec, "creating " + dir_);
   auto try_uid = [&](uid_t uid) -> Result<uid_t> {
     if (auto swept = sweep(uid); !swept) return swept.error();
@@ -137,6 +151,7 @@ Result<uid_t> UidPool::allocate(const std::string& domain, std::optional<uid_t> 
 }
 
 Result<void> UidPool::release(uid_t uid) {
+  if (shared_) return {};
   // No fsync: if the removal is lost in a crash, the restarted broker finds a record with no
   // domain, sweeps the uid and frees it again. Only allocation must be durable before use.
   if (::unlink((dir_ + "/" + std::to_string(uid)).c_str()) != 0 && errno != ENOENT) {

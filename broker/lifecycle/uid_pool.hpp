@@ -39,6 +39,13 @@ class UidPool {
   // `state_dir/uids/<uid>` holds the name of the domain that owns the uid.
   UidPool(UidRange range, std::string state_dir, Reaper& reaper);
 
+  // Shared-uid mode, only when asked for explicitly: every QEMU runs as `uid` (as with libvirt's
+  // one qemu user, or Xen's xen-qemuuser-shared). It is weaker: a compromised QEMU can signal or
+  // ptrace the others, and kill by uid is impossible without killing every domain, so teardown
+  // relies on cgroup.kill and the pid namespace alone. The pool logs a warning saying so.
+  static UidPool shared(uid_t uid, std::string state_dir, Reaper& reaper);
+  bool is_shared() const { return shared_; }
+
   // Reloads the records written by an earlier broker. Returns uid -> domain name.
   std::map<uid_t, std::string> load();
 
@@ -61,6 +68,7 @@ class UidPool {
   Reaper& reaper_;
   std::map<uid_t, std::string> in_use_;
   std::set<uid_t> quarantined_;
+  bool shared_ = false;
 };
 
 }  // namespace broker::lifecycle

@@ -32,6 +32,7 @@ constexpr uid_t kNoFallbackBase = 3'100'300;
 constexpr uid_t kQuarantineBase = 3'100'400;
 constexpr uid_t kBadKernelBase = 3'100'500;
 constexpr uid_t kColdBase = 3'100'600;
+constexpr uid_t kSharedBase = 3'100'700;
 
 std::string proc_field(pid_t pid, const std::string& key) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/status");
@@ -368,4 +369,34 @@ TEST_CASE("cold-plugged fds reach QEMU with -add-fd, never as paths",
   CHECK(found);
   qmp.reset();
   REQUIRE(fx.launcher.destroy(*inst));
+}
+
+TEST_CASE("shared-uid mode runs every QEMU as one uid and tears one down without the others",
+          "[lifecycle][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::FdLeakCheck leaks;
+  qbtest::become_subreaper();
+  qbtest::TempDir state, run;
+  ForkingUidKiller killer;
+  Reaper reaper(killer, kSharedBase);
+  UidPool pool = UidPool::shared(kSharedBase + 1, state.path(), reaper);
+  CgroupManager cgroups;
+  auto roots = fdpass::ImageRoots::open({qbtest::guest_dir()});
+  REQUIRE(roots);
+  Launcher launcher(qbtest::LifecycleFixture::make_config(run.path()), pool, cgroups, *roots);
+  auto a = launcher.start(qbtest::LifecycleFixture::tiny_spec("sa"));
+  auto b = launcher.start(qbtest::LifecycleFixture::tiny_spec("sb"));
+  REQUIRE(a);
+  REQUIRE(b);
+  CHECK(a->uid == kSharedBase + 1);
+  CHECK(b->uid == kSharedBase + 1);
+  auto report = launcher.destroy(*a);
+  REQUIRE(report);
+  CHECK(report->method.find("shared-uid") != std::string::npos);
+  CHECK(report->method.find("pidns-init") != std::string::npos);
+  CHECK(::kill(a->pid, 0) != 0);        // gone
+  CHECK(::kill(b->pid, 0) == 0);        // the other domain lives on
+  CHECK(live_processes_of_uid("/proc", kSharedBase + 1) >= 1);
+  REQUIRE(launcher.destroy(*b));
+  CHECK(wait_until([] { return live_processes_of_uid("/proc", kSharedBase + 1) == 0; }, 5s));
 }
