@@ -1,0 +1,611 @@
+#include "qmp/client.hpp"
+
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <deque>
+#include <exception>
+#include <utility>
+#include <vector>
+
+#include "fdpass/cmsg.hpp"
+#include "fdpass/errc.hpp"
+
+namespace qmp {
+namespace asio = boost::asio;
+namespace json = boost::json;
+
+namespace {
+
+constexpr auto kAwait = asio::as_tuple(asio::use_awaitable);
+
+// True when the awaiting coroutine was asked to stop (as opposed to a wake-up by cancel()).
+asio::awaitable<bool> cancel_requested() {
+  auto state = co_await asio::this_coro::cancellation_state;
+  co_return state.cancelled() != asio::cancellation_type::none;
+}
+
+}  // namespace
+
+namespace detail {
+
+class Session;
+
+// One command from execute() to its reply. Lives in the execute() coroutine frame; the session
+// refers to it while it is queued or issued and forgets it before the frame goes away.
+struct Waiter {
+  Waiter(Session& s, asio::any_io_executor ex, EncodedCommand c, fdpass::BorrowedFd f, bool with_fd,
+         Deadline d)
+      : session(s), timer(std::move(ex), d), cmd(std::move(c)), fd(f), carries_fd(with_fd) {}
+  ~Waiter();
+  Waiter(const Waiter&) = delete;
+  Waiter& operator=(const Waiter&) = delete;
+
+  enum class State { queued, issued, done };
+
+  Session& session;
+  asio::steady_timer timer;  // expires at the deadline; cancelled to wake the coroutine
+  EncodedCommand cmd;
+  fdpass::BorrowedFd fd;  // sent with the first byte; not used once issued
+  bool carries_fd;
+  State state = State::queued;
+  std::uint64_t id = 0;
+  std::optional<Result<json::value>> result;
+};
+
+struct SubscriptionState {
+  SubscriptionState(asio::any_io_executor e, SubscriptionOptions o) : ex(std::move(e)), opts(o) {}
+
+  // An event larger than the whole byte budget can never be kept.
+  bool fits(const Event& e) const { return e.memory <= opts.max_bytes && opts.capacity > 0; }
+
+  void push(Event&& e) {
+    bytes += e.memory;
+    queue.push_back(std::move(e));
+    while (!queue.empty() && (queue.size() > opts.capacity || bytes > opts.max_bytes)) {
+      bytes -= queue.front().memory;
+      queue.pop_front();
+      ++dropped;
+    }
+    wake();
+  }
+  void end(Error why) {
+    if (ended) return;
+    ended = true;
+    end_reason = std::move(why);
+    wake();
+  }
+  void wake() {
+    if (waiter != nullptr) waiter->cancel();
+  }
+  Event pop() {
+    Event e(std::move(queue.front()));
+    bytes -= e.memory;
+    queue.pop_front();
+    return e;
+  }
+
+  asio::any_io_executor ex;
+  SubscriptionOptions opts;
+  std::deque<Event> queue;
+  std::size_t bytes = 0;
+  std::uint64_t dropped = 0;
+  bool ended = false;
+  Error end_reason;
+  asio::steady_timer* waiter = nullptr;
+};
+
+class Session : public std::enable_shared_from_this<Session> {
+ public:
+  Session(asio::any_io_executor ex, ClientOptions o)
+      : desc_(ex),
+        opts_(std::move(o)),
+        decoder_(opts_.limits.max_line, opts_.read_size),
+        mux_(opts_.ids, opts_.max_abandoned) {}
+
+  asio::any_io_executor executor() { return desc_.get_executor(); }
+  const ClientOptions& options() const { return opts_; }
+  bool open() const { return !closed_; }
+  const std::optional<Greeting>& greeting() const { return greeting_; }
+  const std::optional<Error>& close_reason() const { return reason_; }
+  void set_greeting_wake(asio::steady_timer* t) { greeting_wake_ = t; }
+
+  Result<void> adopt(fdpass::UniqueFd sock) {
+    int domain = 0;
+    int type = 0;
+    socklen_t len = sizeof(int);
+    bool ok = ::getsockopt(sock.get(), SOL_SOCKET, SO_DOMAIN, &domain, &len) == 0;
+    len = sizeof(int);
+    ok = ok && ::getsockopt(sock.get(), SOL_SOCKET, SO_TYPE, &type, &len) == 0;
+    sockaddr_storage peer{};
+    socklen_t plen = sizeof(peer);
+    ok = ok && ::getpeername(sock.get(), reinterpret_cast<sockaddr*>(&peer), &plen) == 0;
+    if (!ok || domain != AF_UNIX || type != SOCK_STREAM) {
+      return Error{errc::bad_socket, "QMP needs a connected Unix stream socket"};
+    }
+    boost::system::error_code ec;
+    desc_.assign(sock.get(), ec);
+    if (ec) return Error{errc::io_error, "cannot watch the QMP socket: " + ec.message()};
+    (void)sock.release();  // the descriptor object owns it now and closes it in close()
+    desc_.native_non_blocking(true, ec);
+    if (ec) {
+      close(Error{errc::io_error, "cannot make the QMP socket non-blocking: " + ec.message()});
+      return *reason_;
+    }
+    return {};
+  }
+
+  void start_reader() {
+    auto self = shared_from_this();
+    asio::co_spawn(executor(), read_loop(self), [self](std::exception_ptr e) {
+      if (!e) return;
+      // Only a bug or memory exhaustion gets here; record it rather than lose it.
+      std::string what = "reader stopped";
+      try {
+        std::rethrow_exception(e);
+      } catch (const std::exception& ex) {
+        what += std::string(": ") + ex.what();
+      } catch (...) {
+      }
+      self->close(Error{errc::io_error, what});
+    });
+  }
+
+  void enqueue(Waiter& w) {
+    queue_.push_back(&w);
+    flush();
+  }
+
+  // The waiter gives up (deadline, cancellation, destruction).
+  void forget(Waiter& w) {
+    const auto state = std::exchange(w.state, Waiter::State::done);
+    if (state == Waiter::State::queued) {
+      queue_.erase(std::remove(queue_.begin(), queue_.end(), &w), queue_.end());
+    } else if (state == Waiter::State::issued) {
+      mux_.abandon(w.id);
+      if (mux_.unresponsive()) {
+        close(Error{errc::unresponsive,
+                    std::to_string(mux_.abandoned()) + " commands left unanswered"});
+      }
+    }
+  }
+
+  std::shared_ptr<SubscriptionState> subscribe(SubscriptionOptions o) {
+    auto s = std::make_shared<SubscriptionState>(executor(), o);
+    if (closed_) {
+      s->end(*reason_);
+    } else {
+      std::erase_if(subs_, [](const auto& w) { return w.expired(); });
+      subs_.push_back(s);
+    }
+    return s;
+  }
+
+  // Closes the connection and fails everything waiting on it. Idempotent.
+  void close(Error why) {
+    if (closed_) return;
+    closed_ = true;
+    reason_ = why;
+    boost::system::error_code ignored;
+    desc_.close(ignored);  // cancels the reader's and the writer's waits
+    const bool local = why.is(errc::closed);
+    auto fail = [&](Waiter& w) {
+      w.state = Waiter::State::done;
+      w.result =
+          local ? Error{errc::closed, w.cmd.name() + ": QMP client closed"}
+                : Error{errc::disconnected, w.cmd.name() + ": QMP connection lost: " + why.message};
+      w.timer.cancel();
+    };
+    std::deque<Waiter*> queued;
+    queued.swap(queue_);
+    for (Waiter* w : queued) fail(*w);
+    mux_.drain([&](std::uint64_t, Waiter* w) { fail(*w); });
+    wline_ = std::string();
+    woff_ = 0;
+    decoder_.clear();
+    if (greeting_wake_ != nullptr) greeting_wake_->cancel();
+    Error ended{errc::disconnected, "QMP connection lost: " + why.message};
+    if (local) ended = Error{errc::closed, "QMP client closed"};
+    for (auto& weak : subs_) {
+      if (auto s = weak.lock()) s->end(ended);
+    }
+    subs_.clear();
+  }
+
+  ClientStats stats() const {
+    ClientStats s = stats_;
+    s.mux = mux_.counters();
+    s.peak_line_buffer = decoder_.peak_capacity();
+    return s;
+  }
+
+ private:
+  // The single writer. Sends queued commands in order until the socket is full (then waits for
+  // it to drain) or the next command carries an fd while another fd is in flight (then resumes
+  // when that reply comes). Runs only on the io thread, never re-entered while a send is waiting.
+  void flush() {
+    if (closed_ || write_wait_) return;
+    const int sock = desc_.native_handle();
+    for (;;) {
+      if (woff_ < wline_.size()) {
+        auto rest = std::as_bytes(std::span(wline_).subspan(woff_));
+        auto r = fdpass::send_with_fds(fdpass::BorrowedFd(sock), rest, {});
+        if (!r) return send_failed(r.error());
+        woff_ += *r;
+        continue;
+      }
+      if (wline_.capacity() > 64 * 1024) wline_ = std::string();
+      wline_.clear();
+      woff_ = 0;
+      if (queue_.empty()) return;
+      Waiter* w = queue_.front();
+      if (w->carries_fd && mux_.fd_in_flight()) return;
+      std::string line =
+          w->cmd.line(opts_.ids == IdMode::wire ? std::optional(mux_.next_id()) : std::nullopt);
+      fdpass::BorrowedFd fds[1] = {w->fd};
+      auto r = fdpass::send_with_fds(fdpass::BorrowedFd(sock), std::as_bytes(std::span(line)),
+                                     std::span(fds, w->carries_fd ? 1 : 0));
+      if (!r) return send_failed(r.error());
+      // At least one byte went out, and the fd with it: the command is on the wire.
+      queue_.pop_front();
+      w->id = mux_.issue(w, w->carries_fd);
+      w->state = Waiter::State::issued;
+      w->fd = fdpass::BorrowedFd();
+      ++stats_.lines_sent;
+      if (opts_.transcript) {
+        opts_.transcript(Direction::to_qemu, std::string_view(line).substr(0, line.size() - 1),
+                         w->carries_fd);
+      }
+      if (*r < line.size()) {
+        wline_ = std::move(line);
+        woff_ = *r;
+      }
+    }
+  }
+
+  void send_failed(std::error_code ec) {
+    if (ec == fdpass::errc::would_block) {
+      write_wait_ = true;
+      desc_.async_wait(asio::posix::descriptor_base::wait_write,
+                       [self = shared_from_this()](boost::system::error_code wec) {
+                         self->write_wait_ = false;
+                         if (!wec) self->flush();
+                       });
+      return;
+    }
+    close(Error{errc::io_error, "send: " + ec.message()});
+  }
+
+  static asio::awaitable<void> read_loop(std::shared_ptr<Session> self) {
+    const std::size_t max_fds = self->opts_.limits.max_fds;
+    bool readable = true;  // try a read before the first wait
+    while (!self->closed_) {
+      if (!readable) {
+        self->decoder_.release_if_empty();  // an idle connection holds no read buffer
+        // Asio re-arms the descriptor for every wait (EPOLL_CTL_MOD), so data that arrived
+        // since the last read is reported at once: no read is needed to prove the socket empty.
+        auto [wec] =
+            co_await self->desc_.async_wait(asio::posix::descriptor_base::wait_read, kAwait);
+        if (wec) {
+          if (!self->closed_) self->close(Error{errc::io_error, "wait: " + wec.message()});
+          co_return;
+        }
+      }
+      auto buf = self->decoder_.prepare(self->opts_.read_size);
+      auto r = fdpass::recv_with_fds(fdpass::BorrowedFd(self->desc_.native_handle()),
+                                     std::as_writable_bytes(buf), max_fds);
+      if (!r) {
+        std::error_code ec = r.error();
+        if (ec == fdpass::errc::would_block) {
+          readable = false;
+          continue;
+        }
+        if (ec == fdpass::errc::too_many_fds || ec == fdpass::errc::control_truncated) {
+          ++self->stats_.fds_refused;
+          self->close(Error{errc::unexpected_fds, "the peer attached file descriptors"});
+          co_return;
+        }
+        self->close(Error{errc::io_error, "recv: " + ec.message()});
+        co_return;
+      }
+      if (!r->fds.empty()) {
+        self->stats_.fds_refused += r->fds.size();
+        r->fds.clear();  // closes them
+      }
+      if (r->bytes == 0) {
+        self->close(Error{errc::disconnected, "the peer closed the connection"});
+        co_return;
+      }
+      // A short read drained the socket; a full one may have left more behind.
+      readable = r->bytes == buf.size();
+      self->decoder_.commit(r->bytes);
+      for (;;) {
+        auto line = self->decoder_.next_line();
+        if (!line) {
+          self->close(line.error());
+          co_return;
+        }
+        if (!*line) break;
+        self->on_line(**line);
+        if (self->closed_) co_return;
+      }
+    }
+  }
+
+  void on_line(std::string_view line) {
+    ++stats_.lines_received;
+    if (opts_.transcript) opts_.transcript(Direction::from_qemu, line, false);
+    auto msg = parse_message(line, opts_.limits);
+    if (!msg) return close(msg.error());
+    if (!greeting_ && !std::holds_alternative<Greeting>(*msg)) {
+      return close(Error{errc::no_greeting, "the first message was not a QMP greeting"});
+    }
+    std::visit([this](auto& m) { on_message(m); }, *msg);
+    if (!closed_ && !queue_.empty()) flush();
+  }
+
+  void on_message(Greeting& g) {
+    if (greeting_) return close(Error{errc::unexpected_message, "a second QMP greeting"});
+    greeting_ = std::move(g);
+    if (greeting_wake_ != nullptr) greeting_wake_->cancel();
+  }
+
+  void on_message(Return& r) {
+    auto d = mux_.on_reply(r.id, false);
+    if (d.outcome != Mux<Waiter*>::Outcome::complete) return;
+    Waiter& w = **d.slot;
+    complete(w, Result<json::value>(std::move(r.value)));
+  }
+
+  void on_message(ErrorReply& e) {
+    auto d = mux_.on_reply(e.id, true);
+    if (d.outcome != Mux<Waiter*>::Outcome::complete) return;
+    Waiter& w = **d.slot;
+    std::string msg = w.cmd.name() + ": " + e.error_class + ": " + e.desc;
+    complete(w, Error{errc::command_failed, std::move(msg), std::move(e.error_class),
+                      std::move(e.desc)});
+  }
+
+  void on_message(Event& e) {
+    ++stats_.events;
+    std::erase_if(subs_, [](const auto& w) { return w.expired(); });
+    for (std::size_t i = 0; i < subs_.size(); ++i) {
+      auto s = subs_[i].lock();
+      if (!s->fits(e)) {
+        ++s->dropped;
+        continue;
+      }
+      if (i + 1 == subs_.size()) {
+        s->push(std::move(e));
+      } else {
+        // Copies go to the default heap: the message's own storage is budgeted for one tree.
+        s->push(Event{e.name, json::object(e.data, json::storage_ptr()), e.timestamp, e.memory});
+      }
+    }
+  }
+
+  static void complete(Waiter& w, Result<json::value> r) {
+    w.state = Waiter::State::done;
+    w.result.emplace(std::move(r));
+    w.timer.cancel();
+  }
+
+  asio::posix::stream_descriptor desc_;
+  ClientOptions opts_;
+  LineDecoder decoder_;
+  Mux<Waiter*> mux_;
+  std::deque<Waiter*> queue_;  // not yet written, in order
+  std::string wline_;          // the line being written, when a send was short
+  std::size_t woff_ = 0;
+  bool write_wait_ = false;
+  bool closed_ = false;
+  std::optional<Error> reason_;
+  std::optional<Greeting> greeting_;
+  asio::steady_timer* greeting_wake_ = nullptr;
+  std::vector<std::weak_ptr<SubscriptionState>> subs_;
+  ClientStats stats_;
+};
+
+Waiter::~Waiter() {
+  if (state != State::done) session.forget(*this);
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+using detail::Session;
+using detail::Waiter;
+
+asio::awaitable<Result<json::value>> run_command(std::shared_ptr<Session> s, Command cmd,
+                                                 fdpass::BorrowedFd fd, bool with_fd,
+                                                 Deadline deadline) {
+  if (cmd.takes_fd && !with_fd) {
+    co_return Error{errc::invalid_command, cmd.name + ": needs an fd (use execute_with_fd)"};
+  }
+  if (!cmd.takes_fd && with_fd) {
+    co_return Error{errc::invalid_command, cmd.name + ": does not consume an fd"};
+  }
+  if (with_fd && !fd.valid()) {
+    co_return Error{errc::invalid_command, cmd.name + ": no fd given"};
+  }
+  if (!s->open()) {
+    const Error& why = *s->close_reason();
+    if (why.is(errc::closed)) co_return Error{errc::closed, cmd.name + ": QMP client closed"};
+    co_return Error{errc::disconnected, cmd.name + ": QMP connection lost: " + why.message};
+  }
+  auto enc = encode_command(cmd.name, cmd.args, s->options().limits);
+  if (!enc) co_return enc.error();
+
+  Waiter w(*s, s->executor(), std::move(*enc), fd, with_fd, deadline);
+  s->enqueue(w);
+  while (!w.result) {
+    auto [ec] = co_await w.timer.async_wait(kAwait);
+    if (w.result) break;
+    if (!ec) {
+      s->forget(w);
+      w.result = Error{errc::timeout, cmd.name + ": no reply before the deadline"};
+    } else if (co_await cancel_requested()) {
+      s->forget(w);
+      w.result = Error{errc::cancelled, cmd.name + ": cancelled"};
+    }
+  }
+  co_return std::move(*w.result);
+}
+
+asio::awaitable<Result<Event>> next_event(std::shared_ptr<detail::SubscriptionState> s,
+                                          std::function<bool(const Event&)> pred,
+                                          Deadline deadline) {
+  auto take = [&]() -> std::optional<Event> {
+    while (!s->queue.empty()) {
+      Event e = s->pop();
+      if (!pred || pred(e)) return e;
+    }
+    return std::nullopt;
+  };
+  if (auto e = take()) co_return std::move(*e);
+  if (s->ended) co_return s->end_reason;
+  if (s->waiter != nullptr) co_return Error{errc::busy, "subscription already has a waiter"};
+
+  asio::steady_timer timer(s->ex, deadline);
+  s->waiter = &timer;
+  struct Unhook {
+    detail::SubscriptionState& s;
+    ~Unhook() { s.waiter = nullptr; }
+  } unhook{*s};
+  for (;;) {
+    auto [ec] = co_await timer.async_wait(kAwait);
+    if (auto e = take()) co_return std::move(*e);
+    if (s->ended) co_return s->end_reason;
+    if (!ec) co_return Error{errc::timeout, "no matching QMP event before the deadline"};
+    if (co_await cancel_requested()) co_return Error{errc::cancelled, "event wait cancelled"};
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+EventSubscription::EventSubscription(std::shared_ptr<detail::SubscriptionState> s)
+    : s_(std::move(s)) {}
+EventSubscription::EventSubscription(EventSubscription&&) noexcept = default;
+EventSubscription& EventSubscription::operator=(EventSubscription&&) noexcept = default;
+EventSubscription::~EventSubscription() = default;
+
+asio::awaitable<Result<Event>> EventSubscription::next(Deadline deadline) {
+  return next_event(s_, nullptr, deadline);
+}
+
+asio::awaitable<Result<Event>> EventSubscription::wait_for(std::function<bool(const Event&)> pred,
+                                                           Deadline deadline) {
+  return next_event(s_, std::move(pred), deadline);
+}
+
+std::optional<Event> EventSubscription::try_next() {
+  if (s_->queue.empty()) return std::nullopt;
+  return s_->pop();
+}
+
+std::size_t EventSubscription::size() const noexcept {
+  return s_->queue.size();
+}
+std::uint64_t EventSubscription::dropped() const noexcept {
+  return s_->dropped;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+Client::Client(std::shared_ptr<detail::Session> s) : s_(std::move(s)) {}
+
+Client::~Client() {
+  close();
+}
+
+asio::awaitable<Result<std::unique_ptr<Client>>> Client::connect(asio::any_io_executor ex,
+                                                                 fdpass::UniqueFd sock,
+                                                                 Deadline deadline,
+                                                                 ClientOptions options) {
+  auto s = std::make_shared<Session>(ex, std::move(options));
+  if (auto r = s->adopt(std::move(sock)); !r) co_return r.error();
+  s->start_reader();
+
+  // Until connect succeeds, leaving this frame in any way closes the session.
+  struct Guard {
+    Session& s;
+    bool done = false;
+    ~Guard() {
+      s.set_greeting_wake(nullptr);
+      if (!done) s.close(Error{errc::closed, "QMP connect abandoned"});
+    }
+  } guard{*s};
+
+  asio::steady_timer wake(ex, deadline);
+  s->set_greeting_wake(&wake);
+  while (!s->greeting() && s->open()) {
+    auto [ec] = co_await wake.async_wait(kAwait);
+    if (s->greeting() || !s->open()) break;
+    if (!ec) {
+      Error e{errc::no_greeting, "no QMP greeting before the deadline"};
+      s->close(e);
+      co_return e;
+    }
+    if (co_await cancel_requested()) co_return Error{errc::cancelled, "QMP connect cancelled"};
+  }
+  s->set_greeting_wake(nullptr);
+  if (!s->greeting()) co_return s->close_reason()->with_context("QMP greeting");
+
+  auto r = co_await run_command(s, cmd::qmp_capabilities(), {}, false, deadline);
+  if (!r) {
+    Error e = r.error();
+    if (e.is(errc::command_failed)) e.code = make_error_code(errc::negotiation_failed);
+    s->close(e);
+    co_return e;
+  }
+  guard.done = true;
+  co_return std::unique_ptr<Client>(new Client(std::move(s)));
+}
+
+const Greeting& Client::greeting() const noexcept {
+  return *s_->greeting();
+}
+
+asio::awaitable<Result<json::value>> Client::execute(Command command, Deadline deadline) {
+  return run_command(s_, std::move(command), {}, false, deadline);
+}
+
+asio::awaitable<Result<json::value>> Client::execute_with_fd(Command command, fdpass::BorrowedFd fd,
+                                                             Deadline deadline) {
+  return run_command(s_, std::move(command), fd, true, deadline);
+}
+
+EventSubscription Client::subscribe(SubscriptionOptions options) {
+  return EventSubscription(s_->subscribe(options));
+}
+
+asio::awaitable<Result<Event>> Client::wait_for_event(std::function<bool(const Event&)> pred,
+                                                      Deadline deadline) {
+  return next_event(s_->subscribe(SubscriptionOptions{}), std::move(pred), deadline);
+}
+
+void Client::close() {
+  s_->close(Error{errc::closed, "closed by the client"});
+}
+bool Client::is_open() const noexcept {
+  return s_->open();
+}
+std::optional<Error> Client::close_reason() const {
+  return s_->close_reason();
+}
+ClientStats Client::stats() const {
+  return s_->stats();
+}
+
+}  // namespace qmp
