@@ -9,7 +9,7 @@ packages=(
   catch2
   libxen-dev libsystemd-dev
   qemu-system-x86 qemu-utils busybox-static cpio kmod
-  iproute2 curl procps python3
+  iproute2 iputils-ping curl procps python3
 )
 
 missing=()

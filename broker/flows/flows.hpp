@@ -23,11 +23,17 @@ struct Timeouts {
   std::chrono::milliseconds unplug{10000};   // device_del -> DEVICE_DELETED (native pciehp ~6 s)
 };
 
+// How a VNC listener reaches QEMU. display_update hands QEMU the listening socket (QEMU 7.1+);
+// add_client keeps the listener in the broker and hands QEMU each accepted connection; automatic
+// tries display-update and falls back to add_client when QEMU refuses it.
+enum class VncHandover { automatic, display_update, add_client };
+
 struct Context {
   boost::asio::any_io_executor ex;
   const fdpass::ImageRoots& roots;
   EventBus& events;
   Timeouts timeouts;
+  VncHandover vnc = VncHandover::automatic;  // tests force add_client to cover old QEMUs
 };
 
 using boost::asio::awaitable;

@@ -1,0 +1,286 @@
+#include "broker/api/http_errors.hpp"
+
+#include <cerrno>
+#include <cstring>
+
+#include "broker/api/errc.hpp"
+#include "broker/core/errc.hpp"
+#include "broker/lifecycle/errc.hpp"
+#include "fdpass/errc.hpp"
+#include "qmp/error.hpp"
+
+namespace broker::api {
+namespace {
+
+using http_status = boost::beast::http::status;
+
+// Each switch lists every enumerator and has no default, so -Wswitch (an error with QB_WERROR)
+// flags a new code that nobody mapped.
+
+ErrorClass of(broker::errc e) {
+  using E = broker::errc;
+  switch (e) {
+    case E::ok:
+      return {http_status::ok, "ok"};
+    case E::invalid_argument:
+      return {http_status::bad_request, "invalid_argument"};
+    case E::not_found:
+      return {http_status::not_found, "not_found"};
+    case E::already_exists:
+      return {http_status::conflict, "already_exists"};
+    case E::busy:
+      return {http_status::conflict, "busy"};
+    case E::wrong_state:
+      return {http_status::conflict, "wrong_state"};
+    case E::tray_locked:
+      return {http_status::conflict, "tray_locked"};
+    case E::guest_timeout:
+      return {http_status::gateway_timeout, "guest_timeout"};
+    case E::qemu_timeout:
+      return {http_status::gateway_timeout, "qemu_timeout"};
+    case E::qemu_error:
+      return {http_status::bad_gateway, "qemu_error"};
+    case E::qemu_gone:
+      return {http_status::bad_gateway, "qemu_gone"};
+    case E::not_implemented:
+      return {http_status::not_implemented, "not_implemented"};
+    case E::forbidden:
+      return {http_status::forbidden, "forbidden"};
+    case E::internal:
+      return {http_status::internal_server_error, "internal"};
+  }
+  return {http_status::internal_server_error, "unmapped"};
+}
+
+ErrorClass of(lifecycle::errc e) {
+  using E = lifecycle::errc;
+  switch (e) {
+    case E::ok:
+      return {http_status::ok, "ok"};
+    case E::invalid_spec:
+      return {http_status::bad_request, "invalid_spec"};
+    // A configuration fault of the daemon, not of the request.
+    case E::invalid_uid_range:
+      return {http_status::internal_server_error, "invalid_uid_range"};
+    // Capacity: retrying later (after a destroy) can succeed.
+    case E::uid_exhausted:
+      return {http_status::service_unavailable, "uid_exhausted"};
+    case E::uid_quarantined:
+      return {http_status::service_unavailable, "uid_quarantined"};
+    case E::kill_failed:
+      return {http_status::internal_server_error, "kill_failed"};
+    case E::survivors:
+      return {http_status::internal_server_error, "survivors"};
+    case E::step_clone:
+      return {http_status::internal_server_error, "step_clone"};
+    case E::step_sanitize:
+      return {http_status::internal_server_error, "step_sanitize"};
+    case E::step_mount_private:
+      return {http_status::internal_server_error, "step_mount_private"};
+    case E::step_root:
+      return {http_status::internal_server_error, "step_root"};
+    case E::step_pivot_root:
+      return {http_status::internal_server_error, "step_pivot_root"};
+    case E::step_rlimits:
+      return {http_status::internal_server_error, "step_rlimits"};
+    case E::step_credentials:
+      return {http_status::internal_server_error, "step_credentials"};
+    case E::step_no_new_privs:
+      return {http_status::internal_server_error, "step_no_new_privs"};
+    case E::step_exec:
+      return {http_status::internal_server_error, "step_exec"};
+    case E::cgroup_unavailable:
+      return {http_status::internal_server_error, "cgroup_unavailable"};
+  }
+  return {http_status::internal_server_error, "unmapped"};
+}
+
+ErrorClass of(fdpass::errc e) {
+  using E = fdpass::errc;
+  switch (e) {
+    case E::ok:
+      return {http_status::ok, "ok"};
+    // What the user named cannot be opened: the request is wrong.
+    case E::bad_path:
+      return {http_status::bad_request, "bad_path"};
+    case E::outside_roots:
+      return {http_status::bad_request, "outside_roots"};
+    case E::escapes_root:
+      return {http_status::bad_request, "escapes_root"};
+    case E::symlink:
+      return {http_status::bad_request, "symlink"};
+    case E::not_found:
+      return {http_status::not_found, "path_not_found"};
+    case E::is_fifo:
+      return {http_status::bad_request, "is_fifo"};
+    case E::is_socket:
+      return {http_status::bad_request, "is_socket"};
+    case E::is_char_device:
+      return {http_status::bad_request, "is_char_device"};
+    case E::is_directory:
+      return {http_status::bad_request, "is_directory"};
+    case E::unsupported_type:
+      return {http_status::bad_request, "unsupported_type"};
+    case E::diskseq_unsupported:
+      return {http_status::bad_request, "diskseq_unsupported"};
+    case E::invalid_argument:
+      return {http_status::bad_request, "invalid_argument"};
+    // The object is not (or no longer) the one the caller named: a conflict with the world.
+    case E::identity_changed:
+      return {http_status::conflict, "identity_changed"};
+    case E::diskseq_mismatch:
+      return {http_status::conflict, "diskseq_mismatch"};
+    // fd transport between the broker and QEMU: never the user's fault.
+    case E::control_truncated:
+      return {http_status::internal_server_error, "control_truncated"};
+    case E::message_truncated:
+      return {http_status::internal_server_error, "message_truncated"};
+    case E::too_many_fds:
+      return {http_status::internal_server_error, "too_many_fds"};
+    case E::would_block:
+      return {http_status::internal_server_error, "would_block"};
+    case E::peer_closed:
+      return {http_status::bad_gateway, "peer_closed"};
+  }
+  return {http_status::internal_server_error, "unmapped"};
+}
+
+ErrorClass of(qmp::errc e) {
+  using E = qmp::errc;
+  switch (e) {
+    case E::ok:
+      return {http_status::ok, "ok"};
+    case E::command_failed:
+      return {http_status::bad_gateway, "qemu_error"};
+    case E::timeout:
+      return {http_status::gateway_timeout, "qemu_timeout"};
+    case E::cancelled:
+      return {http_status::service_unavailable, "cancelled"};
+    case E::closed:
+      return {http_status::bad_gateway, "qemu_gone"};
+    case E::disconnected:
+      return {http_status::bad_gateway, "qemu_gone"};
+    case E::invalid_command:
+      return {http_status::bad_request, "invalid_command"};
+    case E::busy:
+      return {http_status::conflict, "busy"};
+    // QEMU broke the protocol: a bad gateway.
+    case E::line_too_long:
+      return {http_status::bad_gateway, "qmp_line_too_long"};
+    case E::too_deep:
+      return {http_status::bad_gateway, "qmp_too_deep"};
+    case E::invalid_json:
+      return {http_status::bad_gateway, "qmp_invalid_json"};
+    case E::message_too_large:
+      return {http_status::bad_gateway, "qmp_message_too_large"};
+    case E::unexpected_message:
+      return {http_status::bad_gateway, "qmp_unexpected_message"};
+    case E::unexpected_fds:
+      return {http_status::bad_gateway, "qmp_unexpected_fds"};
+    case E::no_greeting:
+      return {http_status::bad_gateway, "qmp_no_greeting"};
+    case E::negotiation_failed:
+      return {http_status::bad_gateway, "qmp_negotiation_failed"};
+    case E::io_error:
+      return {http_status::bad_gateway, "qmp_io_error"};
+    case E::bad_socket:
+      return {http_status::internal_server_error, "qmp_bad_socket"};
+    case E::unresponsive:
+      return {http_status::gateway_timeout, "qemu_unresponsive"};
+    case E::bad_reply:
+      return {http_status::bad_gateway, "qmp_bad_reply"};
+  }
+  return {http_status::internal_server_error, "unmapped"};
+}
+
+ErrorClass of(api::errc e) {
+  using E = api::errc;
+  switch (e) {
+    case E::ok:
+      return {http_status::ok, "ok"};
+    case E::no_route:
+      return {http_status::not_found, "no_route"};
+    case E::method_not_allowed:
+      return {http_status::method_not_allowed, "method_not_allowed"};
+    case E::malformed_json:
+      return {http_status::bad_request, "malformed_json"};
+    case E::bad_request:
+      return {http_status::bad_request, "bad_request"};
+    case E::body_too_large:
+      return {http_status::payload_too_large, "body_too_large"};
+    case E::header_too_large:
+      return {http_status::request_header_fields_too_large, "header_too_large"};
+    case E::request_timeout:
+      return {http_status::request_timeout, "request_timeout"};
+    case E::too_many_connections:
+      return {http_status::service_unavailable, "too_many_connections"};
+    case E::unauthorized_peer:
+      return {http_status::forbidden, "unauthorized_peer"};
+    case E::shutting_down:
+      return {http_status::service_unavailable, "shutting_down"};
+  }
+  return {http_status::internal_server_error, "unmapped"};
+}
+
+ErrorClass of_errno(int ev) {
+  const char* name = ::strerrorname_np(ev);
+  std::string code = name != nullptr ? name : "errno_" + std::to_string(ev);
+  switch (ev) {
+    case ENOENT:
+      return {http_status::not_found, code};
+    case EEXIST:
+    case EBUSY:
+    case EADDRINUSE:
+      return {http_status::conflict, code};
+    case EINVAL:
+    case ENAMETOOLONG:
+    case ENOTDIR:
+    case EISDIR:
+    case ELOOP:
+    case EXDEV:
+      return {http_status::bad_request, code};
+    case EACCES:
+    case EPERM:
+    case EROFS:
+      return {http_status::forbidden, code};
+    case ENOSPC:
+    case EDQUOT:
+      return {http_status::insufficient_storage, code};
+    case EMFILE:
+    case ENFILE:
+    case ENOMEM:
+    case EAGAIN:
+      return {http_status::service_unavailable, code};
+    case ETIMEDOUT:
+      return {http_status::gateway_timeout, code};
+    default:
+      return {http_status::internal_server_error, code};
+  }
+}
+
+}  // namespace
+
+ErrorClass classify(const std::error_code& ec) {
+  const auto& cat = ec.category();
+  if (cat == broker::category()) return of(static_cast<broker::errc>(ec.value()));
+  if (cat == lifecycle::category()) return of(static_cast<lifecycle::errc>(ec.value()));
+  if (cat == fdpass::category()) return of(static_cast<fdpass::errc>(ec.value()));
+  if (cat == qmp::category()) return of(static_cast<qmp::errc>(ec.value()));
+  if (cat == api::category()) return of(static_cast<api::errc>(ec.value()));
+  if (cat == std::system_category() || cat == std::generic_category()) return of_errno(ec.value());
+  return {http_status::internal_server_error, "internal"};
+}
+
+boost::json::object error_body(const Error& e) {
+  ErrorClass c = classify(e.code);
+  boost::json::object inner;
+  inner["code"] = c.code;
+  inner["message"] = e.message.empty() ? e.code.message() : e.message;
+  if (!e.field.empty()) inner["field"] = e.field;
+  if (!e.qmp_class.empty() || !e.qmp_desc.empty()) {
+    inner["qmp"] = boost::json::object{{"class", e.qmp_class}, {"desc", e.qmp_desc}};
+  }
+  return boost::json::object{{"error", std::move(inner)}};
+}
+
+}  // namespace broker::api

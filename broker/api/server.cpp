@@ -1,0 +1,437 @@
+#include "broker/api/server.hpp"
+
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
+#include <boost/asio/local/stream_protocol.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/http.hpp>
+#include <list>
+#include <map>
+#include <sstream>
+
+#include "broker/api/errc.hpp"
+#include "broker/core/log.hpp"
+
+namespace broker::api {
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+using asio::awaitable;
+using asio::use_awaitable;
+using stream_protocol = asio::local::stream_protocol;
+using Clock = std::chrono::steady_clock;
+
+bool authorized(const PeerCred& peer, const AccessPolicy& policy) {
+  if (peer.uid == 0 || peer.uid == policy.owner) return true;
+  if (!policy.admin_gid) return false;
+  if (peer.gid == *policy.admin_gid) return true;
+  return std::find(peer.groups.begin(), peer.groups.end(), *policy.admin_gid) != peer.groups.end();
+}
+
+std::optional<PeerCred> peer_credentials(int fd) {
+  ucred cred{};
+  socklen_t len = sizeof(cred);
+  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return std::nullopt;
+  PeerCred p;
+  p.pid = cred.pid;
+  p.uid = cred.uid;
+  p.gid = cred.gid;
+  std::vector<gid_t> groups(32);
+  for (int attempt = 0; attempt < 4; ++attempt) {
+    socklen_t glen = static_cast<socklen_t>(groups.size() * sizeof(gid_t));
+    if (::getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups.data(), &glen) == 0) {
+      groups.resize(glen / sizeof(gid_t));
+      p.groups = std::move(groups);
+      return p;
+    }
+    if (errno != ERANGE) break;
+    groups.resize(glen / sizeof(gid_t) + 1);
+  }
+  return p;  // without supplementary groups: the primary gid still counts
+}
+
+namespace {
+
+enum class Phase { idle, reading, executing, writing, streaming };
+
+struct Conn {
+  explicit Conn(stream_protocol::socket s)
+      : sock(std::move(s)), watchdog(sock.get_executor()), stop(sock.get_executor()) {
+    stop.expires_at(asio::steady_timer::time_point::max());
+  }
+  stream_protocol::socket sock;
+  asio::steady_timer watchdog;  // cancels the socket's operations at a deadline
+  asio::steady_timer stop;      // cancelled when the server stops (wakes event streams)
+  PeerCred peer;
+  Phase phase = Phase::idle;
+  std::uint64_t generation = 0;
+  bool timed_out = false;
+  bool stopping = false;
+};
+
+}  // namespace
+
+struct Server::State {
+  State(asio::any_io_executor e, Service& s, ServerLimits l, AccessPolicy a)
+      : ex(e), service(&s), limits(l), access(a), acceptor(e), retry(e) {}
+  asio::any_io_executor ex;
+  Service* service;
+  ServerLimits limits;
+  AccessPolicy access;
+  stream_protocol::acceptor acceptor;
+  asio::steady_timer retry;
+  std::list<std::shared_ptr<Conn>> conns;
+  std::map<uid_t, std::size_t> per_uid;
+  bool stopping = false;
+  ServerStats stats;
+};
+
+namespace {
+
+using StatePtr = std::shared_ptr<Server::State>;
+using ConnPtr = std::shared_ptr<Conn>;
+
+// Arms the connection's watchdog: at `d` from now, the socket's pending operations are cancelled
+// and timed_out is set. A later arm() or disarm() makes an earlier expiry harmless.
+void arm(const ConnPtr& c, std::chrono::milliseconds d) {
+  std::uint64_t gen = ++c->generation;
+  c->timed_out = false;
+  c->watchdog.expires_after(d);
+  std::weak_ptr<Conn> weak = c;
+  c->watchdog.async_wait([weak, gen](boost::system::error_code ec) {
+    auto conn = weak.lock();
+    if (ec || !conn || conn->generation != gen) return;
+    conn->timed_out = true;
+    boost::system::error_code ignored;
+    conn->sock.cancel(ignored);
+  });
+}
+
+void disarm(const ConnPtr& c) {
+  ++c->generation;
+  c->watchdog.cancel();
+}
+
+Error api_error(api::errc code, std::string message) {
+  return Error(make_error_code(code), std::move(message));
+}
+
+std::string rendered(const Outcome& o, bool keep_alive = false) {
+  auto res = render(o, 11, keep_alive);
+  std::ostringstream os;
+  os << res;
+  return os.str();
+}
+
+// Answers a connection that will not be served with one non-blocking send, then closes it.
+void refuse(stream_protocol::socket& sock, const Error& e) {
+  std::string text = rendered(failure(e));
+  (void)::send(sock.native_handle(), text.data(), text.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+  ::shutdown(sock.native_handle(), SHUT_WR);
+  boost::system::error_code ignored;
+  sock.close(ignored);
+}
+
+awaitable<bool> write_response(ConnPtr c, const StatePtr& st,
+                               http::response<http::string_body> res) {
+  c->phase = Phase::writing;
+  arm(c, st->limits.write_timeout);
+  auto [ec, n] = co_await http::async_write(c->sock, res, asio::as_tuple(use_awaitable));
+  disarm(c);
+  (void)n;
+  co_return !ec;
+}
+
+// Writes an error response for a request that broke a limit, then the connection is done.
+awaitable<void> write_error(ConnPtr c, StatePtr st, Error e) {
+  co_await write_response(c, st, render(failure(e), 11, false));
+}
+
+awaitable<bool> write_chunk(const ConnPtr& c, const StatePtr& st, std::string_view data) {
+  arm(c, st->limits.write_timeout);
+  auto [ec, n] = co_await asio::async_write(c->sock, http::make_chunk(asio::buffer(data)),
+                                            asio::as_tuple(use_awaitable));
+  disarm(c);
+  (void)n;
+  co_return !ec;
+}
+
+awaitable<void> wait_stop(ConnPtr c) {
+  auto [ec] = co_await c->stop.async_wait(asio::as_tuple(use_awaitable));
+  (void)ec;
+}
+
+// GET /v1/events: a chunked text/event-stream until the peer goes, falls behind or the server
+// stops.
+awaitable<void> stream_events(ConnPtr c, StatePtr st, unsigned version, std::string domain) {
+  using namespace asio::experimental::awaitable_operators;
+  auto stream = st->service->broker().events().subscribe(domain, st->limits.event_queue);
+  http::response<http::empty_body> res{http::status::ok, version};
+  res.set(http::field::server, kServerName);
+  res.set(http::field::content_type, "text/event-stream");
+  res.set(http::field::cache_control, "no-store");
+  res.keep_alive(false);
+  res.chunked(true);
+  http::response_serializer<http::empty_body> sr{res};
+  c->phase = Phase::writing;
+  arm(c, st->limits.write_timeout);
+  auto [ec, n] = co_await http::async_write_header(c->sock, sr, asio::as_tuple(use_awaitable));
+  disarm(c);
+  (void)n;
+  if (ec) co_return;
+  // A first comment tells the client the subscription is live (qbrokerctl waits for it before
+  // it sends the request whose progress it shows).
+  if (!co_await write_chunk(c, st, ": subscribed\n\n")) co_return;
+  c->phase = Phase::streaming;
+  while (!c->stopping) {
+    auto got = co_await (stream->next(Clock::now() + st->limits.heartbeat) || wait_stop(c));
+    if (got.index() == 1 || c->stopping) break;
+    auto& event = std::get<0>(got);
+    if (!event) {
+      if (stream->closed()) break;
+      if (!co_await write_chunk(c, st, ": keepalive\n\n")) co_return;
+      continue;
+    }
+    if (!co_await write_chunk(c, st, sse_frame(*event))) co_return;
+    ++st->stats.events_sent;
+    if (event->kind == "dropped") break;  // the consumer fell behind: it is told, then closed
+  }
+  arm(c, st->limits.write_timeout);
+  auto [ec2, n2] =
+      co_await asio::async_write(c->sock, http::make_chunk_last(), asio::as_tuple(use_awaitable));
+  disarm(c);
+  (void)ec2;
+  (void)n2;
+}
+
+bool is_error(const boost::system::error_code& ec, http::error e) {
+  return ec == e;
+}
+
+awaitable<void> session(StatePtr st, ConnPtr c) {
+  beast::flat_buffer buffer;
+  for (;;) {
+    if (st->stopping || c->stopping) break;
+    // Idle: wait for the first byte of the next request.
+    if (buffer.size() == 0) {
+      c->phase = Phase::idle;
+      arm(c, st->limits.idle_timeout);
+      auto [ec] = co_await c->sock.async_wait(stream_protocol::socket::wait_read,
+                                              asio::as_tuple(use_awaitable));
+      disarm(c);
+      if (ec || c->stopping) break;  // idle too long, or stopping: close quietly
+    }
+    c->phase = Phase::reading;
+    http::request_parser<http::string_body> parser;
+    parser.header_limit(static_cast<std::uint32_t>(st->limits.max_header_bytes));
+    parser.body_limit(st->limits.max_body_bytes);
+    arm(c, st->limits.request_timeout);
+    auto [ec, n] =
+        co_await http::async_read_header(c->sock, buffer, parser, asio::as_tuple(use_awaitable));
+    (void)n;
+    if (!ec && !parser.is_done()) {
+      const auto& h = parser.get();
+      if (beast::iequals(h[http::field::expect], "100-continue")) {
+        auto cont = std::string("HTTP/1.1 100 Continue\r\n\r\n");
+        auto [wec, wn] =
+            co_await asio::async_write(c->sock, asio::buffer(cont), asio::as_tuple(use_awaitable));
+        (void)wn;
+        ec = wec;
+      }
+      if (!ec) {
+        auto [rec, rn] =
+            co_await http::async_read(c->sock, buffer, parser, asio::as_tuple(use_awaitable));
+        (void)rn;
+        ec = rec;
+      }
+    }
+    bool timed_out = c->timed_out;
+    disarm(c);
+    if (ec) {
+      if (c->stopping) break;
+      if (timed_out) {
+        ++st->stats.timeouts;
+        co_await write_error(
+            c, st,
+            api_error(api::errc::request_timeout,
+                      "the request was not received within " +
+                          std::to_string(st->limits.request_timeout.count()) + " ms"));
+      } else if (is_error(ec, http::error::header_limit)) {
+        co_await write_error(c, st,
+                             api_error(api::errc::header_too_large,
+                                       "the request header exceeds " +
+                                           std::to_string(st->limits.max_header_bytes) + " bytes"));
+      } else if (is_error(ec, http::error::body_limit)) {
+        co_await write_error(c, st,
+                             api_error(api::errc::body_too_large,
+                                       "the request body exceeds " +
+                                           std::to_string(st->limits.max_body_bytes) + " bytes"));
+      } else if (ec.category() == http::make_error_code(http::error::end_of_stream).category() &&
+                 !is_error(ec, http::error::end_of_stream) &&
+                 !is_error(ec, http::error::partial_message)) {
+        co_await write_error(
+            c, st, api_error(api::errc::bad_request, "malformed HTTP request: " + ec.message()));
+      }
+      break;  // end of stream, reset, or an error already answered
+    }
+
+    ++st->stats.requests;
+    auto req = parser.release();
+    bool keep_alive = req.keep_alive();
+    auto t0 = Clock::now();
+    auto cmd = route(req.method(), req.target(), req.body());
+    Outcome out;
+    if (!cmd) {
+      out = failure(cmd.error());
+      if (out.status == http::status::method_not_allowed) {
+        std::string allow;
+        for (auto m : allowed_methods(req.target())) {
+          if (!allow.empty()) allow += ", ";
+          allow += std::string(http::to_string(m));
+        }
+        out.headers.emplace_back("Allow", allow);
+      }
+    } else if (auto* watch = std::get_if<WatchEvents>(&*cmd)) {
+      co_await stream_events(c, st, req.version(), watch->domain);
+      break;
+    } else {
+      c->phase = Phase::executing;
+      out = co_await st->service->execute(std::move(*cmd));
+    }
+    keep_alive = keep_alive && !st->stopping && !c->stopping;
+    auto res = render(out, req.version(), keep_alive);
+    log::debug(
+        std::string(req.method_string()) + " " + std::string(req.target()) + " " +
+        std::to_string(res.result_int()) + " uid=" + std::to_string(c->peer.uid) + " " +
+        std::to_string(
+            std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - t0).count()) +
+        "us");
+    if (!co_await write_response(c, st, std::move(res))) break;
+    if (!keep_alive) break;
+  }
+  boost::system::error_code ignored;
+  c->sock.shutdown(stream_protocol::socket::shutdown_both, ignored);
+  c->sock.close(ignored);
+}
+
+void release(const StatePtr& st, const ConnPtr& c) {
+  st->conns.remove(c);
+  auto it = st->per_uid.find(c->peer.uid);
+  if (it != st->per_uid.end() && --it->second == 0) st->per_uid.erase(it);
+}
+
+// A session, then its slot is given back.
+awaitable<void> serve(StatePtr st, ConnPtr c) {
+  try {
+    co_await session(st, c);
+  } catch (const std::exception& e) {
+    log::error(std::string("api session: ") + e.what());
+  }
+  release(st, c);
+}
+
+awaitable<void> accept_loop(StatePtr st) {
+  bool warned_fds = false;
+  for (;;) {
+    auto [ec, sock] = co_await st->acceptor.async_accept(asio::as_tuple(use_awaitable));
+    if (st->stopping || !st->acceptor.is_open()) break;
+    if (ec) {
+      if (ec == asio::error::operation_aborted) break;
+      if (ec == asio::error::no_descriptors || ec.value() == ENFILE || ec.value() == ENOMEM ||
+          ec.value() == ENOBUFS) {
+        // Out of fds: back off instead of spinning; the listen backlog holds the peers.
+        if (!warned_fds) log::warn("api: accept: " + ec.message() + "; backing off");
+        warned_fds = true;
+        st->retry.expires_after(std::chrono::milliseconds(50));
+        co_await st->retry.async_wait(asio::as_tuple(use_awaitable));
+        continue;
+      }
+      log::warn("api: accept: " + ec.message());
+      continue;
+    }
+    warned_fds = false;
+    auto peer = peer_credentials(sock.native_handle());
+    if (!peer || !authorized(*peer, st->access)) {
+      ++st->stats.refused_unauthorized;
+      std::string who = peer ? "uid " + std::to_string(peer->uid) : "an unknown peer";
+      refuse(sock, api_error(api::errc::unauthorized_peer,
+                             who + " is not root and not a member of the admin group"));
+      continue;
+    }
+    if (st->conns.size() >= st->limits.max_connections) {
+      ++st->stats.refused_busy;
+      refuse(sock, api_error(api::errc::too_many_connections,
+                             "the broker serves at most " +
+                                 std::to_string(st->limits.max_connections) + " connections"));
+      continue;
+    }
+    if (st->per_uid[peer->uid] >= st->limits.max_connections_per_uid) {
+      ++st->stats.refused_busy;
+      refuse(sock, api_error(api::errc::too_many_connections,
+                             "uid " + std::to_string(peer->uid) + " already has " +
+                                 std::to_string(st->limits.max_connections_per_uid) +
+                                 " connections open"));
+      continue;
+    }
+    ++st->stats.accepted;
+    auto c = std::make_shared<Conn>(std::move(sock));
+    c->peer = std::move(*peer);
+    ++st->per_uid[c->peer.uid];
+    st->conns.push_back(c);
+    asio::co_spawn(st->ex, serve(st, c), asio::detached);
+  }
+}
+
+}  // namespace
+
+Server::Server(asio::any_io_executor ex, Service& service, ServerLimits limits, AccessPolicy access)
+    : state_(std::make_shared<State>(ex, service, limits, access)) {}
+
+Server::~Server() {
+  stop();
+}
+
+Result<void> Server::start(fdpass::UniqueFd listener) {
+  boost::system::error_code ec;
+  int fd = listener.release();
+  state_->acceptor.assign(stream_protocol(), fd, ec);
+  if (ec) {
+    ::close(fd);
+    return Error(std::error_code(ec.value(), std::system_category()),
+                 "api: cannot serve on the listening socket: " + ec.message());
+  }
+  asio::co_spawn(state_->ex, accept_loop(state_), asio::detached);
+  return {};
+}
+
+void Server::stop() {
+  auto& st = *state_;
+  if (st.stopping) return;
+  st.stopping = true;
+  boost::system::error_code ignored;
+  st.acceptor.close(ignored);
+  st.retry.cancel();
+  for (auto& c : st.conns) {
+    c->stopping = true;
+    c->stop.cancel();
+    // Idle and half-read connections end now; one being executed is answered first.
+    if (c->phase == Phase::idle || c->phase == Phase::reading) c->sock.cancel(ignored);
+  }
+}
+
+std::size_t Server::connections() const {
+  return state_->conns.size();
+}
+ServerStats Server::stats() const {
+  return state_->stats;
+}
+
+}  // namespace broker::api

@@ -1,0 +1,236 @@
+#include "broker/api/service.hpp"
+
+#include <boost/json.hpp>
+
+#include "broker/core/errc.hpp"
+#include "broker/core/log.hpp"
+#include "qmp/capabilities.hpp"
+#include "qmp/commands.hpp"
+
+namespace broker::api {
+namespace asio = boost::asio;
+namespace json = boost::json;
+using asio::awaitable;
+
+namespace {
+
+// Publishes a job's progress on the event bus, where GET /v1/events (and qbrokerctl's progress
+// bar) see it. Captures only pointers (g++ 12 mis-copies closures with non-trivial members
+// inside coroutines); `name` lives in the awaiting Service frame for the whole job.
+ProgressFn progress_to_bus(EventBus* bus, const std::string* name, const char* job) {
+  return [bus, name, job](double fraction, std::string_view phase) {
+    bus->publish(*name, "job", "progress",
+                 {{"job", job}, {"fraction", fraction}, {"phase", phase}});
+  };
+}
+
+json::object capabilities_json(const qmp::Capabilities& c) {
+  return json::object{
+      {"display_update_vnc_fd", c.display_update_vnc_fd},
+      {"run_with", c.run_with},
+      {"run_with_user", c.run_with_user},
+      {"fdset_explicit_remove", c.fdset_explicit_remove},
+      {"file_migration_fdset", c.file_migration_fdset},
+      {"change_medium", json::object{{"id", c.change_medium.id},
+                                     {"device", c.change_medium.device},
+                                     {"read_only_mode", c.change_medium.read_only_mode},
+                                     {"force", c.change_medium.force}}},
+      {"commands", c.commands.size()},
+      {"events", c.events.size()},
+  };
+}
+
+}  // namespace
+
+awaitable<Outcome> Service::execute(Command command) {
+  co_return co_await std::visit([this](auto& c) { return run(c); }, command);
+}
+
+awaitable<Outcome> Service::current(const std::string& name, http::status status) {
+  auto info = co_await broker_.info(name, false);
+  if (!info) co_return failure(info.error());
+  co_return domain_outcome(*info, status);
+}
+
+awaitable<void> Service::probe_qemu() {
+  if (probing_) co_return;
+  probing_ = true;
+  for (const auto& d : broker_.list()) {
+    if (d.state != RunState::running && d.state != RunState::paused) continue;
+    json::object query_version;
+    query_version["execute"] = "query-version";
+    auto version = co_await broker_.qmp_passthrough(d.name, std::move(query_version));
+    if (!version) continue;
+    auto v = qmp::reply::version(*version);
+    if (!v) continue;
+    json::object query_schema;
+    query_schema["execute"] = "query-qmp-schema";
+    auto schema = co_await broker_.qmp_passthrough(d.name, std::move(query_schema));
+    if (!schema) continue;
+    json::object query_options;
+    query_options["execute"] = "query-command-line-options";
+    query_options["arguments"] = json::object{{"option", json::string("run-with")}};
+    auto run_with = co_await broker_.qmp_passthrough(d.name, std::move(query_options));
+    auto caps = qmp::derive_capabilities(*v, *schema, run_with ? &*run_with : nullptr);
+    if (!caps) {
+      log::warn("QEMU capabilities from " + d.name + ": " + caps.error().message);
+      continue;
+    }
+    json::object q;
+    q["version"] = v->to_string();
+    q["package"] = v->package;
+    q["capabilities"] = capabilities_json(*caps);
+    qemu_ = std::move(q);
+    probed_from_ = d.name;
+    break;
+  }
+  probing_ = false;
+}
+
+awaitable<Outcome> Service::run(GetVersion&) {
+  if (!qemu_) co_await probe_qemu();
+  json::object q{{"binary", config_.qemu_binary}};
+  if (qemu_) {
+    for (const auto& kv : *qemu_) q[kv.key()] = kv.value();
+    q["probed_from"] = probed_from_;
+  } else {
+    q["version"] = nullptr;
+    q["capabilities"] = nullptr;
+    q["note"] = "QEMU is probed over QMP once a domain runs; no domain runs yet";
+  }
+  co_return version_outcome(std::move(q));
+}
+
+awaitable<Outcome> Service::run(ListDomains&) {
+  co_return domains_outcome(broker_.list());
+}
+
+awaitable<Outcome> Service::run(CreateDomainCmd& c) {
+  std::string name = c.request.spec.name;
+  auto info = co_await broker_.create(std::move(c.request));
+  if (!info) co_return failure(info.error());
+  // create() describes the domain while its "create" job still holds the slot; the answer
+  // shows the domain as the client will find it.
+  auto now = co_await broker_.info(name, false);
+  co_return domain_outcome(now ? *now : *info, http::status::created);
+}
+
+awaitable<Outcome> Service::run(GetDomain& c) {
+  auto info = co_await broker_.info(c.name, c.live);
+  if (!info) co_return failure(info.error());
+  co_return domain_outcome(*info);
+}
+
+awaitable<Outcome> Service::run(DestroyDomain& c) {
+  auto report = co_await broker_.destroy(c.name, c.graceful);
+  if (!report) co_return failure(report.error());
+  co_return kill_outcome(c.name, *report);
+}
+
+awaitable<Outcome> Service::run(RunStateCmd& c) {
+  Result<void> r;
+  switch (c.op) {
+    case RunOp::pause:
+      r = co_await broker_.pause(c.name);
+      break;
+    case RunOp::resume:
+      r = co_await broker_.resume(c.name);
+      break;
+    case RunOp::shutdown:
+      r = co_await broker_.shutdown(c.name);
+      break;
+    case RunOp::reset:
+      r = co_await broker_.reset(c.name);
+      break;
+  }
+  if (!r) co_return failure(r.error());
+  co_return co_await current(c.name);
+}
+
+awaitable<Outcome> Service::run(InsertMediumCmd& c) {
+  auto r = co_await broker_.insert_medium(c.name, c.cdrom, std::move(c.medium));
+  if (!r) co_return failure(r.error());
+  co_return co_await current(c.name);
+}
+
+awaitable<Outcome> Service::run(EjectMediumCmd& c) {
+  auto r = co_await broker_.eject_medium(c.name, c.cdrom, c.force);
+  if (!r) co_return failure(r.error());
+  co_return co_await current(c.name);
+}
+
+awaitable<Outcome> Service::run(AddDiskCmd& c) {
+  auto r = co_await broker_.add_disk(c.name, std::move(c.disk));
+  if (!r) co_return failure(r.error());
+  co_return co_await current(c.name, http::status::created);
+}
+
+awaitable<Outcome> Service::run(RemoveDiskCmd& c) {
+  auto r = co_await broker_.remove_disk(c.name, c.id,
+                                        progress_to_bus(&broker_.events(), &c.name, "disk-remove"));
+  if (!r) co_return failure(r.error());
+  co_return co_await current(c.name);
+}
+
+awaitable<Outcome> Service::run(AddNicCmd& c) {
+  auto r = co_await broker_.add_nic(c.name, std::move(c.nic));
+  if (!r) co_return failure(r.error());
+  co_return co_await current(c.name, http::status::created);
+}
+
+awaitable<Outcome> Service::run(RemoveNicCmd& c) {
+  auto r = co_await broker_.remove_nic(c.name, c.id,
+                                       progress_to_bus(&broker_.events(), &c.name, "nic-remove"));
+  if (!r) co_return failure(r.error());
+  co_return co_await current(c.name);
+}
+
+awaitable<Outcome> Service::run(SetVncCmd& c) {
+  auto r = co_await broker_.set_vnc(c.name, std::move(c.vnc));
+  if (!r) co_return failure(r.error());
+  co_return vnc_outcome(c.name, *r);
+}
+
+awaitable<Outcome> Service::run(RemoveVncCmd& c) {
+  auto r = co_await broker_.remove_vnc(c.name);
+  if (!r) co_return failure(r.error());
+  co_return co_await current(c.name);
+}
+
+awaitable<Outcome> Service::run(SaveCmd& c) {
+  auto r =
+      co_await broker_.save(c.name, c.path, progress_to_bus(&broker_.events(), &c.name, "save"));
+  if (!r) co_return failure(r.error());
+  Outcome o;
+  o.body = json::object{{"name", c.name}, {"saved", c.path}};
+  co_return o;
+}
+
+awaitable<Outcome> Service::run(RestoreCmd& c) {
+  auto r = co_await broker_.restore(c.request,
+                                    progress_to_bus(&broker_.events(), &c.request.name, "restore"));
+  if (!r) co_return failure(r.error());
+  co_return domain_outcome(*r, http::status::created);
+}
+
+awaitable<Outcome> Service::run(MigrateCmd& c) {
+  auto r = co_await broker_.migrate(c.name, c.to,
+                                    progress_to_bus(&broker_.events(), &c.name, "migrate"));
+  if (!r) co_return failure(r.error());
+  Outcome o;
+  o.body = json::object{{"name", c.name}, {"migrated_to", c.to}};
+  co_return o;
+}
+
+awaitable<Outcome> Service::run(QmpCmd& c) {
+  auto r = co_await broker_.qmp_passthrough(c.name, std::move(c.command));
+  if (!r) co_return failure(r.error());
+  co_return qmp_outcome(std::move(*r));
+}
+
+awaitable<Outcome> Service::run(WatchEvents&) {
+  co_return failure(
+      Error(make_error_code(errc::internal), "the event stream is served by the server"));
+}
+
+}  // namespace broker::api

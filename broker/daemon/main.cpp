@@ -1,0 +1,26 @@
+// qbrokerd: parses the flags and hands over to the composition root (broker/daemon/daemon.cpp).
+#include <cstdio>
+#include <string_view>
+#include <vector>
+
+#include "broker/api/router.hpp"
+#include "broker/daemon/daemon.hpp"
+#include "broker/daemon/options.hpp"
+
+int main(int argc, char** argv) {
+  std::vector<std::string_view> args(argv + 1, argv + argc);
+  auto opts = broker::daemon::parse_options(args);
+  if (!opts) {
+    std::fprintf(stderr, "qbrokerd: %s\n", opts.error().message.c_str());
+    return 2;
+  }
+  if (opts->help) {
+    std::fputs(broker::daemon::usage().c_str(), stdout);
+    return 0;
+  }
+  if (opts->version) {
+    std::printf("qbrokerd %s\n", std::string(broker::api::kBrokerVersion).c_str());
+    return 0;
+  }
+  return broker::daemon::run(*opts);
+}

@@ -1,0 +1,113 @@
+// What every flow shares (private to broker/flows): QMP calls with the flow deadline, fd hand-over
+// (add-fd, getfd), the undo list that rolls back completed steps, the mapping of opener and QEMU
+// errors to broker errors, and the image header checks done before QEMU is touched.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <boost/asio/awaitable.hpp>
+#include <boost/json/value.hpp>
+
+#include "broker/core/error.hpp"
+#include "broker/flows/flows.hpp"
+#include "fdpass/unique_fd.hpp"
+#include "qmp/commands.hpp"
+#include "qmp/error.hpp"
+
+namespace broker::flows::detail {
+
+// Names inside QEMU (broker/domain/domain.hpp has the conventions).
+inline constexpr std::string_view kScsiController = "qb-scsi0";
+inline constexpr std::string_view kScsiBus = "qb-scsi0.0";
+inline constexpr std::string_view kVncFd = "qb-vnc";
+inline constexpr std::string_view kVncClientFd = "qb-vnc-client";
+inline std::string file_node(std::string_view id) { return "qb-" + std::string(id) + "-file"; }
+inline std::string format_node(std::string_view id) { return "qb-" + std::string(id) + "-fmt"; }
+inline std::string backing_file_node(std::string_view id) {
+  return "qb-" + std::string(id) + "-backing-file";
+}
+inline std::string backing_node(std::string_view id) { return "qb-" + std::string(id) + "-backing"; }
+inline std::string netdev_id(std::string_view id) { return "qb-net-" + std::string(id); }
+inline std::string tap_fd_name(std::string_view id) { return "qb-tap-" + std::string(id); }
+inline std::string fdset_opaque(std::string_view id) { return "qb:" + std::string(id); }
+
+// A QEMU or QMP-client failure as a broker error, with `context` ("blockdev-add qb-d1-fmt").
+Error from_qmp(const qmp::Error& e, std::string_view context);
+// An opener refusal (fdpass::errc or errno) for the user's `field`: invalid_argument naming the
+// field and the path, with the opener's reason.
+Error from_open(std::error_code ec, std::string_view field, std::string_view path);
+
+// The domain's QMP client, or qemu_gone.
+Result<qmp::Client*> client(Domain& d);
+
+// g++ 12 mis-destroys temporaries that live across a co_await (an aggregate bound to a const&
+// parameter, a std::string behind a string_view): every awaited call here gets named values,
+// and commands are built into locals before they are awaited.
+
+// One command, deadline ctx.timeouts.qmp.
+boost::asio::awaitable<Result<boost::json::value>> call(Context& ctx, Domain& d, qmp::Command c);
+// add-fd with `fd` attached; the new fdset's id.
+boost::asio::awaitable<Result<std::int64_t>> add_fd(Context& ctx, Domain& d, fdpass::BorrowedFd fd,
+                                                    std::string opaque);
+// getfd NAME with `fd` attached.
+boost::asio::awaitable<Result<void>> getfd(Context& ctx, Domain& d, fdpass::BorrowedFd fd,
+                                           std::string name);
+
+// Checks that `id` can name a new device of `d`: unused, and not one of the broker's own names.
+Result<void> check_new_id(const Domain& d, const std::string& id);
+
+// Waits for DEVICE_DELETED of `id` on `sub` (subscribed before device_del) until `timeout`,
+// reporting the wait through `progress` about once a second. guest_timeout when it never came.
+boost::asio::awaitable<Result<void>> wait_deleted(Context& ctx, qmp::EventSubscription& sub,
+                                                  std::string id, std::string what,
+                                                  ProgressFn progress);
+
+// device_del, tolerating a device the guest already released (a previous unplug that timed out
+// and completed later) and one already being unplugged. Returns false when the device is gone.
+boost::asio::awaitable<Result<bool>> device_del(Context& ctx, Domain& d, std::string id);
+
+// Plugs the domain's virtio-scsi controller on a free root port unless it is there. It stays for
+// the domain's lifetime (every SCSI disk and CD hangs off it), so no flow rolls it back.
+boost::asio::awaitable<Result<void>> ensure_scsi_controller(Context& ctx, Domain& d);
+
+// Steps to undo, run in reverse order when a later step fails. Each step is one QMP command or
+// one root port to give back. Undo is best effort: a failing undo step is logged and the rest
+// still run, since QEMU may have lost the object on its own (a consumed getfd name).
+class Undo {
+ public:
+  void push(qmp::Command c) { steps_.push_back(Step{std::move(c), {}}); }
+  void push_slot(std::string slot) { steps_.push_back(Step{std::nullopt, std::move(slot)}); }
+  // Forgets the last step: the object it undid is gone or owned by a later one.
+  void pop() { steps_.pop_back(); }
+  void commit() { steps_.clear(); }
+  bool empty() const { return steps_.empty(); }
+
+  boost::asio::awaitable<void> run(Context& ctx, Domain& d);
+  // run(), then returns `e`, so a failing step reads `co_return co_await undo.fail(...)`.
+  boost::asio::awaitable<Error> fail(Context& ctx, Domain& d, Error e);
+
+ private:
+  struct Step {
+    std::optional<qmp::Command> cmd;
+    std::string slot;
+  };
+  std::vector<Step> steps_;
+};
+
+// What the first bytes of an image say about its format.
+struct ImageHeader {
+  bool qcow2 = false;
+  bool backing_file = false;   // qcow2: the header names a backing file
+  bool external_data = false;  // qcow2: incompatible feature "external data file"
+};
+Result<ImageHeader> read_header(fdpass::BorrowedFd fd, std::string_view field);
+
+// Refuses an image whose header contradicts `format` (or, for qcow2, whose backing does not match
+// what the caller gave, or which keeps its data in an external file QEMU would open by path).
+Result<void> check_format(const ImageHeader& h, DiskFormat format, bool backing_given);
+
+}  // namespace broker::flows::detail

@@ -1,0 +1,94 @@
+// NIC hotplug and unplug.
+//
+// Plug:   root port -> open (or create) the tap in the broker's, i.e. the host's, network
+//         namespace -> getfd qb-tap-<id> (closing our copy) -> netdev_add tap fd=qb-tap-<id>
+//         (QEMU takes the named fd) -> device_add virtio-net-pci (romfile "": no ROM files in
+//         the jail). Every completed step is undone in reverse if a later one fails.
+// Unplug: device_del -> DEVICE_DELETED within timeouts.unplug -> netdev_del (QEMU closes the tap;
+//         a tap the broker created vanishes with it) -> give the root port back.
+#include "broker/core/errc.hpp"
+#include "broker/flows/common.hpp"
+#include "broker/flows/flows.hpp"
+#include "fdpass/devices.hpp"
+#include "qmp/client.hpp"
+
+namespace broker::flows {
+using namespace detail;
+
+awaitable<Result<void>> add_nic(Context& ctx, Domain& d, NicSpec nic) {
+  if (auto ok = check_new_id(d, nic.id); !ok) co_return ok.error();
+  const std::string id = nic.id;
+  auto slot = d.allocate_slot(id);
+  if (!slot) {
+    co_return Error(make_error_code(errc::wrong_state),
+                    "domain " + d.name() + " has no free PCIe root port for " + id + " (all " +
+                        std::to_string(d.spec().pci_slots) + " in use)");
+  }
+  Undo undo;
+  undo.push_slot(*slot);
+  auto tap = fdpass::open_tap(nic.tap);
+  if (!tap) {
+    co_return co_await undo.fail(
+        ctx, d,
+        field_error("tap", "cannot open tap '" + nic.tap + "': " + tap.error().message()));
+  }
+
+  std::string fdname = tap_fd_name(id);
+  auto passed = co_await getfd(ctx, d, tap->fd, fdname);
+  if (!passed) co_return co_await undo.fail(ctx, d, passed.error());
+  tap->fd.reset();  // QEMU holds the tap now; it lives as long as QEMU's fd does
+  undo.push(qmp::cmd::closefd(tap_fd_name(id)));
+
+  const std::string netdev = netdev_id(id);
+  qmp::Command add_netdev = qmp::cmd::netdev_add_tap(netdev, fdname);
+  auto r = co_await call(ctx, d, std::move(add_netdev));
+  if (!r) co_return co_await undo.fail(ctx, d, r.error());
+  undo.pop();  // the netdev took the named fd
+  undo.push(qmp::cmd::netdev_del(netdev_id(id)));
+
+  std::optional<std::string> mac;
+  if (!nic.mac.empty()) mac = nic.mac;
+  const qmp::cmd::Device dev = qmp::cmd::virtio_net_pci(id, netdev, mac, *slot);
+  qmp::Command add_dev = qmp::cmd::device_add(dev);
+  r = co_await call(ctx, d, std::move(add_dev));
+  if (!r) co_return co_await undo.fail(ctx, d, r.error());
+  undo.commit();
+
+  NicState st;
+  st.spec = std::move(nic);
+  st.tap = tap->name;
+  st.slot = *slot;
+  d.nics[id] = std::move(st);
+  co_return Result<void>{};
+}
+
+awaitable<Result<void>> remove_nic(Context& ctx, Domain& d, std::string id, ProgressFn progress) {
+  auto it = d.nics.find(id);
+  if (it == d.nics.end()) {
+    Error e(make_error_code(errc::not_found), "id: domain " + d.name() + " has no NIC named '" + id + "'");
+    e.field = "id";
+    co_return e;
+  }
+  const std::string slot = it->second.slot;
+  auto q = client(d);
+  if (!q) co_return q.error();
+  auto sub = (*q)->subscribe();  // before device_del: the event may come at once
+
+  auto present = co_await device_del(ctx, d, id);
+  if (!present) co_return present.error();
+  if (*present) {
+    std::string what = "NIC " + id;
+    auto gone = co_await wait_deleted(ctx, sub, id, std::move(what), std::move(progress));
+    if (!gone) co_return gone.error();
+  }
+  const std::string netdev = netdev_id(id);
+  qmp::Command del = qmp::cmd::netdev_del(netdev);
+  auto r = co_await call(ctx, d, std::move(del));
+  // DeviceNotFound: a retry after an earlier netdev_del went through.
+  if (!r && r.error().qmp_class != "DeviceNotFound") co_return r.error();
+  d.free_slot(slot);
+  d.nics.erase(id);
+  co_return Result<void>{};
+}
+
+}  // namespace broker::flows

@@ -1,0 +1,159 @@
+// qbrokerctl: the command line for qbrokerd. Every API route is a subcommand (ctl/cli.cpp);
+// replies are tables for people or the API's JSON with --json; long jobs show a progress bar on
+// a terminal; the exit status says what kind of failure happened (qbrokerctl --help).
+#include <unistd.h>
+
+#include <boost/json.hpp>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "ctl/cli.hpp"
+#include "ctl/client.hpp"
+#include "ctl/render.hpp"
+
+namespace json = boost::json;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+constexpr int kUsage = 2;
+constexpr int kUnreachable = 8;
+constexpr int kTimedOut = 7;
+constexpr int kInternal = 1;
+
+int transport_failure(const qbctl::TransportError& e, bool as_json) {
+  if (as_json) {
+    json::object err{{"code", e.connect_failed ? "unreachable"
+                              : e.timed_out    ? "timeout"
+                                               : "transport"},
+                     {"message", e.message}};
+    std::cout << json::serialize(json::object{{"error", err}}) << "\n";
+  }
+  std::cerr << "qbrokerctl: " << e.message << "\n";
+  return e.connect_failed ? kUnreachable : e.timed_out ? kTimedOut : kInternal;
+}
+
+int events(const qbctl::GlobalOptions& g, const qbctl::Invocation& inv) {
+  long seen = 0;
+  auto result = qbctl::follow(
+      g.socket, inv.target, std::chrono::milliseconds(0), [&](const qbctl::SseEvent& ev) {
+        if (g.json) {
+          std::cout << json::serialize(ev.data) << std::endl;
+        } else {
+          std::cout << qbctl::render_event(ev.kind, ev.data) << std::flush;
+        }
+        ++seen;
+        if (ev.kind == "dropped") {
+          std::cerr << "qbrokerctl: events were dropped: this client fell behind\n";
+          return false;
+        }
+        return inv.events_count < 0 || seen < inv.events_count;
+      });
+  if (auto* e = std::get_if<qbctl::TransportError>(&result)) return transport_failure(*e, g.json);
+  auto& r = std::get<qbctl::Response>(result);
+  if (r.status != 200) {
+    std::error_code ec;
+    json::value body = json::parse(r.body, ec);
+    if (g.json) std::cout << r.body;
+    std::cerr << qbctl::render_error(r.status, body);
+    return qbctl::exit_code(r.status);
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  const char* env = std::getenv("QBROKER_SOCKET");
+  auto parsed = qbctl::parse(args, env != nullptr ? env : "");
+  if (auto* e = std::get_if<qbctl::CliError>(&parsed)) {
+    std::cerr << "qbrokerctl: " << e->message << "\n";
+    return kUsage;
+  }
+  auto& p = std::get<qbctl::Parsed>(parsed);
+  if (p.global.version) {
+    std::cout << "qbrokerctl 0.1.0\n";
+    return 0;
+  }
+  if (p.global.help) {
+    if (p.help_topic.empty()) {
+      std::cout << qbctl::usage();
+      return 0;
+    }
+    auto text = qbctl::command_help(p.help_topic);
+    if (!text) {
+      std::cerr << "qbrokerctl: no command '" << p.help_topic.front() << "' (see --help)\n";
+      return kUsage;
+    }
+    std::cout << *text;
+    return 0;
+  }
+  const auto& g = p.global;
+  const auto& inv = *p.invocation;
+  if (inv.view == qbctl::View::events) return events(g, inv);
+
+  // Long jobs: follow the domain's events and draw their progress on a terminal.
+  bool bar = !inv.progress_job.empty() && g.progress && !g.json && ::isatty(STDERR_FILENO) == 1;
+  double fraction = -1;
+  std::string phase;
+  int ticks = 0;
+  auto start = Clock::now();
+  auto draw = [&] {
+    double secs = std::chrono::duration<double>(Clock::now() - start).count();
+    std::cerr << "\r" << qbctl::progress_line(fraction, phase, secs, ticks++) << "\x1b[K"
+              << std::flush;
+  };
+  qbctl::EventFn on_event;
+  std::string watch;
+  if (bar) {
+    watch = "/v1/events?domain=" + inv.domain;
+    on_event = [&](const qbctl::SseEvent& ev) {
+      const auto& d = ev.data.as_object();
+      auto name = d.find("name");
+      auto data = d.find("data");
+      if (ev.kind == "job" && name != d.end() && name->value() == "progress" && data != d.end() &&
+          data->value().is_object()) {
+        const auto& o = data->value().get_object();
+        if (auto j = o.find("job"); j != o.end() && j->value() != inv.progress_job.c_str())
+          return true;
+        if (auto f = o.find("fraction"); f != o.end() && f->value().is_number()) {
+          fraction = f->value().to_number<double>();
+        }
+        if (auto ph = o.find("phase"); ph != o.end() && ph->value().is_string()) {
+          phase = std::string(ph->value().get_string());
+        }
+        draw();
+      }
+      return true;
+    };
+  }
+  auto timeout = std::chrono::milliseconds(static_cast<long long>(g.timeout_s * 1000));
+  auto result =
+      qbctl::call(g.socket, qbctl::Request{inv.method, inv.target, inv.body}, timeout, watch,
+                  on_event, bar ? std::function<void()>(draw) : std::function<void()>());
+  if (bar) std::cerr << "\r\x1b[K" << std::flush;
+  if (auto* e = std::get_if<qbctl::TransportError>(&result)) return transport_failure(*e, g.json);
+  auto& r = std::get<qbctl::Response>(result);
+  std::error_code ec;
+  json::value body = json::parse(r.body, ec);
+  if (r.status >= 300) {
+    if (g.json) std::cout << r.body << (r.body.empty() || r.body.back() != '\n' ? "\n" : "");
+    std::cerr << qbctl::render_error(r.status, body);
+    return qbctl::exit_code(r.status);
+  }
+  if (g.json) {
+    std::cout << r.body << (r.body.empty() || r.body.back() != '\n' ? "\n" : "");
+    return 0;
+  }
+  if (ec) {
+    std::cerr << "qbrokerctl: the reply is not JSON: " << ec.message() << "\n";
+    return kInternal;
+  }
+  std::cout << qbctl::render(inv, body);
+  return 0;
+}

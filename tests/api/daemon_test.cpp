@@ -1,0 +1,280 @@
+// qbrokerd and qbrokerctl as programs: started without systemd and with socket activation +
+// sd_notify, driven through qbrokerctl, stopped with SIGTERM (domains keep running) and started
+// again (they are re-adopted).
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <boost/json.hpp>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "broker/lifecycle/cgroup.hpp"
+#include "fdpass/devices.hpp"
+#include "http_client.hpp"
+#include "support/qemu.hpp"
+#include "support/support.hpp"
+
+using namespace std::chrono_literals;
+namespace http = qbtest::http;
+namespace json = boost::json;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+constexpr uid_t kPlain = 3'104'300;
+constexpr uid_t kActivated = 3'104'400;
+
+struct Child {
+  pid_t pid = -1;
+  int wait(std::chrono::milliseconds timeout) {
+    auto deadline = Clock::now() + timeout;
+    while (Clock::now() < deadline) {
+      int status = 0;
+      pid_t r = ::waitpid(pid, &status, WNOHANG);
+      if (r == pid) {
+        pid = -1;
+        return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      }
+      std::this_thread::sleep_for(10ms);
+    }
+    return -1;
+  }
+  ~Child() {
+    if (pid > 0) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
+  }
+};
+
+// fork + exec with stdout/stderr to `log`; `listen_fd` becomes fd 3 with LISTEN_FDS/LISTEN_PID.
+pid_t spawn(const std::vector<std::string>& argv, const std::string& log, int listen_fd = -1,
+            const std::vector<std::string>& env = {}) {
+  pid_t pid = ::fork();
+  if (pid != 0) return pid;
+  int out = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+  ::dup2(out, 1);
+  ::dup2(out, 2);
+  if (listen_fd >= 0) {
+    ::dup2(listen_fd, 3);
+    ::setenv("LISTEN_FDS", "1", 1);
+    ::setenv("LISTEN_PID", std::to_string(::getpid()).c_str(), 1);
+  }
+  for (const auto& e : env) ::putenv(const_cast<char*>(e.c_str()));
+  std::vector<char*> args;
+  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  ::execv(args[0], args.data());
+  ::_exit(127);
+}
+
+struct Run {
+  int status = -1;
+  std::string out;
+  std::string err;
+};
+
+Run ctl(const std::string& socket, std::vector<std::string> args) {
+  int out[2], err[2];
+  REQUIRE(::pipe2(out, O_CLOEXEC) == 0);
+  REQUIRE(::pipe2(err, O_CLOEXEC) == 0);
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::dup2(out[1], 1);
+    ::dup2(err[1], 2);
+    std::vector<std::string> argv{QBROKERCTL, "--socket", socket};
+    argv.insert(argv.end(), args.begin(), args.end());
+    std::vector<char*> a;
+    for (auto& s : argv) a.push_back(s.data());
+    a.push_back(nullptr);
+    ::execv(a[0], a.data());
+    ::_exit(127);
+  }
+  ::close(out[1]);
+  ::close(err[1]);
+  Run r;
+  for (auto [fd, dst] : {std::pair{out[0], &r.out}, std::pair{err[0], &r.err}}) {
+    char buf[4096];
+    ssize_t n;
+    while ((n = ::read(fd, buf, sizeof(buf))) > 0) dst->append(buf, static_cast<std::size_t>(n));
+    ::close(fd);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+bool wait_for_socket(const std::string& path, std::chrono::milliseconds timeout) {
+  auto deadline = Clock::now() + timeout;
+  while (Clock::now() < deadline) {
+    if (auto r = http::call(path, "GET", "/v1/version", {}, 1s); r && r->status == 200) return true;
+    std::this_thread::sleep_for(20ms);
+  }
+  return false;
+}
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// qbrokerd makes a cgroup subtree per uid range; the test's range is its own, so it goes too.
+void remove_cgroup_base(uid_t base) {
+  broker::lifecycle::CgroupManager cg({}, "qbroker-" + std::to_string(base));
+  if (cg.available()) ::rmdir(cg.base().c_str());
+}
+
+std::vector<std::string> daemon_args(const qbtest::TempDir& dir, uid_t base) {
+  return {QBROKERD,
+          "--state-dir",
+          dir / "state",
+          "--run-dir",
+          dir / "run",
+          "--uid-range",
+          std::to_string(base) + ":8",
+          "--image-root",
+          qbtest::guest_dir(),
+          "--log-level",
+          "debug"};
+}
+
+}  // namespace
+
+TEST_CASE("qbrokerd refuses --xen and bad flags clearly", "[api][daemon]") {
+  qbtest::TempDir dir;
+  Child d{spawn({QBROKERD, "--xen", "--socket", dir / "s.sock"}, dir / "log")};
+  CHECK(d.wait(10s) == 1);
+  CHECK(slurp(dir / "log").find("not built yet") != std::string::npos);
+  Child bad{spawn({QBROKERD, "--max-connections", "0"}, dir / "log2")};
+  CHECK(bad.wait(10s) == 2);
+  CHECK(slurp(dir / "log2").find("--max-connections") != std::string::npos);
+  Child help{spawn({QBROKERD, "--help"}, dir / "log3")};
+  CHECK(help.wait(10s) == 0);
+  CHECK(slurp(dir / "log3").find("--uid-range") != std::string::npos);
+}
+
+TEST_CASE(
+    "qbrokerd without systemd is driven by qbrokerctl and SIGTERM leaves domains running "
+    "for a restart to re-adopt",
+    "[api][daemon][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::TempDir dir;
+  std::string sock = dir / "qbroker.sock";
+  auto args = daemon_args(dir, kPlain);
+  args.insert(args.end(), {"--socket", sock});
+  Child d{spawn(args, dir / "log")};
+  REQUIRE(wait_for_socket(sock, 20s));
+  struct stat st {};
+  REQUIRE(::stat(sock.c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0660);
+
+  // A name of this run's own: a domain destroyed by a re-adopting daemon leaves a zombie (its
+  // parent was the previous daemon) and with it a cgroup that kills the next QEMU of the same
+  // name for a moment (reported to the lifecycle owner).
+  const std::string name = "api-d" + std::to_string(::getpid());
+  auto created =
+      ctl(sock, {"create", name, "--machine", "none", "--memory", "16", "--pci-slots", "0"});
+  INFO(created.err);
+  INFO(slurp(dir / "log"));
+  REQUIRE(created.status == 0);
+  CHECK(created.out.find("state:") != std::string::npos);
+  auto list = ctl(sock, {"--json", "list"});
+  REQUIRE(list.status == 0);
+  auto domains = json::parse(list.out).at("domains").as_array();
+  REQUIRE(domains.size() == 1);
+  pid_t qemu = static_cast<pid_t>(domains[0].at("pid").to_number<int>());
+  auto table = ctl(sock, {"list"});
+  CHECK(table.out.rfind("NAME", 0) == 0);
+  CHECK(table.out.find(name) != std::string::npos);
+
+  // Errors: exit codes and the field named.
+  auto missing = ctl(sock, {"show", "nope"});
+  CHECK(missing.status == 3);
+  CHECK(missing.err.find("no domain named 'nope'") != std::string::npos);
+  auto invalid = ctl(sock, {"create", "api-dmn2", "--memory", "1"});
+  CHECK(invalid.status == 5);
+  CHECK(invalid.err.find("field: memory_mib (--memory)") != std::string::npos);
+  auto exists = ctl(sock, {"create", name, "--machine", "none", "--memory", "16"});
+  CHECK(exists.status == 4);
+  auto forbidden = ctl(sock, {"qmp", name, R"({"execute":"add-fd"})"});
+  CHECK(forbidden.status == 6);
+  auto usage = ctl(sock, {"disk", "add", name});
+  CHECK(usage.status == 2);
+  CHECK(usage.err.find("ID") != std::string::npos);
+  auto qmp = ctl(sock, {"qmp", name, "query-status"});
+  CHECK(qmp.status == 0);
+  CHECK(qmp.out.find("\"running\"") != std::string::npos);
+  CHECK(ctl(dir / "nowhere.sock", {"list"}).status == 8);
+
+  ::kill(d.pid, SIGTERM);
+  CHECK(d.wait(10s) == 0);
+  CHECK(slurp(dir / "log").find("domains keep running") != std::string::npos);
+  CHECK(::kill(qemu, 0) == 0);  // the domain outlived the daemon
+
+  Child again{spawn(args, dir / "log")};
+  REQUIRE(wait_for_socket(sock, 20s));
+  auto shown = ctl(sock, {"--json", "show", name});
+  REQUIRE(shown.status == 0);
+  auto info = json::parse(shown.out);
+  CHECK(info.at("pid") == qemu);
+  CHECK(info.at("qemu_status") == "running");
+  auto destroyed = ctl(sock, {"destroy", name});
+  REQUIRE(destroyed.status == 0);
+  CHECK(destroyed.out.find("destroyed " + name) != std::string::npos);
+  CHECK(destroyed.out.find("survivors         0") != std::string::npos);
+  ::kill(again.pid, SIGTERM);
+  CHECK(again.wait(10s) == 0);
+  remove_cgroup_base(kPlain);
+}
+
+TEST_CASE("qbrokerd takes the socket systemd passes and reports readiness with sd_notify",
+          "[api][daemon][privileged]") {
+  QB_REQUIRE_ROOT();
+  qbtest::TempDir dir;
+  std::string sock = dir / "activated.sock";
+  auto listener = fdpass::listen_unix(sock, 0660, 0, 0);
+  REQUIRE(listener);
+  // The notification socket systemd would own.
+  std::string notify = dir / "notify.sock";
+  fdpass::UniqueFd nfd(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, notify.c_str(), sizeof(addr.sun_path) - 1);
+  REQUIRE(::bind(nfd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0);
+
+  auto args = daemon_args(dir, kActivated);
+  args.insert(args.end(), {"--socket", dir / "ignored.sock"});
+  Child d{spawn(args, dir / "log", listener->get(), {"NOTIFY_SOCKET=" + notify})};
+  listener->reset();  // the daemon holds it now
+
+  auto receive = [&](std::chrono::milliseconds timeout) -> std::string {
+    pollfd p{nfd.get(), POLLIN, 0};
+    if (::poll(&p, 1, static_cast<int>(timeout.count())) != 1) return {};
+    char buf[1024];
+    ssize_t n = ::recv(nfd.get(), buf, sizeof(buf), 0);
+    return n > 0 ? std::string(buf, static_cast<std::size_t>(n)) : std::string();
+  };
+  auto ready = receive(20s);
+  INFO(slurp(dir / "log"));
+  CHECK(ready.find("READY=1") != std::string::npos);
+  auto r = http::call(sock, "GET", "/v1/domains");
+  REQUIRE(r);
+  CHECK(r->status == 200);
+  CHECK(::access((dir / "ignored.sock").c_str(), F_OK) != 0);  // --socket was not bound
+  CHECK(slurp(dir / "log").find("socket passed by systemd") != std::string::npos);
+
+  ::kill(d.pid, SIGTERM);
+  CHECK(receive(10s).find("STOPPING=1") != std::string::npos);
+  CHECK(d.wait(10s) == 0);
+  remove_cgroup_base(kActivated);
+}

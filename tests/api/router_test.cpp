@@ -1,0 +1,317 @@
+// The router and the renderer are pure functions: every route, every refusal, every error shape,
+// with no socket, no root and no sleep.
+#include "broker/api/router.hpp"
+
+#include <boost/json.hpp>
+
+#include "broker/api/errc.hpp"
+#include "broker/api/http_errors.hpp"
+#include "broker/core/errc.hpp"
+#include "broker/lifecycle/errc.hpp"
+#include "fdpass/errc.hpp"
+#include "qmp/error.hpp"
+#include "support/broker_printers.hpp"
+#include "support/support.hpp"
+
+namespace api = broker::api;
+namespace json = boost::json;
+using verb = boost::beast::http::verb;
+using status = boost::beast::http::status;
+
+namespace {
+
+api::Command ok(verb m, std::string_view target, std::string_view body = {}) {
+  auto r = api::route(m, target, body);
+  INFO(target << " " << body);
+  if (!r) FAIL(r.error().describe());
+  return *r;
+}
+
+broker::Error refused(verb m, std::string_view target, std::string_view body = {}) {
+  auto r = api::route(m, target, body);
+  INFO(target << " " << body);
+  REQUIRE_FALSE(r);
+  return r.error();
+}
+
+status status_of(const broker::Error& e) {
+  return api::classify(e.code).status;
+}
+
+}  // namespace
+
+TEST_CASE("every route in the table routes to its command", "[api][router]") {
+  CHECK(std::holds_alternative<api::GetVersion>(ok(verb::get, "/v1/version")));
+  CHECK(std::holds_alternative<api::ListDomains>(ok(verb::get, "/v1/domains")));
+
+  auto create = ok(verb::post, "/v1/domains",
+                   R"({"name":"vm1","memory_mib":64,"kernel":"/srv/k","cdroms":[{"id":"cd0"}],
+                       "disks":[{"id":"d0","path":"/srv/d.img","bus":"virtio"}],
+                       "nics":[{"id":"n0","tap":"tap0"}],"vnc":{"listen":"127.0.0.1:0"}})");
+  auto& c = std::get<api::CreateDomainCmd>(create);
+  CHECK(c.request.spec.name == "vm1");
+  CHECK(c.request.spec.memory_mib == 64);
+  CHECK(c.request.cdroms.size() == 1);
+  CHECK(c.request.disks.at(0).bus == broker::DiskBus::virtio);
+  CHECK(c.request.nics.at(0).tap == "tap0");
+  CHECK(c.request.vnc->listen == "127.0.0.1:0");
+
+  auto get = std::get<api::GetDomain>(ok(verb::get, "/v1/domains/vm1"));
+  CHECK(get.name == "vm1");
+  CHECK(get.live);
+  CHECK_FALSE(std::get<api::GetDomain>(ok(verb::get, "/v1/domains/vm1?live=false")).live);
+
+  auto del = std::get<api::DestroyDomain>(ok(verb::delete_, "/v1/domains/vm1"));
+  CHECK(del.name == "vm1");
+  CHECK_FALSE(del.graceful);
+  CHECK(std::get<api::DestroyDomain>(ok(verb::delete_, "/v1/domains/vm1?graceful=true")).graceful);
+
+  for (auto [path, op] :
+       {std::pair{"pause", api::RunOp::pause}, std::pair{"resume", api::RunOp::resume},
+        std::pair{"shutdown", api::RunOp::shutdown}, std::pair{"reset", api::RunOp::reset}}) {
+    auto rs = std::get<api::RunStateCmd>(ok(verb::post, "/v1/domains/vm1/" + std::string(path)));
+    CHECK(rs.op == op);
+    // An empty object is as good as no body.
+    CHECK(std::holds_alternative<api::RunStateCmd>(
+        ok(verb::post, "/v1/domains/vm1/" + std::string(path), "{}")));
+  }
+
+  auto ins = std::get<api::InsertMediumCmd>(ok(verb::put, "/v1/domains/vm1/cdroms/cd0/medium",
+                                               R"({"path":"/srv/iso/x.iso","force":true})"));
+  CHECK(ins.cdrom == "cd0");
+  CHECK(ins.medium.path == "/srv/iso/x.iso");
+  CHECK(ins.medium.force);
+  CHECK_FALSE(
+      std::get<api::EjectMediumCmd>(ok(verb::delete_, "/v1/domains/vm1/cdroms/cd0/medium")).force);
+  CHECK(std::get<api::EjectMediumCmd>(
+            ok(verb::delete_, "/v1/domains/vm1/cdroms/cd0/medium", R"({"force":true})"))
+            .force);
+  CHECK(std::get<api::EjectMediumCmd>(
+            ok(verb::delete_, "/v1/domains/vm1/cdroms/cd0/medium?force=true"))
+            .force);
+
+  auto disk = std::get<api::AddDiskCmd>(
+      ok(verb::post, "/v1/domains/vm1/disks",
+         R"({"id":"d1","path":"/srv/d1.qcow2","format":"qcow2","read_only":true})"));
+  CHECK(disk.disk.format == broker::DiskFormat::qcow2);
+  CHECK(disk.disk.read_only);
+  CHECK(std::get<api::RemoveDiskCmd>(ok(verb::delete_, "/v1/domains/vm1/disks/d1")).id == "d1");
+  CHECK(std::get<api::AddNicCmd>(
+            ok(verb::post, "/v1/domains/vm1/nics", R"({"id":"n1","mac":"52:54:00:12:34:56"})"))
+            .nic.mac == "52:54:00:12:34:56");
+  CHECK(std::get<api::RemoveNicCmd>(ok(verb::delete_, "/v1/domains/vm1/nics/n1")).id == "n1");
+  CHECK(std::get<api::SetVncCmd>(
+            ok(verb::put, "/v1/domains/vm1/vnc", R"({"listen":"unix:/run/v.sock"})"))
+            .vnc.listen == "unix:/run/v.sock");
+  CHECK(std::holds_alternative<api::RemoveVncCmd>(ok(verb::delete_, "/v1/domains/vm1/vnc")));
+  CHECK(std::get<api::SaveCmd>(
+            ok(verb::post, "/v1/domains/vm1/save", R"({"path":"/srv/s/vm1.state"})"))
+            .path == "/srv/s/vm1.state");
+  auto restore = std::get<api::RestoreCmd>(
+      ok(verb::post, "/v1/domains/restore", R"({"path":"/srv/s/vm1.state","name":"vm2"})"));
+  CHECK(restore.request.name == "vm2");
+  CHECK(std::get<api::MigrateCmd>(
+            ok(verb::post, "/v1/domains/vm1/migrate", R"({"to":"unix:/run/b2.sock"})"))
+            .name == "vm1");
+  auto q =
+      std::get<api::QmpCmd>(ok(verb::post, "/v1/domains/vm1/qmp", R"({"execute":"query-status"})"));
+  CHECK(q.command.as_object().at("execute") == "query-status");
+  CHECK(std::get<api::WatchEvents>(ok(verb::get, "/v1/events")).domain.empty());
+  CHECK(std::get<api::WatchEvents>(ok(verb::get, "/v1/events?domain=vm1")).domain == "vm1");
+}
+
+TEST_CASE("a domain named like a literal route segment is still a domain", "[api][router]") {
+  CHECK(std::get<api::GetDomain>(ok(verb::get, "/v1/domains/restore")).name == "restore");
+  CHECK(std::holds_alternative<api::RestoreCmd>(
+      ok(verb::post, "/v1/domains/restore", R"({"path":"/s","name":"restore"})")));
+}
+
+TEST_CASE("unknown paths are 404 and wrong methods 405 with the allowed ones", "[api][router]") {
+  auto e = refused(verb::get, "/v1/nothing");
+  CHECK(e.code == api::errc::no_route);
+  CHECK(status_of(e) == status::not_found);
+  CHECK(refused(verb::get, "/v1/domains/").code == api::errc::no_route);
+  CHECK(refused(verb::get, "/v2/domains").code == api::errc::no_route);
+  CHECK(refused(verb::get, "v1/domains").code == api::errc::bad_request);
+
+  auto m = refused(verb::patch, "/v1/domains/vm1");
+  CHECK(m.code == api::errc::method_not_allowed);
+  CHECK(status_of(m) == status::method_not_allowed);
+  auto allowed = api::allowed_methods("/v1/domains/vm1");
+  CHECK(allowed == std::vector<verb>{verb::get, verb::delete_});
+  CHECK(refused(verb::get, "/v1/domains/vm1/pause").code == api::errc::method_not_allowed);
+}
+
+TEST_CASE("malformed JSON and wrong types are 400 naming the field", "[api][router][bad-input]") {
+  auto e = refused(verb::post, "/v1/domains", R"({"name": "vm1", )");
+  CHECK(e.code == api::errc::malformed_json);
+  CHECK(e.field == "body");
+  CHECK(status_of(e) == status::bad_request);
+  CHECK(e.message.find("byte") != std::string::npos);
+
+  CHECK(refused(verb::post, "/v1/domains", R"({"name":"a"} trailing)").code ==
+        api::errc::malformed_json);
+  CHECK(refused(verb::post, "/v1/domains", "\xff\xfe").code == api::errc::malformed_json);
+  // Deep nesting is refused by the parser, not by the stack.
+  std::string deep(10000, '[');
+  CHECK(refused(verb::post, "/v1/domains", deep).code == api::errc::malformed_json);
+
+  auto t = refused(verb::post, "/v1/domains", R"({"name":"vm1","memory_mib":"lots"})");
+  CHECK(t.code == broker::errc::invalid_argument);
+  CHECK(t.field == "memory_mib");
+  auto arr = refused(verb::post, "/v1/domains", "[1,2]");
+  CHECK(arr.field == "body");
+  auto b = refused(verb::put, "/v1/domains/vm1/cdroms/cd0/medium", R"({"path":42})");
+  CHECK(b.field == "path");
+  auto f =
+      refused(verb::put, "/v1/domains/vm1/cdroms/cd0/medium", R"({"path":"/x","force":"yes"})");
+  CHECK(f.field == "force");
+  auto missing = refused(verb::put, "/v1/domains/vm1/cdroms/cd0/medium", "");
+  CHECK(missing.code == broker::errc::invalid_argument);
+}
+
+TEST_CASE("unknown fields and query parameters are refused by name", "[api][router][bad-input]") {
+  auto e = refused(verb::post, "/v1/domains", R"({"name":"vm1","memory":128})");
+  CHECK(e.field == "memory");
+  CHECK(e.message.find("unknown field") != std::string::npos);
+  CHECK(refused(verb::post, "/v1/domains",
+                R"({"name":"vm1","kernel":"/k","disks":[{"id":"d","path":"/x","cache":"none"}]})")
+            .field == "disks[0].cache");
+  CHECK(refused(verb::post, "/v1/domains/vm1/pause", R"({"now":true})").field == "now");
+  CHECK(refused(verb::post, "/v1/domains/vm1/pause", R"("please")").field == "body");
+  CHECK(refused(verb::get, "/v1/domains/vm1?verbose=1").field == "verbose");
+  CHECK(refused(verb::get, "/v1/domains/vm1?live=maybe").field == "live");
+  CHECK(refused(verb::get, "/v1/events?domain=../x").field == "domain");
+  CHECK(refused(verb::post, "/v1/domains/vm1/qmp", R"({"execute":"query-status","id":1})").field ==
+        "id");
+}
+
+TEST_CASE("path traversal in names and paths is refused", "[api][router][bad-input]") {
+  for (std::string target :
+       {"/v1/domains/..", "/v1/domains/.", "/v1/domains/..%2F..%2Fetc%2Fpasswd",
+        "/v1/domains/vm1%00", "/v1/domains/%2e%2e", "/v1/domains/a%2Fb/pause"}) {
+    auto r =
+        api::route(target.find("pause") != std::string::npos ? verb::post : verb::get, target, {});
+    INFO(target);
+    REQUIRE_FALSE(r);
+    CHECK(status_of(r.error()) == status::bad_request);
+  }
+  CHECK(refused(verb::get, "/v1/domains/..%2F..%2Fetc").field == "name");
+  CHECK(refused(verb::delete_, "/v1/domains/vm1/disks/..").field == "id");
+  // ".." as its own segments is a path no route has, not a walk up the tree.
+  CHECK(refused(verb::get, "/v1/domains/vm1/../../version").code == api::errc::no_route);
+  CHECK(refused(verb::get, "/v1/domains/%zz").code == api::errc::bad_request);
+  // Image paths must be absolute; the image roots (openat2 RESOLVE_BENEATH) do the rest.
+  CHECK(refused(verb::put, "/v1/domains/vm1/cdroms/cd0/medium", R"({"path":"../../etc/shadow"})")
+            .field == "path");
+}
+
+TEST_CASE("the QMP passthrough refuses fd commands and capability negotiation", "[api][router]") {
+  for (const char* cmd : {"add-fd", "getfd", "closefd", "remove-fd", "qmp_capabilities"}) {
+    auto e = refused(verb::post, "/v1/domains/vm1/qmp",
+                     std::string(R"({"execute":")") + cmd + R"(","arguments":{}})");
+    INFO(cmd);
+    CHECK(e.code == broker::errc::forbidden);
+    CHECK(status_of(e) == status::forbidden);
+    CHECK(e.field == "execute");
+  }
+  CHECK(refused(verb::post, "/v1/domains/vm1/qmp", R"({"arguments":{}})").field == "execute");
+  CHECK(refused(verb::post, "/v1/domains/vm1/qmp", R"({"execute":"x","arguments":[]})").field ==
+        "arguments");
+}
+
+TEST_CASE("every error code of every module has a status and a name", "[api][errors]") {
+  auto all_mapped = [](const std::error_category& cat, int last) {
+    for (int i = 1; i <= last; ++i) {
+      auto c = api::classify(std::error_code(i, cat));
+      INFO(cat.name() << " " << i << " " << cat.message(i));
+      CHECK(c.code != "unmapped");
+      CHECK(static_cast<int>(c.status) >= 400);
+    }
+  };
+  all_mapped(broker::category(), static_cast<int>(broker::errc::internal));
+  all_mapped(broker::lifecycle::category(),
+             static_cast<int>(broker::lifecycle::errc::cgroup_unavailable));
+  all_mapped(fdpass::category(), static_cast<int>(fdpass::errc::invalid_argument));
+  all_mapped(qmp::category(), static_cast<int>(qmp::errc::busy));
+  all_mapped(api::category(), static_cast<int>(api::errc::shutting_down));
+
+  using B = broker::errc;
+  CHECK(api::classify(B::invalid_argument).status == status::bad_request);
+  CHECK(api::classify(B::not_found).status == status::not_found);
+  CHECK(api::classify(B::busy).status == status::conflict);
+  CHECK(api::classify(B::already_exists).status == status::conflict);
+  CHECK(api::classify(B::qemu_timeout).status == status::gateway_timeout);
+  CHECK(api::classify(B::qemu_error).status == status::bad_gateway);
+  CHECK(api::classify(B::not_implemented).status == status::not_implemented);
+  CHECK(api::classify(fdpass::errc::outside_roots).status == status::bad_request);
+  CHECK(api::classify(fdpass::errc::not_found).status == status::not_found);
+  CHECK(api::classify(fdpass::errc::symlink).code == "symlink");
+  CHECK(api::classify(std::error_code(ENOENT, std::system_category())).code == "ENOENT");
+  CHECK(api::classify(std::error_code(ENOENT, std::system_category())).status == status::not_found);
+  CHECK(api::classify(api::errc::body_too_large).status == status::payload_too_large);
+  CHECK(api::classify(api::errc::header_too_large).status ==
+        status::request_header_fields_too_large);
+  CHECK(api::classify(api::errc::request_timeout).status == status::request_timeout);
+  CHECK(api::classify(api::errc::too_many_connections).status == status::service_unavailable);
+  CHECK(api::classify(api::errc::unauthorized_peer).status == status::forbidden);
+}
+
+TEST_CASE("errors render as the documented JSON shape with QMP class and desc", "[api][render]") {
+  broker::Error e(make_error_code(broker::errc::qemu_error), "device_add d1: Duplicate ID");
+  e.qmp_class = "GenericError";
+  e.qmp_desc = "Duplicate device ID 'd1'";
+  auto res = api::render(api::failure(e), 11, true);
+  CHECK(res.result() == status::bad_gateway);
+  CHECK(res[boost::beast::http::field::content_type] == "application/json");
+  auto body = json::parse(res.body()).as_object();
+  const auto& err = body.at("error").as_object();
+  CHECK(err.at("code") == "qemu_error");
+  CHECK(err.at("message") == "device_add d1: Duplicate ID");
+  CHECK(err.at("qmp").as_object().at("class") == "GenericError");
+  CHECK(err.at("qmp").as_object().at("desc") == "Duplicate device ID 'd1'");
+  CHECK_FALSE(err.contains("field"));
+
+  auto f =
+      api::render(api::failure(broker::field_error("memory_mib", "must be 16-65536")), 11, false);
+  auto fb = json::parse(f.body()).as_object().at("error").as_object();
+  CHECK(fb.at("field") == "memory_mib");
+  CHECK(fb.at("code") == "invalid_argument");
+  CHECK_FALSE(fb.contains("qmp"));
+  CHECK_FALSE(f.keep_alive());
+}
+
+TEST_CASE("outcomes render domains and kill reports and events", "[api][render]") {
+  broker::DomainInfo info;
+  info.name = "vm1";
+  info.state = broker::RunState::running;
+  info.uid = 3'103'001;
+  info.pid = 42;
+  auto created = api::render(api::domain_outcome(info, status::created), 11, true);
+  CHECK(created.result() == status::created);
+  CHECK(created[boost::beast::http::field::location] == "/v1/domains/vm1");
+  auto d = json::parse(created.body()).as_object();
+  CHECK(d.at("name") == "vm1");
+  CHECK(d.at("state") == "running");
+  CHECK(d.at("uid") == 3'103'001);
+
+  broker::lifecycle::KillReport k;
+  k.uid = 3'103'001;
+  k.found = 2;
+  k.rounds = 1;
+  k.method = "cgroup.kill+pidns-init+uid";
+  k.duration = std::chrono::microseconds(1500);
+  auto killed = json::parse(api::render(api::kill_outcome("vm1", k), 11, true).body()).as_object();
+  CHECK(killed.at("kill_report").as_object().at("found") == 2);
+  CHECK(killed.at("kill_report").as_object().at("duration_us") == 1500);
+
+  broker::BusEvent ev;
+  ev.seq = 7;
+  ev.domain = "vm1";
+  ev.kind = "qemu";
+  ev.name = "STOP";
+  auto frame = api::sse_frame(ev);
+  CHECK(frame.rfind("id: 7\nevent: qemu\ndata: {", 0) == 0);
+  CHECK(frame.substr(frame.size() - 2) == "\n\n");
+  CHECK(std::count(frame.begin(), frame.end(), '\n') == 4);
+}

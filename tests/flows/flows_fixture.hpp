@@ -1,0 +1,211 @@
+// A Broker for the flow tests: like tests/broker/BrokerFixture, plus an image root of the test's
+// own (and /dev, for loop devices), a transcript of every QMP line sent to QEMU, and helpers to
+// boot the test guest, query QEMU and snapshot what it holds.
+#pragma once
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <future>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/json.hpp>
+
+#include "broker/domain/broker.hpp"
+#include "broker/lifecycle/cgroup.hpp"
+#include "broker/lifecycle/launcher.hpp"
+#include "broker/lifecycle/reaper.hpp"
+#include "broker/lifecycle/uid_pool.hpp"
+#include "fdpass/opener.hpp"
+#include "support/asio_run.hpp"
+#include "support/broker_printers.hpp"
+#include "support/qemu.hpp"
+#include "support/support.hpp"
+
+namespace qbtest {
+
+using namespace std::chrono_literals;
+
+struct FlowsFixture {
+  TempDir images;  // the test's own image root
+  TempDir state;
+  TempDir run_dir;
+  broker::lifecycle::ForkingUidKiller killer;
+  broker::lifecycle::Reaper reaper;
+  broker::lifecycle::UidPool uids;
+  broker::lifecycle::CgroupManager cgroups;
+  fdpass::ImageRoots roots;
+  broker::lifecycle::Launcher launcher;
+  std::vector<std::string> transcript;  // every line sent to QEMU, in order
+  boost::asio::io_context io;
+  broker::Broker broker;
+
+  // `base` must be unique per test case; the range is base..base+7.
+  explicit FlowsFixture(uid_t base, broker::BrokerConfig config = {})
+      : reaper(killer, base),
+        uids({base, 8}, state.path(), reaper),
+        roots(*fdpass::ImageRoots::open({guest_dir(), images.path(), "/dev"})),
+        launcher(launcher_config(run_dir.path()), uids, cgroups, roots),
+        broker(io.get_executor(), with_state(std::move(config)), launcher, roots) {
+    become_subreaper();
+    uids.load();
+  }
+
+  static broker::lifecycle::LauncherConfig launcher_config(const std::string& dir) {
+    broker::lifecycle::LauncherConfig c;
+    c.run_dir = dir;
+    return c;
+  }
+
+  broker::BrokerConfig with_state(broker::BrokerConfig c) {
+    c.state_dir = state.path();
+    c.transcript = [this](qmp::Direction d, std::string_view line, bool) {
+      if (d == qmp::Direction::to_qemu) transcript.emplace_back(line);
+    };
+    return c;
+  }
+
+  template <class T>
+  T run(boost::asio::awaitable<T> task) {
+    return qbtest::run(io, std::move(task));
+  }
+
+  // Runs the io_context until `f` is ready (a client talking to a listener the broker serves).
+  template <class T>
+  T run_until(std::future<T>& f, std::chrono::milliseconds timeout = 20s) {
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (f.wait_for(0ms) != std::future_status::ready &&
+           std::chrono::steady_clock::now() < deadline) {
+      io.restart();
+      io.run_for(5ms);
+    }
+    return f.get();
+  }
+
+  static broker::CreateDomain guest(const std::string& name) {
+    broker::CreateDomain c;
+    c.spec.name = name;
+    c.spec.kernel = guest_kernel();
+    c.spec.initrd = guest_initrd();
+    c.spec.append = kGuestAppend;
+    c.spec.memory_mib = 128;
+    return c;
+  }
+
+  // Creates the domain paused, connects its console, resumes it and waits for the guest's
+  // prompt (connecting after a running create would miss the ready marker).
+  std::unique_ptr<GuestConsole> boot(broker::CreateDomain c) {
+    c.spec.paused = true;
+    std::string name = c.spec.name;
+    auto info = run(broker.create(std::move(c)));
+    REQUIRE(info);
+    auto fd = connect_retry(info->console, 10s);
+    REQUIRE(fd);
+    auto console = std::make_unique<GuestConsole>(std::move(fd));
+    REQUIRE(run(broker.resume(name)));
+    REQUIRE(console->wait_ready(90s));
+    return console;
+  }
+
+  // A QMP query through the administrators' passthrough.
+  boost::json::value qmp(const std::string& domain, const std::string& command,
+                         boost::json::object args = {}) {
+    boost::json::object o{{"execute", command}};
+    if (!args.empty()) o["arguments"] = std::move(args);
+    auto r = run(broker.qmp_passthrough(domain, std::move(o)));
+    INFO(command << ": " << (r ? std::string("ok") : r.error().describe()));
+    REQUIRE(r);
+    return *r;
+  }
+
+  pid_t pid_of(const std::string& domain) {
+    auto i = run(broker.info(domain, false));
+    REQUIRE(i);
+    return i->pid;
+  }
+
+  // What QEMU holds, as the leak checks read it.
+  struct Snapshot {
+    std::set<std::string> devices;   // qom-list /machine/peripheral children
+    std::set<std::string> nodes;     // query-named-block-nodes
+    std::set<std::string> backends;  // query-block: qdev=node
+    std::set<std::string> fdsets;    // query-fdsets: id:fd:opaque
+    bool operator==(const Snapshot&) const = default;
+  };
+  Snapshot snapshot(const std::string& domain) {
+    Snapshot s;
+    const auto props = qmp(domain, "qom-list", {{"path", "/machine/peripheral"}});
+    for (const auto& p : props.as_array()) {
+      std::string type(p.at("type").as_string());
+      if (type.rfind("child<", 0) == 0) s.devices.insert(std::string(p.at("name").as_string()));
+    }
+    const auto nodes = qmp(domain, "query-named-block-nodes");
+    for (const auto& n : nodes.as_array()) {
+      s.nodes.insert(std::string(n.at("node-name").as_string()));
+    }
+    const auto block = qmp(domain, "query-block");
+    for (const auto& b : block.as_array()) {
+      const auto& o = b.as_object();
+      std::string qdev = o.contains("qdev") ? std::string(o.at("qdev").as_string()) : "";
+      std::string node = o.contains("inserted")
+                             ? std::string(o.at("inserted").at("node-name").as_string())
+                             : "-";
+      s.backends.insert(qdev + "=" + node);
+    }
+    const auto fdsets = qmp(domain, "query-fdsets");
+    for (const auto& f : fdsets.as_array()) {
+      for (const auto& fd : f.at("fds").as_array()) {
+        const auto& o = fd.as_object();
+        s.fdsets.insert(std::to_string(f.at("fdset-id").to_number<std::int64_t>()) + ":" +
+                        std::to_string(o.at("fd").to_number<std::int64_t>()) + ":" +
+                        (o.contains("opaque") ? std::string(o.at("opaque").as_string()) : ""));
+      }
+    }
+    return s;
+  }
+};
+
+inline std::string describe(const FlowsFixture::Snapshot& s) {
+  std::string out;
+  auto list = [&](const char* what, const std::set<std::string>& v) {
+    out += what;
+    out += ":";
+    for (const auto& x : v) out += " " + x;
+    out += "\n";
+  };
+  list("devices", s.devices);
+  list("nodes", s.nodes);
+  list("backends", s.backends);
+  list("fdsets", s.fdsets);
+  return out;
+}
+
+// An image file of `size` bytes with `marker` at offset 0 (and more markers at given offsets).
+inline void make_image(const std::string& path, std::size_t size, const std::string& marker,
+                       const std::vector<std::pair<std::size_t, std::string>>& more = {}) {
+  std::string data(size, '\0');
+  data.replace(0, marker.size(), marker);
+  for (const auto& [off, m] : more) data.replace(off, m.size(), m);
+  write_file(path, data);
+}
+
+inline std::string read_at(const std::string& path, std::size_t offset, std::size_t n) {
+  std::string out(n, '\0');
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  REQUIRE(fd >= 0);
+  ssize_t got = ::pread(fd, out.data(), n, static_cast<off_t>(offset));
+  ::close(fd);
+  REQUIRE(got == static_cast<ssize_t>(n));
+  return out;
+}
+
+inline int sh(const std::string& cmd) { return std::system(cmd.c_str()); }
+
+}  // namespace qbtest
