@@ -52,7 +52,7 @@ boost::asio::awaitable<void> drop_fdset(Context& ctx, Domain& d, std::int64_t fd
   if (fdset < 0) co_return;
   qmp::Command c = qmp::cmd::remove_fd(fdset);
   auto r = co_await call(ctx, d, std::move(c));
-  if (!r) log::warn("domain " + d.name() + ": " + r.error().describe());
+  if (!r) log::warn("leaving an fdset behind: " + r.error().describe());
 }
 
 }  // namespace

@@ -182,7 +182,7 @@ awaitable<void> Undo::run(Context& ctx, Domain& d) {
       continue;
     }
     auto r = co_await call(ctx, d, std::move(*s.cmd));
-    if (!r) log::warn("domain " + d.name() + ": rollback: " + r.error().describe());
+    if (!r) log::warn("rollback: " + r.error().describe());
   }
 }
 

@@ -203,7 +203,7 @@ awaitable<Result<void>> remove_disk(Context& ctx, Domain& d, std::string id, Pro
     if (set < 0) continue;
     qmp::Command c = qmp::cmd::remove_fd(set);
     auto r = co_await call(ctx, d, std::move(c));
-    if (!r) log::warn("domain " + d.name() + ": " + r.error().describe());
+    if (!r) log::warn("leaving an fdset behind: " + r.error().describe());
   }
   if (st.spec.bus == DiskBus::virtio) d.free_slot(st.slot);
   d.disks.erase(id);

@@ -75,7 +75,7 @@ TEST_CASE("a domain is created, runs, pauses, resumes and is destroyed by uid",
   }
 }
 
-TEST_CASE("a second domain with the same name is refused; a QEMU that dies is torn down by uid",
+TEST_CASE("a second domain with the same name is refused, and a QEMU that dies is torn down by uid",
           "[broker][privileged][qemu]") {
   QB_REQUIRE_ROOT();
   qbtest::BrokerFixture fx(kDupBase);

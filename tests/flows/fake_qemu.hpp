@@ -155,7 +155,10 @@ class FakeQemu {
         errors_.push_back(c.name + ": argument " + std::string(k) + " carries a path");
       }
     }
-    if (index == b_.fail_at) return err(p, c, b_.fail_class, "injected failure");
+    if (index == b_.fail_at) {
+      c.fds.clear();  // QEMU closes a refused fd before it answers
+      return err(p, c, b_.fail_class, "injected failure");
+    }
 
     if (c.name == "add-fd") {
       std::int64_t id = next_fdset_++;
