@@ -7,7 +7,7 @@ packages=(
   g++ cmake ninja-build pkg-config
   libboost1.81-dev libboost-json1.81-dev
   catch2
-  libxen-dev libsystemd-dev
+  libxen-dev libsystemd-dev libyaml-dev
   qemu-system-x86 qemu-utils busybox-static cpio kmod
   iproute2 iputils-ping curl procps python3
 )
