@@ -9,11 +9,19 @@
 #include <boost/beast/http.hpp>
 #include <boost/json.hpp>
 #include <cstring>
+#include <map>
+#include <utility>
 
 namespace qbtest::http {
 namespace beast = boost::beast;
 namespace json = boost::json;
 using Clock = std::chrono::steady_clock;
+
+namespace {
+// Bytes read past the end of one reply (a pipelined second reply), kept for the next read on the
+// same connection. connect() clears the entry of the fd number it hands out.
+thread_local std::map<int, std::string> g_leftover;
+}  // namespace
 
 std::string Reply::header(const std::string& name) const {
   std::string lower_headers = headers;
@@ -44,6 +52,7 @@ fdpass::UniqueFd connect(const std::string& path) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+  g_leftover.erase(fd.get());
   if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) return {};
   return fd;
 }
@@ -89,22 +98,28 @@ std::optional<Reply> read_reply(int fd, std::chrono::milliseconds timeout) {
   beast::http::response_parser<beast::http::string_body> parser;
   parser.eager(true);
   parser.body_limit(64u << 20);
-  std::string buf;
-  std::string raw_header;
+  std::string buf = std::exchange(g_leftover[fd], {});
+  std::string raw_header = buf;
+  bool first = true;
   while (!parser.is_done()) {
-    if (!wait_readable(fd, deadline)) return std::nullopt;
-    char tmp[65536];
-    ssize_t n = ::recv(fd, tmp, sizeof(tmp), 0);
-    if (n < 0 && errno == EINTR) continue;
     beast::error_code ec;
-    if (n <= 0) {
-      if (!buf.empty()) parser.put(boost::asio::buffer(buf), ec);
-      parser.put_eof(ec);
-      if (ec || !parser.is_done()) return std::nullopt;
-      break;
+    if (!first || buf.empty()) {
+      if (!wait_readable(fd, deadline)) return std::nullopt;
+      char tmp[65536];
+      ssize_t n = ::recv(fd, tmp, sizeof(tmp), 0);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        // The peer closed: only a reply without Content-Length may end here.
+        if (!parser.got_some()) return std::nullopt;
+        if (!buf.empty()) parser.put(boost::asio::buffer(buf), ec);
+        parser.put_eof(ec);
+        if (ec || !parser.is_done()) return std::nullopt;
+        break;
+      }
+      if (!parser.is_header_done()) raw_header.append(tmp, static_cast<std::size_t>(n));
+      buf.append(tmp, static_cast<std::size_t>(n));
     }
-    if (!parser.is_header_done()) raw_header.append(tmp, static_cast<std::size_t>(n));
-    buf.append(tmp, static_cast<std::size_t>(n));
+    first = false;
     while (!buf.empty() && !parser.is_done()) {
       std::size_t used = parser.put(boost::asio::buffer(buf), ec);
       buf.erase(0, used);
@@ -116,6 +131,7 @@ std::optional<Reply> read_reply(int fd, std::chrono::milliseconds timeout) {
       if (used == 0) break;
     }
   }
+  if (!buf.empty()) g_leftover[fd] = std::move(buf);
   Reply r;
   r.status = parser.get().result_int();
   r.body = parser.get().body();
@@ -128,6 +144,7 @@ std::optional<Reply> read_reply(int fd, std::chrono::milliseconds timeout) {
 }
 
 bool closed_within(int fd, std::chrono::milliseconds timeout) {
+  g_leftover.erase(fd);
   auto deadline = Clock::now() + timeout;
   for (;;) {
     if (!wait_readable(fd, deadline)) return false;
