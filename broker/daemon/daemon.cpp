@@ -226,6 +226,7 @@ int run(const DaemonOptions& o) {
     io.run_for(10ms);
   }
   io.stop();
+  cgroups.remove_base_if_empty();
   log::info("stopped");
   return failed ? 1 : 0;
 }

@@ -52,7 +52,8 @@ json::value state_to_json(const Domain& d) {
                     {"accel", lifecycle::to_string(i.accel)},
                     {"qmp", i.qmp_path},
                     {"console", i.console_path},
-                    {"log", i.log_path}};
+                    {"log", i.log_path},
+                    {"cgroup", i.cgroup_name}};
   json::array cds, disks, nics;
   for (const auto& [id, cd] : d.cdroms) {
     cds.push_back(json::object{{"id", id}, {"path", cd.path}, {"fdset", cd.fdset}, {"slot", cd.slot},
@@ -117,6 +118,7 @@ Result<std::shared_ptr<Domain>> domain_from_json(const json::value& v) {
     inst.qmp_path = str(ji, "qmp");
     inst.console_path = str(ji, "console");
     inst.log_path = str(ji, "log");
+    inst.cgroup_name = ji.contains("cgroup") ? str(ji, "cgroup") : std::string();
     for (const auto& c : o.at("cdroms").as_array()) {
       const auto& co = c.as_object();
       CdromState cd;

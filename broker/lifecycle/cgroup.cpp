@@ -4,6 +4,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <dirent.h>
+
 #include <cerrno>
 #include <fstream>
 #include <sstream>
@@ -51,6 +53,8 @@ bool Cgroup::populated() const {
   return events && events->find("populated 1") != std::string::npos;
 }
 
+std::string Cgroup::name() const { return path_.substr(path_.rfind('/') + 1); }
+
 Result<void> Cgroup::remove() {
   if (path_.empty()) return {};
   dir_.reset();
@@ -91,13 +95,18 @@ CgroupManager::CgroupManager(std::string root, std::string group) {
 
 Result<Cgroup> CgroupManager::create(const std::string& name, const CgroupLimits& limits) {
   if (!available()) return Error(make_error_code(errc::cgroup_unavailable), why_);
+  retry_retired();
   Cgroup cg;
   cg.path_ = base_ + "/" + name;
-  if (::mkdir(cg.path_.c_str(), 0755) != 0 && errno != EEXIST) {
+  if (::mkdir(cg.path_.c_str(), 0755) != 0) {
     return make_error({errno, std::system_category()}, "creating cgroup " + cg.path_);
   }
   cg.dir_.reset(::open(cg.path_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!cg.dir_) return make_error({errno, std::system_category()}, "opening cgroup " + cg.path_);
+  if (!cg.dir_) {
+    auto e = make_error({errno, std::system_category()}, "opening cgroup " + cg.path_);
+    ::rmdir(cg.path_.c_str());
+    return e;
+  }
   auto apply = [&](const char* file, std::uint64_t value) {
     if (value == 0 || !limits_supported_) return;
     if (!write_text(cg.path_ + "/" + file, std::to_string(value))) {
@@ -116,6 +125,60 @@ std::optional<Cgroup> CgroupManager::open(const std::string& name) {
   cg.dir_.reset(::open(cg.path_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (!cg.dir_) return std::nullopt;
   return cg;
+}
+
+bool CgroupManager::retire(Cgroup& cgroup) {
+  if (cgroup.path_.empty()) return true;
+  auto name = cgroup.name();
+  auto removed = cgroup.remove();
+  if (removed) return true;
+  log::info(removed.error().describe() + "; retried later");
+  cgroup.path_.clear();
+  std::lock_guard lock(mutex_);
+  retired_.insert(name);
+  return false;
+}
+
+void CgroupManager::retry_retired() {
+  std::lock_guard lock(mutex_);
+  for (auto it = retired_.begin(); it != retired_.end();) {
+    auto path = base_ + "/" + *it;
+    if (::rmdir(path.c_str()) == 0 || errno == ENOENT) {
+      it = retired_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void CgroupManager::sweep(const std::string& prefix, const std::set<std::string>& keep) {
+  if (!available()) return;
+  std::vector<std::string> stale;
+  if (DIR* dir = ::opendir(base_.c_str())) {
+    while (dirent* e = ::readdir(dir)) {
+      std::string name = e->d_name;
+      if (e->d_type == DT_DIR && name.starts_with(prefix) && !keep.contains(name)) {
+        stale.push_back(std::move(name));
+      }
+    }
+    ::closedir(dir);
+  }
+  {
+    std::lock_guard lock(mutex_);
+    retired_.insert(stale.begin(), stale.end());
+  }
+  retry_retired();
+}
+
+bool CgroupManager::remove_base_if_empty() {
+  if (!available()) return false;
+  retry_retired();
+  return ::rmdir(base_.c_str()) == 0 || errno == ENOENT;
+}
+
+std::vector<std::string> CgroupManager::retired() const {
+  std::lock_guard lock(mutex_);
+  return {retired_.begin(), retired_.end()};
 }
 
 }  // namespace broker::lifecycle

@@ -3,13 +3,21 @@
 // cgroup.kill, which kills everything inside it at once, whatever uid it runs as. Memory and pid
 // limits are written when those controllers are enabled; when they are not (a hybrid v1/v2 host,
 // as on these machines), the cgroup still gives cgroup.kill and the log says what is missing.
+//
+// Every instance gets a cgroup of its own, never reused: a QEMU that was re-adopted after a
+// restart is not the broker's child, so once killed it stays a zombie until PID 1 reaps it, and
+// its cgroup cannot be removed meanwhile. Such a cgroup is retired: the manager retries the
+// removal later, and nothing new is ever placed in it.
 #pragma once
 
 #include <sys/types.h>
 
 #include <cstdint>
+#include <mutex>
 #include <optional>
+#include <set>
 #include <string>
+#include <vector>
 
 #include "broker/core/error.hpp"
 #include "fdpass/unique_fd.hpp"
@@ -25,6 +33,8 @@ class Cgroup {
  public:
   Cgroup() = default;
   const std::string& path() const { return path_; }
+  // The directory's name below the manager's base.
+  std::string name() const;
   fdpass::BorrowedFd dir() const { return dir_; }
   bool valid() const { return dir_.valid(); }
 
@@ -50,15 +60,31 @@ class CgroupManager {
   const std::string& base() const { return base_; }
   const std::string& why_unavailable() const { return why_; }
 
-  // Creates (or reuses) base/<name> and applies the limits that the hierarchy supports.
+  // Creates base/<name>, which must not exist yet, and applies the limits that the hierarchy
+  // supports. Retired cgroups are retried first.
   Result<Cgroup> create(const std::string& name, const CgroupLimits& limits);
   // Opens an existing cgroup (after a restart).
   std::optional<Cgroup> open(const std::string& name);
+  // Removes the cgroup; one that is still busy (a zombie not yet reaped by its parent) is kept
+  // and retried by later calls. Returns false when the removal had to be deferred.
+  bool retire(Cgroup& cgroup);
+  // Removes every cgroup below the base whose name starts with `prefix` and is not in `keep`
+  // (left behind by an earlier broker); busy ones are retired.
+  void sweep(const std::string& prefix, const std::set<std::string>& keep);
+  // Removes the base when no domain cgroup is left below it (a broker that stops with domains
+  // running keeps it). Returns true when it is gone.
+  bool remove_base_if_empty();
+  // The cgroups whose removal is still pending.
+  std::vector<std::string> retired() const;
 
  private:
+  void retry_retired();
+
   std::string base_;
   std::string why_;
   bool limits_supported_ = false;
+  mutable std::mutex mutex_;
+  std::set<std::string> retired_;  // names below base_
 };
 
 }  // namespace broker::lifecycle

@@ -4,11 +4,13 @@
 #include <grp.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <sys/random.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <functional>
 
 #include "broker/core/atomic_file.hpp"
@@ -28,7 +30,18 @@ constexpr int kFirstColdFd = 5;
 
 std::error_code errno_code() { return {errno, std::system_category()}; }
 
-std::string cgroup_name(const std::string& domain) { return "dom-" + domain; }
+constexpr const char* kCgroupPrefix = "dom-";
+
+// A name no earlier instance had: "dom-<domain>-<64 random bits>".
+std::string fresh_cgroup_name(const std::string& domain) {
+  std::uint64_t id = 0;
+  if (::getrandom(&id, sizeof(id), 0) != static_cast<ssize_t>(sizeof(id))) {
+    id = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+  }
+  char hex[17];
+  std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(id));
+  return kCgroupPrefix + domain + "-" + hex;
+}
 
 // Reaps a child through its pidfd, if it has exited or once it does.
 void reap(const fdpass::UniqueFd& pidfd) {
@@ -169,11 +182,13 @@ Result<Instance> Launcher::start(const DomainSpec& spec, const std::vector<ColdF
     // Guest RAM plus room for QEMU itself.
     limits.memory_bytes = (static_cast<std::uint64_t>(spec.memory_mib) + 256) << 20;
     limits.pids = config_.limits.nproc;
-    // Named after the domain, not the uid: in shared-uid mode every domain has the same uid.
-    auto cg = cgroups_.create(cgroup_name(spec.name), limits);
+    // Named after the domain, not the uid (in shared-uid mode every domain has the same uid),
+    // and fresh for this instance: never one an earlier QEMU of the same name may still occupy.
+    auto cg = cgroups_.create(fresh_cgroup_name(spec.name), limits);
     if (!cg) return cg.error();
     inst.cgroup = std::move(*cg);
-    undo.push([&inst] { (void)inst.cgroup.remove(); });
+    inst.cgroup_name = inst.cgroup.name();
+    undo.push([this, &inst] { cgroups_.retire(inst.cgroup); });
   } else if (config_.use_cgroup) {
     log::info("domain " + spec.name + ": no cgroup (" + cgroups_.why_unavailable() + ")");
   }
@@ -254,9 +269,7 @@ Result<KillReport> Launcher::destroy(Instance& inst) {
     inst.pidfd.reset();
     method += "uid";
   }
-  if (inst.cgroup.valid()) {
-    if (auto removed = inst.cgroup.remove(); !removed) log::warn(removed.error().describe());
-  }
+  cgroups_.retire(inst.cgroup);
   if (auto released = uids_.release(inst.uid); !released) return released.error();
   remove_files(inst.name);
   report.method = method;
@@ -266,15 +279,16 @@ Result<KillReport> Launcher::destroy(Instance& inst) {
 }
 
 void Launcher::reattach(Instance& inst) {
-  if (auto cg = cgroups_.open(cgroup_name(inst.name))) inst.cgroup = std::move(*cg);
+  if (inst.cgroup_name.empty()) return;
+  if (auto cg = cgroups_.open(inst.cgroup_name)) inst.cgroup = std::move(*cg);
 }
 
-Result<KillReport> Launcher::destroy_uid(uid_t uid, const std::string& name) {
-  Instance inst;
-  inst.uid = uid;
-  inst.name = name;
-  if (auto cg = cgroups_.open(cgroup_name(name))) inst.cgroup = std::move(*cg);
-  return destroy(inst);
+void Launcher::sweep_cgroups(const std::vector<const Instance*>& live) {
+  std::set<std::string> keep;
+  for (const auto* inst : live) {
+    if (!inst->cgroup_name.empty()) keep.insert(inst->cgroup_name);
+  }
+  cgroups_.sweep(kCgroupPrefix, keep);
 }
 
 }  // namespace broker::lifecycle

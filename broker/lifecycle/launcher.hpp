@@ -51,6 +51,7 @@ struct Instance {
   fdpass::UniqueFd pidfd;
   unsigned long long start_time = 0;  // /proc/<pid>/stat field 22, for re-adoption
   Cgroup cgroup;
+  std::string cgroup_name;  // recorded, so a restarted broker re-opens this instance's cgroup
   Accel accel = Accel::tcg;
   std::string qmp_path;      // the listener QEMU holds; the broker connects here
   std::string console_path;  // serial console listener
@@ -73,8 +74,8 @@ class Launcher {
   // Re-opens the cgroup of an instance recorded by an earlier broker.
   void reattach(Instance& instance);
 
-  // Kills a uid whose instance is gone (restart recovery), then releases it.
-  Result<KillReport> destroy_uid(uid_t uid, const std::string& name);
+  // Removes the domain cgroups left by an earlier broker that belong to none of `live`.
+  void sweep_cgroups(const std::vector<const Instance*>& live);
 
   const LauncherConfig& config() const { return config_; }
   Accel detect_accel(Accel wanted) const;

@@ -176,7 +176,7 @@ TEST_CASE("a started domain runs jailed: uid, groups, seccomp, namespaces, root,
       row >> soft >> hard;
       return soft + "/" + hard;
     };
-    CHECK(limit("Max file size") == "262144/262144");
+    CHECK(limit("Max file size") == "unlimited/unlimited");
     CHECK(limit("Max core file size") == "0/0");
     CHECK(limit("Max msgqueue size") == "0/0");
     CHECK(limit("Max file locks") == "0/0");
@@ -397,6 +397,57 @@ TEST_CASE("shared-uid mode runs every QEMU as one uid and tears one down without
   CHECK(::kill(a->pid, 0) != 0);        // gone
   CHECK(::kill(b->pid, 0) == 0);        // the other domain lives on
   CHECK(live_processes_of_uid("/proc", kSharedBase + 1) >= 1);
+  // A new instance of a destroyed domain's name gets a cgroup of its own.
+  auto again = launcher.start(qbtest::LifecycleFixture::tiny_spec("sa"));
+  REQUIRE(again);
+  CHECK(again->cgroup_name.starts_with("dom-sa-"));
+  CHECK(again->cgroup_name != a->cgroup_name);
+  CHECK(again->cgroup_name != b->cgroup_name);
+  REQUIRE(launcher.destroy(*again));
   REQUIRE(launcher.destroy(*b));
   CHECK(wait_until([] { return live_processes_of_uid("/proc", kSharedBase + 1) == 0; }, 5s));
+  CHECK(cgroups.retired().empty());
+}
+
+TEST_CASE("a busy domain cgroup is retired, never reused, and removed once it empties",
+          "[lifecycle][privileged]") {
+  QB_REQUIRE_ROOT();
+  CgroupManager cgroups({}, "qbroker-test-" + std::to_string(::getpid()));
+  if (!cgroups.available()) {
+    WARN("skipped: " << cgroups.why_unavailable());
+    return;
+  }
+  auto cg = cgroups.create("dom-busy-1", {});
+  REQUIRE(cg);
+  const std::string path = cg->path();
+  // Creating the same name again is refused: an instance never shares a cgroup.
+  auto twice = cgroups.create("dom-busy-1", {});
+  REQUIRE_FALSE(twice);
+  CHECK(twice.error().code == std::errc::file_exists);
+  pid_t child = ::fork();
+  if (child == 0) {
+    for (;;) ::pause();
+  }
+  {
+    std::ofstream procs(path + "/cgroup.procs");
+    procs << child;
+  }
+  CHECK(cg->populated());
+  CHECK_FALSE(cgroups.retire(*cg));  // still busy: deferred
+  CHECK(cgroups.retired() == std::vector<std::string>{"dom-busy-1"});
+  CHECK(std::filesystem::exists(path));
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+  // The next create retries what was retired.
+  auto next = cgroups.create("dom-busy-2", {});
+  REQUIRE(next);
+  CHECK(cgroups.retired().empty());
+  CHECK_FALSE(std::filesystem::exists(path));
+  // A sweep removes what no live instance owns, and keeps what one does.
+  REQUIRE(std::filesystem::create_directory(cgroups.base() + "/dom-stale-1"));
+  cgroups.sweep("dom-", {"dom-busy-2"});
+  CHECK_FALSE(std::filesystem::exists(cgroups.base() + "/dom-stale-1"));
+  CHECK(std::filesystem::exists(next->path()));
+  CHECK(cgroups.retire(*next));
+  CHECK(::rmdir(cgroups.base().c_str()) == 0);
 }
