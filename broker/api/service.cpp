@@ -52,51 +52,19 @@ awaitable<Outcome> Service::current(const std::string& name, http::status status
   co_return domain_outcome(*info, status);
 }
 
-awaitable<void> Service::probe_qemu() {
-  if (probing_) co_return;
-  probing_ = true;
-  for (const auto& d : broker_.list()) {
-    if (d.state != RunState::running && d.state != RunState::paused) continue;
-    json::object query_version;
-    query_version["execute"] = "query-version";
-    auto version = co_await broker_.qmp_passthrough(d.name, std::move(query_version));
-    if (!version) continue;
-    auto v = qmp::reply::version(*version);
-    if (!v) continue;
-    json::object query_schema;
-    query_schema["execute"] = "query-qmp-schema";
-    auto schema = co_await broker_.qmp_passthrough(d.name, std::move(query_schema));
-    if (!schema) continue;
-    json::object query_options;
-    query_options["execute"] = "query-command-line-options";
-    query_options["arguments"] = json::object{{"option", json::string("run-with")}};
-    auto run_with = co_await broker_.qmp_passthrough(d.name, std::move(query_options));
-    auto caps = qmp::derive_capabilities(*v, *schema, run_with ? &*run_with : nullptr);
-    if (!caps) {
-      log::warn("QEMU capabilities from " + d.name + ": " + caps.error().message);
-      continue;
-    }
-    json::object q;
-    q["version"] = v->to_string();
-    q["package"] = v->package;
-    q["capabilities"] = capabilities_json(*caps);
-    qemu_ = std::move(q);
-    probed_from_ = d.name;
-    break;
-  }
-  probing_ = false;
-}
-
 awaitable<Outcome> Service::run(GetVersion&) {
-  if (!qemu_) co_await probe_qemu();
   json::object q{{"binary", config_.qemu_binary}};
-  if (qemu_) {
-    for (const auto& kv : *qemu_) q[kv.key()] = kv.value();
-    q["probed_from"] = probed_from_;
+  auto probed = co_await broker_.qemu_capabilities();
+  if (probed) {
+    const auto& caps = *probed->caps;
+    q["version"] = caps.version.to_string();
+    q["package"] = caps.version.package;
+    q["capabilities"] = capabilities_json(caps);
+    q["probed_from"] = probed->probed_from;
   } else {
     q["version"] = nullptr;
     q["capabilities"] = nullptr;
-    q["note"] = "QEMU is probed over QMP once a domain runs; no domain runs yet";
+    q["note"] = "QEMU is probed over QMP once a domain runs: " + probed.error().describe();
   }
   co_return version_outcome(std::move(q));
 }

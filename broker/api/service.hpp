@@ -51,13 +51,9 @@ class Service {
   boost::asio::awaitable<Outcome> current(const std::string& name,
                                           http::status status = http::status::ok);
   // Reads QEMU's version and capabilities once, through a running domain's monitor.
-  boost::asio::awaitable<void> probe_qemu();
 
   Broker& broker_;
   ServiceConfig config_;
-  std::optional<boost::json::object> qemu_;  // probed version and capabilities
-  std::string probed_from_;
-  bool probing_ = false;
 };
 
 }  // namespace broker::api

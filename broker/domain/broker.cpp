@@ -75,10 +75,13 @@ Broker::Broker(asio::any_io_executor ex, BrokerConfig config, lifecycle::Launche
   make_dirs(domains_dir(config_));
 }
 
-Broker::~Broker() { pool_.join(); }
+Broker::~Broker() {
+  pool_.join();
+  state_writer_.join();
+}
 
 template <class F>
-auto Broker::blocking(F&& f) -> awaitable<std::invoke_result_t<F&>> {
+auto Broker::blocking(F&& f, asio::thread_pool* pool) -> awaitable<std::invoke_result_t<F&>> {
   // `f` runs on the lifecycle thread; it wakes this coroutine by posting a timer cancel back to
   // the broker's executor. The result lives in this frame, which outlives the wait. `f` is taken
   // by reference (the caller's temporary lives until the co_await completes) and moved into the
@@ -86,7 +89,7 @@ auto Broker::blocking(F&& f) -> awaitable<std::invoke_result_t<F&>> {
   // mis-copies closures with non-trivial members that are created inside a coroutine.
   std::optional<std::invoke_result_t<F&>> result;
   auto done = std::make_shared<asio::steady_timer>(ex_, asio::steady_timer::time_point::max());
-  asio::post(pool_, [&result, f = std::forward<F>(f), done, ex = ex_]() mutable {
+  asio::post(pool != nullptr ? *pool : pool_, [&result, f = std::forward<F>(f), done, ex = ex_]() mutable {
     result.emplace(f());
     asio::post(ex, [done] { done->cancel(); });
   });
@@ -104,16 +107,24 @@ Result<std::shared_ptr<Domain>> Broker::find(const std::string& name) const {
   return it->second;
 }
 
-void Broker::persist(const Domain& d) {
-  if (auto ec = write_file_atomic(domains_dir(config_), d.name() + ".json",
-                                  json::serialize(state_to_json(d)))) {
-    log::error("domain " + d.name() + ": cannot write state: " + ec.message());
-  }
+awaitable<void> Broker::persist(const Domain& d) {
+  struct Write {
+    std::string dir, file, text;
+  } w{domains_dir(config_), d.name() + ".json", json::serialize(state_to_json(d))};
+  Write* p = &w;
+  auto ec = co_await blocking([p] { return write_file_atomic(p->dir, p->file, p->text); },
+                              &state_writer_);
+  if (ec) log::error("domain " + d.name() + ": cannot write state: " + ec.message());
 }
 
-void Broker::forget(const std::string& name) {
-  remove_file_durable(domains_dir(config_), name + ".json");
+awaitable<void> Broker::forget(const std::string& name) {
   domains_.erase(name);
+  struct Remove {
+    std::string dir, file;
+  } r{domains_dir(config_), name + ".json"};
+  Remove* p = &r;
+  auto ec = co_await blocking([p] { return remove_file_durable(p->dir, p->file); }, &state_writer_);
+  if (ec) log::error("domain " + name + ": cannot remove state: " + ec.message());
 }
 
 awaitable<Result<json::value>> Broker::qmp_call(Domain& d, qmp::Command c) {
@@ -188,7 +199,7 @@ awaitable<Result<lifecycle::KillReport>> Broker::teardown(std::shared_ptr<Domain
     co_return report.error();
   }
   d->set_qmp(nullptr);
-  forget(d->name());
+  co_await forget(d->name());
   co_return std::move(*report);
 }
 
@@ -211,7 +222,7 @@ awaitable<Result<DomainInfo>> Broker::create(CreateDomain request) {
     co_return inst.error();
   }
   d->instance() = std::move(*inst);
-  persist(*d);
+  co_await persist(*d);
 
   auto fail = [&](Error e) -> awaitable<Result<DomainInfo>> {
     co_await teardown(d, false);
@@ -252,7 +263,7 @@ awaitable<Result<DomainInfo>> Broker::create(CreateDomain request) {
     if (!ok) co_return co_await fail(ok.error());
     d->set_state(RunState::running);
   }
-  persist(*d);
+  co_await persist(*d);
   events_.publish(name, "domain", "created",
                   {{"uid", d->instance().uid}, {"pid", d->instance().pid}});
   co_return co_await info(name, false);
@@ -316,7 +327,8 @@ std::vector<DomainInfo> Broker::list() const {
 }
 
 template <class T, class F>
-awaitable<Result<T>> Broker::run_job(std::string name, std::string job, std::string target, F flow) {
+awaitable<Result<T>> Broker::run_job(std::string name, std::string job, std::string target,
+                                     Journal journal, F flow) {
   auto found = find(name);
   if (!found) co_return found.error();
   auto d = *found;
@@ -327,101 +339,98 @@ awaitable<Result<T>> Broker::run_job(std::string name, std::string job, std::str
   auto guard = d->begin_job(job, target);
   if (!guard) co_return guard.error();
   // Journal the job before the first step, so a broker killed mid-flow can finish or undo it.
-  persist(*d);
+  if (journal == Journal::durable) co_await persist(*d);
   events_.publish(name, "job", "started", {{"job", job}, {"target", target}});
   Result<T> r = co_await flow(*d);
   guard->release();
-  if (domains_.contains(name)) persist(*d);
+  if (journal == Journal::durable && domains_.contains(name)) co_await persist(*d);
   json::object data{{"job", job}, {"ok", r.has_value()}};
   if (!r) data["error"] = r.error().describe();
   events_.publish(name, "job", "finished", std::move(data));
   co_return r;
 }
 
-awaitable<Result<void>> Broker::pause(std::string name) {
-  return run_job<void>(name, "pause", {}, [this](Domain& d) -> awaitable<Result<void>> {
-    if (d.state() == RunState::paused) {
-      co_return Error(make_error_code(errc::wrong_state), "domain " + d.name() + " is already paused");
+awaitable<Result<void>> Broker::command_job(std::string name, std::string job, qmp::Command command,
+                                            std::optional<RunState> refused_in,
+                                            std::optional<RunState> after) {
+  qmp::Command* cmd = &command;  // lives in this frame until the job is done
+  auto step = [this, cmd, refused_in, after](Domain& d) -> awaitable<Result<void>> {
+    if (refused_in && d.state() == *refused_in) {
+      co_return Error(make_error_code(errc::wrong_state),
+                      "domain " + d.name() + " is already " + std::string(to_string(*refused_in)));
     }
-    auto r = co_await qmp_call(d, qmp::cmd::stop());
+    auto r = co_await qmp_call(d, std::move(*cmd));
     if (!r) co_return r.error();
-    d.set_state(RunState::paused);
+    if (after) d.set_state(*after);
     co_return Result<void>{};
-  });
+  };
+  co_return co_await run_job<void>(std::move(name), std::move(job), {}, Journal::none, step);
+}
+
+awaitable<Result<void>> Broker::pause(std::string name) {
+  co_return co_await command_job(std::move(name), "pause", qmp::cmd::stop(), RunState::paused,
+                                 RunState::paused);
 }
 
 awaitable<Result<void>> Broker::resume(std::string name) {
-  return run_job<void>(name, "resume", {}, [this](Domain& d) -> awaitable<Result<void>> {
-    if (d.state() == RunState::running) {
-      co_return Error(make_error_code(errc::wrong_state), "domain " + d.name() + " is already running");
-    }
-    auto r = co_await qmp_call(d, qmp::cmd::cont());
-    if (!r) co_return r.error();
-    d.set_state(RunState::running);
-    co_return Result<void>{};
-  });
+  co_return co_await command_job(std::move(name), "resume", qmp::cmd::cont(), RunState::running,
+                                 RunState::running);
 }
 
 awaitable<Result<void>> Broker::shutdown(std::string name) {
-  return run_job<void>(name, "shutdown", {}, [this](Domain& d) -> awaitable<Result<void>> {
-    auto r = co_await qmp_call(d, qmp::cmd::system_powerdown());
-    if (!r) co_return r.error();
-    co_return Result<void>{};
-  });
+  co_return co_await command_job(std::move(name), "shutdown", qmp::cmd::system_powerdown(),
+                                 std::nullopt, std::nullopt);
 }
 
 awaitable<Result<void>> Broker::reset(std::string name) {
-  return run_job<void>(name, "reset", {}, [this](Domain& d) -> awaitable<Result<void>> {
-    auto r = co_await qmp_call(d, qmp::cmd::system_reset());
-    if (!r) co_return r.error();
-    co_return Result<void>{};
-  });
+  co_return co_await command_job(std::move(name), "reset", qmp::cmd::system_reset(), std::nullopt,
+                                 std::nullopt);
 }
 
 awaitable<Result<void>> Broker::insert_medium(std::string name, std::string cdrom, InsertMedium m) {
-  return run_job<void>(name, "cdrom-insert", cdrom, [this, cdrom, m](Domain& d) {
+  return run_job<void>(name, "cdrom-insert", cdrom, Journal::durable, [this, cdrom, m](Domain& d) {
     return flows::insert_medium(flow_ctx_, d, cdrom, m);
   });
 }
 
 awaitable<Result<void>> Broker::eject_medium(std::string name, std::string cdrom, bool force) {
-  return run_job<void>(name, "cdrom-eject", cdrom, [this, cdrom, force](Domain& d) {
+  return run_job<void>(name, "cdrom-eject", cdrom, Journal::durable, [this, cdrom, force](Domain& d) {
     return flows::eject_medium(flow_ctx_, d, cdrom, force);
   });
 }
 
 awaitable<Result<void>> Broker::add_disk(std::string name, DiskSpec disk) {
-  return run_job<void>(name, "disk-add", disk.id, [this, disk](Domain& d) {
+  return run_job<void>(name, "disk-add", disk.id, Journal::durable, [this, disk](Domain& d) {
     return flows::add_disk(flow_ctx_, d, disk);
   });
 }
 
 awaitable<Result<void>> Broker::remove_disk(std::string name, std::string id, ProgressFn progress) {
-  return run_job<void>(name, "disk-remove", id, [this, id, progress](Domain& d) {
+  return run_job<void>(name, "disk-remove", id, Journal::durable, [this, id, progress](Domain& d) {
     return flows::remove_disk(flow_ctx_, d, id, progress);
   });
 }
 
 awaitable<Result<void>> Broker::add_nic(std::string name, NicSpec nic) {
-  return run_job<void>(name, "nic-add", nic.id, [this, nic](Domain& d) {
+  return run_job<void>(name, "nic-add", nic.id, Journal::durable, [this, nic](Domain& d) {
     return flows::add_nic(flow_ctx_, d, nic);
   });
 }
 
 awaitable<Result<void>> Broker::remove_nic(std::string name, std::string id, ProgressFn progress) {
-  return run_job<void>(name, "nic-remove", id, [this, id, progress](Domain& d) {
+  return run_job<void>(name, "nic-remove", id, Journal::durable, [this, id, progress](Domain& d) {
     return flows::remove_nic(flow_ctx_, d, id, progress);
   });
 }
 
 awaitable<Result<VncState>> Broker::set_vnc(std::string name, VncSpec vnc) {
-  return run_job<VncState>(name, "vnc-set", "vnc", [this, vnc](Domain& d) {
+  return run_job<VncState>(name, "vnc-set", "vnc", Journal::durable, [this, vnc](Domain& d) {
     return flows::set_vnc(flow_ctx_, d, vnc);
   });
 }
 
 awaitable<Result<void>> Broker::remove_vnc(std::string name) {
-  return run_job<void>(name, "vnc-remove", "vnc", [this](Domain& d) { return flows::remove_vnc(flow_ctx_, d); });
+  return run_job<void>(name, "vnc-remove", "vnc", Journal::durable, [this](Domain& d) { return flows::remove_vnc(flow_ctx_, d); });
 }
 
 awaitable<Result<void>> Broker::save(std::string name, std::string, ProgressFn) {
@@ -436,6 +445,33 @@ awaitable<Result<DomainInfo>> Broker::restore(RestoreRequest, ProgressFn) {
 awaitable<Result<void>> Broker::migrate(std::string name, std::string, ProgressFn) {
   if (auto d = find(name); !d) co_return d.error();
   co_return Error(make_error_code(errc::not_implemented), "live migration is not implemented yet");
+}
+
+awaitable<Result<Broker::QemuCapabilities>> Broker::qemu_capabilities() {
+  auto binary = qmp::BinaryId::of(launcher_.config().qemu);
+  if (!binary) co_return from_qmp(binary.error(), "QEMU binary " + launcher_.config().qemu);
+  if (auto cached = capabilities_.find(*binary)) {
+    co_return QemuCapabilities{cached, capabilities_from_};
+  }
+  Error last(make_error_code(errc::qemu_gone), "no domain runs a QEMU to probe");
+  // A copy: domains may come and go while a probe waits (each is kept alive by its pointer).
+  std::vector<std::shared_ptr<Domain>> candidates;
+  for (const auto& [name, d] : domains_) {
+    if (d->state() == RunState::running || d->state() == RunState::paused) candidates.push_back(d);
+  }
+  for (const auto& d : candidates) {
+    if (d->qmp() == nullptr || !d->qmp()->is_open()) continue;
+    const std::string from = d->name();
+    auto caps = co_await capabilities_.get(*binary, *d->qmp(), qmp::after(config_.timeouts.qmp * 3));
+    if (!caps) {
+      last = from_qmp(caps.error(), "probing QEMU through domain " + from);
+      log::warn(last.describe());
+      continue;
+    }
+    capabilities_from_ = from;
+    co_return QemuCapabilities{*caps, from};
+  }
+  co_return last;
 }
 
 awaitable<Result<json::value>> Broker::qmp_passthrough(std::string name, json::value command) {
@@ -570,11 +606,15 @@ awaitable<Broker::RecoveryReport> Broker::recover() {
       auto job = *d->interrupted;
       d->interrupted.reset();
       co_await reconcile(*d, job);
-      persist(*d);
+      co_await persist(*d);
     }
     report.adopted.push_back(d->name());
     events_.publish(d->name(), "domain", "adopted", {{"pid", inst.pid}, {"uid", inst.uid}});
   }
+  // Cgroups of instances no state file speaks of (a start cut short by a crash) go too.
+  std::vector<const lifecycle::Instance*> live;
+  for (const auto& [name, d] : domains_) live.push_back(&d->instance());
+  launcher_.sweep_cgroups(live);
   co_return report;
 }
 

@@ -30,6 +30,7 @@
 #include "broker/flows/flows.hpp"
 #include "broker/lifecycle/launcher.hpp"
 #include "fdpass/opener.hpp"
+#include "qmp/capabilities.hpp"
 
 namespace broker {
 
@@ -106,6 +107,14 @@ class Broker {
 
   // Administrators' QMP passthrough: {"execute": NAME, "arguments": {...}}. Commands that move
   // fds are refused (errc::forbidden).
+  // What the configured QEMU binary is and accepts: probed over the QMP connection of a running
+  // domain (qmp::probe_capabilities), once per binary identity, and cached.
+  struct QemuCapabilities {
+    qmp::CapabilityCache::Ptr caps;
+    std::string probed_from;  // the domain whose QEMU answered
+  };
+  boost::asio::awaitable<Result<QemuCapabilities>> qemu_capabilities();
+
   boost::asio::awaitable<Result<boost::json::value>> qmp_passthrough(std::string name,
                                                                       boost::json::value command);
 
@@ -115,15 +124,28 @@ class Broker {
   lifecycle::Launcher& launcher() { return launcher_; }
 
  private:
-  // Runs `f` on the lifecycle thread and resumes on the broker's executor with its result.
+  // Runs `f` on `pool` (the lifecycle thread by default) and resumes on the broker's executor
+  // with its result.
   template <class F>
-  auto blocking(F&& f) -> boost::asio::awaitable<std::invoke_result_t<F&>>;
+  auto blocking(F&& f, boost::asio::thread_pool* pool = nullptr)
+      -> boost::asio::awaitable<std::invoke_result_t<F&>>;
 
   Result<std::shared_ptr<Domain>> find(const std::string& name) const;
-  // Claims the domain's job slot and runs a flow in it, persisting the domain after success.
+  // How a job touches the state file.
+  enum class Journal {
+    none,     // the job changes nothing a restart reads back (pause, resume, reset, powerdown)
+    durable,  // journaled before its first step and saved after its last
+  };
+  // Claims the domain's job slot and runs a flow in it.
   template <class T, class F>
   boost::asio::awaitable<Result<T>> run_job(std::string name, std::string job, std::string target,
-                                            F flow);
+                                            Journal journal, F flow);
+  // A job that is one QMP command: refused when the domain is already in `refused_in`, and
+  // moving it to `after` on success (both unset for commands that leave the run state alone).
+  boost::asio::awaitable<Result<void>> command_job(std::string name, std::string job,
+                                                   qmp::Command command,
+                                                   std::optional<RunState> refused_in,
+                                                   std::optional<RunState> after);
   // Finishes or undoes a job an earlier broker left half done (from the state file).
   boost::asio::awaitable<void> reconcile(Domain& d, Domain::PendingJob job);
   boost::asio::awaitable<Result<void>> connect_qmp(Domain& d);
@@ -131,8 +153,12 @@ class Broker {
   boost::asio::awaitable<void> pump_events(std::shared_ptr<Domain> d);
   boost::asio::awaitable<Result<lifecycle::KillReport>> teardown(std::shared_ptr<Domain> d,
                                                                   bool graceful);
-  void persist(const Domain& d);
-  void forget(const std::string& name);
+  // Writes the domain's state file durably. The JSON is made here; the write and its fsyncs run
+  // on the state-writer thread, in the order they were asked for, so the broker's thread never
+  // waits on the disk.
+  boost::asio::awaitable<void> persist(const Domain& d);
+  // Drops the domain and removes its state file durably.
+  boost::asio::awaitable<void> forget(const std::string& name);
 
   boost::asio::any_io_executor ex_;
   BrokerConfig config_;
@@ -141,7 +167,10 @@ class Broker {
   EventBus events_;
   flows::Context flow_ctx_;
   boost::asio::thread_pool pool_{1};
+  boost::asio::thread_pool state_writer_{1};
   std::map<std::string, std::shared_ptr<Domain>> domains_;
+  qmp::CapabilityCache capabilities_;
+  std::string capabilities_from_;
 };
 
 }  // namespace broker
