@@ -46,6 +46,13 @@ Error from_open(std::error_code ec, std::string_view field, std::string_view pat
     f = "diskseq";
     why = "a disk sequence number was given but the path is not a block device";
   }
+  // The opener's own code (outside_roots, symlink, is_fifo, ...) reaches the caller; only the
+  // diskseq misuse is a plain invalid argument.
+  if (ec != fdpass::errc::invalid_argument) {
+    Error e(ec, f + ": " + std::string(path));  // describe() adds the opener's reason
+    e.field = f;
+    return e;
+  }
   Error e(make_error_code(errc::invalid_argument), f + ": " + std::string(path) + ": " + why);
   e.field = f;
   return e;

@@ -14,6 +14,7 @@
 #include <boost/asio/io_context.hpp>
 
 #include "broker/core/errc.hpp"
+#include "fdpass/errc.hpp"
 #include "broker/domain/domain.hpp"
 #include "broker/domain/event_bus.hpp"
 #include "broker/flows/flows.hpp"
@@ -435,23 +436,24 @@ TEST_CASE("bad input is refused before QEMU is touched and nothing is opened",
   struct Case {
     std::string what;
     Step step;
-    broker::errc code;
+    std::error_code code;
     std::string field;
   };
   using E = broker::errc;
+  using F = fdpass::errc;
   std::vector<Case> cases = {
-      {"outside the roots", insert("cd0", "/etc/hostname"), E::invalid_argument, "path"},
-      {"symlink escape", insert("cd0", dir / "escape"), E::invalid_argument, "path"},
-      {"symlink inside the root", add(disk("x", dir / "inner-link")), E::invalid_argument, "path"},
-      {"dot-dot escape", insert("cd0", dir / "../../etc/passwd"), E::invalid_argument, "path"},
-      {"FIFO", add(disk("x", dir / "fifo")), E::invalid_argument, "path"},
-      {"directory", insert("cd0", dir / "sub"), E::invalid_argument, "path"},
-      {"socket", add(disk("x", dir / "a.sock")), E::invalid_argument, "path"},
-      {"character device", add(disk("x", "/dev/null")), E::invalid_argument, "path"},
-      {"missing file", add(disk("x", dir / "nope.img")), E::invalid_argument, "path"},
+      {"outside the roots", insert("cd0", "/etc/hostname"), F::outside_roots, "path"},
+      {"symlink escape", insert("cd0", dir / "escape"), F::symlink, "path"},
+      {"symlink inside the root", add(disk("x", dir / "inner-link")), F::symlink, "path"},
+      {"dot-dot escape", insert("cd0", dir / "../../etc/passwd"), F::escapes_root, "path"},
+      {"FIFO", add(disk("x", dir / "fifo")), F::is_fifo, "path"},
+      {"directory", insert("cd0", dir / "sub"), F::is_directory, "path"},
+      {"socket", add(disk("x", dir / "a.sock")), F::is_socket, "path"},
+      {"character device", add(disk("x", "/dev/null")), F::is_char_device, "path"},
+      {"missing file", add(disk("x", dir / "nope.img")), F::not_found, "path"},
       {"missing backing", add(disk("x", dir / "top.qcow2", DiskFormat::qcow2, DiskBus::scsi, false,
                                    dir / "nope.img")),
-       E::invalid_argument, "backing"},
+       F::not_found, "backing"},
       {"qcow2 given as raw", add(disk("x", dir / "plain.qcow2")), E::invalid_argument, "format"},
       {"qcow2 CD medium", insert("cd0", dir / "plain.qcow2"), E::invalid_argument, "path"},
       {"raw given as qcow2", add(disk("x", dir / "a.img", DiskFormat::qcow2)), E::invalid_argument,

@@ -23,6 +23,7 @@
 
 #include "broker/core/errc.hpp"
 #include "fdpass/devices.hpp"
+#include "fdpass/errc.hpp"
 #include "flows_fixture.hpp"
 
 using namespace std::chrono_literals;
@@ -270,7 +271,7 @@ TEST_CASE("CD media are inserted and replaced and ejected with tray events and a
   sent = fx.transcript.size();
   auto missing = fx.run(fx.broker.insert_medium("fl-cd", "cd0", {fx.images / "nope.iso", false}));
   REQUIRE_FALSE(missing);
-  CHECK(missing.error().code == broker::errc::invalid_argument);
+  CHECK(missing.error().code == fdpass::errc::not_found);
   CHECK(missing.error().field == "path");
   auto unknown = fx.run(fx.broker.insert_medium("fl-cd", "cd7", {fx.images / "cd-A.iso", false}));
   REQUIRE_FALSE(unknown);
@@ -305,6 +306,9 @@ TEST_CASE("SCSI disks raw and qcow2 over a backing file and read-only and a loop
   std::string dev = find_disk(*con, "QB-RW-MARKER");
   CHECK(guest(*con, "printf QB-GUEST-WROTE | dd of=" + dev +
                         " bs=512 seek=64 conv=notrunc,fsync 2>/dev/null").rc == 0);
+  // Far into the image file too: the jail sets no RLIMIT_FSIZE that would fail such writes.
+  CHECK(guest(*con, "printf QB-GUEST-FAR | dd of=" + dev +
+                        " bs=512 seek=1536 conv=notrunc,fsync 2>/dev/null").rc == 0);
 
   // Read-only raw: the guest sees a write-protected disk.
   REQUIRE(fx.run(fx.broker.add_disk("fl-scsi", disk("ro", im / "ro.img", DiskFormat::raw,
@@ -331,14 +335,14 @@ TEST_CASE("SCSI disks raw and qcow2 over a backing file and read-only and a loop
   auto sent = fx.transcript.size();
   auto refused = fx.run(fx.broker.add_disk("fl-scsi", wrong));
   REQUIRE_FALSE(refused);
-  CHECK(refused.error().code == broker::errc::invalid_argument);
+  CHECK(refused.error().code == fdpass::errc::diskseq_mismatch);
   CHECK(refused.error().field == "diskseq");
   CHECK(fx.transcript.size() == sent);
   auto right = disk("blk", loop->path);
   right.diskseq = loop->diskseq;
   REQUIRE(fx.run(fx.broker.add_disk("fl-scsi", right)));
   std::string blk = find_disk(*con, "QB-LOOP-MARKER");
-  // Past 256 KiB: a block device is not bound by the jail's RLIMIT_FSIZE, unlike image files.
+  // Far into the loop device as well.
   CHECK(guest(*con, "printf QB-LOOP-WROTE | dd of=" + blk +
                         " bs=512 seek=1024 conv=notrunc,fsync 2>/dev/null").rc == 0);
   auto info = fx.run(fx.broker.info("fl-scsi", false));
@@ -356,6 +360,7 @@ TEST_CASE("SCSI disks raw and qcow2 over a backing file and read-only and a loop
   }
   CHECK(guest_eventually(*con, "ls /sys/block | grep -c sd", "0"));
   CHECK(qbtest::read_at(im / "rw.img", 64 * 512, 14) == "QB-GUEST-WROTE");
+  CHECK(qbtest::read_at(im / "rw.img", 1536 * 512, 12) == "QB-GUEST-FAR");
   CHECK(qbtest::read_at(im / "loop.img", 1024 * 512, 13) == "QB-LOOP-WROTE");
   auto s = fx.snapshot("fl-scsi");
   INFO(qbtest::describe(s));
