@@ -43,7 +43,10 @@ struct JailLayout {
 };
 
 struct JailLimits {
-  rlim_t fsize = 256 << 10;  // bytes a write may extend a file to
+  // No file-size limit: QEMU cannot create a file (the jail is empty and read-only), and the
+  // kernel applies RLIMIT_FSIZE to every write past the limit, so any limit would fail guest
+  // writes (and migration streams) beyond that offset of the images the broker passes.
+  rlim_t fsize = RLIM_INFINITY;
   rlim_t nproc = 256;        // threads count here: QEMU runs a thread pool
   rlim_t nofile = 1024;
 };
