@@ -33,6 +33,7 @@
 #include <thread>
 #include <vector>
 
+#include "broker/lifecycle/cgroup.hpp"
 #include "fdpass/devices.hpp"
 #include "http_client.hpp"
 #include "support/qemu.hpp"
@@ -125,7 +126,8 @@ std::string tiny(const std::string& name) {
 struct Daemon {
   pid_t pid = -1;
   std::string socket;
-  ~Daemon() {
+  ~Daemon() { stop(); }
+  void stop() {
     if (pid <= 0) return;
     if (auto list = http::call(socket, "GET", "/v1/domains", {}, 10s);
         list && list->status == 200) {
@@ -136,6 +138,7 @@ struct Daemon {
     }
     ::kill(pid, SIGTERM);
     ::waitpid(pid, nullptr, 0);
+    pid = -1;
   }
 };
 
@@ -208,7 +211,8 @@ int run(int argc, char** argv) {
     std::string state = dir + "/state", run = dir + "/run";
     ::execl(QBROKERD, QBROKERD, "--socket", d.socket.c_str(), "--state-dir", state.c_str(),
             "--run-dir", run.c_str(), "--uid-range", range.c_str(), "--log-level", "warn",
-            "--max-connections-per-uid", "1024", static_cast<char*>(nullptr));
+            "--max-connections-per-uid", "1024", "--event-queue", "4096",
+            static_cast<char*>(nullptr));
     ::_exit(127);
   }
   for (int i = 0; i < 500; ++i) {
@@ -380,6 +384,9 @@ int run(int argc, char** argv) {
     }
     std::printf("teardown: %d destroys by uid in %.1f s\n", domains, ms(Clock::now() - t0) / 1000);
   }
+  d.stop();  // no domain is left, so the daemon's cgroup subtree can go too
+  broker::lifecycle::CgroupManager cgroups({}, "qbroker-" + std::to_string(kBase));
+  if (cgroups.available()) ::rmdir(cgroups.base().c_str());
   return 0;
 }
 

@@ -11,11 +11,13 @@
 #include <unistd.h>
 
 #include <boost/json.hpp>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <thread>
 
 #include "broker/lifecycle/cgroup.hpp"
+#include "broker/lifecycle/proc.hpp"
 #include "fdpass/devices.hpp"
 #include "http_client.hpp"
 #include "support/qemu.hpp"
@@ -30,6 +32,7 @@ namespace {
 
 constexpr uid_t kPlain = 3'104'300;
 constexpr uid_t kActivated = 3'104'400;
+constexpr uid_t kKilled = 3'104'500;
 
 struct Child {
   pid_t pid = -1;
@@ -128,10 +131,13 @@ std::string slurp(const std::string& path) {
   return ss.str();
 }
 
-// qbrokerd makes a cgroup subtree per uid range; the test's range is its own, so it goes too.
+// qbrokerd makes a cgroup subtree per uid range; the test's range is its own, so it goes too,
+// with any domain cgroup whose removal the daemon had to defer (see the restart test below).
 void remove_cgroup_base(uid_t base) {
   broker::lifecycle::CgroupManager cg({}, "qbroker-" + std::to_string(base));
-  if (cg.available()) ::rmdir(cg.base().c_str());
+  if (!cg.available()) return;
+  cg.sweep("dom-", {});
+  ::rmdir(cg.base().c_str());
 }
 
 std::vector<std::string> daemon_args(const qbtest::TempDir& dir, uid_t base) {
@@ -178,9 +184,6 @@ TEST_CASE(
   REQUIRE(::stat(sock.c_str(), &st) == 0);
   CHECK((st.st_mode & 0777) == 0660);
 
-  // A name of this run's own: a domain destroyed by a re-adopting daemon leaves a zombie (its
-  // parent was the previous daemon) and with it a cgroup that kills the next QEMU of the same
-  // name for a moment (reported to the lifecycle owner).
   const std::string name = "api-d" + std::to_string(::getpid());
   auto created =
       ctl(sock, {"create", name, "--machine", "none", "--memory", "16", "--pci-slots", "0"});
@@ -232,8 +235,27 @@ TEST_CASE(
   REQUIRE(destroyed.status == 0);
   CHECK(destroyed.out.find("destroyed " + name) != std::string::npos);
   CHECK(destroyed.out.find("survivors         0") != std::string::npos);
+  // That QEMU was the first daemon's child, so it stays a zombie until PID 1 reaps it, and its
+  // cgroup cannot be removed meanwhile. A new domain of the same name gets a cgroup of its own
+  // and is not touched by the old one.
+  auto recreated =
+      ctl(sock, {"create", name, "--machine", "none", "--memory", "16", "--pci-slots", "0"});
+  INFO(recreated.err);
+  REQUIRE(recreated.status == 0);
+  auto second = json::parse(ctl(sock, {"--json", "show", name}).out);
+  pid_t qemu2 = static_cast<pid_t>(second.at("pid").to_number<int>());
+  CHECK(qemu2 != qemu);
+  auto status = ctl(sock, {"qmp", name, "query-status"});
+  CHECK(status.status == 0);
+  CHECK(status.out.find("\"running\"") != std::string::npos);
+  CHECK(::kill(qemu2, 0) == 0);
+  REQUIRE(ctl(sock, {"destroy", name}).status == 0);
   ::kill(again.pid, SIGTERM);
   CHECK(again.wait(10s) == 0);
+  auto proc = "/proc/" + std::to_string(qemu);
+  for (int i = 0; i < 500 && ::access(proc.c_str(), F_OK) == 0; ++i) {
+    std::this_thread::sleep_for(10ms);
+  }
   remove_cgroup_base(kPlain);
 }
 
@@ -277,4 +299,122 @@ TEST_CASE("qbrokerd takes the socket systemd passes and reports readiness with s
   CHECK(receive(10s).find("STOPPING=1") != std::string::npos);
   CHECK(d.wait(10s) == 0);
   remove_cgroup_base(kActivated);
+}
+
+namespace {
+
+bool wait_for(auto pred, std::chrono::milliseconds timeout) {
+  auto deadline = Clock::now() + timeout;
+  while (Clock::now() < deadline) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(10ms);
+  }
+  return pred();
+}
+
+json::value qmp_over_http(const std::string& sock, const std::string& name, const std::string& cmd) {
+  auto r = http::call(sock, "POST", "/v1/domains/" + name + "/qmp",
+                      R"({"execute":")" + cmd + R"("})");
+  REQUIRE(r);
+  REQUIRE(r->status == 200);
+  return r->json.at("return");
+}
+
+// The fds of `pid` whose target contains `needle`.
+int fds_naming(pid_t pid, const std::string& needle) {
+  int n = 0;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec)) {
+    auto target = std::filesystem::read_symlink(e.path(), ec);
+    if (!ec && target.string().find(needle) != std::string::npos) ++n;
+  }
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("qbrokerd killed in the middle of a disk hotplug: the restarted daemon rolls it back",
+          "[api][daemon][privileged][qemu][restart]") {
+  QB_REQUIRE_ROOT();
+  qbtest::become_subreaper();  // the QEMU outlives its daemon; this process reaps it
+  qbtest::TempDir dir;
+  const std::string images = dir / "images";
+  std::filesystem::create_directory(images);
+  qbtest::write_file(images + "/d0.img", "QB-KILLED-MARKER");
+  std::filesystem::resize_file(images + "/d0.img", 1 << 20);
+  std::string sock = dir / "qbroker.sock";
+  auto args = daemon_args(dir, kKilled);
+  args.insert(args.end(), {"--socket", sock, "--image-root", images});
+  const std::string name = "api-k" + std::to_string(::getpid());
+  const std::string state_file = dir / ("state/domains/" + name + ".json");
+  const std::string disk = R"({"id":"d0","path":")" + images + R"(/d0.img","bus":"scsi"})";
+
+  Child first{spawn(args, dir / "log")};
+  REQUIRE(wait_for_socket(sock, 20s));
+  auto created = http::call(sock, "POST", "/v1/domains",
+                            R"({"name":")" + name + R"(","memory_mib":128,"pci_slots":2,"kernel":")" +
+                                qbtest::guest_kernel() + R"(","initrd":")" + qbtest::guest_initrd() +
+                                R"("})",
+                            60s);
+  REQUIRE(created);
+  INFO(created->body);
+  REQUIRE(created->status == 201);
+  const pid_t qemu = static_cast<pid_t>(created->json.at("pid").to_number<int>());
+  const uid_t uid = created->json.at("uid").to_number<uid_t>();
+
+  // QEMU stops answering, so the hotplug hangs after the broker journaled it; then the broker
+  // dies without any chance to clean up.
+  REQUIRE(::kill(qemu, SIGSTOP) == 0);
+  auto pending = http::connect(sock);
+  REQUIRE(http::send_all(pending.get(),
+                         http::request_text("POST", "/v1/domains/" + name + "/disks", disk, false)));
+  CHECK(wait_for([&] { return slurp(state_file).find("disk-add") != std::string::npos; }, 10s));
+  std::this_thread::sleep_for(100ms);  // the flow's first command is on its way to QEMU
+  REQUIRE(::kill(first.pid, SIGKILL) == 0);
+  CHECK(first.wait(10s) == 128 + SIGKILL);
+  CHECK(http::closed_within(pending.get(), 5s));
+  REQUIRE(::kill(qemu, SIGCONT) == 0);
+
+  Child again{spawn(args, dir / "log")};
+  REQUIRE(wait_for_socket(sock, 20s));
+  INFO(slurp(dir / "log"));
+  CHECK(slurp(dir / "log").find("interrupted job disk-add d0") != std::string::npos);
+  auto shown = http::call(sock, "GET", "/v1/domains/" + name);
+  REQUIRE(shown);
+  REQUIRE(shown->status == 200);
+  CHECK(shown->json.at("pid") == qemu);
+  CHECK(shown->json.at("job").is_null());
+  CHECK(shown->json.at("devices").at("disks").as_array().empty());
+  CHECK(slurp(state_file).find("disk-add") == std::string::npos);
+  // Nothing of the half-done hotplug is left in QEMU: no fdset, no node, no device, no fd.
+  CHECK(qmp_over_http(sock, name, "query-fdsets").as_array().empty());
+  const auto nodes = qmp_over_http(sock, name, "query-named-block-nodes");
+  for (const auto& node : nodes.as_array()) {
+    CHECK(std::string(node.at("node-name").as_string()).rfind("qb-d0", 0) != 0);
+  }
+  CHECK(wait_for([&] { return fds_naming(qemu, "d0.img") == 0; }, 5s));
+
+  // The same hotplug now goes through whole, and out again.
+  auto added = http::call(sock, "POST", "/v1/domains/" + name + "/disks", disk, 30s);
+  REQUIRE(added);
+  INFO(added->body);
+  CHECK(added->status / 100 == 2);
+  CHECK(fds_naming(qemu, "d0.img") > 0);
+  auto removed = http::call(sock, "DELETE", "/v1/domains/" + name + "/disks/d0", {}, 30s);
+  REQUIRE(removed);
+  CHECK(removed->status / 100 == 2);
+  CHECK(wait_for([&] { return fds_naming(qemu, "d0.img") == 0; }, 5s));
+
+  auto destroyed = http::call(sock, "DELETE", "/v1/domains/" + name, {}, 30s);
+  REQUIRE(destroyed);
+  CHECK(destroyed->status == 200);
+  qbtest::reap_exited_children();
+  CHECK(wait_for([&] { return ::kill(qemu, 0) != 0; }, 5s));
+  CHECK(broker::lifecycle::live_processes_of_uid("/proc", uid) == 0);
+  CHECK(std::filesystem::is_empty(dir / "state/uids"));
+  CHECK(std::filesystem::is_empty(dir / "state/domains"));
+  CHECK_FALSE(std::filesystem::exists(dir / ("run/qmp/" + name + ".sock")));
+  ::kill(again.pid, SIGTERM);
+  CHECK(again.wait(10s) == 0);
+  remove_cgroup_base(kKilled);
 }
