@@ -23,7 +23,7 @@ std::error_code fsync_dir(const std::string& dir) {
 }  // namespace
 
 std::error_code write_file_atomic(const std::string& dir, const std::string& name,
-                                  std::string_view content, unsigned mode) {
+                                  std::string_view content, unsigned mode, Sync sync) {
   std::string target = dir + "/" + name;
   std::string temp = dir + "/." + name + ".tmp";
   fdpass::UniqueFd fd(::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW,
@@ -40,17 +40,18 @@ std::error_code write_file_atomic(const std::string& dir, const std::string& nam
     }
     off += static_cast<std::size_t>(n);
   }
-  if (::fsync(fd.get()) != 0 || ::rename(temp.c_str(), target.c_str()) != 0) {
+  if ((sync == Sync::host && ::fsync(fd.get()) != 0) ||
+      ::rename(temp.c_str(), target.c_str()) != 0) {
     auto ec = errno_code();
     ::unlink(temp.c_str());
     return ec;
   }
-  return fsync_dir(dir);
+  return sync == Sync::host ? fsync_dir(dir) : std::error_code();
 }
 
-std::error_code remove_file_durable(const std::string& dir, const std::string& name) {
+std::error_code remove_file_durable(const std::string& dir, const std::string& name, Sync sync) {
   if (::unlink((dir + "/" + name).c_str()) != 0 && errno != ENOENT) return errno_code();
-  return fsync_dir(dir);
+  return sync == Sync::host ? fsync_dir(dir) : std::error_code();
 }
 
 std::optional<std::string> read_small_file(const std::string& path, std::size_t limit) {

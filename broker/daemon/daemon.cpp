@@ -87,7 +87,8 @@ asio::awaitable<void> start_serving(Broker& broker, api::Server& server, fdpass:
                                     bool* failed) {
   auto report = co_await broker.recover();
   log::info("recovered state: " + std::to_string(report.adopted.size()) + " domain(s) adopted, " +
-            std::to_string(report.torn_down.size()) + " torn down");
+            std::to_string(report.torn_down.size()) + " torn down, " +
+            std::to_string(report.reclaimed_uids.size()) + " orphan uid(s) reclaimed");
   for (const auto& n : report.adopted) log::info("adopted domain " + n);
   for (const auto& n : report.torn_down)
     log::info("tore down domain " + n + " (its QEMU was gone)");

@@ -107,13 +107,20 @@ Result<std::shared_ptr<Domain>> Broker::find(const std::string& name) const {
   return it->second;
 }
 
+// A domain's state file describes a running QEMU and the job it is in. It must survive a crash of
+// the broker, which the page cache guarantees once write() and rename() return. It need not
+// survive a crash of the host: that ends every QEMU too, and a restarted broker tears down each
+// uid it finds recorded (STATE/uids, which is fsynced) whatever the domain files say. So no fsync
+// sits in a job's path.
+constexpr Sync kStateSync = Sync::process;
+
 awaitable<void> Broker::persist(const Domain& d) {
   struct Write {
     std::string dir, file, text;
   } w{domains_dir(config_), d.name() + ".json", json::serialize(state_to_json(d))};
   Write* p = &w;
-  auto ec = co_await blocking([p] { return write_file_atomic(p->dir, p->file, p->text); },
-                              &state_writer_);
+  auto ec = co_await blocking(
+      [p] { return write_file_atomic(p->dir, p->file, p->text, 0600, kStateSync); }, &state_writer_);
   if (ec) log::error("domain " + d.name() + ": cannot write state: " + ec.message());
 }
 
@@ -123,7 +130,8 @@ awaitable<void> Broker::forget(const std::string& name) {
     std::string dir, file;
   } r{domains_dir(config_), name + ".json"};
   Remove* p = &r;
-  auto ec = co_await blocking([p] { return remove_file_durable(p->dir, p->file); }, &state_writer_);
+  auto ec = co_await blocking([p] { return remove_file_durable(p->dir, p->file, kStateSync); },
+                              &state_writer_);
   if (ec) log::error("domain " + name + ": cannot remove state: " + ec.message());
 }
 
@@ -387,50 +395,56 @@ awaitable<Result<void>> Broker::reset(std::string name) {
                                  std::nullopt);
 }
 
+template <class T, class... Args>
+awaitable<Result<T>> Broker::device_job(std::string name, std::string job, std::string target,
+                                        awaitable<Result<T>> (*flow)(flows::Context&, Domain&, Args...),
+                                        Args... args) {
+  return run_job<T>(std::move(name), std::move(job), std::move(target), Journal::durable,
+                    [this, flow, ... args = std::move(args)](Domain& d) {
+                      return flow(flow_ctx_, d, args...);
+                    });
+}
+
 awaitable<Result<void>> Broker::insert_medium(std::string name, std::string cdrom, InsertMedium m) {
-  return run_job<void>(name, "cdrom-insert", cdrom, Journal::durable, [this, cdrom, m](Domain& d) {
-    return flows::insert_medium(flow_ctx_, d, cdrom, m);
-  });
+  std::string target = cdrom;
+  return device_job(std::move(name), "cdrom-insert", std::move(target), &flows::insert_medium,
+                    std::move(cdrom), std::move(m));
 }
 
 awaitable<Result<void>> Broker::eject_medium(std::string name, std::string cdrom, bool force) {
-  return run_job<void>(name, "cdrom-eject", cdrom, Journal::durable, [this, cdrom, force](Domain& d) {
-    return flows::eject_medium(flow_ctx_, d, cdrom, force);
-  });
+  std::string target = cdrom;
+  return device_job(std::move(name), "cdrom-eject", std::move(target), &flows::eject_medium,
+                    std::move(cdrom), force);
 }
 
 awaitable<Result<void>> Broker::add_disk(std::string name, DiskSpec disk) {
-  return run_job<void>(name, "disk-add", disk.id, Journal::durable, [this, disk](Domain& d) {
-    return flows::add_disk(flow_ctx_, d, disk);
-  });
+  std::string target = disk.id;
+  return device_job(std::move(name), "disk-add", std::move(target), &flows::add_disk, std::move(disk));
 }
 
 awaitable<Result<void>> Broker::remove_disk(std::string name, std::string id, ProgressFn progress) {
-  return run_job<void>(name, "disk-remove", id, Journal::durable, [this, id, progress](Domain& d) {
-    return flows::remove_disk(flow_ctx_, d, id, progress);
-  });
+  std::string target = id;
+  return device_job(std::move(name), "disk-remove", std::move(target), &flows::remove_disk,
+                    std::move(id), std::move(progress));
 }
 
 awaitable<Result<void>> Broker::add_nic(std::string name, NicSpec nic) {
-  return run_job<void>(name, "nic-add", nic.id, Journal::durable, [this, nic](Domain& d) {
-    return flows::add_nic(flow_ctx_, d, nic);
-  });
+  std::string target = nic.id;
+  return device_job(std::move(name), "nic-add", std::move(target), &flows::add_nic, std::move(nic));
 }
 
 awaitable<Result<void>> Broker::remove_nic(std::string name, std::string id, ProgressFn progress) {
-  return run_job<void>(name, "nic-remove", id, Journal::durable, [this, id, progress](Domain& d) {
-    return flows::remove_nic(flow_ctx_, d, id, progress);
-  });
+  std::string target = id;
+  return device_job(std::move(name), "nic-remove", std::move(target), &flows::remove_nic,
+                    std::move(id), std::move(progress));
 }
 
 awaitable<Result<VncState>> Broker::set_vnc(std::string name, VncSpec vnc) {
-  return run_job<VncState>(name, "vnc-set", "vnc", Journal::durable, [this, vnc](Domain& d) {
-    return flows::set_vnc(flow_ctx_, d, vnc);
-  });
+  return device_job(std::move(name), "vnc-set", "vnc", &flows::set_vnc, std::move(vnc));
 }
 
 awaitable<Result<void>> Broker::remove_vnc(std::string name) {
-  return run_job<void>(name, "vnc-remove", "vnc", Journal::durable, [this](Domain& d) { return flows::remove_vnc(flow_ctx_, d); });
+  return device_job(std::move(name), "vnc-remove", "vnc", &flows::remove_vnc);
 }
 
 awaitable<Result<void>> Broker::save(std::string name, std::string, ProgressFn) {
@@ -611,9 +625,11 @@ awaitable<Broker::RecoveryReport> Broker::recover() {
     report.adopted.push_back(d->name());
     events_.publish(d->name(), "domain", "adopted", {{"pid", inst.pid}, {"uid", inst.uid}});
   }
-  // Cgroups of instances no state file speaks of (a start cut short by a crash) go too.
+  // Uids and cgroups no state file speaks of (a start cut short by a crash) go too.
   std::vector<const lifecycle::Instance*> live;
   for (const auto& [name, d] : domains_) live.push_back(&d->instance());
+  auto* lp = &live;
+  report.reclaimed_uids = co_await blocking([this, lp] { return launcher_.reclaim_uids(*lp); });
   launcher_.sweep_cgroups(live);
   co_return report;
 }

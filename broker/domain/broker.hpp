@@ -76,6 +76,7 @@ class Broker {
   struct RecoveryReport {
     std::vector<std::string> adopted;
     std::vector<std::string> torn_down;
+    std::vector<uid_t> reclaimed_uids;  // recorded without a domain: killed and released
   };
   boost::asio::awaitable<RecoveryReport> recover();
 
@@ -140,6 +141,11 @@ class Broker {
   template <class T, class F>
   boost::asio::awaitable<Result<T>> run_job(std::string name, std::string job, std::string target,
                                             Journal journal, F flow);
+  // A job that runs one device flow with `args`, journaled.
+  template <class T, class... Args>
+  boost::asio::awaitable<Result<T>> device_job(
+      std::string name, std::string job, std::string target,
+      boost::asio::awaitable<Result<T>> (*flow)(flows::Context&, Domain&, Args...), Args... args);
   // A job that is one QMP command: refused when the domain is already in `refused_in`, and
   // moving it to `after` on success (both unset for commands that leave the run state alone).
   boost::asio::awaitable<Result<void>> command_job(std::string name, std::string job,

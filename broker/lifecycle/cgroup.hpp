@@ -6,7 +6,7 @@
 //
 // Every instance gets a cgroup of its own, never reused: a QEMU that was re-adopted after a
 // restart is not the broker's child, so once killed it stays a zombie until PID 1 reaps it, and
-// its cgroup cannot be removed meanwhile. Such a cgroup is retired: the manager retries the
+// its cgroup can stay busy meanwhile. Such a cgroup is retired: the manager retries the
 // removal later, and nothing new is ever placed in it.
 #pragma once
 

@@ -291,4 +291,31 @@ void Launcher::sweep_cgroups(const std::vector<const Instance*>& live) {
   cgroups_.sweep(kCgroupPrefix, keep);
 }
 
+std::vector<uid_t> Launcher::reclaim_uids(const std::vector<const Instance*>& live) {
+  std::set<uid_t> running;
+  for (const auto* inst : live) running.insert(inst->uid);
+  std::vector<uid_t> released;
+  // In shared-uid mode a kill by uid would take the live domains down with the orphan.
+  if (uids_.is_shared() && !running.empty()) return released;
+  const auto recorded = uids_.in_use();  // a copy: release() changes it
+  for (const auto& [uid, owner] : recorded) {
+    if (running.contains(uid)) continue;
+    auto killed = uids_.reaper().kill_uid(uid);
+    if (!killed) {
+      log::error("uid " + std::to_string(uid) + " (recorded for " + owner +
+                 "): " + killed.error().describe() + "; it stays recorded");
+      continue;
+    }
+    if (auto ok = uids_.release(uid); !ok) {
+      log::error("uid " + std::to_string(uid) + ": " + ok.error().describe());
+      continue;
+    }
+    log::warn("uid " + std::to_string(uid) + " was recorded for " + owner +
+              " without a domain to go with it: killed " + std::to_string(killed->found) +
+              " process(es) and released it");
+    released.push_back(uid);
+  }
+  return released;
+}
+
 }  // namespace broker::lifecycle

@@ -77,6 +77,11 @@ class Launcher {
   // Removes the domain cgroups left by an earlier broker that belong to none of `live`.
   void sweep_cgroups(const std::vector<const Instance*>& live);
 
+  // Kills and releases every recorded uid that none of `live` runs as (an earlier broker died
+  // between recording a uid and recording its domain, or the domain's record was unreadable).
+  // Returns the uids released; a uid whose processes survive stays recorded.
+  std::vector<uid_t> reclaim_uids(const std::vector<const Instance*>& live);
+
   const LauncherConfig& config() const { return config_; }
   Accel detect_accel(Accel wanted) const;
   std::vector<std::string> command_line(const DomainSpec& spec, Accel accel,

@@ -408,8 +408,12 @@ TEST_CASE("qbrokerd killed in the middle of a disk hotplug: the restarted daemon
   auto destroyed = http::call(sock, "DELETE", "/v1/domains/" + name, {}, 30s);
   REQUIRE(destroyed);
   CHECK(destroyed->status == 200);
-  qbtest::reap_exited_children();
-  CHECK(wait_for([&] { return ::kill(qemu, 0) != 0; }, 5s));
+  CHECK(wait_for(
+      [&] {
+        qbtest::reap_exited_children();  // the QEMU came to this subreaper when its daemon died
+        return ::kill(qemu, 0) != 0;
+      },
+      5s));
   CHECK(broker::lifecycle::live_processes_of_uid("/proc", uid) == 0);
   CHECK(std::filesystem::is_empty(dir / "state/uids"));
   CHECK(std::filesystem::is_empty(dir / "state/domains"));

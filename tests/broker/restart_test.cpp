@@ -24,6 +24,7 @@ namespace {
 
 constexpr uid_t kAdoptBase = 3'101'200;
 constexpr uid_t kDeadBase = 3'101'300;
+constexpr uid_t kOrphanBase = 3'101'400;
 
 // Everything one broker process would own, on shared state and run directories.
 struct Stack {
@@ -135,4 +136,34 @@ TEST_CASE("a restarted broker tears down by uid a domain whose QEMU died meanwhi
   CHECK_FALSE(second.broker->exists("r2"));
   CHECK(fs::is_empty(state / "uids"));
   CHECK(fs::is_empty(state / "domains"));
+}
+
+TEST_CASE("a restarted broker kills and releases a uid recorded without a domain",
+          "[broker][restart][privileged]") {
+  QB_REQUIRE_ROOT();
+  qbtest::become_subreaper();
+  qbtest::TempDir state, run;
+  const uid_t uid = kOrphanBase + 3;
+  // An earlier broker recorded the uid and died before it recorded the domain; something of the
+  // uid runs (as if the QEMU had started).
+  fs::create_directories(state / "uids");
+  qbtest::write_file(state / ("uids/" + std::to_string(uid)), "ghost");
+  pid_t orphan = ::fork();
+  if (orphan == 0) {
+    if (::setresgid(uid, uid, uid) != 0 || ::setresuid(uid, uid, uid) != 0) ::_exit(99);
+    for (;;) ::pause();
+  }
+  REQUIRE(live_processes_of_uid("/proc", uid) == 1);
+
+  Stack second(kOrphanBase, state.path(), run.path());
+  auto report = second.run(second.broker->recover());
+  CHECK(report.adopted.empty());
+  CHECK(report.torn_down.empty());
+  CHECK(report.reclaimed_uids == std::vector<uid_t>{uid});
+  int status = 0;
+  REQUIRE(::waitpid(orphan, &status, 0) == orphan);
+  CHECK(WIFSIGNALED(status));
+  CHECK(live_processes_of_uid("/proc", uid) == 0);
+  CHECK(fs::is_empty(state / "uids"));
+  CHECK(second.uids.in_use().empty());
 }
