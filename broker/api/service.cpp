@@ -46,6 +46,12 @@ awaitable<Outcome> Service::execute(Command command) {
   co_return co_await std::visit([this](auto& c) { return run(c); }, command);
 }
 
+awaitable<Outcome> Service::done(const Result<void>& r, const std::string& name,
+                                 http::status status) {
+  if (!r) co_return failure(r.error());
+  co_return co_await current(name, status);
+}
+
 awaitable<Outcome> Service::current(const std::string& name, http::status status) {
   auto info = co_await broker_.info(name, false);
   if (!info) co_return failure(info.error());
@@ -117,40 +123,34 @@ awaitable<Outcome> Service::run(RunStateCmd& c) {
 
 awaitable<Outcome> Service::run(InsertMediumCmd& c) {
   auto r = co_await broker_.insert_medium(c.name, c.cdrom, std::move(c.medium));
-  if (!r) co_return failure(r.error());
-  co_return co_await current(c.name);
+  co_return co_await done(r, c.name);
 }
 
 awaitable<Outcome> Service::run(EjectMediumCmd& c) {
   auto r = co_await broker_.eject_medium(c.name, c.cdrom, c.force);
-  if (!r) co_return failure(r.error());
-  co_return co_await current(c.name);
+  co_return co_await done(r, c.name);
 }
 
 awaitable<Outcome> Service::run(AddDiskCmd& c) {
   auto r = co_await broker_.add_disk(c.name, std::move(c.disk));
-  if (!r) co_return failure(r.error());
-  co_return co_await current(c.name, http::status::created);
+  co_return co_await done(r, c.name, http::status::created);
 }
 
 awaitable<Outcome> Service::run(RemoveDiskCmd& c) {
   auto r = co_await broker_.remove_disk(c.name, c.id,
                                         progress_to_bus(&broker_.events(), &c.name, "disk-remove"));
-  if (!r) co_return failure(r.error());
-  co_return co_await current(c.name);
+  co_return co_await done(r, c.name);
 }
 
 awaitable<Outcome> Service::run(AddNicCmd& c) {
   auto r = co_await broker_.add_nic(c.name, std::move(c.nic));
-  if (!r) co_return failure(r.error());
-  co_return co_await current(c.name, http::status::created);
+  co_return co_await done(r, c.name, http::status::created);
 }
 
 awaitable<Outcome> Service::run(RemoveNicCmd& c) {
   auto r = co_await broker_.remove_nic(c.name, c.id,
                                        progress_to_bus(&broker_.events(), &c.name, "nic-remove"));
-  if (!r) co_return failure(r.error());
-  co_return co_await current(c.name);
+  co_return co_await done(r, c.name);
 }
 
 awaitable<Outcome> Service::run(SetVncCmd& c) {
@@ -161,8 +161,7 @@ awaitable<Outcome> Service::run(SetVncCmd& c) {
 
 awaitable<Outcome> Service::run(RemoveVncCmd& c) {
   auto r = co_await broker_.remove_vnc(c.name);
-  if (!r) co_return failure(r.error());
-  co_return co_await current(c.name);
+  co_return co_await done(r, c.name);
 }
 
 awaitable<Outcome> Service::run(SaveCmd& c) {

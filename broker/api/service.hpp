@@ -50,7 +50,9 @@ class Service {
   // The domain as it is now (no QMP round trip), after a command changed it.
   boost::asio::awaitable<Outcome> current(const std::string& name,
                                           http::status status = http::status::ok);
-  // Reads QEMU's version and capabilities once, through a running domain's monitor.
+  // The failure of a command, or the domain as the command left it.
+  boost::asio::awaitable<Outcome> done(const Result<void>& r, const std::string& name,
+                                       http::status status = http::status::ok);
 
   Broker& broker_;
   ServiceConfig config_;

@@ -18,13 +18,6 @@ using namespace detail;
 
 namespace {
 
-Error unknown_drive(const Domain& d, const std::string& id) {
-  Error e(make_error_code(errc::not_found),
-          "id: domain " + d.name() + " has no CD drive named '" + id + "'");
-  e.field = "id";
-  return e;
-}
-
 // QEMU 7.2: "Device 'cd0' is locked and force was not specified, wait for tray to open and try
 // again". The guest was asked to open the tray; nothing changed.
 Error locked_or(Error e, const std::string& id) {
@@ -72,7 +65,7 @@ awaitable<Result<void>> add_cdrom_drive(Context& ctx, Domain& d, CdromSpec cd) {
 }
 
 awaitable<Result<void>> insert_medium(Context& ctx, Domain& d, std::string id, InsertMedium m) {
-  if (!d.cdroms.contains(id)) co_return unknown_drive(d, id);
+  if (!d.cdroms.contains(id)) co_return no_such_device(d, "CD drive", id);
   auto opened = ctx.roots.open(m.path, {.access = fdpass::Access::read_only});
   if (!opened) co_return from_open(opened.error(), "path", m.path);
   auto header = read_header(opened->fd, "path");
@@ -113,7 +106,7 @@ awaitable<Result<void>> insert_medium(Context& ctx, Domain& d, std::string id, I
 
 awaitable<Result<void>> eject_medium(Context& ctx, Domain& d, std::string id, bool force) {
   auto it = d.cdroms.find(id);
-  if (it == d.cdroms.end()) co_return unknown_drive(d, id);
+  if (it == d.cdroms.end()) co_return no_such_device(d, "CD drive", id);
   if (it->second.path.empty()) co_return Result<void>{};  // no medium: nothing to take out
   // The tray opens (DEVICE_TRAY_MOVED) and stays open, empty, as after a real eject.
   qmp::Command c = qmp::cmd::eject(id, force ? std::optional<bool>(true) : std::nullopt);

@@ -160,6 +160,24 @@ awaitable<Result<bool>> device_del(Context& ctx, Domain& d, std::string id) {
   }
 }
 
+awaitable<Result<void>> unplug(Context& ctx, Domain& d, std::string id, std::string what,
+                               ProgressFn progress) {
+  auto q = client(d);
+  if (!q) co_return q.error();
+  auto sub = (*q)->subscribe();  // before device_del: the event may come at once
+  auto present = co_await device_del(ctx, d, id);
+  if (!present) co_return present.error();
+  if (!*present) co_return Result<void>{};
+  co_return co_await wait_deleted(ctx, sub, std::move(id), std::move(what), std::move(progress));
+}
+
+Error no_such_device(const Domain& d, std::string_view kind, const std::string& id) {
+  Error e(make_error_code(errc::not_found),
+          "id: domain " + d.name() + " has no " + std::string(kind) + " named '" + id + "'");
+  e.field = "id";
+  return e;
+}
+
 awaitable<Result<void>> ensure_scsi_controller(Context& ctx, Domain& d) {
   if (d.scsi_controller) co_return Result<void>{};
   auto slot = d.allocate_slot(std::string(kScsiController));

@@ -70,6 +70,14 @@ boost::asio::awaitable<Result<void>> wait_deleted(Context& ctx, qmp::EventSubscr
 // and completed later) and one already being unplugged. Returns false when the device is gone.
 boost::asio::awaitable<Result<bool>> device_del(Context& ctx, Domain& d, std::string id);
 
+// device_del, then (unless the device was already gone) the wait for the guest to release it:
+// the first half of every unplug. `what` names the device in messages ("disk d1").
+boost::asio::awaitable<Result<void>> unplug(Context& ctx, Domain& d, std::string id,
+                                            std::string what, ProgressFn progress);
+
+// not_found for an unknown device id of kind `kind` ("disk", "NIC").
+Error no_such_device(const Domain& d, std::string_view kind, const std::string& id);
+
 // Plugs the domain's virtio-scsi controller on a free root port unless it is there. It stays for
 // the domain's lifetime (every SCSI disk and CD hangs off it), so no flow rolls it back.
 boost::asio::awaitable<Result<void>> ensure_scsi_controller(Context& ctx, Domain& d);

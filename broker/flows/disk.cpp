@@ -170,23 +170,11 @@ awaitable<Result<void>> add_disk(Context& ctx, Domain& d, DiskSpec disk) {
 
 awaitable<Result<void>> remove_disk(Context& ctx, Domain& d, std::string id, ProgressFn progress) {
   auto it = d.disks.find(id);
-  if (it == d.disks.end()) {
-    Error e(make_error_code(errc::not_found), "id: domain " + d.name() + " has no disk named '" + id + "'");
-    e.field = "id";
-    co_return e;
-  }
+  if (it == d.disks.end()) co_return no_such_device(d, "disk", id);
   const DiskState st = it->second;
-  auto q = client(d);
-  if (!q) co_return q.error();
-  auto sub = (*q)->subscribe();  // before device_del: the event may come at once
-
-  auto present = co_await device_del(ctx, d, id);
-  if (!present) co_return present.error();
-  if (*present) {
-    std::string what = "disk " + id;
-    auto gone = co_await wait_deleted(ctx, sub, id, std::move(what), std::move(progress));
-    if (!gone) co_return gone.error();
-  }
+  std::string what = "disk " + id;
+  auto gone = co_await unplug(ctx, d, id, std::move(what), std::move(progress));
+  if (!gone) co_return gone.error();
 
   // The guest has let go. A failure from here on keeps the disk listed, so a retry (device_del
   // then finds no device) finishes the removal.

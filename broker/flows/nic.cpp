@@ -64,23 +64,11 @@ awaitable<Result<void>> add_nic(Context& ctx, Domain& d, NicSpec nic) {
 
 awaitable<Result<void>> remove_nic(Context& ctx, Domain& d, std::string id, ProgressFn progress) {
   auto it = d.nics.find(id);
-  if (it == d.nics.end()) {
-    Error e(make_error_code(errc::not_found), "id: domain " + d.name() + " has no NIC named '" + id + "'");
-    e.field = "id";
-    co_return e;
-  }
+  if (it == d.nics.end()) co_return no_such_device(d, "NIC", id);
   const std::string slot = it->second.slot;
-  auto q = client(d);
-  if (!q) co_return q.error();
-  auto sub = (*q)->subscribe();  // before device_del: the event may come at once
-
-  auto present = co_await device_del(ctx, d, id);
-  if (!present) co_return present.error();
-  if (*present) {
-    std::string what = "NIC " + id;
-    auto gone = co_await wait_deleted(ctx, sub, id, std::move(what), std::move(progress));
-    if (!gone) co_return gone.error();
-  }
+  std::string what = "NIC " + id;
+  auto gone = co_await unplug(ctx, d, id, std::move(what), std::move(progress));
+  if (!gone) co_return gone.error();
   const std::string netdev = netdev_id(id);
   qmp::Command del = qmp::cmd::netdev_del(netdev);
   auto r = co_await call(ctx, d, std::move(del));
