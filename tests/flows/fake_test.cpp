@@ -30,6 +30,7 @@ using broker::DiskBus;
 using broker::DiskFormat;
 using broker::DiskSpec;
 using broker::Result;
+using qbtest::disk;
 
 namespace {
 
@@ -100,18 +101,6 @@ std::string domain_state(const broker::Domain& d) {
   s += d.vnc ? "vnc " + d.vnc->address : "no vnc";
   s += d.vnc_acceptor ? "+acceptor" : "";
   s += d.scsi_controller ? " scsi@" + d.scsi_slot : "";
-  return s;
-}
-
-DiskSpec disk(std::string id, std::string path, DiskFormat f = DiskFormat::raw,
-              DiskBus bus = DiskBus::scsi, bool ro = false, std::string backing = {}) {
-  DiskSpec s;
-  s.id = std::move(id);
-  s.path = std::move(path);
-  s.format = f;
-  s.bus = bus;
-  s.read_only = ro;
-  s.backing = std::move(backing);
   return s;
 }
 

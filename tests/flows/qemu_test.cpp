@@ -32,6 +32,7 @@ using broker::DiskBus;
 using broker::DiskFormat;
 using broker::DiskSpec;
 using qbtest::FlowsFixture;
+using qbtest::disk;
 
 namespace {
 
@@ -41,18 +42,6 @@ constexpr uid_t kVirtioBase = 3'102'200;
 constexpr uid_t kNicVncBase = 3'102'300;
 constexpr uid_t kRollbackBase = 3'102'400;
 constexpr uid_t kProofBase = 3'102'500;
-
-DiskSpec disk(std::string id, std::string path, DiskFormat f = DiskFormat::raw,
-              DiskBus bus = DiskBus::scsi, bool ro = false, std::string backing = {}) {
-  DiskSpec s;
-  s.id = std::move(id);
-  s.path = std::move(path);
-  s.format = f;
-  s.bus = bus;
-  s.read_only = ro;
-  s.backing = std::move(backing);
-  return s;
-}
 
 // Runs `cmd` in the guest (no single quotes: the console wraps it in eval '...').
 qbtest::GuestConsole::Output guest(qbtest::GuestConsole& con, const std::string& cmd,

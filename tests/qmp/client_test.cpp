@@ -53,6 +53,19 @@ bool is(const Result<json::value>& r, errc e) {
   return r.has_error() && r.error().is(e);
 }
 
+// A point in a script where the fake peer waits (at most 5 s) until the test opens it.
+class Gate {
+ public:
+  Script::Step step() {
+    return [f = opened_](FakeQmpPeer&) { return f.wait_for(5s) == std::future_status::ready; };
+  }
+  void open() { go_.set_value(); }
+
+ private:
+  std::promise<void> go_;
+  std::shared_future<void> opened_ = go_.get_future().share();
+};
+
 ino_t inode_of(int fd) {
   struct stat st {};
   REQUIRE(::fstat(fd, &st) == 0);
@@ -140,17 +153,15 @@ TEST_CASE("events interleaved with replies reach subscriptions in order", "[qmp]
 TEST_CASE("wait_for_event skips what does not match", "[qmp][client]") {
   qbtest::FdLeakCheck leaks;
   asio::io_context io;
-  std::promise<void> go;
-  auto gate = go.get_future();
+  Gate gate;
   Script s;
-  s.handshake().then(
-      [&gate](FakeQmpPeer&) { return gate.wait_for(5s) == std::future_status::ready; });
+  s.handshake().then(gate.step());
   s.event("DEVICE_DELETED", {{"device", "d0"}}).event("DEVICE_DELETED", {{"device", "d1"}});
   s.wait_for_close();
   FakeQmpPeer peer(std::move(s));
   auto c = connect_ok(io, peer);
   auto w = qbtest::spawn(io, c->wait_for_event(event::device_deleted("d1"), after(5s)));
-  go.set_value();
+  gate.open();
   qbtest::run_until(io, [&] { return w->has_value(); });
   REQUIRE((*w)->has_value());
   CHECK((**w)->data.at("device").as_string() == "d1");
@@ -355,11 +366,10 @@ TEST_CASE("only one fd-carrying command is in flight", "[qmp][client]") {
   auto a = fdpass::make_pipe();
   REQUIRE(a.has_value());
   asio::io_context io;
-  std::promise<void> go;
-  auto gate = go.get_future();
+  Gate gate;
   Script s;
   s.handshake().expect("getfd");
-  s.then([&gate](FakeQmpPeer&) { return gate.wait_for(5s) == std::future_status::ready; });
+  s.then(gate.step());
   s.reply().expect("getfd").reply().expect("query-status").reply().wait_for_close();
   FakeQmpPeer peer(std::move(s));
   auto c = connect_ok(io, peer);
@@ -369,7 +379,7 @@ TEST_CASE("only one fd-carrying command is in flight", "[qmp][client]") {
   qbtest::drain(io);
   // The second waits for the first's reply, and the third stays behind it, in order.
   CHECK(c->stats().lines_sent == 2);
-  go.set_value();
+  gate.open();
   qbtest::run_until(
       io, [&] { return first->has_value() && second->has_value() && third->has_value(); });
   CHECK((*first)->has_value());
@@ -428,18 +438,17 @@ TEST_CASE("a command whose deadline passes while queued is never sent", "[qmp][c
   auto p = fdpass::make_pipe();
   REQUIRE(p.has_value());
   asio::io_context io;
-  std::promise<void> go;
-  auto gate = go.get_future();
+  Gate gate;
   Script s;
   s.handshake().expect("getfd");
-  s.then([&gate](FakeQmpPeer&) { return gate.wait_for(5s) == std::future_status::ready; });
+  s.then(gate.step());
   s.reply().expect("query-status").reply().wait_for_close();
   FakeQmpPeer peer(std::move(s));
   auto c = connect_ok(io, peer);
   auto first = qbtest::spawn(io, c->execute_with_fd(cmd::getfd("a"), p->first, after(5s)));
   auto queued = qbtest::run(io, c->execute_with_fd(cmd::getfd("b"), p->second, after(30ms)));
   CHECK(is(queued, errc::timeout));
-  go.set_value();
+  gate.open();
   qbtest::run_until(io, [&] { return first->has_value(); });
   CHECK(exec(io, *c, cmd::query_status()).has_value());
   c.reset();
