@@ -297,16 +297,7 @@ awaitable<Result<DomainInfo>> Broker::info(std::string name, bool live) {
   auto found = find(name);
   if (!found) co_return found.error();
   auto d = *found;
-  DomainInfo i;
-  i.name = d->name();
-  i.state = d->state();
-  i.uid = d->instance().uid;
-  i.pid = d->instance().pid;
-  i.accel = lifecycle::to_string(d->instance().accel);
-  i.job = d->job();
-  i.console = d->instance().console_path;
-  i.spec = d->spec();
-  i.devices = d->devices_json();
+  DomainInfo i = describe(*d);
   if (live && d->qmp() != nullptr) {
     auto st = co_await qmp_call(*d, qmp::cmd::query_status());
     if (!st) co_return st.error();
@@ -318,20 +309,22 @@ awaitable<Result<DomainInfo>> Broker::info(std::string name, bool live) {
 
 std::vector<DomainInfo> Broker::list() const {
   std::vector<DomainInfo> out;
-  for (const auto& [name, d] : domains_) {
-    DomainInfo i;
-    i.name = name;
-    i.state = d->state();
-    i.uid = d->instance().uid;
-    i.pid = d->instance().pid;
-    i.accel = lifecycle::to_string(d->instance().accel);
-    i.job = d->job();
-    i.console = d->instance().console_path;
-    i.spec = d->spec();
-    i.devices = d->devices_json();
-    out.push_back(std::move(i));
-  }
+  for (const auto& [name, d] : domains_) out.push_back(describe(*d));
   return out;
+}
+
+DomainInfo Broker::describe(const Domain& d) {
+  DomainInfo i;
+  i.name = d.name();
+  i.state = d.state();
+  i.uid = d.instance().uid;
+  i.pid = d.instance().pid;
+  i.accel = lifecycle::to_string(d.instance().accel);
+  i.job = d.job();
+  i.console = d.instance().console_path;
+  i.spec = d.spec();
+  i.devices = d.devices_json();
+  return i;
 }
 
 template <class T, class F>

@@ -132,6 +132,8 @@ class Broker {
       -> boost::asio::awaitable<std::invoke_result_t<F&>>;
 
   Result<std::shared_ptr<Domain>> find(const std::string& name) const;
+  // What the broker knows of a domain without asking QEMU.
+  static DomainInfo describe(const Domain& d);
   // How a job touches the state file.
   enum class Journal {
     none,     // the job changes nothing a restart reads back (pause, resume, reset, powerdown)
