@@ -60,7 +60,7 @@ lifecycle::LauncherConfig launcher_config(const DaemonOptions& o) {
 
 BrokerConfig broker_config(const DaemonOptions& o) {
   BrokerConfig c;
-  c.state_dir = o.state_dir;
+  c.records_dir = o.run_dir + "/domains";
   c.timeouts.qmp = o.qmp_timeout;
   c.timeouts.unplug = o.unplug_timeout;
   c.start_timeout = o.start_timeout;

@@ -94,9 +94,9 @@ const std::vector<Option>& options() {
   static const std::vector<Option> kOptions = {
       str("socket", "PATH", "the API socket (default /run/qbroker/qbroker.sock)",
           &DaemonOptions::socket),
-      str("state-dir", "DIR", "durable state (default /var/lib/qbroker)",
+      str("state-dir", "DIR", "uid records (default /var/lib/qbroker)",
           &DaemonOptions::state_dir),
-      str("run-dir", "DIR", "QMP/console sockets, logs, jails (default /run/qbroker)",
+      str("run-dir", "DIR", "domain records, QMP/console sockets, logs, jails (default /run/qbroker)",
           &DaemonOptions::run_dir),
       {"uid-range", Kind::string, "BASE:COUNT",
        "QEMU uids base+1..base+count-1; base is the reaper uid (default " +

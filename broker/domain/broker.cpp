@@ -43,7 +43,7 @@ Error from_qmp(const qmp::Error& e, std::string_view context) {
   return out;
 }
 
-std::string domains_dir(const BrokerConfig& c) { return c.state_dir + "/domains"; }
+std::string domains_dir(const BrokerConfig& c) { return c.records_dir; }
 
 }  // namespace
 
@@ -340,11 +340,11 @@ awaitable<Result<T>> Broker::run_job(std::string name, std::string job, std::str
   auto guard = d->begin_job(job, target);
   if (!guard) co_return guard.error();
   // Journal the job before the first step, so a broker killed mid-flow can finish or undo it.
-  if (journal == Journal::durable) co_await persist(*d);
+  if (journal == Journal::around) co_await persist(*d);
   events_.publish(name, "job", "started", {{"job", job}, {"target", target}});
   Result<T> r = co_await flow(*d);
   guard->release();
-  if (journal == Journal::durable && domains_.contains(name)) co_await persist(*d);
+  if (journal != Journal::none && domains_.contains(name)) co_await persist(*d);
   json::object data{{"job", job}, {"ok", r.has_value()}};
   if (!r) data["error"] = r.error().describe();
   events_.publish(name, "job", "finished", std::move(data));
@@ -390,9 +390,10 @@ awaitable<Result<void>> Broker::reset(std::string name) {
 
 template <class T, class... Args>
 awaitable<Result<T>> Broker::device_job(std::string name, std::string job, std::string target,
+                                        Journal journal,
                                         awaitable<Result<T>> (*flow)(flows::Context&, Domain&, Args...),
                                         Args... args) {
-  return run_job<T>(std::move(name), std::move(job), std::move(target), Journal::durable,
+  return run_job<T>(std::move(name), std::move(job), std::move(target), journal,
                     [this, flow, ... args = std::move(args)](Domain& d) {
                       return flow(flow_ctx_, d, args...);
                     });
@@ -400,44 +401,50 @@ awaitable<Result<T>> Broker::device_job(std::string name, std::string job, std::
 
 awaitable<Result<void>> Broker::insert_medium(std::string name, std::string cdrom, InsertMedium m) {
   std::string target = cdrom;
-  return device_job(std::move(name), "cdrom-insert", std::move(target), &flows::insert_medium,
+  return device_job(std::move(name), "cdrom-insert", std::move(target), Journal::after,
+                    &flows::insert_medium,
                     std::move(cdrom), std::move(m));
 }
 
 awaitable<Result<void>> Broker::eject_medium(std::string name, std::string cdrom, bool force) {
   std::string target = cdrom;
-  return device_job(std::move(name), "cdrom-eject", std::move(target), &flows::eject_medium,
+  return device_job(std::move(name), "cdrom-eject", std::move(target), Journal::after,
+                    &flows::eject_medium,
                     std::move(cdrom), force);
 }
 
 awaitable<Result<void>> Broker::add_disk(std::string name, DiskSpec disk) {
   std::string target = disk.id;
-  return device_job(std::move(name), "disk-add", std::move(target), &flows::add_disk, std::move(disk));
+  return device_job(std::move(name), "disk-add", std::move(target), Journal::around,
+                    &flows::add_disk, std::move(disk));
 }
 
 awaitable<Result<void>> Broker::remove_disk(std::string name, std::string id, ProgressFn progress) {
   std::string target = id;
-  return device_job(std::move(name), "disk-remove", std::move(target), &flows::remove_disk,
+  return device_job(std::move(name), "disk-remove", std::move(target), Journal::around,
+                    &flows::remove_disk,
                     std::move(id), std::move(progress));
 }
 
 awaitable<Result<void>> Broker::add_nic(std::string name, NicSpec nic) {
   std::string target = nic.id;
-  return device_job(std::move(name), "nic-add", std::move(target), &flows::add_nic, std::move(nic));
+  return device_job(std::move(name), "nic-add", std::move(target), Journal::around,
+                    &flows::add_nic, std::move(nic));
 }
 
 awaitable<Result<void>> Broker::remove_nic(std::string name, std::string id, ProgressFn progress) {
   std::string target = id;
-  return device_job(std::move(name), "nic-remove", std::move(target), &flows::remove_nic,
+  return device_job(std::move(name), "nic-remove", std::move(target), Journal::around,
+                    &flows::remove_nic,
                     std::move(id), std::move(progress));
 }
 
 awaitable<Result<VncState>> Broker::set_vnc(std::string name, VncSpec vnc) {
-  return device_job(std::move(name), "vnc-set", "vnc", &flows::set_vnc, std::move(vnc));
+  return device_job(std::move(name), "vnc-set", "vnc", Journal::after, &flows::set_vnc, std::move(vnc));
 }
 
 awaitable<Result<void>> Broker::remove_vnc(std::string name) {
-  return device_job(std::move(name), "vnc-remove", "vnc", &flows::remove_vnc);
+  return device_job(std::move(name), "vnc-remove", "vnc", Journal::after, &flows::remove_vnc);
 }
 
 awaitable<Result<void>> Broker::save(std::string name, std::string, ProgressFn) {

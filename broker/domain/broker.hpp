@@ -35,7 +35,11 @@
 namespace broker {
 
 struct BrokerConfig {
-  std::string state_dir = "/var/lib/qbroker";
+  // Where each domain's record (STATE of docs/api.md, "Restart") lives. qbrokerd puts it in its
+  // run directory: a record describes a running QEMU, which does not outlive the host, so like
+  // libvirt's /run/libvirt/qemu/*.xml it belongs on the tmpfs of /run, where writing it costs
+  // no disk I/O.
+  std::string records_dir = "/run/qbroker/domains";
   flows::Timeouts timeouts;
   std::chrono::milliseconds start_timeout{30000};  // spawn -> capabilities negotiated
   std::chrono::milliseconds quit_timeout{3000};    // graceful quit before the kill
@@ -136,17 +140,20 @@ class Broker {
   static DomainInfo describe(const Domain& d);
   // How a job touches the state file.
   enum class Journal {
-    none,     // the job changes nothing a restart reads back (pause, resume, reset, powerdown)
-    durable,  // journaled before its first step and saved after its last
+    none,    // the job changes nothing a restart reads back (pause, resume, reset, powerdown)
+    after,   // saved after its last step (media changes, VNC handovers: they build nothing
+             // half-way that outlives a dead broker, so reconcile() has nothing to undo)
+    around,  // also journaled before its first step, so a restart can undo or finish it
+             // (hotplug and unplug, which leave nodes, fdsets and netdevs half built)
   };
   // Claims the domain's job slot and runs a flow in it.
   template <class T, class F>
   boost::asio::awaitable<Result<T>> run_job(std::string name, std::string job, std::string target,
                                             Journal journal, F flow);
-  // A job that runs one device flow with `args`, journaled.
+  // A job that runs one device flow with `args`.
   template <class T, class... Args>
   boost::asio::awaitable<Result<T>> device_job(
-      std::string name, std::string job, std::string target,
+      std::string name, std::string job, std::string target, Journal journal,
       boost::asio::awaitable<Result<T>> (*flow)(flows::Context&, Domain&, Args...), Args... args);
   // A job that is one QMP command: refused when the domain is already in `refused_in`, and
   // moving it to `after` on success (both unset for commands that leave the run state alone).

@@ -64,7 +64,7 @@ struct ApiFixture : LifecycleFixture {
   }
 
   static broker::BrokerConfig with_state(broker::BrokerConfig c, const std::string& dir) {
-    c.state_dir = dir;
+    c.records_dir = dir + "/domains";
     return c;
   }
 

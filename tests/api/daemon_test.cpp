@@ -346,7 +346,7 @@ TEST_CASE("qbrokerd killed in the middle of a disk hotplug: the restarted daemon
   auto args = daemon_args(dir, kKilled);
   args.insert(args.end(), {"--socket", sock, "--image-root", images});
   const std::string name = "api-k" + std::to_string(::getpid());
-  const std::string state_file = dir / ("state/domains/" + name + ".json");
+  const std::string state_file = dir / ("run/domains/" + name + ".json");
   const std::string disk = R"({"id":"d0","path":")" + images + R"(/d0.img","bus":"scsi"})";
 
   Child first{spawn(args, dir / "log")};
@@ -416,7 +416,7 @@ TEST_CASE("qbrokerd killed in the middle of a disk hotplug: the restarted daemon
       5s));
   CHECK(broker::lifecycle::live_processes_of_uid("/proc", uid) == 0);
   CHECK(std::filesystem::is_empty(dir / "state/uids"));
-  CHECK(std::filesystem::is_empty(dir / "state/domains"));
+  CHECK(std::filesystem::is_empty(dir / "run/domains"));
   CHECK_FALSE(std::filesystem::exists(dir / ("run/qmp/" + name + ".sock")));
   ::kill(again.pid, SIGTERM);
   CHECK(again.wait(10s) == 0);

@@ -18,7 +18,7 @@ struct BrokerFixture : LifecycleFixture {
       : LifecycleFixture(base), broker(io.get_executor(), with_state(std::move(config)), launcher, roots) {}
 
   broker::BrokerConfig with_state(broker::BrokerConfig c) {
-    c.state_dir = state.path();
+    c.records_dir = state.path() + "/domains";
     return c;
   }
 

@@ -44,7 +44,7 @@ struct Stack {
         launcher(qbtest::LifecycleFixture::make_config(run), uids, cgroups, roots) {
     uids.load();
     broker::BrokerConfig c;
-    c.state_dir = state;
+    c.records_dir = state + "/domains";
     broker = std::make_unique<broker::Broker>(io.get_executor(), c, launcher, roots);
   }
   ~Stack() {

@@ -65,7 +65,7 @@ struct FlowsFixture {
   }
 
   broker::BrokerConfig with_state(broker::BrokerConfig c) {
-    c.state_dir = state.path();
+    c.records_dir = state.path() + "/domains";
     c.transcript = [this](qmp::Direction d, std::string_view line, bool) {
       if (d == qmp::Direction::to_qemu) transcript.emplace_back(line);
     };
