@@ -6,7 +6,7 @@
 //   2. qbrokerd's RSS idle, and per idle domain with N domains (targets <= 10 MiB, <= 200 KiB).
 //   3. N tiny domains (machine none, 16 MiB) managed at once while a load generator makes them
 //      emit events (a: stop/cont through the QMP passthrough, events straight from QEMU; b: pause
-//      and resume jobs, each persisted) and a subscriber streams every event: p50/p99 of
+//      and resume jobs) and a subscriber streams every event: p50/p99 of
 //      GET /v1/domains/{name} (live) and GET /v1/domains (target p99 <= 10 ms).
 //
 // Usage: api_bench [--domains N] [--requests N]   (root; build with -DCMAKE_BUILD_TYPE=Release
