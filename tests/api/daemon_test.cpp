@@ -320,6 +320,12 @@ json::value qmp_over_http(const std::string& sock, const std::string& name, cons
   return r->json.at("return");
 }
 
+std::size_t fd_count(pid_t pid) {
+  std::error_code ec;
+  auto it = std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec);
+  return ec ? 0 : static_cast<std::size_t>(std::distance(it, std::filesystem::directory_iterator()));
+}
+
 // The fds of `pid` whose target contains `needle`.
 int fds_naming(pid_t pid, const std::string& needle) {
   int n = 0;
@@ -394,7 +400,8 @@ TEST_CASE("qbrokerd killed in the middle of a disk hotplug: the restarted daemon
   }
   CHECK(wait_for([&] { return fds_naming(qemu, "d0.img") == 0; }, 5s));
 
-  // The same hotplug now goes through whole, and out again.
+  // The same hotplug now goes through whole, and out again, and the daemon holds no fd more.
+  const std::size_t daemon_fds = fd_count(again.pid);
   auto added = http::call(sock, "POST", "/v1/domains/" + name + "/disks", disk, 30s);
   REQUIRE(added);
   INFO(added->body);
@@ -404,6 +411,7 @@ TEST_CASE("qbrokerd killed in the middle of a disk hotplug: the restarted daemon
   REQUIRE(removed);
   CHECK(removed->status / 100 == 2);
   CHECK(wait_for([&] { return fds_naming(qemu, "d0.img") == 0; }, 5s));
+  CHECK(wait_for([&] { return fd_count(again.pid) == daemon_fds; }, 5s));
 
   auto destroyed = http::call(sock, "DELETE", "/v1/domains/" + name, {}, 30s);
   REQUIRE(destroyed);
@@ -418,6 +426,8 @@ TEST_CASE("qbrokerd killed in the middle of a disk hotplug: the restarted daemon
   CHECK(std::filesystem::is_empty(dir / "state/uids"));
   CHECK(std::filesystem::is_empty(dir / "run/domains"));
   CHECK_FALSE(std::filesystem::exists(dir / ("run/qmp/" + name + ".sock")));
+  CHECK(std::filesystem::is_empty(dir / "run/jail"));
+  CHECK(slurp("/proc/self/mountinfo").find(dir.path()) == std::string::npos);
   ::kill(again.pid, SIGTERM);
   CHECK(again.wait(10s) == 0);
   remove_cgroup_base(kKilled);
