@@ -159,7 +159,9 @@ std::optional<Reply> call(const std::string& socket, const std::string& method,
                           std::chrono::milliseconds timeout) {
   auto fd = connect(socket);
   if (!fd) return std::nullopt;
-  if (!send_all(fd.get(), request_text(method, target, body, false))) return std::nullopt;
+  // A refused connection (403, 503) may be answered and closed before the request is sent in
+  // full; the answer is still there to read, as qbrokerctl reads it.
+  (void)send_all(fd.get(), request_text(method, target, body, false));
   return read_reply(fd.get(), timeout);
 }
 
