@@ -15,6 +15,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/resource.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -204,6 +205,7 @@ int run(int argc, char** argv) {
   d.socket = dir + "/qbroker.sock";
   d.pid = ::fork();
   if (d.pid == 0) {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // a benchmark that dies (die() exits) takes it along
     int log = ::open((dir + "/qbrokerd.log").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     ::dup2(log, 1);
     ::dup2(log, 2);

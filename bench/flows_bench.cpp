@@ -45,6 +45,7 @@
 #include "fdpass/opener.hpp"
 #include "qmp/client.hpp"
 #include "support/asio_run.hpp"
+#include "support/disk_spec.hpp"
 #include "support/qemu.hpp"
 
 using Clock = std::chrono::steady_clock;
@@ -215,17 +216,6 @@ broker::lifecycle::DomainSpec guest_spec(const std::string& name) {
   s.initrd = qbtest::guest_initrd();
   s.append = qbtest::kGuestAppend;
   s.memory_mib = 128;
-  return s;
-}
-
-broker::DiskSpec disk(std::string id, std::string path, broker::DiskFormat f, broker::DiskBus bus,
-                      std::string backing = {}) {
-  broker::DiskSpec s;
-  s.id = std::move(id);
-  s.path = std::move(path);
-  s.format = f;
-  s.bus = bus;
-  s.backing = std::move(backing);
   return s;
 }
 
@@ -460,8 +450,8 @@ int main(int argc, char** argv) {
   };
   for (const auto& dc : disks) {
     auto spec_for = [&](const char* who) {
-      return disk("d1", im / (dc.image + who + dc.suffix), dc.format, dc.bus,
-                  dc.backing ? im / "base.img" : std::string());
+      return qbtest::disk("d1", im / (dc.image + who + dc.suffix), dc.format, dc.bus, false,
+                          dc.backing ? im / "base.img" : std::string());
     };
     const broker::DiskSpec api_spec = spec_for("api"), flow_spec = spec_for("flow");
     std::vector<std::string> files;

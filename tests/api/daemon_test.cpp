@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -62,6 +63,8 @@ pid_t spawn(const std::vector<std::string>& argv, const std::string& log, int li
             const std::vector<std::string>& env = {}) {
   pid_t pid = ::fork();
   if (pid != 0) return pid;
+  // A test that dies before its Child destructors run (an abort) takes its daemon with it.
+  ::prctl(PR_SET_PDEATHSIG, SIGKILL);
   int out = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
   ::dup2(out, 1);
   ::dup2(out, 2);

@@ -26,6 +26,7 @@
 #include "fdpass/opener.hpp"
 #include "support/asio_run.hpp"
 #include "support/broker_printers.hpp"
+#include "support/disk_spec.hpp"
 #include "support/qemu.hpp"
 #include "support/support.hpp"
 
@@ -207,20 +208,5 @@ inline std::string read_at(const std::string& path, std::size_t offset, std::siz
 }
 
 inline int sh(const std::string& cmd) { return std::system(cmd.c_str()); }
-
-// A disk for add_disk: raw on SCSI, read-write, no backing file unless said otherwise.
-inline broker::DiskSpec disk(std::string id, std::string path,
-                             broker::DiskFormat f = broker::DiskFormat::raw,
-                             broker::DiskBus bus = broker::DiskBus::scsi, bool ro = false,
-                             std::string backing = {}) {
-  broker::DiskSpec s;
-  s.id = std::move(id);
-  s.path = std::move(path);
-  s.format = f;
-  s.bus = bus;
-  s.read_only = ro;
-  s.backing = std::move(backing);
-  return s;
-}
 
 }  // namespace qbtest
