@@ -82,11 +82,12 @@ Broker::~Broker() {
 
 template <class F>
 auto Broker::blocking(F&& f, asio::thread_pool* pool) -> awaitable<std::invoke_result_t<F&>> {
-  // `f` runs on the lifecycle thread; it wakes this coroutine by posting a timer cancel back to
-  // the broker's executor. The result lives in this frame, which outlives the wait. `f` is taken
-  // by reference (the caller's temporary lives until the co_await completes) and moved into the
-  // posted handler before the first suspension. Callers pass closures of pointers only: g++ 12
-  // mis-copies closures with non-trivial members that are created inside a coroutine.
+  // `f` runs on `pool` (the lifecycle thread unless said otherwise); it wakes this coroutine by
+  // posting a timer cancel back to the broker's executor. The result lives in this frame, which
+  // outlives the wait. `f` is taken by reference (the caller's temporary lives until the
+  // co_await completes) and moved into the posted handler before the first suspension. Callers
+  // pass closures of pointers only: g++ 12 mis-copies closures with non-trivial members that are
+  // created inside a coroutine.
   std::optional<std::invoke_result_t<F&>> result;
   auto done = std::make_shared<asio::steady_timer>(ex_, asio::steady_timer::time_point::max());
   asio::post(pool != nullptr ? *pool : pool_, [&result, f = std::forward<F>(f), done, ex = ex_]() mutable {
@@ -107,11 +108,11 @@ Result<std::shared_ptr<Domain>> Broker::find(const std::string& name) const {
   return it->second;
 }
 
-// A domain's state file describes a running QEMU and the job it is in. It must survive a crash of
-// the broker, which the page cache guarantees once write() and rename() return. It need not
-// survive a crash of the host: that ends every QEMU too, and a restarted broker tears down each
-// uid it finds recorded (STATE/uids, which is fsynced) whatever the domain files say. So no fsync
-// sits in a job's path.
+// A domain's record describes a running QEMU and the job it is in. It must survive a crash of the
+// broker, which the page cache guarantees once write() and rename() return. It need not survive
+// a crash of the host (qbrokerd keeps it on /run): that ends every QEMU too, and a restarted
+// broker kills and releases each uid recorded in STATE/uids (fsynced) that no record accounts
+// for. So no fsync sits in a job's path.
 constexpr Sync kStateSync = Sync::process;
 
 awaitable<void> Broker::persist(const Domain& d) {
