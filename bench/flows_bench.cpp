@@ -1,7 +1,7 @@
 // Flows benchmark: each device flow three ways, interleaved, in the same run, against three
 // identical jailed QEMUs running the booted test guest:
 //
-//   api   Broker::add_disk() etc.: the internal command surface (job slot, flow, state file)
+//   api   Broker::add_disk() etc.: the internal command surface (job slot, flow, domain record)
 //   flow  broker::flows::add_disk() etc. on a Domain of our own: the flow alone
 //   raw   the same QMP sequence written by hand on one blocking socket: open the file, sendmsg
 //         each command (SCM_RIGHTS for add-fd/getfd), read its reply, wait for events
@@ -259,7 +259,7 @@ int main(int argc, char** argv) {
   broker::log::set_level(broker::log::Level::warn);
   Env env(state_base);
   Owned owned{env};
-  std::printf("broker state files in %s\n", env.broker_state.path.c_str());
+  std::printf("broker domain records in %s\n", env.broker_state.path.c_str());
   try {
   const auto& im = env.images;
   // Each QEMU gets its own writable images (QEMU locks them); the backing file is shared.
