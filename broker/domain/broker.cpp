@@ -516,14 +516,14 @@ awaitable<Result<json::value>> Broker::qmp_passthrough(std::string name, json::v
   co_return co_await qmp_call(**found, qmp::cmd::raw(cmd_name, std::move(args)));
 }
 
-awaitable<void> Broker::reconcile(Domain& d, Domain::PendingJob job) {
+awaitable<bool> Broker::reconcile(Domain& d, Domain::PendingJob job) {
   // The device naming of broker/domain/domain.hpp tells what a flow may have left in QEMU.
   const std::string& id = job.target;
   log::warn("domain " + d.name() + ": finishing interrupted job " + job.kind + " " + id);
   if (job.kind.rfind("cdrom-", 0) == 0 || job.kind.rfind("vnc-", 0) == 0 || id.empty()) {
     // Media changes and display handovers are complete or absent as QEMU reports them; the
     // next query shows the truth, and nothing of theirs outlives the monitor but in-use fds.
-    co_return;
+    co_return false;
   }
   bool committed = d.has_device(id);
   auto peripherals = co_await qmp_call(d, qmp::cmd::qom_list("/machine/peripheral"));
@@ -534,7 +534,7 @@ awaitable<void> Broker::reconcile(Domain& d, Domain::PendingJob job) {
     }
   }
   const bool adding = job.kind.ends_with("-add");
-  if (committed && present) co_return;  // an interrupted removal: the device stays
+  if (committed && present) co_return true;  // an interrupted removal: it goes on as a job
   if (!committed && present && adding) {
     // An interrupted addition reached device_add: take the device out again.
     auto sub = d.qmp()->subscribe();
@@ -544,7 +544,7 @@ awaitable<void> Broker::reconcile(Domain& d, Domain::PendingJob job) {
       if (!gone) {
         log::error("domain " + d.name() + ": interrupted " + job.kind + " " + id +
                    ": the guest did not release the device; it stays plugged");
-        co_return;
+        co_return false;
       }
     }
   }
@@ -572,6 +572,22 @@ awaitable<void> Broker::reconcile(Domain& d, Domain::PendingJob job) {
       if (!it->second.slot.empty()) d.free_slot(it->second.slot);
       d.nics.erase(it);
     }
+  }
+  co_return false;
+}
+
+awaitable<void> Broker::resume_removal(std::string name, Domain::PendingJob job) {
+  // device_del again: QEMU answers that the unplug is under way (or starts it), and the flow
+  // waits for the guest and frees what is left, as if the first broker had lived.
+  ProgressFn none;
+  Result<void> r = Error(make_error_code(errc::internal), "not a removal: " + job.kind);
+  if (job.kind == "disk-remove") r = co_await remove_disk(name, job.target, none);
+  if (job.kind == "nic-remove") r = co_await remove_nic(name, job.target, none);
+  if (r) {
+    log::info("domain " + name + ": finished the interrupted " + job.kind + " " + job.target);
+  } else {
+    log::error("domain " + name + ": interrupted " + job.kind + " " + job.target + ": " +
+               r.error().describe() + "; retry the removal");
   }
 }
 
@@ -620,8 +636,9 @@ awaitable<Broker::RecoveryReport> Broker::recover() {
     if (d->interrupted) {
       auto job = *d->interrupted;
       d->interrupted.reset();
-      co_await reconcile(*d, job);
+      const bool resume = co_await reconcile(*d, job);
       co_await persist(*d);
+      if (resume) asio::co_spawn(ex_, resume_removal(d->name(), job), asio::detached);
     }
     report.adopted.push_back(d->name());
     events_.publish(d->name(), "domain", "adopted", {{"pid", inst.pid}, {"uid", inst.uid}});

@@ -162,7 +162,10 @@ class Broker {
                                                    std::optional<RunState> refused_in,
                                                    std::optional<RunState> after);
   // Finishes or undoes a job an earlier broker left half done (from the state file).
-  boost::asio::awaitable<void> reconcile(Domain& d, Domain::PendingJob job);
+  // Returns true for a removal the guest has not finished: it is resumed as a job of its own
+  // (resume_removal) once the domain is adopted.
+  boost::asio::awaitable<bool> reconcile(Domain& d, Domain::PendingJob job);
+  boost::asio::awaitable<void> resume_removal(std::string name, Domain::PendingJob job);
   boost::asio::awaitable<Result<void>> connect_qmp(Domain& d);
   boost::asio::awaitable<Result<boost::json::value>> qmp_call(Domain& d, qmp::Command c);
   boost::asio::awaitable<void> pump_events(std::shared_ptr<Domain> d);

@@ -1,6 +1,6 @@
 // qbrokerd and qbrokerctl as programs: started without systemd and with socket activation +
 // sd_notify, driven through qbrokerctl, stopped with SIGTERM (domains keep running) and started
-// again (they are re-adopted).
+// again (they are re-adopted), and SIGKILLed in the middle of a hotplug and of an unplug.
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -34,6 +34,7 @@ namespace {
 constexpr uid_t kPlain = 3'104'300;
 constexpr uid_t kActivated = 3'104'400;
 constexpr uid_t kKilled = 3'104'500;
+constexpr uid_t kKilledUnplug = 3'104'600;
 
 struct Child {
   pid_t pid = -1;
@@ -440,4 +441,82 @@ TEST_CASE("qbrokerd killed in the middle of a disk hotplug: the restarted daemon
   ::kill(again.pid, SIGTERM);
   CHECK(again.wait(10s) == 0);
   remove_cgroup_base(kKilled);
+}
+
+TEST_CASE("qbrokerd killed in the middle of a disk unplug: the restarted daemon finishes it",
+          "[api][daemon][privileged][qemu][restart]") {
+  QB_REQUIRE_ROOT();
+  qbtest::become_subreaper();
+  qbtest::TempDir dir;
+  const std::string images = dir / "images";
+  std::filesystem::create_directory(images);
+  qbtest::write_file(images + "/d0.img", "QB-UNPLUG-MARKER");
+  std::filesystem::resize_file(images + "/d0.img", 1 << 20);
+  std::string sock = dir / "qbroker.sock";
+  auto args = daemon_args(dir, kKilledUnplug);
+  args.insert(args.end(), {"--socket", sock, "--image-root", images});
+  const std::string name = "api-u" + std::to_string(::getpid());
+  const std::string record = dir / ("run/domains/" + name + ".json");
+
+  Child first{spawn(args, dir / "log")};
+  REQUIRE(wait_for_socket(sock, 20s));
+  auto created = http::call(sock, "POST", "/v1/domains",
+                            R"({"name":")" + name + R"(","memory_mib":128,"pci_slots":2,"kernel":")" +
+                                qbtest::guest_kernel() + R"(","initrd":")" + qbtest::guest_initrd() +
+                                R"(","disks":[{"id":"d0","path":")" + images + R"(/d0.img"}]})",
+                            60s);
+  REQUIRE(created);
+  INFO(created->body);
+  REQUIRE(created->status == 201);
+  const pid_t qemu = static_cast<pid_t>(created->json.at("pid").to_number<int>());
+  const uid_t uid = created->json.at("uid").to_number<uid_t>();
+  REQUIRE(fds_naming(qemu, "d0.img") > 0);
+
+  // The unplug is journaled and hangs on a stopped QEMU; the broker dies.
+  REQUIRE(::kill(qemu, SIGSTOP) == 0);
+  auto pending = http::connect(sock);
+  REQUIRE(http::send_all(pending.get(), http::request_text(
+                                            "DELETE", "/v1/domains/" + name + "/disks/d0", {}, false)));
+  CHECK(wait_for([&] { return slurp(record).find("disk-remove") != std::string::npos; }, 10s));
+  std::this_thread::sleep_for(100ms);
+  REQUIRE(::kill(first.pid, SIGKILL) == 0);
+  CHECK(first.wait(10s) == 128 + SIGKILL);
+  REQUIRE(::kill(qemu, SIGCONT) == 0);
+
+  Child again{spawn(args, dir / "log")};
+  REQUIRE(wait_for_socket(sock, 20s));
+  INFO(slurp(dir / "log"));
+  CHECK(slurp(dir / "log").find("interrupted job disk-remove d0") != std::string::npos);
+  // Finished, whether the dead broker's device_del reached QEMU or not: the disk is gone from the
+  // domain and from QEMU, and QEMU holds no fd of the image.
+  CHECK(wait_for(
+      [&] {
+        auto shown = http::call(sock, "GET", "/v1/domains/" + name);
+        return shown && shown->status == 200 && shown->json.at("job").is_null() &&
+               shown->json.at("devices").at("disks").as_array().empty();
+      },
+      15s));
+  CHECK(qmp_over_http(sock, name, "query-fdsets").as_array().empty());
+  const auto nodes = qmp_over_http(sock, name, "query-named-block-nodes");
+  for (const auto& node : nodes.as_array()) {
+    CHECK(std::string(node.at("node-name").as_string()).rfind("qb-d0", 0) != 0);
+  }
+  CHECK(wait_for([&] { return fds_naming(qemu, "d0.img") == 0; }, 5s));
+  CHECK(slurp(record).find("disk-remove") == std::string::npos);
+
+  auto destroyed = http::call(sock, "DELETE", "/v1/domains/" + name, {}, 30s);
+  REQUIRE(destroyed);
+  CHECK(destroyed->status == 200);
+  CHECK(wait_for(
+      [&] {
+        qbtest::reap_exited_children();
+        return ::kill(qemu, 0) != 0;
+      },
+      5s));
+  CHECK(broker::lifecycle::live_processes_of_uid("/proc", uid) == 0);
+  CHECK(std::filesystem::is_empty(dir / "state/uids"));
+  CHECK(std::filesystem::is_empty(dir / "run/domains"));
+  ::kill(again.pid, SIGTERM);
+  CHECK(again.wait(10s) == 0);
+  remove_cgroup_base(kKilledUnplug);
 }
