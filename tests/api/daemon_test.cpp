@@ -347,36 +347,99 @@ int fds_naming(pid_t pid, const std::string& needle) {
   return n;
 }
 
+// A daemon with an image root of its own and a booted guest domain, for the tests that kill the
+// daemon mid-job. This process is the QEMU's subreaper once its daemon dies.
+struct KilledDaemon {
+  qbtest::TempDir dir;
+  uid_t base;
+  std::string images = dir / "images";
+  std::string sock = dir / "qbroker.sock";
+  std::string name;
+  std::string record;  // the domain's record, where a job is journaled
+  std::vector<std::string> args;
+  pid_t qemu = 0;
+  uid_t uid = 0;
+
+  KilledDaemon(uid_t uid_base, const std::string& prefix)
+      : base(uid_base),
+        name(prefix + std::to_string(::getpid())),
+        record(dir / ("run/domains/" + name + ".json")),
+        args(daemon_args(dir, uid_base)) {
+    qbtest::become_subreaper();
+    std::filesystem::create_directory(images);
+    qbtest::write_file(images + "/d0.img", "QB-KILLED-MARKER");
+    std::filesystem::resize_file(images + "/d0.img", 1 << 20);
+    args.insert(args.end(), {"--socket", sock, "--image-root", images});
+  }
+  std::string disk_json() const {
+    return R"({"id":"d0","path":")" + images + R"(/d0.img","bus":"scsi"})";
+  }
+  // Creates the guest domain (`extra`: more members of the create body) on a running daemon.
+  void create(const std::string& extra = {}) {
+    auto created = http::call(sock, "POST", "/v1/domains",
+                              R"({"name":")" + name + R"(","memory_mib":128,"pci_slots":2,"kernel":")" +
+                                  qbtest::guest_kernel() + R"(","initrd":")" +
+                                  qbtest::guest_initrd() + "\"" + extra + "}",
+                              60s);
+    REQUIRE(created);
+    INFO(created->body);
+    REQUIRE(created->status == 201);
+    qemu = static_cast<pid_t>(created->json.at("pid").to_number<int>());
+    uid = created->json.at("uid").to_number<uid_t>();
+  }
+  // Waits until `job` is journaled in the record, gives the flow a moment to send its first
+  // command to the (stopped) QEMU, and SIGKILLs the daemon.
+  void kill_during(Child& daemon, const std::string& job) {
+    CHECK(wait_for([&] { return slurp(record).find(job) != std::string::npos; }, 10s));
+    std::this_thread::sleep_for(100ms);
+    REQUIRE(::kill(daemon.pid, SIGKILL) == 0);
+    CHECK(daemon.wait(10s) == 128 + SIGKILL);
+  }
+  // QEMU holds nothing of disk d0: no fdset, no block node, no fd of the image.
+  void check_no_trace_of_d0() {
+    CHECK(qmp_over_http(sock, name, "query-fdsets").as_array().empty());
+    const auto nodes = qmp_over_http(sock, name, "query-named-block-nodes");
+    for (const auto& node : nodes.as_array()) {
+      CHECK(std::string(node.at("node-name").as_string()).rfind("qb-d0", 0) != 0);
+    }
+    CHECK(wait_for([&] { return fds_naming(qemu, "d0.img") == 0; }, 5s));
+  }
+  // Destroys the domain through `daemon` and checks that nothing of it is left, then stops it.
+  void destroy_and_stop(Child& daemon) {
+    auto destroyed = http::call(sock, "DELETE", "/v1/domains/" + name, {}, 30s);
+    REQUIRE(destroyed);
+    CHECK(destroyed->status == 200);
+    CHECK(wait_for(
+        [&] {
+          qbtest::reap_exited_children();
+          return ::kill(qemu, 0) != 0;
+        },
+        5s));
+    CHECK(broker::lifecycle::live_processes_of_uid("/proc", uid) == 0);
+    CHECK(std::filesystem::is_empty(dir / "state/uids"));
+    CHECK(std::filesystem::is_empty(dir / "run/domains"));
+    CHECK_FALSE(std::filesystem::exists(dir / ("run/qmp/" + name + ".sock")));
+    CHECK(std::filesystem::is_empty(dir / "run/jail"));
+    CHECK(slurp("/proc/self/mountinfo").find(dir.path()) == std::string::npos);
+    ::kill(daemon.pid, SIGTERM);
+    CHECK(daemon.wait(10s) == 0);
+    remove_cgroup_base(base);
+  }
+};
+
 }  // namespace
 
 TEST_CASE("qbrokerd killed in the middle of a disk hotplug: the restarted daemon rolls it back",
           "[api][daemon][privileged][qemu][restart]") {
   QB_REQUIRE_ROOT();
-  qbtest::become_subreaper();  // the QEMU outlives its daemon; this process reaps it
-  qbtest::TempDir dir;
-  const std::string images = dir / "images";
-  std::filesystem::create_directory(images);
-  qbtest::write_file(images + "/d0.img", "QB-KILLED-MARKER");
-  std::filesystem::resize_file(images + "/d0.img", 1 << 20);
-  std::string sock = dir / "qbroker.sock";
-  auto args = daemon_args(dir, kKilled);
-  args.insert(args.end(), {"--socket", sock, "--image-root", images});
-  const std::string name = "api-k" + std::to_string(::getpid());
-  const std::string state_file = dir / ("run/domains/" + name + ".json");
-  const std::string disk = R"({"id":"d0","path":")" + images + R"(/d0.img","bus":"scsi"})";
-
-  Child first{spawn(args, dir / "log")};
+  KilledDaemon k(kKilled, "api-k");
+  const std::string& sock = k.sock;
+  const std::string& name = k.name;
+  Child first{spawn(k.args, k.dir / "log")};
   REQUIRE(wait_for_socket(sock, 20s));
-  auto created = http::call(sock, "POST", "/v1/domains",
-                            R"({"name":")" + name + R"(","memory_mib":128,"pci_slots":2,"kernel":")" +
-                                qbtest::guest_kernel() + R"(","initrd":")" + qbtest::guest_initrd() +
-                                R"("})",
-                            60s);
-  REQUIRE(created);
-  INFO(created->body);
-  REQUIRE(created->status == 201);
-  const pid_t qemu = static_cast<pid_t>(created->json.at("pid").to_number<int>());
-  const uid_t uid = created->json.at("uid").to_number<uid_t>();
+  k.create();
+  const pid_t qemu = k.qemu;
+  const std::string disk = k.disk_json();
 
   // QEMU stops answering, so the hotplug hangs after the broker journaled it; then the broker
   // dies without any chance to clean up.
@@ -384,31 +447,23 @@ TEST_CASE("qbrokerd killed in the middle of a disk hotplug: the restarted daemon
   auto pending = http::connect(sock);
   REQUIRE(http::send_all(pending.get(),
                          http::request_text("POST", "/v1/domains/" + name + "/disks", disk, false)));
-  CHECK(wait_for([&] { return slurp(state_file).find("disk-add") != std::string::npos; }, 10s));
-  std::this_thread::sleep_for(100ms);  // the flow's first command is on its way to QEMU
-  REQUIRE(::kill(first.pid, SIGKILL) == 0);
-  CHECK(first.wait(10s) == 128 + SIGKILL);
+  k.kill_during(first, "disk-add");
   CHECK(http::closed_within(pending.get(), 5s));
   REQUIRE(::kill(qemu, SIGCONT) == 0);
 
-  Child again{spawn(args, dir / "log")};
+  Child again{spawn(k.args, k.dir / "log")};
   REQUIRE(wait_for_socket(sock, 20s));
-  INFO(slurp(dir / "log"));
-  CHECK(slurp(dir / "log").find("interrupted job disk-add d0") != std::string::npos);
+  INFO(slurp(k.dir / "log"));
+  CHECK(slurp(k.dir / "log").find("interrupted job disk-add d0") != std::string::npos);
   auto shown = http::call(sock, "GET", "/v1/domains/" + name);
   REQUIRE(shown);
   REQUIRE(shown->status == 200);
   CHECK(shown->json.at("pid") == qemu);
   CHECK(shown->json.at("job").is_null());
   CHECK(shown->json.at("devices").at("disks").as_array().empty());
-  CHECK(slurp(state_file).find("disk-add") == std::string::npos);
+  CHECK(slurp(k.record).find("disk-add") == std::string::npos);
   // Nothing of the half-done hotplug is left in QEMU: no fdset, no node, no device, no fd.
-  CHECK(qmp_over_http(sock, name, "query-fdsets").as_array().empty());
-  const auto nodes = qmp_over_http(sock, name, "query-named-block-nodes");
-  for (const auto& node : nodes.as_array()) {
-    CHECK(std::string(node.at("node-name").as_string()).rfind("qb-d0", 0) != 0);
-  }
-  CHECK(wait_for([&] { return fds_naming(qemu, "d0.img") == 0; }, 5s));
+  k.check_no_trace_of_d0();
 
   // The same hotplug now goes through whole, and out again, and the daemon holds no fd more.
   const std::size_t daemon_fds = non_socket_fds(again.pid);
@@ -423,53 +478,19 @@ TEST_CASE("qbrokerd killed in the middle of a disk hotplug: the restarted daemon
   CHECK(wait_for([&] { return fds_naming(qemu, "d0.img") == 0; }, 5s));
   CHECK(non_socket_fds(again.pid) == daemon_fds);
 
-  auto destroyed = http::call(sock, "DELETE", "/v1/domains/" + name, {}, 30s);
-  REQUIRE(destroyed);
-  CHECK(destroyed->status == 200);
-  CHECK(wait_for(
-      [&] {
-        qbtest::reap_exited_children();  // the QEMU came to this subreaper when its daemon died
-        return ::kill(qemu, 0) != 0;
-      },
-      5s));
-  CHECK(broker::lifecycle::live_processes_of_uid("/proc", uid) == 0);
-  CHECK(std::filesystem::is_empty(dir / "state/uids"));
-  CHECK(std::filesystem::is_empty(dir / "run/domains"));
-  CHECK_FALSE(std::filesystem::exists(dir / ("run/qmp/" + name + ".sock")));
-  CHECK(std::filesystem::is_empty(dir / "run/jail"));
-  CHECK(slurp("/proc/self/mountinfo").find(dir.path()) == std::string::npos);
-  ::kill(again.pid, SIGTERM);
-  CHECK(again.wait(10s) == 0);
-  remove_cgroup_base(kKilled);
+  k.destroy_and_stop(again);
 }
 
 TEST_CASE("qbrokerd killed in the middle of a disk unplug: the restarted daemon finishes it",
           "[api][daemon][privileged][qemu][restart]") {
   QB_REQUIRE_ROOT();
-  qbtest::become_subreaper();
-  qbtest::TempDir dir;
-  const std::string images = dir / "images";
-  std::filesystem::create_directory(images);
-  qbtest::write_file(images + "/d0.img", "QB-UNPLUG-MARKER");
-  std::filesystem::resize_file(images + "/d0.img", 1 << 20);
-  std::string sock = dir / "qbroker.sock";
-  auto args = daemon_args(dir, kKilledUnplug);
-  args.insert(args.end(), {"--socket", sock, "--image-root", images});
-  const std::string name = "api-u" + std::to_string(::getpid());
-  const std::string record = dir / ("run/domains/" + name + ".json");
-
-  Child first{spawn(args, dir / "log")};
+  KilledDaemon k(kKilledUnplug, "api-u");
+  const std::string& sock = k.sock;
+  const std::string& name = k.name;
+  Child first{spawn(k.args, k.dir / "log")};
   REQUIRE(wait_for_socket(sock, 20s));
-  auto created = http::call(sock, "POST", "/v1/domains",
-                            R"({"name":")" + name + R"(","memory_mib":128,"pci_slots":2,"kernel":")" +
-                                qbtest::guest_kernel() + R"(","initrd":")" + qbtest::guest_initrd() +
-                                R"(","disks":[{"id":"d0","path":")" + images + R"(/d0.img"}]})",
-                            60s);
-  REQUIRE(created);
-  INFO(created->body);
-  REQUIRE(created->status == 201);
-  const pid_t qemu = static_cast<pid_t>(created->json.at("pid").to_number<int>());
-  const uid_t uid = created->json.at("uid").to_number<uid_t>();
+  k.create(R"(,"disks":[)" + k.disk_json() + "]");
+  const pid_t qemu = k.qemu;
   REQUIRE(fds_naming(qemu, "d0.img") > 0);
 
   // The unplug is journaled and hangs on a stopped QEMU; the broker dies.
@@ -477,16 +498,13 @@ TEST_CASE("qbrokerd killed in the middle of a disk unplug: the restarted daemon 
   auto pending = http::connect(sock);
   REQUIRE(http::send_all(pending.get(), http::request_text(
                                             "DELETE", "/v1/domains/" + name + "/disks/d0", {}, false)));
-  CHECK(wait_for([&] { return slurp(record).find("disk-remove") != std::string::npos; }, 10s));
-  std::this_thread::sleep_for(100ms);
-  REQUIRE(::kill(first.pid, SIGKILL) == 0);
-  CHECK(first.wait(10s) == 128 + SIGKILL);
+  k.kill_during(first, "disk-remove");
   REQUIRE(::kill(qemu, SIGCONT) == 0);
 
-  Child again{spawn(args, dir / "log")};
+  Child again{spawn(k.args, k.dir / "log")};
   REQUIRE(wait_for_socket(sock, 20s));
-  INFO(slurp(dir / "log"));
-  CHECK(slurp(dir / "log").find("interrupted job disk-remove d0") != std::string::npos);
+  INFO(slurp(k.dir / "log"));
+  CHECK(slurp(k.dir / "log").find("interrupted job disk-remove d0") != std::string::npos);
   // Finished, whether the dead broker's device_del reached QEMU or not: the disk is gone from the
   // domain and from QEMU, and QEMU holds no fd of the image.
   CHECK(wait_for(
@@ -496,27 +514,8 @@ TEST_CASE("qbrokerd killed in the middle of a disk unplug: the restarted daemon 
                shown->json.at("devices").at("disks").as_array().empty();
       },
       15s));
-  CHECK(qmp_over_http(sock, name, "query-fdsets").as_array().empty());
-  const auto nodes = qmp_over_http(sock, name, "query-named-block-nodes");
-  for (const auto& node : nodes.as_array()) {
-    CHECK(std::string(node.at("node-name").as_string()).rfind("qb-d0", 0) != 0);
-  }
-  CHECK(wait_for([&] { return fds_naming(qemu, "d0.img") == 0; }, 5s));
-  CHECK(slurp(record).find("disk-remove") == std::string::npos);
+  k.check_no_trace_of_d0();
+  CHECK(slurp(k.record).find("disk-remove") == std::string::npos);
 
-  auto destroyed = http::call(sock, "DELETE", "/v1/domains/" + name, {}, 30s);
-  REQUIRE(destroyed);
-  CHECK(destroyed->status == 200);
-  CHECK(wait_for(
-      [&] {
-        qbtest::reap_exited_children();
-        return ::kill(qemu, 0) != 0;
-      },
-      5s));
-  CHECK(broker::lifecycle::live_processes_of_uid("/proc", uid) == 0);
-  CHECK(std::filesystem::is_empty(dir / "state/uids"));
-  CHECK(std::filesystem::is_empty(dir / "run/domains"));
-  ::kill(again.pid, SIGTERM);
-  CHECK(again.wait(10s) == 0);
-  remove_cgroup_base(kKilledUnplug);
+  k.destroy_and_stop(again);
 }
