@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
   g++ cmake ninja-build pkg-config
-  libboost1.81-dev libboost-json1.81-dev
+  libboost1.81-dev libboost-json1.81-dev libboost-url1.81-dev libboost-program-options1.81-dev
   catch2
   libxen-dev libsystemd-dev libyaml-dev
   qemu-system-x86 qemu-utils busybox-static cpio kmod
