@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <functional>
+#include <mutex>
 
 #include "broker/core/atomic_file.hpp"
 #include "broker/core/log.hpp"
@@ -73,8 +74,31 @@ Launcher::Launcher(LauncherConfig config, UidPool& uids, CgroupManager& cgroups,
                    const fdpass::ImageRoots& roots)
     : config_(std::move(config)), uids_(uids), cgroups_(cgroups), roots_(roots) {}
 
+bool kvm_open_to_domains(const struct stat& st) {
+  if (!S_ISCHR(st.st_mode)) return false;
+  // A domain's uid is never the owner (root) and never in root's group: it can open the node only
+  // through a group it is given (kvm) or through the world bits.
+  const bool by_group = st.st_gid != 0 && (st.st_mode & (S_IRGRP | S_IWGRP)) == (S_IRGRP | S_IWGRP);
+  const bool by_world = (st.st_mode & (S_IROTH | S_IWOTH)) == (S_IROTH | S_IWOTH);
+  return by_group || by_world;
+}
+
 Accel Launcher::detect_accel(Accel wanted) const {
   if (wanted != Accel::automatic) return wanted;
+  struct stat st {};
+  if (::stat(config_.kvm_device.c_str(), &st) != 0) return Accel::tcg;
+  if (!kvm_open_to_domains(st)) {
+    static std::once_flag said;
+    std::call_once(said, [&] {
+      char mode[8];
+      std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+      log::warn(config_.kvm_device + " has mode " + mode + " and group " +
+                std::to_string(st.st_gid) +
+                ": no domain uid can open it, so domains run under TCG. Give it a group (kvm) "
+                "with read and write, as udev does, to use KVM");
+    });
+    return Accel::tcg;
+  }
   fdpass::UniqueFd kvm(::open(config_.kvm_device.c_str(), O_RDWR | O_CLOEXEC));
   return kvm ? Accel::kvm : Accel::tcg;
 }
@@ -128,8 +152,9 @@ void Launcher::remove_files(const std::string& name) {
 Result<Instance> Launcher::start(const DomainSpec& spec, const std::vector<ColdFd>& cold,
                                  const std::vector<std::string>& extra_args) {
   if (auto ok = validate(spec); !ok) return ok.error();
-  Rollback undo;
+  // The undo steps refer to `inst`, so it is declared first and outlives them on every return.
   Instance inst;
+  Rollback undo;
   inst.name = spec.name;
   inst.accel = detect_accel(spec.accel);
 

@@ -10,6 +10,8 @@
 // /proc → release the uid. Never a kill by pid alone when the uid is known.
 #pragma once
 
+#include <sys/stat.h>
+
 #include <sys/types.h>
 
 #include <chrono>
@@ -58,6 +60,12 @@ struct Instance {
   std::string log_path;      // QEMU's stdout/stderr
   std::vector<std::string> argv;
 };
+
+// True when a domain's uid, which is neither root nor in root's group, can open the KVM device
+// `st` describes once it is given the device's group: a char device with group read and write
+// for a group other than root's, or world read and write. A 0600 root:root /dev/kvm (a host
+// without udev's rule) is not, and domains then run under TCG.
+bool kvm_open_to_domains(const struct stat& st);
 
 class Launcher {
  public:

@@ -3,6 +3,7 @@
 #include <boost/json/parse.hpp>
 
 #include "broker/lifecycle/errc.hpp"
+#include "broker/lifecycle/launcher.hpp"
 #include "broker/lifecycle/uid_pool.hpp"
 #include "support/broker_printers.hpp"
 #include "support/support.hpp"
@@ -67,4 +68,23 @@ TEST_CASE("uid ranges that touch root or real users are refused", "[lifecycle]")
   CHECK_FALSE(UidRange::parse("70000").has_value());
   CHECK_FALSE(UidRange::parse("x:4").has_value());
   CHECK_FALSE(UidRange::parse("70000:4:1").has_value());
+}
+
+TEST_CASE("KVM is used only when a domain uid can open the device through its group or the world",
+          "[lifecycle]") {
+  auto node = [](mode_t mode, gid_t gid) {
+    struct stat st {};
+    st.st_mode = S_IFCHR | mode;
+    st.st_gid = gid;
+    return st;
+  };
+  constexpr gid_t kKvm = 993;
+  CHECK(broker::lifecycle::kvm_open_to_domains(node(0660, kKvm)));   // udev's root:kvm 0660
+  CHECK(broker::lifecycle::kvm_open_to_domains(node(0666, 0)));      // open to everyone
+  CHECK_FALSE(broker::lifecycle::kvm_open_to_domains(node(0600, 0)));  // root only (no udev)
+  CHECK_FALSE(broker::lifecycle::kvm_open_to_domains(node(0660, 0)));  // root's group: never given
+  CHECK_FALSE(broker::lifecycle::kvm_open_to_domains(node(0640, kKvm)));  // read only
+  struct stat regular = node(0666, kKvm);
+  regular.st_mode = S_IFREG | 0666;
+  CHECK_FALSE(broker::lifecycle::kvm_open_to_domains(regular));
 }
