@@ -10,7 +10,7 @@
 
 #include <boost/asio/io_context.hpp>
 
-#include "broker/domain/broker.hpp"
+#include "broker/control/broker.hpp"
 #include "broker/lifecycle/proc.hpp"
 #include "lifecycle_fixture.hpp"
 #include "support/asio_run.hpp"
@@ -118,11 +118,9 @@ TEST_CASE("a restarted broker tears down by uid a domain whose QEMU died meanwhi
     ::kill(info->pid, SIGKILL);  // QEMU dies while no broker watches
   }
   // A process the dead QEMU left behind under its uid (as if it had forked before dying).
-  pid_t straggler = ::fork();
-  if (straggler == 0) {
-    if (::setresgid(uid, uid, uid) != 0 || ::setresuid(uid, uid, uid) != 0) ::_exit(99);
-    for (;;) ::pause();
-  }
+  pid_t straggler = qbtest::fork_as_uid(uid);
+  REQUIRE(straggler > 0);
+  qbtest::ChildGuard straggler_guard(straggler);
   qbtest::reap_exited_children();
 
   Stack second(kDeadBase, state.path(), run.path());
@@ -131,6 +129,7 @@ TEST_CASE("a restarted broker tears down by uid a domain whose QEMU died meanwhi
   REQUIRE(report.torn_down == std::vector<std::string>{"r2"});
   int status = 0;
   REQUIRE(::waitpid(straggler, &status, 0) == straggler);
+  straggler_guard.reaped();
   CHECK(WIFSIGNALED(status));
   CHECK(live_processes_of_uid("/proc", uid) == 0);
   CHECK_FALSE(second.broker->exists("r2"));
@@ -148,11 +147,9 @@ TEST_CASE("a restarted broker kills and releases a uid recorded without a domain
   // uid runs (as if the QEMU had started).
   fs::create_directories(state / "uids");
   qbtest::write_file(state / ("uids/" + std::to_string(uid)), "ghost");
-  pid_t orphan = ::fork();
-  if (orphan == 0) {
-    if (::setresgid(uid, uid, uid) != 0 || ::setresuid(uid, uid, uid) != 0) ::_exit(99);
-    for (;;) ::pause();
-  }
+  pid_t orphan = qbtest::fork_as_uid(uid);
+  REQUIRE(orphan > 0);
+  qbtest::ChildGuard orphan_guard(orphan);
   REQUIRE(live_processes_of_uid("/proc", uid) == 1);
 
   Stack second(kOrphanBase, state.path(), run.path());
@@ -162,6 +159,7 @@ TEST_CASE("a restarted broker kills and releases a uid recorded without a domain
   CHECK(report.reclaimed_uids == std::vector<uid_t>{uid});
   int status = 0;
   REQUIRE(::waitpid(orphan, &status, 0) == orphan);
+  orphan_guard.reaped();
   CHECK(WIFSIGNALED(status));
   CHECK(live_processes_of_uid("/proc", uid) == 0);
   CHECK(fs::is_empty(state / "uids"));

@@ -3,7 +3,9 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <ftw.h>
+#include <signal.h>
 #include <stdlib.h>
+#include <sys/wait.h>
 
 #include <stdexcept>
 
@@ -46,6 +48,33 @@ void write_file(const std::string& path, const std::string& content) {
     off += static_cast<std::size_t>(n);
   }
   ::close(fd);
+}
+
+ChildGuard::~ChildGuard() {
+  if (pid_ <= 0) return;
+  ::kill(pid_, SIGKILL);
+  ::waitpid(pid_, nullptr, 0);
+}
+
+pid_t fork_as_uid(uid_t uid) {
+  int ready[2];
+  if (::pipe2(ready, O_CLOEXEC) != 0) return -1;
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    if (::setresgid(uid, uid, uid) != 0 || ::setresuid(uid, uid, uid) != 0) ::_exit(99);
+    char one = 1;
+    if (::write(ready[1], &one, 1) != 1) ::_exit(98);
+    for (;;) ::pause();
+  }
+  ::close(ready[1]);
+  char got = 0;
+  ssize_t n = pid > 0 ? ::read(ready[0], &got, 1) : -1;
+  ::close(ready[0]);
+  if (pid > 0 && n != 1) {
+    ::waitpid(pid, nullptr, 0);
+    return -1;
+  }
+  return pid;
 }
 
 }  // namespace qbtest

@@ -13,6 +13,25 @@ namespace qbtest {
 // Number of open fds of this process (entries of /proc/self/fd, minus the one used to read it).
 std::size_t open_fd_count();
 
+// Forks a child that switches to `uid` (and gid) and pauses until killed; returns once the child
+// runs as `uid`, so /proc already counts it. -1 when the fork or the switch failed.
+pid_t fork_as_uid(uid_t uid);
+
+// A forked child that is killed and reaped at scope exit unless the test reaped it, so a test that
+// fails half way leaves nothing running under the uid it planted the child in.
+class ChildGuard {
+ public:
+  explicit ChildGuard(pid_t pid) : pid_(pid) {}
+  ChildGuard(const ChildGuard&) = delete;
+  ChildGuard& operator=(const ChildGuard&) = delete;
+  ~ChildGuard();
+  // The test waited for the child itself: its pid may be reused and is never signalled again.
+  void reaped() { pid_ = -1; }
+
+ private:
+  pid_t pid_;
+};
+
 // Asserts at scope exit that the fd count is what it was at construction.
 class FdLeakCheck {
  public:
