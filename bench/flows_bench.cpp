@@ -35,7 +35,7 @@
 #include <boost/asio/io_context.hpp>
 
 #include "broker/core/log.hpp"
-#include "broker/domain/broker.hpp"
+#include "broker/control/broker.hpp"
 #include "broker/flows/flows.hpp"
 #include "broker/lifecycle/cgroup.hpp"
 #include "broker/lifecycle/launcher.hpp"
@@ -45,7 +45,7 @@
 #include "fdpass/opener.hpp"
 #include "qmp/client.hpp"
 #include "support/asio_run.hpp"
-#include "support/disk_spec.hpp"
+#include "support/request_specs.hpp"
 #include "support/qemu.hpp"
 
 using Clock = std::chrono::steady_clock;
@@ -494,9 +494,9 @@ int main(int argc, char** argv) {
   // --- VNC --------------------------------------------------------------------------------
   measure(Pair{
       "vnc set", "vnc remove",
-      [&] { must(env.run(env.broker.set_vnc("qbb-api", broker::VncSpec{"127.0.0.1:0"})), "set_vnc"); },
+      [&] { must(env.run(env.broker.set_vnc("qbb-api", qbtest::vnc("127.0.0.1:0"))), "set_vnc"); },
       [&] { must(env.run(env.broker.remove_vnc("qbb-api")), "remove_vnc"); },
-      [&] { must(env.run(flows::set_vnc(ctx, fd_dom, broker::VncSpec{"127.0.0.1:0"})), "set_vnc"); },
+      [&] { must(env.run(flows::set_vnc(ctx, fd_dom, qbtest::vnc("127.0.0.1:0"))), "set_vnc"); },
       [&] { must(env.run(flows::remove_vnc(ctx, fd_dom)), "remove_vnc"); },
       [&] {
         auto l = fdpass::listen_tcp("127.0.0.1", 0);

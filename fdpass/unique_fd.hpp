@@ -1,3 +1,6 @@
+// fdpass/ is the libc-only bottom layer: owned fds, SCM_RIGHTS, the safe image opener, devices
+// and sockets.
+//
 // Owned and borrowed file descriptors.
 //
 // Ownership rules (docs/architecture.md has the full list):

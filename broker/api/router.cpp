@@ -471,7 +471,7 @@ Outcome kill_outcome(const std::string& name, const lifecycle::KillReport& repor
 Outcome vnc_outcome(const std::string& name, const VncState& vnc) {
   Outcome o;
   o.body = json::object{
-      {"name", name}, {"vnc", json::object{{"listen", vnc.spec.listen}, {"address", vnc.address}}}};
+      {"name", name}, {"vnc", json::object{{"listen", vnc.spec.listen.text()}, {"address", vnc.address}}}};
   return o;
 }
 

@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "broker/core/error.hpp"
-#include "broker/domain/broker.hpp"
+#include "broker/control/broker.hpp"
 #include "broker/domain/requests.hpp"
 
 namespace broker::api {

@@ -9,7 +9,7 @@
 #include <string>
 
 #include "broker/api/router.hpp"
-#include "broker/domain/broker.hpp"
+#include "broker/control/broker.hpp"
 
 namespace broker::api {
 

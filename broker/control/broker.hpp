@@ -1,11 +1,11 @@
-// The Broker: the one internal command surface (style point 3). Every operation a user can ask
-// for is a method here; the REST API and any other front end only parse, call and render.
+// The Broker: the one internal command surface (style point 3), the layer above the flows. Every
+// operation a user can ask for is a method here; the REST API and any other front end only parse,
+// call and render. A method claims the domain's job slot, journals the job where a restart must
+// finish or undo it, runs one flow and publishes the job's events.
 //
-// Threads: one io_context runs the Broker, every domain, every QMP client and the API. Work that
-// blocks (spawning, kill by uid, which polls /proc) runs on one lifecycle thread, strictly one
-// operation at a time, so the io_context never waits on it. Each domain has one job slot: a
-// second mutating request while a job runs gets errc::busy (409), while queries go through
-// (docs/concurrency.md).
+// Threads: one io_context runs the Broker, every domain, every QMP client and the API. Each domain
+// has one job slot: a second mutating request while a job runs gets errc::busy (409), while
+// queries go through (docs/concurrency.md). Blocking work runs on the Domains' lifecycle thread.
 #pragma once
 
 #include <chrono>
@@ -13,21 +13,20 @@
 #include <memory>
 #include <optional>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
-#include <boost/asio/strand.hpp>
-#include <boost/asio/thread_pool.hpp>
 #include <boost/json/object.hpp>
 #include <boost/json/value.hpp>
 
 #include "broker/core/error.hpp"
 #include "broker/domain/domain.hpp"
+#include "broker/domain/domains.hpp"
 #include "broker/domain/event_bus.hpp"
 #include "broker/domain/requests.hpp"
 #include "broker/flows/flows.hpp"
+#include "broker/flows/recovery.hpp"
 #include "broker/lifecycle/launcher.hpp"
 #include "fdpass/opener.hpp"
 #include "qmp/capabilities.hpp"
@@ -35,10 +34,7 @@
 namespace broker {
 
 struct BrokerConfig {
-  // Where each domain's record (STATE of docs/api.md, "Restart") lives. qbrokerd puts it in its
-  // run directory: a record describes a running QEMU, which does not outlive the host, so like
-  // libvirt's /run/libvirt/qemu/*.xml it belongs on the tmpfs of /run, where writing it costs
-  // no disk I/O.
+  // Where each domain's record lives (DomainsConfig::records_dir says why qbrokerd uses /run).
   std::string records_dir = "/run/qbroker/domains";
   flows::Timeouts timeouts;
   std::chrono::milliseconds start_timeout{30000};  // spawn -> capabilities negotiated
@@ -75,13 +71,9 @@ class Broker {
   // Lifecycle.
   boost::asio::awaitable<Result<DomainInfo>> create(CreateDomain request);
   boost::asio::awaitable<Result<lifecycle::KillReport>> destroy(std::string name, bool graceful = false);
-  // Re-adopts the domains recorded in the state directory (after a restart); tears down by uid
-  // those whose QEMU is gone. Returns how many were adopted and how many torn down.
-  struct RecoveryReport {
-    std::vector<std::string> adopted;
-    std::vector<std::string> torn_down;
-    std::vector<uid_t> reclaimed_uids;  // recorded without a domain: killed and released
-  };
+  // Re-adopts the domains whose records survived a restart, tears down by uid those whose QEMU
+  // is gone, finishes or undoes their interrupted jobs, and resumes unfinished removals as jobs.
+  using RecoveryReport = flows::RecoveryReport;
   boost::asio::awaitable<RecoveryReport> recover();
 
   // Queries: allowed while a job runs.
@@ -121,7 +113,7 @@ class Broker {
   boost::asio::awaitable<Result<QemuCapabilities>> qemu_capabilities();
 
   boost::asio::awaitable<Result<boost::json::value>> qmp_passthrough(std::string name,
-                                                                      boost::json::value command);
+                                                                      QmpPassthrough command);
 
   EventBus& events() { return events_; }
   const BrokerConfig& config() const { return config_; }
@@ -129,16 +121,10 @@ class Broker {
   lifecycle::Launcher& launcher() { return launcher_; }
 
  private:
-  // Runs `f` on `pool` (the lifecycle thread by default) and resumes on the broker's executor
-  // with its result.
-  template <class F>
-  auto blocking(F&& f, boost::asio::thread_pool* pool = nullptr)
-      -> boost::asio::awaitable<std::invoke_result_t<F&>>;
-
-  Result<std::shared_ptr<Domain>> find(const std::string& name) const;
+  Result<std::shared_ptr<Domain>> find(const std::string& name) const { return domains_.find(name); }
   // What the broker knows of a domain without asking QEMU.
   static DomainInfo describe(const Domain& d);
-  // How a job touches the state file.
+  // How a job touches the domain's record.
   enum class Journal {
     none,    // the job changes nothing a restart reads back (pause, resume, reset, powerdown)
     after,   // saved after its last step (media changes, VNC handovers: they build nothing
@@ -161,32 +147,15 @@ class Broker {
                                                    qmp::Command command,
                                                    std::optional<RunState> refused_in,
                                                    std::optional<RunState> after);
-  // Finishes or undoes a job an earlier broker left half done (from the state file).
-  // Returns true for a removal the guest has not finished: it is resumed as a job of its own
-  // (resume_removal) once the domain is adopted.
-  boost::asio::awaitable<bool> reconcile(Domain& d, Domain::PendingJob job);
-  boost::asio::awaitable<void> resume_removal(std::string name, Domain::PendingJob job);
-  boost::asio::awaitable<Result<void>> connect_qmp(Domain& d);
+  boost::asio::awaitable<void> resume_removal(flows::RecoveryReport::Removal removal);
   boost::asio::awaitable<Result<boost::json::value>> qmp_call(Domain& d, qmp::Command c);
-  boost::asio::awaitable<void> pump_events(std::shared_ptr<Domain> d);
-  boost::asio::awaitable<Result<lifecycle::KillReport>> teardown(std::shared_ptr<Domain> d,
-                                                                  bool graceful);
-  // Writes the domain's state file durably. The JSON is made here; the write and its fsyncs run
-  // on the state-writer thread, in the order they were asked for, so the broker's thread never
-  // waits on the disk.
-  boost::asio::awaitable<void> persist(const Domain& d);
-  // Drops the domain and removes its state file durably.
-  boost::asio::awaitable<void> forget(const std::string& name);
 
   boost::asio::any_io_executor ex_;
   BrokerConfig config_;
   lifecycle::Launcher& launcher_;
-  const fdpass::ImageRoots& roots_;
   EventBus events_;
+  Domains domains_;
   flows::Context flow_ctx_;
-  boost::asio::thread_pool pool_{1};
-  boost::asio::thread_pool state_writer_{1};
-  std::map<std::string, std::shared_ptr<Domain>> domains_;
   qmp::CapabilityCache capabilities_;
   std::string capabilities_from_;
 };

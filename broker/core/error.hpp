@@ -1,3 +1,6 @@
+// broker/core holds what every broker layer shares: this Error value, broker::errc, atomic files
+// and logging.
+//
 // The broker's error value: a code (from any module's errc, or errno) plus the context a person
 // needs ("blockdev-add cd0: ..."), and QEMU's own class/desc when QEMU refused something. The HTTP
 // layer maps the code to a status in one place (broker/api/http_errors.cpp).

@@ -24,7 +24,7 @@
 #include "broker/core/log.hpp"
 #include "broker/daemon/orphan_reaper.hpp"
 #include "broker/daemon/systemd.hpp"
-#include "broker/domain/broker.hpp"
+#include "broker/control/broker.hpp"
 #include "broker/lifecycle/cgroup.hpp"
 #include "broker/lifecycle/launcher.hpp"
 #include "broker/lifecycle/reaper.hpp"

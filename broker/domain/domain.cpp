@@ -1,6 +1,7 @@
 #include "broker/domain/domain.hpp"
 
 #include "broker/core/errc.hpp"
+#include "broker/domain/names.hpp"
 
 namespace broker {
 
@@ -33,15 +34,17 @@ Result<JobGuard> Domain::begin_job(std::string job, std::string target) {
   return JobGuard(this);
 }
 
-std::optional<std::string> Domain::allocate_slot(const std::string& owner) {
+Result<std::string> Domain::allocate_slot(const std::string& owner) {
   for (std::uint32_t i = 1; i <= spec_.pci_slots; ++i) {
-    std::string slot = "rp" + std::to_string(i);
+    std::string slot = names::root_port(i);
     if (!slots_.contains(slot)) {
       slots_[slot] = owner;
       return slot;
     }
   }
-  return std::nullopt;
+  return Error(make_error_code(errc::wrong_state),
+               "domain " + name() + " has no free PCIe root port for " + owner + " (all " +
+                   std::to_string(spec_.pci_slots) + " in use)");
 }
 
 void Domain::free_slot(const std::string& slot) { slots_.erase(slot); }
@@ -80,7 +83,7 @@ boost::json::object Domain::devices_json() const {
   out["cdroms"] = std::move(cds);
   out["disks"] = std::move(ds);
   out["nics"] = std::move(ns);
-  out["vnc"] = vnc ? boost::json::value(boost::json::object{{"listen", vnc->spec.listen},
+  out["vnc"] = vnc ? boost::json::value(boost::json::object{{"listen", vnc->spec.listen.text()},
                                                             {"address", vnc->address}})
                    : boost::json::value(nullptr);
   return out;

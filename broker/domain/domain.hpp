@@ -1,11 +1,9 @@
-// One running domain: its lifecycle instance, its QMP client, the devices plugged into it and its
-// job slot. Owned by the Broker, used by the flows, touched only on the broker's io_context.
+// broker/domain is what a domain is and how it runs, below the flows: Domain, the Domains table,
+// records, the QMP session, the event bus and the validated requests.
 //
-// Naming inside QEMU (the flows and restart recovery rely on it):
-//   devices       the user's id (cd0, disk1, net0), validated by lifecycle::valid_name
-//   block nodes   qb-<id>-file, qb-<id>-fmt, qb-<id>-backing-file, qb-<id>-backing
-//   netdevs       qb-net-<id>          getfd names  qb-tap-<id>, qb-vnc
-//   fdset opaque  qb:<id>              SCSI         controller "qb-scsi0" on its own root port
+// One running domain: its lifecycle instance, its QMP client, the devices plugged into it and its
+// job slot. Held in the Domains table, used by the flows, touched only on the broker's
+// io_context. What each object is called inside QEMU is in broker/domain/names.hpp.
 #pragma once
 
 #include <cstdint>
@@ -101,8 +99,9 @@ class Domain {
   };
   std::optional<PendingJob> interrupted;
 
-  // A free hot-pluggable root port ("rpN") for `owner`, or nullopt when all are taken.
-  std::optional<std::string> allocate_slot(const std::string& owner);
+  // Takes a free hot-pluggable root port ("rpN") for `owner`, or wrong_state naming `owner` when
+  // all are taken.
+  Result<std::string> allocate_slot(const std::string& owner);
   void free_slot(const std::string& slot);
   void claim_slot(const std::string& slot, const std::string& owner) { slots_[slot] = owner; }
   const std::map<std::string, std::string>& slots() const { return slots_; }

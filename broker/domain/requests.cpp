@@ -1,12 +1,14 @@
 #include "broker/domain/requests.hpp"
 
 #include <algorithm>
+#include <charconv>
 #include <initializer_list>
 #include <set>
 
 #include <boost/json.hpp>
 
 #include "broker/core/errc.hpp"
+#include "qmp/commands.hpp"
 
 namespace broker {
 namespace json = boost::json;
@@ -161,31 +163,77 @@ Result<VncSpec> vnc_from(const json::object& o, const std::string& prefix) {
   if (auto ok = only_known(o, {"listen"}, prefix); !ok) return ok.error();
   auto listen = str(o, "listen", true, prefix);
   if (!listen) return listen.error();
-  const std::string& l = *listen;
-  std::string field = prefix + "listen";
-  if (l.rfind("unix:", 0) == 0) {
-    if (auto ok = check_path(l.substr(5), field); !ok) return ok.error();
-    if (l.size() - 5 >= 108) return field_error(field, "unix socket path is too long");
-    return VncSpec{l};
-  }
-  auto colon = l.rfind(':');
-  if (colon == std::string::npos || colon + 1 == l.size()) {
-    return field_error(field, "must be HOST:PORT or unix:/path");
-  }
-  std::string port = l.substr(colon + 1);
-  if (!std::all_of(port.begin(), port.end(), ::isdigit) || port.size() > 5 ||
-      std::stoi(port) > 65535) {
-    return field_error(field, "port must be 0-65535");
-  }
-  return VncSpec{l};
+  auto parsed = VncListen::parse(*listen, prefix + "listen");
+  if (!parsed) return parsed.error();
+  return VncSpec{std::move(*parsed)};
 }
 
 }  // namespace
+
+Result<VncListen> VncListen::parse(std::string_view text, std::string_view field) {
+  const std::string f(field);
+  VncListen l;
+  if (text.starts_with("unix:")) {
+    l.unix_path = std::string(text.substr(5));
+    if (auto ok = check_path(l.unix_path, f); !ok) return ok.error();
+    if (l.unix_path.size() >= 108) return field_error(f, "unix socket path is too long");
+    return l;
+  }
+  auto colon = text.rfind(':');
+  if (colon == std::string_view::npos || colon == 0 || colon + 1 == text.size()) {
+    return field_error(f, "must be HOST:PORT or unix:/path");
+  }
+  std::string_view host = text.substr(0, colon);
+  std::string_view port = text.substr(colon + 1);
+  unsigned n = 0;
+  auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), n);
+  if (ec != std::errc() || end != port.data() + port.size() || n > 65535) {
+    return field_error(f, "port must be 0-65535");
+  }
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  l.host = std::string(host);
+  l.port = static_cast<std::uint16_t>(n);
+  return l;
+}
+
+std::string VncListen::text() const {
+  if (is_unix()) return "unix:" + unix_path;
+  const bool v6 = host.find(':') != std::string::npos;
+  return (v6 ? "[" + host + "]" : host) + ":" + std::to_string(port);
+}
 
 Error field_error(std::string_view field, std::string message) {
   Error e(make_error_code(errc::invalid_argument), std::string(field) + ": " + message);
   e.field = std::string(field);
   return e;
+}
+
+Result<QmpPassthrough> parse_qmp_passthrough(const json::value& body) {
+  if (!body.is_object()) return field_error("body", "must be a QMP command object {\"execute\": ...}");
+  const auto& o = body.get_object();
+  for (const auto& kv : o) {
+    if (kv.key() != "execute" && kv.key() != "arguments") {
+      return field_error(kv.key(), "unknown field (a QMP command has execute and arguments)");
+    }
+  }
+  auto exec = o.find("execute");
+  if (exec == o.end() || !exec->value().is_string()) {
+    return field_error("execute", "must be the name of a QMP command");
+  }
+  QmpPassthrough p;
+  p.execute = std::string(exec->value().get_string());
+  if (qmp::cmd::is_fd_command(p.execute) || p.execute == "qmp_capabilities") {
+    Error e(make_error_code(errc::forbidden),
+            "execute: '" + p.execute +
+                "' is not allowed through the passthrough: the broker owns every fd");
+    e.field = "execute";
+    return e;
+  }
+  if (auto a = o.find("arguments"); a != o.end()) {
+    if (!a->value().is_object()) return field_error("arguments", "must be an object");
+    p.arguments = a->value().get_object();
+  }
+  return p;
 }
 
 std::string_view to_string(DiskFormat f) { return f == DiskFormat::raw ? "raw" : "qcow2"; }

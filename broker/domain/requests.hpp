@@ -10,6 +10,7 @@
 #include <string_view>
 #include <vector>
 
+#include <boost/json/object.hpp>
 #include <boost/json/value.hpp>
 
 #include "broker/core/error.hpp"
@@ -42,9 +43,22 @@ struct NicSpec {
   std::string mac;  // empty: QEMU picks one
 };
 
+// Where the broker binds a VNC listener, parsed once from the user's "127.0.0.1:5901",
+// "[::1]:5901" or "unix:/path".
+struct VncListen {
+  std::string host;         // TCP: the address without brackets (bound numerically)
+  std::uint16_t port = 0;   // TCP: 0 picks a free port
+  std::string unix_path;    // set for a Unix socket, empty for TCP
+
+  bool is_unix() const { return !unix_path.empty(); }
+  // The user's form again ("[::1]:0", "unix:/run/v.sock").
+  std::string text() const;
+  // Errors are invalid_argument naming `field`.
+  static Result<VncListen> parse(std::string_view text, std::string_view field = "listen");
+};
+
 struct VncSpec {
-  // "127.0.0.1:5901", "[::1]:5901", or "unix:/path". Port 0 picks a free port.
-  std::string listen;
+  VncListen listen;
 };
 
 struct CreateDomain {
@@ -77,6 +91,15 @@ struct RestoreRequest {
 };
 Result<RestoreRequest> parse_restore(const boost::json::value& body);
 Result<std::string> parse_migrate(const boost::json::value& body);  // {"to": "..."}
+
+// An administrator's QMP command for the passthrough. Commands that move fds (add-fd, getfd, ...)
+// and qmp_capabilities are refused here (forbidden, naming "execute"): the broker owns every fd
+// and the session.
+struct QmpPassthrough {
+  std::string execute;
+  boost::json::object arguments;
+};
+Result<QmpPassthrough> parse_qmp_passthrough(const boost::json::value& body);
 
 std::string_view to_string(DiskFormat f);
 std::string_view to_string(DiskBus b);

@@ -2,7 +2,7 @@
 //
 // Drive:  [virtio-scsi controller, once per domain] -> device_add scsi-cd (no drive: empty tray).
 // Insert: open read-only beneath an image root -> check it is not qcow2 -> add-fd -> close our
-//         copy -> blockdev-change-medium /dev/fdset/N (read-only) -> tray closes (event) ->
+//         copy (FdHandover) -> blockdev-change-medium /dev/fdset/N (read-only) -> tray closes (event) ->
 //         remove-fd of the medium it replaced.  Undo: remove-fd.
 // Eject:  eject -> tray opens (event) -> remove-fd of the old medium.
 // A guest that holds the drive open has locked the tray: QEMU refuses both unless forced, and the
@@ -71,19 +71,19 @@ awaitable<Result<void>> insert_medium(Context& ctx, Domain& d, std::string id, I
   auto header = read_header(opened->fd, "path");
   if (!header) co_return header.error();
   if (header->qcow2) co_return field_error("path", m.path + ": the image is qcow2; CD media are raw");
-  auto q = client(d);
+  auto q = qmp_client(d);
   if (!q) co_return q.error();
   auto sub = (*q)->subscribe();
 
   Undo undo;
-  std::string opaque = fdset_opaque(id);
-  auto fdset = co_await add_fd(ctx, d, opened->fd, std::move(opaque));
-  if (!fdset) co_return fdset.error();
-  opened->fd.reset();  // QEMU holds its own copy in the fdset
-  undo.push(qmp::cmd::remove_fd(*fdset));
+  lifecycle::FdHandover fds;
+  const auto medium = fds.add_to_fdset(std::move(opened->fd), fdset_opaque(id));
+  if (auto ok = co_await hand_over(ctx, d, fds); !ok) co_return ok.error();
+  undo.push_all(fds.rollback());
+  const std::int64_t fdset = fds.fdset(medium);
 
   qmp::cmd::ChangeMedium change{.id = id,
-                                .fdset_id = *fdset,
+                                .fdset_id = fdset,
                                 .format = "raw",
                                 .read_only_mode = qmp::cmd::ReadOnlyMode::read_only};
   if (m.force) change.force = true;
@@ -99,7 +99,7 @@ awaitable<Result<void>> insert_medium(Context& ctx, Domain& d, std::string id, I
   std::int64_t old = cd.fdset;
   cd.path = m.path;
   cd.identity = opened->identity;
-  cd.fdset = *fdset;
+  cd.fdset = fdset;
   co_await drop_fdset(ctx, d, old);
   co_return Result<void>{};
 }

@@ -20,24 +20,6 @@ namespace asio = boost::asio;
 namespace json = boost::json;
 using asio::awaitable;
 
-Error from_qmp(const qmp::Error& e, std::string_view context) {
-  Error out;
-  out.code = make_error_code(errc::internal);
-  if (e.code.category() == qmp::category()) {
-    switch (static_cast<qmp::errc>(e.code.value())) {
-      case qmp::errc::command_failed: out.code = make_error_code(errc::qemu_error); break;
-      case qmp::errc::timeout: out.code = make_error_code(errc::qemu_timeout); break;
-      case qmp::errc::disconnected:
-      case qmp::errc::closed: out.code = make_error_code(errc::qemu_gone); break;
-      default: break;
-    }
-  }
-  out.message = std::string(context) + ": " + (e.message.empty() ? e.code.message() : e.message);
-  out.qmp_class = e.qmp_class;
-  out.qmp_desc = e.qmp_desc;
-  return out;
-}
-
 Error from_open(std::error_code ec, std::string_view field, std::string_view path) {
   std::string f(field);
   std::string why = ec.message();
@@ -58,24 +40,13 @@ Error from_open(std::error_code ec, std::string_view field, std::string_view pat
   return e;
 }
 
-Result<qmp::Client*> client(Domain& d) {
-  if (d.qmp() == nullptr || !d.qmp()->is_open()) {
-    return Error(make_error_code(errc::qemu_gone), "domain " + d.name() + " has no running QEMU");
-  }
-  return d.qmp();
-}
-
 awaitable<Result<json::value>> call(Context& ctx, Domain& d, qmp::Command c) {
-  auto q = client(d);
-  if (!q) co_return q.error();
-  auto r = co_await (*q)->execute(std::move(c), qmp::after(ctx.timeouts.qmp));
-  if (!r) co_return from_qmp(r.error(), "domain " + d.name());
-  co_return std::move(*r);
+  return qmp_call(d, std::move(c), ctx.timeouts.qmp);
 }
 
 awaitable<Result<std::int64_t>> add_fd(Context& ctx, Domain& d, fdpass::BorrowedFd fd,
                                        std::string opaque) {
-  auto q = client(d);
+  auto q = qmp_client(d);
   if (!q) co_return q.error();
   qmp::Command c = qmp::cmd::add_fd(std::nullopt, opaque);
   auto r = co_await (*q)->execute_with_fd(std::move(c), fd, qmp::after(ctx.timeouts.qmp));
@@ -86,11 +57,45 @@ awaitable<Result<std::int64_t>> add_fd(Context& ctx, Domain& d, fdpass::Borrowed
 }
 
 awaitable<Result<void>> getfd(Context& ctx, Domain& d, fdpass::BorrowedFd fd, std::string name) {
-  auto q = client(d);
+  auto q = qmp_client(d);
   if (!q) co_return q.error();
   qmp::Command c = qmp::cmd::getfd(name);
   auto r = co_await (*q)->execute_with_fd(std::move(c), fd, qmp::after(ctx.timeouts.qmp));
   if (!r) co_return from_qmp(r.error(), "domain " + d.name());
+  co_return Result<void>{};
+}
+
+namespace {
+
+// Sends entry `e` of a handover: getfd for a named fd, add-fd for an fdset (whose id it returns).
+awaitable<Result<std::optional<std::int64_t>>> send_one(Context& ctx, Domain& d,
+                                                        lifecycle::FdHandover::Entry& e) {
+  std::string name = e.name;
+  if (e.kind == lifecycle::FdHandover::Kind::named) {
+    auto sent = co_await getfd(ctx, d, e.fd, std::move(name));
+    if (!sent) co_return sent.error();
+    co_return std::nullopt;
+  }
+  auto set = co_await add_fd(ctx, d, e.fd, std::move(name));
+  if (!set) co_return set.error();
+  co_return *set;
+}
+
+}  // namespace
+
+awaitable<Result<void>> hand_over(Context& ctx, Domain& d, lifecycle::FdHandover& fds) {
+  for (std::size_t i = 0; i < fds.entries().size(); ++i) {
+    if (fds.entries()[i].in_qemu) continue;
+    auto sent = co_await send_one(ctx, d, fds.entries()[i]);
+    if (sent) {
+      fds.taken(i, *sent);
+      continue;
+    }
+    Undo undo;
+    undo.push_all(fds.rollback());
+    fds.taken_back();
+    co_return co_await undo.fail(ctx, d, sent.error());
+  }
   co_return Result<void>{};
 }
 
@@ -162,7 +167,7 @@ awaitable<Result<bool>> device_del(Context& ctx, Domain& d, std::string id) {
 
 awaitable<Result<void>> unplug(Context& ctx, Domain& d, std::string id, std::string what,
                                ProgressFn progress) {
-  auto q = client(d);
+  auto q = qmp_client(d);
   if (!q) co_return q.error();
   auto sub = (*q)->subscribe();  // before device_del: the event may come at once
   auto present = co_await device_del(ctx, d, id);
@@ -181,11 +186,7 @@ Error no_such_device(const Domain& d, std::string_view kind, const std::string& 
 awaitable<Result<void>> ensure_scsi_controller(Context& ctx, Domain& d) {
   if (d.scsi_controller) co_return Result<void>{};
   auto slot = d.allocate_slot(std::string(kScsiController));
-  if (!slot) {
-    co_return Error(make_error_code(errc::wrong_state),
-                    "domain " + d.name() + " has no free PCIe root port for its SCSI controller (" +
-                        std::to_string(d.spec().pci_slots) + " in use)");
-  }
+  if (!slot) co_return slot.error();
   const qmp::cmd::Device dev = qmp::cmd::virtio_scsi_pci(std::string(kScsiController), *slot);
   qmp::Command c = qmp::cmd::device_add(dev);
   auto r = co_await call(ctx, d, std::move(c));

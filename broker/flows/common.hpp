@@ -13,36 +13,22 @@
 #include <boost/json/value.hpp>
 
 #include "broker/core/error.hpp"
+#include "broker/domain/names.hpp"
+#include "broker/domain/qmp_call.hpp"
 #include "broker/flows/flows.hpp"
+#include "broker/lifecycle/fd_handover.hpp"
 #include "fdpass/unique_fd.hpp"
 #include "qmp/commands.hpp"
 #include "qmp/error.hpp"
 
 namespace broker::flows::detail {
 
-// Names inside QEMU (broker/domain/domain.hpp has the conventions).
-inline constexpr std::string_view kScsiController = "qb-scsi0";
-inline constexpr std::string_view kScsiBus = "qb-scsi0.0";
-inline constexpr std::string_view kVncFd = "qb-vnc";
-inline constexpr std::string_view kVncClientFd = "qb-vnc-client";
-inline std::string file_node(std::string_view id) { return "qb-" + std::string(id) + "-file"; }
-inline std::string format_node(std::string_view id) { return "qb-" + std::string(id) + "-fmt"; }
-inline std::string backing_file_node(std::string_view id) {
-  return "qb-" + std::string(id) + "-backing-file";
-}
-inline std::string backing_node(std::string_view id) { return "qb-" + std::string(id) + "-backing"; }
-inline std::string netdev_id(std::string_view id) { return "qb-net-" + std::string(id); }
-inline std::string tap_fd_name(std::string_view id) { return "qb-tap-" + std::string(id); }
-inline std::string fdset_opaque(std::string_view id) { return "qb:" + std::string(id); }
+// Names inside QEMU have one owner, broker/domain/names.hpp.
+using namespace broker::names;
 
-// A QEMU or QMP-client failure as a broker error, with `context` ("blockdev-add qb-d1-fmt").
-Error from_qmp(const qmp::Error& e, std::string_view context);
 // An opener refusal (fdpass::errc or errno) for the user's `field`: invalid_argument naming the
 // field and the path, with the opener's reason.
 Error from_open(std::error_code ec, std::string_view field, std::string_view path);
-
-// The domain's QMP client, or qemu_gone.
-Result<qmp::Client*> client(Domain& d);
 
 // g++ 12 mis-destroys temporaries that live across a co_await (an aggregate bound to a const&
 // parameter, a std::string behind a string_view): every awaited call here gets named values,
@@ -56,6 +42,12 @@ boost::asio::awaitable<Result<std::int64_t>> add_fd(Context& ctx, Domain& d, fdp
 // getfd NAME with `fd` attached.
 boost::asio::awaitable<Result<void>> getfd(Context& ctx, Domain& d, fdpass::BorrowedFd fd,
                                            std::string name);
+
+// Hands every fd of `fds` that QEMU does not hold yet over QMP, one message each: add-fd for an
+// fdset entry (recording the fdset QEMU gives), getfd for a named one. On a failure, takes back
+// every fd of `fds` QEMU holds and returns the error; after a success the caller's undo list
+// takes fds.rollback().
+boost::asio::awaitable<Result<void>> hand_over(Context& ctx, Domain& d, lifecycle::FdHandover& fds);
 
 // Checks that `id` can name a new device of `d`: unused, and not one of the broker's own names.
 Result<void> check_new_id(const Domain& d, const std::string& id);
@@ -89,6 +81,10 @@ class Undo {
  public:
   void push(qmp::Command c) { steps_.push_back(Step{std::move(c), {}}); }
   void push_slot(std::string slot) { steps_.push_back(Step{std::nullopt, std::move(slot)}); }
+  // Every step of `cmds`, the first undone last.
+  void push_all(std::vector<qmp::Command> cmds) {
+    for (auto it = cmds.rbegin(); it != cmds.rend(); ++it) push(std::move(*it));
+  }
   // Forgets the last step: the object it undid is gone or owned by a later one.
   void pop() { steps_.pop_back(); }
   void commit() { steps_.clear(); }

@@ -1,10 +1,14 @@
+// broker/flows is one coroutine per operation on a domain, each rolled back on failure.
+//
 // The device flows (docs/architecture.md, "Flows"): each is one coroutine, written top to
 // bottom, that opens what the user named with the broker's credentials, hands QEMU the fd over
 // QMP and plugs the device, rolling back every completed step when a later one fails. They run
-// inside a domain's job slot (the Broker claims it) on the broker's io_context.
+// inside a domain's job slot (the Broker claims it) on the broker's io_context. The flows sit
+// above the domain layer (Domain, Domains, the event bus, requests) and below the Broker.
 #pragma once
 
 #include <chrono>
+#include <memory>
 #include <string>
 
 #include <boost/asio/any_io_executor.hpp>
@@ -12,6 +16,7 @@
 
 #include "broker/core/error.hpp"
 #include "broker/domain/domain.hpp"
+#include "broker/domain/domains.hpp"
 #include "broker/domain/event_bus.hpp"
 #include "broker/domain/requests.hpp"
 #include "fdpass/opener.hpp"
@@ -37,6 +42,10 @@ struct Context {
 };
 
 using boost::asio::awaitable;
+
+// Create: spawn, connect, plug the request's devices before the guest runs, cont. Holds the
+// domain's job slot as "create" until the domain is up; tears it down by uid on any failure.
+awaitable<Result<std::shared_ptr<Domain>>> create(Context& ctx, Domains& domains, CreateDomain request);
 
 // CD: a scsi-cd drive with an empty tray (created with the domain), then media in and out.
 awaitable<Result<void>> add_cdrom_drive(Context& ctx, Domain& d, CdromSpec cd);

@@ -19,11 +19,7 @@ awaitable<Result<void>> add_nic(Context& ctx, Domain& d, NicSpec nic) {
   if (auto ok = check_new_id(d, nic.id); !ok) co_return ok.error();
   const std::string id = nic.id;
   auto slot = d.allocate_slot(id);
-  if (!slot) {
-    co_return Error(make_error_code(errc::wrong_state),
-                    "domain " + d.name() + " has no free PCIe root port for " + id + " (all " +
-                        std::to_string(d.spec().pci_slots) + " in use)");
-  }
+  if (!slot) co_return slot.error();
   Undo undo;
   undo.push_slot(*slot);
   auto tap = fdpass::open_tap(nic.tap);
@@ -33,11 +29,12 @@ awaitable<Result<void>> add_nic(Context& ctx, Domain& d, NicSpec nic) {
         field_error("tap", "cannot open tap '" + nic.tap + "': " + tap.error().message()));
   }
 
-  std::string fdname = tap_fd_name(id);
-  auto passed = co_await getfd(ctx, d, tap->fd, fdname);
-  if (!passed) co_return co_await undo.fail(ctx, d, passed.error());
-  tap->fd.reset();  // QEMU holds the tap now; it lives as long as QEMU's fd does
-  undo.push(qmp::cmd::closefd(tap_fd_name(id)));
+  // QEMU holds the tap once it is handed over; it lives as long as QEMU's fd does.
+  const std::string fdname = tap_fd_name(id);
+  lifecycle::FdHandover fds;
+  fds.add_named(std::move(tap->fd), fdname);
+  if (auto ok = co_await hand_over(ctx, d, fds); !ok) co_return co_await undo.fail(ctx, d, ok.error());
+  undo.push_all(fds.rollback());
 
   const std::string netdev = netdev_id(id);
   qmp::Command add_netdev = qmp::cmd::netdev_add_tap(netdev, fdname);

@@ -14,7 +14,6 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <charconv>
 #include <cstring>
 
 #include <boost/asio/as_tuple.hpp>
@@ -44,12 +43,10 @@ struct Listener {
   std::string unix_path;  // set for Unix listeners: the broker removes it again
 };
 
-const char* kUnix = "unix:";
-
-Result<Listener> bind_listener(const VncSpec& spec) {
+Result<Listener> bind_listener(const VncListen& spec) {
   Listener l;
-  if (spec.listen.rfind(kUnix, 0) == 0) {
-    l.unix_path = spec.listen.substr(5);
+  if (spec.is_unix()) {
+    l.unix_path = spec.unix_path;
     struct stat st {};
     // listen_unix() renames its socket into place: never over something that is not a socket.
     if (::lstat(l.unix_path.c_str(), &st) == 0 && !S_ISSOCK(st.st_mode)) {
@@ -58,22 +55,12 @@ Result<Listener> bind_listener(const VncSpec& spec) {
     auto fd = fdpass::listen_unix(l.unix_path, 0600, 0, 0);
     if (!fd) return field_error("listen", "cannot listen on " + l.unix_path + ": " + fd.error().message());
     l.fd = std::move(*fd);
-    l.address = spec.listen;
+    l.address = spec.text();
     return l;
   }
-  auto colon = spec.listen.rfind(':');
-  std::string host = spec.listen.substr(0, colon);
-  const std::string port_text = spec.listen.substr(colon + 1);
-  bool v6 = host.size() >= 2 && host.front() == '[' && host.back() == ']';
-  if (v6) host = host.substr(1, host.size() - 2);
-  unsigned port = 0;
-  auto [end, ec] = std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);
-  if (ec != std::errc() || end != port_text.data() + port_text.size() || port > 65535) {
-    return field_error("listen", "port must be 0-65535");
-  }
-  auto fd = fdpass::listen_tcp(host, static_cast<std::uint16_t>(port));
+  auto fd = fdpass::listen_tcp(spec.host, spec.port);
   if (!fd) {
-    return field_error("listen", "cannot listen on " + spec.listen + ": " + fd.error().message() +
+    return field_error("listen", "cannot listen on " + spec.text() + ": " + fd.error().message() +
                                      (fd.error() == fdpass::errc::invalid_argument
                                           ? " (the host must be a numeric IPv4 or IPv6 address)"
                                           : ""));
@@ -81,7 +68,9 @@ Result<Listener> bind_listener(const VncSpec& spec) {
   auto bound = fdpass::local_port(*fd);
   if (!bound) return field_error("listen", "cannot read the bound port: " + bound.error().message());
   l.fd = std::move(*fd);
-  l.address = (v6 ? "[" + host + "]" : host) + ":" + std::to_string(*bound);
+  VncListen actual = spec;
+  actual.port = *bound;
+  l.address = actual.text();
   return l;
 }
 
@@ -91,10 +80,7 @@ void unlink_socket(const std::string& path) {
   if (!path.empty() && ::lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) ::unlink(path.c_str());
 }
 
-std::string unix_path_of(const std::optional<VncState>& v) {
-  if (!v || v->address.rfind(kUnix, 0) != 0) return {};
-  return v->address.substr(5);
-}
+std::string unix_path_of(const std::optional<VncState>& v) { return v ? v->spec.listen.unix_path : ""; }
 
 // The add_client hand-over: a loop that accepts on the broker's listener and passes each
 // connection to QEMU. It runs beside the domain's jobs (QMP orders the fd commands). Domain holds
@@ -165,57 +151,75 @@ Result<void> start_acceptor(Context& ctx, Domain& d, fdpass::UniqueFd fd) {
   return {};
 }
 
+// Removes a Unix listener the broker bound for a handover that did not happen.
+class SocketCleanup {
+ public:
+  explicit SocketCleanup(std::string path) : path_(std::move(path)) {}
+  SocketCleanup(const SocketCleanup&) = delete;
+  SocketCleanup& operator=(const SocketCleanup&) = delete;
+  ~SocketCleanup() { unlink_socket(path_); }
+  void commit() { path_.clear(); }
+
+ private:
+  std::string path_;
+};
+
+// Hands the listener to QEMU with getfd + display-update. False when QEMU predates
+// display-update (and the caller may fall back to add_client); the fd stays with the caller then.
+awaitable<Result<bool>> hand_over_listener(Context& ctx, Domain& d, Listener& l) {
+  std::string fdname(kVncFd);
+  auto passed = co_await getfd(ctx, d, l.fd, std::move(fdname));
+  if (!passed) co_return passed.error();
+  qmp::Command update = qmp::cmd::display_update_vnc_fd(kVncFd);
+  auto r = co_await call(ctx, d, std::move(update));
+  if (r) {
+    l.fd.reset();  // QEMU listens on it now
+    co_return true;
+  }
+  // QEMU may not have taken the named fd.
+  qmp::Command close = qmp::cmd::closefd(kVncFd);
+  (void)co_await call(ctx, d, std::move(close));
+  // Only a QEMU without display-update (before 7.1) falls back; any other refusal is real.
+  if (ctx.vnc == VncHandover::display_update || r.error().qmp_class != "CommandNotFound") {
+    co_return r.error();
+  }
+  log::info("domain " + d.name() + ": display-update refused (" + r.error().describe() +
+            "); handing VNC clients over one by one with add_client");
+  co_return false;
+}
+
+// Keeps the listener in the broker and passes QEMU each client, after QEMU drops its own.
+awaitable<Result<void>> relay_clients(Context& ctx, Domain& d, Listener& l, bool qemu_listens) {
+  if (qemu_listens) {
+    qmp::Command none = qmp::cmd::display_update_vnc_none();
+    auto r = co_await call(ctx, d, std::move(none));
+    if (!r) co_return r.error();
+  }
+  co_return start_acceptor(ctx, d, std::move(l.fd));
+}
+
 }  // namespace
 
 awaitable<Result<VncState>> set_vnc(Context& ctx, Domain& d, VncSpec vnc) {
-  auto q = client(d);
+  auto q = qmp_client(d);
   if (!q) co_return q.error();
-  auto l = bind_listener(vnc);
+  auto l = bind_listener(vnc.listen);
   if (!l) co_return l.error();
   const std::string old_path = unix_path_of(d.vnc);
   const bool qemu_listens = d.vnc && !d.vnc_acceptor;  // QEMU holds an earlier listener
+  SocketCleanup cleanup(l->unix_path != old_path ? l->unix_path : "");
 
   bool handed_over = false;
   if (ctx.vnc != VncHandover::add_client) {
-    std::string fdname(kVncFd);
-    auto passed = co_await getfd(ctx, d, l->fd, std::move(fdname));
-    if (!passed) {
-      if (l->unix_path != old_path) unlink_socket(l->unix_path);
-      co_return passed.error();
-    }
-    qmp::Command update = qmp::cmd::display_update_vnc_fd(kVncFd);
-    auto r = co_await call(ctx, d, std::move(update));
-    if (r) {
-      handed_over = true;
-      l->fd.reset();  // QEMU listens on it now
-      d.vnc_acceptor.reset();
-    } else {
-      // QEMU may not have taken the named fd.
-      qmp::Command close = qmp::cmd::closefd(kVncFd);
-      (void)co_await call(ctx, d, std::move(close));
-      // Only a QEMU without display-update (before 7.1) falls back; any other refusal is real.
-      if (ctx.vnc == VncHandover::display_update || r.error().qmp_class != "CommandNotFound") {
-        if (l->unix_path != old_path) unlink_socket(l->unix_path);
-        co_return r.error();
-      }
-      log::info("domain " + d.name() + ": display-update refused (" + r.error().describe() +
-                "); handing VNC clients over one by one with add_client");
-    }
+    auto r = co_await hand_over_listener(ctx, d, *l);
+    if (!r) co_return r.error();
+    handed_over = *r;
+    if (handed_over) d.vnc_acceptor.reset();
   }
   if (!handed_over) {
-    if (qemu_listens) {
-      qmp::Command none = qmp::cmd::display_update_vnc_none();
-      auto r = co_await call(ctx, d, std::move(none));
-      if (!r) {
-        if (l->unix_path != old_path) unlink_socket(l->unix_path);
-        co_return r.error();
-      }
-    }
-    if (auto ok = start_acceptor(ctx, d, std::move(l->fd)); !ok) {
-      if (l->unix_path != old_path) unlink_socket(l->unix_path);
-      co_return ok.error();
-    }
+    if (auto ok = co_await relay_clients(ctx, d, *l, qemu_listens); !ok) co_return ok.error();
   }
+  cleanup.commit();
   if (!old_path.empty() && old_path != l->unix_path) unlink_socket(old_path);
   d.vnc = VncState{std::move(vnc), l->address};
   co_return *d.vnc;

@@ -104,7 +104,7 @@ Accel Launcher::detect_accel(Accel wanted) const {
 }
 
 std::vector<std::string> Launcher::command_line(const DomainSpec& spec, Accel accel,
-                                                const std::vector<ColdFd>& cold,
+                                                const FdHandover* cold,
                                                 const std::vector<std::string>& extra) const {
   std::vector<std::string> a = {
       config_.qemu,
@@ -134,10 +134,9 @@ std::vector<std::string> Launcher::command_line(const DomainSpec& spec, Accel ac
                                         ",chassis=" + std::to_string(i) + ",bus=pcie.0"});
     }
   }
-  for (std::size_t i = 0; i < cold.size(); ++i) {
-    a.insert(a.end(), {"-add-fd", "fd=" + std::to_string(kFirstColdFd + static_cast<int>(i)) +
-                                      ",set=" + std::to_string(cold[i].fdset) +
-                                      (cold[i].opaque.empty() ? "" : ",opaque=" + cold[i].opaque)});
+  if (cold != nullptr) {
+    auto add_fds = cold->spawn_args(kFirstColdFd);
+    a.insert(a.end(), add_fds.begin(), add_fds.end());
   }
   a.insert(a.end(), extra.begin(), extra.end());
   return a;
@@ -149,7 +148,7 @@ void Launcher::remove_files(const std::string& name) {
   }
 }
 
-Result<Instance> Launcher::start(const DomainSpec& spec, const std::vector<ColdFd>& cold,
+Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
                                  const std::vector<std::string>& extra_args) {
   if (auto ok = validate(spec); !ok) return ok.error();
   // The undo steps refer to `inst`, so it is declared first and outlives them on every return.
@@ -223,7 +222,9 @@ Result<Instance> Launcher::start(const DomainSpec& spec, const std::vector<ColdF
   req.executable = config_.qemu;
   req.argv = command_line(spec, inst.accel, cold, extra_args);
   req.pass = {*qmp, *console};
-  for (const auto& c : cold) req.pass.push_back(c.fd);
+  if (cold != nullptr) {
+    for (auto fd : cold->spawn_fds()) req.pass.push_back(fd);
+  }
   req.output = log;
   req.jail = std::move(layout);
   req.uid = inst.uid;
@@ -246,6 +247,7 @@ Result<Instance> Launcher::start(const DomainSpec& spec, const std::vector<ColdF
   inst.pidfd = std::move(child->pidfd);
   inst.start_time = process_start_time(config_.proc_root, inst.pid);
   inst.argv = std::move(req.argv);
+  if (cold != nullptr) cold->spawned();
   undo.disarm();
   return inst;
 }

@@ -1,3 +1,5 @@
+// broker/lifecycle starts and ends jailed QEMUs: uids, cgroups, the jail spawner, kill by uid.
+//
 // Starting and destroying one jailed QEMU: lifecycle steps 2-4 and 6 of docs/lifecycle.md.
 // (Step 1, parsing, is spec.hpp; step 5, QMP, belongs to the domain, which owns the client.)
 //
@@ -21,6 +23,7 @@
 
 #include "broker/core/error.hpp"
 #include "broker/lifecycle/cgroup.hpp"
+#include "broker/lifecycle/fd_handover.hpp"
 #include "broker/lifecycle/reaper.hpp"
 #include "broker/lifecycle/spawner.hpp"
 #include "broker/lifecycle/spec.hpp"
@@ -37,13 +40,6 @@ struct LauncherConfig {
   std::string proc_root = "/proc";
   std::string kvm_device = "/dev/kvm";
   bool use_cgroup = true;
-};
-
-// An fd handed to QEMU at start with -add-fd (cold-plugged disks and CDs).
-struct ColdFd {
-  fdpass::BorrowedFd fd;
-  unsigned fdset = 0;
-  std::string opaque;
 };
 
 struct Instance {
@@ -72,8 +68,10 @@ class Launcher {
   Launcher(LauncherConfig config, UidPool& uids, CgroupManager& cgroups,
            const fdpass::ImageRoots& roots);
 
-  // `extra_args` are further QEMU words built by the device layers (never host paths).
-  Result<Instance> start(const DomainSpec& spec, const std::vector<ColdFd>& cold = {},
+  // `cold` holds fds QEMU gets at spawn with -add-fd (each an fdset with its id set); once start
+  // succeeds QEMU holds them and the broker's copies are closed. `extra_args` are further QEMU
+  // words built by the device layers (never host paths).
+  Result<Instance> start(const DomainSpec& spec, FdHandover* cold = nullptr,
                          const std::vector<std::string>& extra_args = {});
 
   // Kills everything of the instance's uid, reaps, verifies and releases the uid and the files.
@@ -93,7 +91,7 @@ class Launcher {
   const LauncherConfig& config() const { return config_; }
   Accel detect_accel(Accel wanted) const;
   std::vector<std::string> command_line(const DomainSpec& spec, Accel accel,
-                                        const std::vector<ColdFd>& cold,
+                                        const FdHandover* cold,
                                         const std::vector<std::string>& extra_args) const;
 
  private:

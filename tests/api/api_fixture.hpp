@@ -13,7 +13,7 @@
 #include "../broker/lifecycle_fixture.hpp"
 #include "broker/api/server.hpp"
 #include "broker/api/service.hpp"
-#include "broker/domain/broker.hpp"
+#include "broker/control/broker.hpp"
 #include "fdpass/devices.hpp"
 
 namespace qbtest {

@@ -54,7 +54,8 @@ TEST_CASE("every route in the table routes to its command", "[api][router]") {
   CHECK(c.request.cdroms.size() == 1);
   CHECK(c.request.disks.at(0).bus == broker::DiskBus::virtio);
   CHECK(c.request.nics.at(0).tap == "tap0");
-  CHECK(c.request.vnc->listen == "127.0.0.1:0");
+  CHECK(c.request.vnc->listen.host == "127.0.0.1");
+  CHECK(c.request.vnc->listen.port == 0);
 
   auto get = std::get<api::GetDomain>(ok(verb::get, "/v1/domains/vm1"));
   CHECK(get.name == "vm1");
@@ -102,7 +103,7 @@ TEST_CASE("every route in the table routes to its command", "[api][router]") {
   CHECK(std::get<api::RemoveNicCmd>(ok(verb::delete_, "/v1/domains/vm1/nics/n1")).id == "n1");
   CHECK(std::get<api::SetVncCmd>(
             ok(verb::put, "/v1/domains/vm1/vnc", R"({"listen":"unix:/run/v.sock"})"))
-            .vnc.listen == "unix:/run/v.sock");
+            .vnc.listen.text() == "unix:/run/v.sock");
   CHECK(std::holds_alternative<api::RemoveVncCmd>(ok(verb::delete_, "/v1/domains/vm1/vnc")));
   CHECK(std::get<api::SaveCmd>(
             ok(verb::post, "/v1/domains/vm1/save", R"({"path":"/srv/s/vm1.state"})"))

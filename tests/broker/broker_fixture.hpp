@@ -4,7 +4,7 @@
 
 #include <boost/asio/io_context.hpp>
 
-#include "broker/domain/broker.hpp"
+#include "broker/control/broker.hpp"
 #include "lifecycle_fixture.hpp"
 #include "support/asio_run.hpp"
 

@@ -42,17 +42,24 @@ TEST_CASE("a domain is created, runs, pauses, resumes and is destroyed by uid",
     REQUIRE(fx.run(fx.broker.resume("vm1")));
     CHECK(fx.run(fx.broker.info("vm1"))->qemu_status == "running");
 
-    auto qmp = fx.run(fx.broker.qmp_passthrough("vm1", json::parse(R"({"execute":"query-status"})")));
+    auto command = [](std::string_view text) {
+      return broker::parse_qmp_passthrough(json::parse(text)).value();
+    };
+    auto qmp = fx.run(fx.broker.qmp_passthrough("vm1", command(R"({"execute":"query-status"})")));
     REQUIRE(qmp);
     CHECK(qmp->as_object().at("status") == "running");
-    auto refused = fx.run(fx.broker.qmp_passthrough(
-        "vm1", json::parse(R"({"execute":"getfd","arguments":{"fdname":"x"}})")));
+    auto refused =
+        broker::parse_qmp_passthrough(json::parse(R"({"execute":"getfd","arguments":{"fdname":"x"}})"));
     REQUIRE_FALSE(refused);
     CHECK(refused.error().code == broker::errc::forbidden);
-    auto bad = fx.run(fx.broker.qmp_passthrough(
-        "vm1", json::parse(R"({"execute":"no-such-command"})")));
+    CHECK(refused.error().field == "execute");
+    // A name QMP cannot carry is refused by the encoder with its own code (400 in the error map).
+    auto unencodable = fx.run(fx.broker.qmp_passthrough("vm1", command(R"({"execute":"bad name"})")));
+    REQUIRE_FALSE(unencodable);
+    CHECK(unencodable.error().code == qmp::errc::invalid_command);
+    auto bad = fx.run(fx.broker.qmp_passthrough("vm1", command(R"({"execute":"no-such-command"})")));
     REQUIRE_FALSE(bad);
-    CHECK(bad.error().code == broker::errc::qemu_error);
+    CHECK(bad.error().code == qmp::errc::command_failed);
     CHECK(bad.error().qmp_class == "CommandNotFound");
 
     auto report = fx.run(fx.broker.destroy("vm1"));

@@ -344,9 +344,16 @@ TEST_CASE("cold-plugged fds reach QEMU with -add-fd, never as paths",
   qbtest::write_file(images / "cold.img", std::string(4096, 'C'));
   fdpass::UniqueFd image(::open((images / "cold.img").c_str(), O_RDONLY | O_CLOEXEC));
   REQUIRE(image);
-  auto inst = fx.launcher.start(qbtest::LifecycleFixture::tiny_spec("cold"),
-                                {{image, 7, "qb:cold0"}});
+  struct stat mine {};
+  REQUIRE(::fstat(image.get(), &mine) == 0);
+  broker::lifecycle::FdHandover cold;
+  cold.add_to_fdset(std::move(image), "qb:cold0", 7);
+  auto inst = fx.launcher.start(qbtest::LifecycleFixture::tiny_spec("cold"), &cold);
   REQUIRE(inst);
+  // QEMU holds the fd now; the broker's copy is closed and the rollback names the fdset.
+  CHECK_FALSE(cold.entries().at(0).fd);
+  REQUIRE(cold.rollback().size() == 1);
+  CHECK(cold.rollback().at(0).name == "remove-fd");
   for (const auto& word : inst->argv) CHECK(word.find(images.path()) == std::string::npos);
   auto qmp = qbtest::connect_retry(inst->qmp_path, 5s);
   REQUIRE(qmp);
@@ -356,8 +363,6 @@ TEST_CASE("cold-plugged fds reach QEMU with -add-fd, never as paths",
   CHECK(fdsets->find("\"fdset-id\": 7") != std::string::npos);
   CHECK(fdsets->find("qb:cold0") != std::string::npos);
   // The fd QEMU holds is the very file the broker opened.
-  struct stat mine {};
-  REQUIRE(::fstat(image.get(), &mine) == 0);
   bool found = false;
   for (const auto& e : fs::directory_iterator("/proc/" + std::to_string(inst->pid) + "/fd")) {
     struct stat theirs {};

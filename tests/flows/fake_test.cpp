@@ -134,7 +134,7 @@ Step remove_nic(std::string id) {
 Step set_vnc(std::string listen, flows::VncHandover mode = flows::VncHandover::automatic) {
   return [listen, mode](Harness& h) -> Result<void> {
     h.ctx.vnc = mode;
-    auto r = h.run(flows::set_vnc(h.ctx, *h.d, broker::VncSpec{listen}));
+    auto r = h.run(flows::set_vnc(h.ctx, *h.d, qbtest::vnc(listen)));
     if (!r) return r.error();
     return {};
   };
@@ -182,7 +182,7 @@ void every_step(const Images& im, const std::string& name, const std::vector<Ste
     INFO(name << ": command " << k + 1 << " of " << n << " (" << failed << ") fails");
     INFO("model now:\n" << describe(h.qemu.model()) << "before:\n" << describe(before));
     if (!r) {
-      CHECK(r.error().code == broker::errc::qemu_error);
+      CHECK(r.error().code == qmp::errc::command_failed);
       CHECK(h.qemu.model() == before);
       CHECK(domain_state(*h.d) == domain_before);
     } else {
@@ -225,7 +225,7 @@ void every_removal_step(const Images& im, const std::string& name, const std::ve
     std::string failed = h.qemu.names().at(base + k);
     INFO(name << ": command " << k + 1 << " of " << n << " (" << failed << ") fails");
     if (!r) {
-      CHECK(r.error().code == broker::errc::qemu_error);
+      CHECK(r.error().code == qmp::errc::command_failed);
       auto again = unplug(h);
       INFO((again.has_error() ? again.error().describe() : std::string("ok")));
       CHECK(again);
@@ -311,7 +311,7 @@ TEST_CASE("VNC flows roll back and fall back to add_client when display-update i
   // each connection over with add_client.
   Harness h(im, {.fail_at = 1, .fail_class = "CommandNotFound"});
   const std::size_t fds = h.broker_fds();
-  auto v = h.run(flows::set_vnc(h.ctx, *h.d, broker::VncSpec{"127.0.0.1:0"}));
+  auto v = h.run(flows::set_vnc(h.ctx, *h.d, qbtest::vnc("127.0.0.1:0")));
   REQUIRE(v);
   CHECK(h.d->vnc_acceptor != nullptr);
   CHECK(h.qemu.model().named_fds.empty());  // the refused listener fd was closed again
@@ -496,7 +496,7 @@ TEST_CASE("an unknown domain is refused by every device operation", "[flows][bad
   results.push_back(fx.run(b.add_nic("ghost", broker::NicSpec{"n1", "", ""})));
   results.push_back(fx.run(b.remove_nic("ghost", "n1")));
   results.push_back(fx.run(b.remove_vnc("ghost")));
-  auto v = fx.run(b.set_vnc("ghost", broker::VncSpec{"127.0.0.1:0"}));
+  auto v = fx.run(b.set_vnc("ghost", qbtest::vnc("127.0.0.1:0")));
   REQUIRE_FALSE(v);
   CHECK(v.error().code == broker::errc::not_found);
   for (const auto& r : results) {

@@ -18,7 +18,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/json.hpp>
 
-#include "broker/domain/broker.hpp"
+#include "broker/control/broker.hpp"
 #include "broker/lifecycle/cgroup.hpp"
 #include "broker/lifecycle/launcher.hpp"
 #include "broker/lifecycle/reaper.hpp"
@@ -26,7 +26,7 @@
 #include "fdpass/opener.hpp"
 #include "support/asio_run.hpp"
 #include "support/broker_printers.hpp"
-#include "support/disk_spec.hpp"
+#include "support/request_specs.hpp"
 #include "support/qemu.hpp"
 #include "support/support.hpp"
 
@@ -118,9 +118,7 @@ struct FlowsFixture {
   // A QMP query through the administrators' passthrough.
   boost::json::value qmp(const std::string& domain, const std::string& command,
                          boost::json::object args = {}) {
-    boost::json::object o{{"execute", command}};
-    if (!args.empty()) o["arguments"] = std::move(args);
-    auto r = run(broker.qmp_passthrough(domain, std::move(o)));
+    auto r = run(broker.qmp_passthrough(domain, broker::QmpPassthrough{command, std::move(args)}));
     INFO(command << ": " << (r ? std::string("ok") : r.error().describe()));
     REQUIRE(r);
     return *r;

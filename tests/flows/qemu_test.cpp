@@ -450,11 +450,11 @@ TEST_CASE("a NIC over a host tap answers the host ping and VNC listeners bound b
   CHECK(fx.transcript.size() == sent);
 
   // VNC over TCP, replaced by a Unix socket, removed; then the add_client hand-over.
-  auto tcp = fx.run(fx.broker.set_vnc("fl-net", broker::VncSpec{"127.0.0.1:0"}));
+  auto tcp = fx.run(fx.broker.set_vnc("fl-net", qbtest::vnc("127.0.0.1:0")));
   REQUIRE(tcp);
   CHECK(vnc_banner(fx, tcp->address) == "RFB 003.008\n");
   const std::string sock = fx.images / "vnc.sock";
-  auto unix_vnc = fx.run(fx.broker.set_vnc("fl-net", broker::VncSpec{"unix:" + sock}));
+  auto unix_vnc = fx.run(fx.broker.set_vnc("fl-net", qbtest::vnc("unix:" + sock)));
   REQUIRE(unix_vnc);
   CHECK(unix_vnc->address == "unix:" + sock);
   CHECK(vnc_banner(fx, unix_vnc->address) == "RFB 003.008\n");
@@ -464,11 +464,11 @@ TEST_CASE("a NIC over a host tap answers the host ping and VNC listeners bound b
 
   std::size_t fds = qbtest::open_fd_count();
   fx.broker.flow_context().vnc = broker::flows::VncHandover::add_client;
-  auto relay = fx.run(fx.broker.set_vnc("fl-net", broker::VncSpec{"127.0.0.1:0"}));
+  auto relay = fx.run(fx.broker.set_vnc("fl-net", qbtest::vnc("127.0.0.1:0")));
   REQUIRE(relay);
   CHECK(vnc_banner(fx, relay->address) == "RFB 003.008\n");
   CHECK(vnc_banner(fx, relay->address) == "RFB 003.008\n");  // every connection is handed over
-  auto relay_unix = fx.run(fx.broker.set_vnc("fl-net", broker::VncSpec{"unix:" + sock}));
+  auto relay_unix = fx.run(fx.broker.set_vnc("fl-net", qbtest::vnc("unix:" + sock)));
   REQUIRE(relay_unix);
   CHECK(vnc_banner(fx, relay_unix->address) == "RFB 003.008\n");
   REQUIRE(fx.run(fx.broker.remove_vnc("fl-net")));
@@ -511,7 +511,7 @@ TEST_CASE("failures injected through QEMU roll every flow back and leave nothing
     auto r = flow();
     REQUIRE_FALSE(r);
     INFO(r.error().describe());
-    CHECK(r.error().code == broker::errc::qemu_error);
+    CHECK(r.error().code == qmp::errc::command_failed);
     auto after = fx.snapshot("fl-rb");
     INFO("before:\n" << qbtest::describe(before) << "after:\n" << qbtest::describe(after));
     CHECK(after == before);
@@ -614,7 +614,7 @@ TEST_CASE("QEMU never opens a path and every fd it holds is an object the broker
   REQUIRE(fx.run(b.add_disk("fl-proof", disk("gone", im / "v.img", DiskFormat::raw, DiskBus::scsi, true))));
   REQUIRE(fx.run(b.remove_disk("fl-proof", "gone")));
   REQUIRE(fx.run(b.add_nic("fl-proof", broker::NicSpec{"n1", tap, ""})));
-  auto vnc = fx.run(b.set_vnc("fl-proof", broker::VncSpec{"unix:" + im / "vnc.sock"}));
+  auto vnc = fx.run(b.set_vnc("fl-proof", qbtest::vnc("unix:" + im / "vnc.sock")));
   REQUIRE(vnc);
   CHECK(vnc_banner(fx, vnc->address) == "RFB 003.008\n");
 

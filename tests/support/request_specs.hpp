@@ -1,4 +1,4 @@
-// A DiskSpec in one call, for tests and benchmarks.
+// Request values in one call, for tests and benchmarks.
 #pragma once
 
 #include <string>
@@ -21,6 +21,11 @@ inline broker::DiskSpec disk(std::string id, std::string path,
   s.read_only = ro;
   s.backing = std::move(backing);
   return s;
+}
+
+// A VNC listener at `listen` ("127.0.0.1:0", "unix:/path"), which must be valid.
+inline broker::VncSpec vnc(const std::string& listen) {
+  return broker::VncSpec{broker::VncListen::parse(listen).value()};
 }
 
 }  // namespace qbtest

@@ -1,0 +1,124 @@
+#include "broker/domain/domains.hpp"
+
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/json/object.hpp>
+
+#include "broker/core/errc.hpp"
+#include "broker/core/log.hpp"
+#include "broker/domain/blocking.hpp"
+#include "broker/lifecycle/proc.hpp"
+#include "qmp/commands.hpp"
+
+namespace broker {
+namespace asio = boost::asio;
+using asio::awaitable;
+
+Domains::Domains(asio::any_io_executor ex, DomainsConfig config, lifecycle::Launcher& launcher,
+                 EventBus& events)
+    : ex_(ex),
+      config_(std::move(config)),
+      launcher_(launcher),
+      events_(events),
+      records_(ex, config_.records_dir) {}
+
+Domains::~Domains() { lifecycle_.join(); }
+
+Result<std::shared_ptr<Domain>> Domains::find(const std::string& name) const {
+  auto it = table_.find(name);
+  if (it == table_.end()) {
+    Error e(make_error_code(errc::not_found), "no domain named '" + name + "'");
+    e.field = "name";
+    return e;
+  }
+  return it->second;
+}
+
+Result<std::shared_ptr<Domain>> Domains::reserve(lifecycle::DomainSpec spec) {
+  if (table_.contains(spec.name)) {
+    Error e(make_error_code(errc::already_exists), "a domain named '" + spec.name + "' exists");
+    e.field = "name";
+    return e;
+  }
+  auto d = std::make_shared<Domain>(std::move(spec));
+  table_[d->name()] = d;
+  return d;
+}
+
+awaitable<Result<void>> Domains::launch(std::shared_ptr<Domain> d) {
+  Domain* raw = d.get();
+  auto inst = co_await run_blocking(ex_, lifecycle_, [this, raw] { return launcher_.start(raw->spec()); });
+  if (!inst) {
+    table_.erase(d->name());
+    co_return inst.error();
+  }
+  d->instance() = std::move(*inst);
+  co_await records_.persist(*d);
+  co_return Result<void>{};
+}
+
+awaitable<Result<void>> Domains::attach(std::shared_ptr<Domain> d) {
+  if (auto ok = co_await connect_qmp(ex_, *d, config_.session); !ok) co_return ok.error();
+  asio::co_spawn(ex_, watch(d), asio::detached);
+  co_return Result<void>{};
+}
+
+awaitable<void> Domains::watch(std::shared_ptr<Domain> d) {
+  co_await pump_events(d, events_);
+  // The connection ended. Unless the broker asked for it, QEMU went away on its own: tear the
+  // domain down by uid.
+  auto current = table_.find(d->name());
+  if (d->state() == RunState::stopping || current == table_.end() || current->second != d) co_return;
+  log::warn("domain " + d->name() + ": QEMU exited; tearing down uid " +
+            std::to_string(d->instance().uid));
+  auto report = co_await teardown(d, false);
+  boost::json::object data;
+  if (report) {
+    data["killed"] = report->found;
+    data["method"] = report->method;
+  } else {
+    data["error"] = report.error().describe();
+  }
+  events_.publish(d->name(), "domain", "exited", std::move(data));
+}
+
+awaitable<Result<lifecycle::KillReport>> Domains::teardown(std::shared_ptr<Domain> d, bool graceful) {
+  d->set_state(RunState::stopping);
+  if (graceful && d->qmp() != nullptr && d->qmp()->is_open()) {
+    co_await d->qmp()->execute(qmp::cmd::quit(), qmp::after(config_.quit_timeout));
+  }
+  if (d->qmp() != nullptr) d->qmp()->close();
+  Domain* raw = d.get();
+  auto report = co_await run_blocking(ex_, lifecycle_, [this, raw] { return launcher_.destroy(raw->instance()); });
+  if (!report) {
+    log::error("domain " + d->name() + ": teardown failed: " + report.error().describe());
+    co_return report.error();
+  }
+  d->set_qmp(nullptr);
+  if (auto it = table_.find(d->name()); it != table_.end() && it->second == d) table_.erase(it);
+  co_await records_.remove(d->name());
+  co_return std::move(*report);
+}
+
+bool Domains::still_running(Domain& d) {
+  auto& inst = d.instance();
+  const bool same = inst.pid > 0 &&
+                    lifecycle::process_start_time(launcher_.config().proc_root, inst.pid) ==
+                        inst.start_time;
+  if (same) inst.pidfd.reset(static_cast<int>(::syscall(SYS_pidfd_open, inst.pid, 0)));
+  launcher_.reattach(inst);
+  return same && inst.pidfd;
+}
+
+awaitable<std::vector<uid_t>> Domains::reclaim() {
+  std::vector<const lifecycle::Instance*> live;
+  for (const auto& [name, d] : table_) live.push_back(&d->instance());
+  auto uids = co_await run_blocking(ex_, lifecycle_, [this, &live] { return launcher_.reclaim_uids(live); });
+  launcher_.sweep_cgroups(live);
+  co_return uids;
+}
+
+}  // namespace broker

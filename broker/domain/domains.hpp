@@ -1,0 +1,88 @@
+// The table of domains and the start and stop of their QEMUs: spawning on the lifecycle thread,
+// the QMP session, the watch that tears a domain down by uid when its QEMU exits unasked, and
+// teardown itself. It knows nothing of flows or jobs; the flows and the Broker above use it.
+//
+// Threads: everything here runs on the broker's io_context. Work that blocks (spawning, kill by
+// uid, which polls /proc) runs on one lifecycle thread, one operation at a time, so the
+// io_context never waits on it; records are written on the RecordStore's own thread.
+#pragma once
+
+#include <chrono>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/thread_pool.hpp>
+
+#include "broker/core/error.hpp"
+#include "broker/domain/domain.hpp"
+#include "broker/domain/event_bus.hpp"
+#include "broker/domain/record_store.hpp"
+#include "broker/domain/session.hpp"
+#include "broker/lifecycle/launcher.hpp"
+
+namespace broker {
+
+struct DomainsConfig {
+  // Where each domain's record lives. qbrokerd puts it in its run directory: a record describes
+  // a running QEMU, which does not outlive the host, so like libvirt's /run/libvirt/qemu/*.xml it
+  // belongs on the tmpfs of /run, where writing it costs no disk I/O.
+  std::string records_dir = "/run/qbroker/domains";
+  SessionConfig session;
+  std::chrono::milliseconds quit_timeout{3000};  // graceful quit before the kill
+};
+
+class Domains {
+ public:
+  Domains(boost::asio::any_io_executor ex, DomainsConfig config, lifecycle::Launcher& launcher,
+          EventBus& events);
+  ~Domains();
+  Domains(const Domains&) = delete;
+  Domains& operator=(const Domains&) = delete;
+
+  // The domain called `name`, or not_found naming the field "name".
+  Result<std::shared_ptr<Domain>> find(const std::string& name) const;
+  bool contains(const std::string& name) const { return table_.contains(name); }
+  const std::map<std::string, std::shared_ptr<Domain>>& all() const { return table_; }
+
+  // Enters a new domain under `spec.name` (already_exists when taken), holding the name while it
+  // starts.
+  Result<std::shared_ptr<Domain>> reserve(lifecycle::DomainSpec spec);
+  // Enters a domain read back from its record.
+  void insert(std::shared_ptr<Domain> d) { table_[d->name()] = std::move(d); }
+  // Spawns the domain's jailed QEMU and writes its record. On failure the name is free again.
+  boost::asio::awaitable<Result<void>> launch(std::shared_ptr<Domain> d);
+  // Connects to QMP and watches the QEMU: when it exits unasked, the domain is torn down by uid
+  // and an "exited" event says so.
+  boost::asio::awaitable<Result<void>> attach(std::shared_ptr<Domain> d);
+  // Quits QEMU (when `graceful`), kills everything under the domain's uid, then drops the domain
+  // and its record. A failed kill leaves the domain in the table, stopping.
+  boost::asio::awaitable<Result<lifecycle::KillReport>> teardown(std::shared_ptr<Domain> d,
+                                                                  bool graceful);
+  // For a domain read back from its record: true when its pid still names the QEMU recorded
+  // (same start time), which is then held by a pidfd.
+  bool still_running(Domain& d);
+  // Kills and releases the uids, and removes the cgroups, that no domain accounts for.
+  boost::asio::awaitable<std::vector<uid_t>> reclaim();
+
+  RecordStore& records() { return records_; }
+  EventBus& events() { return events_; }
+  lifecycle::Launcher& launcher() { return launcher_; }
+  const DomainsConfig& config() const { return config_; }
+
+ private:
+  boost::asio::awaitable<void> watch(std::shared_ptr<Domain> d);
+
+  boost::asio::any_io_executor ex_;
+  DomainsConfig config_;
+  lifecycle::Launcher& launcher_;
+  EventBus& events_;
+  RecordStore records_;
+  boost::asio::thread_pool lifecycle_{1};
+  std::map<std::string, std::shared_ptr<Domain>> table_;
+};
+
+}  // namespace broker

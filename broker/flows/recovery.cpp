@@ -1,0 +1,157 @@
+#include "broker/flows/recovery.hpp"
+
+#include "broker/core/errc.hpp"
+#include "broker/core/log.hpp"
+#include "broker/flows/common.hpp"
+
+namespace broker::flows {
+namespace asio = boost::asio;
+using asio::awaitable;
+using namespace detail;
+
+namespace {
+
+// True when QEMU has a device called `id` under /machine/peripheral.
+awaitable<bool> device_present(Context& ctx, Domain& d, std::string id) {
+  qmp::Command list = qmp::cmd::qom_list("/machine/peripheral");
+  auto peripherals = co_await call(ctx, d, std::move(list));
+  if (!peripherals) co_return false;
+  auto props = qmp::reply::qom_list(*peripherals);
+  if (!props) co_return false;
+  for (const auto& p : *props) {
+    if (p.name == id) co_return true;
+  }
+  co_return false;
+}
+
+// Everything a disk or NIC flow builds below the device: block nodes, netdev, passed fds and the
+// fdsets whose opaque names `id` (or its backing file). Each step is best effort: an interrupted
+// flow may have got to any of them.
+awaitable<void> remove_back_end(Context& ctx, Domain& d, std::string id) {
+  for (auto& node : block_nodes(id)) {
+    qmp::Command del = qmp::cmd::blockdev_del(std::move(node));
+    co_await call(ctx, d, std::move(del));
+  }
+  qmp::Command netdev = qmp::cmd::netdev_del(netdev_id(id));
+  co_await call(ctx, d, std::move(netdev));
+  qmp::Command tap = qmp::cmd::closefd(tap_fd_name(id));
+  co_await call(ctx, d, std::move(tap));
+  qmp::Command query = qmp::cmd::query_fdsets();
+  auto sets = co_await call(ctx, d, std::move(query));
+  if (!sets) co_return;
+  auto fdsets = qmp::reply::fdsets(*sets);
+  if (!fdsets) co_return;
+  const std::string mine = fdset_opaque(id);
+  const std::string backing = fdset_opaque(id + "-backing");
+  for (const auto& set : *fdsets) {
+    for (const auto& fd : set.fds) {
+      if (fd.opaque != mine && fd.opaque != backing) continue;
+      qmp::Command remove = qmp::cmd::remove_fd(set.fdset_id, fd.fd);
+      co_await call(ctx, d, std::move(remove));
+    }
+  }
+}
+
+// Takes out a device an interrupted addition plugged. False when the guest does not release it.
+awaitable<bool> unplug_added(Context& ctx, Domain& d, std::string id) {
+  auto sub = d.qmp()->subscribe();
+  qmp::Command del = qmp::cmd::device_del(id);
+  if (!co_await call(ctx, d, std::move(del))) co_return true;
+  auto gone = co_await sub.wait_for(qmp::event::device_deleted(id), qmp::after(ctx.timeouts.unplug));
+  co_return static_cast<bool>(gone);
+}
+
+// Drops a removed device from the domain, with the root port it held.
+void forget_device(Domain& d, const std::string& id) {
+  if (auto it = d.disks.find(id); it != d.disks.end()) {
+    if (!it->second.slot.empty()) d.free_slot(it->second.slot);
+    d.disks.erase(it);
+  }
+  if (auto it = d.nics.find(id); it != d.nics.end()) {
+    if (!it->second.slot.empty()) d.free_slot(it->second.slot);
+    d.nics.erase(it);
+  }
+}
+
+// Finishes or undoes a job an earlier broker left half done. True for a removal the guest has not
+// finished: it is resumed as a job of its own once the domain is adopted.
+awaitable<bool> reconcile(Context& ctx, Domain& d, Domain::PendingJob job) {
+  const std::string& id = job.target;
+  log::warn("domain " + d.name() + ": finishing interrupted job " + job.kind + " " + id);
+  if (job.kind.starts_with("cdrom-") || job.kind.starts_with("vnc-") || id.empty()) {
+    // Media changes and display handovers are complete or absent as QEMU reports them; the
+    // next query shows the truth, and nothing of theirs outlives the monitor but in-use fds.
+    co_return false;
+  }
+  const bool committed = d.has_device(id);
+  const bool present = co_await device_present(ctx, d, id);
+  if (committed && present) co_return true;  // an interrupted removal: it goes on as a job
+  if (!committed && present && job.kind.ends_with("-add")) {
+    if (!co_await unplug_added(ctx, d, id)) {
+      log::error("domain " + d.name() + ": interrupted " + job.kind + " " + id +
+                 ": the guest did not release the device; it stays plugged");
+      co_return false;
+    }
+  }
+  co_await remove_back_end(ctx, d, id);
+  if (committed) forget_device(d, id);  // an interrupted removal that got past device_del
+  co_return false;
+}
+
+// Re-adopts one domain read back from its record. False when its QEMU is gone and it was torn
+// down by uid instead.
+awaitable<bool> adopt(Context& ctx, Domains& domains, std::shared_ptr<Domain> d,
+                      RecoveryReport& report) {
+  const bool alive = domains.still_running(*d);
+  domains.insert(d);
+  Result<void> connected = Error(make_error_code(errc::qemu_gone), "QEMU is gone");
+  if (alive) connected = co_await domains.attach(d);
+  if (!connected) {
+    log::warn("domain " + d->name() + ": " + connected.error().describe() + "; tearing down uid " +
+              std::to_string(d->instance().uid));
+    auto killed = co_await domains.teardown(d, false);
+    if (!killed) log::error("domain " + d->name() + ": " + killed.error().describe());
+    co_return false;
+  }
+  qmp::Command query = qmp::cmd::query_status();
+  auto st = co_await call(ctx, *d, std::move(query));
+  bool running = false;
+  if (st) {
+    auto status = qmp::reply::status(*st);
+    running = status && status->running;
+  }
+  if (d->state() != RunState::stopping) d->set_state(running ? RunState::running : RunState::paused);
+  if (d->interrupted) {
+    auto job = *d->interrupted;
+    d->interrupted.reset();
+    if (co_await reconcile(ctx, *d, job)) report.removals.push_back({d->name(), job});
+    co_await domains.records().persist(*d);
+  }
+  ctx.events.publish(d->name(), "domain", "adopted",
+                     {{"pid", d->instance().pid}, {"uid", d->instance().uid}});
+  co_return true;
+}
+
+}  // namespace
+
+awaitable<RecoveryReport> recover(Context& ctx, Domains& domains) {
+  RecoveryReport report;
+  for (auto& record : domains.records().load()) {
+    if (!record.domain) {
+      log::error("domain record " + record.file + ": " + record.domain.error().describe());
+      continue;
+    }
+    auto d = *record.domain;
+    const std::string name = d->name();
+    if (co_await adopt(ctx, domains, std::move(d), report)) {
+      report.adopted.push_back(name);
+    } else {
+      report.torn_down.push_back(name);
+    }
+  }
+  // Uids and cgroups no record speaks of (a start cut short by a crash) go too.
+  report.reclaimed_uids = co_await domains.reclaim();
+  co_return report;
+}
+
+}  // namespace broker::flows
