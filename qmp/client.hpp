@@ -11,10 +11,11 @@
 //  - Events go to every live EventSubscription: a bounded queue that drops its oldest events on
 //    overflow and counts them.
 //
-// Concurrency. A client and its subscriptions live on one io_context thread. All writes go
-// through one queue; a single function writes it, in order, and nothing else touches the socket.
-// A single reader coroutine reads, frames and dispatches; it is the one await without a deadline
-// (an idle monitor is normal), and it ends when the connection does.
+// Concurrency. A client and its subscriptions live on one io_context thread. What to write, in
+// which order, with which fd and when an fd must wait is decided by the sans-I/O qmp::Outbox
+// (qmp/outbox.hpp); a single function performs the writes it asks for, and nothing else writes to
+// the socket. A single reader coroutine reads, frames, parses and dispatches; it is the one await
+// without a deadline (an idle monitor is normal), and it ends when the connection does.
 //
 // Deadlines. Every call that waits takes an absolute deadline. A command whose deadline passes
 // before it was written is never sent; one that was sent is abandoned and its late reply dropped
@@ -136,7 +137,9 @@ class Client {
   // disconnected, closed, invalid_command (also for add-fd/getfd, which need execute_with_fd).
   boost::asio::awaitable<Result<boost::json::value>> execute(Command command, Deadline deadline);
   // As execute(), with `fd` attached to the command's first byte. Only for commands that
-  // consume an fd (Command::takes_fd); `fd` must stay open until this returns.
+  // consume an fd (Command::takes_fd); `fd` must stay open until this returns. The client
+  // queues a duplicate of `fd` and closes it once sent or dropped; invalid_command when `fd` is
+  // not open.
   boost::asio::awaitable<Result<boost::json::value>> execute_with_fd(Command command,
                                                                      fdpass::BorrowedFd fd,
                                                                      Deadline deadline);
