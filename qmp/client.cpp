@@ -108,6 +108,7 @@ class Session : public std::enable_shared_from_this<Session> {
       : desc_(ex),
         opts_(std::move(o)),
         decoder_(opts_.limits.max_line, opts_.read_size),
+        parser_(opts_.limits),
         outbox_(opts_.ids, opts_.max_abandoned) {}
 
   asio::any_io_executor executor() { return desc_.get_executor(); }
@@ -317,7 +318,7 @@ class Session : public std::enable_shared_from_this<Session> {
   void on_line(std::string_view line) {
     ++stats_.lines_received;
     if (opts_.transcript) opts_.transcript(Direction::from_qemu, line, false);
-    auto msg = parse_message(line, opts_.limits);
+    auto msg = parser_.parse(line);
     if (!msg) return close(msg.error());
     if (!greeting_ && !std::holds_alternative<Greeting>(*msg)) {
       return close(Error{errc::no_greeting, "the first message was not a QMP greeting"});
@@ -375,6 +376,7 @@ class Session : public std::enable_shared_from_this<Session> {
   asio::posix::stream_descriptor desc_;
   ClientOptions opts_;
   LineDecoder decoder_;
+  MessageParser parser_;    // one per connection: its JSON parser is reused for every line
   Outbox<Waiter*> outbox_;  // what is not yet written and what awaits a reply
   bool write_wait_ = false;
   bool closed_ = false;

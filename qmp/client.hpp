@@ -1,4 +1,5 @@
-// qmp::Client: an asynchronous QMP client (Boost.Asio, C++20 coroutines) that passes fds.
+// qmp::Client: an asynchronous QMP client that passes fds, a Boost.Asio shell (C++20 coroutines)
+// performing the reads and writes the sans-I/O core (qmp/wire, qmp/mux, qmp/outbox) asks for.
 //
 // Protocol. connect() takes a connected Unix stream socket (a socketpair end, or a connection to
 // QEMU's listening monitor socket), reads the greeting and sends qmp_capabilities without asking
@@ -14,8 +15,9 @@
 // Concurrency. A client and its subscriptions live on one io_context thread. What to write, in
 // which order, with which fd and when an fd must wait is decided by the sans-I/O qmp::Outbox
 // (qmp/outbox.hpp); a single function performs the writes it asks for, and nothing else writes to
-// the socket. A single reader coroutine reads, frames, parses and dispatches; it is the one await
-// without a deadline (an idle monitor is normal), and it ends when the connection does.
+// the socket. A single reader coroutine reads, frames (LineDecoder), parses (one MessageParser
+// per connection) and dispatches; it is the one await without a deadline (an idle monitor is
+// normal), and it ends when the connection does.
 //
 // Deadlines. Every call that waits takes an absolute deadline. A command whose deadline passes
 // before it was written is never sent; one that was sent is abandoned and its late reply dropped
