@@ -16,14 +16,21 @@ namespace json = boost::json;
 // ---------------------------------------------------------------------------------------------
 // LineDecoder
 
+namespace {
+constexpr std::size_t kKeepBuffer = std::size_t{1} << 20;
+}  // namespace
+
 LineDecoder::LineDecoder(std::size_t max_line, std::size_t read_size)
     : max_line_(max_line), read_size_(std::max<std::size_t>(read_size, 1)) {}
 
 void LineDecoder::reserve_tail(std::size_t n) {
   if (begin_ == end_) {
     begin_ = end_ = scan_ = 0;
-    // Give back what one large line needed once it has been consumed.
-    if (cap_ > std::max<std::size_t>(4 * read_size_, 64 * 1024)) {
+    // Give back what a very large line needed once it has been consumed. A smaller buffer is
+    // kept while reads keep coming (the next large reply reuses it instead of growing and
+    // faulting in fresh pages again) and given back by release_if_empty() once the socket is
+    // drained.
+    if (cap_ > std::max<std::size_t>(4 * read_size_, kKeepBuffer)) {
       buf_.reset();
       cap_ = 0;
     }

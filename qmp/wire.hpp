@@ -42,7 +42,9 @@ struct Limits {
 };
 
 // Splits the incoming byte stream into lines. The buffer grows only as far as one line needs
-// (at most max_line + 1 plus the last read) and shrinks back once a large line has been consumed.
+// (at most max_line + 1 plus the last read). Once a line over 1 MiB has been consumed it shrinks
+// back at the next read; a smaller one is kept until release_if_empty() (the client calls it
+// whenever the socket is drained), so a backlog of large replies does not regrow it each time.
 class LineDecoder {
  public:
   explicit LineDecoder(std::size_t max_line, std::size_t read_size = 8192);
