@@ -176,6 +176,8 @@ namespace json = boost::json;
 // as 7.2 prints a qcow2 on an fdset with a raw backing file and an empty CD drive, query-fdsets
 // with two sets, a device unplug's two DEVICE_DELETED events, STOP/RESUME, add-fd, an empty
 // return and an error.
+// Long messages span several adjacent literals.
+// NOLINTBEGIN(bugprone-suspicious-missing-comma)
 constexpr std::string_view kSmallMessages[] = {
     R"({"return": {"status": "running", "singlestep": false, "running": true}})",
     R"({"return": [{"device": "", "locked": false, "removable": false, "inserted": {"iops_rd": 0, )"
@@ -204,6 +206,7 @@ constexpr std::string_view kSmallMessages[] = {
     R"({"timestamp": {"seconds": 1733012346, "microseconds": 90211}, "event": "RESUME"})",
     R"({"error": {"class": "DeviceNotFound", "desc": "Device 'd9' not found"}})",
 };
+// NOLINTEND(bugprone-suspicious-missing-comma)
 
 struct Streams {
   std::string small;   // kSmallMessages, repeated

@@ -361,7 +361,7 @@ class Session : public std::enable_shared_from_this<Session> {
       if (i + 1 == subs_.size()) {
         s->push(std::move(e));
       } else {
-        // Copies go to the default heap: the message's own storage is budgeted for one tree.
+        // The last subscription takes the event itself; the others get copies.
         s->push(Event{e.name, json::object(e.data, json::storage_ptr()), e.timestamp, e.memory});
       }
     }

@@ -485,7 +485,7 @@ class MessageParser::Impl {
   std::size_t retained() const noexcept { return stack_.held(); }
 
  private:
-  static constexpr std::size_t kKeepStack = 64 * 1024;
+  static constexpr std::size_t kKeepStack = std::size_t{64} << 10;
 
   Limits limits_;
   json::parse_options opt_;

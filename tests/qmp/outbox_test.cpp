@@ -14,7 +14,7 @@ using O = Outbox<std::string>;
 
 namespace {
 
-EncodedCommand command(std::string_view name, boost::json::object args = {}) {
+EncodedCommand command(std::string_view name, const boost::json::object& args = {}) {
   auto c = encode_command(name, args, Limits{});
   REQUIRE(c.has_value());
   return std::move(*c);
@@ -337,5 +337,5 @@ TEST_CASE("a huge line's buffer is given back once written", "[qmp][outbox]") {
     sent += std::min<std::size_t>(part->bytes.size(), 65536);
   }
   CHECK(sent == size);
-  CHECK(o.buffer_capacity() < 64 * 1024);
+  CHECK(o.buffer_capacity() < std::size_t{64} << 10);
 }
