@@ -1,14 +1,16 @@
 #include "qmp/client.hpp"
 
+#include <fcntl.h>
 #include <sys/socket.h>
 
-#include <algorithm>
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <cerrno>
+#include <cstring>
 #include <deque>
 #include <exception>
 #include <utility>
@@ -16,6 +18,7 @@
 
 #include "fdpass/cmsg.hpp"
 #include "fdpass/errc.hpp"
+#include "qmp/outbox.hpp"
 
 namespace qmp {
 namespace asio = boost::asio;
@@ -40,9 +43,8 @@ class Session;
 // One command from execute() to its reply. Lives in the execute() coroutine frame; the session
 // refers to it while it is queued or issued and forgets it before the frame goes away.
 struct Waiter {
-  Waiter(Session& s, asio::any_io_executor ex, EncodedCommand c, fdpass::BorrowedFd f, bool with_fd,
-         Deadline d)
-      : session(s), timer(std::move(ex), d), cmd(std::move(c)), fd(f), carries_fd(with_fd) {}
+  Waiter(Session& s, asio::any_io_executor ex, std::string n, Deadline d)
+      : session(s), timer(std::move(ex), d), name(std::move(n)) {}
   ~Waiter();
   Waiter(const Waiter&) = delete;
   Waiter& operator=(const Waiter&) = delete;
@@ -51,11 +53,10 @@ struct Waiter {
 
   Session& session;
   asio::steady_timer timer;  // expires at the deadline; cancelled to wake the coroutine
-  EncodedCommand cmd;
-  fdpass::BorrowedFd fd;  // sent with the first byte; not used once issued
-  bool carries_fd;
+  std::string name;          // the command's, for error messages
   State state = State::queued;
-  std::uint64_t id = 0;
+  Outbox<Waiter*>::Ticket ticket = 0;  // while queued
+  Outbox<Waiter*>::Id id = 0;          // once issued
   std::optional<Result<json::value>> result;
 };
 
@@ -107,7 +108,8 @@ class Session : public std::enable_shared_from_this<Session> {
       : desc_(ex),
         opts_(std::move(o)),
         decoder_(opts_.limits.max_line, opts_.read_size),
-        mux_(opts_.ids, opts_.max_abandoned) {}
+        parser_(opts_.limits),
+        outbox_(opts_.ids, opts_.max_abandoned) {}
 
   asio::any_io_executor executor() { return desc_.get_executor(); }
   const ClientOptions& options() const { return opts_; }
@@ -157,8 +159,9 @@ class Session : public std::enable_shared_from_this<Session> {
     });
   }
 
-  void enqueue(Waiter& w) {
-    queue_.push_back(&w);
+  // Queues `cmd` (with `fd` on its first byte when valid) and writes what the socket takes.
+  void enqueue(Waiter& w, EncodedCommand cmd, fdpass::UniqueFd fd) {
+    w.ticket = outbox_.push(std::move(cmd), &w, std::move(fd));
     flush();
   }
 
@@ -166,12 +169,12 @@ class Session : public std::enable_shared_from_this<Session> {
   void forget(Waiter& w) {
     const auto state = std::exchange(w.state, Waiter::State::done);
     if (state == Waiter::State::queued) {
-      queue_.erase(std::remove(queue_.begin(), queue_.end(), &w), queue_.end());
+      outbox_.cancel(w.ticket);
     } else if (state == Waiter::State::issued) {
-      mux_.abandon(w.id);
-      if (mux_.unresponsive()) {
+      outbox_.abandon(w.id);
+      if (outbox_.unresponsive()) {
         close(Error{errc::unresponsive,
-                    std::to_string(mux_.abandoned()) + " commands left unanswered"});
+                    std::to_string(outbox_.mux().abandoned()) + " commands left unanswered"});
       }
     }
   }
@@ -195,19 +198,14 @@ class Session : public std::enable_shared_from_this<Session> {
     boost::system::error_code ignored;
     desc_.close(ignored);  // cancels the reader's and the writer's waits
     const bool local = why.is(errc::closed);
-    auto fail = [&](Waiter& w) {
-      w.state = Waiter::State::done;
-      w.result =
-          local ? Error{errc::closed, w.cmd.name() + ": QMP client closed"}
-                : Error{errc::disconnected, w.cmd.name() + ": QMP connection lost: " + why.message};
-      w.timer.cancel();
-    };
-    std::deque<Waiter*> queued;
-    queued.swap(queue_);
-    for (Waiter* w : queued) fail(*w);
-    mux_.drain([&](std::uint64_t, Waiter* w) { fail(*w); });
-    wline_ = std::string();
-    woff_ = 0;
+    // Fds of commands never written are closed here.
+    outbox_.close([&](Waiter* w) {
+      w->state = Waiter::State::done;
+      w->result =
+          local ? Error{errc::closed, w->name + ": QMP client closed"}
+                : Error{errc::disconnected, w->name + ": QMP connection lost: " + why.message};
+      w->timer.cancel();
+    });
     decoder_.clear();
     if (greeting_wake_ != nullptr) greeting_wake_->cancel();
     Error ended{errc::disconnected, "QMP connection lost: " + why.message};
@@ -220,53 +218,32 @@ class Session : public std::enable_shared_from_this<Session> {
 
   ClientStats stats() const {
     ClientStats s = stats_;
-    s.mux = mux_.counters();
+    s.mux = outbox_.mux().counters();
     s.peak_line_buffer = decoder_.peak_capacity();
     return s;
   }
 
  private:
-  // The single writer. Sends queued commands in order until the socket is full (then waits for
-  // it to drain) or the next command carries an fd while another fd is in flight (then resumes
-  // when that reply comes). Runs only on the io thread, never re-entered while a send is waiting.
+  // The single writer: sends what the outbox says to, in one sendmsg each, until the outbox has
+  // nothing to send now (empty, or held at the fd gate: a reply resumes it) or the socket is full
+  // (then resumes when it drains). Runs only on the io thread, never while a send is waiting.
   void flush() {
     if (closed_ || write_wait_) return;
-    const int sock = desc_.native_handle();
-    for (;;) {
-      if (woff_ < wline_.size()) {
-        auto rest = std::as_bytes(std::span(wline_).subspan(woff_));
-        auto r = fdpass::send_with_fds(fdpass::BorrowedFd(sock), rest, {});
-        if (!r) return send_failed(r.error());
-        woff_ += *r;
-        continue;
-      }
-      if (wline_.capacity() > 64 * 1024) wline_ = std::string();
-      wline_.clear();
-      woff_ = 0;
-      if (queue_.empty()) return;
-      Waiter* w = queue_.front();
-      if (w->carries_fd && mux_.fd_in_flight()) return;
-      std::string line =
-          w->cmd.line(opts_.ids == IdMode::wire ? std::optional(mux_.next_id()) : std::nullopt);
-      fdpass::BorrowedFd fds[1] = {w->fd};
-      auto r = fdpass::send_with_fds(fdpass::BorrowedFd(sock), std::as_bytes(std::span(line)),
-                                     std::span(fds, w->carries_fd ? 1 : 0));
+    const fdpass::BorrowedFd sock(desc_.native_handle());
+    while (auto w = outbox_.next_write()) {
+      const fdpass::BorrowedFd fds[1] = {w->fd};
+      auto r = fdpass::send_with_fds(sock, std::as_bytes(std::span(w->bytes)),
+                                     std::span(fds, w->fd.valid() ? 1 : 0));
       if (!r) return send_failed(r.error());
-      // At least one byte went out, and the fd with it: the command is on the wire.
-      queue_.pop_front();
-      w->id = mux_.issue(w, w->carries_fd);
-      w->state = Waiter::State::issued;
-      w->fd = fdpass::BorrowedFd();
-      ++stats_.lines_sent;
-      if (opts_.transcript) {
-        opts_.transcript(Direction::to_qemu, std::string_view(line).substr(0, line.size() - 1),
-                         w->carries_fd);
-      }
-      if (*r < line.size()) {
-        wline_ = std::move(line);
-        woff_ = *r;
-      }
+      if (auto issued = outbox_.commit_write(*r)) on_issued(*issued);
     }
+  }
+
+  void on_issued(const Outbox<Waiter*>::Issued& i) {
+    i.slot->id = i.id;
+    i.slot->state = Waiter::State::issued;
+    ++stats_.lines_sent;
+    if (opts_.transcript) opts_.transcript(Direction::to_qemu, i.line, i.with_fd);
   }
 
   void send_failed(std::error_code ec) {
@@ -341,13 +318,13 @@ class Session : public std::enable_shared_from_this<Session> {
   void on_line(std::string_view line) {
     ++stats_.lines_received;
     if (opts_.transcript) opts_.transcript(Direction::from_qemu, line, false);
-    auto msg = parse_message(line, opts_.limits);
+    auto msg = parser_.parse(line);
     if (!msg) return close(msg.error());
     if (!greeting_ && !std::holds_alternative<Greeting>(*msg)) {
       return close(Error{errc::no_greeting, "the first message was not a QMP greeting"});
     }
     std::visit([this](auto& m) { on_message(m); }, *msg);
-    if (!closed_ && !queue_.empty()) flush();
+    if (!closed_ && outbox_.writable()) flush();
   }
 
   void on_message(Greeting& g) {
@@ -357,17 +334,17 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void on_message(Return& r) {
-    auto d = mux_.on_reply(r.id, false);
-    if (d.outcome != Mux<Waiter*>::Outcome::complete) return;
+    auto d = outbox_.on_reply(r.id, false);
+    if (d.outcome != Outbox<Waiter*>::Outcome::complete) return;
     Waiter& w = **d.slot;
     complete(w, Result<json::value>(std::move(r.value)));
   }
 
   void on_message(ErrorReply& e) {
-    auto d = mux_.on_reply(e.id, true);
-    if (d.outcome != Mux<Waiter*>::Outcome::complete) return;
+    auto d = outbox_.on_reply(e.id, true);
+    if (d.outcome != Outbox<Waiter*>::Outcome::complete) return;
     Waiter& w = **d.slot;
-    std::string msg = w.cmd.name() + ": " + e.error_class + ": " + e.desc;
+    std::string msg = w.name + ": " + e.error_class + ": " + e.desc;
     complete(w, Error{errc::command_failed, std::move(msg), std::move(e.error_class),
                       std::move(e.desc)});
   }
@@ -384,7 +361,7 @@ class Session : public std::enable_shared_from_this<Session> {
       if (i + 1 == subs_.size()) {
         s->push(std::move(e));
       } else {
-        // Copies go to the default heap: the message's own storage is budgeted for one tree.
+        // The last subscription takes the event itself; the others get copies.
         s->push(Event{e.name, json::object(e.data, json::storage_ptr()), e.timestamp, e.memory});
       }
     }
@@ -399,10 +376,8 @@ class Session : public std::enable_shared_from_this<Session> {
   asio::posix::stream_descriptor desc_;
   ClientOptions opts_;
   LineDecoder decoder_;
-  Mux<Waiter*> mux_;
-  std::deque<Waiter*> queue_;  // not yet written, in order
-  std::string wline_;          // the line being written, when a send was short
-  std::size_t woff_ = 0;
+  MessageParser parser_;    // one per connection: its JSON parser is reused for every line
+  Outbox<Waiter*> outbox_;  // what is not yet written and what awaits a reply
   bool write_wait_ = false;
   bool closed_ = false;
   std::optional<Error> reason_;
@@ -444,9 +419,19 @@ asio::awaitable<Result<json::value>> run_command(std::shared_ptr<Session> s, Com
   }
   auto enc = encode_command(cmd.name, cmd.args, s->options().limits);
   if (!enc) co_return enc.error();
+  // The outbox owns what it sends: a copy of the caller's fd, closed once sent or dropped.
+  fdpass::UniqueFd own;
+  if (with_fd) {
+    own.reset(::fcntl(fd.get(), F_DUPFD_CLOEXEC, 0));
+    if (!own.valid()) {
+      const int err = errno;
+      co_return Error{err == EBADF ? errc::invalid_command : errc::io_error,
+                      cmd.name + ": cannot duplicate the fd: " + std::strerror(err)};
+    }
+  }
 
-  Waiter w(*s, s->executor(), std::move(*enc), fd, with_fd, deadline);
-  s->enqueue(w);
+  Waiter w(*s, s->executor(), cmd.name, deadline);
+  s->enqueue(w, std::move(*enc), std::move(own));
   while (!w.result) {
     auto [ec] = co_await w.timer.async_wait(kAwait);
     if (w.result) break;

@@ -1,4 +1,5 @@
-// qmp::Client: an asynchronous QMP client (Boost.Asio, C++20 coroutines) that passes fds.
+// qmp::Client: an asynchronous QMP client that passes fds, a Boost.Asio shell (C++20 coroutines)
+// performing the reads and writes the sans-I/O core (qmp/wire, qmp/mux, qmp/outbox) asks for.
 //
 // Protocol. connect() takes a connected Unix stream socket (a socketpair end, or a connection to
 // QEMU's listening monitor socket), reads the greeting and sends qmp_capabilities without asking
@@ -11,10 +12,12 @@
 //  - Events go to every live EventSubscription: a bounded queue that drops its oldest events on
 //    overflow and counts them.
 //
-// Concurrency. A client and its subscriptions live on one io_context thread. All writes go
-// through one queue; a single function writes it, in order, and nothing else touches the socket.
-// A single reader coroutine reads, frames and dispatches; it is the one await without a deadline
-// (an idle monitor is normal), and it ends when the connection does.
+// Concurrency. A client and its subscriptions live on one io_context thread. What to write, in
+// which order, with which fd and when an fd must wait is decided by the sans-I/O qmp::Outbox
+// (qmp/outbox.hpp); a single function performs the writes it asks for, and nothing else writes to
+// the socket. A single reader coroutine reads, frames (LineDecoder), parses (one MessageParser
+// per connection) and dispatches; it is the one await without a deadline (an idle monitor is
+// normal), and it ends when the connection does.
 //
 // Deadlines. Every call that waits takes an absolute deadline. A command whose deadline passes
 // before it was written is never sent; one that was sent is abandoned and its late reply dropped
@@ -136,7 +139,9 @@ class Client {
   // disconnected, closed, invalid_command (also for add-fd/getfd, which need execute_with_fd).
   boost::asio::awaitable<Result<boost::json::value>> execute(Command command, Deadline deadline);
   // As execute(), with `fd` attached to the command's first byte. Only for commands that
-  // consume an fd (Command::takes_fd); `fd` must stay open until this returns.
+  // consume an fd (Command::takes_fd); `fd` must stay open until this returns. The client
+  // queues a duplicate of `fd` and closes it once sent or dropped; invalid_command when `fd` is
+  // not open.
   boost::asio::awaitable<Result<boost::json::value>> execute_with_fd(Command command,
                                                                      fdpass::BorrowedFd fd,
                                                                      Deadline deadline);

@@ -28,7 +28,8 @@
 //
 // At most one fd-carrying command is in flight: QEMU keeps a single pending fd per monitor and an
 // fd that arrives while an earlier one is unconsumed replaces it. fd_in_flight() stays true until
-// the reply of the last fd-carrying command arrives, even when its waiter has given up.
+// the reply of the last fd-carrying command arrives, even when its waiter has given up; while it
+// is, qmp::Outbox (qmp/outbox.hpp) holds the next fd-carrying command back.
 #pragma once
 
 #include <algorithm>

@@ -1,10 +1,11 @@
 #include "qmp/wire.hpp"
 
 #include <algorithm>
+#include <boost/json/basic_parser_impl.hpp>
 #include <boost/json/memory_resource.hpp>
-#include <boost/json/parser.hpp>
 #include <boost/json/serialize.hpp>
 #include <boost/json/storage_ptr.hpp>
+#include <boost/json/value_stack.hpp>
 #include <cmath>
 #include <cstring>
 #include <new>
@@ -15,14 +16,21 @@ namespace json = boost::json;
 // ---------------------------------------------------------------------------------------------
 // LineDecoder
 
+namespace {
+constexpr std::size_t kKeepBuffer = std::size_t{1} << 20;
+}  // namespace
+
 LineDecoder::LineDecoder(std::size_t max_line, std::size_t read_size)
     : max_line_(max_line), read_size_(std::max<std::size_t>(read_size, 1)) {}
 
 void LineDecoder::reserve_tail(std::size_t n) {
   if (begin_ == end_) {
     begin_ = end_ = scan_ = 0;
-    // Give back what one large line needed once it has been consumed.
-    if (cap_ > std::max<std::size_t>(4 * read_size_, 64 * 1024)) {
+    // Give back what a very large line needed once it has been consumed. A smaller buffer is
+    // kept while reads keep coming (the next large reply reuses it instead of growing and
+    // faulting in fresh pages again) and given back by release_if_empty() once the socket is
+    // drained.
+    if (cap_ > std::max<std::size_t>(4 * read_size_, kKeepBuffer)) {
       buf_.reset();
       cap_ = 0;
     }
@@ -119,44 +127,168 @@ Result<std::optional<std::string_view>> LineDecoder::next_line() {
 
 namespace {
 
-// Counts what one message allocates and refuses to go past its budget. Both the parser's work
-// stack and the resulting tree live here, so a hostile line costs at most the budget.
-class BudgetResource final : public json::memory_resource {
+// What one parse may allocate: the work stack and the tree together.
+struct Budget {
+  std::size_t limit = 0;
+  std::size_t used = 0;
+
+  bool try_charge(std::size_t n) {
+    if (n > limit - used) return false;
+    used += n;
+    return true;
+  }
+};
+
+void* allocate_aligned(std::size_t n, std::size_t align) {
+  if (align > __STDCPP_DEFAULT_NEW_ALIGNMENT__) return ::operator new(n, std::align_val_t(align));
+  return ::operator new(n);
+}
+
+void deallocate_aligned(void* p, std::size_t align) {
+  if (align > __STDCPP_DEFAULT_NEW_ALIGNMENT__) {
+    ::operator delete(p, std::align_val_t(align));
+  } else {
+    ::operator delete(p);
+  }
+}
+
+// The parser's work stack, kept from one message to the next. It charges what it holds to the
+// budget of the parse in progress, so a hostile line is refused before it gets far.
+class StackResource final : public json::memory_resource {
  public:
-  // make_shared_resource() keeps the resource inside a wrapper; `self` learns where it lives.
-  BudgetResource(std::size_t budget, BudgetResource** self) : budget_(budget) { *self = this; }
-  std::size_t used() const noexcept { return used_; }
+  explicit StackResource(Budget& budget) : budget_(budget) {}
+  std::size_t held() const noexcept { return held_; }
 
  private:
   void* do_allocate(std::size_t n, std::size_t align) override {
-    if (n > budget_ - used_) throw std::bad_alloc();
-    void* p = align > __STDCPP_DEFAULT_NEW_ALIGNMENT__ ? ::operator new(n, std::align_val_t(align))
-                                                       : ::operator new(n);
-    used_ += n;
+    if (!budget_.try_charge(n)) throw std::bad_alloc();  // stops the parse (see parse())
+    void* p = allocate_aligned(n, align);
+    held_ += n;
     return p;
   }
   void do_deallocate(void* p, std::size_t n, std::size_t align) override {
-    if (align > __STDCPP_DEFAULT_NEW_ALIGNMENT__) {
-      ::operator delete(p, std::align_val_t(align));
-    } else {
-      ::operator delete(p);
-    }
-    used_ -= n;
+    deallocate_aligned(p, align);
+    held_ -= n;
+    budget_.used -= std::min(n, budget_.used);
   }
   bool do_is_equal(const json::memory_resource& other) const noexcept override {
     return this == &other;
   }
 
-  std::size_t budget_;
-  std::size_t used_ = 0;
+  Budget& budget_;
+  std::size_t held_ = 0;
+};
+
+// Heap bytes one allocation of `n` bytes takes (glibc: 8 bytes of header, 16-byte granules, at
+// least 32), so the budget counts what the tree really holds.
+constexpr std::size_t heap_bytes(std::size_t n) {
+  return std::max<std::size_t>(32, (n + 8 + 15) & ~std::size_t{15});
+}
+
+// Builds the tree the way Boost.JSON's own parser does (a value_stack fed by basic_parser), on
+// the default heap, and charges each string, key, array and object to the budget as Boost.JSON
+// 1.81 lays them out. Counting here rather than in an allocator lets the tree use plain heap
+// storage: values outlive the parser (a reply goes to its caller, an event to subscriptions)
+// and need no reference-counted resource, whose atomic count per node would cost more than the
+// parse itself on small messages.
+class TreeBuilder {
+ public:
+  // What basic_parser asks of a handler.
+  static constexpr std::size_t max_object_size = json::object::max_size();
+  static constexpr std::size_t max_array_size = json::array::max_size();
+  static constexpr std::size_t max_key_size = json::string::max_size();
+  static constexpr std::size_t max_string_size = json::string::max_size();
+
+  TreeBuilder(json::storage_ptr stack, Budget& budget) : st(std::move(stack)), budget_(budget) {}
+
+  // Starts a message. `tree` is what the tree has taken so far: Event::memory.
+  void reset() {
+    st.reset();
+    tree = 0;
+    over_budget = false;
+  }
+
+  json::value_stack st;
+  std::size_t tree = 0;
+  bool over_budget = false;
+
+  bool on_document_begin(json::error_code&) { return true; }
+  bool on_document_end(json::error_code&) { return true; }
+  bool on_object_begin(json::error_code&) { return true; }
+  bool on_object_end(std::size_t n, json::error_code& ec) {
+    // The table: a header, then per entry a key_value_pair and a hash bucket.
+    if (n > 0 && !charge(heap_bytes(32 + n * (sizeof(json::key_value_pair) + 4)), ec)) {
+      return false;
+    }
+    st.push_object(n);
+    return true;
+  }
+  bool on_array_begin(json::error_code&) { return true; }
+  bool on_array_end(std::size_t n, json::error_code& ec) {
+    if (n > 0 && !charge(heap_bytes(16 + n * sizeof(json::value)), ec)) return false;
+    st.push_array(n);
+    return true;
+  }
+  bool on_key_part(json::string_view s, std::size_t, json::error_code&) {
+    st.push_chars(s);
+    return true;
+  }
+  bool on_key(json::string_view s, std::size_t n, json::error_code& ec) {
+    if (!charge(heap_bytes(n + 1), ec)) return false;  // keys are always allocated
+    st.push_key(s);
+    return true;
+  }
+  bool on_string_part(json::string_view s, std::size_t, json::error_code&) {
+    st.push_chars(s);
+    return true;
+  }
+  bool on_string(json::string_view s, std::size_t n, json::error_code& ec) {
+    // Up to 14 characters live inside the value itself.
+    if (n > 14 && !charge(heap_bytes(8 + n + 1), ec)) return false;
+    st.push_string(s);
+    return true;
+  }
+  bool on_number_part(json::string_view, json::error_code&) { return true; }
+  bool on_int64(std::int64_t i, json::string_view, json::error_code&) {
+    st.push_int64(i);
+    return true;
+  }
+  bool on_uint64(std::uint64_t u, json::string_view, json::error_code&) {
+    st.push_uint64(u);
+    return true;
+  }
+  bool on_double(double d, json::string_view, json::error_code&) {
+    st.push_double(d);
+    return true;
+  }
+  bool on_bool(bool b, json::error_code&) {
+    st.push_bool(b);
+    return true;
+  }
+  bool on_null(json::error_code&) {
+    st.push_null();
+    return true;
+  }
+  bool on_comment_part(json::string_view, json::error_code&) { return true; }
+  bool on_comment(json::string_view, json::error_code&) { return true; }
+
+ private:
+  bool charge(std::size_t n, json::error_code& ec) {
+    tree += n;
+    if (budget_.try_charge(n)) return true;
+    over_budget = true;
+    ec = json::error::exception;  // any error stops the parser; over_budget says which
+    return false;
+  }
+
+  Budget& budget_;
 };
 
 Error unexpected(std::string what) {
   return {errc::unexpected_message, std::move(what)};
 }
 
-ReplyId reply_id(const json::object& o) {
-  const json::value* id = o.if_contains("id");
+ReplyId reply_id(const json::value* id) {
   if (id == nullptr) return ReplyId::absent();
   if (id->is_uint64()) return ReplyId::of(id->get_uint64());
   if (id->is_int64() && id->get_int64() >= 0) {
@@ -206,20 +338,97 @@ Result<Greeting> parse_greeting(const json::value& qmp) {
   return g;
 }
 
-Result<Event> parse_event(json::object& o, std::size_t memory) {
-  const json::value* name = o.if_contains("event");
-  if (!name->is_string()) return unexpected("event: name is not a string");
-  const json::value* ts = o.if_contains("timestamp");
+// The members of a message's top-level object that QMP defines, found in one pass (a message has
+// a handful of members; looking each one up would scan them once per name).
+struct Members {
+  json::value* qmp = nullptr;
+  json::value* event = nullptr;
+  json::value* ret = nullptr;
+  json::value* error = nullptr;
+  json::value* id = nullptr;
+  json::value* timestamp = nullptr;
+  json::value* data = nullptr;
+
+  explicit Members(json::object& o) {
+    for (auto& kv : o) {
+      if (json::value** slot = find(kv.key())) *slot = &kv.value();
+    }
+  }
+
+  json::value** find(std::string_view k) {
+    switch (k.size()) {
+      case 2:
+        return k == "id" ? &id : nullptr;
+      case 3:
+        return k == "QMP" ? &qmp : nullptr;
+      case 4:
+        return k == "data" ? &data : nullptr;
+      case 5:
+        return k == "event" ? &event : k == "error" ? &error : nullptr;
+      case 6:
+        return k == "return" ? &ret : nullptr;
+      case 9:
+        return k == "timestamp" ? &timestamp : nullptr;
+      default:
+        return nullptr;
+    }
+  }
+  int kinds() const {
+    return static_cast<int>(qmp != nullptr) + static_cast<int>(event != nullptr) +
+           static_cast<int>(ret != nullptr) + static_cast<int>(error != nullptr);
+  }
+};
+
+Result<Event> parse_event(Members& m, std::size_t memory) {
+  if (!m.event->is_string()) return unexpected("event: name is not a string");
+  const json::value* ts = m.timestamp;
   if (ts == nullptr || !ts->is_object()) return unexpected("event: missing timestamp");
-  auto sec = as_int(ts->get_object().if_contains("seconds"));
-  auto usec = as_int(ts->get_object().if_contains("microseconds"));
+  std::optional<std::int64_t> sec;
+  std::optional<std::int64_t> usec;
+  for (const auto& kv : ts->get_object()) {
+    if (kv.key() == "seconds") sec = as_int(&kv.value());
+    if (kv.key() == "microseconds") usec = as_int(&kv.value());
+  }
   if (!sec || !usec) return unexpected("event: bad timestamp");
-  json::value* data = o.if_contains("data");
-  if (data != nullptr && !data->is_object()) return unexpected("event: data is not an object");
-  // Move-construct the data so it keeps the message's storage (move-assigning would copy).
+  if (m.data != nullptr && !m.data->is_object()) {
+    return unexpected("event: data is not an object");
+  }
+  // Move-construct: takes the table over instead of copying it.
   json::object d =
-      data != nullptr ? json::object(std::move(data->get_object())) : json::object(o.storage());
-  return Event{std::string(name->get_string()), std::move(d), Timestamp{*sec, *usec}, memory};
+      m.data != nullptr ? json::object(std::move(m.data->get_object())) : json::object();
+  return Event{std::string(m.event->get_string()), std::move(d), Timestamp{*sec, *usec}, memory};
+}
+
+Result<Message> parse_error(const Members& m) {
+  const json::object* eo = m.error->if_object();
+  const json::value* cls = eo != nullptr ? eo->if_contains("class") : nullptr;
+  const json::value* desc = eo != nullptr ? eo->if_contains("desc") : nullptr;
+  if (cls == nullptr || !cls->is_string() || desc == nullptr || !desc->is_string()) {
+    return unexpected("error reply without class and desc strings");
+  }
+  return Message{
+      ErrorReply{reply_id(m.id), std::string(cls->get_string()), std::string(desc->get_string())}};
+}
+
+// Turns a parsed JSON value into the QMP message it holds.
+Result<Message> interpret(json::value& root, std::size_t memory) {
+  json::object* o = root.if_object();
+  if (o == nullptr) return unexpected("message is not a JSON object");
+  Members m(*o);
+  if (m.kinds() != 1) return unexpected("message is not exactly one of greeting, event or reply");
+  if (m.ret != nullptr) {
+    // Move-construct: takes the tree over instead of copying it.
+    return Message{Return{reply_id(m.id), json::value(std::move(*m.ret))}};
+  }
+  if (m.event != nullptr) {
+    auto e = parse_event(m, memory);
+    if (!e) return e.error();
+    return Message{std::move(*e)};
+  }
+  if (m.error != nullptr) return parse_error(m);
+  auto g = parse_greeting(*m.qmp);
+  if (!g) return g.error();
+  return Message{std::move(*g)};
 }
 
 }  // namespace
@@ -228,60 +437,76 @@ std::string Version::to_string() const {
   return std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(micro);
 }
 
+// ---------------------------------------------------------------------------------------------
+// MessageParser
+
+class MessageParser::Impl {
+ public:
+  explicit Impl(const Limits& limits) : limits_(limits), stack_(budget_) {
+    budget_.limit = limits.max_message_memory;
+    opt_.max_depth = limits.max_depth;
+    opt_.allow_invalid_utf8 = false;
+  }
+
+  Result<Message> parse(std::string_view line) {
+    if (!parser_) parser_.emplace(opt_, json::storage_ptr(&stack_), budget_);
+    TreeBuilder& tree = parser_->handler();
+    budget_.used = stack_.held();
+    json::error_code ec;
+    bool over_budget = false;
+    // An optional so the tree is move-constructed into place.
+    std::optional<json::value> root;
+    try {
+      parser_->reset();
+      tree.reset();
+      const std::size_t n = parser_->write_some(false, line.data(), line.size(), ec);
+      if (!ec && n < line.size()) ec = json::error::extra_data;
+      if (!ec) root.emplace(tree.st.release());
+    } catch (const std::bad_alloc&) {
+      over_budget = true;  // the work stack
+    }
+    over_budget = over_budget || tree.over_budget;
+    const std::size_t memory = tree.tree;
+    // A failed parse may leave values of this message on the stack, and a large one a large
+    // stack: either way the next line starts with a new parser.
+    if (over_budget || ec || stack_.held() > kKeepStack) parser_.reset();
+    if (over_budget) {
+      return Error{
+          errc::message_too_large,
+          "message needs more than " + std::to_string(limits_.max_message_memory) + " bytes"};
+    }
+    if (ec == json::error::too_deep) {
+      return Error{errc::too_deep, "JSON nested deeper than " + std::to_string(limits_.max_depth)};
+    }
+    if (ec) return Error{errc::invalid_json, ec.message()};
+    return interpret(*root, memory);
+  }
+
+  std::size_t retained() const noexcept { return stack_.held(); }
+
+ private:
+  static constexpr std::size_t kKeepStack = std::size_t{64} << 10;
+
+  Limits limits_;
+  json::parse_options opt_;
+  Budget budget_;
+  StackResource stack_;
+  std::optional<json::basic_parser<TreeBuilder>> parser_;  // after stack_: it allocates from it
+};
+
+MessageParser::MessageParser(const Limits& limits) : impl_(std::make_unique<Impl>(limits)) {}
+MessageParser::~MessageParser() = default;
+
+Result<Message> MessageParser::parse(std::string_view line) {
+  return impl_->parse(line);
+}
+
+std::size_t MessageParser::retained() const noexcept {
+  return impl_->retained();
+}
+
 Result<Message> parse_message(std::string_view line, const Limits& limits) {
-  BudgetResource* budget = nullptr;
-  json::storage_ptr sp =
-      json::make_shared_resource<BudgetResource>(limits.max_message_memory, &budget);
-  json::parse_options opt;
-  opt.max_depth = limits.max_depth;
-  opt.allow_invalid_utf8 = false;
-
-  boost::system::error_code ec;
-  // An optional so the tree is move-constructed into place and keeps its storage.
-  std::optional<json::value> root;
-  try {
-    json::parser p(sp, opt);
-    p.reset(sp);
-    p.write(line.data(), line.size(), ec);
-    if (!ec) root.emplace(p.release());
-  } catch (const std::bad_alloc&) {
-    return Error{errc::message_too_large,
-                 "message needs more than " + std::to_string(limits.max_message_memory) + " bytes"};
-  }
-  if (ec == json::error::too_deep) {
-    return Error{errc::too_deep, "JSON nested deeper than " + std::to_string(limits.max_depth)};
-  }
-  if (ec) return Error{errc::invalid_json, ec.message()};
-
-  json::object* o = root->if_object();
-  if (o == nullptr) return unexpected("message is not a JSON object");
-  int kinds = static_cast<int>(o->contains("QMP")) + static_cast<int>(o->contains("event")) +
-              static_cast<int>(o->contains("return")) + static_cast<int>(o->contains("error"));
-  if (kinds != 1) return unexpected("message is not exactly one of greeting, event or reply");
-
-  if (const json::value* qmp = o->if_contains("QMP")) {
-    auto g = parse_greeting(*qmp);
-    if (!g) return g.error();
-    return Message{std::move(*g)};
-  }
-  if (o->contains("event")) {
-    auto e = parse_event(*o, budget->used());
-    if (!e) return e.error();
-    return Message{std::move(*e)};
-  }
-  if (json::value* ret = o->if_contains("return")) {
-    // Move-construct: the value keeps the message's storage instead of being copied.
-    return Message{Return{reply_id(*o), json::value(std::move(*ret))}};
-  }
-  const json::value* err = o->if_contains("error");
-  const json::object* eo = err->if_object();
-  const json::value* cls = eo != nullptr ? eo->if_contains("class") : nullptr;
-  const json::value* desc = eo != nullptr ? eo->if_contains("desc") : nullptr;
-  if (cls == nullptr || !cls->is_string() || desc == nullptr || !desc->is_string()) {
-    return unexpected("error reply without class and desc strings");
-  }
-  return Message{
-      ErrorReply{reply_id(*o), std::string(cls->get_string()), std::string(desc->get_string())}};
+  return MessageParser(limits).parse(line);
 }
 
 // ---------------------------------------------------------------------------------------------

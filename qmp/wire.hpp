@@ -1,15 +1,16 @@
-// QMP wire format, without I/O.
+// QMP wire format, without I/O: bytes to lines to typed messages, and commands to bytes.
 //
 // QMP is newline-delimited JSON over a stream socket. QEMU sends one greeting, then replies
 // (`{"return":…,"id":…}` or `{"error":{"class":…,"desc":…},"id":…}`) and asynchronous events
 // (`{"event":…,"data":…,"timestamp":…}`); the client sends `{"execute":…,"arguments":…,"id":…}`.
 //
 // Every byte from QEMU is hostile. LineDecoder frames lines in a buffer that never holds more than
-// Limits::max_line bytes of one line plus one read; parse_message() turns one line into a typed
-// Message, refusing invalid JSON, invalid UTF-8, nesting deeper than Limits::max_depth and parsed
-// trees larger than Limits::max_message_memory. Any of these is a connection error: the stream
-// cannot be trusted after it. encode_command() serializes a command and refuses anything QEMU's
-// own parser would reject (so QEMU never needs to answer without an id).
+// Limits::max_line bytes of one line plus one read; MessageParser (one per connection, reusing its
+// JSON parser from line to line) turns one line into a typed Message, refusing invalid JSON,
+// invalid UTF-8, nesting deeper than Limits::max_depth and parses needing more than
+// Limits::max_message_memory. Any of these is a connection error: the stream cannot be trusted
+// after it. encode_command() serializes a command and refuses anything QEMU's own parser would
+// reject (so QEMU never needs to answer without an id).
 #pragma once
 
 #include <boost/json/object.hpp>
@@ -41,7 +42,9 @@ struct Limits {
 };
 
 // Splits the incoming byte stream into lines. The buffer grows only as far as one line needs
-// (at most max_line + 1 plus the last read) and shrinks back once a large line has been consumed.
+// (at most max_line + 1 plus the last read). Once a line over 1 MiB has been consumed it shrinks
+// back at the next read; a smaller one is kept until release_if_empty() (the client calls it
+// whenever the socket is drained), so a backlog of large replies does not regrow it each time.
 class LineDecoder {
  public:
   explicit LineDecoder(std::size_t max_line, std::size_t read_size = 8192);
@@ -138,8 +141,36 @@ struct Event {
 
 using Message = std::variant<Greeting, Return, ErrorReply, Event>;
 
-// Parses one line (as returned by LineDecoder::next_line). Fails with invalid_json, too_deep,
-// message_too_large or unexpected_message; all of them are connection errors.
+// Parses lines (as returned by LineDecoder::next_line) into Messages. One per connection: the JSON
+// parser and its work stack are kept from one line to the next instead of being built for each.
+//
+// Memory. The work stack (values of the containers still open, the text of the string being read)
+// stays allocated between messages, up to 64 KiB; a message that needed more gives it back. The
+// tree is built on the ordinary heap, so values outlive the parser like any other. While a line
+// is parsed, the work stack (including what was kept) and the tree (each string, key, array and
+// object as Boost.JSON lays it out) together may not exceed Limits::max_message_memory;
+// Event::memory is what the event's tree takes.
+//
+// Errors: invalid_json, too_deep, message_too_large or unexpected_message; all of them are
+// connection errors. The parser stays usable after one (each line is parsed on its own).
+class MessageParser {
+ public:
+  explicit MessageParser(const Limits& limits);
+  ~MessageParser();
+  MessageParser(const MessageParser&) = delete;
+  MessageParser& operator=(const MessageParser&) = delete;
+
+  Result<Message> parse(std::string_view line);
+
+  // Bytes of work stack kept for the next line.
+  std::size_t retained() const noexcept;
+
+ private:
+  class Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// MessageParser(limits).parse(line): for a single line.
 Result<Message> parse_message(std::string_view line, const Limits& limits);
 
 // A command serialized up to its optional id. Ids are handed out in send order, so the id and

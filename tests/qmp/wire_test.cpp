@@ -2,6 +2,7 @@
 #include "qmp/wire.hpp"
 
 #include <boost/json/parse.hpp>
+#include <optional>
 #include <string>
 
 #include "support/support.hpp"
@@ -202,6 +203,94 @@ TEST_CASE("the parsed tree is bounded by max_message_memory", "[qmp][wire]") {
   std::string big_string = R"({"return": ")" + std::string(100000, 'q') + "\"}";
   CHECK(parse_err(big_string, lim) == errc::message_too_large);
   CHECK(std::holds_alternative<Return>(parse_ok(R"({"return": [0, 1, 2]})", lim)));
+}
+
+TEST_CASE("the budget counts the tree, not only the parser's work stack", "[qmp][wire]") {
+  qbtest::FdLeakCheck leaks;
+  Limits lim;
+  lim.max_message_memory = 64 * 1024;
+  // 40 strings of 2000 characters: a few hundred bytes of stack, 80 KB of tree.
+  auto strings = [](int n) {
+    std::string line = R"({"return": [)";
+    for (int i = 0; i < n; ++i) line += (i > 0 ? ",\"" : "\"") + std::string(2000, 's') + "\"";
+    return line + "]}";
+  };
+  CHECK(parse_err(strings(40), lim) == errc::message_too_large);
+  CHECK(std::holds_alternative<Return>(parse_ok(strings(20), lim)));
+  // Many small objects, each closed before the next opens.
+  std::string objects = R"({"return": [)";
+  for (int i = 0; i < 2000; ++i) objects += R"({"k": 1},)";
+  objects += "{}]}";
+  CHECK(parse_err(objects, lim) == errc::message_too_large);
+}
+
+TEST_CASE("an event's memory is what its tree holds", "[qmp][wire]") {
+  qbtest::FdLeakCheck leaks;
+  auto small = std::get<Event>(
+      parse_ok(R"({"timestamp": {"seconds": 1, "microseconds": 2}, "event": "RESUME"})"));
+  const std::string blob(100000, 'b');
+  auto big = std::get<Event>(parse_ok(R"({"timestamp": {"seconds": 1, "microseconds": 2}, )"
+                                      R"("event": "X", "data": {"blob": ")" +
+                                      blob + "\"}}"));
+  CHECK(small.memory < 1024);
+  CHECK(big.memory >= blob.size());
+  CHECK(big.memory < blob.size() + 4096);
+}
+
+TEST_CASE("one parser reads many lines, as a connection does", "[qmp][wire]") {
+  qbtest::FdLeakCheck leaks;
+  Limits lim;
+  lim.max_message_memory = 1u << 20;
+  MessageParser parser(lim);
+  const std::string big = R"({"return": [)" + std::string(60000, '[') + "]}";  // too deep
+  std::string wide = R"({"return": [)";
+  for (int i = 0; i < 20000; ++i) wide += "0,";
+  wide += "0]}";
+  const std::string lines[] = {
+      std::string(kGreeting),
+      R"({"return": {"status": "running", "singlestep": false, "running": true}})",
+      R"({"return": )",  // invalid: the parser must not carry anything into the next line
+      R"({"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"})",
+      big,
+      wide,  // needs a large work stack, which is given back afterwards
+      R"({"error": {"class": "GenericError", "desc": "x"}, "id": 4})",
+      "{\"return\": \"\xff\"}",
+      R"({"return": [1, {"a": [true, null, 1.5, "s"]}], "id": 9})",
+  };
+  for (const auto& line : lines) {
+    INFO(line.substr(0, 80));
+    auto reused = parser.parse(line);
+    auto fresh = parse_message(line, lim);
+    REQUIRE(reused.has_value() == fresh.has_value());
+    if (!fresh) {
+      CHECK(reused.error().code == fresh.error().code);
+      continue;
+    }
+    REQUIRE(reused->index() == fresh->index());
+    if (auto* r = std::get_if<Return>(&*reused)) {
+      CHECK(r->value == std::get<Return>(*fresh).value);
+      CHECK(r->id == std::get<Return>(*fresh).id);
+    }
+    CHECK(parser.retained() <= 64 * 1024);
+  }
+  // The work stack stays between lines (that is the point of keeping the parser).
+  CHECK(parser.retained() > 0);
+}
+
+TEST_CASE("parsed values outlive the parser", "[qmp][wire]") {
+  qbtest::FdLeakCheck leaks;
+  std::optional<Message> kept;
+  {
+    MessageParser parser(Limits{});
+    auto m = parser.parse(R"({"return": {"blockdev": [{"node-name": "qb-d0-fmt-long-name"}]}})");
+    REQUIRE(m.has_value());
+    kept = std::move(*m);
+  }
+  auto& r = std::get<Return>(*kept);
+  CHECK(r.value.at("blockdev").at(0).at("node-name").as_string() == "qb-d0-fmt-long-name");
+  // And they are ordinary values: they grow without a budget.
+  r.value.as_object()["more"] = std::string(100000, 'm');
+  CHECK(r.value.at("more").as_string().size() == 100000);
 }
 
 TEST_CASE("valid JSON that is not a QMP message is refused", "[qmp][wire]") {
