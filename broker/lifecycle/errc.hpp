@@ -26,6 +26,9 @@ enum class errc {
   step_exec,
   cgroup_unavailable,
 };
+// How many enumerators errc has: they run from 0 to the one named here, which must stay the
+// last (tests/api/http_errors_test.cpp fails to compile otherwise).
+inline constexpr int kErrcCount = static_cast<int>(errc::cgroup_unavailable) + 1;
 
 const std::error_category& category() noexcept;
 inline std::error_code make_error_code(errc e) noexcept { return {static_cast<int>(e), category()}; }
