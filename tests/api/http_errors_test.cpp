@@ -1,8 +1,11 @@
 // The one error map (broker/api/http_errors.cpp), proven over every enumerator of every module's
 // errc: each has a status and a stable, unique name, and the walk itself cannot go stale because
 // each module's kErrcCount is checked against its enum at compile time.
+#include <fstream>
 #include <map>
 #include <regex>
+#include <set>
+#include <sstream>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -82,6 +85,13 @@ bool is_alias(const std::error_code& a, const std::error_code& b) {
   return false;
 }
 
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
 }  // namespace
 
 TEST_CASE("every code of every module maps to a status and a stable name", "[api][errors]") {
@@ -131,5 +141,48 @@ TEST_CASE("names are unique within a module, in the API and in the category", "[
   for (const auto& alias : aliases()) {
     CHECK(alias.a.category() == alias.b.category());
     CHECK(api::classify(alias.a).code == api::classify(alias.b).code);
+  }
+}
+
+TEST_CASE("every spawn step code is a 500 named by its enumerator", "[api][errors]") {
+  using E = broker::lifecycle::errc;
+  int steps = 0;
+  for (int i = static_cast<int>(E::step_clone); i <= static_cast<int>(E::step_exec); ++i) {
+    const auto c = api::classify(static_cast<E>(i));
+    INFO(c.code);
+    CHECK(c.status == status::internal_server_error);
+    CHECK(c.code.rfind("step_", 0) == 0);
+    ++steps;
+  }
+  CHECK(steps > 0);
+  CHECK(api::classify(E::child_died).status == status::internal_server_error);
+}
+
+TEST_CASE("docs/lifecycle.md names every spawn step code, in the order of the enum",
+          "[api][errors][docs]") {
+  const std::string doc = read_file(QB_SOURCE_DIR "/docs/lifecycle.md");
+  const auto begin = doc.find("## 4. Spawn in the jail");
+  const auto end = doc.find("\n## 5.", begin);
+  REQUIRE(begin != std::string::npos);
+  REQUIRE(end != std::string::npos);
+  const std::string section = doc.substr(begin, end - begin);
+
+  using E = broker::lifecycle::errc;
+  std::set<std::string> codes;
+  std::size_t previous = 0;
+  for (int i = static_cast<int>(E::step_clone); i <= static_cast<int>(E::step_exec); ++i) {
+    const std::string code = api::classify(static_cast<E>(i)).code;
+    codes.insert(code);
+    const auto at = section.find("`" + code + "`");
+    INFO(code);
+    REQUIRE(at != std::string::npos);
+    CHECK(at > previous);
+    previous = at;
+  }
+  // And the section names no step code that does not exist.
+  const std::regex named("`(step_[a-z_]+)`");
+  for (std::sregex_iterator it(section.begin(), section.end(), named), last; it != last; ++it) {
+    INFO((*it)[1].str());
+    CHECK(codes.contains((*it)[1].str()));
   }
 }
