@@ -28,6 +28,9 @@ enum class errc {
   peer_closed,         // orderly shutdown by the peer
   invalid_argument,    // a caller error: bad port, bad mode, empty fd list where one is needed
 };
+// How many enumerators errc has: they run from 0 to the one named here, which must stay the
+// last (tests/api/http_errors_test.cpp fails to compile otherwise).
+inline constexpr int kErrcCount = static_cast<int>(errc::invalid_argument) + 1;
 
 const std::error_category& category() noexcept;
 

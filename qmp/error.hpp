@@ -38,6 +38,9 @@ enum class errc {
   bad_reply,        // a reply did not have the shape a typed decoder expects
   busy,             // a subscription already has a waiter
 };
+// How many enumerators errc has: they run from 0 to the one named here, which must stay the
+// last (tests/api/http_errors_test.cpp fails to compile otherwise).
+inline constexpr int kErrcCount = static_cast<int>(errc::busy) + 1;
 
 const std::error_category& category() noexcept;
 

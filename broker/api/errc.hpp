@@ -20,6 +20,9 @@ enum class errc {
   unauthorized_peer,     // 403: the peer is neither root nor in the admin group
   shutting_down,         // 503: the daemon is stopping
 };
+// How many enumerators errc has: they run from 0 to the one named here, which must stay the
+// last (tests/api/http_errors_test.cpp fails to compile otherwise).
+inline constexpr int kErrcCount = static_cast<int>(errc::shutting_down) + 1;
 
 const std::error_category& category() noexcept;
 inline std::error_code make_error_code(errc e) noexcept {

@@ -71,24 +71,81 @@ ErrorClass of(lifecycle::errc e) {
       return {http_status::internal_server_error, "kill_failed"};
     case E::survivors:
       return {http_status::internal_server_error, "survivors"};
+    // The broker could not build the jail or start QEMU: never the request's fault.
     case E::step_clone:
       return {http_status::internal_server_error, "step_clone"};
-    case E::step_sanitize:
-      return {http_status::internal_server_error, "step_sanitize"};
+    case E::step_lift_fds:
+      return {http_status::internal_server_error, "step_lift_fds"};
+    case E::step_close_range:
+      return {http_status::internal_server_error, "step_close_range"};
+    case E::step_open_null:
+      return {http_status::internal_server_error, "step_open_null"};
+    case E::step_dup_stdio:
+      return {http_status::internal_server_error, "step_dup_stdio"};
+    case E::step_dup_pass:
+      return {http_status::internal_server_error, "step_dup_pass"};
     case E::step_mount_private:
       return {http_status::internal_server_error, "step_mount_private"};
-    case E::step_root:
-      return {http_status::internal_server_error, "step_root"};
+    case E::step_mount_tmpfs:
+      return {http_status::internal_server_error, "step_mount_tmpfs"};
+    case E::step_mkdir:
+      return {http_status::internal_server_error, "step_mkdir"};
+    case E::step_create_file:
+      return {http_status::internal_server_error, "step_create_file"};
+    case E::step_bind_ro:
+      return {http_status::internal_server_error, "step_bind_ro"};
+    case E::step_remount_bind_ro:
+      return {http_status::internal_server_error, "step_remount_bind_ro"};
+    case E::step_bind_dev:
+      return {http_status::internal_server_error, "step_bind_dev"};
+    case E::step_remount_bind_dev:
+      return {http_status::internal_server_error, "step_remount_bind_dev"};
+    case E::step_symlink:
+      return {http_status::internal_server_error, "step_symlink"};
+    case E::step_move_mount:
+      return {http_status::internal_server_error, "step_move_mount"};
+    case E::step_remount_root_ro:
+      return {http_status::internal_server_error, "step_remount_root_ro"};
+    case E::step_chdir_jail:
+      return {http_status::internal_server_error, "step_chdir_jail"};
     case E::step_pivot_root:
       return {http_status::internal_server_error, "step_pivot_root"};
-    case E::step_rlimits:
-      return {http_status::internal_server_error, "step_rlimits"};
-    case E::step_credentials:
-      return {http_status::internal_server_error, "step_credentials"};
+    case E::step_umount_old_root:
+      return {http_status::internal_server_error, "step_umount_old_root"};
+    case E::step_chdir_root:
+      return {http_status::internal_server_error, "step_chdir_root"};
+    case E::step_open_jail_null:
+      return {http_status::internal_server_error, "step_open_jail_null"};
+    case E::step_dup_jail_null:
+      return {http_status::internal_server_error, "step_dup_jail_null"};
+    case E::step_setrlimit_fsize:
+      return {http_status::internal_server_error, "step_setrlimit_fsize"};
+    case E::step_setrlimit_core:
+      return {http_status::internal_server_error, "step_setrlimit_core"};
+    case E::step_setrlimit_msgqueue:
+      return {http_status::internal_server_error, "step_setrlimit_msgqueue"};
+    case E::step_setrlimit_locks:
+      return {http_status::internal_server_error, "step_setrlimit_locks"};
+    case E::step_setrlimit_memlock:
+      return {http_status::internal_server_error, "step_setrlimit_memlock"};
+    case E::step_setrlimit_nproc:
+      return {http_status::internal_server_error, "step_setrlimit_nproc"};
+    case E::step_setrlimit_nofile:
+      return {http_status::internal_server_error, "step_setrlimit_nofile"};
+    case E::step_setgroups:
+      return {http_status::internal_server_error, "step_setgroups"};
+    case E::step_setresgid:
+      return {http_status::internal_server_error, "step_setresgid"};
+    case E::step_setresuid:
+      return {http_status::internal_server_error, "step_setresuid"};
     case E::step_no_new_privs:
       return {http_status::internal_server_error, "step_no_new_privs"};
+    case E::step_pdeathsig:
+      return {http_status::internal_server_error, "step_pdeathsig"};
     case E::step_exec:
       return {http_status::internal_server_error, "step_exec"};
+    case E::child_died:
+      return {http_status::internal_server_error, "child_died"};
     case E::cgroup_unavailable:
       return {http_status::internal_server_error, "cgroup_unavailable"};
   }

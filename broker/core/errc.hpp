@@ -22,6 +22,9 @@ enum class errc {
   forbidden,         // 403: e.g. fd commands through the QMP passthrough
   internal,          // 500
 };
+// How many enumerators errc has: they run from 0 to the one named here, which must stay the
+// last (tests/api/http_errors_test.cpp fails to compile otherwise).
+inline constexpr int kErrcCount = static_cast<int>(errc::internal) + 1;
 
 const std::error_category& category() noexcept;
 inline std::error_code make_error_code(errc e) noexcept { return {static_cast<int>(e), category()}; }

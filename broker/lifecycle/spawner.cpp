@@ -28,7 +28,7 @@ struct StepReport {
   int err;
 };
 
-// One operation of the root step, prepared by the parent so the child only makes syscalls.
+// One operation of populate_root, prepared by the parent so the child only makes syscalls.
 struct RootOp {
   enum Kind { mkdir_, touch, bind_ro, bind_dev, symlink_, move_mount_ } kind;
   std::string a;  // target (jail side, absolute host path under the mount point)
@@ -36,37 +36,25 @@ struct RootOp {
   int fd = -1;
 };
 
-[[noreturn]] void fail(int report_fd, errc step) {
-  StepReport r{static_cast<int>(step), errno};
-  [[maybe_unused]] auto n = ::write(report_fd, &r, sizeof(r));
-  ::_exit(127);
-}
+// Everything the child needs, built by the parent before the clone. The child of a threaded
+// process may only make async-signal-safe calls, so it allocates nothing: it makes syscalls and
+// fills storage sized here, in its own copy of this memory.
+struct ChildPlan {
+  const SpawnRequest& req;
+  std::vector<RootOp> root_ops;
+  std::vector<char*> argv;
+  std::vector<int> lifted_pass;  // the passed fds, lifted above their final numbers
+  std::vector<int> keep;         // every fd the child holds while it closes the rest
+  int report_fd = -1;
+  int lifted_out = -1;  // the log, lifted; -1: stdout and stderr go to /dev/null
+};
 
-bool run_root_op(const RootOp& op) {
-  switch (op.kind) {
-    case RootOp::mkdir_:
-      return ::mkdir(op.a.c_str(), 0755) == 0 || errno == EEXIST;
-    case RootOp::touch: {
-      int fd = ::open(op.a.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0444);
-      if (fd < 0) return false;
-      ::close(fd);
-      return true;
-    }
-    case RootOp::bind_ro:
-      return ::mount(op.b.c_str(), op.a.c_str(), nullptr, MS_BIND | MS_REC, nullptr) == 0 &&
-             ::mount(nullptr, op.a.c_str(), nullptr,
-                     MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, nullptr) == 0;
-    case RootOp::bind_dev:
-      return ::mount(op.b.c_str(), op.a.c_str(), nullptr, MS_BIND, nullptr) == 0 &&
-             ::mount(nullptr, op.a.c_str(), nullptr, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NOEXEC,
-                     nullptr) == 0;
-    case RootOp::symlink_:
-      return ::symlink(op.b.c_str(), op.a.c_str()) == 0;
-    case RootOp::move_mount_:
-      return ::syscall(SYS_move_mount, op.fd, "", AT_FDCWD, op.a.c_str(),
-                       MOVE_MOUNT_F_EMPTY_PATH) == 0;
-  }
-  return false;
+// Sends {step, errno} to the parent and exits. The report is one small pipe write, so it arrives
+// whole or not at all; a child that dies without it is reported as child_died.
+[[noreturn]] void fail(const ChildPlan& p, errc step) {
+  StepReport r{static_cast<int>(step), errno};
+  [[maybe_unused]] auto n = ::write(p.report_fd, &r, sizeof(r));
+  ::_exit(127);
 }
 
 // Parents of `path` (relative to the jail, e.g. "boot/kernel") as mkdir ops, outermost first.
@@ -106,141 +94,303 @@ std::vector<RootOp> plan_root(const JailLayout& j) {
   return ops;
 }
 
-// Closes every fd except those in `keep` (sorted, unique).
-void close_all_but(const int* keep, std::size_t n) {
-  unsigned from = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    if (static_cast<unsigned>(keep[i]) > from) {
-      ::syscall(SYS_close_range, from, static_cast<unsigned>(keep[i]) - 1, 0);
-    }
-    from = static_cast<unsigned>(keep[i]) + 1;
-  }
-  ::syscall(SYS_close_range, from, ~0U, 0);
+ChildPlan make_plan(const SpawnRequest& req, int report_fd) {
+  ChildPlan p{req, plan_root(req.jail), {}, {}, {}, report_fd, -1};
+  for (const auto& a : req.argv) p.argv.push_back(const_cast<char*>(a.c_str()));
+  p.argv.push_back(nullptr);
+  p.lifted_pass.resize(req.pass.size());
+  p.keep.resize(1 + req.pass.size() + (req.output.valid() ? 1 : 0) + req.jail.fd_mounts.size());
+  return p;
 }
 
-[[noreturn]] void child_main(const SpawnRequest& req, const std::vector<RootOp>& root_ops,
-                             const std::vector<char*>& argv, int report_fd) {
-  // sanitize: move every fd we need above all the numbers they will end up at, close the rest,
-  // then place them. F_DUPFD_CLOEXEC leaves the high copies close-on-exec.
-  const int npass = static_cast<int>(req.pass.size());
-  int floor = 3 + npass;
-  int high_report = ::fcntl(report_fd, F_DUPFD_CLOEXEC, floor);
-  if (high_report < 0) fail(report_fd, errc::step_sanitize);
-  report_fd = high_report;
-  int keep[64 + 8];
+// The steps of a spawn, in order (docs/lifecycle.md has the same list): clone, in the parent
+// (below child_main), then the child's. Each child step either succeeds or calls fail() with the
+// code of the syscall that failed, errno intact.
+namespace steps {
+
+// Every fd the child keeps moves above 3 + pass.size(), so placing the passed fds at 3, 4, ...
+// later never overwrites one not yet placed.
+void lift_fds(ChildPlan& p) {
+  const int floor = 3 + static_cast<int>(p.req.pass.size());
   std::size_t nkeep = 0;
-  keep[nkeep++] = report_fd;
-  int high_pass[64];
-  if (npass > 64 || req.jail.fd_mounts.size() > 8) fail(report_fd, errc::step_sanitize);
-  for (int i = 0; i < npass; ++i) {
-    high_pass[i] = ::fcntl(req.pass[i].get(), F_DUPFD_CLOEXEC, floor);
-    if (high_pass[i] < 0) fail(report_fd, errc::step_sanitize);
-    keep[nkeep++] = high_pass[i];
+  auto lift = [&](int fd) {
+    // F_DUPFD_CLOEXEC: the lifted copies themselves never reach QEMU.
+    int high = ::fcntl(fd, F_DUPFD_CLOEXEC, floor);
+    if (high < 0) fail(p, errc::step_lift_fds);
+    p.keep[nkeep++] = high;
+    return high;
+  };
+  p.report_fd = lift(p.report_fd);
+  for (std::size_t i = 0; i < p.req.pass.size(); ++i) p.lifted_pass[i] = lift(p.req.pass[i].get());
+  if (p.req.output.valid()) p.lifted_out = lift(p.req.output.get());
+  // populate_root mounts the boot files from their fds, so those are kept too.
+  for (auto& op : p.root_ops) {
+    if (op.kind == RootOp::move_mount_) op.fd = lift(op.fd);
   }
-  int high_out = -1;
-  if (req.output.valid()) {
-    high_out = ::fcntl(req.output.get(), F_DUPFD_CLOEXEC, floor);
-    if (high_out < 0) fail(report_fd, errc::step_sanitize);
-    keep[nkeep++] = high_out;
-  }
-  // Mount fds stay at their numbers: the root ops refer to them. Move them up too.
-  int mount_fd_map[8][2];
-  std::size_t nmounts = req.jail.fd_mounts.size();
-  for (std::size_t i = 0; i < nmounts; ++i) {
-    mount_fd_map[i][0] = req.jail.fd_mounts[i].first.get();
-    mount_fd_map[i][1] = ::fcntl(mount_fd_map[i][0], F_DUPFD_CLOEXEC, floor);
-    if (mount_fd_map[i][1] < 0) fail(report_fd, errc::step_sanitize);
-    keep[nkeep++] = mount_fd_map[i][1];
-  }
-  std::sort(keep, keep + nkeep);
-  close_all_but(keep, nkeep);
-  int null_fd = ::open("/dev/null", O_RDWR);  // lowest free: 0
-  if (null_fd != 0) fail(report_fd, errc::step_sanitize);
-  int out = high_out >= 0 ? high_out : null_fd;
-  if (::dup2(out, 1) != 1 || ::dup2(out, 2) != 2) fail(report_fd, errc::step_sanitize);
-  for (int i = 0; i < npass; ++i) {
-    // dup2 clears close-on-exec on the new number: these are the fds QEMU inherits.
-    if (::dup2(high_pass[i], 3 + i) != 3 + i) fail(report_fd, errc::step_sanitize);
-    ::close(high_pass[i]);
-  }
-  if (high_out >= 0) ::close(high_out);
-  sigset_t all;
-  sigemptyset(&all);
-  ::sigprocmask(SIG_SETMASK, &all, nullptr);
-  for (int sig = 1; sig < NSIG; ++sig) ::signal(sig, SIG_DFL);  // fails harmlessly for KILL/STOP
+}
 
-  // mount-private: nothing below propagates to the host's mount namespace.
-  if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) {
-    fail(report_fd, errc::step_mount_private);
-  }
-
-  // root
-  const char* mp = req.jail.mountpoint.c_str();
-  if (::mount("qbroker-jail", mp, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-              "mode=0755,size=64k,nr_inodes=512") != 0) {
-    fail(report_fd, errc::step_root);
-  }
-  for (const auto& op : root_ops) {
-    if (op.kind == RootOp::move_mount_) {
-      for (std::size_t i = 0; i < nmounts; ++i) {
-        if (mount_fd_map[i][0] == op.fd) {
-          if (::syscall(SYS_move_mount, mount_fd_map[i][1], "", AT_FDCWD, op.a.c_str(),
-                        MOVE_MOUNT_F_EMPTY_PATH) != 0) {
-            fail(report_fd, errc::step_root);
-          }
-          ::close(mount_fd_map[i][1]);
-        }
-      }
-      continue;
+void close_fds(ChildPlan& p) {
+  std::sort(p.keep.begin(), p.keep.end());
+  unsigned from = 0;
+  for (int fd : p.keep) {
+    const auto kept = static_cast<unsigned>(fd);
+    // Everything between two kept fds: an fd another broker thread opened without O_CLOEXEC
+    // (or just before the clone) must not reach QEMU.
+    if (kept > from && ::syscall(SYS_close_range, from, kept - 1, 0) != 0) {
+      fail(p, errc::step_close_range);
     }
-    if (!run_root_op(op)) fail(report_fd, errc::step_root);
+    from = kept + 1;
   }
-  if (::mount(nullptr, mp, nullptr, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-              nullptr) != 0) {
-    fail(report_fd, errc::step_root);
-  }
+  if (::syscall(SYS_close_range, from, ~0U, 0) != 0) fail(p, errc::step_close_range);
+}
 
-  // pivot-root: the tmpfs becomes "/", the old root is stacked under it and then detached.
-  if (::chdir(mp) != 0 || ::syscall(SYS_pivot_root, ".", ".") != 0 ||
-      ::umount2(".", MNT_DETACH) != 0 || ::chdir("/") != 0) {
-    fail(report_fd, errc::step_pivot_root);
+void stdio(ChildPlan& p) {
+  // stdin reads nothing. close_fds freed 0, the lowest number, so open puts it in place.
+  int null_fd = ::open("/dev/null", O_RDWR);
+  if (null_fd != 0) {
+    if (null_fd > 0) errno = EBADFD;  // 0 was not free: report that, not a stale errno
+    fail(p, errc::step_open_null);
   }
-  // Re-point stdio at the jail's own /dev/null: the host's is no longer reachable by path.
+  // stdout and stderr go to the log the broker opened, or nowhere.
+  const int out = p.lifted_out >= 0 ? p.lifted_out : null_fd;
+  if (::dup2(out, 1) != 1 || ::dup2(out, 2) != 2) fail(p, errc::step_dup_stdio);
+  if (p.lifted_out >= 0) ::close(p.lifted_out);
+}
+
+void place_fds(ChildPlan& p) {
+  for (std::size_t i = 0; i < p.lifted_pass.size(); ++i) {
+    const int target = 3 + static_cast<int>(i);
+    // dup2 clears close-on-exec on the new number: these are the fds QEMU inherits.
+    if (::dup2(p.lifted_pass[i], target) != target) fail(p, errc::step_dup_pass);
+    ::close(p.lifted_pass[i]);
+  }
+}
+
+// QEMU starts with no blocked signal and default dispositions, whatever the broker had set.
+// Neither call can fail here: the mask is valid, and signal refuses only KILL and STOP, which
+// are always at their default.
+void reset_signals() {
+  sigset_t none;
+  sigemptyset(&none);
+  ::sigprocmask(SIG_SETMASK, &none, nullptr);
+  for (int sig = 1; sig < NSIG; ++sig) ::signal(sig, SIG_DFL);
+}
+
+void mount_private(ChildPlan& p) {
+  // The new mount namespace copied the host's shared propagation: without this, every mount
+  // below would appear on the host too.
+  if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) {
+    fail(p, errc::step_mount_private);
+  }
+}
+
+void mount_tmpfs(ChildPlan& p) {
+  // A fresh, tiny root holding only what populate_root puts in: nothing on it is executable,
+  // set-uid or a device except through the binds.
+  if (::mount("qbroker-jail", p.req.jail.mountpoint.c_str(), "tmpfs",
+              MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k,nr_inodes=512") != 0) {
+    fail(p, errc::step_mount_tmpfs);
+  }
+}
+
+// One operation of populate_root; returns the code of the call that failed, errno intact.
+errc run_root_op(const RootOp& op) {
+  switch (op.kind) {
+    case RootOp::mkdir_:
+      // A mount point; EEXIST when two entries share a parent.
+      return (::mkdir(op.a.c_str(), 0755) == 0 || errno == EEXIST) ? errc::ok : errc::step_mkdir;
+    case RootOp::touch: {
+      // A file to mount a file over: a bind needs a target of the same kind.
+      int fd = ::open(op.a.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0444);
+      if (fd < 0) return errc::step_create_file;
+      ::close(fd);
+      return errc::ok;
+    }
+    case RootOp::bind_ro:
+      // The host's directory or file at the same path, recursively for /usr's submounts ...
+      if (::mount(op.b.c_str(), op.a.c_str(), nullptr, MS_BIND | MS_REC, nullptr) != 0) {
+        return errc::step_bind_ro;
+      }
+      // ... made read-only by a remount: the first bind ignores MS_RDONLY.
+      return ::mount(nullptr, op.a.c_str(), nullptr,
+                     MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, nullptr) == 0
+                 ? errc::ok
+                 : errc::step_remount_bind_ro;
+    case RootOp::bind_dev:
+      // A device node QEMU may open (nodev would make it useless) ...
+      if (::mount(op.b.c_str(), op.a.c_str(), nullptr, MS_BIND, nullptr) != 0) {
+        return errc::step_bind_dev;
+      }
+      // ... that nothing can be executed from or gain privileges through.
+      return ::mount(nullptr, op.a.c_str(), nullptr, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NOEXEC,
+                     nullptr) == 0
+                 ? errc::ok
+                 : errc::step_remount_bind_dev;
+    case RootOp::symlink_:
+      // The merged-/usr links the dynamic loader and QEMU expect (/lib -> usr/lib, ...).
+      return ::symlink(op.b.c_str(), op.a.c_str()) == 0 ? errc::ok : errc::step_symlink;
+    case RootOp::move_mount_:
+      // The detached mount of the inode the broker opened: QEMU opens a jail-local name, but
+      // the broker chose the file. The lifted fd is then no longer needed.
+      if (::syscall(SYS_move_mount, op.fd, "", AT_FDCWD, op.a.c_str(),
+                    MOVE_MOUNT_F_EMPTY_PATH) != 0) {
+        return errc::step_move_mount;
+      }
+      ::close(op.fd);
+      return errc::ok;
+  }
+  return errc::ok;
+}
+
+void populate_root(ChildPlan& p) {
+  for (const auto& op : p.root_ops) {
+    const errc failed = run_root_op(op);
+    if (failed != errc::ok) fail(p, failed);
+  }
+}
+
+void seal_root(ChildPlan& p) {
+  // Read-only from here on: QEMU cannot create anything in its own root.
+  if (::mount(nullptr, p.req.jail.mountpoint.c_str(), nullptr,
+              MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, nullptr) != 0) {
+    fail(p, errc::step_remount_root_ro);
+  }
+}
+
+void pivot_root(ChildPlan& p) {
+  // pivot_root(".", ".") needs the new root as the working directory.
+  if (::chdir(p.req.jail.mountpoint.c_str()) != 0) fail(p, errc::step_chdir_jail);
+  // The tmpfs becomes "/" and the old root is stacked on it, so no put_old directory is needed.
+  if (::syscall(SYS_pivot_root, ".", ".") != 0) fail(p, errc::step_pivot_root);
+  // Detach the old root: from now on no host path is reachable. Lazily, as it is busy.
+  if (::umount2(".", MNT_DETACH) != 0) fail(p, errc::step_umount_old_root);
+  // pivot_root does not promise where the working directory ends up.
+  if (::chdir("/") != 0) fail(p, errc::step_chdir_root);
+}
+
+void jail_stdio(ChildPlan& p) {
+  // The host's /dev/null is no longer reachable by path; the jail's own bind of it is.
   int jail_null = ::open("/dev/null", O_RDWR | O_CLOEXEC);
-  if (jail_null < 0 || ::dup2(jail_null, 0) != 0 ||
-      (high_out < 0 && (::dup2(jail_null, 1) != 1 || ::dup2(jail_null, 2) != 2))) {
-    fail(report_fd, errc::step_pivot_root);
+  if (jail_null < 0) fail(p, errc::step_open_jail_null);
+  // dup2 clears close-on-exec on 0 (and 1, 2 when there is no log).
+  if (::dup2(jail_null, 0) != 0) fail(p, errc::step_dup_jail_null);
+  if (!p.req.output.valid() && (::dup2(jail_null, 1) != 1 || ::dup2(jail_null, 2) != 2)) {
+    fail(p, errc::step_dup_jail_null);
   }
   ::close(jail_null);
+}
 
-  // rlimits: lowered while still root; the uid change below keeps them.
+// Lowered while still root; the uid change below keeps them and QEMU cannot raise them again.
+void rlimits(ChildPlan& p) {
   const struct {
     int resource;
     rlim_t value;
-  } limits[] = {{RLIMIT_FSIZE, req.limits.fsize}, {RLIMIT_CORE, 0},    {RLIMIT_MSGQUEUE, 0},
-                {RLIMIT_LOCKS, 0},                {RLIMIT_MEMLOCK, 0}, {RLIMIT_NPROC, req.limits.nproc},
-                {RLIMIT_NOFILE, req.limits.nofile}};
+    errc step;
+  } limits[] = {
+      {RLIMIT_FSIZE, p.req.limits.fsize, errc::step_setrlimit_fsize},  // see JailLimits::fsize
+      {RLIMIT_CORE, 0, errc::step_setrlimit_core},          // a core file would hold guest memory
+      {RLIMIT_MSGQUEUE, 0, errc::step_setrlimit_msgqueue},  // QEMU uses no POSIX queues
+      {RLIMIT_LOCKS, 0, errc::step_setrlimit_locks},
+      {RLIMIT_MEMLOCK, 0, errc::step_setrlimit_memlock},  // QEMU pins no memory
+      {RLIMIT_NPROC, p.req.limits.nproc, errc::step_setrlimit_nproc},  // caps a fork storm
+      {RLIMIT_NOFILE, p.req.limits.nofile, errc::step_setrlimit_nofile},
+  };
   for (const auto& l : limits) {
     rlimit r{l.value, l.value};
-    if (::setrlimit(l.resource, &r) != 0) fail(report_fd, errc::step_rlimits);
+    if (::setrlimit(l.resource, &r) != 0) fail(p, l.step);
   }
-
-  // credentials: groups first (needs root), then gid, then uid (after which nothing is allowed).
-  if (::setgroups(req.groups.size(), req.groups.data()) != 0 ||
-      ::setresgid(req.gid, req.gid, req.gid) != 0 || ::setresuid(req.uid, req.uid, req.uid) != 0) {
-    fail(report_fd, errc::step_credentials);
-  }
-
-  // no-new-privs, and the parent-death signal, which the uid change above would have cleared.
-  if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
-      (req.pdeathsig != 0 && ::prctl(PR_SET_PDEATHSIG, req.pdeathsig, 0, 0, 0) != 0)) {
-    fail(report_fd, errc::step_no_new_privs);
-  }
-
-  char* const envp[] = {nullptr};
-  ::execve(req.executable.c_str(), argv.data(), envp);
-  fail(report_fd, errc::step_exec);
 }
+
+// Every object above was made with the broker's credentials; the domain's are applied last.
+void credentials(ChildPlan& p) {
+  // Groups first: setgroups needs CAP_SETGID, which the uid change drops.
+  if (::setgroups(p.req.groups.size(), p.req.groups.data()) != 0) fail(p, errc::step_setgroups);
+  // All three gids, so none can be switched back to.
+  if (::setresgid(p.req.gid, p.req.gid, p.req.gid) != 0) fail(p, errc::step_setresgid);
+  // Last: after this the child has no capability left.
+  if (::setresuid(p.req.uid, p.req.uid, p.req.uid) != 0) fail(p, errc::step_setresuid);
+}
+
+void no_new_privs(ChildPlan& p) {
+  // execve can then never grant privileges (set-uid files, file capabilities), and QEMU can
+  // install its own seccomp filter without CAP_SYS_ADMIN.
+  if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) fail(p, errc::step_no_new_privs);
+  // After the uid change, which clears the parent-death signal.
+  if (p.req.pdeathsig != 0 && ::prctl(PR_SET_PDEATHSIG, p.req.pdeathsig, 0, 0, 0) != 0) {
+    fail(p, errc::step_pdeathsig);
+  }
+}
+
+[[noreturn]] void exec(ChildPlan& p) {
+  // An empty environment: nothing of the broker's reaches QEMU. Success closes the
+  // close-on-exec report pipe, which is how the parent learns the jail is complete.
+  char* const envp[] = {nullptr};
+  ::execve(p.req.executable.c_str(), p.argv.data(), envp);
+  fail(p, errc::step_exec);
+}
+
+}  // namespace steps
+
+[[noreturn]] void child_main(ChildPlan& p) {
+  steps::lift_fds(p);
+  steps::close_fds(p);
+  steps::stdio(p);
+  steps::place_fds(p);
+  steps::reset_signals();
+  steps::mount_private(p);
+  steps::mount_tmpfs(p);
+  steps::populate_root(p);
+  steps::seal_root(p);
+  steps::pivot_root(p);
+  steps::jail_stdio(p);
+  steps::rlimits(p);
+  steps::credentials(p);
+  steps::no_new_privs(p);
+  steps::exec(p);
+}
+
+// A failed step as an Error whose code is the step's and whose message names the step, the
+// call and errno.
+Error step_failure(errc step, int err) {
+  const char* name = ::strerrorname_np(err);
+  const std::string err_name = name != nullptr ? name : "errno " + std::to_string(err);
+  const auto code = make_error_code(step);
+  return Error(code, code.message() + ": " + err_name + " (" + std::strerror(err) + ")");
+}
+
+// The child's report; a step it cannot have sent means the report is not one.
+Error step_error(const StepReport& r) {
+  const bool child_step = r.step >= static_cast<int>(errc::step_lift_fds) &&
+                          r.step <= static_cast<int>(errc::step_exec);
+  if (!child_step) {
+    return Error(make_error_code(errc::child_died),
+                 "spawn: the child reported an unknown step " + std::to_string(r.step));
+  }
+  return step_failure(static_cast<errc>(r.step), r.err);
+}
+
+namespace steps {
+
+// clone3 with new mount, IPC, network, UTS and pid namespaces, straight into the domain's
+// cgroup, returning a pidfd: the child never exists outside any of them.
+Result<SpawnedChild> clone(ChildPlan& plan, fdpass::UniqueFd& report_read) {
+  int pidfd = -1;
+  clone_args args{};
+  args.flags = CLONE_PIDFD | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWUTS |
+               CLONE_NEWPID | (plan.req.cgroup.valid() ? CLONE_INTO_CGROUP : 0);
+  args.pidfd = reinterpret_cast<std::uint64_t>(&pidfd);
+  args.exit_signal = SIGCHLD;
+  if (plan.req.cgroup.valid()) args.cgroup = static_cast<std::uint64_t>(plan.req.cgroup.get());
+  long pid = ::syscall(SYS_clone3, &args, sizeof(args));
+  if (pid < 0) return step_failure(errc::step_clone, errno);
+  if (pid == 0) {
+    report_read.reset();
+    child_main(plan);
+  }
+  return SpawnedChild{static_cast<pid_t>(pid), fdpass::UniqueFd(pidfd)};
+}
+
+}  // namespace steps
 
 }  // namespace
 
@@ -277,33 +427,12 @@ Result<SpawnedChild> spawn_jailed(const SpawnRequest& req) {
       req.jail.fd_mounts.size() > 8) {
     return Error(make_error_code(errc::invalid_spec), "malformed spawn request");
   }
-  // Everything the child touches is built here, before the clone.
-  std::vector<RootOp> root_ops = plan_root(req.jail);
-  std::vector<char*> argv;
-  for (const auto& a : req.argv) argv.push_back(const_cast<char*>(a.c_str()));
-  argv.push_back(nullptr);
-
   auto report = fdpass::make_pipe();
   if (!report) return make_error(report.error(), "spawn: report pipe");
-
-  int pidfd = -1;
-  clone_args args{};
-  args.flags = CLONE_PIDFD | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWUTS |
-               CLONE_NEWPID | (req.cgroup.valid() ? CLONE_INTO_CGROUP : 0);
-  args.pidfd = reinterpret_cast<std::uint64_t>(&pidfd);
-  args.exit_signal = SIGCHLD;
-  if (req.cgroup.valid()) args.cgroup = static_cast<std::uint64_t>(req.cgroup.get());
-  long pid = ::syscall(SYS_clone3, &args, sizeof(args));
-  if (pid < 0) {
-    Error e(make_error_code(errc::step_clone),
-            std::string("clone3: ") + std::strerror(errno));
-    return e;
-  }
-  if (pid == 0) {
-    report->first.reset();
-    child_main(req, root_ops, argv, report->second.get());
-  }
-  SpawnedChild child{static_cast<pid_t>(pid), fdpass::UniqueFd(pidfd)};
+  // Everything the child touches is built here, before the clone.
+  ChildPlan plan = make_plan(req, report->second.get());
+  auto child = steps::clone(plan, report->first);
+  if (!child) return child;
   report->second.reset();
 
   StepReport r{};
@@ -315,14 +444,11 @@ Result<SpawnedChild> spawn_jailed(const SpawnRequest& req) {
 
   // The child failed a step and exits: reap it so nothing is left behind.
   siginfo_t info{};
-  ::waitid(P_PIDFD, static_cast<id_t>(child.pidfd.get()), &info, WEXITED);
+  ::waitid(P_PIDFD, static_cast<id_t>(child->pidfd.get()), &info, WEXITED);
   if (n != sizeof(r)) {
-    return Error(make_error_code(errc::step_exec), "spawn: child died before exec");
+    return Error(make_error_code(errc::child_died), "spawn: child died before exec");
   }
-  Error e(make_error_code(static_cast<errc>(r.step)),
-          std::string(make_error_code(static_cast<errc>(r.step)).message()) + ": " +
-              std::strerror(r.err));
-  return e;
+  return step_error(r);
 }
 
 }  // namespace broker::lifecycle

@@ -1,22 +1,30 @@
-// Starting a process in a jail, in ordered, named steps (docs/lifecycle.md):
+// Starting a process in a jail, in ordered, named steps (docs/lifecycle.md has the same list, and
+// each syscall of a step has its own lifecycle::errc):
 //
-//   clone        clone3 with new mount, IPC, network, UTS and pid namespaces, straight into the
-//                domain's cgroup, returning a pidfd. Doing all of this in one syscall leaves no
-//                moment in which the child exists outside its namespaces or its cgroup.
-//   sanitize     keep only the allow-listed fds (placed at 3, 4, ...), stdio to /dev/null and the
-//                log, default signal dispositions, an empty environment.
-//   mount-private  cut mount propagation, so nothing done here reaches the host.
-//   root         a small tmpfs with read-only binds of what the binary needs, the device nodes it
-//                may open, and the broker-opened boot files mounted from their fds (no path).
-//   pivot-root   into the tmpfs; the old root is detached, so no host path is reachable.
-//   rlimits      FSIZE, CORE, MSGQUEUE, LOCKS, MEMLOCK, NPROC, NOFILE.
-//   credentials  setgroups, setresgid, setresuid: every object above was made with the broker's
-//                credentials, and the domain's are applied last (seed 003).
-//   no-new-privs PR_SET_NO_NEW_PRIVS, then PR_SET_PDEATHSIG (a uid change clears it).
-//   exec
+//   clone          clone3 with new mount, IPC, network, UTS and pid namespaces, straight into the
+//                  domain's cgroup, returning a pidfd: the child never exists outside any of them.
+//   lift_fds       every fd the child keeps is moved above the numbers the passed fds end up at.
+//   close_fds      close_range on everything else.
+//   stdio          stdin /dev/null, stdout and stderr the log (or /dev/null).
+//   place_fds      the allow-listed fds at 3, 4, ...
+//   reset_signals  empty signal mask, default dispositions.
+//   mount_private  cut mount propagation, so nothing done here reaches the host.
+//   mount_tmpfs    a small tmpfs on the jail mount point.
+//   populate_root  read-only binds of what the binary needs, the device nodes it may open,
+//                  links, and the broker-opened boot files mounted from their fds (no path).
+//   seal_root      the tmpfs made read-only.
+//   pivot_root     into the tmpfs; the old root is detached, so no host path is reachable.
+//   jail_stdio     stdin (and stdout, stderr without a log) re-opened on the jail's /dev/null.
+//   rlimits        FSIZE, CORE, MSGQUEUE, LOCKS, MEMLOCK, NPROC, NOFILE.
+//   credentials    setgroups, setresgid, setresuid: every object above was made with the
+//                  broker's credentials, and the domain's are applied last (seed 003).
+//   no_new_privs   PR_SET_NO_NEW_PRIVS, then PR_SET_PDEATHSIG (a uid change clears it).
+//   exec           execve with an empty environment.
 //
 // The child runs only async-signal-safe code: everything it needs is prepared by the parent.
 // A failed step reports {step, errno} over a close-on-exec pipe; a successful exec closes it.
+// spawn_jailed returns that as an Error whose code is the step's errc and whose message names
+// the step, the call and errno.
 #pragma once
 
 #include <sys/resource.h>

@@ -1,13 +1,16 @@
 // The security core against a real QEMU: jail properties read from /proc, kill by uid under a
-// fork storm, kill before reuse, no pid fallback, quarantine. [privileged]: needs root.
+// fork storm, kill before reuse, no pid fallback, quarantine, and a failed spawn step naming
+// itself. [privileged]: needs root.
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <climits>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -16,6 +19,7 @@
 
 #include "broker/lifecycle/errc.hpp"
 #include "broker/lifecycle/proc.hpp"
+#include "broker/lifecycle/spawner.hpp"
 #include "lifecycle_fixture.hpp"
 
 using namespace broker::lifecycle;
@@ -33,6 +37,7 @@ constexpr uid_t kQuarantineBase = 3'100'400;
 constexpr uid_t kBadKernelBase = 3'100'500;
 constexpr uid_t kColdBase = 3'100'600;
 constexpr uid_t kSharedBase = 3'100'700;
+constexpr uid_t kStepUid = 3'100'801;
 
 std::string proc_field(pid_t pid, const std::string& key) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/status");
@@ -103,7 +108,88 @@ class FailingKiller final : public UidKiller {
   std::error_code kill_all(uid_t, uid_t) override { return {EPERM, std::system_category()}; }
 };
 
+// A request that passes every spawn step up to exec: a jail holding only /dev/null (jail_stdio
+// needs it) on a fresh mount point, nothing passed, an unprivileged uid, and an executable the
+// jail does not have.
+SpawnRequest failing_request(const std::string& mountpoint) {
+  SpawnRequest req;
+  req.executable = "/no-such-binary";
+  req.argv = {"no-such-binary"};
+  req.jail.mountpoint = mountpoint;
+  req.jail.devices = {"/dev/null"};
+  req.uid = kStepUid;
+  req.gid = kStepUid;
+  return req;
+}
+
+std::uint64_t nr_open() {
+  std::ifstream in("/proc/sys/fs/nr_open");
+  std::uint64_t n = 0;
+  in >> n;
+  return n;
+}
+
 }  // namespace
+
+TEST_CASE("a failed spawn step comes back as its own code, naming the step and errno",
+          "[lifecycle][privileged]") {
+  QB_REQUIRE_ROOT();
+  qbtest::FdLeakCheck leaks;
+  qbtest::TempDir mountpoint;
+  SpawnRequest req = failing_request(mountpoint.path());
+  errc expected{};
+  std::string step, err;
+  SECTION("exec: the jail has no such binary") {
+    expected = errc::step_exec;
+    step = "'exec'";
+    err = "ENOENT";
+  }
+  SECTION("mount_tmpfs: the mount point does not exist") {
+    req.jail.mountpoint = mountpoint / "missing";
+    expected = errc::step_mount_tmpfs;
+    step = "'mount_tmpfs'";
+    err = "ENOENT";
+  }
+  SECTION("populate_root: a read-only bind of a host directory that does not exist") {
+    req.jail.ro_dirs = {"/no-such-dir-for-a-jail"};
+    expected = errc::step_bind_ro;
+    step = "'populate_root'";
+    err = "ENOENT";
+  }
+  SECTION("jail_stdio: the jail has no /dev/null") {
+    req.jail.devices.clear();
+    expected = errc::step_open_jail_null;
+    step = "'jail_stdio': open(/dev/null)";
+    err = "ENOENT";
+  }
+  SECTION("rlimits: NOFILE above what the kernel allows, even to root") {
+    req.limits.nofile = nr_open() + 1;
+    expected = errc::step_setrlimit_nofile;
+    step = "'rlimits': setrlimit(RLIMIT_NOFILE)";
+    err = "EPERM";
+  }
+  SECTION("credentials: more supplementary groups than the kernel takes") {
+    req.groups.assign(NGROUPS_MAX + 1, kStepUid);
+    expected = errc::step_setgroups;
+    step = "'credentials': setgroups";
+    err = "EINVAL";
+  }
+  auto child = spawn_jailed(req);
+  if (child) {  // never expected; do not leave it running
+    ::syscall(SYS_pidfd_send_signal, child->pidfd.get(), SIGKILL, nullptr, 0);
+    siginfo_t info{};
+    ::waitid(P_PIDFD, static_cast<id_t>(child->pidfd.get()), &info, WEXITED);
+  }
+  REQUIRE_FALSE(child);
+  INFO(child.error().describe());
+  CHECK(child.error().code == expected);
+  CHECK(child.error().message.find("spawn step " + step) != std::string::npos);
+  CHECK(child.error().message.find(": " + err + " (") != std::string::npos);
+  // The parent reaped the failed child: nothing of the uid is left, not even a zombie.
+  CHECK(processes_of_uid("/proc", kStepUid).empty());
+  // The tmpfs and everything mounted in it lived only in the child's mount namespace.
+  CHECK(fs::is_empty(mountpoint.path()));
+}
 
 TEST_CASE("a started domain runs jailed: uid, groups, seccomp, namespaces, root, limits, fds",
           "[lifecycle][privileged][qemu]") {
