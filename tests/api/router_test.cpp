@@ -206,6 +206,73 @@ TEST_CASE("path traversal in names and paths is refused", "[api][router][bad-inp
             .field == "path");
 }
 
+TEST_CASE("the target is an RFC 3986 origin-form path and query, decoded once",
+          "[api][router][bad-input]") {
+  // Percent-encoded names decode to the name, in either case of hex digit.
+  CHECK(std::get<api::GetDomain>(ok(verb::get, "/v1/domains/vm%2D1")).name == "vm-1");
+  CHECK(std::get<api::GetDomain>(ok(verb::get, "/v1/domains/%76m%2d1")).name == "vm-1");
+  auto ins = std::get<api::InsertMediumCmd>(
+      ok(verb::put, "/v1/domains/vm1/cdroms/cd%30/medium", R"({"path":"/srv/x.iso"})"));
+  CHECK(ins.cdrom == "cd0");
+  // Decoded once: "%252F" is the three characters "%2F", not a slash.
+  CHECK(refused(verb::get, "/v1/domains/a%252Fb").field == "name");
+
+  // Malformed escapes, a NUL, characters that must be encoded and fragments are 400 before any
+  // route is looked at.
+  for (std::string target :
+       {"/v1/domains/vm%", "/v1/domains/vm%4", "/v1/domains/vm%g1", "/v1/domains/a b",
+        "/v1/domains/a{b}", "/v1/domains/vm1#top", "/v1/nothing%zz", "/v1/events?domain=vm%zz",
+        "/v1/events?domain=%", "/v1/events?domain=vm1%00", "/v1/events?x%00=1",
+        "/v1/events?domain=vm1#top", "http://localhost/v1/version", "*"}) {
+    INFO(target);
+    auto e = refused(verb::get, target);
+    CHECK(e.code == api::errc::bad_request);
+    CHECK(e.field.empty());
+    CHECK(api::allowed_methods(target).empty());
+  }
+
+  // "/./" and "//" are segments of their own, not a way to another route.
+  CHECK(refused(verb::get, "/./v1/version").code == api::errc::no_route);
+  CHECK(refused(verb::get, "/.//v1/version").code == api::errc::no_route);
+  CHECK(refused(verb::get, "//v1/version").code == api::errc::no_route);
+  CHECK(refused(verb::get, "/v1//version").code == api::errc::no_route);
+  CHECK(refused(verb::get, "/v1/%76ersion/").code == api::errc::no_route);
+  CHECK(std::holds_alternative<api::GetVersion>(ok(verb::get, "/v1/%76ersion")));
+}
+
+TEST_CASE("query parameters: decoded, the first of a repeated one counts, unknown ones refused",
+          "[api][router][bad-input]") {
+  // Keys and values are decoded; '+' is a space in a query, as HTML forms write it.
+  CHECK_FALSE(std::get<api::GetDomain>(ok(verb::get, "/v1/domains/vm1?li%76e=f%61lse")).live);
+  CHECK(std::get<api::WatchEvents>(ok(verb::get, "/v1/events?domain=vm%2D1")).domain == "vm-1");
+  CHECK(refused(verb::get, "/v1/version?a+b%2Bc=1").field == "a b+c");
+  // Empty parameters are nothing; a bare key is true.
+  CHECK(std::holds_alternative<api::GetVersion>(ok(verb::get, "/v1/version?")));
+  CHECK(std::holds_alternative<api::GetVersion>(ok(verb::get, "/v1/version?&&")));
+  CHECK(std::get<api::DestroyDomain>(ok(verb::delete_, "/v1/domains/vm1?graceful")).graceful);
+
+  // A repeated parameter: the first one counts, whatever follows.
+  CHECK_FALSE(std::get<api::GetDomain>(ok(verb::get, "/v1/domains/vm1?live=false&live=true")).live);
+  CHECK(std::get<api::DestroyDomain>(
+            ok(verb::delete_, "/v1/domains/vm1?graceful=true&graceful=false"))
+            .graceful);
+  CHECK(std::get<api::WatchEvents>(ok(verb::get, "/v1/events?domain=vm1&domain=vm2")).domain ==
+        "vm1");
+
+  // Each route knows its one parameter (or none); anything else is named, even an empty key,
+  // and even when the known one is there too.
+  CHECK(refused(verb::get, "/v1/version?x=1").field == "x");
+  CHECK(refused(verb::get, "/v1/domains?live=false").field == "live");
+  CHECK(refused(verb::get, "/v1/events?domain=vm1&verbose").field == "verbose");
+  CHECK(refused(verb::get, "/v1/events?verbose=1&verbose=2").field == "verbose");
+  CHECK(refused(verb::delete_, "/v1/domains/vm1/cdroms/cd0/medium?force=1&now=1").field == "now");
+  CHECK(refused(verb::post, "/v1/domains/vm1/pause?force=true").field == "force");
+  CHECK(refused(verb::get, "/v1/version?=x").field == "");
+  CHECK(refused(verb::get, "/v1/version?=x").code == broker::errc::invalid_argument);
+  // The query is checked before the body.
+  CHECK(refused(verb::post, "/v1/domains?x=1", "{not json").field == "x");
+}
+
 TEST_CASE("the QMP passthrough refuses fd commands and capability negotiation", "[api][router]") {
   for (const char* cmd : {"add-fd", "getfd", "closefd", "remove-fd", "qmp_capabilities"}) {
     auto e = refused(verb::post, "/v1/domains/vm1/qmp",
