@@ -17,6 +17,7 @@
 #include <functional>
 #include <optional>
 #include <set>
+#include <variant>
 
 #include "broker/api/server.hpp"
 #include "broker/api/service.hpp"
@@ -50,7 +51,7 @@ std::string parent_of(const std::string& path) {
 
 // Sockets and jails of live domains must outlive a crash of the daemon: PR_SET_PDEATHSIG is not
 // set on them (LauncherConfig::pdeathsig = 0), and SIGTERM leaves them running.
-lifecycle::LauncherConfig launcher_config(const DaemonOptions& o) {
+lifecycle::LauncherConfig launcher_config(const DaemonConfig& o) {
   lifecycle::LauncherConfig c;
   c.qemu = o.qemu;
   c.run_dir = o.run_dir;
@@ -58,7 +59,7 @@ lifecycle::LauncherConfig launcher_config(const DaemonOptions& o) {
   return c;
 }
 
-BrokerConfig broker_config(const DaemonOptions& o) {
+BrokerConfig broker_config(const DaemonConfig& o) {
   BrokerConfig c;
   c.records_dir = o.run_dir + "/domains";
   c.timeouts.qmp = o.qmp_timeout;
@@ -76,10 +77,10 @@ void raise_fd_limit() {
   }
 }
 
-Result<lifecycle::UidRange> uid_range(const DaemonOptions& o) {
-  if (!o.uid_range_user.empty())
-    return lifecycle::UidRange::from_user(o.uid_range_user, o.uid_count);
-  return lifecycle::UidRange::parse(o.uid_range.empty() ? kDefaultUidRange : o.uid_range);
+Result<lifecycle::UidRange> uid_range(const DaemonConfig& o) {
+  if (const auto* user = std::get_if<UidRangeUser>(&o.uids))
+    return lifecycle::UidRange::from_user(user->name, o.uid_count);
+  return std::get<lifecycle::UidRange>(o.uids);
 }
 
 // Recovery first, then the socket: a client never sees a half-recovered domain list.
@@ -118,10 +119,8 @@ asio::awaitable<void> reap_orphans(Broker& broker, asio::steady_timer& timer, bo
 
 }  // namespace
 
-int run(const DaemonOptions& o) {
-  if (o.log_level == "debug") log::set_level(log::Level::debug);
-  if (o.log_level == "warn") log::set_level(log::Level::warn);
-  if (o.log_level == "error") log::set_level(log::Level::error);
+int run(const DaemonConfig& o) {
+  log::set_level(o.log_level);
 
   if (o.xen) {
     return fail("--xen: Xen dom0 mode is not built yet; run without --xen on a KVM (or TCG) host");

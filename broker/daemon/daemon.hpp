@@ -9,6 +9,6 @@ namespace broker::daemon {
 
 // Runs until SIGTERM or SIGINT. Returns the process exit status: 0 after a clean stop, 1 when
 // start-up failed (the reason is logged).
-int run(const DaemonOptions& options);
+int run(const DaemonConfig& config);
 
 }  // namespace broker::daemon
