@@ -3,8 +3,12 @@
 #include <algorithm>
 #include <array>
 #include <boost/json.hpp>
+#include <boost/url/encode.hpp>
+#include <boost/url/rfc/unreserved_chars.hpp>
+#include <boost/url/url.hpp>
 #include <charconv>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <iterator>
 #include <map>
@@ -12,6 +16,7 @@
 
 namespace qbctl {
 namespace json = boost::json;
+namespace urls = boost::urls;
 namespace {
 
 constexpr std::array kCommands{
@@ -82,20 +87,34 @@ struct Args {
   }
 };
 
-// Percent-encodes a path segment or query value (RFC 3986 unreserved characters stay).
-std::string encode(std::string_view s) {
-  std::string out;
-  for (unsigned char c : s) {
-    if (std::isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~') {
-      out.push_back(static_cast<char>(c));
-    } else {
-      static const char* hex = "0123456789ABCDEF";
-      out.push_back('%');
-      out.push_back(hex[c >> 4]);
-      out.push_back(hex[c & 15]);
-    }
+// A request target built with Boost.URL. Segments and query values are percent-encoded down
+// to RFC 3986's unreserved characters, so a name holding '/', '?' or '%' stays one segment and
+// reaches the server (which refuses it) intact.
+class Target {
+ public:
+  explicit Target(std::string_view path) : url_(path) {}
+  Target& segment(std::string_view s) {
+    auto text = urls::encode(s, urls::unreserved_chars);
+    url_.encoded_segments().push_back(urls::pct_string_view(text));
+    return *this;
   }
-  return out;
+  Target& query(std::string_view key, std::string_view value) {
+    auto k = urls::encode(key, urls::unreserved_chars);
+    auto v = urls::encode(value, urls::unreserved_chars);
+    url_.encoded_params().append(
+        urls::param_pct_view(urls::pct_string_view(k), urls::pct_string_view(v)));
+    return *this;
+  }
+  std::string str() const { return std::string(url_.buffer()); }
+
+ private:
+  urls::url url_;
+};
+
+Target domain_target(std::string_view name) {
+  Target target("/v1/domains");
+  target.segment(name);
+  return target;
 }
 
 bool global_flag(std::span<const std::string> args, std::size_t& i, GlobalOptions& g,
@@ -137,7 +156,7 @@ bool global_flag(std::span<const std::string> args, std::size_t& i, GlobalOption
 }
 
 std::variant<Args, CliError> scan(std::span<const std::string> args, std::size_t from,
-                                  std::initializer_list<FlagSpec> specs, GlobalOptions& g) {
+                                  std::span<const FlagSpec> specs, GlobalOptions& g) {
   Args out;
   bool only_positional = false;
   for (std::size_t i = from; i < args.size(); ++i) {
@@ -175,7 +194,7 @@ std::variant<Args, CliError> scan(std::span<const std::string> args, std::size_t
   return out;
 }
 
-std::optional<CliError> positional(const Args& a, std::initializer_list<std::string_view> names,
+std::optional<CliError> positional(const Args& a, std::span<const std::string_view> names,
                                    std::size_t optional_tail = 0) {
   std::size_t required = names.size() - optional_tail;
   if (a.pos.size() < required) {
@@ -261,50 +280,36 @@ std::variant<json::value, CliError> read_json_file(const std::string& path) {
   return v;
 }
 
-std::string dom(const std::string& name) {
-  return "/v1/domains/" + encode(name);
+using Out = std::variant<Invocation, CliError>;
+using Builder = std::function<Out(const Args&)>;
+
+// ---- One builder per subcommand: validated arguments -> the request -----------------------------
+
+Out version(const Args&) {
+  return Invocation{.method = "GET", .target = "/v1/version", .view = View::version};
 }
 
-using Out = std::variant<Invocation, CliError>;
+Out list(const Args&) {
+  return Invocation{.method = "GET", .target = "/v1/domains", .view = View::domains};
+}
 
-Out create(std::span<const std::string> args, std::size_t from, GlobalOptions& g) {
-  auto sc = scan(args, from,
-                 {{"--memory", true},
-                  {"--vcpus", true},
-                  {"--kernel", true},
-                  {"--initrd", true},
-                  {"--append", true},
-                  {"--machine", true},
-                  {"--accel", true},
-                  {"--pci-slots", true},
-                  {"--paused", false},
-                  {"--cdrom", true},
-                  {"--disk", true},
-                  {"--nic", true},
-                  {"--vnc", true},
-                  {"--from-json", true}},
-                 g);
-  if (auto* e = std::get_if<CliError>(&sc)) return *e;
-  auto& a = std::get<Args>(sc);
-  json::object body;
-  if (auto file = a.one("--from-json")) {
-    auto v = read_json_file(*file);
-    if (auto* e = std::get_if<CliError>(&v)) return *e;
-    body = std::get<json::value>(v).get_object();
-    if (auto e = positional(a, {"NAME"}, 1)) return *e;
-  } else if (auto e = positional(a, {"NAME"})) {
-    return *e;
-  }
-  if (!a.pos.empty()) body["name"] = a.pos[0];
-  if (auto e = set_number(body, a, "--memory", "memory_mib")) return *e;
-  if (auto e = set_number(body, a, "--vcpus", "vcpus")) return *e;
-  if (auto e = set_number(body, a, "--pci-slots", "pci_slots")) return *e;
+// --memory, --vcpus, --kernel and the other scalar fields of a create body.
+std::optional<CliError> machine_fields(json::object& body, const Args& a) {
+  if (auto e = set_number(body, a, "--memory", "memory_mib")) return e;
+  if (auto e = set_number(body, a, "--vcpus", "vcpus")) return e;
+  if (auto e = set_number(body, a, "--pci-slots", "pci_slots")) return e;
   for (auto [flag, key] : {std::pair{"--kernel", "kernel"}, std::pair{"--initrd", "initrd"},
                            std::pair{"--append", "append"}, std::pair{"--machine", "machine"},
                            std::pair{"--accel", "accel"}}) {
     if (auto v = a.one(flag)) body[key] = *v;
   }
   if (a.has("--paused")) body["paused"] = true;
+  if (auto v = a.one("--vnc")) body["vnc"] = json::object{{"listen", *v}};
+  return std::nullopt;
+}
+
+// --cdrom ID[=PATH], --disk k=v,... and --nic k=v,..., each repeatable, as the body's lists.
+std::optional<CliError> device_lists(json::object& body, const Args& a) {
   if (a.has("--cdrom")) {
     json::array cds;
     for (const auto& c : a.flags.at("--cdrom")) {
@@ -322,255 +327,359 @@ Out create(std::span<const std::string> args, std::size_t from, GlobalOptions& g
        {std::tuple{"--disk", "disks", std::span<const std::string_view>(kDiskKeys)},
         std::tuple{"--nic", "nics", std::span<const std::string_view>(kNicKeys)}}) {
     if (!a.has(flag)) continue;
-    json::array list;
+    json::array items;
     for (const auto& spec : a.flags.at(flag)) {
       auto o = kv_list(flag, spec, keys);
       if (auto* e = std::get_if<CliError>(&o)) return *e;
-      list.push_back(std::get<json::object>(o));
+      items.push_back(std::get<json::object>(o));
     }
-    body[key] = std::move(list);
+    body[key] = std::move(items);
   }
-  if (auto v = a.one("--vnc")) body["vnc"] = json::object{{"listen", *v}};
+  return std::nullopt;
+}
+
+// NAME and the flags go over --from-json's object: the command line has the last word.
+Out create(const Args& a) {
+  json::object body;
+  if (auto file = a.one("--from-json")) {
+    auto v = read_json_file(*file);
+    if (auto* e = std::get_if<CliError>(&v)) return *e;
+    body = std::get<json::value>(v).get_object();
+  } else if (a.pos.empty()) {
+    return CliError{"NAME: missing (see --help)", "NAME"};
+  }
+  if (!a.pos.empty()) body["name"] = a.pos[0];
+  if (auto e = machine_fields(body, a)) return *e;
+  if (auto e = device_lists(body, a)) return *e;
   if (!body.contains("name"))
     return CliError{"NAME: missing (as an argument or in the JSON)", "NAME"};
-  Invocation inv{"POST", "/v1/domains", json::value(body), View::domain};
-  inv.domain = body["name"].is_string() ? std::string(body["name"].get_string()) : "";
-  return inv;
+  std::string name = body["name"].is_string() ? std::string(body["name"].get_string()) : "";
+  return Invocation{.method = "POST",
+                    .target = "/v1/domains",
+                    .body = json::value(std::move(body)),
+                    .view = View::domain,
+                    .domain = std::move(name)};
 }
 
-Out domain_command(std::string_view verb, std::span<const std::string> args, std::size_t from,
-                   GlobalOptions& g) {
-  if (verb == "create") return create(args, from, g);
-  if (verb == "list" || verb == "ls") {
-    auto sc = scan(args, from, {}, g);
-    if (auto* e = std::get_if<CliError>(&sc)) return *e;
-    if (auto e = positional(std::get<Args>(sc), {})) return *e;
-    return Invocation{"GET", "/v1/domains", std::nullopt, View::domains};
-  }
-  if (verb == "show" || verb == "info") {
-    auto sc = scan(args, from, {{"--no-live", false}}, g);
-    if (auto* e = std::get_if<CliError>(&sc)) return *e;
-    auto& a = std::get<Args>(sc);
-    if (auto e = positional(a, {"NAME"})) return *e;
-    Invocation inv{"GET", dom(a.pos[0]) + (a.has("--no-live") ? "?live=false" : ""), std::nullopt,
-                   View::domain};
-    inv.domain = a.pos[0];
-    return inv;
-  }
-  if (verb == "destroy") {
-    auto sc = scan(args, from, {{"--graceful", false}}, g);
-    if (auto* e = std::get_if<CliError>(&sc)) return *e;
-    auto& a = std::get<Args>(sc);
-    if (auto e = positional(a, {"NAME"})) return *e;
-    Invocation inv{"DELETE", dom(a.pos[0]) + (a.has("--graceful") ? "?graceful=true" : ""),
-                   std::nullopt, View::killed};
-    inv.domain = a.pos[0];
-    return inv;
-  }
-  static const std::map<std::string_view, std::string_view> kDone{
-      {"pause", "paused"},
-      {"resume", "resumed"},
-      {"shutdown", "sent the ACPI power button to"},
-      {"reset", "reset"}};
-  if (auto it = kDone.find(verb); it != kDone.end()) {
-    auto sc = scan(args, from, {}, g);
-    if (auto* e = std::get_if<CliError>(&sc)) return *e;
-    auto& a = std::get<Args>(sc);
-    if (auto e = positional(a, {"NAME"})) return *e;
-    Invocation inv{"POST", dom(a.pos[0]) + "/" + std::string(verb), std::nullopt, View::message};
-    inv.domain = a.pos[0];
-    inv.done = std::string(it->second) + " " + a.pos[0];
-    return inv;
-  }
-  return CliError{"'" + std::string(verb) + "': unknown command (see --help)", std::string(verb)};
+Out show(const Args& a) {
+  auto target = domain_target(a.pos[0]);
+  if (a.has("--no-live")) target.query("live", "false");
+  return Invocation{
+      .method = "GET", .target = target.str(), .view = View::domain, .domain = a.pos[0]};
 }
 
-Out device_command(std::string_view group, std::span<const std::string> args, std::size_t from,
-                   GlobalOptions& g) {
-  if (from >= args.size()) {
-    return CliError{std::string(group) + ": needs a subcommand (see qbrokerctl help " +
-                        std::string(group) + ")",
-                    std::string(group)};
-  }
-  std::string sub = args[from];
-  ++from;
-  auto bad_sub = [&] {
-    return CliError{"'" + std::string(group) + " " + sub +
-                        "': unknown command (see qbrokerctl help " + std::string(group) + ")",
-                    sub};
+Out destroy(const Args& a) {
+  auto target = domain_target(a.pos[0]);
+  if (a.has("--graceful")) target.query("graceful", "true");
+  return Invocation{
+      .method = "DELETE", .target = target.str(), .view = View::killed, .domain = a.pos[0]};
+}
+
+// pause, resume, shutdown, reset: POST /v1/domains/NAME/VERB, then "DONE NAME".
+Builder run_state(std::string_view verb, std::string_view done) {
+  return [verb, done](const Args& a) -> Out {
+    return Invocation{.method = "POST",
+                      .target = domain_target(a.pos[0]).segment(verb).str(),
+                      .view = View::message,
+                      .domain = a.pos[0],
+                      .done = std::string(done) + " " + a.pos[0]};
   };
-  if (group == "cdrom") {
-    if (sub != "insert" && sub != "eject") return bad_sub();
-    auto sc = scan(args, from, {{"--force", false}}, g);
-    if (auto* e = std::get_if<CliError>(&sc)) return *e;
-    auto& a = std::get<Args>(sc);
-    if (sub == "insert") {
-      if (auto e = positional(a, {"NAME", "CD", "PATH"})) return *e;
-      json::object body{{"path", a.pos[2]}};
-      if (a.has("--force")) body["force"] = true;
-      Invocation inv{"PUT", dom(a.pos[0]) + "/cdroms/" + encode(a.pos[1]) + "/medium",
-                     json::value(body), View::message};
-      inv.domain = a.pos[0];
-      inv.done = "inserted " + a.pos[2] + " into " + a.pos[0] + " " + a.pos[1];
-      return inv;
-    }
-    if (auto e = positional(a, {"NAME", "CD"})) return *e;
-    Invocation inv{
-        "DELETE", dom(a.pos[0]) + "/cdroms/" + encode(a.pos[1]) + "/medium",
-        a.has("--force") ? std::optional<json::value>(json::object{{"force", true}}) : std::nullopt,
-        View::message};
-    inv.domain = a.pos[0];
-    inv.done = "ejected the medium of " + a.pos[0] + " " + a.pos[1];
-    return inv;
+}
+
+// /v1/domains/NAME/cdroms/CD/medium
+std::string medium_target(std::string_view name, std::string_view cd) {
+  return domain_target(name).segment("cdroms").segment(cd).segment("medium").str();
+}
+
+Out cdrom_insert(const Args& a) {
+  json::object body{{"path", a.pos[2]}};
+  if (a.has("--force")) body["force"] = true;
+  return Invocation{.method = "PUT",
+                    .target = medium_target(a.pos[0], a.pos[1]),
+                    .body = json::value(std::move(body)),
+                    .view = View::message,
+                    .domain = a.pos[0],
+                    .done = "inserted " + a.pos[2] + " into " + a.pos[0] + " " + a.pos[1]};
+}
+
+Out cdrom_eject(const Args& a) {
+  std::optional<json::value> body;
+  if (a.has("--force")) body = json::object{{"force", true}};
+  return Invocation{.method = "DELETE",
+                    .target = medium_target(a.pos[0], a.pos[1]),
+                    .body = std::move(body),
+                    .view = View::message,
+                    .domain = a.pos[0],
+                    .done = "ejected the medium of " + a.pos[0] + " " + a.pos[1]};
+}
+
+Out disk_add(const Args& a) {
+  json::object body{{"id", a.pos[1]}, {"path", a.pos[2]}};
+  for (auto [flag, key] : {std::pair{"--format", "format"}, std::pair{"--bus", "bus"},
+                           std::pair{"--backing", "backing"}, std::pair{"--serial", "serial"}}) {
+    if (auto v = a.one(flag)) body[key] = *v;
   }
-  if (group == "disk" || group == "nic") {
-    if (sub != "add" && sub != "remove") return bad_sub();
-    std::string coll = group == "disk" ? "disks" : "nics";
-    if (sub == "remove") {
-      auto sc = scan(args, from, {}, g);
-      if (auto* e = std::get_if<CliError>(&sc)) return *e;
-      auto& a = std::get<Args>(sc);
-      if (auto e = positional(a, {"NAME", "ID"})) return *e;
-      Invocation inv{"DELETE", dom(a.pos[0]) + "/" + coll + "/" + encode(a.pos[1]), std::nullopt,
-                     View::message};
-      inv.domain = a.pos[0];
-      inv.progress_job = std::string(group) + "-remove";
-      inv.done = "removed " + std::string(group) + " " + a.pos[1] + " from " + a.pos[0];
-      return inv;
-    }
-    if (group == "disk") {
-      auto sc = scan(args, from,
-                     {{"--format", true},
-                      {"--bus", true},
-                      {"--read-only", false},
-                      {"--backing", true},
-                      {"--diskseq", true},
-                      {"--serial", true}},
-                     g);
-      if (auto* e = std::get_if<CliError>(&sc)) return *e;
-      auto& a = std::get<Args>(sc);
-      if (auto e = positional(a, {"NAME", "ID", "PATH"})) return *e;
-      json::object body{{"id", a.pos[1]}, {"path", a.pos[2]}};
-      for (auto [flag, key] :
-           {std::pair{"--format", "format"}, std::pair{"--bus", "bus"},
-            std::pair{"--backing", "backing"}, std::pair{"--serial", "serial"}}) {
-        if (auto v = a.one(flag)) body[key] = *v;
-      }
-      if (a.has("--read-only")) body["read_only"] = true;
-      if (auto e = set_number(body, a, "--diskseq", "diskseq")) return *e;
-      Invocation inv{"POST", dom(a.pos[0]) + "/disks", json::value(body), View::message};
-      inv.domain = a.pos[0];
-      inv.done = "added disk " + a.pos[1] + " to " + a.pos[0];
-      return inv;
-    }
-    auto sc = scan(args, from, {{"--tap", true}, {"--mac", true}}, g);
-    if (auto* e = std::get_if<CliError>(&sc)) return *e;
-    auto& a = std::get<Args>(sc);
-    if (auto e = positional(a, {"NAME", "ID"})) return *e;
-    json::object body{{"id", a.pos[1]}};
-    if (auto v = a.one("--tap")) body["tap"] = *v;
-    if (auto v = a.one("--mac")) body["mac"] = *v;
-    Invocation inv{"POST", dom(a.pos[0]) + "/nics", json::value(body), View::message};
-    inv.domain = a.pos[0];
-    inv.done = "added nic " + a.pos[1] + " to " + a.pos[0];
-    return inv;
+  if (a.has("--read-only")) body["read_only"] = true;
+  if (auto e = set_number(body, a, "--diskseq", "diskseq")) return *e;
+  return Invocation{.method = "POST",
+                    .target = domain_target(a.pos[0]).segment("disks").str(),
+                    .body = json::value(std::move(body)),
+                    .view = View::message,
+                    .domain = a.pos[0],
+                    .done = "added disk " + a.pos[1] + " to " + a.pos[0]};
+}
+
+Out nic_add(const Args& a) {
+  json::object body{{"id", a.pos[1]}};
+  if (auto v = a.one("--tap")) body["tap"] = *v;
+  if (auto v = a.one("--mac")) body["mac"] = *v;
+  return Invocation{.method = "POST",
+                    .target = domain_target(a.pos[0]).segment("nics").str(),
+                    .body = json::value(std::move(body)),
+                    .view = View::message,
+                    .domain = a.pos[0],
+                    .done = "added nic " + a.pos[1] + " to " + a.pos[0]};
+}
+
+// disk remove, nic remove: the guest has to let go, so progress is shown.
+Builder remove_device(std::string_view group, std::string_view collection) {
+  return [group, collection](const Args& a) -> Out {
+    return Invocation{
+        .method = "DELETE",
+        .target = domain_target(a.pos[0]).segment(collection).segment(a.pos[1]).str(),
+        .view = View::message,
+        .domain = a.pos[0],
+        .progress_job = std::string(group) + "-remove",
+        .done = "removed " + std::string(group) + " " + a.pos[1] + " from " + a.pos[0]};
+  };
+}
+
+Out vnc_set(const Args& a) {
+  return Invocation{.method = "PUT",
+                    .target = domain_target(a.pos[0]).segment("vnc").str(),
+                    .body = json::value(json::object{{"listen", a.pos[1]}}),
+                    .view = View::vnc,
+                    .domain = a.pos[0]};
+}
+
+Out vnc_remove(const Args& a) {
+  return Invocation{.method = "DELETE",
+                    .target = domain_target(a.pos[0]).segment("vnc").str(),
+                    .view = View::message,
+                    .domain = a.pos[0],
+                    .done = "removed the VNC listener of " + a.pos[0]};
+}
+
+Out save(const Args& a) {
+  return Invocation{.method = "POST",
+                    .target = domain_target(a.pos[0]).segment("save").str(),
+                    .body = json::value(json::object{{"path", a.pos[1]}}),
+                    .view = View::message,
+                    .domain = a.pos[0],
+                    .progress_job = "save",
+                    .done = "saved " + a.pos[0] + " to " + a.pos[1]};
+}
+
+Out migrate(const Args& a) {
+  return Invocation{.method = "POST",
+                    .target = domain_target(a.pos[0]).segment("migrate").str(),
+                    .body = json::value(json::object{{"to", a.pos[1]}}),
+                    .view = View::message,
+                    .domain = a.pos[0],
+                    .progress_job = "migrate",
+                    .done = "migrated " + a.pos[0] + " to " + a.pos[1]};
+}
+
+Out restore(const Args& a) {
+  json::object body{{"name", a.pos[0]}, {"path", a.pos[1]}};
+  if (a.has("--paused")) body["paused"] = true;
+  return Invocation{.method = "POST",
+                    .target = "/v1/domains/restore",
+                    .body = json::value(std::move(body)),
+                    .view = View::domain,
+                    .domain = a.pos[0],
+                    .progress_job = "restore"};
+}
+
+// A JSON object is sent as it is; a bare word is the command to execute.
+Out qmp(const Args& a) {
+  json::value body;
+  const std::string& text = a.pos[1];
+  if (!text.empty() && text.front() == '{') {
+    std::error_code ec;
+    body = json::parse(text, ec);
+    if (ec) return CliError{"JSON: not valid JSON: " + ec.message(), "JSON"};
+  } else {
+    body = json::object{{"execute", text}};
   }
-  // vnc
-  if (sub != "set" && sub != "remove") return bad_sub();
-  auto sc = scan(args, from, {}, g);
-  if (auto* e = std::get_if<CliError>(&sc)) return *e;
-  auto& a = std::get<Args>(sc);
-  if (sub == "set") {
-    if (auto e = positional(a, {"NAME", "LISTEN"})) return *e;
-    Invocation inv{"PUT", dom(a.pos[0]) + "/vnc", json::value(json::object{{"listen", a.pos[1]}}),
-                   View::vnc};
-    inv.domain = a.pos[0];
-    return inv;
+  return Invocation{.method = "POST",
+                    .target = domain_target(a.pos[0]).segment("qmp").str(),
+                    .body = std::move(body),
+                    .view = View::qmp,
+                    .domain = a.pos[0]};
+}
+
+Out events(const Args& a) {
+  Invocation inv{.method = "GET", .target = events_target(""), .view = View::events};
+  if (auto d = a.one("--domain")) {
+    inv.events_domain = *d;
+    inv.target = events_target(*d);
   }
-  if (auto e = positional(a, {"NAME"})) return *e;
-  Invocation inv{"DELETE", dom(a.pos[0]) + "/vnc", std::nullopt, View::message};
-  inv.domain = a.pos[0];
-  inv.done = "removed the VNC listener of " + a.pos[0];
+  if (auto c = a.one("--count")) {
+    try {
+      std::size_t used = 0;
+      inv.events_count = std::stol(*c, &used);
+      if (used != c->size() || inv.events_count < 1) throw std::invalid_argument("count");
+    } catch (const std::exception&) {
+      return CliError{"--count: must be a positive number", "--count"};
+    }
+  }
   return inv;
 }
 
-Out other_command(std::string_view cmd, std::span<const std::string> args, std::size_t from,
-                  GlobalOptions& g) {
-  if (cmd == "version") {
-    auto sc = scan(args, from, {}, g);
-    if (auto* e = std::get_if<CliError>(&sc)) return *e;
-    if (auto e = positional(std::get<Args>(sc), {})) return *e;
-    return Invocation{"GET", "/v1/version", std::nullopt, View::version};
+// ---- The subcommand table ---------------------------------------------------------------------
+
+// How one subcommand is read: the flags it takes, its positional arguments, and its builder.
+// The words are those of kCommands, which describes the same subcommands for --help.
+struct Syntax {
+  std::string_view words;
+  std::vector<FlagSpec> flags;
+  std::vector<std::string_view> positional;
+  std::size_t optional_tail = 0;  // how many of the last positional arguments may be left out
+  bool domain_alias = false;      // also answers as "domain WORDS"
+  Builder build;
+};
+
+const std::vector<Syntax>& syntaxes() {
+  static const std::vector<Syntax> kSyntax = {
+      {"version", {}, {}, 0, false, version},
+      {"list", {}, {}, 0, true, list},
+      {"create",
+       {{"--memory", true},
+        {"--vcpus", true},
+        {"--kernel", true},
+        {"--initrd", true},
+        {"--append", true},
+        {"--machine", true},
+        {"--accel", true},
+        {"--pci-slots", true},
+        {"--paused", false},
+        {"--cdrom", true},
+        {"--disk", true},
+        {"--nic", true},
+        {"--vnc", true},
+        {"--from-json", true}},
+       {"NAME"},
+       1,  // NAME may come from --from-json
+       true,
+       create},
+      {"show", {{"--no-live", false}}, {"NAME"}, 0, true, show},
+      {"destroy", {{"--graceful", false}}, {"NAME"}, 0, true, destroy},
+      {"pause", {}, {"NAME"}, 0, true, run_state("pause", "paused")},
+      {"resume", {}, {"NAME"}, 0, true, run_state("resume", "resumed")},
+      {"shutdown", {}, {"NAME"}, 0, true, run_state("shutdown", "sent the ACPI power button to")},
+      {"reset", {}, {"NAME"}, 0, true, run_state("reset", "reset")},
+      {"cdrom insert", {{"--force", false}}, {"NAME", "CD", "PATH"}, 0, false, cdrom_insert},
+      {"cdrom eject", {{"--force", false}}, {"NAME", "CD"}, 0, false, cdrom_eject},
+      {"disk add",
+       {{"--format", true},
+        {"--bus", true},
+        {"--read-only", false},
+        {"--backing", true},
+        {"--diskseq", true},
+        {"--serial", true}},
+       {"NAME", "ID", "PATH"},
+       0,
+       false,
+       disk_add},
+      {"disk remove", {}, {"NAME", "ID"}, 0, false, remove_device("disk", "disks")},
+      {"nic add", {{"--tap", true}, {"--mac", true}}, {"NAME", "ID"}, 0, false, nic_add},
+      {"nic remove", {}, {"NAME", "ID"}, 0, false, remove_device("nic", "nics")},
+      {"vnc set", {}, {"NAME", "LISTEN"}, 0, false, vnc_set},
+      {"vnc remove", {}, {"NAME"}, 0, false, vnc_remove},
+      {"save", {}, {"NAME", "PATH"}, 0, false, save},
+      {"restore", {{"--paused", false}}, {"NAME", "PATH"}, 0, false, restore},
+      {"migrate", {}, {"NAME", "TO"}, 0, false, migrate},
+      {"qmp", {}, {"NAME", "JSON"}, 0, false, qmp},
+      {"events", {{"--domain", true}, {"--count", true}}, {}, 0, false, events},
+  };
+  return kSyntax;
+}
+
+const Syntax* find_syntax(std::string_view words) {
+  static const std::map<std::string_view, std::string_view> kAliases{{"ls", "list"},
+                                                                     {"info", "show"}};
+  if (auto it = kAliases.find(words); it != kAliases.end()) words = it->second;
+  const auto& all = syntaxes();
+  auto it = std::find_if(all.begin(), all.end(), [&](const Syntax& s) { return s.words == words; });
+  return it == all.end() ? nullptr : &*it;
+}
+
+// The subcommand named at args[i]: its syntax and where its own arguments start.
+using Resolved = std::variant<std::pair<const Syntax*, std::size_t>, CliError>;
+
+CliError unknown_command(const std::string& word) {
+  return CliError{"'" + word + "': unknown command (see --help)", word};
+}
+
+// "cdrom insert", "disk remove", ...: a device group and its verb.
+Resolved resolve_group(std::span<const std::string> args, std::size_t i) {
+  const std::string& group = args[i];
+  if (i + 1 >= args.size()) {
+    return CliError{group + ": needs a subcommand (see qbrokerctl help " + group + ")", group};
   }
-  if (cmd == "save" || cmd == "migrate") {
-    auto sc = scan(args, from, {}, g);
-    if (auto* e = std::get_if<CliError>(&sc)) return *e;
-    auto& a = std::get<Args>(sc);
-    bool save = cmd == "save";
-    if (auto e = positional(a, {"NAME", save ? "PATH" : "TO"})) return *e;
-    Invocation inv{"POST", dom(a.pos[0]) + "/" + std::string(cmd),
-                   json::value(json::object{{save ? "path" : "to", a.pos[1]}}), View::message};
-    inv.domain = a.pos[0];
-    inv.progress_job = std::string(cmd);
-    inv.done =
-        save ? "saved " + a.pos[0] + " to " + a.pos[1] : "migrated " + a.pos[0] + " to " + a.pos[1];
-    return inv;
+  const std::string& sub = args[i + 1];
+  const Syntax* s = find_syntax(group + " " + sub);
+  if (s == nullptr) {
+    return CliError{
+        "'" + group + " " + sub + "': unknown command (see qbrokerctl help " + group + ")", sub};
   }
-  if (cmd == "restore") {
-    auto sc = scan(args, from, {{"--paused", false}}, g);
-    if (auto* e = std::get_if<CliError>(&sc)) return *e;
-    auto& a = std::get<Args>(sc);
-    if (auto e = positional(a, {"NAME", "PATH"})) return *e;
-    json::object body{{"name", a.pos[0]}, {"path", a.pos[1]}};
-    if (a.has("--paused")) body["paused"] = true;
-    Invocation inv{"POST", "/v1/domains/restore", json::value(body), View::domain};
-    inv.domain = a.pos[0];
-    inv.progress_job = "restore";
-    return inv;
+  return std::pair{s, i + 2};
+}
+
+Resolved resolve(std::span<const std::string> args, std::size_t i) {
+  const std::string& word = args[i];
+  if (word == "cdrom" || word == "disk" || word == "nic" || word == "vnc") {
+    return resolve_group(args, i);
   }
-  if (cmd == "qmp") {
-    auto sc = scan(args, from, {}, g);
-    if (auto* e = std::get_if<CliError>(&sc)) return *e;
-    auto& a = std::get<Args>(sc);
-    if (auto e = positional(a, {"NAME", "JSON"})) return *e;
-    json::value body;
-    const std::string& text = a.pos[1];
-    if (!text.empty() && text.front() == '{') {
-      std::error_code ec;
-      body = json::parse(text, ec);
-      if (ec) return CliError{"JSON: not valid JSON: " + ec.message(), "JSON"};
-    } else {
-      body = json::object{{"execute", text}};
-    }
-    Invocation inv{"POST", dom(a.pos[0]) + "/qmp", body, View::qmp};
-    inv.domain = a.pos[0];
-    return inv;
+  if (word == "domain") {
+    if (i + 1 >= args.size()) return CliError{"domain: needs a subcommand (see --help)", "domain"};
+    const Syntax* s = find_syntax(args[i + 1]);
+    if (s == nullptr || !s->domain_alias) return unknown_command(args[i + 1]);
+    return std::pair{s, i + 2};
   }
-  if (cmd == "events") {
-    auto sc = scan(args, from, {{"--domain", true}, {"--count", true}}, g);
-    if (auto* e = std::get_if<CliError>(&sc)) return *e;
-    auto& a = std::get<Args>(sc);
-    if (auto e = positional(a, {})) return *e;
-    Invocation inv{"GET", "/v1/events", std::nullopt, View::events};
-    if (auto d = a.one("--domain")) {
-      inv.events_domain = *d;
-      inv.target += "?domain=" + encode(*d);
-    }
-    if (auto c = a.one("--count")) {
-      try {
-        std::size_t used = 0;
-        inv.events_count = std::stol(*c, &used);
-        if (used != c->size() || inv.events_count < 1) throw std::invalid_argument("count");
-      } catch (const std::exception&) {
-        return CliError{"--count: must be a positive number", "--count"};
-      }
-    }
-    return inv;
-  }
-  return domain_command(cmd, args, from, g);
+  const Syntax* s = find_syntax(word);
+  if (s == nullptr) return unknown_command(word);
+  return std::pair{s, i + 1};
+}
+
+// Reads the subcommand's flags and arguments (global flags may come between them) and builds
+// its request.
+Out invocation(std::span<const std::string> args, std::size_t i, GlobalOptions& g) {
+  auto resolved = resolve(args, i);
+  if (auto* e = std::get_if<CliError>(&resolved)) return *e;
+  auto [syntax, from] = std::get<0>(resolved);
+  auto scanned = scan(args, from, syntax->flags, g);
+  if (auto* e = std::get_if<CliError>(&scanned)) return *e;
+  const auto& a = std::get<Args>(scanned);
+  if (auto e = positional(a, syntax->positional, syntax->optional_tail)) return *e;
+  return syntax->build(a);
+}
+
+// "qbrokerctl disk add --help": help for that command.
+bool wants_help(std::span<const std::string> args, std::size_t from) {
+  auto rest = args.subspan(from);
+  return std::find(rest.begin(), rest.end(), "--help") != rest.end() ||
+         std::find(rest.begin(), rest.end(), "-h") != rest.end();
 }
 
 }  // namespace
+
+std::string events_target(std::string_view domain) {
+  Target target("/v1/events");
+  if (!domain.empty()) target.query("domain", domain);
+  return target.str();
+}
 
 std::variant<Parsed, CliError> parse(std::span<const std::string> args,
                                      std::string_view env_socket) {
@@ -586,31 +695,20 @@ std::variant<Parsed, CliError> parse(std::span<const std::string> args,
     if (!p.global.help && !p.global.version) p.global.help = true;
     return p;
   }
-  std::string cmd = args[i];
+  const std::string& cmd = args[i];
   if (!cmd.empty() && cmd[0] == '-') return CliError{cmd + ": unknown option (see --help)", cmd};
   if (cmd == "help") {
     p.global.help = true;
     p.help_topic.assign(args.begin() + static_cast<std::ptrdiff_t>(i) + 1, args.end());
     return p;
   }
-  // "qbrokerctl disk add --help": help for that command.
-  if (std::find(args.begin() + static_cast<std::ptrdiff_t>(i), args.end(), "--help") !=
-          args.end() ||
-      std::find(args.begin() + static_cast<std::ptrdiff_t>(i), args.end(), "-h") != args.end()) {
+  if (wants_help(args, i)) {
     p.global.help = true;
     for (std::size_t j = i; j < args.size() && args[j][0] != '-'; ++j)
       p.help_topic.push_back(args[j]);
     return p;
   }
-  Out out;
-  if (cmd == "domain") {
-    if (i + 1 >= args.size()) return CliError{"domain: needs a subcommand (see --help)", "domain"};
-    out = domain_command(args[i + 1], args, i + 2, p.global);
-  } else if (cmd == "cdrom" || cmd == "disk" || cmd == "nic" || cmd == "vnc") {
-    out = device_command(cmd, args, i + 1, p.global);
-  } else {
-    out = other_command(cmd, args, i + 1, p.global);
-  }
+  auto out = invocation(args, i, p.global);
   if (auto* e = std::get_if<CliError>(&out)) return *e;
   p.invocation = std::move(std::get<Invocation>(out));
   return p;

@@ -2,7 +2,9 @@
 // reading a --from-json file, so tests check every subcommand's request directly.
 //
 // Every API route has a subcommand (command_table() lists them with their route; a test checks
-// the table against the router's). Errors name the argument or flag that is wrong.
+// the table against the router's). Each subcommand is one row of flags, positional arguments and
+// a builder; names go into the target percent-encoded (Boost.URL), one segment each. Errors name
+// the argument or flag that is wrong.
 #pragma once
 
 #include <boost/json/value.hpp>
@@ -66,6 +68,9 @@ std::span<const CommandInfo> command_table();
 
 std::string usage();                                                          // qbrokerctl --help
 std::optional<std::string> command_help(std::span<const std::string> words);  // help WORDS...
+
+// The target of GET /v1/events for one domain (every domain when `domain` is empty).
+std::string events_target(std::string_view domain);
 
 // The CLI flag a request field comes from, for error messages ("memory_mib" -> "--memory").
 std::string flag_for_field(std::string_view field);

@@ -7,7 +7,9 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <iostream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -65,6 +67,105 @@ int events(const qbctl::GlobalOptions& g, const qbctl::Invocation& inv) {
   return 0;
 }
 
+// The reply of a finished request, printed as --json asks, and the exit status it means.
+int answer(const qbctl::GlobalOptions& g, const qbctl::Invocation& inv, const qbctl::Response& r) {
+  std::error_code ec;
+  json::value body = json::parse(r.body, ec);
+  auto raw = [&] { std::cout << r.body << (r.body.empty() || r.body.back() != '\n' ? "\n" : ""); };
+  if (r.status >= 300) {
+    if (g.json) raw();
+    std::cerr << qbctl::render_error(r.status, body);
+    return qbctl::exit_code(r.status);
+  }
+  if (g.json) {
+    raw();
+    return 0;
+  }
+  if (ec) {
+    std::cerr << "qbrokerctl: the reply is not JSON: " << ec.message() << "\n";
+    return kInternal;
+  }
+  std::cout << qbctl::render(inv, body);
+  return 0;
+}
+
+// A long job's progress, drawn on stderr from the domain's "progress" job events while the
+// request is in flight.
+class ProgressBar {
+ public:
+  explicit ProgressBar(std::string job) : job_(std::move(job)) {}
+
+  bool on_event(const qbctl::SseEvent& ev) {
+    const auto& d = ev.data.as_object();
+    auto name = d.find("name");
+    auto data = d.find("data");
+    if (ev.kind != "job" || name == d.end() || name->value() != "progress" || data == d.end() ||
+        !data->value().is_object()) {
+      return true;
+    }
+    const auto& o = data->value().get_object();
+    if (auto j = o.find("job"); j != o.end() && j->value() != job_.c_str()) return true;
+    if (auto f = o.find("fraction"); f != o.end() && f->value().is_number()) {
+      fraction_ = f->value().to_number<double>();
+    }
+    if (auto ph = o.find("phase"); ph != o.end() && ph->value().is_string()) {
+      phase_ = std::string(ph->value().get_string());
+    }
+    draw();
+    return true;
+  }
+
+  void draw() {
+    double secs = std::chrono::duration<double>(Clock::now() - start_).count();
+    std::cerr << "\r" << qbctl::progress_line(fraction_, phase_, secs, ticks_++) << "\x1b[K"
+              << std::flush;
+  }
+
+  void clear() { std::cerr << "\r\x1b[K" << std::flush; }
+
+ private:
+  std::string job_;
+  double fraction_ = -1;
+  std::string phase_;
+  int ticks_ = 0;
+  Clock::time_point start_ = Clock::now();
+};
+
+// One request; a long job shows its progress on a terminal, from the domain's events.
+int request(const qbctl::GlobalOptions& g, const qbctl::Invocation& inv) {
+  bool show = !inv.progress_job.empty() && g.progress && !g.json && ::isatty(STDERR_FILENO) == 1;
+  std::optional<ProgressBar> bar;
+  std::string watch;
+  qbctl::EventFn on_event;
+  std::function<void()> tick;
+  if (show) {
+    bar.emplace(inv.progress_job);
+    watch = qbctl::events_target(inv.domain);
+    on_event = [&](const qbctl::SseEvent& ev) { return bar->on_event(ev); };
+    tick = [&] { bar->draw(); };
+  }
+  auto timeout = std::chrono::milliseconds(static_cast<long long>(g.timeout_s * 1000));
+  auto result = qbctl::call(g.socket, qbctl::Request{inv.method, inv.target, inv.body}, timeout,
+                            watch, on_event, tick);
+  if (bar) bar->clear();
+  if (auto* e = std::get_if<qbctl::TransportError>(&result)) return transport_failure(*e, g.json);
+  return answer(g, inv, std::get<qbctl::Response>(result));
+}
+
+int help(const qbctl::Parsed& p) {
+  if (p.help_topic.empty()) {
+    std::cout << qbctl::usage();
+    return 0;
+  }
+  auto text = qbctl::command_help(p.help_topic);
+  if (!text) {
+    std::cerr << "qbrokerctl: no command '" << p.help_topic.front() << "' (see --help)\n";
+    return kUsage;
+  }
+  std::cout << *text;
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -80,80 +181,7 @@ int main(int argc, char** argv) {
     std::cout << "qbrokerctl 0.1.0\n";
     return 0;
   }
-  if (p.global.help) {
-    if (p.help_topic.empty()) {
-      std::cout << qbctl::usage();
-      return 0;
-    }
-    auto text = qbctl::command_help(p.help_topic);
-    if (!text) {
-      std::cerr << "qbrokerctl: no command '" << p.help_topic.front() << "' (see --help)\n";
-      return kUsage;
-    }
-    std::cout << *text;
-    return 0;
-  }
-  const auto& g = p.global;
-  const auto& inv = *p.invocation;
-  if (inv.view == qbctl::View::events) return events(g, inv);
-
-  // Long jobs: follow the domain's events and draw their progress on a terminal.
-  bool bar = !inv.progress_job.empty() && g.progress && !g.json && ::isatty(STDERR_FILENO) == 1;
-  double fraction = -1;
-  std::string phase;
-  int ticks = 0;
-  auto start = Clock::now();
-  auto draw = [&] {
-    double secs = std::chrono::duration<double>(Clock::now() - start).count();
-    std::cerr << "\r" << qbctl::progress_line(fraction, phase, secs, ticks++) << "\x1b[K"
-              << std::flush;
-  };
-  qbctl::EventFn on_event;
-  std::string watch;
-  if (bar) {
-    watch = "/v1/events?domain=" + inv.domain;
-    on_event = [&](const qbctl::SseEvent& ev) {
-      const auto& d = ev.data.as_object();
-      auto name = d.find("name");
-      auto data = d.find("data");
-      if (ev.kind == "job" && name != d.end() && name->value() == "progress" && data != d.end() &&
-          data->value().is_object()) {
-        const auto& o = data->value().get_object();
-        if (auto j = o.find("job"); j != o.end() && j->value() != inv.progress_job.c_str())
-          return true;
-        if (auto f = o.find("fraction"); f != o.end() && f->value().is_number()) {
-          fraction = f->value().to_number<double>();
-        }
-        if (auto ph = o.find("phase"); ph != o.end() && ph->value().is_string()) {
-          phase = std::string(ph->value().get_string());
-        }
-        draw();
-      }
-      return true;
-    };
-  }
-  auto timeout = std::chrono::milliseconds(static_cast<long long>(g.timeout_s * 1000));
-  auto result =
-      qbctl::call(g.socket, qbctl::Request{inv.method, inv.target, inv.body}, timeout, watch,
-                  on_event, bar ? std::function<void()>(draw) : std::function<void()>());
-  if (bar) std::cerr << "\r\x1b[K" << std::flush;
-  if (auto* e = std::get_if<qbctl::TransportError>(&result)) return transport_failure(*e, g.json);
-  auto& r = std::get<qbctl::Response>(result);
-  std::error_code ec;
-  json::value body = json::parse(r.body, ec);
-  if (r.status >= 300) {
-    if (g.json) std::cout << r.body << (r.body.empty() || r.body.back() != '\n' ? "\n" : "");
-    std::cerr << qbctl::render_error(r.status, body);
-    return qbctl::exit_code(r.status);
-  }
-  if (g.json) {
-    std::cout << r.body << (r.body.empty() || r.body.back() != '\n' ? "\n" : "");
-    return 0;
-  }
-  if (ec) {
-    std::cerr << "qbrokerctl: the reply is not JSON: " << ec.message() << "\n";
-    return kInternal;
-  }
-  std::cout << qbctl::render(inv, body);
-  return 0;
+  if (p.global.help) return help(p);
+  if (p.invocation->view == qbctl::View::events) return events(p.global, *p.invocation);
+  return request(p.global, *p.invocation);
 }

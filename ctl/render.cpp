@@ -67,6 +67,57 @@ std::string domain_text(const json::value& d) {
   return out;
 }
 
+std::string version_text(const json::value& body) {
+  const auto& b = at(body, "broker");
+  const auto& q = at(body, "qemu");
+  std::string out = "qbrokerd " + text(at(b, "version")) + " (API " + text(at(b, "api")) + ")\n";
+  out += "QEMU     " + text(at(q, "binary"));
+  if (!at(q, "version").is_null()) out += ", version " + text(at(q, "version"));
+  out += "\n";
+  const auto& caps = at(q, "capabilities");
+  if (caps.is_object()) {
+    std::vector<std::vector<std::string>> rows{{"CAPABILITY", "VALUE"}};
+    for (const auto& kv : caps.get_object())
+      rows.push_back({std::string(kv.key()), text(kv.value())});
+    out += "\n" + table(rows);
+  } else if (!at(q, "note").is_null()) {
+    out += "         (" + text(at(q, "note")) + ")\n";
+  }
+  return out;
+}
+
+std::string domains_text(const json::value& body) {
+  std::vector<std::vector<std::string>> rows{
+      {"NAME", "STATE", "UID", "PID", "MACHINE", "MEMORY", "VCPUS", "JOB"}};
+  const auto& list = at(body, "domains");
+  if (list.is_array()) {
+    for (const auto& d : list.get_array()) {
+      rows.push_back({text(at(d, "name")), text(at(d, "state")), text(at(d, "uid")),
+                      text(at(d, "pid")), text(at(d, "machine")),
+                      text(at(d, "memory_mib")) + " MiB", text(at(d, "vcpus")),
+                      text(at(d, "job"))});
+    }
+  }
+  if (rows.size() == 1) return "no domains\n";
+  return table(rows);
+}
+
+std::string killed_text(const json::value& body) {
+  const auto& r = at(body, "kill_report");
+  double ms =
+      at(r, "duration_us").is_number() ? at(r, "duration_us").to_number<double>() / 1000.0 : 0;
+  char dur[32];
+  std::snprintf(dur, sizeof(dur), "%.1f ms", ms);
+  std::string out = "destroyed " + text(at(body, "name")) + "\n";
+  std::vector<std::vector<std::string>> rows{{"uid", text(at(r, "uid"))},
+                                             {"processes killed", text(at(r, "found"))},
+                                             {"survivors", text(at(r, "survivors"))},
+                                             {"kill rounds", text(at(r, "rounds"))},
+                                             {"method", text(at(r, "method"))},
+                                             {"took", dur}};
+  return out + table(rows);
+}
+
 }  // namespace
 
 std::string table(const std::vector<std::vector<std::string>>& rows) {
@@ -90,57 +141,14 @@ std::string table(const std::vector<std::vector<std::string>>& rows) {
 
 std::string render(const Invocation& inv, const json::value& body) {
   switch (inv.view) {
-    case View::version: {
-      const auto& b = at(body, "broker");
-      const auto& q = at(body, "qemu");
-      std::string out =
-          "qbrokerd " + text(at(b, "version")) + " (API " + text(at(b, "api")) + ")\n";
-      out += "QEMU     " + text(at(q, "binary"));
-      if (!at(q, "version").is_null()) out += ", version " + text(at(q, "version"));
-      out += "\n";
-      const auto& caps = at(q, "capabilities");
-      if (caps.is_object()) {
-        std::vector<std::vector<std::string>> rows{{"CAPABILITY", "VALUE"}};
-        for (const auto& kv : caps.get_object())
-          rows.push_back({std::string(kv.key()), text(kv.value())});
-        out += "\n" + table(rows);
-      } else if (!at(q, "note").is_null()) {
-        out += "         (" + text(at(q, "note")) + ")\n";
-      }
-      return out;
-    }
-    case View::domains: {
-      std::vector<std::vector<std::string>> rows{
-          {"NAME", "STATE", "UID", "PID", "MACHINE", "MEMORY", "VCPUS", "JOB"}};
-      const auto& list = at(body, "domains");
-      if (list.is_array()) {
-        for (const auto& d : list.get_array()) {
-          rows.push_back({text(at(d, "name")), text(at(d, "state")), text(at(d, "uid")),
-                          text(at(d, "pid")), text(at(d, "machine")),
-                          text(at(d, "memory_mib")) + " MiB", text(at(d, "vcpus")),
-                          text(at(d, "job"))});
-        }
-      }
-      if (rows.size() == 1) return "no domains\n";
-      return table(rows);
-    }
+    case View::version:
+      return version_text(body);
+    case View::domains:
+      return domains_text(body);
     case View::domain:
       return domain_text(body);
-    case View::killed: {
-      const auto& r = at(body, "kill_report");
-      double ms =
-          at(r, "duration_us").is_number() ? at(r, "duration_us").to_number<double>() / 1000.0 : 0;
-      char dur[32];
-      std::snprintf(dur, sizeof(dur), "%.1f ms", ms);
-      std::string out = "destroyed " + text(at(body, "name")) + "\n";
-      std::vector<std::vector<std::string>> rows{{"uid", text(at(r, "uid"))},
-                                                 {"processes killed", text(at(r, "found"))},
-                                                 {"survivors", text(at(r, "survivors"))},
-                                                 {"kill rounds", text(at(r, "rounds"))},
-                                                 {"method", text(at(r, "method"))},
-                                                 {"took", dur}};
-      return out + table(rows);
-    }
+    case View::killed:
+      return killed_text(body);
     case View::vnc: {
       const auto& v = at(body, "vnc");
       return "VNC of " + text(at(body, "name")) + " listens on " + text(at(v, "address")) + "\n";

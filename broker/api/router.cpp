@@ -4,6 +4,8 @@
 #include <array>
 #include <boost/beast/http/field.hpp>
 #include <boost/json.hpp>
+#include <boost/url/parse.hpp>
+#include <boost/url/url_view.hpp>
 #include <map>
 #include <optional>
 
@@ -15,6 +17,7 @@
 
 namespace broker::api {
 namespace json = boost::json;
+namespace urls = boost::urls;
 using verb = http::verb;
 
 namespace {
@@ -61,92 +64,91 @@ Error make(api::errc code, std::string message, std::string field = {}) {
   return e;
 }
 
-int hex(char c) {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
-}
-
-// Percent-decodes one path segment or query component. NUL bytes and bad escapes are refused.
-std::optional<std::string> decode(std::string_view s, bool plus_is_space) {
-  std::string out;
-  out.reserve(s.size());
-  for (std::size_t i = 0; i < s.size(); ++i) {
-    char c = s[i];
-    if (c == '%') {
-      if (i + 2 >= s.size()) return std::nullopt;
-      int hi = hex(s[i + 1]);
-      int lo = hex(s[i + 2]);
-      if (hi < 0 || lo < 0) return std::nullopt;
-      c = static_cast<char>(hi * 16 + lo);
-      if (c == '\0') return std::nullopt;
-      i += 2;
-    } else if (c == '+' && plus_is_space) {
-      c = ' ';
-    }
-    out.push_back(c);
-  }
-  return out;
-}
-
-std::vector<std::string_view> split(std::string_view s, char sep) {
-  std::vector<std::string_view> out;
-  std::size_t start = 0;
-  for (;;) {
-    auto pos = s.find(sep, start);
-    out.push_back(
-        s.substr(start, pos == std::string_view::npos ? std::string_view::npos : pos - start));
-    if (pos == std::string_view::npos) break;
-    start = pos + 1;
-  }
-  return out;
+bool has_nul(std::string_view s) {
+  return s.find('\0') != std::string_view::npos;
 }
 
 struct Target {
-  std::vector<std::string> segments;  // decoded
-  std::vector<std::pair<std::string, std::string>> query;
+  std::vector<std::string> segments;                       // decoded
+  std::vector<std::pair<std::string, std::string>> query;  // decoded, in request order
 };
 
+// The path's segments, decoded. A percent-encoded NUL is refused: names end up in C strings.
+Result<std::vector<std::string>> path_segments(const urls::url_view& url) {
+  std::vector<std::string> out;
+  // Boost.URL takes a leading "/." for the prefix it writes itself to keep "//x" from reading
+  // as an authority, and leaves it out of segments(). On the wire it is a "." segment, which no
+  // route has: it must not make "/./v1/version" a route.
+  auto path = url.encoded_path();
+  if (path == "/." || path.starts_with("/./")) out.emplace_back(".");
+  for (auto segment : url.segments()) {
+    if (has_nul(segment)) return make(api::errc::bad_request, "a percent-encoded NUL in the path");
+    out.push_back(std::move(segment));
+  }
+  return out;
+}
+
+// The query's key=value pairs, decoded, '+' read as a space as HTML forms write it. Empty
+// parameters ("?&a=1&") are skipped; "=x" is a parameter with an empty key.
+Result<std::vector<std::pair<std::string, std::string>>> query_params(const urls::url_view& url) {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (auto param : url.params(urls::encoding_opts(/*space_as_plus=*/true))) {
+    if (param.key.empty() && !param.has_value) continue;
+    if (has_nul(param.key) || has_nul(param.value)) {
+      return make(api::errc::bad_request, "a percent-encoded NUL in the query");
+    }
+    out.emplace_back(std::move(param.key), std::move(param.value));
+  }
+  return out;
+}
+
+// An HTTP request target in origin-form (RFC 9112 3.2.1): an absolute path and an optional
+// query, every other character percent-encoded. No fragment: a client does not send one.
 Result<Target> parse_target(std::string_view target) {
   if (target.empty() || target.front() != '/') {
     return make(api::errc::bad_request, "the request target must be an absolute path");
   }
+  auto url = urls::parse_origin_form(target);
+  if (!url) {
+    return make(api::errc::bad_request,
+                "malformed request target: a character that must be percent-encoded, or a "
+                "malformed percent-escape");
+  }
   Target t;
-  auto q = target.find('?');
-  std::string_view path = target.substr(0, q);
-  if (q != std::string_view::npos) {
-    std::string_view query = target.substr(q + 1);
-    if (auto hash = query.find('#'); hash != std::string_view::npos) query = query.substr(0, hash);
-    for (auto part : split(query, '&')) {
-      if (part.empty()) continue;
-      auto eq = part.find('=');
-      auto key = decode(part.substr(0, eq), true);
-      auto value =
-          decode(eq == std::string_view::npos ? std::string_view() : part.substr(eq + 1), true);
-      if (!key || !value)
-        return make(api::errc::bad_request, "malformed percent-encoding in the query");
-      t.query.emplace_back(std::move(*key), std::move(*value));
-    }
-  }
-  auto parts = split(path.substr(1), '/');
-  for (auto part : parts) {
-    auto seg = decode(part, false);
-    if (!seg) {
-      return make(api::errc::bad_request, "malformed percent-encoding in the path");
-    }
-    t.segments.push_back(std::move(*seg));
-  }
+  auto segments = path_segments(*url);
+  if (!segments) return segments.error();
+  t.segments = std::move(*segments);
+  auto query = query_params(*url);
+  if (!query) return query.error();
+  t.query = std::move(*query);
   return t;
 }
 
+// A route template's segments: "/v1/domains/{name}" -> {"v1", "domains", "{name}"}. Templates
+// are not URLs ("{" is not a URL character), so they are split here.
+std::vector<std::string_view> template_segments(std::string_view path) {
+  std::vector<std::string_view> out;
+  path.remove_prefix(1);
+  for (;;) {
+    auto slash = path.find('/');
+    out.push_back(path.substr(0, slash));
+    if (slash == std::string_view::npos) return out;
+    path.remove_prefix(slash + 1);
+  }
+}
+
+bool is_parameter(std::string_view segment) {
+  return segment.size() > 2 && segment.front() == '{' && segment.back() == '}';
+}
+
+using Params = std::vector<std::pair<std::string_view, std::string>>;
+
 // Matches decoded segments against a route template; fills the {params} in order.
-bool matches(const RouteInfo& r, const std::vector<std::string>& segs,
-             std::vector<std::pair<std::string_view, std::string>>* params) {
-  auto tmpl = split(r.path.substr(1), '/');
+bool matches(const RouteInfo& r, const std::vector<std::string>& segs, Params* params) {
+  auto tmpl = template_segments(r.path);
   if (tmpl.size() != segs.size()) return false;
   for (std::size_t i = 0; i < tmpl.size(); ++i) {
-    if (tmpl[i].size() > 2 && tmpl[i].front() == '{' && tmpl[i].back() == '}') {
+    if (is_parameter(tmpl[i])) {
       if (segs[i].empty()) return false;
       if (params != nullptr) params->emplace_back(tmpl[i].substr(1, tmpl[i].size() - 2), segs[i]);
       continue;
@@ -157,12 +159,9 @@ bool matches(const RouteInfo& r, const std::vector<std::string>& segs,
 }
 
 // Literal segments beat parameters: POST /v1/domains/restore is not a domain named "restore".
-int literal_count(const RouteInfo& r) {
-  int n = 0;
-  for (auto s : split(r.path.substr(1), '/')) {
-    if (s.empty() || s.front() != '{') ++n;
-  }
-  return n;
+std::ptrdiff_t literal_count(const RouteInfo& r) {
+  auto tmpl = template_segments(r.path);
+  return std::count_if(tmpl.begin(), tmpl.end(), [](auto s) { return !is_parameter(s); });
 }
 
 Result<json::value> parse_body(std::string_view body) {
@@ -202,15 +201,14 @@ Result<bool> parse_bool(std::string_view key, std::string_view v) {
 class Query {
  public:
   explicit Query(const std::vector<std::pair<std::string, std::string>>& q) : q_(q) {}
-  // Refuses any parameter not in `known`.
-  Result<void> only(std::initializer_list<std::string_view> known) const {
+  // Refuses any parameter but `known` (every parameter when `known` is empty).
+  Result<void> only(std::string_view known) const {
     for (const auto& [k, v] : q_) {
-      if (std::find(known.begin(), known.end(), k) == known.end()) {
-        return field_error(k, "unknown query parameter");
-      }
+      if (known.empty() || k != known) return field_error(k, "unknown query parameter");
     }
     return {};
   }
+  // The first value given for `key`: a repeated parameter does not override it.
   std::optional<std::string> get(std::string_view key) const {
     for (const auto& [k, v] : q_) {
       if (k == key) return v;
@@ -227,144 +225,229 @@ class Query {
   const std::vector<std::pair<std::string, std::string>>& q_;
 };
 
+// What a route's handler gets: the path parameters (already valid names), the query (already
+// limited to the route's key) and the body, not yet parsed.
+struct Request {
+  const std::map<std::string_view, std::string>& params;
+  const Query& query;
+  std::string_view raw_body;
+
+  const std::string& name() const { return params.at("name"); }
+  const std::string& id() const { return params.at("id"); }
+  Result<json::value> body() const { return parse_body(raw_body); }
+  Result<void> empty_body() const {
+    auto b = body();
+    if (!b) return b.error();
+    return no_body(*b);
+  }
+};
+
 #define QB_TRY(var, expr) \
   auto var = (expr);      \
   if (!var) return var.error()
 
-Result<Command> build(std::string_view op, const std::map<std::string_view, std::string>& p,
-                      const Query& query, std::string_view raw_body) {
-  // Every route but the event stream is validated for query parameters here; GET
-  // /v1/domains/{name}, DELETE /v1/domains/{name}, eject and events list theirs.
-  std::initializer_list<std::string_view> none{};
-  auto name = [&] { return p.at("name"); };
-  auto id = [&] { return p.at("id"); };
+// The handlers, one per operation of the route table.
 
-  if (op == "watchEvents") {
-    if (auto ok = query.only({"domain"}); !ok) return ok.error();
-    auto d = query.get("domain").value_or("");
-    if (!d.empty() && !lifecycle::valid_name(d)) {
-      return field_error("domain", "must be a domain name: 1-64 characters of A-Z a-z 0-9 _ . -");
-    }
-    QB_TRY(body, parse_body(raw_body));
-    if (auto ok = no_body(*body); !ok) return ok.error();
-    return Command{WatchEvents{d}};
+Result<Command> watch_events(const Request& r) {
+  auto d = r.query.get("domain").value_or("");
+  if (!d.empty() && !lifecycle::valid_name(d)) {
+    return field_error("domain", "must be a domain name: 1-64 characters of A-Z a-z 0-9 _ . -");
   }
-  if (op == "getDomain") {
-    if (auto ok = query.only({"live"}); !ok) return ok.error();
-  } else if (op == "destroyDomain") {
-    if (auto ok = query.only({"graceful"}); !ok) return ok.error();
-  } else if (op == "ejectMedium") {
-    if (auto ok = query.only({"force"}); !ok) return ok.error();
-  } else if (auto ok = query.only(none); !ok) {
-    return ok.error();
-  }
+  QB_TRY(empty, r.empty_body());
+  return Command{WatchEvents{d}};
+}
 
-  QB_TRY(body, parse_body(raw_body));
-  const json::value& b = *body;
+Result<Command> get_version(const Request& r) {
+  QB_TRY(empty, r.empty_body());
+  return Command{GetVersion{}};
+}
 
-  if (op == "getVersion" || op == "listDomains") {
-    if (auto ok = no_body(b); !ok) return ok.error();
-    if (op == "getVersion") return Command{GetVersion{}};
-    return Command{ListDomains{}};
-  }
-  if (op == "createDomain") {
-    QB_TRY(req, parse_create_domain(b));
-    return Command{CreateDomainCmd{std::move(*req)}};
-  }
-  if (op == "getDomain") {
-    if (auto ok = no_body(b); !ok) return ok.error();
-    QB_TRY(live, query.flag("live", true));
-    return Command{GetDomain{name(), *live}};
-  }
-  if (op == "destroyDomain") {
-    if (auto ok = no_body(b); !ok) return ok.error();
-    QB_TRY(graceful, query.flag("graceful", false));
-    return Command{DestroyDomain{name(), *graceful}};
-  }
-  static const std::map<std::string_view, RunOp> kRun{{"pauseDomain", RunOp::pause},
-                                                      {"resumeDomain", RunOp::resume},
-                                                      {"shutdownDomain", RunOp::shutdown},
-                                                      {"resetDomain", RunOp::reset}};
-  if (auto it = kRun.find(op); it != kRun.end()) {
-    if (auto ok = no_body(b); !ok) return ok.error();
-    return Command{RunStateCmd{name(), it->second}};
-  }
-  if (op == "insertMedium") {
-    QB_TRY(m, parse_insert_medium(b));
-    return Command{InsertMediumCmd{name(), id(), std::move(*m)}};
-  }
-  if (op == "ejectMedium") {
-    QB_TRY(force, parse_force(b));
-    QB_TRY(qforce, query.flag("force", false));
-    return Command{EjectMediumCmd{name(), id(), *force || *qforce}};
-  }
-  if (op == "addDisk") {
-    QB_TRY(d, parse_disk(b));
-    return Command{AddDiskCmd{name(), std::move(*d)}};
-  }
-  if (op == "removeDisk") {
-    if (auto ok = no_body(b); !ok) return ok.error();
-    return Command{RemoveDiskCmd{name(), id()}};
-  }
-  if (op == "addNic") {
-    QB_TRY(n, parse_nic(b));
-    return Command{AddNicCmd{name(), std::move(*n)}};
-  }
-  if (op == "removeNic") {
-    if (auto ok = no_body(b); !ok) return ok.error();
-    return Command{RemoveNicCmd{name(), id()}};
-  }
-  if (op == "setVnc") {
-    QB_TRY(v, parse_vnc(b));
-    return Command{SetVncCmd{name(), std::move(*v)}};
-  }
-  if (op == "removeVnc") {
-    if (auto ok = no_body(b); !ok) return ok.error();
-    return Command{RemoveVncCmd{name()}};
-  }
-  if (op == "saveDomain") {
-    QB_TRY(path, parse_path_body(b));
-    return Command{SaveCmd{name(), std::move(*path)}};
-  }
-  if (op == "restoreDomain") {
-    QB_TRY(r, parse_restore(b));
-    return Command{RestoreCmd{std::move(*r)}};
-  }
-  if (op == "migrateDomain") {
-    QB_TRY(to, parse_migrate(b));
-    return Command{MigrateCmd{name(), std::move(*to)}};
-  }
-  if (op == "qmpPassthrough") {
-    if (!b.is_object())
-      return field_error("body", "must be a QMP command object {\"execute\": ...}");
-    const auto& o = b.get_object();
-    for (const auto& kv : o) {
-      if (kv.key() != "execute" && kv.key() != "arguments") {
-        return field_error(kv.key(), "unknown field (a QMP command has execute and arguments)");
-      }
-    }
-    auto exec = o.find("execute");
-    if (exec == o.end() || !exec->value().is_string()) {
-      return field_error("execute", "must be the name of a QMP command");
-    }
-    std::string_view cmd = exec->value().get_string();
-    if (qmp::cmd::is_fd_command(cmd) || cmd == "qmp_capabilities") {
-      Error e(make_error_code(broker::errc::forbidden),
-              "execute: '" + std::string(cmd) +
-                  "' is not allowed through the passthrough: the broker owns every fd");
-      e.field = "execute";
-      return e;
-    }
-    if (auto a = o.find("arguments"); a != o.end() && !a->value().is_object()) {
-      return field_error("arguments", "must be an object");
-    }
-    return Command{QmpCmd{name(), b}};
-  }
-  return Error(make_error_code(broker::errc::internal),
-               "route without a handler: " + std::string(op));
+Result<Command> list_domains(const Request& r) {
+  QB_TRY(empty, r.empty_body());
+  return Command{ListDomains{}};
+}
+
+Result<Command> create_domain(const Request& r) {
+  QB_TRY(body, r.body());
+  QB_TRY(req, parse_create_domain(*body));
+  return Command{CreateDomainCmd{std::move(*req)}};
+}
+
+Result<Command> get_domain(const Request& r) {
+  QB_TRY(empty, r.empty_body());
+  QB_TRY(live, r.query.flag("live", true));
+  return Command{GetDomain{r.name(), *live}};
+}
+
+Result<Command> destroy_domain(const Request& r) {
+  QB_TRY(empty, r.empty_body());
+  QB_TRY(graceful, r.query.flag("graceful", false));
+  return Command{DestroyDomain{r.name(), *graceful}};
+}
+
+template <RunOp op>
+Result<Command> run_state(const Request& r) {
+  QB_TRY(empty, r.empty_body());
+  return Command{RunStateCmd{r.name(), op}};
+}
+
+Result<Command> insert_medium(const Request& r) {
+  QB_TRY(body, r.body());
+  QB_TRY(m, parse_insert_medium(*body));
+  return Command{InsertMediumCmd{r.name(), r.id(), std::move(*m)}};
+}
+
+// The body's {"force": true} and ?force=true say the same.
+Result<Command> eject_medium(const Request& r) {
+  QB_TRY(body, r.body());
+  QB_TRY(force, parse_force(*body));
+  QB_TRY(qforce, r.query.flag("force", false));
+  return Command{EjectMediumCmd{r.name(), r.id(), *force || *qforce}};
+}
+
+Result<Command> add_disk(const Request& r) {
+  QB_TRY(body, r.body());
+  QB_TRY(d, parse_disk(*body));
+  return Command{AddDiskCmd{r.name(), std::move(*d)}};
+}
+
+Result<Command> remove_disk(const Request& r) {
+  QB_TRY(empty, r.empty_body());
+  return Command{RemoveDiskCmd{r.name(), r.id()}};
+}
+
+Result<Command> add_nic(const Request& r) {
+  QB_TRY(body, r.body());
+  QB_TRY(n, parse_nic(*body));
+  return Command{AddNicCmd{r.name(), std::move(*n)}};
+}
+
+Result<Command> remove_nic(const Request& r) {
+  QB_TRY(empty, r.empty_body());
+  return Command{RemoveNicCmd{r.name(), r.id()}};
+}
+
+Result<Command> set_vnc(const Request& r) {
+  QB_TRY(body, r.body());
+  QB_TRY(v, parse_vnc(*body));
+  return Command{SetVncCmd{r.name(), std::move(*v)}};
+}
+
+Result<Command> remove_vnc(const Request& r) {
+  QB_TRY(empty, r.empty_body());
+  return Command{RemoveVncCmd{r.name()}};
+}
+
+Result<Command> save_domain(const Request& r) {
+  QB_TRY(body, r.body());
+  QB_TRY(path, parse_path_body(*body));
+  return Command{SaveCmd{r.name(), std::move(*path)}};
+}
+
+Result<Command> restore_domain(const Request& r) {
+  QB_TRY(body, r.body());
+  QB_TRY(req, parse_restore(*body));
+  return Command{RestoreCmd{std::move(*req)}};
+}
+
+Result<Command> migrate_domain(const Request& r) {
+  QB_TRY(body, r.body());
+  QB_TRY(to, parse_migrate(*body));
+  return Command{MigrateCmd{r.name(), std::move(*to)}};
+}
+
+Result<Command> qmp_passthrough(const Request& r) {
+  QB_TRY(body, r.body());
+  QB_TRY(command, parse_qmp_passthrough(*body));
+  return Command{QmpCmd{r.name(), std::move(*command)}};
 }
 
 #undef QB_TRY
+
+struct Handler {
+  std::string_view operation;  // as in kRoutes
+  std::string_view query_key;  // the one query parameter the route takes, if any
+  Result<Command> (*build)(const Request&);
+};
+
+constexpr std::array kHandlers{
+    Handler{"getVersion", {}, get_version},
+    Handler{"listDomains", {}, list_domains},
+    Handler{"createDomain", {}, create_domain},
+    Handler{"getDomain", "live", get_domain},
+    Handler{"destroyDomain", "graceful", destroy_domain},
+    Handler{"pauseDomain", {}, run_state<RunOp::pause>},
+    Handler{"resumeDomain", {}, run_state<RunOp::resume>},
+    Handler{"shutdownDomain", {}, run_state<RunOp::shutdown>},
+    Handler{"resetDomain", {}, run_state<RunOp::reset>},
+    Handler{"insertMedium", {}, insert_medium},
+    Handler{"ejectMedium", "force", eject_medium},
+    Handler{"addDisk", {}, add_disk},
+    Handler{"removeDisk", {}, remove_disk},
+    Handler{"addNic", {}, add_nic},
+    Handler{"removeNic", {}, remove_nic},
+    Handler{"setVnc", {}, set_vnc},
+    Handler{"removeVnc", {}, remove_vnc},
+    Handler{"saveDomain", {}, save_domain},
+    Handler{"restoreDomain", {}, restore_domain},
+    Handler{"migrateDomain", {}, migrate_domain},
+    Handler{"qmpPassthrough", {}, qmp_passthrough},
+    Handler{"watchEvents", "domain", watch_events},
+};
+
+// The query is checked before the body, so an unknown parameter is named even when the body is
+// wrong too.
+Result<Command> build(std::string_view op, const std::map<std::string_view, std::string>& params,
+                      const Query& query, std::string_view body) {
+  auto h = std::find_if(kHandlers.begin(), kHandlers.end(),
+                        [&](const Handler& x) { return x.operation == op; });
+  if (h == kHandlers.end()) {
+    return Error(make_error_code(broker::errc::internal),
+                 "route without a handler: " + std::string(op));
+  }
+  if (auto ok = query.only(h->query_key); !ok) return ok.error();
+  return h->build(Request{params, query, body});
+}
+
+// The route for a method and decoded segments, with its path parameters; or 405 when another
+// method has the path, or 404.
+Result<std::pair<const RouteInfo*, Params>> select_route(http::verb method, const Target& t,
+                                                         std::string_view target) {
+  const RouteInfo* best = nullptr;
+  bool path_known = false;
+  Params params;
+  for (const auto& r : kRoutes) {
+    Params p;
+    if (!matches(r, t.segments, &p)) continue;
+    path_known = true;
+    if (r.method != method) continue;
+    if (best == nullptr || literal_count(r) > literal_count(*best)) {
+      best = &r;
+      params = std::move(p);
+    }
+  }
+  if (best != nullptr) return std::pair{best, std::move(params)};
+  std::string path(target.substr(0, target.find('?')));
+  if (path_known) {
+    return make(api::errc::method_not_allowed,
+                std::string(http::to_string(method)) + " is not allowed on " + path);
+  }
+  return make(api::errc::no_route,
+              "no route for " + std::string(http::to_string(method)) + " " + path);
+}
+
+// Path parameters become QEMU ids and file names: the same rule as every other name.
+Result<std::map<std::string_view, std::string>> valid_params(Params params) {
+  std::map<std::string_view, std::string> out;
+  for (auto& [key, value] : params) {
+    if (!lifecycle::valid_name(value)) {
+      return field_error(
+          key, "must be 1-64 characters of A-Z a-z 0-9 _ . - starting with a letter or digit");
+    }
+    out.emplace(key, std::move(value));
+  }
+  return out;
+}
 
 }  // namespace
 
@@ -388,38 +471,11 @@ std::vector<http::verb> allowed_methods(std::string_view target) {
 Result<Command> route(http::verb method, std::string_view target, std::string_view body) {
   auto t = parse_target(target);
   if (!t) return t.error();
-  const RouteInfo* best = nullptr;
-  bool path_known = false;
-  std::vector<std::pair<std::string_view, std::string>> params;
-  for (const auto& r : kRoutes) {
-    std::vector<std::pair<std::string_view, std::string>> p;
-    if (!matches(r, t->segments, &p)) continue;
-    path_known = true;
-    if (r.method != method) continue;
-    if (best == nullptr || literal_count(r) > literal_count(*best)) {
-      best = &r;
-      params = std::move(p);
-    }
-  }
-  if (best == nullptr) {
-    std::string path(target.substr(0, target.find('?')));
-    if (path_known) {
-      return make(api::errc::method_not_allowed,
-                  std::string(http::to_string(method)) + " is not allowed on " + path);
-    }
-    return make(api::errc::no_route,
-                "no route for " + std::string(http::to_string(method)) + " " + path);
-  }
-  // Path parameters become QEMU ids and file names: the same rule as every other name.
-  std::map<std::string_view, std::string> p;
-  for (auto& [key, value] : params) {
-    if (!lifecycle::valid_name(value)) {
-      return field_error(
-          key, "must be 1-64 characters of A-Z a-z 0-9 _ . - starting with a letter or digit");
-    }
-    p.emplace(key, std::move(value));
-  }
-  return build(best->operation, p, Query(t->query), body);
+  auto selected = select_route(method, *t, target);
+  if (!selected) return selected.error();
+  auto params = valid_params(std::move(selected->second));
+  if (!params) return params.error();
+  return build(selected->first->operation, *params, Query(t->query), body);
 }
 
 // ---- Rendering ---------------------------------------------------------------------------------

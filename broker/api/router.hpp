@@ -1,7 +1,12 @@
-// The HTTP layer as pure functions (style point 2): route() turns a method, a target and a body
-// into a validated Command, and render() turns an Outcome into an HTTP response. Neither touches
-// a socket or a domain, so tests call them directly; broker/api/server.cpp is transport only and
-// broker/api/service.cpp runs Commands against the Broker.
+// The control endpoint's pure half: route() turns a method, a target and a body into a
+// validated Command, and render() turns an Outcome into an HTTP response (style point 2).
+// Neither touches a socket or a domain, so tests call them directly; broker/api/server.cpp is
+// transport only and broker/api/service.cpp runs Commands against the Broker.
+//
+// Targets are read with Boost.URL as RFC 3986 origin-form: an absolute path and a query,
+// percent-decoded once. A malformed escape, an encoded NUL, a character that must be encoded or
+// a fragment is a 400 before any route is looked at. Each route takes at most one query
+// parameter; any other is refused by name, and of a repeated one the first counts.
 //
 // The route table (routes()) is the single list of what the API offers: the router matches
 // against it, docs/api.yaml must list exactly the same routes (tests/api/openapi_test.cpp), and
@@ -92,7 +97,7 @@ struct MigrateCmd {
 };
 struct QmpCmd {
   std::string name;
-  boost::json::value command;
+  QmpPassthrough command;
 };
 struct WatchEvents {
   std::string domain;  // empty: every domain

@@ -212,114 +212,146 @@ awaitable<void> stream_events(ConnPtr c, StatePtr st, unsigned version, std::str
   (void)n2;
 }
 
-bool is_error(const boost::system::error_code& ec, http::error e) {
-  return ec == e;
+using Parser = http::request_parser<http::string_body>;
+
+// Idle between requests: waits for the next request's first byte, at most idle_timeout. False
+// when the peer was idle too long, went away, or the server is stopping: close quietly.
+awaitable<bool> wait_for_request(const ConnPtr& c, const StatePtr& st) {
+  c->phase = Phase::idle;
+  arm(c, st->limits.idle_timeout);
+  auto [ec] = co_await c->sock.async_wait(stream_protocol::socket::wait_read,
+                                          asio::as_tuple(use_awaitable));
+  disarm(c);
+  co_return !ec && !c->stopping;
 }
 
-awaitable<void> session(StatePtr st, ConnPtr c) {
-  beast::flat_buffer buffer;
-  for (;;) {
-    if (st->stopping || c->stopping) break;
-    // Idle: wait for the first byte of the next request.
-    if (buffer.size() == 0) {
-      c->phase = Phase::idle;
-      arm(c, st->limits.idle_timeout);
-      auto [ec] = co_await c->sock.async_wait(stream_protocol::socket::wait_read,
-                                              asio::as_tuple(use_awaitable));
-      disarm(c);
-      if (ec || c->stopping) break;  // idle too long, or stopping: close quietly
-    }
-    c->phase = Phase::reading;
-    http::request_parser<http::string_body> parser;
-    parser.header_limit(static_cast<std::uint32_t>(st->limits.max_header_bytes));
-    parser.body_limit(st->limits.max_body_bytes);
-    arm(c, st->limits.request_timeout);
+// The body, after a "100 Continue" when the client waits for one before it sends it.
+awaitable<boost::system::error_code> read_body(const ConnPtr& c, beast::flat_buffer& buffer,
+                                               Parser& parser) {
+  if (beast::iequals(parser.get()[http::field::expect], "100-continue")) {
+    static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
     auto [ec, n] =
-        co_await http::async_read_header(c->sock, buffer, parser, asio::as_tuple(use_awaitable));
+        co_await asio::async_write(c->sock, asio::buffer(kContinue), asio::as_tuple(use_awaitable));
     (void)n;
-    if (!ec && !parser.is_done()) {
-      const auto& h = parser.get();
-      if (beast::iequals(h[http::field::expect], "100-continue")) {
-        auto cont = std::string("HTTP/1.1 100 Continue\r\n\r\n");
-        auto [wec, wn] =
-            co_await asio::async_write(c->sock, asio::buffer(cont), asio::as_tuple(use_awaitable));
-        (void)wn;
-        ec = wec;
-      }
-      if (!ec) {
-        auto [rec, rn] =
-            co_await http::async_read(c->sock, buffer, parser, asio::as_tuple(use_awaitable));
-        (void)rn;
-        ec = rec;
-      }
-    }
-    bool timed_out = c->timed_out;
-    disarm(c);
-    if (ec) {
-      if (c->stopping) break;
-      if (timed_out) {
-        ++st->stats.timeouts;
-        co_await write_error(
-            c, st,
-            api_error(api::errc::request_timeout,
-                      "the request was not received within " +
-                          std::to_string(st->limits.request_timeout.count()) + " ms"));
-      } else if (is_error(ec, http::error::header_limit)) {
-        co_await write_error(c, st,
-                             api_error(api::errc::header_too_large,
-                                       "the request header exceeds " +
-                                           std::to_string(st->limits.max_header_bytes) + " bytes"));
-      } else if (is_error(ec, http::error::body_limit)) {
-        co_await write_error(c, st,
-                             api_error(api::errc::body_too_large,
-                                       "the request body exceeds " +
-                                           std::to_string(st->limits.max_body_bytes) + " bytes"));
-      } else if (ec.category() == http::make_error_code(http::error::end_of_stream).category() &&
-                 !is_error(ec, http::error::end_of_stream) &&
-                 !is_error(ec, http::error::partial_message)) {
-        co_await write_error(
-            c, st, api_error(api::errc::bad_request, "malformed HTTP request: " + ec.message()));
-      }
-      break;  // end of stream, reset, or an error already answered
-    }
-
-    ++st->stats.requests;
-    auto req = parser.release();
-    bool keep_alive = req.keep_alive();
-    auto t0 = Clock::now();
-    auto cmd = route(req.method(), req.target(), req.body());
-    Outcome out;
-    if (!cmd) {
-      out = failure(cmd.error());
-      if (out.status == http::status::method_not_allowed) {
-        std::string allow;
-        for (auto m : allowed_methods(req.target())) {
-          if (!allow.empty()) allow += ", ";
-          allow += std::string(http::to_string(m));
-        }
-        out.headers.emplace_back("Allow", allow);
-      }
-    } else if (auto* watch = std::get_if<WatchEvents>(&*cmd)) {
-      co_await stream_events(c, st, req.version(), watch->domain);
-      break;
-    } else {
-      c->phase = Phase::executing;
-      out = co_await st->service->execute(std::move(*cmd));
-    }
-    keep_alive = keep_alive && !st->stopping && !c->stopping;
-    auto res = render(out, req.version(), keep_alive);
-    log::debug(
-        std::string(req.method_string()) + " " + std::string(req.target()) + " " +
-        std::to_string(res.result_int()) + " uid=" + std::to_string(c->peer.uid) + " " +
-        std::to_string(
-            std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - t0).count()) +
-        "us");
-    if (!co_await write_response(c, st, std::move(res))) break;
-    if (!keep_alive) break;
+    if (ec) co_return ec;
   }
+  auto [ec, n] = co_await http::async_read(c->sock, buffer, parser, asio::as_tuple(use_awaitable));
+  (void)n;
+  co_return ec;
+}
+
+struct ReadResult {
+  boost::system::error_code ec;
+  bool timed_out = false;  // the watchdog ended the read, not the peer
+};
+
+// One whole request, header and body, within request_timeout from its first byte.
+awaitable<ReadResult> read_request(const ConnPtr& c, const StatePtr& st, beast::flat_buffer& buffer,
+                                   Parser& parser) {
+  c->phase = Phase::reading;
+  parser.header_limit(static_cast<std::uint32_t>(st->limits.max_header_bytes));
+  parser.body_limit(st->limits.max_body_bytes);
+  arm(c, st->limits.request_timeout);
+  auto [ec, n] =
+      co_await http::async_read_header(c->sock, buffer, parser, asio::as_tuple(use_awaitable));
+  (void)n;
+  if (!ec && !parser.is_done()) ec = co_await read_body(c, buffer, parser);
+  ReadResult r{ec, c->timed_out};
+  disarm(c);
+  co_return r;
+}
+
+// The answer to a request that could not be read: over a limit, too slow, or not HTTP. End of
+// stream, a reset or a half-sent message get none: the peer is gone.
+std::optional<Error> read_failure(const ReadResult& r, const ServerLimits& limits) {
+  if (r.timed_out) {
+    return api_error(api::errc::request_timeout,
+                     "the request was not received within " +
+                         std::to_string(limits.request_timeout.count()) + " ms");
+  }
+  if (r.ec == http::error::header_limit) {
+    return api_error(
+        api::errc::header_too_large,
+        "the request header exceeds " + std::to_string(limits.max_header_bytes) + " bytes");
+  }
+  if (r.ec == http::error::body_limit) {
+    return api_error(
+        api::errc::body_too_large,
+        "the request body exceeds " + std::to_string(limits.max_body_bytes) + " bytes");
+  }
+  if (r.ec.category() == http::make_error_code(http::error::end_of_stream).category() &&
+      r.ec != http::error::end_of_stream && r.ec != http::error::partial_message) {
+    return api_error(api::errc::bad_request, "malformed HTTP request: " + r.ec.message());
+  }
+  return std::nullopt;
+}
+
+// A refused route's answer; a 405 lists the methods the path does take.
+Outcome refusal(const Error& e, std::string_view target) {
+  Outcome out = failure(e);
+  if (out.status != http::status::method_not_allowed) return out;
+  std::string allow;
+  for (auto m : allowed_methods(target)) {
+    if (!allow.empty()) allow += ", ";
+    allow += std::string(http::to_string(m));
+  }
+  out.headers.emplace_back("Allow", allow);
+  return out;
+}
+
+void log_request(const http::request<http::string_body>& req, unsigned status, uid_t uid,
+                 Clock::time_point start) {
+  auto us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - start).count();
+  log::debug(std::string(req.method_string()) + " " + std::string(req.target()) + " " +
+             std::to_string(status) + " uid=" + std::to_string(uid) + " " + std::to_string(us) +
+             "us");
+}
+
+// Routes, executes and answers one request. True when the connection is kept for another.
+awaitable<bool> serve_request(ConnPtr c, StatePtr st, http::request<http::string_body> req) {
+  ++st->stats.requests;
+  auto start = Clock::now();
+  auto cmd = route(req.method(), req.target(), req.body());
+  Outcome out;
+  if (!cmd) {
+    out = refusal(cmd.error(), req.target());
+  } else if (auto* watch = std::get_if<WatchEvents>(&*cmd)) {
+    co_await stream_events(c, st, req.version(), watch->domain);
+    co_return false;
+  } else {
+    c->phase = Phase::executing;
+    out = co_await st->service->execute(std::move(*cmd));
+  }
+  bool keep_alive = req.keep_alive() && !st->stopping && !c->stopping;
+  auto res = render(out, req.version(), keep_alive);
+  log_request(req, res.result_int(), c->peer.uid, start);
+  if (!co_await write_response(c, st, std::move(res))) co_return false;
+  co_return keep_alive;
+}
+
+void close_connection(const ConnPtr& c) {
   boost::system::error_code ignored;
   c->sock.shutdown(stream_protocol::socket::shutdown_both, ignored);
   c->sock.close(ignored);
+}
+
+// One connection: requests one after another (keep-alive) until the peer goes, a request
+// cannot be read, a response cannot be written, or the server stops.
+awaitable<void> session(StatePtr st, ConnPtr c) {
+  beast::flat_buffer buffer;
+  while (!st->stopping && !c->stopping) {
+    if (buffer.size() == 0 && !co_await wait_for_request(c, st)) break;
+    Parser parser;
+    auto read = co_await read_request(c, st, buffer, parser);
+    if (read.ec) {
+      if (c->stopping) break;
+      if (read.timed_out) ++st->stats.timeouts;
+      if (auto e = read_failure(read, st->limits)) co_await write_error(c, st, std::move(*e));
+      break;
+    }
+    if (!co_await serve_request(c, st, parser.release())) break;
+  }
+  close_connection(c);
 }
 
 void release(const StatePtr& st, const ConnPtr& c) {

@@ -190,9 +190,7 @@ awaitable<Outcome> Service::run(MigrateCmd& c) {
 }
 
 awaitable<Outcome> Service::run(QmpCmd& c) {
-  auto command = parse_qmp_passthrough(c.command);
-  if (!command) co_return failure(command.error());
-  auto r = co_await broker_.qmp_passthrough(c.name, std::move(*command));
+  auto r = co_await broker_.qmp_passthrough(c.name, std::move(c.command));
   if (!r) co_return failure(r.error());
   co_return qmp_outcome(std::move(*r));
 }

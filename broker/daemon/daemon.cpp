@@ -14,13 +14,14 @@
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
-#include <functional>
 #include <optional>
 #include <set>
+#include <variant>
 
 #include "broker/api/server.hpp"
 #include "broker/api/service.hpp"
 #include "broker/core/atomic_file.hpp"
+#include "broker/core/errc.hpp"
 #include "broker/core/log.hpp"
 #include "broker/daemon/orphan_reaper.hpp"
 #include "broker/daemon/systemd.hpp"
@@ -50,7 +51,7 @@ std::string parent_of(const std::string& path) {
 
 // Sockets and jails of live domains must outlive a crash of the daemon: PR_SET_PDEATHSIG is not
 // set on them (LauncherConfig::pdeathsig = 0), and SIGTERM leaves them running.
-lifecycle::LauncherConfig launcher_config(const DaemonOptions& o) {
+lifecycle::LauncherConfig launcher_config(const DaemonConfig& o) {
   lifecycle::LauncherConfig c;
   c.qemu = o.qemu;
   c.run_dir = o.run_dir;
@@ -58,7 +59,7 @@ lifecycle::LauncherConfig launcher_config(const DaemonOptions& o) {
   return c;
 }
 
-BrokerConfig broker_config(const DaemonOptions& o) {
+BrokerConfig broker_config(const DaemonConfig& o) {
   BrokerConfig c;
   c.records_dir = o.run_dir + "/domains";
   c.timeouts.qmp = o.qmp_timeout;
@@ -68,7 +69,24 @@ BrokerConfig broker_config(const DaemonOptions& o) {
   return c;
 }
 
-void raise_fd_limit() {
+// A start-up failure: the message is logged as it is, and the daemon exits with status 1.
+Error startup_error(std::string message) {
+  return Error(make_error_code(errc::internal), std::move(message));
+}
+
+// What the daemon takes from the host before it builds anything.
+struct Host {
+  lifecycle::UidRange uids;
+  std::optional<gid_t> admin_gid;
+  fdpass::ImageRoots roots;
+  fdpass::UniqueFd listener;
+};
+
+// Be the reaper of everything this daemon starts (see orphan_reaper.hpp); a peer that goes
+// away must not kill the daemon with SIGPIPE; every domain costs fds.
+void set_up_process() {
+  if (::prctl(PR_SET_CHILD_SUBREAPER, 1) != 0) log::warn("PR_SET_CHILD_SUBREAPER failed");
+  ::signal(SIGPIPE, SIG_IGN);
   rlimit r{};
   if (::getrlimit(RLIMIT_NOFILE, &r) == 0 && r.rlim_cur < r.rlim_max) {
     r.rlim_cur = r.rlim_max;
@@ -76,15 +94,96 @@ void raise_fd_limit() {
   }
 }
 
-Result<lifecycle::UidRange> uid_range(const DaemonOptions& o) {
-  if (!o.uid_range_user.empty())
-    return lifecycle::UidRange::from_user(o.uid_range_user, o.uid_count);
-  return lifecycle::UidRange::parse(o.uid_range.empty() ? kDefaultUidRange : o.uid_range);
+Result<lifecycle::UidRange> configured_range(const DaemonConfig& o) {
+  if (const auto* user = std::get_if<UidRangeUser>(&o.uids))
+    return lifecycle::UidRange::from_user(user->name, o.uid_count);
+  return std::get<lifecycle::UidRange>(o.uids);
 }
+
+// The range is checked against the host's users: no uid in it may belong to anyone.
+Result<lifecycle::UidRange> uid_range(const DaemonConfig& o) {
+  auto range = configured_range(o);
+  if (!range) return startup_error("uid range: " + range.error().describe());
+  if (auto ok = range->validate(); !ok) return startup_error("uid range: " + ok.error().describe());
+  return range;
+}
+
+Result<std::optional<gid_t>> admin_gid(const DaemonConfig& o) {
+  if (o.admin_group.empty()) return std::optional<gid_t>();
+  group* g = ::getgrnam(o.admin_group.c_str());
+  if (g == nullptr) return startup_error("--admin-group: no group named '" + o.admin_group + "'");
+  return std::optional<gid_t>(g->gr_gid);
+}
+
+// The state is root's alone; the run directory is traversable so that admin-group members
+// reach the API socket inside it (the socket itself is 0660 root:admin-group).
+Result<void> make_directories(const DaemonConfig& o) {
+  if (auto ec = make_dirs(o.state_dir, 0700))
+    return startup_error("cannot create " + o.state_dir + ": " + ec.message());
+  if (auto ec = make_dirs(o.run_dir, 0711))
+    return startup_error("cannot create " + o.run_dir + ": " + ec.message());
+  return {};
+}
+
+Result<fdpass::ImageRoots> image_roots(const DaemonConfig& o) {
+  if (o.image_roots.empty()) {
+    log::warn("no --image-root: every path a request names (kernel, disk, CD) will be refused");
+  }
+  auto roots = fdpass::ImageRoots::open(o.image_roots);
+  if (!roots) return startup_error("--image-root: " + roots.error().message());
+  return std::move(*roots);
+}
+
+// The listener: the one systemd passed, or our own.
+Result<fdpass::UniqueFd> listener(const DaemonConfig& o, std::optional<gid_t> admin_gid) {
+  auto passed = socket_from_systemd();
+  if (!passed) return startup_error(passed.error().describe());
+  if (*passed) {
+    log::info("using the socket passed by systemd (--socket is ignored)");
+    return std::move(*passed);
+  }
+  if (auto ec = make_dirs(parent_of(o.socket), 0711)) {
+    return startup_error("cannot create the directory of " + o.socket + ": " + ec.message());
+  }
+  auto l = fdpass::listen_unix(o.socket, 0660, 0, admin_gid.value_or(0), 4096);
+  if (!l) return startup_error("cannot listen on " + o.socket + ": " + l.error().message());
+  return std::move(*l);
+}
+
+#define QB_TRY(var, expr) \
+  auto var = (expr);      \
+  if (!var) return var.error()
+
+// The host checks, in order; the first that fails ends the start-up.
+Result<Host> prepare_host(const DaemonConfig& o) {
+  if (o.xen) {
+    return startup_error(
+        "--xen: Xen dom0 mode is not built yet; run without --xen on a KVM (or TCG) host");
+  }
+  if (::geteuid() != 0) {
+    log::warn("not running as root: domains cannot be jailed or started, only the API is served");
+  }
+  set_up_process();
+  QB_TRY(range, uid_range(o));
+  QB_TRY(gid, admin_gid(o));
+  QB_TRY(dirs, make_directories(o));
+  QB_TRY(roots, image_roots(o));
+  if (::access(o.qemu.c_str(), X_OK) != 0) log::warn("--qemu " + o.qemu + " is not executable");
+  QB_TRY(listening, listener(o, *gid));
+  return Host{*range, *gid, std::move(*roots), std::move(*listening)};
+}
+
+#undef QB_TRY
+
+// Set by the signal watcher and the start-up coroutine, read by the loop in serve().
+struct Lifetime {
+  bool stopping = false;
+  bool failed = false;
+};
 
 // Recovery first, then the socket: a client never sees a half-recovered domain list.
 asio::awaitable<void> start_serving(Broker& broker, api::Server& server, fdpass::UniqueFd listener,
-                                    bool* failed) {
+                                    Lifetime& life) {
   auto report = co_await broker.recover();
   log::info("recovered state: " + std::to_string(report.adopted.size()) + " domain(s) adopted, " +
             std::to_string(report.torn_down.size()) + " torn down, " +
@@ -94,16 +193,17 @@ asio::awaitable<void> start_serving(Broker& broker, api::Server& server, fdpass:
     log::info("tore down domain " + n + " (its QEMU was gone)");
   if (auto ok = server.start(std::move(listener)); !ok) {
     log::error(ok.error().describe());
-    *failed = true;
+    life.failed = true;
     co_return;
   }
   notify("READY=1\nSTATUS=serving, " + std::to_string(broker.list().size()) + " domain(s)");
   log::info("serving the API");
 }
 
-asio::awaitable<void> reap_orphans(Broker& broker, asio::steady_timer& timer, bool* stopping) {
+asio::awaitable<void> reap_orphans(Broker& broker, asio::steady_timer& timer,
+                                   const Lifetime& life) {
   OrphanReaper reaper;
-  while (!*stopping) {
+  while (!life.stopping) {
     timer.expires_after(1s);
     auto [ec] = co_await timer.async_wait(asio::as_tuple(asio::use_awaitable));
     if (ec) break;
@@ -116,120 +216,82 @@ asio::awaitable<void> reap_orphans(Broker& broker, asio::steady_timer& timer, bo
   }
 }
 
-}  // namespace
-
-int run(const DaemonOptions& o) {
-  if (o.log_level == "debug") log::set_level(log::Level::debug);
-  if (o.log_level == "warn") log::set_level(log::Level::warn);
-  if (o.log_level == "error") log::set_level(log::Level::error);
-
-  if (o.xen) {
-    return fail("--xen: Xen dom0 mode is not built yet; run without --xen on a KVM (or TCG) host");
-  }
-  if (::geteuid() != 0) {
-    log::warn("not running as root: domains cannot be jailed or started, only the API is served");
-  }
-
-  // Be the reaper of everything this daemon starts (see orphan_reaper.hpp).
-  if (::prctl(PR_SET_CHILD_SUBREAPER, 1) != 0) log::warn("PR_SET_CHILD_SUBREAPER failed");
-  ::signal(SIGPIPE, SIG_IGN);
-  raise_fd_limit();
-
-  auto range = uid_range(o);
-  if (!range) return fail("uid range: " + range.error().describe());
-  if (auto ok = range->validate(); !ok) return fail("uid range: " + ok.error().describe());
-
-  std::optional<gid_t> admin_gid;
-  if (!o.admin_group.empty()) {
-    group* g = ::getgrnam(o.admin_group.c_str());
-    if (g == nullptr) return fail("--admin-group: no group named '" + o.admin_group + "'");
-    admin_gid = g->gr_gid;
-  }
-
-  // The state is root's alone; the run directory is traversable so that admin-group members
-  // reach the API socket inside it (the socket itself is 0660 root:admin-group).
-  if (auto ec = make_dirs(o.state_dir, 0700))
-    return fail("cannot create " + o.state_dir + ": " + ec.message());
-  if (auto ec = make_dirs(o.run_dir, 0711))
-    return fail("cannot create " + o.run_dir + ": " + ec.message());
-  if (o.image_roots.empty()) {
-    log::warn("no --image-root: every path a request names (kernel, disk, CD) will be refused");
-  }
-  auto roots = fdpass::ImageRoots::open(o.image_roots);
-  if (!roots) return fail("--image-root: " + roots.error().message());
-  if (::access(o.qemu.c_str(), X_OK) != 0) log::warn("--qemu " + o.qemu + " is not executable");
-
-  // The listener: the one systemd passed, or our own.
-  auto passed = socket_from_systemd();
-  if (!passed) return fail(passed.error().describe());
-  fdpass::UniqueFd listener = std::move(*passed);
-  if (listener) {
-    log::info("using the socket passed by systemd (--socket is ignored)");
-  } else {
-    if (auto ec = make_dirs(parent_of(o.socket), 0711)) {
-      return fail("cannot create the directory of " + o.socket + ": " + ec.message());
+// SIGTERM and SIGINT stop serving; SIGHUP is answered in the log and otherwise ignored.
+asio::awaitable<void> watch_signals(asio::signal_set& signals, api::Server& server,
+                                    Lifetime& life) {
+  for (;;) {
+    auto [ec, sig] = co_await signals.async_wait(asio::as_tuple(asio::use_awaitable));
+    if (ec) co_return;
+    if (sig == SIGHUP) {
+      log::info("SIGHUP: reloading the configuration is not supported; restart instead");
+      continue;
     }
-    auto l = fdpass::listen_unix(o.socket, 0660, 0, admin_gid.value_or(0), 4096);
-    if (!l) return fail("cannot listen on " + o.socket + ": " + l.error().message());
-    listener = std::move(*l);
+    log::info(std::string(sig == SIGTERM ? "SIGTERM" : "SIGINT") +
+              ": stopping; domains keep running and are re-adopted at the next start");
+    notify("STOPPING=1");
+    life.stopping = true;
+    server.stop();
+    co_return;
   }
+}
 
-  // The objects, in dependency order; destroyed in reverse.
-  asio::io_context io(1);
-  lifecycle::ForkingUidKiller killer;
-  lifecycle::Reaper reaper(killer, range->base);
-  lifecycle::UidPool uids(*range, o.state_dir, reaper);
-  uids.load();
-  // One cgroup subtree per broker, named after its uid range (stable across restarts, distinct
-  // for brokers side by side, which never share a range): cgroup.kill must never reach another
-  // broker's domain of the same name.
-  lifecycle::CgroupManager cgroups({}, "qbroker-" + std::to_string(range->base));
-  if (!cgroups.available()) log::info("cgroup v2: " + cgroups.why_unavailable());
-  lifecycle::Launcher launcher(launcher_config(o), uids, cgroups, *roots);
-  Broker broker(io.get_executor(), broker_config(o), launcher, *roots);
-  api::Service service(broker, api::ServiceConfig{o.qemu});
-  api::Server server(io.get_executor(), service, o.limits,
-                     api::AccessPolicy{::geteuid(), admin_gid});
-
-  bool stopping = false;
-  bool failed = false;
-  asio::signal_set signals(io, SIGTERM, SIGINT, SIGHUP);
-  std::function<void(const boost::system::error_code&, int)> on_signal =
-      [&](const boost::system::error_code& ec, int sig) {
-        if (ec) return;
-        if (sig == SIGHUP) {
-          log::info("SIGHUP: reloading the configuration is not supported; restart instead");
-          signals.async_wait(on_signal);
-          return;
-        }
-        log::info(std::string(sig == SIGTERM ? "SIGTERM" : "SIGINT") +
-                  ": stopping; domains keep running and are re-adopted at the next start");
-        notify("STOPPING=1");
-        stopping = true;
-        server.stop();
-      };
-  signals.async_wait(on_signal);
-
-  asio::steady_timer orphan_timer(io);
-  asio::co_spawn(io, reap_orphans(broker, orphan_timer, &stopping), asio::detached);
-  asio::co_spawn(io, start_serving(broker, server, std::move(listener), &failed), asio::detached);
-
-  log::info("qbrokerd " + std::string(api::kBrokerVersion) + ": uids " +
-            std::to_string(range->base + 1) + "-" + std::to_string(range->base + range->count - 1) +
-            ", state " + o.state_dir + ", run " + o.run_dir);
-  while (!stopping && !failed) io.run_one();
-
-  // Answers in flight get a bounded grace; then the io_context stops with the domains running.
-  orphan_timer.cancel();
+// Answers in flight get a bounded grace; then the io_context stops with the domains running.
+void drain(asio::io_context& io, api::Server& server, std::chrono::milliseconds grace) {
   server.stop();
-  auto deadline = std::chrono::steady_clock::now() + o.shutdown_grace;
+  auto deadline = std::chrono::steady_clock::now() + grace;
   while (server.connections() > 0 && std::chrono::steady_clock::now() < deadline) {
     io.run_for(10ms);
   }
   io.stop();
+}
+
+// Builds the objects on what the host gave, serves until a signal or a failed start, and
+// returns the exit status.
+int serve(const DaemonConfig& o, Host host) {
+  // The objects, in dependency order; destroyed in reverse.
+  asio::io_context io(1);
+  lifecycle::ForkingUidKiller killer;
+  lifecycle::Reaper reaper(killer, host.uids.base);
+  lifecycle::UidPool uids(host.uids, o.state_dir, reaper);
+  uids.load();
+  // One cgroup subtree per broker, named after its uid range (stable across restarts, distinct
+  // for brokers side by side, which never share a range): cgroup.kill must never reach another
+  // broker's domain of the same name.
+  lifecycle::CgroupManager cgroups({}, "qbroker-" + std::to_string(host.uids.base));
+  if (!cgroups.available()) log::info("cgroup v2: " + cgroups.why_unavailable());
+  lifecycle::Launcher launcher(launcher_config(o), uids, cgroups, host.roots);
+  Broker broker(io.get_executor(), broker_config(o), launcher, host.roots);
+  api::Service service(broker, api::ServiceConfig{o.qemu});
+  api::Server server(io.get_executor(), service, o.limits,
+                     api::AccessPolicy{::geteuid(), host.admin_gid});
+
+  Lifetime life;
+  asio::signal_set signals(io, SIGTERM, SIGINT, SIGHUP);
+  asio::steady_timer orphan_timer(io);
+  asio::co_spawn(io, watch_signals(signals, server, life), asio::detached);
+  asio::co_spawn(io, reap_orphans(broker, orphan_timer, life), asio::detached);
+  asio::co_spawn(io, start_serving(broker, server, std::move(host.listener), life), asio::detached);
+
+  log::info("qbrokerd " + std::string(api::kBrokerVersion) + ": uids " +
+            std::to_string(host.uids.base + 1) + "-" +
+            std::to_string(host.uids.base + host.uids.count - 1) + ", state " + o.state_dir +
+            ", run " + o.run_dir);
+  while (!life.stopping && !life.failed) io.run_one();
+
+  orphan_timer.cancel();
+  drain(io, server, o.shutdown_grace);
   cgroups.remove_base_if_empty();
   log::info("stopped");
-  return failed ? 1 : 0;
+  return life.failed ? 1 : 0;
+}
+
+}  // namespace
+
+int run(const DaemonConfig& o) {
+  log::set_level(o.log_level);
+  auto host = prepare_host(o);
+  if (!host) return fail(host.error().message);
+  return serve(o, std::move(*host));
 }
 
 }  // namespace broker::daemon

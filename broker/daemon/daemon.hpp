@@ -1,6 +1,7 @@
 // qbrokerd's composition root: the one place that builds the objects (uid pool, reaper, cgroups,
 // image roots, launcher, Broker, API service and server) and wires them together; nothing else
-// constructs them and there are no globals.
+// constructs them and there are no globals. The configuration comes validated (options.hpp);
+// run() checks only what the host must tell (users, groups, directories, the listener).
 #pragma once
 
 #include "broker/daemon/options.hpp"
@@ -9,6 +10,6 @@ namespace broker::daemon {
 
 // Runs until SIGTERM or SIGINT. Returns the process exit status: 0 after a clean stop, 1 when
 // start-up failed (the reason is logged).
-int run(const DaemonOptions& options);
+int run(const DaemonConfig& config);
 
 }  // namespace broker::daemon

@@ -9,18 +9,18 @@
 
 int main(int argc, char** argv) {
   std::vector<std::string_view> args(argv + 1, argv + argc);
-  auto opts = broker::daemon::parse_options(args);
-  if (!opts) {
-    std::fprintf(stderr, "qbrokerd: %s\n", opts.error().message.c_str());
+  auto config = broker::daemon::parse_config(args);
+  if (!config) {
+    std::fprintf(stderr, "qbrokerd: %s\n", config.error().message.c_str());
     return 2;
   }
-  if (opts->help) {
+  if (config->help) {
     std::fputs(broker::daemon::usage().c_str(), stdout);
     return 0;
   }
-  if (opts->version) {
+  if (config->version) {
     std::printf("qbrokerd %s\n", std::string(broker::api::kBrokerVersion).c_str());
     return 0;
   }
-  return broker::daemon::run(*opts);
+  return broker::daemon::run(*config);
 }

@@ -2,302 +2,399 @@
 
 #include <algorithm>
 #include <boost/json.hpp>
+#include <boost/program_options/options_description.hpp>
+#include <boost/program_options/parsers.hpp>
 #include <charconv>
 #include <functional>
+#include <map>
+#include <optional>
+#include <type_traits>
 
 #include "broker/core/atomic_file.hpp"
 #include "broker/core/errc.hpp"
-#include "broker/domain/requests.hpp"
 
 namespace broker::daemon {
 namespace json = boost::json;
+namespace po = boost::program_options;
 namespace {
 
-enum class Kind { string, list, flag, number, millis };
+// One option's values, as text, and where they came from. Flags and config files go through
+// the same conversion, so a value means the same wherever it is written.
+struct Setting {
+  std::vector<std::string> values;  // more than one only for a list
+  std::string field;                // "--state-dir" for a flag, "state-dir" for a config key
+  std::string file;                 // the config file; empty for a flag
+};
+
+using Settings = std::map<std::string, Setting, std::less<>>;  // by option name
+
+// A setter stores one text value into the config, or says what is wrong with it.
+using Complaint = std::optional<std::string>;
+using Setter = std::function<Complaint(DaemonConfig&, std::string_view)>;
+
+enum class Kind { value, list, flag };
 
 struct Option {
   std::string_view name;  // flag without "--", and the config file key
   Kind kind;
-  std::string_view arg;
+  std::string_view arg;  // the value's name in --help
   std::string help;
-  std::function<Result<void>(DaemonOptions&, std::string_view)> set;
+  Setter set;
 };
 
-Error bad(std::string_view name, std::string message) {
-  return field_error(std::string("--") + std::string(name), std::move(message));
+Error invalid(const std::string& field, const std::string& message) {
+  Error e(make_error_code(errc::invalid_argument), field + ": " + message);
+  e.field = field;
+  return e;
 }
 
-Result<unsigned long long> number(std::string_view name, std::string_view v, unsigned long long min,
-                                  unsigned long long max) {
+Error invalid(const Setting& s, const std::string& message) {
+  Error e = invalid(s.field, message);
+  if (!s.file.empty()) e.message = s.file + ": " + e.message;
+  return e;
+}
+
+// ---- Setters: one per kind of value ------------------------------------------------------------
+
+template <class T>
+auto member(T DaemonConfig::*m) {
+  return [m](DaemonConfig& c) -> T& { return c.*m; };
+}
+
+template <class T>
+auto limit(T api::ServerLimits::*m) {
+  return [m](DaemonConfig& c) -> T& { return c.limits.*m; };
+}
+
+std::optional<unsigned long long> number(std::string_view v, unsigned long long min,
+                                         unsigned long long max) {
   unsigned long long n = 0;
   auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), n);
-  if (ec != std::errc() || p != v.data() + v.size() || n < min || n > max) {
-    return bad(name, "must be a number from " + std::to_string(min) + " to " + std::to_string(max));
-  }
+  if (ec != std::errc() || p != v.data() + v.size() || n < min || n > max) return std::nullopt;
   return n;
 }
 
-Result<void> absolute(std::string_view name, std::string_view v) {
-  if (v.empty() || v.front() != '/') return bad(name, "must be an absolute path");
-  return {};
+template <class Place>
+Setter path(Place place) {
+  return [place](DaemonConfig& c, std::string_view v) -> Complaint {
+    if (v.empty() || v.front() != '/') return "must be an absolute path";
+    place(c) = std::string(v);
+    return std::nullopt;
+  };
 }
 
-template <class F>
-Option str(std::string_view name, std::string_view arg, std::string_view help, F member,
-           bool path = true) {
-  return {name, Kind::string, arg, std::string(help),
-          [name, member, path](DaemonOptions& o, std::string_view v) -> Result<void> {
-            if (path) {
-              if (auto ok = absolute(name, v); !ok) return ok;
-            } else if (v.empty()) {
-              return bad(name, "must not be empty");
-            }
-            o.*member = std::string(v);
-            return {};
-          }};
+template <class Place>
+Setter word(Place place) {
+  return [place](DaemonConfig& c, std::string_view v) -> Complaint {
+    if (v.empty()) return "must not be empty";
+    place(c) = std::string(v);
+    return std::nullopt;
+  };
 }
 
-Option millis(std::string_view name, std::string_view help,
-              std::chrono::milliseconds DaemonOptions::*member) {
-  return {name, Kind::millis, "MS", std::string(help),
-          [name, member](DaemonOptions& o, std::string_view v) -> Result<void> {
-            auto n = number(name, v, 1, 24ull * 3600 * 1000);
-            if (!n) return n.error();
-            o.*member = std::chrono::milliseconds(*n);
-            return {};
-          }};
+template <class Place>
+Setter count(Place place, unsigned long long min, unsigned long long max) {
+  return [place, min, max](DaemonConfig& c, std::string_view v) -> Complaint {
+    auto n = number(v, min, max);
+    if (!n) return "must be a number from " + std::to_string(min) + " to " + std::to_string(max);
+    place(c) = static_cast<std::remove_reference_t<decltype(place(c))>>(*n);
+    return std::nullopt;
+  };
 }
 
-Option limit_ms(std::string_view name, std::string_view help,
-                std::chrono::milliseconds api::ServerLimits::*member) {
-  return {name, Kind::millis, "MS", std::string(help),
-          [name, member](DaemonOptions& o, std::string_view v) -> Result<void> {
-            auto n = number(name, v, 1, 24ull * 3600 * 1000);
-            if (!n) return n.error();
-            o.limits.*member = std::chrono::milliseconds(*n);
-            return {};
-          }};
+template <class Place>
+Setter millis(Place place) {
+  return [place](DaemonConfig& c, std::string_view v) -> Complaint {
+    constexpr unsigned long long kDay = 24ull * 3600 * 1000;
+    auto n = number(v, 1, kDay);
+    if (!n) return "must be a number from 1 to " + std::to_string(kDay);
+    place(c) = std::chrono::milliseconds(*n);
+    return std::nullopt;
+  };
 }
 
-Option limit_n(std::string_view name, std::string_view help, std::size_t api::ServerLimits::*member,
-               unsigned long long min, unsigned long long max) {
-  return {name, Kind::number, "N", std::string(help),
-          [name, member, min, max](DaemonOptions& o, std::string_view v) -> Result<void> {
-            auto n = number(name, v, min, max);
-            if (!n) return n.error();
-            o.limits.*member = *n;
-            return {};
-          }};
+Complaint set_uid_range(DaemonConfig& c, std::string_view v) {
+  auto range = lifecycle::UidRange::parse(v);
+  if (!range) return "must be BASE:COUNT";
+  c.uids = *range;
+  return std::nullopt;
 }
 
+Complaint set_uid_range_user(DaemonConfig& c, std::string_view v) {
+  if (v.empty()) return "must not be empty";
+  c.uids = UidRangeUser{std::string(v)};
+  return std::nullopt;
+}
+
+Complaint add_image_root(DaemonConfig& c, std::string_view v) {
+  if (v.empty() || v.front() != '/') return "must be an absolute path";
+  c.image_roots.emplace_back(v);
+  return std::nullopt;
+}
+
+Complaint set_xen(DaemonConfig& c, std::string_view v) {
+  if (v != "true" && v != "false") return "must be true or false";
+  c.xen = v == "true";
+  return std::nullopt;
+}
+
+Complaint set_log_level(DaemonConfig& c, std::string_view v) {
+  static const std::map<std::string_view, log::Level> kLevels{{"debug", log::Level::debug},
+                                                              {"info", log::Level::info},
+                                                              {"warn", log::Level::warn},
+                                                              {"error", log::Level::error}};
+  auto it = kLevels.find(v);
+  if (it == kLevels.end()) return "must be debug, info, warn or error";
+  c.log_level = it->second;
+  return std::nullopt;
+}
+
+// Every option, in the order --help lists them and validation applies them.
 const std::vector<Option>& options() {
+  using L = api::ServerLimits;
   static const std::vector<Option> kOptions = {
-      str("socket", "PATH", "the API socket (default /run/qbroker/qbroker.sock)",
-          &DaemonOptions::socket),
-      str("state-dir", "DIR", "uid records (default /var/lib/qbroker)",
-          &DaemonOptions::state_dir),
-      str("run-dir", "DIR", "domain records, QMP/console sockets, logs, jails (default /run/qbroker)",
-          &DaemonOptions::run_dir),
-      {"uid-range", Kind::string, "BASE:COUNT",
+      {"socket", Kind::value, "PATH", "the API socket (default /run/qbroker/qbroker.sock)",
+       path(member(&DaemonConfig::socket))},
+      {"state-dir", Kind::value, "DIR", "uid records (default /var/lib/qbroker)",
+       path(member(&DaemonConfig::state_dir))},
+      {"run-dir", Kind::value, "DIR",
+       "domain records, QMP/console sockets, logs, jails (default /run/qbroker)",
+       path(member(&DaemonConfig::run_dir))},
+      {"uid-range", Kind::value, "BASE:COUNT",
        "QEMU uids base+1..base+count-1; base is the reaper uid (default " +
            std::string(kDefaultUidRange) + ")",
-       [](DaemonOptions& o, std::string_view v) -> Result<void> {
-         if (v.find(':') == std::string_view::npos) return bad("uid-range", "must be BASE:COUNT");
-         o.uid_range = std::string(v);
-         return {};
-       }},
-      str("uid-range-user", "NAME", "libxl style: the named user's uid is the base",
-          &DaemonOptions::uid_range_user, false),
-      {"uid-count", Kind::number, "N", "uids in the range with --uid-range-user (default 4096)",
-       [](DaemonOptions& o, std::string_view v) -> Result<void> {
-         auto n = number("uid-count", v, 2, 1u << 24);
-         if (!n) return n.error();
-         o.uid_count = static_cast<unsigned>(*n);
-         return {};
-       }},
+       set_uid_range},
+      {"uid-range-user", Kind::value, "NAME", "libxl style: the named user's uid is the base",
+       set_uid_range_user},
+      {"uid-count", Kind::value, "N", "uids in the range with --uid-range-user (default 4096)",
+       count(member(&DaemonConfig::uid_count), 2, 1u << 24)},
       {"image-root", Kind::list, "DIR", "a directory user paths may name (repeatable)",
-       [](DaemonOptions& o, std::string_view v) -> Result<void> {
-         if (auto ok = absolute("image-root", v); !ok) return ok;
-         o.image_roots.emplace_back(v);
-         return {};
-       }},
-      str("qemu", "PATH", "the QEMU binary (default /usr/bin/qemu-system-x86_64)",
-          &DaemonOptions::qemu),
-      str("admin-group", "NAME", "members of this group may use the API (root always may)",
-          &DaemonOptions::admin_group, false),
-      {"xen", Kind::flag, "", "Xen dom0 mode (not built yet: refused)",
-       [](DaemonOptions& o, std::string_view v) -> Result<void> {
-         if (v != "true" && v != "false") return bad("xen", "must be true or false");
-         o.xen = v == "true";
-         return {};
-       }},
-      {"log-level", Kind::string, "LEVEL", "debug, info, warn or error (default info)",
-       [](DaemonOptions& o, std::string_view v) -> Result<void> {
-         if (v != "debug" && v != "info" && v != "warn" && v != "error") {
-           return bad("log-level", "must be debug, info, warn or error");
-         }
-         o.log_level = std::string(v);
-         return {};
-       }},
-      millis("qmp-timeout-ms", "one QMP command (default 5000)", &DaemonOptions::qmp_timeout),
-      millis("unplug-timeout-ms", "device_del -> DEVICE_DELETED (default 10000)",
-             &DaemonOptions::unplug_timeout),
-      millis("start-timeout-ms", "spawn -> QMP ready (default 30000)",
-             &DaemonOptions::start_timeout),
-      millis("quit-timeout-ms", "graceful quit before the kill (default 3000)",
-             &DaemonOptions::quit_timeout),
-      millis("shutdown-grace-ms", "on SIGTERM, time for answers in flight (default 2000)",
-             &DaemonOptions::shutdown_grace),
-      limit_ms("request-timeout-ms",
-               "a request must arrive within this, from its first byte (default 10000)",
-               &api::ServerLimits::request_timeout),
-      limit_ms("idle-timeout-ms", "keep-alive connections idle longer are closed (default 60000)",
-               &api::ServerLimits::idle_timeout),
-      limit_ms("write-timeout-ms", "a response must be read within this (default 10000)",
-               &api::ServerLimits::write_timeout),
-      limit_ms("heartbeat-ms", "event stream keep-alive comment interval (default 15000)",
-               &api::ServerLimits::heartbeat),
-      limit_n("max-connections", "connections served at once (default 1024)",
-              &api::ServerLimits::max_connections, 1, 1u << 20),
-      limit_n("max-connections-per-uid", "connections one peer uid may hold (default 128)",
-              &api::ServerLimits::max_connections_per_uid, 1, 1u << 20),
-      limit_n("max-body-bytes", "request body limit (default 1048576)",
-              &api::ServerLimits::max_body_bytes, 64, 1ull << 30),
-      limit_n("max-header-bytes", "request header limit (default 16384)",
-              &api::ServerLimits::max_header_bytes, 512, 1u << 20),
-      limit_n("event-queue", "events queued per subscriber before it is dropped (default 256)",
-              &api::ServerLimits::event_queue, 1, 1u << 20),
+       add_image_root},
+      {"qemu", Kind::value, "PATH", "the QEMU binary (default /usr/bin/qemu-system-x86_64)",
+       path(member(&DaemonConfig::qemu))},
+      {"admin-group", Kind::value, "NAME",
+       "members of this group may use the API (root always may)",
+       word(member(&DaemonConfig::admin_group))},
+      {"xen", Kind::flag, "", "Xen dom0 mode (not built yet: refused)", set_xen},
+      {"log-level", Kind::value, "LEVEL", "debug, info, warn or error (default info)",
+       set_log_level},
+      {"qmp-timeout-ms", Kind::value, "MS", "one QMP command (default 5000)",
+       millis(member(&DaemonConfig::qmp_timeout))},
+      {"unplug-timeout-ms", Kind::value, "MS", "device_del -> DEVICE_DELETED (default 10000)",
+       millis(member(&DaemonConfig::unplug_timeout))},
+      {"start-timeout-ms", Kind::value, "MS", "spawn -> QMP ready (default 30000)",
+       millis(member(&DaemonConfig::start_timeout))},
+      {"quit-timeout-ms", Kind::value, "MS", "graceful quit before the kill (default 3000)",
+       millis(member(&DaemonConfig::quit_timeout))},
+      {"shutdown-grace-ms", Kind::value, "MS",
+       "on SIGTERM, time for answers in flight (default 2000)",
+       millis(member(&DaemonConfig::shutdown_grace))},
+      {"request-timeout-ms", Kind::value, "MS",
+       "a request must arrive within this, from its first byte (default 10000)",
+       millis(limit(&L::request_timeout))},
+      {"idle-timeout-ms", Kind::value, "MS",
+       "keep-alive connections idle longer are closed (default 60000)",
+       millis(limit(&L::idle_timeout))},
+      {"write-timeout-ms", Kind::value, "MS", "a response must be read within this (default 10000)",
+       millis(limit(&L::write_timeout))},
+      {"heartbeat-ms", Kind::value, "MS",
+       "event stream keep-alive comment interval (default 15000)", millis(limit(&L::heartbeat))},
+      {"max-connections", Kind::value, "N", "connections served at once (default 1024)",
+       count(limit(&L::max_connections), 1, 1u << 20)},
+      {"max-connections-per-uid", Kind::value, "N",
+       "connections one peer uid may hold (default 128)",
+       count(limit(&L::max_connections_per_uid), 1, 1u << 20)},
+      {"max-body-bytes", Kind::value, "N", "request body limit (default 1048576)",
+       count(limit(&L::max_body_bytes), 64, 1ull << 30)},
+      {"max-header-bytes", Kind::value, "N", "request header limit (default 16384)",
+       count(limit(&L::max_header_bytes), 512, 1u << 20)},
+      {"event-queue", Kind::value, "N",
+       "events queued per subscriber before it is dropped (default 256)",
+       count(limit(&L::event_queue), 1, 1u << 20)},
   };
   return kOptions;
 }
 
 const Option* find(std::string_view name) {
-  for (const auto& o : options()) {
-    if (o.name == name) return &o;
-  }
-  return nullptr;
+  const auto& all = options();
+  auto it = std::find_if(all.begin(), all.end(), [&](const Option& o) { return o.name == name; });
+  return it == all.end() ? nullptr : &*it;
 }
 
-Result<void> check(const DaemonOptions& o) {
-  if (!o.uid_range.empty() && !o.uid_range_user.empty()) {
-    return bad("uid-range-user", "--uid-range and --uid-range-user exclude each other");
+// ---- The command line (Boost.Program_options reads the syntax) ---------------------------------
+
+struct CommandLine {
+  Settings settings;
+  std::vector<std::string> config_files;
+  bool help = false;
+  bool version = false;
+};
+
+po::options_description flag_syntax() {
+  po::options_description d;
+  d.add_options()("help,h", "")("version", "")("config", po::value<std::string>(), "");
+  for (const auto& o : options()) {
+    std::string name(o.name);
+    // --xen alone means true; --xen=false is accepted as well.
+    auto* value = o.kind == Kind::flag ? po::value<std::string>()->implicit_value("true")
+                                       : po::value<std::string>();
+    d.add_options()(name.c_str(), value, "");
   }
+  return d;
+}
+
+// --name VALUE, --name=VALUE and -h; no abbreviations (--sock is not --socket), no bundling.
+constexpr int kStyle =
+    po::command_line_style::allow_long | po::command_line_style::long_allow_adjacent |
+    po::command_line_style::long_allow_next | po::command_line_style::allow_short |
+    po::command_line_style::allow_dash_for_short | po::command_line_style::short_allow_next;
+
+Error syntax_error(const po::error_with_option_name& e) {
+  using S = po::invalid_command_line_syntax;
+  const auto* syntax = dynamic_cast<const S*>(&e);
+  std::string message = e.what();
+  if (syntax != nullptr &&
+      (syntax->kind() == S::missing_parameter || syntax->kind() == S::empty_adjacent_parameter)) {
+    message = "needs a value";
+  } else if (syntax != nullptr && syntax->kind() == S::extra_parameter) {
+    message = "takes no value";
+  }
+  return invalid(e.get_option_name(), message);
+}
+
+// Adds one parsed flag to the command line: an unknown flag or a stray argument is refused.
+Result<void> add_flag(CommandLine& cl, const po::option& o) {
+  std::string token = o.original_tokens.empty() ? o.string_key : o.original_tokens.front();
+  if (o.unregistered && token.starts_with("-")) {
+    return invalid(token.substr(0, token.find('=')), "unknown option (see --help)");
+  }
+  if (o.unregistered || o.position_key >= 0)
+    return invalid(token, "unexpected argument (see --help)");
+  if (o.string_key == "help") cl.help = true;
+  if (o.string_key == "version") cl.version = true;
+  if (o.string_key == "config") cl.config_files.push_back(o.value.at(0));
+  const Option* opt = find(o.string_key);
+  if (opt == nullptr) return {};
+  auto& s = cl.settings[o.string_key];
+  s.field = "--" + o.string_key;
+  if (opt->kind != Kind::list) s.values.clear();  // the last one wins
+  s.values.push_back(o.value.empty() ? "true" : o.value.front());
   return {};
+}
+
+Result<CommandLine> read_command_line(std::span<const std::string_view> args) {
+  std::vector<std::string> argv(args.begin(), args.end());
+  CommandLine cl;
+  try {
+    auto parsed = po::command_line_parser(argv)
+                      .options(flag_syntax())
+                      .style(kStyle)
+                      .allow_unregistered()
+                      .run();
+    for (const auto& o : parsed.options) {
+      if (auto ok = add_flag(cl, o); !ok) return ok.error();
+    }
+  } catch (const po::error_with_option_name& e) {
+    return syntax_error(e);
+  } catch (const po::error& e) {
+    return invalid("arguments", e.what());
+  }
+  return cl;
+}
+
+// ---- Config files --------------------------------------------------------------------------
+
+// A config value as the text a flag would carry.
+Result<std::string> as_text(const Setting& s, Kind kind, const json::value& v) {
+  if (kind == Kind::flag && !v.is_bool()) return invalid(s, "must be true or false");
+  if (v.is_string()) return std::string(v.get_string());
+  if (v.is_bool()) return std::string(v.get_bool() ? "true" : "false");
+  if (v.is_uint64() || v.is_int64()) return std::to_string(v.to_number<long long>());
+  return invalid(s, "must be a string, number or boolean");
+}
+
+// One config key's setting; a list option takes an array or a single value.
+Result<Setting> config_setting(const Option& opt, std::string key, const json::value& v,
+                               const std::string& file) {
+  Setting s{{}, std::move(key), file};
+  auto add = [&](const json::value& item) -> Result<void> {
+    auto text = as_text(s, opt.kind, item);
+    if (!text) return text.error();
+    s.values.push_back(std::move(*text));
+    return {};
+  };
+  if (opt.kind != Kind::list || !v.is_array()) {
+    if (auto ok = add(v); !ok) return ok.error();
+    return s;
+  }
+  for (const auto& item : v.get_array()) {
+    if (auto ok = add(item); !ok) return ok.error();
+  }
+  return s;
+}
+
+Result<Settings> read_config_file(const std::string& file) {
+  auto text = read_small_file(file);
+  if (!text) return Error(make_error_code(errc::not_found), "--config: cannot read " + file);
+  std::error_code ec;
+  json::value v = json::parse(*text, ec);
+  Setting whole{{}, "config", file};
+  if (ec) return invalid(whole, "not valid JSON: " + ec.message());
+  if (!v.is_object()) return invalid(whole, "must be a JSON object");
+  Settings out;
+  for (const auto& kv : v.get_object()) {
+    std::string key(kv.key());
+    const Option* opt = find(key);
+    if (opt == nullptr) return invalid(Setting{{}, key, file}, "unknown config key");
+    auto s = config_setting(*opt, key, kv.value(), file);
+    if (!s) return s.error();
+    out[key] = std::move(*s);
+  }
+  return out;
+}
+
+// ---- Merge and validate ------------------------------------------------------------------------
+
+// A later source wins, option by option; a list given again replaces the earlier list.
+void merge(Settings& into, Settings from) {
+  for (auto& [name, s] : from) into[name] = std::move(s);
+}
+
+Result<DaemonConfig> validate(const Settings& settings) {
+  DaemonConfig c;
+  for (const auto& opt : options()) {
+    auto it = settings.find(opt.name);
+    if (it == settings.end()) continue;
+    for (const auto& v : it->second.values) {
+      if (auto complaint = opt.set(c, v)) return invalid(it->second, *complaint);
+    }
+  }
+  if (settings.contains("uid-range") && settings.contains("uid-range-user")) {
+    return invalid(settings.at("uid-range-user"),
+                   "--uid-range and --uid-range-user exclude each other");
+  }
+  return c;
 }
 
 }  // namespace
 
-Result<void> apply_config(DaemonOptions& opts, std::string_view text) {
-  std::error_code ec;
-  json::value v = json::parse(text, ec);
-  if (ec) return field_error("config", "not valid JSON: " + ec.message());
-  if (!v.is_object()) return field_error("config", "must be a JSON object");
-  bool roots_seen = false;
-  for (const auto& kv : v.get_object()) {
-    std::string key(kv.key());
-    const Option* opt = find(key);
-    if (opt == nullptr || key == "config") return field_error(key, "unknown config key");
-    auto apply = [&](const json::value& x) -> Result<void> {
-      std::string s;
-      if (x.is_string())
-        s = std::string(x.get_string());
-      else if (x.is_bool())
-        s = x.get_bool() ? "true" : "false";
-      else if (x.is_uint64() || x.is_int64())
-        s = std::to_string(x.to_number<long long>());
-      else
-        return field_error(key, "must be a string, number or boolean");
-      if (opt->kind == Kind::flag && !x.is_bool()) return field_error(key, "must be true or false");
-      auto r = opt->set(opts, s);
-      if (!r) {
-        Error e = r.error();
-        e.field = key;
-        auto colon = e.message.find(':');
-        e.message = key + (colon == std::string::npos ? ": " + e.message : e.message.substr(colon));
-        return e;
-      }
-      return {};
-    };
-    if (opt->kind == Kind::list) {
-      if (!roots_seen) opts.image_roots.clear();
-      roots_seen = true;
-      if (kv.value().is_array()) {
-        for (const auto& item : kv.value().get_array()) {
-          if (auto ok = apply(item); !ok) return ok;
-        }
-        continue;
-      }
-    }
-    if (auto ok = apply(kv.value()); !ok) return ok;
+Result<DaemonConfig> parse_config(std::span<const std::string_view> args) {
+  auto cl = read_command_line(args);
+  if (!cl) return cl.error();
+  // The files first, in order, so that flags override them wherever --config appears.
+  Settings settings;
+  for (const auto& file : cl->config_files) {
+    auto from_file = read_config_file(file);
+    if (!from_file) return from_file.error();
+    merge(settings, std::move(*from_file));
   }
-  return check(opts);
-}
-
-Result<DaemonOptions> parse_options(std::span<const std::string_view> args) {
-  DaemonOptions o;
-  // The config file first, so that flags override it wherever --config appears.
-  for (std::size_t i = 0; i < args.size(); ++i) {
-    std::string_view a = args[i];
-    std::string_view value;
-    if (a == "--config") {
-      if (i + 1 >= args.size()) return bad("config", "needs a value");
-      value = args[i + 1];
-    } else if (a.rfind("--config=", 0) == 0) {
-      value = a.substr(9);
-    } else {
-      continue;
-    }
-    o.config_file = std::string(value);
-    auto text = read_small_file(o.config_file);
-    if (!text) {
-      return Error(make_error_code(errc::not_found), "--config: cannot read " + o.config_file);
-    }
-    if (auto ok = apply_config(o, *text); !ok) {
-      Error e = ok.error();
-      e.message = o.config_file + ": " + e.message;
-      return e;
-    }
-  }
-  bool roots_from_flags = false;
-  for (std::size_t i = 0; i < args.size(); ++i) {
-    std::string_view a = args[i];
-    if (a == "-h" || a == "--help") {
-      o.help = true;
-      continue;
-    }
-    if (a == "--version") {
-      o.version = true;
-      continue;
-    }
-    if (a.rfind("--", 0) != 0) return field_error(a, "unexpected argument (see --help)");
-    std::string_view name = a.substr(2);
-    std::optional<std::string_view> value;
-    if (auto eq = name.find('='); eq != std::string_view::npos) {
-      value = name.substr(eq + 1);
-      name = name.substr(0, eq);
-    }
-    if (name == "config") {
-      if (!value) ++i;
-      continue;
-    }
-    const Option* opt = find(name);
-    if (opt == nullptr) return field_error(a, "unknown option (see --help)");
-    if (opt->kind == Kind::flag) {
-      if (auto ok = opt->set(o, value.value_or("true")); !ok) return ok.error();
-      continue;
-    }
-    if (!value) {
-      if (i + 1 >= args.size()) return bad(name, "needs a value");
-      value = args[++i];
-    }
-    if (opt->kind == Kind::list && !roots_from_flags) {
-      o.image_roots.clear();  // flags replace the config file's list
-      roots_from_flags = true;
-    }
-    if (auto ok = opt->set(o, *value); !ok) return ok.error();
-  }
-  if (auto ok = check(o); !ok) return ok.error();
-  return o;
+  merge(settings, std::move(cl->settings));
+  auto config = validate(settings);
+  if (!config) return config.error();
+  config->config_files = std::move(cl->config_files);
+  config->help = cl->help;
+  config->version = cl->version;
+  return config;
 }
 
 std::string usage() {

@@ -1,40 +1,49 @@
-// qbrokerd's configuration: command-line flags and an optional JSON config file whose keys are
-// the flag names without the dashes ({"state-dir": "/srv/qb", "image-root": ["/srv/iso"]}).
-// Flags win over the file. Parsing is pure (the file is read, nothing else is touched), so it is
-// tested directly; daemon.cpp turns the result into objects.
+// qbrokerd's configuration: command-line flags and optional JSON config files whose keys are the
+// flag names without the dashes ({"state-dir": "/srv/qb", "image-root": ["/srv/iso"]}), merged
+// (flags win) and validated once into a DaemonConfig, each error naming the flag or the key.
+// Parsing is pure (the files are read, nothing else is touched), so it is tested directly;
+// what only the host can tell (users, groups, directories) is checked by daemon.cpp at start.
 #pragma once
 
 #include <sys/types.h>
 
 #include <chrono>
-#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
+#include <variant>
 #include <vector>
 
 #include "broker/api/server.hpp"
 #include "broker/core/error.hpp"
+#include "broker/core/log.hpp"
+#include "broker/lifecycle/uid_pool.hpp"
 
 namespace broker::daemon {
 
 // Far above regular and system users, and outside systemd's dynamic (61184-65519) and container
 // (524288-1879048191) ranges; validated against /etc/passwd at start.
-inline constexpr std::string_view kDefaultUidRange = "1879048192:4096";
+inline constexpr lifecycle::UidRange kDefaultUids{1879048192, 4096};
+inline constexpr std::string_view kDefaultUidRange = "1879048192:4096";  // kDefaultUids, as text
 
-struct DaemonOptions {
-  std::string config_file;
+// --uid-range-user: libxl style, the named user's uid is the base of the range. The name is
+// looked up in the host's user database at start.
+struct UidRangeUser {
+  std::string name;
+};
+
+struct DaemonConfig {
+  std::vector<std::string> config_files;  // --config, in the order given
   std::string socket = "/run/qbroker/qbroker.sock";
   std::string state_dir = "/var/lib/qbroker";
   std::string run_dir = "/run/qbroker";
-  std::string uid_range;       // "BASE:COUNT"; empty: the default (or uid_range_user)
-  std::string uid_range_user;  // libxl style: this user's uid is the base
-  unsigned uid_count = 4096;   // with uid_range_user
+  std::variant<lifecycle::UidRange, UidRangeUser> uids = kDefaultUids;
+  uid_t uid_count = 4096;  // with UidRangeUser
   std::vector<std::string> image_roots;
   std::string qemu = "/usr/bin/qemu-system-x86_64";
-  std::string admin_group;
+  std::string admin_group;  // empty: root and the daemon's own uid only
   bool xen = false;
-  std::string log_level = "info";
+  log::Level log_level = log::Level::info;
 
   std::chrono::milliseconds qmp_timeout{5000};
   std::chrono::milliseconds unplug_timeout{10000};
@@ -47,12 +56,9 @@ struct DaemonOptions {
   bool version = false;
 };
 
-// `args` without argv[0].
-Result<DaemonOptions> parse_options(std::span<const std::string_view> args);
-
-// Applies one JSON config document (the file's content) to `opts`; unknown keys are refused by
-// name.
-Result<void> apply_config(DaemonOptions& opts, std::string_view json_text);
+// `args` without argv[0]. The error names the flag ("--state-dir") or the config key
+// ("state-dir", with the file in the message).
+Result<DaemonConfig> parse_config(std::span<const std::string_view> args);
 
 std::string usage();
 

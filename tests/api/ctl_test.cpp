@@ -2,6 +2,7 @@
 // request, mistakes name the argument, and replies render as tables.
 #include <boost/json.hpp>
 #include <set>
+#include <sstream>
 
 #include "broker/api/router.hpp"
 #include "ctl/cli.hpp"
@@ -36,6 +37,17 @@ TEST_CASE("every API route has a qbrokerctl subcommand", "[api][ctl]") {
     api.emplace(std::string(boost::beast::http::to_string(r.method)), std::string(r.path));
   }
   CHECK(ctl == api);
+  // Every subcommand --help lists is one the parser knows.
+  for (const auto& c : qbctl::command_table()) {
+    std::vector<std::string> words;
+    std::istringstream in{std::string(c.words)};
+    for (std::string w; in >> w;) words.push_back(w);
+    auto r = qbctl::parse(words);
+    INFO(c.words);
+    if (auto* e = std::get_if<qbctl::CliError>(&r)) {
+      CHECK(e->message.find("unknown command") == std::string::npos);
+    }
+  }
 }
 
 TEST_CASE("subcommands build the request of their route", "[api][ctl]") {
@@ -131,6 +143,54 @@ TEST_CASE("subcommands build the request of their route", "[api][ctl]") {
   CHECK(ev.events_count == 3);
   // Names are percent-encoded, so a hostile one reaches the server (which refuses it) intact.
   CHECK(parse_ok({"show", "../x"}).target == "/v1/domains/..%2Fx");
+}
+
+TEST_CASE("names are percent-encoded into one segment the router decodes back", "[api][ctl]") {
+  CHECK(parse_ok({"show", "a b"}).target == "/v1/domains/a%20b");
+  CHECK(parse_ok({"cdrom", "eject", "vm 1", "cd/0"}).target ==
+        "/v1/domains/vm%201/cdroms/cd%2F0/medium");
+  CHECK(parse_ok({"disk", "remove", "vm1", "d?1"}).target == "/v1/domains/vm1/disks/d%3F1");
+  CHECK(parse_ok({"events", "--domain", "a&b=c"}).target == "/v1/events?domain=a%26b%3Dc");
+  CHECK(qbctl::events_target("") == "/v1/events");
+  CHECK(qbctl::events_target("vm1") == "/v1/events?domain=vm1");
+  CHECK(parse_ok({"show", "vm1", "--no-live"}).target == "/v1/domains/vm1?live=false");
+
+  // Whatever a name holds, it reaches the router as that one name (which the router then
+  // judges): not as a malformed target, another path or a query.
+  for (std::string name : {"../x", "a b", "a/b", "a?live=false", "a#b", "%2F", "a+b", "é"}) {
+    INFO(name);
+    auto inv = parse_ok({"show", name});
+    auto r = broker::api::route(boost::beast::http::verb::get, inv.target, "");
+    REQUIRE_FALSE(r.has_value());
+    CHECK(r.error().field == "name");
+    CHECK(r.error().message.find("name: ") == 0);
+  }
+  auto vm = parse_ok({"destroy", "vm-1.a_b", "--graceful"});
+  auto routed = broker::api::route(boost::beast::http::verb::delete_, vm.target, "");
+  REQUIRE(routed.has_value());
+  CHECK(std::get<broker::api::DestroyDomain>(*routed).name == "vm-1.a_b");
+  CHECK(std::get<broker::api::DestroyDomain>(*routed).graceful);
+}
+
+TEST_CASE("aliases and the domain prefix reach the same subcommands", "[api][ctl]") {
+  CHECK(parse_ok({"ls"}).target == "/v1/domains");
+  CHECK(parse_ok({"info", "vm1"}).target == "/v1/domains/vm1");
+  CHECK(parse_ok({"domain", "info", "vm1"}).target == "/v1/domains/vm1");
+  CHECK(parse_ok({"domain", "pause", "vm1"}).done == "paused vm1");
+  CHECK(parse_ok({"domain", "create", "vm1"}).body->at("name") == "vm1");
+  // Only domain commands take the prefix; groups need their verb.
+  CHECK(parse_bad({"domain", "version"}).field == "version");
+  CHECK(parse_bad({"domain", "cdrom", "eject", "vm1", "cd0"}).field == "cdrom");
+  CHECK(parse_bad({"domain"}).field == "domain");
+  CHECK(parse_bad({"cdrom"}).field == "cdrom");
+  CHECK(parse_bad({"vnc", "add", "vm1"}).message.find("qbrokerctl help vnc") != std::string::npos);
+  // Flags belong to their subcommand; global flags go anywhere, values included.
+  CHECK(parse_bad({"pause", "vm1", "--force"}).field == "--force");
+  CHECK(parse_bad({"disk", "add", "vm1", "d1", "/x", "--read-only=yes"}).field == "--read-only");
+  CHECK(parse_bad({"disk", "add", "vm1", "d1"}).field == "PATH");
+  CHECK(parse_bad({"create"}).field == "NAME");
+  CHECK(parse_ok({"nic", "add", "--json", "vm1", "n0", "--tap=tap0"}).body->at("tap") == "tap0");
+  CHECK(parse_ok({"save", "vm1", "--", "--odd-path"}).body->at("path") == "--odd-path");
 }
 
 TEST_CASE("global options go anywhere and mistakes name the argument", "[api][ctl]") {

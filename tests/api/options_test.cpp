@@ -5,14 +5,20 @@
 #include "support/broker_printers.hpp"
 #include "support/support.hpp"
 
-using broker::daemon::DaemonOptions;
-using broker::daemon::parse_options;
+using broker::daemon::DaemonConfig;
+using broker::daemon::parse_config;
+using broker::lifecycle::UidRange;
 using namespace std::chrono_literals;
 
 namespace {
-broker::Result<DaemonOptions> parse(std::initializer_list<std::string_view> args) {
+broker::Result<DaemonConfig> parse(std::initializer_list<std::string_view> args) {
   std::vector<std::string_view> v(args);
-  return parse_options(v);
+  return parse_config(v);
+}
+
+UidRange range_of(const DaemonConfig& c) {
+  REQUIRE(std::holds_alternative<UidRange>(c.uids));
+  return std::get<UidRange>(c.uids);
 }
 }  // namespace
 
@@ -23,12 +29,14 @@ TEST_CASE("qbrokerd's defaults are the design's", "[api][daemon][options]") {
   CHECK(o->state_dir == "/var/lib/qbroker");
   CHECK(o->run_dir == "/run/qbroker");
   CHECK(o->qemu == "/usr/bin/qemu-system-x86_64");
-  CHECK(o->uid_range.empty());
   CHECK(o->image_roots.empty());
   CHECK_FALSE(o->xen);
+  CHECK(o->log_level == broker::log::Level::info);
   CHECK(o->limits.max_body_bytes == 1024 * 1024);
-  auto range = broker::lifecycle::UidRange::parse(broker::daemon::kDefaultUidRange);
+  auto range = UidRange::parse(broker::daemon::kDefaultUidRange);
   REQUIRE(range);
+  CHECK(range->base == range_of(*o).base);
+  CHECK(range->count == range_of(*o).count);
   CHECK(range->validate());  // no passwd entry in the default range
 }
 
@@ -58,13 +66,14 @@ TEST_CASE("flags set every option and name the one that is wrong", "[api][daemon
   REQUIRE(o);
   CHECK(o->socket == "/tmp/s.sock");
   CHECK(o->state_dir == "/tmp/st");
-  CHECK(o->uid_range == "3103000:64");
+  CHECK(range_of(*o).base == 3103000);
+  CHECK(range_of(*o).count == 64);
   CHECK(o->image_roots == std::vector<std::string>{"/srv/a", "/srv/b"});
   CHECK(o->admin_group == "qbroker");
   CHECK(o->qmp_timeout == 250ms);
   CHECK(o->limits.max_connections == 64);
   CHECK(o->limits.request_timeout == 900ms);
-  CHECK(o->log_level == "debug");
+  CHECK(o->log_level == broker::log::Level::debug);
   CHECK(parse({"--xen"})->xen);
   CHECK(parse({"--help"})->help);
 
@@ -98,7 +107,7 @@ TEST_CASE("a JSON config file has the flags' keys and flags override it",
   REQUIRE(o);
   CHECK(o->state_dir == "/srv/other");
   CHECK(o->image_roots == std::vector<std::string>{"/srv/iso", "/srv/img"});
-  CHECK(o->uid_range == "3103000:16");
+  CHECK(range_of(*o).base == 3103000);
   CHECK(o->qmp_timeout == 1500ms);
   CHECK(o->limits.max_connections_per_uid == 8);
   // Flags replace the file's image roots rather than adding to them.
@@ -117,6 +126,74 @@ TEST_CASE("a JSON config file has the flags' keys and flags override it",
   qbtest::write_file(dir / "broken.json", R"({"state-dir": )");
   CHECK_FALSE(parse({"--config", dir / "broken.json"}));
   CHECK_FALSE(parse({"--config", dir / "missing.json"}));
+}
+
+TEST_CASE("the command line is read strictly: no abbreviations, no strays",
+          "[api][daemon][options]") {
+  CHECK(parse({"-h"})->help);
+  CHECK(parse({"--version"})->version);
+  CHECK(parse({"--xen"})->xen);
+  CHECK_FALSE(parse({"--xen=false"})->xen);
+  CHECK(parse({"--xen=maybe"}).error().field == "--xen");
+  CHECK(parse({"--sock", "/tmp/s"}).error().field == "--sock");
+  CHECK(parse({"--socket="}).error().field == "--socket");
+  CHECK(parse({"--help=yes"}).error().field == "--help");
+  CHECK(parse({"-x"}).error().field == "-x");
+  CHECK(parse({"--colour=blue"}).error().field == "--colour");
+  CHECK(parse({"--socket", "/tmp/a", "--socket", "/tmp/b"})->socket == "/tmp/b");
+  CHECK(parse({"--log-level", "loud"}).error().field == "--log-level");
+  CHECK(parse({"--uid-range", "3103000:lots"}).error().field == "--uid-range");
+  CHECK(parse({"--uid-count", "1"}).error().field == "--uid-count");
+  CHECK(parse({"--admin-group="}).error().field == "--admin-group");
+
+  auto user = parse({"--uid-range-user", "qemu", "--uid-count", "16"});
+  REQUIRE(user);
+  REQUIRE(std::holds_alternative<broker::daemon::UidRangeUser>(user->uids));
+  CHECK(std::get<broker::daemon::UidRangeUser>(user->uids).name == "qemu");
+  CHECK(user->uid_count == 16);
+}
+
+TEST_CASE("config files and flags are merged, then validated once", "[api][daemon][options]") {
+  qbtest::TempDir dir;
+  auto file = [&](const std::string& name, const std::string& text) {
+    qbtest::write_file(dir / name, text);
+    return dir / name;
+  };
+  // A value the flags replace is never judged: the merged configuration is.
+  auto zero = file("zero.json", R"({"max-connections": 0})");
+  auto merged = parse({"--config", zero, "--max-connections", "5"});
+  REQUIRE(merged);
+  CHECK(merged->limits.max_connections == 5);
+  auto bad = parse({"--config", zero});
+  REQUIRE_FALSE(bad);
+  CHECK(bad.error().field == "max-connections");
+  CHECK(bad.error().message.find(zero) == 0);  // the file, then the key
+
+  // Later files win over earlier ones, key by key; every file read is listed.
+  auto first = file("first.json", R"({"qemu": "/opt/a", "run-dir": "/srv/run"})");
+  auto second = file("second.json", R"({"qemu": "/opt/b", "image-root": "/srv/one"})");
+  auto both = parse({"--config", first, "--config=" + second});
+  REQUIRE(both);
+  CHECK(both->qemu == "/opt/b");
+  CHECK(both->run_dir == "/srv/run");
+  CHECK(both->image_roots == std::vector<std::string>{"/srv/one"});
+  CHECK(both->config_files == std::vector<std::string>{first, second});
+
+  // JSON types: a flag option takes a boolean, nothing takes an object; "config" is no key.
+  CHECK(parse({"--config", file("xen.json", R"({"xen": "true"})")}).error().field == "xen");
+  CHECK(parse({"--config", file("obj.json", R"({"socket": {}})")}).error().field == "socket");
+  CHECK(parse({"--config", file("cfg.json", R"({"config": "/x"})")}).error().field == "config");
+  CHECK(parse({"--config", file("arr.json", R"([])")}).error().field == "config");
+  auto level = parse({"--config", file("level.json", R"({"log-level": "warn", "xen": true})")});
+  REQUIRE(level);
+  CHECK(level->log_level == broker::log::Level::warn);
+  CHECK(level->xen);
+
+  // --uid-range in a file and --uid-range-user on the command line still exclude each other.
+  auto range = file("range.json", R"({"uid-range": "3103000:8"})");
+  auto clash = parse({"--config", range, "--uid-range-user", "qemu"});
+  REQUIRE_FALSE(clash);
+  CHECK(clash.error().field == "--uid-range-user");
 }
 
 TEST_CASE("usage lists every option", "[api][daemon][options]") {
