@@ -239,6 +239,50 @@ Result<QmpPassthrough> parse_qmp_passthrough(const json::value& body) {
 std::string_view to_string(DiskFormat f) { return f == DiskFormat::raw ? "raw" : "qcow2"; }
 std::string_view to_string(DiskBus b) { return b == DiskBus::scsi ? "scsi" : "virtio"; }
 
+namespace {
+
+Result<CdromSpec> cdrom_from(const json::object& o, const std::string& prefix) {
+  if (auto ok = only_known(o, {"id", "path"}, prefix); !ok) return ok.error();
+  CdromSpec cd;
+  auto id = str(o, "id", true, prefix);
+  if (!id) return id.error();
+  cd.id = *id;
+  if (auto ok = check_id(cd.id, prefix + "id"); !ok) return ok.error();
+  auto path = str(o, "path", false, prefix);
+  if (!path) return path.error();
+  cd.path = *path;
+  if (!cd.path.empty()) {
+    if (auto ok = check_path(cd.path, prefix + "path"); !ok) return ok.error();
+  }
+  return cd;
+}
+
+// The device list `key` of a create body ("disks": [...]), each entry parsed by `parse` with its
+// index in the field names it blames ("disks[1].path"), every id unique across all lists.
+template <class T, class Parse>
+Result<void> device_list(const json::object& body, std::string_view key, Parse parse,
+                         std::set<std::string>& ids, std::vector<T>& out) {
+  auto it = body.find(key);
+  if (it == body.end()) return {};
+  if (!it->value().is_array()) return field_error(key, "must be an array");
+  const auto& items = it->value().get_array();
+  if (items.size() > 16) return field_error(key, "at most 16 entries");
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    const std::string at = std::string(key) + "[" + std::to_string(i) + "]";
+    auto obj = as_object(items[i], at);
+    if (!obj) return obj.error();
+    Result<T> item = parse(**obj, at + ".");
+    if (!item) return item.error();
+    if (!ids.insert(item->id).second) {
+      return field_error(at + ".id", "duplicate device id '" + item->id + "'");
+    }
+    out.push_back(std::move(*item));
+  }
+  return {};
+}
+
+}  // namespace
+
 Result<CreateDomain> parse_create_domain(const json::value& body) {
   auto spec = lifecycle::parse_domain_spec(body, {"cdroms", "disks", "nics", "vnc"});
   if (!spec) {
@@ -250,61 +294,9 @@ Result<CreateDomain> parse_create_domain(const json::value& body) {
   c.spec = std::move(*spec);
   const auto& o = body.get_object();
   std::set<std::string> ids;
-  auto unique = [&](const std::string& id, const std::string& field) -> Result<void> {
-    if (!ids.insert(id).second) return field_error(field, "duplicate device id '" + id + "'");
-    return {};
-  };
-  auto list = [&](std::string_view key) -> Result<const json::array*> {
-    static const json::array empty;
-    auto it = o.find(key);
-    if (it == o.end()) return &empty;
-    if (!it->value().is_array()) return field_error(key, "must be an array");
-    if (it->value().get_array().size() > 16) return field_error(key, "at most 16 entries");
-    return &it->value().get_array();
-  };
-  auto cdroms = list("cdroms");
-  if (!cdroms) return cdroms.error();
-  for (std::size_t i = 0; i < (*cdroms)->size(); ++i) {
-    std::string prefix = "cdroms[" + std::to_string(i) + "].";
-    auto obj = as_object((**cdroms)[i], "cdroms[" + std::to_string(i) + "]");
-    if (!obj) return obj.error();
-    if (auto ok = only_known(**obj, {"id", "path"}, prefix); !ok) return ok.error();
-    CdromSpec cd;
-    auto id = str(**obj, "id", true, prefix);
-    if (!id) return id.error();
-    cd.id = *id;
-    if (auto ok = check_id(cd.id, prefix + "id"); !ok) return ok.error();
-    auto path = str(**obj, "path", false, prefix);
-    if (!path) return path.error();
-    cd.path = *path;
-    if (!cd.path.empty()) {
-      if (auto ok = check_path(cd.path, prefix + "path"); !ok) return ok.error();
-    }
-    if (auto ok = unique(cd.id, prefix + "id"); !ok) return ok.error();
-    c.cdroms.push_back(std::move(cd));
-  }
-  auto disks = list("disks");
-  if (!disks) return disks.error();
-  for (std::size_t i = 0; i < (*disks)->size(); ++i) {
-    std::string prefix = "disks[" + std::to_string(i) + "].";
-    auto obj = as_object((**disks)[i], "disks[" + std::to_string(i) + "]");
-    if (!obj) return obj.error();
-    auto d = disk_from(**obj, prefix);
-    if (!d) return d.error();
-    if (auto ok = unique(d->id, prefix + "id"); !ok) return ok.error();
-    c.disks.push_back(std::move(*d));
-  }
-  auto nics = list("nics");
-  if (!nics) return nics.error();
-  for (std::size_t i = 0; i < (*nics)->size(); ++i) {
-    std::string prefix = "nics[" + std::to_string(i) + "].";
-    auto obj = as_object((**nics)[i], "nics[" + std::to_string(i) + "]");
-    if (!obj) return obj.error();
-    auto n = nic_from(**obj, prefix);
-    if (!n) return n.error();
-    if (auto ok = unique(n->id, prefix + "id"); !ok) return ok.error();
-    c.nics.push_back(std::move(*n));
-  }
+  if (auto ok = device_list(o, "cdroms", cdrom_from, ids, c.cdroms); !ok) return ok.error();
+  if (auto ok = device_list(o, "disks", disk_from, ids, c.disks); !ok) return ok.error();
+  if (auto ok = device_list(o, "nics", nic_from, ids, c.nics); !ok) return ok.error();
   if (auto it = o.find("vnc"); it != o.end() && !it->value().is_null()) {
     auto obj = as_object(it->value(), "vnc");
     if (!obj) return obj.error();

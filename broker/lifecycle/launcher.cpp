@@ -148,36 +148,25 @@ void Launcher::remove_files(const std::string& name) {
   }
 }
 
-Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
-                                 const std::vector<std::string>& extra_args) {
-  if (auto ok = validate(spec); !ok) return ok.error();
-  // The undo steps refer to `inst`, so it is declared first and outlives them on every return.
-  Instance inst;
-  Rollback undo;
-  inst.name = spec.name;
-  inst.accel = detect_accel(spec.accel);
+namespace {
 
+// The run directory's parts. The jail mount point must be reachable (traversable) only by root.
+Result<void> make_run_dirs(const std::string& run_dir) {
   for (const char* sub : {"/qmp", "/console", "/log", "/jail"}) {
-    if (auto ec = make_dirs(config_.run_dir + sub, 0700)) {
-      return make_error(ec, "creating " + config_.run_dir + sub);
-    }
+    if (auto ec = make_dirs(run_dir + sub, 0700)) return make_error(ec, "creating " + run_dir + sub);
   }
-  // The jail mount point must be reachable (traversable) only by root.
-  ::chmod((config_.run_dir + "/jail").c_str(), 0700);
+  ::chmod((run_dir + "/jail").c_str(), 0700);
+  return {};
+}
 
-  // Step 2: a uid, swept and recorded before anything runs under it.
-  auto uid = uids_.allocate(spec.name);
-  if (!uid) return uid.error();
-  inst.uid = *uid;
-  undo.push([this, u = *uid] { (void)uids_.release(u); });
-
-  // Step 3: open everything with the broker's credentials.
-  std::vector<fdpass::UniqueFd> mounts;
-  JailLayout layout = default_qemu_layout(config_.run_dir + "/jail", inst.accel == Accel::kvm);
+// The kernel and initrd, opened beneath the image roots with the broker's credentials and turned
+// into detached read-only mounts of those inodes at their jail paths.
+Result<void> mount_boot_files(const DomainSpec& spec, const fdpass::ImageRoots& roots,
+                              std::vector<fdpass::UniqueFd>& mounts, JailLayout& layout) {
   for (auto [path, target, field] : {std::tuple{&spec.kernel, kKernelInJail, "kernel"},
                                      std::tuple{&spec.initrd, kInitrdInJail, "initrd"}}) {
     if (path->empty()) continue;
-    auto opened = roots_.open(*path, {});
+    auto opened = roots.open(*path, {});
     if (!opened) {
       Error e(opened.error(), std::string(field) + ": " + *path + ": " + opened.error().message());
       e.field = field;
@@ -188,11 +177,18 @@ Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
     mounts.push_back(std::move(*tree));
     layout.fd_mounts.emplace_back(mounts.back(), target);
   }
+  return {};
+}
 
-  inst.qmp_path = config_.run_dir + "/qmp/" + spec.name + ".sock";
-  inst.console_path = config_.run_dir + "/console/" + spec.name + ".sock";
-  inst.log_path = config_.run_dir + "/log/" + spec.name + ".log";
-  undo.push([this, name = spec.name] { remove_files(name); });
+// What QEMU gets at fds 3 and 4 and as stdout/stderr: the QMP and console listeners the broker
+// binds, and the log file.
+struct Endpoints {
+  fdpass::UniqueFd qmp;
+  fdpass::UniqueFd console;
+  fdpass::UniqueFd log;
+};
+
+Result<Endpoints> open_endpoints(const Instance& inst) {
   auto qmp = fdpass::listen_unix(inst.qmp_path, 0600, 0, 0, 4);
   if (!qmp) return make_error(qmp.error(), "QMP listener " + inst.qmp_path);
   auto console = fdpass::listen_unix(inst.console_path, 0600, 0, 0, 4);
@@ -200,28 +196,39 @@ Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
   fdpass::UniqueFd log(::open(inst.log_path.c_str(),
                               O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0600));
   if (!log) return make_error(errno_code(), "QEMU log " + inst.log_path);
+  return Endpoints{std::move(*qmp), std::move(*console), std::move(log)};
+}
 
-  if (config_.use_cgroup && cgroups_.available()) {
-    CgroupLimits limits;
-    // Guest RAM plus room for QEMU itself.
-    limits.memory_bytes = (static_cast<std::uint64_t>(spec.memory_mib) + 256) << 20;
-    limits.pids = config_.limits.nproc;
-    // Named after the domain, not the uid (in shared-uid mode every domain has the same uid),
-    // and fresh for this instance: never one an earlier QEMU of the same name may still occupy.
-    auto cg = cgroups_.create(fresh_cgroup_name(spec.name), limits);
-    if (!cg) return cg.error();
-    inst.cgroup = std::move(*cg);
-    inst.cgroup_name = inst.cgroup.name();
-    undo.push([this, &inst] { cgroups_.retire(inst.cgroup); });
-  } else if (config_.use_cgroup) {
+}  // namespace
+
+Result<void> Launcher::make_cgroup(const DomainSpec& spec, Instance& inst) {
+  if (!config_.use_cgroup) return {};
+  if (!cgroups_.available()) {
     log::info("domain " + spec.name + ": no cgroup (" + cgroups_.why_unavailable() + ")");
+    return {};
   }
+  CgroupLimits limits;
+  // Guest RAM plus room for QEMU itself.
+  limits.memory_bytes = (static_cast<std::uint64_t>(spec.memory_mib) + 256) << 20;
+  limits.pids = config_.limits.nproc;
+  // Named after the domain, not the uid (in shared-uid mode every domain has the same uid), and
+  // fresh for this instance: never one an earlier QEMU of the same name may still occupy.
+  auto cg = cgroups_.create(fresh_cgroup_name(spec.name), limits);
+  if (!cg) return cg.error();
+  inst.cgroup = std::move(*cg);
+  inst.cgroup_name = inst.cgroup.name();
+  return {};
+}
 
-  // Step 4: spawn.
+Result<SpawnedChild> Launcher::spawn(const DomainSpec& spec, Instance& inst, const FdHandover* cold,
+                                     const std::vector<std::string>& extra_args,
+                                     std::array<fdpass::BorrowedFd, 3> qmp_console_log,
+                                     JailLayout layout) {
+  const auto [qmp, console, log] = qmp_console_log;
   SpawnRequest req;
   req.executable = config_.qemu;
   req.argv = command_line(spec, inst.accel, cold, extra_args);
-  req.pass = {*qmp, *console};
+  req.pass = {qmp, console};
   if (cold != nullptr) {
     for (auto fd : cold->spawn_fds()) req.pass.push_back(fd);
   }
@@ -243,10 +250,45 @@ Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
     if (tail && !tail->empty()) e.message += "; QEMU said: " + *tail;
     return e;
   }
+  inst.argv = std::move(req.argv);
+  return child;
+}
+
+Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
+                                 const std::vector<std::string>& extra_args) {
+  if (auto ok = validate(spec); !ok) return ok.error();
+  // The undo steps refer to `inst`, so it is declared first and outlives them on every return.
+  Instance inst;
+  Rollback undo;
+  inst.name = spec.name;
+  inst.accel = detect_accel(spec.accel);
+  if (auto ok = make_run_dirs(config_.run_dir); !ok) return ok.error();
+
+  // Step 2: a uid, swept and recorded before anything runs under it.
+  auto uid = uids_.allocate(spec.name);
+  if (!uid) return uid.error();
+  inst.uid = *uid;
+  undo.push([this, u = *uid] { (void)uids_.release(u); });
+
+  // Step 3: open everything with the broker's credentials.
+  std::vector<fdpass::UniqueFd> mounts;
+  JailLayout layout = default_qemu_layout(config_.run_dir + "/jail", inst.accel == Accel::kvm);
+  if (auto ok = mount_boot_files(spec, roots_, mounts, layout); !ok) return ok.error();
+  inst.qmp_path = config_.run_dir + "/qmp/" + spec.name + ".sock";
+  inst.console_path = config_.run_dir + "/console/" + spec.name + ".sock";
+  inst.log_path = config_.run_dir + "/log/" + spec.name + ".log";
+  undo.push([this, name = spec.name] { remove_files(name); });
+  auto io = open_endpoints(inst);
+  if (!io) return io.error();
+  if (auto ok = make_cgroup(spec, inst); !ok) return ok.error();
+  if (inst.cgroup.valid()) undo.push([this, &inst] { cgroups_.retire(inst.cgroup); });
+
+  // Step 4: spawn.
+  auto child = spawn(spec, inst, cold, extra_args, {io->qmp, io->console, io->log}, std::move(layout));
+  if (!child) return child.error();
   inst.pid = child->pid;
   inst.pidfd = std::move(child->pidfd);
   inst.start_time = process_start_time(config_.proc_root, inst.pid);
-  inst.argv = std::move(req.argv);
   if (cold != nullptr) cold->spawned();
   undo.disarm();
   return inst;

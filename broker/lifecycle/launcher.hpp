@@ -16,6 +16,7 @@
 
 #include <sys/types.h>
 
+#include <array>
 #include <chrono>
 #include <optional>
 #include <string>
@@ -96,6 +97,13 @@ class Launcher {
 
  private:
   void remove_files(const std::string& name);
+  // The instance's own cgroup, when cgroups are in use and available.
+  Result<void> make_cgroup(const DomainSpec& spec, Instance& inst);
+  // Clones the jailed child and execs QEMU with the QMP and console listeners at fds 3 and 4,
+  // the cold fds after them, and `log` as stdout and stderr.
+  Result<SpawnedChild> spawn(const DomainSpec& spec, Instance& inst, const FdHandover* cold,
+                             const std::vector<std::string>& extra_args,
+                             std::array<fdpass::BorrowedFd, 3> qmp_console_log, JailLayout layout);
 
   LauncherConfig config_;
   UidPool& uids_;

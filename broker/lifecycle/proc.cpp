@@ -43,7 +43,8 @@ std::vector<ProcInfo> processes_of_uid(const std::string& proc_root, uid_t uid) 
       unsigned long long mask = std::strtoull(status->c_str() + at + 8, nullptr, 16);
       kill_pending = kill_pending || (mask & (1ULL << (SIGKILL - 1))) != 0;
     }
-    out.push_back({static_cast<pid_t>(pid), zombie, kill_pending});
+    char state = state_at != std::string::npos && state_at + 8 < status->size() ? (*status)[state_at + 8] : '?';
+    out.push_back({static_cast<pid_t>(pid), zombie, kill_pending, state});
   }
   ::closedir(d);
   return out;

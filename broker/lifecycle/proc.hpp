@@ -13,6 +13,7 @@ struct ProcInfo {
   pid_t pid = 0;
   bool zombie = false;
   bool kill_pending = false;  // SIGKILL queued: the process is on its way out
+  char state = '?';           // /proc/<pid>/status State: R, S, D, Z, T, ...
 };
 
 // Processes with `uid` as any of their real, effective, saved or filesystem uids.

@@ -74,10 +74,14 @@ Result<KillReport> Reaper::kill_uid(uid_t uid) {
     if (report.rounds == 1 && report.found == 0) report.found = procs.size();
     report.survivors = 0;
     kill_again = false;
+    std::string alive;  // the first few survivors, for the error
     for (const auto& p : procs) {
       if (p.zombie) continue;
       ++report.survivors;
       kill_again = kill_again || !p.kill_pending;
+      if (report.survivors <= 4) {
+        alive += " " + std::to_string(p.pid) + "(" + p.state + (p.kill_pending ? ",SIGKILL pending" : "") + ")";
+      }
     }
     if (report.survivors == 0) {
       report.duration = std::chrono::duration_cast<std::chrono::microseconds>(
@@ -87,7 +91,7 @@ Result<KillReport> Reaper::kill_uid(uid_t uid) {
     if (std::chrono::steady_clock::now() >= deadline) {
       Error e(make_error_code(errc::survivors),
               std::to_string(report.survivors) + " processes of uid " + std::to_string(uid) +
-                  " still alive after " + std::to_string(report.rounds) + " kill rounds");
+                  " still alive after " + std::to_string(report.rounds) + " kill rounds:" + alive);
       return e;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
