@@ -9,6 +9,7 @@
 //         automatic:      display_update, and add_client when QEMU lacks display-update.
 // Remove: display-update with no addresses (or stop the accept loop) -> unlink a Unix path.
 // Connected clients stay connected: QEMU has no command that drops VNC clients.
+#include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -167,18 +168,22 @@ class SocketCleanup {
 // Hands the listener to QEMU with getfd + display-update. False when QEMU predates
 // display-update (and the caller may fall back to add_client); the fd stays with the caller then.
 awaitable<Result<bool>> hand_over_listener(Context& ctx, Domain& d, Listener& l) {
-  std::string fdname(kVncFd);
-  auto passed = co_await getfd(ctx, d, l.fd, std::move(fdname));
-  if (!passed) co_return passed.error();
+  // A copy goes to QEMU, so the broker still holds the listener when it must fall back.
+  fdpass::UniqueFd copy(::fcntl(l.fd.get(), F_DUPFD_CLOEXEC, 0));
+  if (!copy) co_return Error(std::error_code(errno, std::system_category()), "VNC listener: dup");
+  lifecycle::FdHandover fds;
+  fds.add_named(std::move(copy), std::string(kVncFd));
+  if (auto ok = co_await hand_over(ctx, d, fds); !ok) co_return ok.error();
   qmp::Command update = qmp::cmd::display_update_vnc_fd(kVncFd);
   auto r = co_await call(ctx, d, std::move(update));
   if (r) {
-    l.fd.reset();  // QEMU listens on it now
+    l.fd.reset();  // QEMU listens on its copy now
     co_return true;
   }
-  // QEMU may not have taken the named fd.
-  qmp::Command close = qmp::cmd::closefd(kVncFd);
-  (void)co_await call(ctx, d, std::move(close));
+  // QEMU did not take the named fd: give it back.
+  Undo undo;
+  undo.push_all(fds.rollback());
+  co_await undo.run(ctx, d);
   // Only a QEMU without display-update (before 7.1) falls back; any other refusal is real.
   if (ctx.vnc == VncHandover::display_update || r.error().qmp_class != "CommandNotFound") {
     co_return r.error();
