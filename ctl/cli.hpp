@@ -1,3 +1,5 @@
+// ctl/ is qbrokerctl, a client of the HTTP API only.
+//
 // qbrokerctl's command line, parsed into the HTTP request it stands for. Pure: no I/O beyond
 // reading a --from-json file, so tests check every subcommand's request directly.
 //

@@ -1,3 +1,6 @@
+// qmp/ speaks QMP: a sans-I/O wire parser, id mux and write outbox, this Asio client and typed
+// command builders.
+//
 // qmp::Client: an asynchronous QMP client that passes fds, a Boost.Asio shell (C++20 coroutines)
 // performing the reads and writes the sans-I/O core (qmp/wire, qmp/mux, qmp/outbox) asks for.
 //

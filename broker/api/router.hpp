@@ -1,3 +1,6 @@
+// broker/api is the HTTP front end of the Broker: this pure router, the one error map, the Service
+// and the Beast server.
+//
 // The control endpoint's pure half: route() turns a method, a target and a body into a
 // validated Command, and render() turns an Outcome into an HTTP response (style point 2).
 // Neither touches a socket or a domain, so tests call them directly; broker/api/server.cpp is

@@ -1,3 +1,5 @@
+// broker/control is the command surface above the flows.
+//
 // The Broker: the one internal command surface (style point 3), the layer above the flows. Every
 // operation a user can ask for is a method here; the REST API and any other front end only parse,
 // call and render. A method claims the domain's job slot, journals the job where a restart must

@@ -1,3 +1,5 @@
+// broker/daemon is qbrokerd itself: options, systemd glue, the orphan reaper and this wiring.
+//
 // qbrokerd's composition root: the one place that builds the objects (uid pool, reaper, cgroups,
 // image roots, launcher, Broker, API service and server) and wires them together; nothing else
 // constructs them and there are no globals. The configuration comes validated (options.hpp);
