@@ -154,7 +154,9 @@ awaitable<Result<void>> Broker::command_job(std::string name, std::string job, q
     if (after) d.set_state(*after);
     co_return Result<void>{};
   };
-  co_return co_await run_job<void>(std::move(name), std::move(job), {}, Journal::none, step);
+  // A run-state change is written back, so the record never says paused for a running guest.
+  const Journal journal = after ? Journal::after : Journal::none;
+  co_return co_await run_job<void>(std::move(name), std::move(job), {}, journal, step);
 }
 
 awaitable<Result<void>> Broker::pause(std::string name) {

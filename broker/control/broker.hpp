@@ -128,8 +128,8 @@ class Broker {
   static DomainInfo describe(const Domain& d);
   // How a job touches the domain's record.
   enum class Journal {
-    none,    // the job changes nothing a restart reads back (pause, resume, reset, powerdown)
-    after,   // saved after its last step (media changes, VNC handovers: they build nothing
+    none,    // the job changes nothing a restart reads back (reset, powerdown)
+    after,   // saved after its last step (pause and resume, media changes, VNC handovers: they build nothing
              // half-way that outlives a dead broker, so reconcile() has nothing to undo)
     around,  // also journaled before its first step, so a restart can undo or finish it
              // (hotplug and unplug, which leave nodes, fdsets and netdevs half built)

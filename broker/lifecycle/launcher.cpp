@@ -362,7 +362,11 @@ void Launcher::sweep_cgroups(const std::vector<const Instance*>& live) {
 
 std::vector<uid_t> Launcher::reclaim_uids(const std::vector<const Instance*>& live) {
   std::set<uid_t> running;
-  for (const auto* inst : live) running.insert(inst->uid);
+  std::set<std::string> names;
+  for (const auto* inst : live) {
+    running.insert(inst->uid);
+    names.insert(inst->name);
+  }
   std::vector<uid_t> released;
   // In shared-uid mode a kill by uid would take the live domains down with the orphan.
   if (uids_.is_shared() && !running.empty()) return released;
@@ -379,6 +383,9 @@ std::vector<uid_t> Launcher::reclaim_uids(const std::vector<const Instance*>& li
       log::error("uid " + std::to_string(uid) + ": " + ok.error().describe());
       continue;
     }
+    // The start that recorded the uid may have bound its listeners already; a live domain of the
+    // same name owns the same paths, so they stay for it.
+    if (!names.contains(owner)) remove_files(owner);
     log::warn("uid " + std::to_string(uid) + " was recorded for " + owner +
               " without a domain to go with it: killed " + std::to_string(killed->found) +
               " process(es) and released it");

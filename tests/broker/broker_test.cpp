@@ -4,6 +4,7 @@
 
 #include <boost/json.hpp>
 
+#include "broker/core/atomic_file.hpp"
 #include "broker/core/errc.hpp"
 #include "broker/lifecycle/proc.hpp"
 #include "broker_fixture.hpp"
@@ -34,13 +35,23 @@ TEST_CASE("a domain is created, runs, pauses, resumes and is destroyed by uid",
     REQUIRE(live);
     CHECK(live->qemu_status == "running");
 
+    // The record says what the domain is in, and no job once the create is over.
+    auto record = [&] {
+      auto text = broker::read_small_file(fx.state / "domains/vm1.json");
+      REQUIRE(text);
+      return json::parse(*text).as_object();
+    };
+    CHECK(record().at("state") == "running");
+    CHECK_FALSE(record().contains("job"));
     REQUIRE(fx.run(fx.broker.pause("vm1")));
     CHECK(fx.run(fx.broker.info("vm1"))->qemu_status == "paused");
+    CHECK(record().at("state") == "paused");
     auto again = fx.run(fx.broker.pause("vm1"));
     REQUIRE_FALSE(again);
     CHECK(again.error().code == broker::errc::wrong_state);
     REQUIRE(fx.run(fx.broker.resume("vm1")));
     CHECK(fx.run(fx.broker.info("vm1"))->qemu_status == "running");
+    CHECK(record().at("state") == "running");
 
     auto command = [](std::string_view text) {
       return broker::parse_qmp_passthrough(json::parse(text)).value();

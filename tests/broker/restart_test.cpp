@@ -147,6 +147,11 @@ TEST_CASE("a restarted broker kills and releases a uid recorded without a domain
   // uid runs (as if the QEMU had started).
   fs::create_directories(state / "uids");
   qbtest::write_file(state / ("uids/" + std::to_string(uid)), "ghost");
+  // ... and had bound its QMP and console listeners.
+  fs::create_directories(run / "qmp");
+  fs::create_directories(run / "console");
+  qbtest::write_file(run / "qmp/ghost.sock", "");
+  qbtest::write_file(run / "console/ghost.sock", "");
   pid_t orphan = qbtest::fork_as_uid(uid);
   REQUIRE(orphan > 0);
   qbtest::ChildGuard orphan_guard(orphan);
@@ -164,4 +169,6 @@ TEST_CASE("a restarted broker kills and releases a uid recorded without a domain
   CHECK(live_processes_of_uid("/proc", uid) == 0);
   CHECK(fs::is_empty(state / "uids"));
   CHECK(second.uids.in_use().empty());
+  CHECK_FALSE(fs::exists(run / "qmp/ghost.sock"));
+  CHECK_FALSE(fs::exists(run / "console/ghost.sock"));
 }
