@@ -128,12 +128,23 @@ awaitable<Result<T>> Broker::run_job(std::string name, std::string job, std::str
   }
   auto guard = d->begin_job(job, target);
   if (!guard) co_return guard.error();
-  // Journal the job before the first step, so a broker killed mid-flow can finish or undo it.
-  if (journal == Journal::around) co_await domains_.records().persist(*d);
+  // Journal the job before the first step, so a broker killed mid-flow can finish or undo it. A
+  // job that cannot be journaled does not start.
+  if (journal == Journal::around) {
+    if (auto ok = co_await domains_.records().persist(*d); !ok) co_return ok.error();
+  }
   events_.publish(name, "job", "started", {{"job", job}, {"target", target}});
   Result<T> r = co_await flow(*d);
   guard->release();
-  if (journal != Journal::none && domains_.contains(name)) co_await domains_.records().persist(*d);
+  if (journal != Journal::none && domains_.contains(name)) {
+    // A change the record does not hold is not acknowledged: the caller hears that it was made
+    // but not recorded (a restart would not know it).
+    if (auto ok = co_await domains_.records().persist(*d); !ok && r) {
+      Error e = ok.error();
+      e.context("domain " + name + ": " + job + " was done but not recorded");
+      co_return e;
+    }
+  }
   json::object data{{"job", job}, {"ok", r.has_value()}};
   if (!r) data["error"] = r.error().describe();
   events_.publish(name, "job", "finished", std::move(data));

@@ -56,7 +56,11 @@ awaitable<Result<void>> Domains::launch(std::shared_ptr<Domain> d) {
     co_return inst.error();
   }
   d->instance() = std::move(*inst);
-  co_await records_.persist(*d);
+  // A QEMU no record speaks of would be reclaimed as an orphan by the next broker: it goes now.
+  if (auto ok = co_await records_.persist(*d); !ok) {
+    co_await teardown(d, false);
+    co_return ok.error();
+  }
   co_return Result<void>{};
 }
 

@@ -37,7 +37,7 @@ boost::asio::awaitable<Result<void>> RecordStore::write(std::string name, std::s
     return write_file_atomic(dir_, file, text, 0600, kRecordSync);
   });
   if (!ec) co_return Result<void>{};
-  Error e = make_error(ec, "domain " + name + ": cannot write its record");
+  Error e(ec, "domain " + name + ": cannot write its record");
   log::error(e.describe());
   co_return e;
 }
@@ -48,7 +48,7 @@ boost::asio::awaitable<Result<void>> RecordStore::remove(std::string name) {
     return remove_file_durable(dir_, file, kRecordSync);
   });
   if (!ec) co_return Result<void>{};
-  Error e = make_error(ec, "domain " + name + ": cannot remove its record");
+  Error e(ec, "domain " + name + ": cannot remove its record");
   log::error(e.describe());
   co_return e;
 }

@@ -71,7 +71,11 @@ awaitable<Result<std::shared_ptr<Domain>>> create(Context& ctx, Domains& domains
     co_return ok.error();
   }
   job->release();
-  co_await domains.records().persist(*d);
+  if (auto ok = co_await domains.records().persist(*d); !ok) {
+    co_await domains.teardown(d, false);
+    ctx.events.publish(name, "domain", "failed", {{"error", ok.error().describe()}});
+    co_return ok.error();
+  }
   ctx.events.publish(name, "domain", "created",
                      {{"uid", d->instance().uid}, {"pid", d->instance().pid}});
   co_return d;

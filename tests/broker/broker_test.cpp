@@ -1,5 +1,8 @@
 // The Broker's own operations against a real QEMU: create, query, run state, passthrough,
 // destroy, and what is left afterwards.
+#include <fcntl.h>
+#include <sys/mount.h>
+
 #include <filesystem>
 
 #include <boost/json.hpp>
@@ -16,6 +19,29 @@ namespace json = boost::json;
 namespace {
 constexpr uid_t kBase = 3'101'000;
 constexpr uid_t kDupBase = 3'101'100;
+constexpr uid_t kFullBase = 3'101'500;
+
+// A tmpfs of a few pages mounted over `dir` and filled to the last byte, unmounted at scope exit.
+class FullFilesystem {
+ public:
+  explicit FullFilesystem(const std::string& dir) : dir_(dir) {
+    mounted_ = ::mount("qbtest-full", dir.c_str(), "tmpfs", MS_NOSUID | MS_NODEV, "size=16k") == 0;
+    if (!mounted_) return;
+    fdpass::UniqueFd fill(::open((dir + "/fill").c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600));
+    const std::string block(4096, 'x');
+    while (fill && ::write(fill.get(), block.data(), block.size()) > 0) {
+    }
+  }
+  ~FullFilesystem() {
+    if (mounted_) ::umount2(dir_.c_str(), MNT_DETACH);
+  }
+  bool mounted() const { return mounted_; }
+
+ private:
+  std::string dir_;
+  bool mounted_ = false;
+};
+
 }  // namespace
 
 TEST_CASE("a domain is created, runs, pauses, resumes and is destroyed by uid",
@@ -116,4 +142,21 @@ TEST_CASE("a second domain with the same name is refused, and a QEMU that dies i
   CHECK_FALSE(fx.broker.exists("dup"));
   CHECK(fx.uids.in_use().empty());
   CHECK(broker::lifecycle::processes_of_uid("/proc", kDupBase + 1).empty());
+}
+
+TEST_CASE("a domain whose record cannot be written is not created, and nothing of it is left",
+          "[broker][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::FdLeakCheck leaks;
+  qbtest::BrokerFixture fx(kFullBase);
+  FullFilesystem full(fx.state / "domains");
+  REQUIRE(full.mounted());
+  auto created = fx.run(fx.broker.create(qbtest::BrokerFixture::guest("full1")));
+  REQUIRE_FALSE(created);
+  INFO(created.error().describe());
+  CHECK(created.error().code == std::error_code(ENOSPC, std::system_category()));
+  CHECK(created.error().message.find("record") != std::string::npos);
+  CHECK_FALSE(fx.broker.exists("full1"));
+  CHECK(broker::lifecycle::live_processes_of_uid("/proc", kFullBase + 1) == 0);
+  CHECK(fx.uids.in_use().empty());
 }
