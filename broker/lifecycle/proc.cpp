@@ -33,6 +33,10 @@ std::vector<ProcInfo> processes_of_uid(const std::string& proc_root, uid_t uid) 
       p = next;
     }
     if (!match) continue;
+    const auto uids_end = status->find('\n', uid_at + 5);
+    std::string uids = status->substr(uid_at + 6, uids_end == std::string::npos ? std::string::npos
+                                                                                : uids_end - uid_at - 6);
+    for (auto& c : uids) c = c == '\t' ? ' ' : c;
     bool zombie = state_at != std::string::npos &&
                   status->compare(state_at + 7, 2, "\tZ") == 0;
     // SigPnd (thread) and ShdPnd (process) are hex masks; SIGKILL is bit 9 - 1.
@@ -44,7 +48,7 @@ std::vector<ProcInfo> processes_of_uid(const std::string& proc_root, uid_t uid) 
       kill_pending = kill_pending || (mask & (1ULL << (SIGKILL - 1))) != 0;
     }
     char state = state_at != std::string::npos && state_at + 8 < status->size() ? (*status)[state_at + 8] : '?';
-    out.push_back({static_cast<pid_t>(pid), zombie, kill_pending, state});
+    out.push_back({static_cast<pid_t>(pid), zombie, kill_pending, state, std::move(uids)});
   }
   ::closedir(d);
   return out;

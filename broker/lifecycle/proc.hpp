@@ -14,6 +14,7 @@ struct ProcInfo {
   bool zombie = false;
   bool kill_pending = false;  // SIGKILL queued: the process is on its way out
   char state = '?';           // /proc/<pid>/status State: R, S, D, Z, T, ...
+  std::string uids;           // real, effective, saved and filesystem uid, as /proc shows them
 };
 
 // Processes with `uid` as any of their real, effective, saved or filesystem uids.

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <map>
 #include <thread>
 
 #include "broker/lifecycle/errc.hpp"
@@ -50,6 +51,21 @@ std::error_code ForkingUidKiller::kill_all(uid_t reaper_uid, uid_t uid) {
   return make_error_code(errc::kill_failed);
 }
 
+namespace {
+
+// kill(-1) as a uid reaches a process only when the uid is its real or saved uid. One that merely
+// runs with it as its effective uid (setresuid(other, uid, other)) is out of reach, and another
+// round will not change that: after this many rounds that left a process alive without a SIGKILL
+// pending, the sweep stops and says which process holds the uid.
+constexpr int kUnreachableAfter = 3;
+
+std::string describe(const ProcInfo& p) {
+  return std::to_string(p.pid) + " (state " + p.state + ", uids " + p.uids +
+         (p.kill_pending ? ", SIGKILL pending)" : ")");
+}
+
+}  // namespace
+
 Result<KillReport> Reaper::kill_uid(uid_t uid) {
   const auto start = std::chrono::steady_clock::now();
   KillReport report;
@@ -57,8 +73,10 @@ Result<KillReport> Reaper::kill_uid(uid_t uid) {
   report.method = "uid";
   const auto deadline = start + settle_;
   bool kill_again = true;
+  std::map<pid_t, int> missed;  // live processes a round left without a SIGKILL pending
   for (;;) {
-    if (kill_again) {
+    const bool sent = kill_again;
+    if (sent) {
       ++report.rounds;
       if (auto ec = killer_.kill_all(reaper_uid_, uid)) {
         Error e(make_error_code(errc::kill_failed),
@@ -79,8 +97,13 @@ Result<KillReport> Reaper::kill_uid(uid_t uid) {
       if (p.zombie) continue;
       ++report.survivors;
       kill_again = kill_again || !p.kill_pending;
-      if (report.survivors <= 4) {
-        alive += " " + std::to_string(p.pid) + "(" + p.state + (p.kill_pending ? ",SIGKILL pending" : "") + ")";
+      if (report.survivors <= 4) alive += " " + describe(p);
+      if (sent && !p.kill_pending && ++missed[p.pid] >= kUnreachableAfter) {
+        Error e(make_error_code(errc::survivors),
+                "process " + describe(p) + " runs as uid " + std::to_string(uid) +
+                    " but kill(-1) as that uid cannot reach it (it is not its real or saved "
+                    "uid); the uid stays in use");
+        return e;
       }
     }
     if (report.survivors == 0) {

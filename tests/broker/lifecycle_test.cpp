@@ -38,6 +38,7 @@ constexpr uid_t kBadKernelBase = 3'100'500;
 constexpr uid_t kColdBase = 3'100'600;
 constexpr uid_t kSharedBase = 3'100'700;
 constexpr uid_t kStepUid = 3'100'801;
+constexpr uid_t kEuidOnlyBase = 3'100'900;
 
 std::string proc_field(pid_t pid, const std::string& key) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/status");
@@ -364,6 +365,34 @@ TEST_CASE("a uid whose processes survive the sweep is quarantined, not handed ou
   CHECK(alive(planted));
   ::kill(planted, SIGKILL);
   ::waitpid(planted, nullptr, 0);
+}
+
+TEST_CASE("a process that holds a uid only as its effective uid stops the sweep at once, named",
+          "[lifecycle][privileged]") {
+  QB_REQUIRE_ROOT();
+  const uid_t uid = kEuidOnlyBase + 1;
+  const uid_t other = kEuidOnlyBase + 50;
+  // kill(-1) as `uid` cannot signal it: `uid` is neither its real nor its saved uid.
+  pid_t holder = ::fork();
+  if (holder == 0) {
+    if (::setresuid(other, uid, other) != 0) ::_exit(99);
+    for (;;) ::pause();
+  }
+  REQUIRE(holder > 0);
+  qbtest::ChildGuard guard(holder);
+  REQUIRE(wait_until([&] { return live_processes_of_uid("/proc", uid) == 1; }, 5s));
+  ForkingUidKiller real;
+  Reaper reaper(real, kEuidOnlyBase);  // the default settle time of 10 s
+  const auto start = std::chrono::steady_clock::now();
+  auto report = reaper.kill_uid(uid);
+  const auto took = std::chrono::steady_clock::now() - start;
+  REQUIRE_FALSE(report);
+  INFO(report.error().describe());
+  CHECK(report.error().code == errc::survivors);
+  CHECK(report.error().message.find(std::to_string(holder)) != std::string::npos);
+  CHECK(report.error().message.find(std::to_string(other)) != std::string::npos);
+  CHECK(took < 2s);  // not the 10 s settle time
+  CHECK(alive(holder));
 }
 
 TEST_CASE("a kill failure with a known uid is an error, never a kill by pid",
