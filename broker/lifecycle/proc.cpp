@@ -74,4 +74,12 @@ unsigned long long process_start_time(const std::string& proc_root, pid_t pid) {
   return std::strtoull(p + 1, nullptr, 10);
 }
 
+char process_state(const std::string& proc_root, pid_t pid) {
+  auto stat = read_small_file(proc_root + "/" + std::to_string(pid) + "/stat", 8192);
+  if (!stat) return 0;
+  auto close = stat->rfind(')');
+  if (close == std::string::npos || close + 2 >= stat->size()) return 0;
+  return (*stat)[close + 2];
+}
+
 }  // namespace broker::lifecycle

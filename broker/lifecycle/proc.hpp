@@ -27,4 +27,7 @@ std::size_t live_processes_of_uid(const std::string& proc_root, uid_t uid);
 // identifies one process across a broker restart. 0 when the process is gone.
 unsigned long long process_start_time(const std::string& proc_root, pid_t pid);
 
+// The state letter of /proc/<pid>/stat (R, S, D, Z, X, ...), or 0 when there is no such process.
+char process_state(const std::string& proc_root, pid_t pid);
+
 }  // namespace broker::lifecycle

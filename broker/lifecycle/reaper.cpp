@@ -7,7 +7,7 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <map>
+#include <cstdio>
 #include <thread>
 
 #include "broker/lifecycle/errc.hpp"
@@ -53,11 +53,14 @@ std::error_code ForkingUidKiller::kill_all(uid_t reaper_uid, uid_t uid) {
 
 namespace {
 
-// kill(-1) as a uid reaches a process only when the uid is its real or saved uid. One that merely
-// runs with it as its effective uid (setresuid(other, uid, other)) is out of reach, and another
-// round will not change that: after this many rounds that left a process alive without a SIGKILL
-// pending, the sweep stops and says which process holds the uid.
-constexpr int kUnreachableAfter = 3;
+// kill(-1) as a uid reaches a process only when the uid is its real or saved uid (kill(2)). One
+// that merely runs with it as its effective or filesystem uid (setresuid(other, uid, other)) is
+// out of reach, and no further round changes that.
+bool reachable(const ProcInfo& p, uid_t uid) {
+  unsigned long real = 0, effective = 0, saved = 0;
+  if (std::sscanf(p.uids.c_str(), "%lu %lu %lu", &real, &effective, &saved) != 3) return true;
+  return real == uid || saved == uid;
+}
 
 std::string describe(const ProcInfo& p) {
   return std::to_string(p.pid) + " (state " + p.state + ", uids " + p.uids +
@@ -73,10 +76,8 @@ Result<KillReport> Reaper::kill_uid(uid_t uid) {
   report.method = "uid";
   const auto deadline = start + settle_;
   bool kill_again = true;
-  std::map<pid_t, int> missed;  // live processes a round left without a SIGKILL pending
   for (;;) {
-    const bool sent = kill_again;
-    if (sent) {
+    if (kill_again) {
       ++report.rounds;
       if (auto ec = killer_.kill_all(reaper_uid_, uid)) {
         Error e(make_error_code(errc::kill_failed),
@@ -98,7 +99,7 @@ Result<KillReport> Reaper::kill_uid(uid_t uid) {
       ++report.survivors;
       kill_again = kill_again || !p.kill_pending;
       if (report.survivors <= 4) alive += " " + describe(p);
-      if (sent && !p.kill_pending && ++missed[p.pid] >= kUnreachableAfter) {
+      if (!reachable(p, uid)) {
         Error e(make_error_code(errc::survivors),
                 "process " + describe(p) + " runs as uid " + std::to_string(uid) +
                     " but kill(-1) as that uid cannot reach it (it is not its real or saved "
