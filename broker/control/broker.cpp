@@ -40,6 +40,7 @@ DomainsConfig domains_config(const BrokerConfig& c) {
       .session = {.start_timeout = c.start_timeout, .qmp_max_line = c.qmp_max_line,
                   .transcript = c.transcript},
       .quit_timeout = c.quit_timeout,
+      .adopt_timeout = c.adopt_timeout,
   };
 }
 
@@ -52,7 +53,10 @@ Broker::Broker(asio::any_io_executor ex, BrokerConfig config, lifecycle::Launche
       launcher_(launcher),
       events_(ex),
       domains_(ex, domains_config(config_), launcher, events_),
-      flow_ctx_{ex, roots, events_, config_.timeouts} {}
+      flow_ctx_{ex, roots, events_, config_.timeouts},
+      resume_([this](flows::RecoveryReport::Removal r) {
+        asio::co_spawn(ex_, resume_removal(std::move(r)), asio::detached);
+      }) {}
 
 Broker::~Broker() = default;
 
@@ -122,7 +126,8 @@ awaitable<Result<T>> Broker::run_job(std::string name, std::string job, std::str
   auto found = find(name);
   if (!found) co_return found.error();
   auto d = *found;
-  if (d->state() == RunState::starting || d->state() == RunState::stopping) {
+  if (d->state() == RunState::starting || d->state() == RunState::stopping ||
+      d->state() == RunState::unresponsive) {
     co_return Error(make_error_code(errc::wrong_state),
                     "domain " + name + " is " + std::string(to_string(d->state())));
   }
@@ -313,11 +318,7 @@ awaitable<void> Broker::resume_removal(flows::RecoveryReport::Removal removal) {
 }
 
 awaitable<Broker::RecoveryReport> Broker::recover() {
-  auto report = co_await flows::recover(flow_ctx_, domains_);
-  for (auto& removal : report.removals) {
-    asio::co_spawn(ex_, resume_removal(removal), asio::detached);
-  }
-  co_return report;
+  co_return co_await flows::recover(flow_ctx_, domains_, resume_);
 }
 
 }  // namespace broker

@@ -41,6 +41,7 @@ struct BrokerConfig {
   flows::Timeouts timeouts;
   std::chrono::milliseconds start_timeout{30000};  // spawn -> capabilities negotiated
   std::chrono::milliseconds quit_timeout{3000};    // graceful quit before the kill
+  std::chrono::milliseconds adopt_timeout{1000};   // QMP handshake with a re-adopted QEMU
   std::size_t qmp_max_line = 16u << 20;
   qmp::TranscriptHook transcript;                  // every QMP line of every domain (audits, tests)
 };
@@ -158,6 +159,7 @@ class Broker {
   EventBus events_;
   Domains domains_;
   flows::Context flow_ctx_;
+  flows::ResumeRemoval resume_;  // recovery hands removals to resume here, now or later
   qmp::CapabilityCache capabilities_;
   std::string capabilities_from_;
 };

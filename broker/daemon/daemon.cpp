@@ -181,16 +181,21 @@ struct Lifetime {
   bool failed = false;
 };
 
-// Recovery first, then the socket: a client never sees a half-recovered domain list.
+// Recovery first, then the socket: a client never sees a half-recovered domain list. Recovery is
+// bounded: domains are adopted concurrently, each within the adopt timeout, and one that does not
+// answer is listed as unresponsive while it is retried in the background.
 asio::awaitable<void> start_serving(Broker& broker, api::Server& server, fdpass::UniqueFd listener,
                                     Lifetime& life) {
   auto report = co_await broker.recover();
   log::info("recovered state: " + std::to_string(report.adopted.size()) + " domain(s) adopted, " +
             std::to_string(report.torn_down.size()) + " torn down, " +
+            std::to_string(report.unresponsive.size()) + " unresponsive, " +
             std::to_string(report.reclaimed_uids.size()) + " orphan uid(s) reclaimed");
   for (const auto& n : report.adopted) log::info("adopted domain " + n);
   for (const auto& n : report.torn_down)
     log::info("tore down domain " + n + " (its QEMU was gone)");
+  for (const auto& n : report.unresponsive)
+    log::warn("domain " + n + " is unresponsive; adopting it once its QEMU answers");
   if (auto ok = server.start(std::move(listener)); !ok) {
     log::error(ok.error().describe());
     life.failed = true;

@@ -23,7 +23,9 @@
 
 namespace broker {
 
-enum class RunState { starting, paused, running, shutdown, stopping };
+// unresponsive: adopted after a restart, its QEMU alive but not answering QMP; the broker keeps
+// trying and never kills it for being slow.
+enum class RunState { starting, paused, running, shutdown, stopping, unresponsive };
 std::string_view to_string(RunState s);
 
 struct CdromState {

@@ -65,7 +65,17 @@ awaitable<Result<void>> Domains::launch(std::shared_ptr<Domain> d) {
 }
 
 awaitable<Result<void>> Domains::attach(std::shared_ptr<Domain> d) {
-  if (auto ok = co_await connect_qmp(ex_, *d, config_.session); !ok) co_return ok.error();
+  return connect(std::move(d), config_.session);
+}
+
+awaitable<Result<void>> Domains::reattach(std::shared_ptr<Domain> d) {
+  SessionConfig session = config_.session;
+  session.start_timeout = config_.adopt_timeout;
+  return connect(std::move(d), std::move(session));
+}
+
+awaitable<Result<void>> Domains::connect(std::shared_ptr<Domain> d, SessionConfig session) {
+  if (auto ok = co_await connect_qmp(ex_, *d, session); !ok) co_return ok.error();
   asio::co_spawn(ex_, watch(d), asio::detached);
   co_return Result<void>{};
 }
@@ -115,6 +125,14 @@ bool Domains::still_running(Domain& d) {
   if (same) inst.pidfd.reset(static_cast<int>(::syscall(SYS_pidfd_open, inst.pid, 0)));
   launcher_.reattach(inst);
   return same && inst.pidfd;
+}
+
+bool Domains::alive(const Domain& d) const {
+  const auto& inst = d.instance();
+  const auto& proc = launcher_.config().proc_root;
+  if (inst.pid <= 0 || lifecycle::process_start_time(proc, inst.pid) != inst.start_time) return false;
+  const char state = lifecycle::process_state(proc, inst.pid);
+  return state != 0 && state != 'Z' && state != 'X';  // not dead, not a zombie
 }
 
 awaitable<std::vector<uid_t>> Domains::reclaim() {

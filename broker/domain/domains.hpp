@@ -33,6 +33,9 @@ struct DomainsConfig {
   std::string records_dir = "/run/qbroker/domains";
   SessionConfig session;
   std::chrono::milliseconds quit_timeout{3000};  // graceful quit before the kill
+  // QMP handshake with a QEMU re-adopted after a restart: it runs already, so it answers at once
+  // unless it is stopped or stuck, and recovery does not wait on it for a start timeout.
+  std::chrono::milliseconds adopt_timeout{1000};
 };
 
 class Domains {
@@ -58,6 +61,8 @@ class Domains {
   // Connects to QMP and watches the QEMU: when it exits unasked, the domain is torn down by uid
   // and an "exited" event says so.
   boost::asio::awaitable<Result<void>> attach(std::shared_ptr<Domain> d);
+  // The same for a QEMU that already runs, with the adopt timeout for the handshake.
+  boost::asio::awaitable<Result<void>> reattach(std::shared_ptr<Domain> d);
   // Quits QEMU (when `graceful`), kills everything under the domain's uid, then drops the domain
   // and its record. A failed kill leaves the domain in the table, stopping.
   boost::asio::awaitable<Result<lifecycle::KillReport>> teardown(std::shared_ptr<Domain> d,
@@ -65,6 +70,8 @@ class Domains {
   // For a domain read back from its record: true when its pid still names the QEMU recorded
   // (same start time), which is then held by a pidfd.
   bool still_running(Domain& d);
+  // True while the domain's recorded QEMU (pid and start time) runs: neither gone nor a zombie.
+  bool alive(const Domain& d) const;
   // Kills and releases the uids, and removes the cgroups, that no domain accounts for.
   boost::asio::awaitable<std::vector<uid_t>> reclaim();
 
@@ -75,6 +82,7 @@ class Domains {
 
  private:
   boost::asio::awaitable<void> watch(std::shared_ptr<Domain> d);
+  boost::asio::awaitable<Result<void>> connect(std::shared_ptr<Domain> d, SessionConfig session);
 
   boost::asio::any_io_executor ex_;
   DomainsConfig config_;

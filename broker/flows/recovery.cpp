@@ -1,5 +1,14 @@
 #include "broker/flows/recovery.hpp"
 
+#include <memory>
+#include <utility>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
 #include "broker/core/errc.hpp"
 #include "broker/core/log.hpp"
 #include "broker/flows/common.hpp"
@@ -98,21 +107,10 @@ awaitable<bool> reconcile(Context& ctx, Domain& d, Domain::PendingJob job) {
   co_return false;
 }
 
-// Re-adopts one domain read back from its record. False when its QEMU is gone and it was torn
-// down by uid instead.
-awaitable<bool> adopt(Context& ctx, Domains& domains, std::shared_ptr<Domain> d,
-                      RecoveryReport& report) {
-  const bool alive = domains.still_running(*d);
-  domains.insert(d);
-  Result<void> connected = Error(make_error_code(errc::qemu_gone), "QEMU is gone");
-  if (alive) connected = co_await domains.attach(d);
-  if (!connected) {
-    log::warn("domain " + d->name() + ": " + connected.error().describe() + "; tearing down uid " +
-              std::to_string(d->instance().uid));
-    auto killed = co_await domains.teardown(d, false);
-    if (!killed) log::error("domain " + d->name() + ": " + killed.error().describe());
-    co_return false;
-  }
+// A domain whose QEMU answered again: its run state from QEMU, the job it was in finished or
+// undone, its record rewritten.
+awaitable<void> settle(Context& ctx, Domains& domains, std::shared_ptr<Domain> d,
+                       const ResumeRemoval& resume) {
   qmp::Command query = qmp::cmd::query_status();
   auto st = co_await call(ctx, *d, std::move(query));
   bool running = false;
@@ -120,37 +118,119 @@ awaitable<bool> adopt(Context& ctx, Domains& domains, std::shared_ptr<Domain> d,
     auto status = qmp::reply::status(*st);
     running = status && status->running;
   }
-  if (d->state() != RunState::stopping) d->set_state(running ? RunState::running : RunState::paused);
+  if (d->state() == RunState::stopping) co_return;
+  d->set_state(running ? RunState::running : RunState::paused);
   if (d->interrupted) {
     auto job = *d->interrupted;
     d->interrupted.reset();
-    if (co_await reconcile(ctx, *d, job)) report.removals.push_back({d->name(), job});
-    co_await domains.records().persist(*d);
+    if (co_await reconcile(ctx, *d, job)) resume({d->name(), job});
   }
+  co_await domains.records().persist(*d);
   ctx.events.publish(d->name(), "domain", "adopted",
                      {{"pid", d->instance().pid}, {"uid", d->instance().uid}});
-  co_return true;
+}
+
+// Tears down a recorded domain whose QEMU is gone.
+awaitable<void> bury(Domains& domains, std::shared_ptr<Domain> d, std::string why) {
+  log::warn("domain " + d->name() + ": " + why + "; tearing down uid " +
+            std::to_string(d->instance().uid));
+  auto killed = co_await domains.teardown(d, false);
+  if (!killed) log::error("domain " + d->name() + ": " + killed.error().describe());
+}
+
+// Reconnects to an unresponsive domain's QEMU about once a second until it answers, dies, or the
+// domain is destroyed (or taken over by a new one of the same name).
+awaitable<void> keep_trying(Context& ctx, Domains& domains, std::shared_ptr<Domain> d,
+                            const ResumeRemoval& resume) {
+  for (;;) {
+    asio::steady_timer pause(ctx.ex, std::chrono::seconds(1));
+    co_await pause.async_wait(asio::as_tuple(asio::use_awaitable));
+    auto current = domains.find(d->name());
+    if (!current || *current != d || d->state() != RunState::unresponsive) co_return;
+    if (!domains.alive(*d)) co_return co_await bury(domains, d, "QEMU exited while unresponsive");
+    if (!co_await domains.reattach(d)) continue;
+    log::info("domain " + d->name() + ": QEMU answers again; adopted");
+    co_return co_await settle(ctx, domains, d, resume);
+  }
+}
+
+enum class Adopted { adopted, torn_down, unresponsive };
+
+// Files each domain's outcome in the report and wakes recover() after the last one.
+struct OutcomeSink {
+  RecoveryReport* report;
+  std::string name;
+  std::shared_ptr<std::size_t> pending;
+  std::shared_ptr<asio::steady_timer> all_done;
+
+  void operator()(std::exception_ptr e, Adopted how) {
+    if (e) {
+      log::error("domain " + name + ": recovery failed");
+      how = Adopted::unresponsive;
+    }
+    auto& list = how == Adopted::adopted     ? report->adopted
+                 : how == Adopted::torn_down ? report->torn_down
+                                             : report->unresponsive;
+    list.push_back(name);
+    if (--*pending == 0) all_done->cancel();
+  }
+};
+
+// Re-adopts one domain read back from its record (`alive`: its recorded QEMU still runs).
+awaitable<Adopted> adopt(Context& ctx, Domains& domains, std::shared_ptr<Domain> d, bool alive,
+                         const ResumeRemoval& resume) {
+  if (!alive) {
+    co_await bury(domains, d, "QEMU is gone");
+    co_return Adopted::torn_down;
+  }
+  auto connected = co_await domains.reattach(d);
+  // Only silence makes a live QEMU unresponsive; a refused or reset connection means it is going.
+  const bool silent = !connected && (connected.error().code == qmp::errc::no_greeting ||
+                                     connected.error().code == qmp::errc::timeout);
+  if (!connected && (!silent || !domains.alive(*d))) {
+    co_await bury(domains, d, connected.error().describe());
+    co_return Adopted::torn_down;
+  }
+  if (!connected) {
+    log::warn("domain " + d->name() + ": QEMU runs but does not answer (" +
+              connected.error().describe() + "); adopted as unresponsive, retrying");
+    d->set_state(RunState::unresponsive);
+    ctx.events.publish(d->name(), "domain", "unresponsive", {{"pid", d->instance().pid}});
+    asio::co_spawn(ctx.ex, keep_trying(ctx, domains, d, resume), asio::detached);
+    co_return Adopted::unresponsive;
+  }
+  co_await settle(ctx, domains, d, resume);
+  co_return Adopted::adopted;
 }
 
 }  // namespace
 
-awaitable<RecoveryReport> recover(Context& ctx, Domains& domains) {
+awaitable<RecoveryReport> recover(Context& ctx, Domains& domains, const ResumeRemoval& resume) {
   RecoveryReport report;
+  // Every record enters the table first, so the uid reclaim below and the API see each of them
+  // at once; the QEMU identity check (pid, start time, pidfd, cgroup) needs no QEMU answer.
+  std::vector<std::pair<std::shared_ptr<Domain>, bool>> loaded;
   for (auto& record : domains.records().load()) {
     if (!record.domain) {
       log::error("domain record " + record.file + ": " + record.domain.error().describe());
       continue;
     }
     auto d = *record.domain;
-    const std::string name = d->name();
-    if (co_await adopt(ctx, domains, std::move(d), report)) {
-      report.adopted.push_back(name);
-    } else {
-      report.torn_down.push_back(name);
-    }
+    const bool alive = domains.still_running(*d);
+    domains.insert(d);
+    loaded.emplace_back(std::move(d), alive);
   }
   // Uids and cgroups no record speaks of (a start cut short by a crash) go too.
   report.reclaimed_uids = co_await domains.reclaim();
+
+  // Each domain is adopted on its own; this waits for all, each bounded by the adopt timeout.
+  auto pending = std::make_shared<std::size_t>(loaded.size());
+  auto all_done = std::make_shared<asio::steady_timer>(ctx.ex, asio::steady_timer::time_point::max());
+  for (auto& [d, alive] : loaded) {
+    asio::co_spawn(ctx.ex, adopt(ctx, domains, d, alive, resume),
+                   OutcomeSink{&report, d->name(), pending, all_done});
+  }
+  if (*pending > 0) co_await all_done->async_wait(asio::as_tuple(asio::use_awaitable));
   co_return report;
 }
 

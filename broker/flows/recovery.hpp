@@ -1,8 +1,14 @@
 // Recovery after a restart: re-adopts the domains whose records survived, tears down by uid those
 // whose QEMU is gone, and finishes or undoes the job each was in, with the same names and steps
 // the flows use. Removals the guest had not finished are handed back to be resumed as jobs.
+//
+// Domains are adopted concurrently, each bounded by the adopt timeout: one stopped or stuck QEMU
+// delays no other. A QEMU that is alive but does not answer is adopted as `unresponsive` and
+// retried in the background until it answers, dies, or its domain is destroyed; it is never
+// killed for being slow.
 #pragma once
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -17,16 +23,21 @@ namespace broker::flows {
 struct RecoveryReport {
   std::vector<std::string> adopted;
   std::vector<std::string> torn_down;
+  std::vector<std::string> unresponsive;  // alive, not answering yet: retried in the background
   std::vector<uid_t> reclaimed_uids;  // recorded without a domain: killed and released
-  // Removals that got past device_del before the broker died: the caller resumes each as a job
+  // A removal that got past device_del before the broker died: the caller resumes it as a job
   // (device_del again, wait for the guest, free what is left).
   struct Removal {
     std::string domain;
     Domain::PendingJob job;
   };
-  std::vector<Removal> removals;
 };
 
-boost::asio::awaitable<RecoveryReport> recover(Context& ctx, Domains& domains);
+// Called for each removal to resume, during recover() or later, when an unresponsive domain
+// answers. It must outlive every domain recovery adopts.
+using ResumeRemoval = std::function<void(RecoveryReport::Removal)>;
+
+boost::asio::awaitable<RecoveryReport> recover(Context& ctx, Domains& domains,
+                                               const ResumeRemoval& resume);
 
 }  // namespace broker::flows

@@ -8,9 +8,13 @@
 #include <filesystem>
 #include <memory>
 
+#include <boost/asio/as_tuple.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
 
 #include "broker/control/broker.hpp"
+#include "broker/core/errc.hpp"
 #include "broker/lifecycle/proc.hpp"
 #include "lifecycle_fixture.hpp"
 #include "support/asio_run.hpp"
@@ -25,6 +29,7 @@ namespace {
 constexpr uid_t kAdoptBase = 3'101'200;
 constexpr uid_t kDeadBase = 3'101'300;
 constexpr uid_t kOrphanBase = 3'101'400;
+constexpr uid_t kStoppedBase = 3'101'600;
 
 // Everything one broker process would own, on shared state and run directories.
 struct Stack {
@@ -171,4 +176,57 @@ TEST_CASE("a restarted broker kills and releases a uid recorded without a domain
   CHECK(second.uids.in_use().empty());
   CHECK_FALSE(fs::exists(run / "qmp/ghost.sock"));
   CHECK_FALSE(fs::exists(run / "console/ghost.sock"));
+}
+
+TEST_CASE("a restarted broker adopts the others at once while a stopped QEMU stays unresponsive",
+          "[broker][restart][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::become_subreaper();
+  qbtest::TempDir state, run;
+  pid_t stopped = 0;
+  {
+    Stack first(kStoppedBase, state.path(), run.path());
+    REQUIRE(first.run(first.broker->create(guest("s1"))));
+    auto info = first.run(first.broker->create(guest("s2")));
+    REQUIRE(info);
+    stopped = info->pid;
+  }
+  REQUIRE(::kill(stopped, SIGSTOP) == 0);
+
+  Stack second(kStoppedBase, state.path(), run.path());
+  const auto start = std::chrono::steady_clock::now();
+  auto report = second.run(second.broker->recover());
+  const auto took = std::chrono::steady_clock::now() - start;
+  CHECK(report.adopted == std::vector<std::string>{"s1"});
+  CHECK(report.unresponsive == std::vector<std::string>{"s2"});
+  CHECK(report.torn_down.empty());
+  CHECK(took < 5s);  // the adopt timeout (1 s), not the start timeout (30 s)
+  CHECK(::kill(stopped, 0) == 0);  // never killed for being slow
+  auto info = second.run(second.broker->info("s2", false));
+  REQUIRE(info);
+  CHECK(info->state == broker::RunState::unresponsive);
+  auto refused = second.run(second.broker->pause("s2"));
+  REQUIRE_FALSE(refused);
+  CHECK(refused.error().code == broker::errc::wrong_state);
+  REQUIRE(second.run(second.broker->pause("s1")));  // the other domain is served meanwhile
+
+  // Once it runs again, the background retry adopts it.
+  REQUIRE(::kill(stopped, SIGCONT) == 0);
+  auto answered = second.run([&]() -> boost::asio::awaitable<bool> {
+    for (int i = 0; i < 100; ++i) {
+      auto now = co_await second.broker->info("s2", false);
+      if (now && now->state == broker::RunState::running) co_return true;
+      boost::asio::steady_timer t(second.io, 100ms);
+      co_await t.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+    }
+    co_return false;
+  }());
+  CHECK(answered);
+  CHECK(second.run(second.broker->info("s2"))->qemu_status == "running");
+
+  REQUIRE(second.run(second.broker->destroy("s1")));
+  REQUIRE(second.run(second.broker->destroy("s2")));
+  qbtest::reap_exited_children();
+  CHECK(live_processes_of_uid("/proc", kStoppedBase + 1) == 0);
+  CHECK(live_processes_of_uid("/proc", kStoppedBase + 2) == 0);
 }
