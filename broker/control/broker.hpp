@@ -41,7 +41,7 @@ struct BrokerConfig {
   flows::Timeouts timeouts;
   std::chrono::milliseconds start_timeout{30000};  // spawn -> capabilities negotiated
   std::chrono::milliseconds quit_timeout{3000};    // graceful quit before the kill
-  std::chrono::milliseconds adopt_timeout{1000};   // QMP handshake with a re-adopted QEMU
+  std::chrono::milliseconds adopt_timeout{5000};   // QMP handshake with a re-adopted QEMU
   std::size_t qmp_max_line = 16u << 20;
   qmp::TranscriptHook transcript;                  // every QMP line of every domain (audits, tests)
 };

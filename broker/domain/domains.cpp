@@ -119,9 +119,7 @@ awaitable<Result<lifecycle::KillReport>> Domains::teardown(std::shared_ptr<Domai
 
 bool Domains::still_running(Domain& d) {
   auto& inst = d.instance();
-  const bool same = inst.pid > 0 &&
-                    lifecycle::process_start_time(launcher_.config().proc_root, inst.pid) ==
-                        inst.start_time;
+  const bool same = alive(d);
   if (same) inst.pidfd.reset(static_cast<int>(::syscall(SYS_pidfd_open, inst.pid, 0)));
   launcher_.reattach(inst);
   return same && inst.pidfd;

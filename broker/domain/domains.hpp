@@ -33,9 +33,10 @@ struct DomainsConfig {
   std::string records_dir = "/run/qbroker/domains";
   SessionConfig session;
   std::chrono::milliseconds quit_timeout{3000};  // graceful quit before the kill
-  // QMP handshake with a QEMU re-adopted after a restart: it runs already, so it answers at once
-  // unless it is stopped or stuck, and recovery does not wait on it for a start timeout.
-  std::chrono::milliseconds adopt_timeout{1000};
+  // QMP handshake with a QEMU re-adopted after a restart: it runs already, so it answers within
+  // moments unless it is stopped or stuck (a TCG guest just continued under load can take a
+  // second or two), and recovery does not wait on it for a start timeout.
+  std::chrono::milliseconds adopt_timeout{5000};
 };
 
 class Domains {

@@ -42,13 +42,14 @@ struct Stack {
   boost::asio::io_context io;
   std::unique_ptr<broker::Broker> broker;
 
-  Stack(uid_t base, const std::string& state, const std::string& run)
+  Stack(uid_t base, const std::string& state, const std::string& run,
+        broker::BrokerConfig config = {})
       : reaper(killer, base),
         uids({base, 8}, state, reaper),
         roots(*fdpass::ImageRoots::open({qbtest::guest_dir()})),
         launcher(qbtest::LifecycleFixture::make_config(run), uids, cgroups, roots) {
     uids.load();
-    broker::BrokerConfig c;
+    broker::BrokerConfig c = std::move(config);
     c.records_dir = state + "/domains";
     broker = std::make_unique<broker::Broker>(io.get_executor(), c, launcher, roots);
   }
@@ -193,7 +194,9 @@ TEST_CASE("a restarted broker adopts the others at once while a stopped QEMU sta
   }
   REQUIRE(::kill(stopped, SIGSTOP) == 0);
 
-  Stack second(kStoppedBase, state.path(), run.path());
+  broker::BrokerConfig quick;
+  quick.adopt_timeout = 1s;
+  Stack second(kStoppedBase, state.path(), run.path(), quick);
   const auto start = std::chrono::steady_clock::now();
   auto report = second.run(second.broker->recover());
   const auto took = std::chrono::steady_clock::now() - start;
