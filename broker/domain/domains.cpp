@@ -10,6 +10,7 @@
 #include "broker/core/errc.hpp"
 #include "broker/core/log.hpp"
 #include "broker/domain/blocking.hpp"
+#include "broker/domain/fdsets.hpp"
 #include "broker/lifecycle/proc.hpp"
 #include "qmp/commands.hpp"
 
@@ -80,8 +81,34 @@ awaitable<Result<void>> Domains::connect(std::shared_ptr<Domain> d, SessionConfi
   co_return Result<void>{};
 }
 
+namespace {
+
+// Closes what QEMU held while the VM was not running, each time it resumes.
+struct OnResume {
+  asio::any_io_executor ex;
+  Domains* domains;
+  std::shared_ptr<Domain> d;
+  void operator()() const {
+    if (d->fdsets_to_close.empty()) return;
+    asio::co_spawn(ex, domains->close_held_fdsets(d), asio::detached);
+  }
+};
+
+}  // namespace
+
+awaitable<void> Domains::close_held_fdsets(std::shared_ptr<Domain> d) {
+  auto changed = co_await broker::close_held_fdsets(*d, config_.qmp_timeout);
+  if (!changed) {
+    log::warn("domain " + d->name() + ": " + changed.error().describe());
+    co_return;
+  }
+  if (!*changed || !contains(d->name())) co_return;
+  if (auto ok = co_await records_.persist(*d); !ok) log::error(ok.error().describe());
+}
+
 awaitable<void> Domains::watch(std::shared_ptr<Domain> d) {
-  co_await pump_events(d, events_);
+  std::function<void()> on_resume = OnResume{ex_, this, d};
+  co_await pump_events(d, events_, std::move(on_resume));
   // The connection ended. Unless the broker asked for it, QEMU went away on its own: tear the
   // domain down by uid.
   auto current = table_.find(d->name());

@@ -37,6 +37,7 @@ struct DomainsConfig {
   // moments unless it is stopped or stuck (a TCG guest just continued under load can take a
   // second or two), and recovery does not wait on it for a start timeout.
   std::chrono::milliseconds adopt_timeout{5000};
+  std::chrono::milliseconds qmp_timeout{10000};  // one QMP command of the broker's own
 };
 
 class Domains {
@@ -75,6 +76,9 @@ class Domains {
   bool alive(const Domain& d) const;
   // Kills and releases the uids, and removes the cgroups, that no domain accounts for.
   boost::asio::awaitable<std::vector<uid_t>> reclaim();
+  // Removes the fdsets QEMU kept while the VM was not running, now that it runs
+  // (broker/domain/fdsets.hpp), and rewrites the record when that changed them.
+  boost::asio::awaitable<void> close_held_fdsets(std::shared_ptr<Domain> d);
 
   RecordStore& records() { return records_; }
   EventBus& events() { return events_; }

@@ -22,7 +22,8 @@ boost::asio::awaitable<Result<void>> connect_qmp(boost::asio::any_io_executor ex
   co_return Result<void>{};
 }
 
-boost::asio::awaitable<void> pump_events(std::shared_ptr<Domain> d, EventBus& bus) {
+boost::asio::awaitable<void> pump_events(std::shared_ptr<Domain> d, EventBus& bus,
+                                         std::function<void()> on_resume) {
   qmp::Client* client = d->qmp();
   if (client == nullptr) co_return;
   auto sub = client->subscribe({.capacity = 256});
@@ -36,6 +37,7 @@ boost::asio::awaitable<void> pump_events(std::shared_ptr<Domain> d, EventBus& bu
     if (ev->name == qmp::event::kResume) d->set_state(RunState::running);
     if (ev->name == qmp::event::kShutdown) d->set_state(RunState::shutdown);
     bus.publish(d->name(), "qemu", ev->name, ev->data);
+    if (ev->name == qmp::event::kResume && on_resume) on_resume();
   }
 }
 

@@ -2,6 +2,8 @@
 // the domain's run state and republishes QEMU's events on the event bus until QEMU goes away.
 #pragma once
 
+#include <functional>
+
 #include <chrono>
 #include <cstddef>
 #include <memory>
@@ -27,7 +29,9 @@ boost::asio::awaitable<Result<void>> connect_qmp(boost::asio::any_io_executor ex
                                                  const SessionConfig& config);
 
 // Follows the domain's QEMU events until the connection ends (QEMU exited or was closed): STOP,
-// RESUME and SHUTDOWN move the run state, and every event is published on `bus`.
-boost::asio::awaitable<void> pump_events(std::shared_ptr<Domain> d, EventBus& bus);
+// RESUME and SHUTDOWN move the run state, and every event is published on `bus`. `on_resume`, when
+// set, is called after each RESUME.
+boost::asio::awaitable<void> pump_events(std::shared_ptr<Domain> d, EventBus& bus,
+                                         std::function<void()> on_resume = {});
 
 }  // namespace broker
