@@ -372,6 +372,7 @@ Result<std::vector<BlockInfo>> block(const json::value& v) {
     b.tray_open = get_bool(*o, "tray_open");
     if (const json::value* ins = o->if_contains("inserted"); ins && ins->is_object()) {
       b.node_name = get_string(ins->get_object(), "node-name");
+      b.file = get_string(ins->get_object(), "file");
     }
     out.push_back(std::move(b));
   }

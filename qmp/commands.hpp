@@ -186,6 +186,7 @@ struct BlockInfo {
   bool removable = false;
   std::optional<bool> tray_open;
   std::optional<std::string> node_name;  // root node of the inserted medium
+  std::optional<std::string> file;       // what the inserted medium was opened as ("/dev/fdset/3")
 };
 struct MigrationInfo {
   std::string status;  // "none", "setup", "active", "completed", "failed", "cancelled", ...

@@ -6,6 +6,7 @@
 
 #include "broker/core/errc.hpp"
 #include "broker/core/log.hpp"
+#include "broker/domain/fdsets.hpp"
 #include "broker/domain/qmp_call.hpp"
 #include "qmp/commands.hpp"
 
@@ -41,6 +42,7 @@ DomainsConfig domains_config(const BrokerConfig& c) {
                   .transcript = c.transcript},
       .quit_timeout = c.quit_timeout,
       .adopt_timeout = c.adopt_timeout,
+      .qmp_timeout = c.timeouts.qmp,
   };
 }
 
@@ -120,9 +122,15 @@ DomainInfo Broker::describe(const Domain& d) {
   return i;
 }
 
+awaitable<void> Broker::settle_fdsets(Domain& d) {
+  auto r = d.state() == RunState::running
+               ? co_await close_held_fdsets(d, config_.timeouts.qmp)
+               : co_await collect_fdsets(d, config_.timeouts.qmp);
+  if (!r) log::warn("domain " + d.name() + ": " + r.error().describe());
+}
+
 template <class T, class F>
-awaitable<Result<T>> Broker::run_job(std::string name, std::string job, std::string target,
-                                     Journal journal, F flow) {
+awaitable<Result<T>> Broker::run_job(std::string name, JobSpec job, F flow) {
   auto found = find(name);
   if (!found) co_return found.error();
   auto d = *found;
@@ -131,26 +139,29 @@ awaitable<Result<T>> Broker::run_job(std::string name, std::string job, std::str
     co_return Error(make_error_code(errc::wrong_state),
                     "domain " + name + " is " + std::string(to_string(d->state())));
   }
-  auto guard = d->begin_job(job, target);
+  const std::string kind = job.kind;
+  const std::string target = job.target;
+  auto guard = d->begin_job(std::move(job.kind), std::move(job.target), std::move(job.args));
   if (!guard) co_return guard.error();
   // Journal the job before the first step, so a broker killed mid-flow can finish or undo it. A
   // job that cannot be journaled does not start.
-  if (journal == Journal::around) {
+  if (job.journal == Journal::around) {
     if (auto ok = co_await domains_.records().persist(*d); !ok) co_return ok.error();
   }
-  events_.publish(name, "job", "started", {{"job", job}, {"target", target}});
+  events_.publish(name, "job", "started", {{"job", kind}, {"target", target}});
   Result<T> r = co_await flow(*d);
+  if (job.journal != Journal::none && d->qmp() != nullptr) co_await settle_fdsets(*d);
   guard->release();
-  if (journal != Journal::none && domains_.contains(name)) {
+  if (job.journal != Journal::none && domains_.contains(name)) {
     // A change the record does not hold is not acknowledged: the caller hears that it was made
     // but not recorded (a restart would not know it).
     if (auto ok = co_await domains_.records().persist(*d); !ok && r) {
       Error e = ok.error();
-      e.context("domain " + name + ": " + job + " was done but not recorded");
+      e.context("domain " + name + ": " + kind + " was done but not recorded");
       co_return e;
     }
   }
-  json::object data{{"job", job}, {"ok", r.has_value()}};
+  json::object data{{"job", kind}, {"ok", r.has_value()}};
   if (!r) data["error"] = r.error().describe();
   events_.publish(name, "job", "finished", std::move(data));
   co_return r;
@@ -171,8 +182,8 @@ awaitable<Result<void>> Broker::command_job(std::string name, std::string job, q
     co_return Result<void>{};
   };
   // A run-state change is written back, so the record never says paused for a running guest.
-  const Journal journal = after ? Journal::after : Journal::none;
-  co_return co_await run_job<void>(std::move(name), std::move(job), {}, journal, step);
+  JobSpec spec{std::move(job), {}, {}, after ? Journal::after : Journal::none};
+  co_return co_await run_job<void>(std::move(name), std::move(spec), step);
 }
 
 awaitable<Result<void>> Broker::pause(std::string name) {
@@ -196,62 +207,57 @@ awaitable<Result<void>> Broker::reset(std::string name) {
 }
 
 template <class T, class... Args>
-awaitable<Result<T>> Broker::device_job(std::string name, std::string job, std::string target,
-                                        Journal journal,
+awaitable<Result<T>> Broker::device_job(std::string name, JobSpec job,
                                         awaitable<Result<T>> (*flow)(flows::Context&, Domain&, Args...),
                                         Args... args) {
-  return run_job<T>(std::move(name), std::move(job), std::move(target), journal,
+  return run_job<T>(std::move(name), std::move(job),
                     [this, flow, ... args = std::move(args)](Domain& d) {
                       return flow(flow_ctx_, d, args...);
                     });
 }
 
 awaitable<Result<void>> Broker::insert_medium(std::string name, std::string cdrom, InsertMedium m) {
-  std::string target = cdrom;
-  return device_job(std::move(name), "cdrom-insert", std::move(target), Journal::after,
-                    &flows::insert_medium,
-                    std::move(cdrom), std::move(m));
+  // The path is journaled: a restart that finds the new medium in QEMU records it as inserted.
+  JobSpec job{"cdrom-insert", cdrom, {{"path", m.path}}, Journal::around};
+  return device_job(std::move(name), std::move(job), &flows::insert_medium, std::move(cdrom),
+                    std::move(m));
 }
 
 awaitable<Result<void>> Broker::eject_medium(std::string name, std::string cdrom, bool force) {
-  std::string target = cdrom;
-  return device_job(std::move(name), "cdrom-eject", std::move(target), Journal::after,
-                    &flows::eject_medium,
-                    std::move(cdrom), force);
+  JobSpec job{"cdrom-eject", cdrom, {}, Journal::around};
+  return device_job(std::move(name), std::move(job), &flows::eject_medium, std::move(cdrom), force);
 }
 
 awaitable<Result<void>> Broker::add_disk(std::string name, DiskSpec disk) {
-  std::string target = disk.id;
-  return device_job(std::move(name), "disk-add", std::move(target), Journal::around,
-                    &flows::add_disk, std::move(disk));
+  JobSpec job{"disk-add", disk.id, {}, Journal::around};
+  return device_job(std::move(name), std::move(job), &flows::add_disk, std::move(disk));
 }
 
 awaitable<Result<void>> Broker::remove_disk(std::string name, std::string id, ProgressFn progress) {
-  std::string target = id;
-  return device_job(std::move(name), "disk-remove", std::move(target), Journal::around,
-                    &flows::remove_disk,
-                    std::move(id), std::move(progress));
+  JobSpec job{"disk-remove", id, {}, Journal::around};
+  return device_job(std::move(name), std::move(job), &flows::remove_disk, std::move(id),
+                    std::move(progress));
 }
 
 awaitable<Result<void>> Broker::add_nic(std::string name, NicSpec nic) {
-  std::string target = nic.id;
-  return device_job(std::move(name), "nic-add", std::move(target), Journal::around,
-                    &flows::add_nic, std::move(nic));
+  JobSpec job{"nic-add", nic.id, {}, Journal::around};
+  return device_job(std::move(name), std::move(job), &flows::add_nic, std::move(nic));
 }
 
 awaitable<Result<void>> Broker::remove_nic(std::string name, std::string id, ProgressFn progress) {
-  std::string target = id;
-  return device_job(std::move(name), "nic-remove", std::move(target), Journal::around,
-                    &flows::remove_nic,
-                    std::move(id), std::move(progress));
+  JobSpec job{"nic-remove", id, {}, Journal::around};
+  return device_job(std::move(name), std::move(job), &flows::remove_nic, std::move(id),
+                    std::move(progress));
 }
 
 awaitable<Result<VncState>> Broker::set_vnc(std::string name, VncSpec vnc) {
-  return device_job(std::move(name), "vnc-set", "vnc", Journal::after, &flows::set_vnc, std::move(vnc));
+  return device_job(std::move(name), JobSpec{"vnc-set", "vnc", {}, Journal::after}, &flows::set_vnc,
+                    std::move(vnc));
 }
 
 awaitable<Result<void>> Broker::remove_vnc(std::string name) {
-  return device_job(std::move(name), "vnc-remove", "vnc", Journal::after, &flows::remove_vnc);
+  return device_job(std::move(name), JobSpec{"vnc-remove", "vnc", {}, Journal::after},
+                    &flows::remove_vnc);
 }
 
 awaitable<Result<void>> Broker::save(std::string name, std::string, ProgressFn) {

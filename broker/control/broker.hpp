@@ -130,20 +130,30 @@ class Broker {
   // How a job touches the domain's record.
   enum class Journal {
     none,    // the job changes nothing a restart reads back (reset, powerdown)
-    after,   // saved after its last step (pause and resume, media changes, VNC handovers: they build nothing
+    after,   // saved after its last step (pause and resume, VNC handovers: they build nothing
              // half-way that outlives a dead broker, so reconcile() has nothing to undo)
     around,  // also journaled before its first step, so a restart can undo or finish it
-             // (hotplug and unplug, which leave nodes, fdsets and netdevs half built)
+             // (hotplug, unplug and media changes, which leave nodes, fdsets and netdevs half
+             // built, or a medium in QEMU the record does not name)
+  };
+  // What a job is, as its record shows it while it runs (Domain::begin_job).
+  struct JobSpec {
+    std::string kind;
+    std::string target;
+    boost::json::object args;
+    Journal journal = Journal::none;
   };
   // Claims the domain's job slot and runs a flow in it.
   template <class T, class F>
-  boost::asio::awaitable<Result<T>> run_job(std::string name, std::string job, std::string target,
-                                            Journal journal, F flow);
+  boost::asio::awaitable<Result<T>> run_job(std::string name, JobSpec job, F flow);
   // A job that runs one device flow with `args`.
   template <class T, class... Args>
   boost::asio::awaitable<Result<T>> device_job(
-      std::string name, std::string job, std::string target, Journal journal,
+      std::string name, JobSpec job,
       boost::asio::awaitable<Result<T>> (*flow)(flows::Context&, Domain&, Args...), Args... args);
+  // After a job that changed devices: the fdsets no device needs go, and those QEMU keeps while the
+  // VM does not run are tracked (broker/domain/fdsets.hpp).
+  boost::asio::awaitable<void> settle_fdsets(Domain& d);
   // A job that is one QMP command: refused when the domain is already in `refused_in`, and
   // moving it to `after` on success (both unset for commands that leave the run state alone).
   boost::asio::awaitable<Result<void>> command_job(std::string name, std::string job,

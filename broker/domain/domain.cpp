@@ -21,17 +21,19 @@ void JobGuard::release() {
   if (d_ != nullptr) {
     d_->job_.clear();
     d_->job_target_.clear();
+    d_->job_args_.clear();
     d_ = nullptr;
   }
 }
 
-Result<JobGuard> Domain::begin_job(std::string job, std::string target) {
+Result<JobGuard> Domain::begin_job(std::string job, std::string target, boost::json::object args) {
   if (!job_.empty()) {
     return Error(make_error_code(errc::busy),
                  "domain " + name() + " is busy with '" + job_ + "'; retry when it is done");
   }
   job_ = std::move(job);
   job_target_ = std::move(target);
+  job_args_ = std::move(args);
   return JobGuard(this);
 }
 
@@ -54,6 +56,14 @@ std::size_t Domain::free_slots() const { return spec_.pci_slots - slots_.size();
 
 bool Domain::has_device(const std::string& id) const {
   return cdroms.contains(id) || disks.contains(id) || nics.contains(id);
+}
+
+boost::json::array Domain::fdsets_to_close_json() const {
+  boost::json::array out;
+  for (const auto& [fdset, device] : fdsets_to_close) {
+    out.push_back(boost::json::object{{"fdset", fdset}, {"device", device}});
+  }
+  return out;
 }
 
 boost::json::object Domain::devices_json() const {
@@ -84,6 +94,7 @@ boost::json::object Domain::devices_json() const {
   out["cdroms"] = std::move(cds);
   out["disks"] = std::move(ds);
   out["nics"] = std::move(ns);
+  out["fdsets_to_close"] = fdsets_to_close_json();
   out["vnc"] = vnc ? boost::json::value(boost::json::object{{"listen", vnc->spec.listen.text()},
                                                             {"address", vnc->address}})
                    : boost::json::value(nullptr);

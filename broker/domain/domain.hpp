@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include <boost/json/array.hpp>
 #include <boost/json/object.hpp>
 
 #include "broker/core/error.hpp"
@@ -89,15 +90,19 @@ class Domain {
   void set_state(RunState s) { state_ = s; }
 
   // Claims the job slot, or errc::busy naming the job that holds it. `target` is the device the
-  // job works on, recorded in the state file so a restarted broker can finish or undo it.
-  Result<JobGuard> begin_job(std::string job, std::string target = {});
+  // job works on and `args` what a restarted broker needs beyond it to finish or undo the job
+  // (the path of a CD medium being inserted); both are recorded in the state file.
+  Result<JobGuard> begin_job(std::string job, std::string target = {},
+                             boost::json::object args = {});
   const std::string& job() const { return job_; }
   const std::string& job_target() const { return job_target_; }
+  const boost::json::object& job_args() const { return job_args_; }
 
   // A job an earlier broker recorded and did not finish (set from the state file).
   struct PendingJob {
     std::string kind;
     std::string target;
+    boost::json::object args;
   };
   std::optional<PendingJob> interrupted;
 
@@ -119,12 +124,19 @@ class Domain {
   std::shared_ptr<void> vnc_acceptor;
   bool scsi_controller = false;  // "qb-scsi0" plugged
   std::string scsi_slot;
+  // fdsets no device needs that QEMU still holds: QEMU 7.2 closes a removed fd only while the VM
+  // runs, so an unplug on a paused domain leaves the image open until it next runs. fdset id ->
+  // the device that used it. Reported, recorded, and removed again when the VM runs
+  // (broker/domain/fdsets.hpp).
+  std::map<std::int64_t, std::string> fdsets_to_close;
 
   // True when `id` names any device of this domain.
   bool has_device(const std::string& id) const;
 
   // Everything above as JSON, for GET and for the state file.
   boost::json::object devices_json() const;
+  // fdsets_to_close as [{"fdset": N, "device": id}].
+  boost::json::array fdsets_to_close_json() const;
 
  private:
   friend class JobGuard;
@@ -134,6 +146,7 @@ class Domain {
   RunState state_ = RunState::starting;
   std::string job_;
   std::string job_target_;
+  boost::json::object job_args_;
   std::map<std::string, std::string> slots_;  // "rpN" -> owner
 };
 

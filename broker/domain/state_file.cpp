@@ -169,9 +169,17 @@ Result<void> devices_from(const json::object& o, Domain& d) {
   }
   d.scsi_controller = o.at("scsi_controller").as_bool();
   d.scsi_slot = str(o, "scsi_slot");
+  if (auto it = o.find("fdsets_to_close"); it != o.end()) {
+    for (const auto& f : it->value().as_array()) {
+      const auto& fo = f.as_object();
+      d.fdsets_to_close[fo.at("fdset").to_number<std::int64_t>()] = str(fo, "device");
+    }
+  }
   if (auto it = o.find("job"); it != o.end() && it->value().is_object()) {
     const auto& jo = it->value().as_object();
-    d.interrupted = Domain::PendingJob{str(jo, "kind"), str(jo, "target")};
+    json::object args;
+    if (auto a = jo.find("args"); a != jo.end() && a->value().is_object()) args = a->value().as_object();
+    d.interrupted = Domain::PendingJob{str(jo, "kind"), str(jo, "target"), std::move(args)};
   }
   if (auto it = o.find("vnc"); it != o.end()) {
     const auto& vo = it->value().as_object();
@@ -197,7 +205,12 @@ json::value state_to_json(const Domain& d) {
                    {"slots", std::move(slots)},
                    {"scsi_controller", d.scsi_controller},
                    {"scsi_slot", d.scsi_slot}};
-  if (!d.job().empty()) out["job"] = json::object{{"kind", d.job()}, {"target", d.job_target()}};
+  if (!d.job().empty()) {
+    json::object job{{"kind", d.job()}, {"target", d.job_target()}};
+    if (!d.job_args().empty()) job["args"] = d.job_args();
+    out["job"] = std::move(job);
+  }
+  if (!d.fdsets_to_close.empty()) out["fdsets_to_close"] = d.fdsets_to_close_json();
   if (d.vnc) {
     out["vnc"] = json::object{{"listen", d.vnc->spec.listen.text()}, {"address", d.vnc->address}};
   }

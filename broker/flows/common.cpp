@@ -165,6 +165,22 @@ awaitable<Result<bool>> device_del(Context& ctx, Domain& d, std::string id) {
   }
 }
 
+awaitable<Result<void>> delete_node(Context& ctx, Domain& d, std::string node) {
+  using Clock = std::chrono::steady_clock;
+  const auto deadline = Clock::now() + ctx.timeouts.unplug;
+  for (;;) {
+    qmp::Command c = qmp::cmd::blockdev_del(node);
+    auto r = co_await call(ctx, d, std::move(c));
+    if (r) co_return Result<void>{};
+    const std::string& desc = r.error().qmp_desc;
+    if (desc.find("Failed to find node") != std::string::npos) co_return Result<void>{};
+    const bool held = desc.find("in use") != std::string::npos || desc.find("busy") != std::string::npos;
+    if (!held || Clock::now() >= deadline) co_return r.error();
+    asio::steady_timer t(ctx.ex, std::chrono::milliseconds(20));
+    co_await t.async_wait(asio::as_tuple(asio::use_awaitable));
+  }
+}
+
 awaitable<Result<void>> unplug(Context& ctx, Domain& d, std::string id, std::string what,
                                ProgressFn progress) {
   auto q = qmp_client(d);

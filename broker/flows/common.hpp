@@ -58,6 +58,11 @@ boost::asio::awaitable<Result<void>> wait_deleted(Context& ctx, qmp::EventSubscr
                                                   std::string id, std::string what,
                                                   ProgressFn progress);
 
+// blockdev-del of `node`, counting a node already gone as deleted (a retry after a partial unplug)
+// and retrying, within timeouts.unplug, one still in use: a device whose unplug QEMU reported
+// done may hold its drive until it is finalized a moment later.
+boost::asio::awaitable<Result<void>> delete_node(Context& ctx, Domain& d, std::string node);
+
 // device_del, tolerating a device the guest already released (a previous unplug that timed out
 // and completed later) and one already being unplugged. Returns false when the device is gone.
 boost::asio::awaitable<Result<bool>> device_del(Context& ctx, Domain& d, std::string id);

@@ -33,14 +33,6 @@ qmp::Command protocol_node(const fdpass::Identity& id, std::string node, std::in
       .node_name = std::move(node), .fdset_id = fdset, .read_only = read_only});
 }
 
-// blockdev-del that counts a node already gone as deleted (a retry after a partial unplug).
-awaitable<Result<void>> del_node(Context& ctx, Domain& d, std::string node) {
-  qmp::Command c = qmp::cmd::blockdev_del(node);
-  auto r = co_await call(ctx, d, std::move(c));
-  if (!r && r.error().qmp_desc.find("Failed to find node") == std::string::npos) co_return r.error();
-  co_return Result<void>{};
-}
-
 // What add_disk opened, checked before QEMU is touched.
 struct DiskImages {
   fdpass::Opened image;
@@ -193,7 +185,7 @@ awaitable<Result<void>> remove_disk(Context& ctx, Domain& d, std::string id, Pro
     nodes.push_back(backing_file_node(id));
   }
   for (auto& node : nodes) {
-    auto r = co_await del_node(ctx, d, node);
+    auto r = co_await delete_node(ctx, d, node);
     if (!r) co_return r.error();
   }
   for (std::int64_t set : {st.fdset, st.backing_fdset}) {

@@ -1,5 +1,8 @@
 #include "broker/flows/recovery.hpp"
 
+#include <fcntl.h>
+
+#include <charconv>
 #include <memory>
 #include <utility>
 
@@ -11,6 +14,7 @@
 
 #include "broker/core/errc.hpp"
 #include "broker/core/log.hpp"
+#include "broker/domain/fdsets.hpp"
 #include "broker/flows/common.hpp"
 
 namespace broker::flows {
@@ -33,32 +37,19 @@ awaitable<bool> device_present(Context& ctx, Domain& d, std::string id) {
   co_return false;
 }
 
-// Everything a disk or NIC flow builds below the device: block nodes, netdev, passed fds and the
-// fdsets whose opaque names `id` (or its backing file). Each step is best effort: an interrupted
-// flow may have got to any of them.
+// Everything a disk or NIC flow builds below the device: block nodes, netdev and the tap fd. Each
+// step is best effort: an interrupted flow may have got to any of them. The fdsets it added are
+// collected after the job is settled (collect_fdsets).
 awaitable<void> remove_back_end(Context& ctx, Domain& d, std::string id) {
   for (auto& node : block_nodes(id)) {
-    qmp::Command del = qmp::cmd::blockdev_del(std::move(node));
-    co_await call(ctx, d, std::move(del));
+    if (auto r = co_await delete_node(ctx, d, node); !r) {
+      log::error("domain " + d.name() + ": " + r.error().describe());
+    }
   }
   qmp::Command netdev = qmp::cmd::netdev_del(netdev_id(id));
   co_await call(ctx, d, std::move(netdev));
   qmp::Command tap = qmp::cmd::closefd(tap_fd_name(id));
   co_await call(ctx, d, std::move(tap));
-  qmp::Command query = qmp::cmd::query_fdsets();
-  auto sets = co_await call(ctx, d, std::move(query));
-  if (!sets) co_return;
-  auto fdsets = qmp::reply::fdsets(*sets);
-  if (!fdsets) co_return;
-  const std::string mine = fdset_opaque(id);
-  const std::string backing = fdset_opaque(id + "-backing");
-  for (const auto& set : *fdsets) {
-    for (const auto& fd : set.fds) {
-      if (fd.opaque != mine && fd.opaque != backing) continue;
-      qmp::Command remove = qmp::cmd::remove_fd(set.fdset_id, fd.fd);
-      co_await call(ctx, d, std::move(remove));
-    }
-  }
 }
 
 // Takes out a device an interrupted addition plugged. False when the guest does not release it.
@@ -70,40 +61,96 @@ awaitable<bool> unplug_added(Context& ctx, Domain& d, std::string id) {
   co_return static_cast<bool>(gone);
 }
 
-// Drops a removed device from the domain, with the root port it held.
-void forget_device(Domain& d, const std::string& id) {
-  if (auto it = d.disks.find(id); it != d.disks.end()) {
-    if (!it->second.slot.empty()) d.free_slot(it->second.slot);
-    d.disks.erase(it);
+// The fdset of the medium QEMU has in CD drive `id` now, -1 for none; nullopt when QEMU does not
+// say or shows a medium the broker did not insert.
+awaitable<std::optional<std::int64_t>> medium_in_qemu(Context& ctx, Domain& d, const std::string& id) {
+  qmp::Command query = qmp::cmd::query_block();
+  auto r = co_await call(ctx, d, std::move(query));
+  if (!r) co_return std::nullopt;
+  auto blocks = qmp::reply::block(*r);
+  if (!blocks) co_return std::nullopt;
+  for (const auto& b : *blocks) {
+    if (b.qdev != id) continue;
+    if (!b.file) co_return -1;
+    constexpr std::string_view prefix = "/dev/fdset/";
+    if (!b.file->starts_with(prefix)) co_return std::nullopt;
+    std::int64_t fdset = -1;
+    const char* first = b.file->data() + prefix.size();
+    const char* last = b.file->data() + b.file->size();
+    auto [end, ec] = std::from_chars(first, last, fdset);
+    if (ec != std::errc() || end != last) co_return std::nullopt;
+    co_return fdset;
   }
-  if (auto it = d.nics.find(id); it != d.nics.end()) {
-    if (!it->second.slot.empty()) d.free_slot(it->second.slot);
-    d.nics.erase(it);
-  }
+  co_return std::nullopt;
 }
 
-// Finishes or undoes a job an earlier broker left half done. True for a removal the guest has not
-// finished: it is resumed as a job of its own once the domain is adopted.
+// The identity of the file QEMU holds in `fdset`, read through its fd table.
+awaitable<fdpass::Identity> identity_in_qemu(Context& ctx, Domain& d, std::int64_t fdset) {
+  qmp::Command query = qmp::cmd::query_fdsets();
+  auto r = co_await call(ctx, d, std::move(query));
+  if (!r) co_return fdpass::Identity{};
+  auto sets = qmp::reply::fdsets(*r);
+  if (!sets) co_return fdpass::Identity{};
+  for (const auto& set : *sets) {
+    if (set.fdset_id != fdset || set.fds.empty()) continue;
+    const std::string path = "/proc/" + std::to_string(d.instance().pid) + "/fd/" +
+                             std::to_string(set.fds.front().fd);
+    fdpass::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK));
+    if (!fd) co_return fdpass::Identity{};
+    auto id = fdpass::identify(fd.borrow());
+    co_return id ? *id : fdpass::Identity{};
+  }
+  co_return fdpass::Identity{};
+}
+
+// An interrupted medium change: the record takes the medium QEMU shows. The medium the change
+// put in (or the one it took out) is the one QEMU reads from now; what is left of the other is
+// collected with the fdsets no device uses.
+awaitable<void> reconcile_medium(Context& ctx, Domain& d, const Domain::PendingJob& job) {
+  auto it = d.cdroms.find(job.target);
+  if (it == d.cdroms.end()) co_return;
+  CdromState& cd = it->second;
+  auto now = co_await medium_in_qemu(ctx, d, job.target);
+  if (!now) {
+    log::error("domain " + d.name() + ": CD drive " + job.target +
+               ": QEMU does not show which medium it holds; the record is kept");
+    co_return;
+  }
+  if (*now == cd.fdset) co_return;  // the change had not happened
+  if (*now < 0) {
+    cd.path.clear();
+    cd.identity = {};
+    cd.fdset = -1;
+    co_return;
+  }
+  auto path = job.args.if_contains("path");
+  cd.path = path && path->is_string() ? std::string(path->get_string()) : std::string("(unknown)");
+  cd.identity = co_await identity_in_qemu(ctx, d, *now);
+  cd.fdset = *now;
+}
+
+// Finishes or undoes a job an earlier broker left half done. True for a removal: it is resumed as
+// a job of its own once the domain is adopted (device_del again, wait for the guest, then the
+// nodes and fds), so a device QEMU is still finalizing is never taken for gone.
 awaitable<bool> reconcile(Context& ctx, Domain& d, Domain::PendingJob job) {
   const std::string& id = job.target;
   log::warn("domain " + d.name() + ": finishing interrupted job " + job.kind + " " + id);
-  if (job.kind.starts_with("cdrom-") || job.kind.starts_with("vnc-") || id.empty()) {
-    // Media changes and display handovers are complete or absent as QEMU reports them; the
-    // next query shows the truth, and nothing of theirs outlives the monitor but in-use fds.
+  if (job.kind.starts_with("cdrom-")) {
+    co_await reconcile_medium(ctx, d, job);
     co_return false;
   }
-  const bool committed = d.has_device(id);
-  const bool present = co_await device_present(ctx, d, id);
-  if (committed && present) co_return true;  // an interrupted removal: it goes on as a job
-  if (!committed && present && job.kind.ends_with("-add")) {
-    if (!co_await unplug_added(ctx, d, id)) {
-      log::error("domain " + d.name() + ": interrupted " + job.kind + " " + id +
-                 ": the guest did not release the device; it stays plugged");
-      co_return false;
-    }
+  if (job.kind.starts_with("vnc-") || id.empty()) {
+    // Display handovers are complete or absent as QEMU reports them; nothing of theirs outlives
+    // the monitor but the listener fd QEMU uses.
+    co_return false;
+  }
+  if (d.has_device(id)) co_return job.kind.ends_with("-remove");
+  if (co_await device_present(ctx, d, id) && !co_await unplug_added(ctx, d, id)) {
+    log::error("domain " + d.name() + ": interrupted " + job.kind + " " + id +
+               ": the guest did not release the device; it stays plugged");
+    co_return false;
   }
   co_await remove_back_end(ctx, d, id);
-  if (committed) forget_device(d, id);  // an interrupted removal that got past device_del
   co_return false;
 }
 
@@ -120,12 +167,18 @@ awaitable<void> settle(Context& ctx, Domains& domains, std::shared_ptr<Domain> d
   }
   if (d->state() == RunState::stopping) co_return;
   d->set_state(running ? RunState::running : RunState::paused);
+  std::optional<Domain::PendingJob> removal;
   if (d->interrupted) {
     auto job = *d->interrupted;
     d->interrupted.reset();
-    if (co_await reconcile(ctx, *d, job)) resume({d->name(), job});
+    if (co_await reconcile(ctx, *d, job)) removal = job;
+  }
+  // What an interrupted job handed over and no device uses, and what QEMU kept while paused.
+  if (auto ok = co_await collect_fdsets(*d, ctx.timeouts.qmp); !ok) {
+    log::warn("domain " + d->name() + ": " + ok.error().describe());
   }
   co_await domains.records().persist(*d);
+  if (removal) resume({d->name(), *removal});
   ctx.events.publish(d->name(), "domain", "adopted",
                      {{"pid", d->instance().pid}, {"uid", d->instance().uid}});
 }
@@ -181,6 +234,12 @@ awaitable<Adopted> adopt(Context& ctx, Domains& domains, std::shared_ptr<Domain>
                          const ResumeRemoval& resume) {
   if (!alive) {
     co_await bury(domains, d, "QEMU is gone");
+    co_return Adopted::torn_down;
+  }
+  // A create that did not finish may have plugged some of its devices and not others: it is
+  // undone whole, never adopted half made. The name is free for the create to be retried.
+  if (d->interrupted && d->interrupted->kind == "create") {
+    co_await bury(domains, d, "its create was interrupted");
     co_return Adopted::torn_down;
   }
   auto connected = co_await domains.reattach(d);

@@ -146,12 +146,14 @@ TEST_CASE("reply decoders", "[qmp][commands]") {
 
   auto blk = reply::block(json::parse(
       R"([{"device": "", "qdev": "cd0", "removable": true, "tray_open": false,
-           "locked": false, "inserted": {"node-name": "m0", "ro": true}},
+           "locked": false, "inserted": {"node-name": "m0", "ro": true, "file": "/dev/fdset/3"}},
           {"device": "", "qdev": "/machine/peripheral/d1/virtio-backend", "removable": false}])"));
   REQUIRE(blk.has_value());
   CHECK((*blk)[0].node_name == std::optional<std::string>("m0"));
+  CHECK((*blk)[0].file == std::optional<std::string>("/dev/fdset/3"));
   CHECK((*blk)[0].tray_open == std::optional<bool>(false));
   CHECK_FALSE((*blk)[1].node_name.has_value());
+  CHECK_FALSE((*blk)[1].file.has_value());
 
   auto mig = reply::migration(json::parse(R"({})"));
   REQUIRE(mig.has_value());
