@@ -55,6 +55,10 @@ struct Behaviour {
   std::string fail_class = "GenericError";
   bool ignore_unplug = false;  // device_del never completes (a guest that never acknowledges)
   bool tray_locked = false;    // a guest holds the CD drive open
+  // A SCSI device_del takes the device out of qom-list at once but its drive stays held, and
+  // DEVICE_DELETED waits, for this many blockdev-del attempts of the drive's node (QEMU
+  // finalizing the device a moment after the unplug).
+  unsigned late_release = 0;
 };
 
 class FakeQemu {
@@ -213,6 +217,11 @@ class FakeQemu {
     if (c.name == "blockdev-del") {
       std::string node = str(a, "node-name");
       if (!m_.nodes.contains(node)) return err(p, c, "GenericError", "Failed to find node with node-name='" + node + "'");
+      if (auto it = lingering_.find(node); it != lingering_.end()) {
+        if (it->second.refusals-- > 0) return err(p, c, "GenericError", "Node " + node + " is in use");
+        event(p, "DEVICE_DELETED", {{"device", it->second.device}, {"path", "/machine/peripheral/" + it->second.device}});
+        lingering_.erase(it);
+      }
       if (node_in_use(node)) return err(p, c, "GenericError", "Node " + node + " is in use");
       m_.nodes.erase(node);
       return ok(p, c);
@@ -245,6 +254,12 @@ class FakeQemu {
       bool pci = it->second.rfind("virtio-", 0) == 0;
       ok(p, c);
       if (b_.ignore_unplug && pci) return;
+      if (!pci && b_.late_release > 0 && m_.device_uses.contains(id)) {
+        lingering_[m_.device_uses[id]] = Lingering{id, static_cast<int>(b_.late_release)};
+        m_.devices.erase(it);
+        m_.device_uses.erase(id);
+        return;
+      }
       m_.devices.erase(it);
       m_.device_uses.erase(id);
       if (pci) event(p, "DEVICE_DELETED", {{"path", "/machine/peripheral/" + id + "/virtio-backend"}});
@@ -315,6 +330,11 @@ class FakeQemu {
   mutable std::mutex mu_;
   Behaviour b_;
   Model m_;
+  struct Lingering {
+    std::string device;
+    int refusals;
+  };
+  std::map<std::string, Lingering> lingering_;  // node a deleted device still holds
   std::int64_t next_fdset_ = 0;
   std::map<std::int64_t, fdpass::UniqueFd> fdset_fds_;
   std::map<std::string, fdpass::UniqueFd> named_;

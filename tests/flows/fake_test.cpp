@@ -400,6 +400,24 @@ TEST_CASE("an unplug the guest never acknowledges times out and removes nothing"
   CHECK(h.d->slots().empty());
 }
 
+TEST_CASE("a removal that finds the device gone waits for QEMU to let go of its nodes",
+          "[flows][unplug]") {
+  qbtest::FdLeakCheck leaks;
+  Images im;
+  Harness h(im, {.late_release = 3});
+  run_all(h, {add(disk("d1", im.dir / "a.img"))});
+  // A device_del sent before (by a broker that then died): the device has left qom-list, but
+  // QEMU still holds its drive for a moment.
+  qmp::Command del = qmp::cmd::device_del("d1");
+  auto sent = h.run(h.d->qmp()->execute(std::move(del), qmp::after(2s)));
+  REQUIRE(sent.has_value());
+  REQUIRE_FALSE(h.qemu.model().devices.contains("d1"));
+  REQUIRE(h.run(flows::remove_disk(h.ctx, *h.d, "d1", {})));
+  CHECK(h.qemu.model().nodes.empty());
+  CHECK(h.qemu.model().fdsets.empty());
+  CHECK_FALSE(h.d->disks.contains("d1"));
+}
+
 TEST_CASE("bad input is refused before QEMU is touched and nothing is opened",
           "[flows][bad-input]") {
   qbtest::FdLeakCheck leaks;
