@@ -167,8 +167,6 @@ int fds_naming(pid_t pid, const std::string& needle) {
   return n;
 }
 
-// A daemon with an image root of its own and a booted guest domain, for the tests that kill the
-// daemon mid-job. This process is the QEMU's subreaper once its daemon dies.
 KilledDaemon::KilledDaemon(uid_t uid_base, const std::string& prefix)
     : base(uid_base),
       name(prefix + std::to_string(::getpid())),
@@ -183,19 +181,20 @@ KilledDaemon::KilledDaemon(uid_t uid_base, const std::string& prefix)
 std::string KilledDaemon::disk_json() const {
   return R"({"id":"d0","path":")" + images + R"(/d0.img","bus":"scsi"})";
 }
+std::string KilledDaemon::create_body(const std::string& extra) const {
+  return R"({"name":")" + name + R"(","memory_mib":128,"pci_slots":2,"kernel":")" + guest_kernel() +
+         R"(","initrd":")" + guest_initrd() + "\"" + extra + "}";
+}
+
 void KilledDaemon::create(const std::string& extra) {
-  auto created =
-      http::call(sock, "POST", "/v1/domains",
-                 R"({"name":")" + name + R"(","memory_mib":128,"pci_slots":2,"kernel":")" +
-                     guest_kernel() + R"(","initrd":")" + guest_initrd() + "\"" + extra + "}",
-                 60s);
+  auto created = http::call(sock, "POST", "/v1/domains", create_body(extra), 60s);
   REQUIRE(created);
   INFO(created->body);
   REQUIRE(created->status == 201);
   qemu = static_cast<pid_t>(created->json.at("pid").to_number<int>());
   uid = created->json.at("uid").to_number<uid_t>();
 }
-// Waits until `job` is journaled in the record, gives the flow a moment to send its first
+
 void KilledDaemon::kill_during(Child& daemon, const std::string& job) {
   CHECK(wait_for([&] { return slurp(record).find(job) != std::string::npos; }, 10s));
   std::this_thread::sleep_for(100ms);

@@ -88,6 +88,8 @@ struct KilledDaemon {
 
   KilledDaemon(uid_t uid_base, const std::string& prefix);
   std::string disk_json() const;
+  // The body of a create of the guest domain, with `extra` members.
+  std::string create_body(const std::string& extra = {}) const;
   // Creates the guest domain (`extra`: more members of the create body) on a running daemon.
   void create(const std::string& extra = {});
   // Waits until `job` is journaled in the record, gives the flow a moment to send its first

@@ -36,6 +36,7 @@ constexpr uid_t kPlain = 3'104'300;
 constexpr uid_t kActivated = 3'104'400;
 constexpr uid_t kKilled = 3'104'500;
 constexpr uid_t kKilledUnplug = 3'104'600;
+constexpr uid_t kKilledCreate = 3'104'700;
 
 }  // namespace
 
@@ -272,5 +273,60 @@ TEST_CASE("qbrokerd killed in the middle of a disk unplug: the restarted daemon 
   k.check_no_trace_of_d0();
   CHECK(slurp(k.record).find("disk-remove") == std::string::npos);
 
+  k.destroy_and_stop(again);
+}
+
+TEST_CASE("qbrokerd killed in the middle of a create: the restarted daemon tears it down whole",
+          "[api][daemon][privileged][qemu][restart]") {
+  QB_REQUIRE_ROOT();
+  KilledDaemon k(kKilledCreate, "api-c");
+  const std::string& sock = k.sock;
+  const std::string& name = k.name;
+  Child first{spawn(k.args, k.dir / "log")};
+  REQUIRE(wait_for_socket(sock, 20s));
+
+  // The record names the QEMU as soon as it is spawned, with the create journaled. That QEMU is
+  // stopped there, so the create cannot finish, and the broker dies.
+  auto pending = http::connect(sock);
+  const std::string body = k.create_body(R"(,"disks":[)" + k.disk_json() + R"(],"cdroms":[{"id":"cd0"}])");
+  REQUIRE(http::send_all(pending.get(), http::request_text("POST", "/v1/domains", body, false)));
+  json::object record;
+  REQUIRE(wait_for(
+      [&] {
+        std::error_code ec;
+        auto v = json::parse(slurp(k.record), ec);
+        if (ec || !v.is_object() || !v.as_object().contains("job")) return false;
+        record = v.as_object();
+        return true;
+      },
+      20s));
+  const pid_t qemu = static_cast<pid_t>(record.at("instance").at("pid").to_number<int>());
+  const uid_t uid = record.at("instance").at("uid").to_number<uid_t>();
+  REQUIRE(::kill(qemu, SIGSTOP) == 0);
+  REQUIRE(json::parse(slurp(k.record)).at("job").at("kind") == "create");
+  REQUIRE(::kill(first.pid, SIGKILL) == 0);
+  CHECK(first.wait(10s) == 128 + SIGKILL);
+  REQUIRE(::kill(qemu, SIGCONT) == 0);
+
+  Child again{spawn(k.args, k.dir / "log")};
+  REQUIRE(wait_for_socket(sock, 20s));
+  INFO(slurp(k.dir / "log"));
+  CHECK(slurp(k.dir / "log").find("its create was interrupted") != std::string::npos);
+  auto shown = http::call(sock, "GET", "/v1/domains/" + name);
+  REQUIRE(shown);
+  CHECK(shown->status == 404);
+  CHECK(wait_for(
+      [&] {
+        qbtest::reap_exited_children();
+        return ::kill(qemu, 0) != 0;
+      },
+      5s));
+  CHECK(broker::lifecycle::live_processes_of_uid("/proc", uid) == 0);
+  CHECK_FALSE(std::filesystem::exists(k.record));
+
+  // The name is free: the same create now goes through whole.
+  k.create(R"(,"disks":[)" + k.disk_json() + R"(],"cdroms":[{"id":"cd0"}])");
+  CHECK(k.qemu != qemu);
+  CHECK(fds_naming(k.qemu, "d0.img") > 0);
   k.destroy_and_stop(again);
 }

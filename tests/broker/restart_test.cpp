@@ -12,8 +12,10 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <boost/json.hpp>
 
 #include "broker/control/broker.hpp"
+#include "broker/core/atomic_file.hpp"
 #include "broker/core/errc.hpp"
 #include "broker/lifecycle/proc.hpp"
 #include "lifecycle_fixture.hpp"
@@ -30,6 +32,7 @@ constexpr uid_t kAdoptBase = 3'101'200;
 constexpr uid_t kDeadBase = 3'101'300;
 constexpr uid_t kOrphanBase = 3'101'400;
 constexpr uid_t kStoppedBase = 3'101'600;
+constexpr uid_t kMediumBase = 3'101'700;
 
 // Everything one broker process would own, on shared state and run directories.
 struct Stack {
@@ -42,11 +45,13 @@ struct Stack {
   boost::asio::io_context io;
   std::unique_ptr<broker::Broker> broker;
 
+  // `images`: an image root besides the test guest's directory.
   Stack(uid_t base, const std::string& state, const std::string& run,
-        broker::BrokerConfig config = {})
+        broker::BrokerConfig config = {}, const std::string& images = {})
       : reaper(killer, base),
         uids({base, 8}, state, reaper),
-        roots(*fdpass::ImageRoots::open({qbtest::guest_dir()})),
+        roots(*fdpass::ImageRoots::open(images.empty() ? std::vector<std::string>{qbtest::guest_dir()}
+                                                       : std::vector<std::string>{qbtest::guest_dir(), images})),
         launcher(qbtest::LifecycleFixture::make_config(run), uids, cgroups, roots) {
     uids.load();
     broker::BrokerConfig c = std::move(config);
@@ -66,6 +71,41 @@ broker::CreateDomain guest(const std::string& name) {
   broker::CreateDomain c;
   c.spec = qbtest::LifecycleFixture::guest_spec(name);
   return c;
+}
+
+// How many fds of process `pid` name `path`.
+int fds_on(pid_t pid, const std::string& path) {
+  int n = 0;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec)) {
+    std::error_code lec;
+    if (fs::read_symlink(e.path(), lec) == path) ++n;
+  }
+  return n;
+}
+
+// `record` (a domain record's text) as a broker that died in the middle of `kind` on `target`
+// left it: the job journaled, the devices as they were before it.
+void write_interrupted(const std::string& file, const std::string& record, const std::string& kind,
+                       const std::string& target, boost::json::object args = {}) {
+  auto o = boost::json::parse(record).as_object();
+  boost::json::object job{{"kind", kind}, {"target", target}};
+  if (!args.empty()) job["args"] = std::move(args);
+  o["job"] = std::move(job);
+  qbtest::write_file(file, boost::json::serialize(o));
+}
+
+// The medium the API shows in CD drive `id`, "" for none.
+std::string medium_of(Stack& s, const std::string& domain, const std::string& id) {
+  auto info = s.run(s.broker->info(domain, false));
+  REQUIRE(info);
+  for (const auto& cd : info->devices.at("cdroms").as_array()) {
+    if (cd.at("id").as_string() != id) continue;
+    const auto& m = cd.at("medium");
+    return m.is_string() ? std::string(m.as_string()) : std::string();
+  }
+  FAIL("no CD drive " << id);
+  return {};
 }
 
 }  // namespace
@@ -232,4 +272,64 @@ TEST_CASE("a restarted broker adopts the others at once while a stopped QEMU sta
   qbtest::reap_exited_children();
   CHECK(live_processes_of_uid("/proc", kStoppedBase + 1) == 0);
   CHECK(live_processes_of_uid("/proc", kStoppedBase + 2) == 0);
+}
+
+TEST_CASE("a restarted broker records the CD medium QEMU holds after an interrupted change",
+          "[broker][restart][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::become_subreaper();
+  qbtest::TempDir state, run, images;
+  const std::string a = images / "a.iso", b = images / "b.iso";
+  for (const auto& path : {a, b}) {
+    qbtest::write_file(path, "QB-MEDIUM");
+    fs::resize_file(path, 1 << 20);
+  }
+  const std::string file = state / "domains/m1.json";
+  std::string before;
+  pid_t qemu = 0;
+  {
+    Stack first(kMediumBase, state.path(), run.path(), {}, images.path());
+    auto c = guest("m1");
+    c.cdroms.push_back(broker::CdromSpec{"cd0", a});
+    auto info = first.run(first.broker->create(std::move(c)));
+    REQUIRE(info);
+    qemu = info->pid;
+    auto text = broker::read_small_file(file);
+    REQUIRE(text);
+    before = *text;
+    REQUIRE(first.run(first.broker->insert_medium("m1", "cd0", {b, false})));
+    REQUIRE(fds_on(qemu, b) > 0);
+  }
+  // The broker died after QEMU took the new medium and before the record said so.
+  write_interrupted(file, before, "cdrom-insert", "cd0", {{"path", b}});
+  {
+    Stack second(kMediumBase, state.path(), run.path(), {}, images.path());
+    auto report = second.run(second.broker->recover());
+    REQUIRE(report.adopted == std::vector<std::string>{"m1"});
+    CHECK(medium_of(second, "m1", "cd0") == b);
+    auto now = broker::read_small_file(file);
+    REQUIRE(now);
+    CHECK(now->find("cdrom-insert") == std::string::npos);
+    CHECK(now->find(b) != std::string::npos);
+    CHECK(fds_on(qemu, a) == 0);
+    // The medium is the broker's again: an eject takes it out and QEMU lets go of it.
+    REQUIRE(second.run(second.broker->eject_medium("m1", "cd0", false)));
+    CHECK(medium_of(second, "m1", "cd0").empty());
+    CHECK(fds_on(qemu, b) == 0);
+    auto text = broker::read_small_file(file);
+    REQUIRE(text);
+    before = *text;
+  }
+  // The broker died before an insert reached QEMU: the drive stays empty and nothing is left.
+  write_interrupted(file, before, "cdrom-insert", "cd0", {{"path", a}});
+  {
+    Stack third(kMediumBase, state.path(), run.path(), {}, images.path());
+    auto report = third.run(third.broker->recover());
+    REQUIRE(report.adopted == std::vector<std::string>{"m1"});
+    CHECK(medium_of(third, "m1", "cd0").empty());
+    CHECK(fds_on(qemu, a) == 0);
+    REQUIRE(third.run(third.broker->destroy("m1")));
+  }
+  qbtest::reap_exited_children();
+  CHECK(live_processes_of_uid("/proc", kMediumBase + 1) == 0);
 }
