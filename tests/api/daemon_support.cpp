@@ -51,7 +51,11 @@ pid_t spawn(const std::vector<std::string>& argv, const std::string& log, int li
   ::dup2(out, 1);
   ::dup2(out, 2);
   if (listen_fd >= 0) {
-    ::dup2(listen_fd, 3);
+    // dup2 onto itself keeps FD_CLOEXEC: clear it so fd 3 survives the exec either way.
+    if (listen_fd == 3)
+      ::fcntl(3, F_SETFD, 0);
+    else
+      ::dup2(listen_fd, 3);
     ::setenv("LISTEN_FDS", "1", 1);
     ::setenv("LISTEN_PID", std::to_string(::getpid()).c_str(), 1);
   }
