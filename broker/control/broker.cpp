@@ -78,6 +78,11 @@ awaitable<Result<lifecycle::KillReport>> Broker::destroy(std::string name, bool 
   if ((*d)->state() == RunState::stopping) {
     co_return Error(make_error_code(errc::busy), "domain " + name + " is already being destroyed");
   }
+  if ((*d)->state() == RunState::adopting) {
+    // Within the adopt timeout it is adopted, unresponsive (and then destroyable) or torn down.
+    co_return Error(make_error_code(errc::busy),
+                    "domain " + name + " is being adopted after a restart; retry in a few seconds");
+  }
   auto report = co_await domains_.teardown(*d, graceful);
   if (report) {
     events_.publish(name, "domain", "destroyed",
@@ -135,7 +140,7 @@ awaitable<Result<T>> Broker::run_job(std::string name, JobSpec job, F flow) {
   if (!found) co_return found.error();
   auto d = *found;
   if (d->state() == RunState::starting || d->state() == RunState::stopping ||
-      d->state() == RunState::unresponsive) {
+      d->state() == RunState::adopting || d->state() == RunState::unresponsive) {
     co_return Error(make_error_code(errc::wrong_state),
                     "domain " + name + " is " + std::string(to_string(d->state())));
   }
@@ -325,6 +330,15 @@ awaitable<void> Broker::resume_removal(flows::RecoveryReport::Removal removal) {
 
 awaitable<Broker::RecoveryReport> Broker::recover() {
   co_return co_await flows::recover(flow_ctx_, domains_, resume_);
+}
+
+std::size_t Broker::load_records() {
+  loaded_ = flows::load(domains_);
+  return loaded_.size();
+}
+
+awaitable<Broker::RecoveryReport> Broker::adopt_loaded() {
+  co_return co_await flows::adopt_all(flow_ctx_, domains_, std::exchange(loaded_, {}), resume_);
 }
 
 }  // namespace broker

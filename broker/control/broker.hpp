@@ -78,6 +78,11 @@ class Broker {
   // is gone, finishes or undoes their interrupted jobs, and resumes unfinished removals as jobs.
   using RecoveryReport = flows::RecoveryReport;
   boost::asio::awaitable<RecoveryReport> recover();
+  // recover() in two steps, so the API can serve between them: load_records() enters every
+  // recorded domain as adopting without asking any QEMU and returns how many; adopt_loaded()
+  // reclaims orphan uids and adopts the loaded domains concurrently.
+  std::size_t load_records();
+  boost::asio::awaitable<RecoveryReport> adopt_loaded();
 
   // Queries: allowed while a job runs.
   boost::asio::awaitable<Result<DomainInfo>> info(std::string name, bool live = true);
@@ -170,6 +175,7 @@ class Broker {
   Domains domains_;
   flows::Context flow_ctx_;
   flows::ResumeRemoval resume_;  // recovery hands removals to resume here, now or later
+  std::vector<flows::Loaded> loaded_;  // between load_records() and adopt_loaded()
   qmp::CapabilityCache capabilities_;
   std::string capabilities_from_;
 };

@@ -181,12 +181,9 @@ struct Lifetime {
   bool failed = false;
 };
 
-// Recovery first, then the socket: a client never sees a half-recovered domain list. Recovery is
-// bounded: domains are adopted concurrently, each within the adopt timeout, and one that does not
-// answer is listed as unresponsive while it is retried in the background.
-asio::awaitable<void> start_serving(Broker& broker, api::Server& server, fdpass::UniqueFd listener,
-                                    Lifetime& life) {
-  auto report = co_await broker.recover();
+// Adopts the domains loaded from their records and says how it went.
+asio::awaitable<void> adopt_recorded(Broker& broker) {
+  auto report = co_await broker.adopt_loaded();
   log::info("recovered state: " + std::to_string(report.adopted.size()) + " domain(s) adopted, " +
             std::to_string(report.torn_down.size()) + " torn down, " +
             std::to_string(report.unresponsive.size()) + " unresponsive, " +
@@ -196,6 +193,15 @@ asio::awaitable<void> start_serving(Broker& broker, api::Server& server, fdpass:
     log::info("tore down domain " + n + " (its QEMU was gone)");
   for (const auto& n : report.unresponsive)
     log::warn("domain " + n + " is unresponsive; adopting it once its QEMU answers");
+}
+
+// The records first, then the socket, then the adoption: a client sees every recorded domain from
+// its first request, listed as adopting until its QEMU has answered (at most the adopt timeout),
+// and no QEMU, however slow, holds up the API.
+asio::awaitable<void> start_serving(Broker& broker, api::Server& server, fdpass::UniqueFd listener,
+                                    Lifetime& life) {
+  const std::size_t recorded = broker.load_records();
+  log::info("read " + std::to_string(recorded) + " domain record(s); adopting them");
   if (auto ok = server.start(std::move(listener)); !ok) {
     log::error(ok.error().describe());
     life.failed = true;
@@ -203,6 +209,7 @@ asio::awaitable<void> start_serving(Broker& broker, api::Server& server, fdpass:
   }
   notify("READY=1\nSTATUS=serving, " + std::to_string(broker.list().size()) + " domain(s)");
   log::info("serving the API");
+  co_await adopt_recorded(broker);
 }
 
 asio::awaitable<void> reap_orphans(Broker& broker, asio::steady_timer& timer,

@@ -12,6 +12,7 @@ std::string_view to_string(RunState s) {
     case RunState::running: return "running";
     case RunState::shutdown: return "shutdown";
     case RunState::stopping: return "stopping";
+    case RunState::adopting: return "adopting";
     case RunState::unresponsive: return "unresponsive";
   }
   return "unknown";

@@ -24,9 +24,10 @@
 
 namespace broker {
 
-// unresponsive: adopted after a restart, its QEMU alive but not answering QMP; the broker keeps
+// adopting: read back from its record after a restart, its QEMU being reconnected (at most the
+// adopt timeout). unresponsive: adopted, its QEMU alive but not answering QMP; the broker keeps
 // trying and never kills it for being slow.
-enum class RunState { starting, paused, running, shutdown, stopping, unresponsive };
+enum class RunState { starting, paused, running, shutdown, stopping, adopting, unresponsive };
 std::string_view to_string(RunState s);
 
 struct CdromState {

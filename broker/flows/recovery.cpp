@@ -158,15 +158,6 @@ awaitable<bool> reconcile(Context& ctx, Domain& d, Domain::PendingJob job) {
 // undone, its record rewritten.
 awaitable<void> settle(Context& ctx, Domains& domains, std::shared_ptr<Domain> d,
                        const ResumeRemoval& resume) {
-  qmp::Command query = qmp::cmd::query_status();
-  auto st = co_await call(ctx, *d, std::move(query));
-  bool running = false;
-  if (st) {
-    auto status = qmp::reply::status(*st);
-    running = status && status->running;
-  }
-  if (d->state() == RunState::stopping) co_return;
-  d->set_state(running ? RunState::running : RunState::paused);
   std::optional<Domain::PendingJob> removal;
   if (d->interrupted) {
     auto job = *d->interrupted;
@@ -177,7 +168,23 @@ awaitable<void> settle(Context& ctx, Domains& domains, std::shared_ptr<Domain> d
   if (auto ok = co_await collect_fdsets(*d, ctx.timeouts.qmp); !ok) {
     log::warn("domain " + d->name() + ": " + ok.error().describe());
   }
-  co_await domains.records().persist(*d);
+  qmp::Command query = qmp::cmd::query_status();
+  auto st = co_await call(ctx, *d, std::move(query));
+  bool running = false;
+  if (st) {
+    auto status = qmp::reply::status(*st);
+    running = status && status->running;
+  }
+  if (d->state() == RunState::stopping) co_return;
+  // The record is rewritten before the API shows the domain adopted: a client that sees it
+  // running or paused never finds the old job in its record.
+  const RunState was = d->state();
+  const RunState now = running ? RunState::running : RunState::paused;
+  d->set_state(now);
+  auto written = domains.records().persist(*d);
+  d->set_state(was);
+  co_await std::move(written);
+  if (d->state() == was) d->set_state(now);
   if (removal) resume({d->name(), *removal});
   ctx.events.publish(d->name(), "domain", "adopted",
                      {{"pid", d->instance().pid}, {"uid", d->instance().uid}});
@@ -264,11 +271,10 @@ awaitable<Adopted> adopt(Context& ctx, Domains& domains, std::shared_ptr<Domain>
 
 }  // namespace
 
-awaitable<RecoveryReport> recover(Context& ctx, Domains& domains, const ResumeRemoval& resume) {
-  RecoveryReport report;
-  // Every record enters the table first, so the uid reclaim below and the API see each of them
-  // at once; the QEMU identity check (pid, start time, pidfd, cgroup) needs no QEMU answer.
-  std::vector<std::pair<std::shared_ptr<Domain>, bool>> loaded;
+std::vector<Loaded> load(Domains& domains) {
+  // Every record enters the table first, so the uid reclaim and the API see each of them at once;
+  // the QEMU identity check (pid, start time, pidfd, cgroup) needs no QEMU answer.
+  std::vector<Loaded> loaded;
   for (auto& record : domains.records().load()) {
     if (!record.domain) {
       log::error("domain record " + record.file + ": " + record.domain.error().describe());
@@ -276,9 +282,16 @@ awaitable<RecoveryReport> recover(Context& ctx, Domains& domains, const ResumeRe
     }
     auto d = *record.domain;
     const bool alive = domains.still_running(*d);
+    d->set_state(RunState::adopting);
     domains.insert(d);
-    loaded.emplace_back(std::move(d), alive);
+    loaded.push_back({std::move(d), alive});
   }
+  return loaded;
+}
+
+awaitable<RecoveryReport> adopt_all(Context& ctx, Domains& domains, std::vector<Loaded> loaded,
+                                    const ResumeRemoval& resume) {
+  RecoveryReport report;
   // Uids and cgroups no record speaks of (a start cut short by a crash) go too.
   report.reclaimed_uids = co_await domains.reclaim();
 
@@ -291,6 +304,10 @@ awaitable<RecoveryReport> recover(Context& ctx, Domains& domains, const ResumeRe
   }
   if (*pending > 0) co_await all_done->async_wait(asio::as_tuple(asio::use_awaitable));
   co_return report;
+}
+
+awaitable<RecoveryReport> recover(Context& ctx, Domains& domains, const ResumeRemoval& resume) {
+  co_return co_await adopt_all(ctx, domains, load(domains), resume);
 }
 
 }  // namespace broker::flows

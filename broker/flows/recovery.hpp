@@ -9,6 +9,7 @@
 #pragma once
 
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -37,6 +38,23 @@ struct RecoveryReport {
 // answers. It must outlive every domain recovery adopts.
 using ResumeRemoval = std::function<void(RecoveryReport::Removal)>;
 
+// A domain read back from its record, entered in the table as `adopting`; `alive` when its
+// recorded QEMU still runs.
+struct Loaded {
+  std::shared_ptr<Domain> d;
+  bool alive = false;
+};
+
+// Reads every record into the table at once, without asking any QEMU: the API can list the
+// domains (adopting) before a single one has answered.
+std::vector<Loaded> load(Domains& domains);
+
+// Reclaims the uids no record accounts for and adopts each loaded domain, concurrently.
+boost::asio::awaitable<RecoveryReport> adopt_all(Context& ctx, Domains& domains,
+                                                 std::vector<Loaded> loaded,
+                                                 const ResumeRemoval& resume);
+
+// load() then adopt_all().
 boost::asio::awaitable<RecoveryReport> recover(Context& ctx, Domains& domains,
                                                const ResumeRemoval& resume);
 

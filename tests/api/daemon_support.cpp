@@ -107,6 +107,19 @@ bool wait_for_socket(const std::string& path, std::chrono::milliseconds timeout)
   return false;
 }
 
+bool wait_adopted(const std::string& sock, std::chrono::milliseconds timeout) {
+  return wait_for(
+      [&] {
+        auto r = http::call(sock, "GET", "/v1/domains", {}, 2s);
+        if (!r || r->status != 200) return false;
+        for (const auto& d : r->json.at("domains").as_array()) {
+          if (d.at("state") == "adopting") return false;
+        }
+        return true;
+      },
+      timeout);
+}
+
 std::string slurp(const std::string& path) {
   std::ifstream in(path);
   std::stringstream ss;

@@ -42,6 +42,10 @@ Run ctl(const std::string& socket, std::vector<std::string> args);
 // True once GET /v1/version answers 200 on `path`.
 bool wait_for_socket(const std::string& path, std::chrono::milliseconds timeout);
 
+// True once the daemon on `sock` lists no domain as adopting: every domain read back from its
+// record after a restart has been adopted, found unresponsive or torn down.
+bool wait_adopted(const std::string& sock, std::chrono::milliseconds timeout);
+
 std::string slurp(const std::string& path);
 
 // qbrokerd makes a cgroup subtree per uid range; the test's range is its own, so it goes too,

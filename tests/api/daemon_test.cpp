@@ -37,6 +37,7 @@ constexpr uid_t kActivated = 3'104'400;
 constexpr uid_t kKilled = 3'104'500;
 constexpr uid_t kKilledUnplug = 3'104'600;
 constexpr uid_t kKilledCreate = 3'104'700;
+constexpr uid_t kStoppedAtStart = 3'104'800;
 
 }  // namespace
 
@@ -110,6 +111,7 @@ TEST_CASE(
 
   Child again{spawn(args, dir / "log")};
   REQUIRE(wait_for_socket(sock, 20s));
+  REQUIRE(wait_adopted(sock, 10s));
   auto shown = ctl(sock, {"--json", "show", name});
   REQUIRE(shown.status == 0);
   auto info = json::parse(shown.out);
@@ -209,6 +211,7 @@ TEST_CASE("qbrokerd killed in the middle of a disk hotplug: the restarted daemon
 
   Child again{spawn(k.args, k.dir / "log")};
   REQUIRE(wait_for_socket(sock, 20s));
+  REQUIRE(wait_adopted(sock, 10s));
   INFO(slurp(k.dir / "log"));
   CHECK(slurp(k.dir / "log").find("interrupted job disk-add d0") != std::string::npos);
   auto shown = http::call(sock, "GET", "/v1/domains/" + name);
@@ -259,6 +262,7 @@ TEST_CASE("qbrokerd killed in the middle of a disk unplug: the restarted daemon 
 
   Child again{spawn(k.args, k.dir / "log")};
   REQUIRE(wait_for_socket(sock, 20s));
+  REQUIRE(wait_adopted(sock, 10s));
   INFO(slurp(k.dir / "log"));
   CHECK(slurp(k.dir / "log").find("interrupted job disk-remove d0") != std::string::npos);
   // Finished, whether the dead broker's device_del reached QEMU or not: the disk is gone from the
@@ -310,11 +314,15 @@ TEST_CASE("qbrokerd killed in the middle of a create: the restarted daemon tears
 
   Child again{spawn(k.args, k.dir / "log")};
   REQUIRE(wait_for_socket(sock, 20s));
+  REQUIRE(wait_adopted(sock, 10s));
   INFO(slurp(k.dir / "log"));
   CHECK(slurp(k.dir / "log").find("its create was interrupted") != std::string::npos);
-  auto shown = http::call(sock, "GET", "/v1/domains/" + name);
-  REQUIRE(shown);
-  CHECK(shown->status == 404);
+  CHECK(wait_for(
+      [&] {
+        auto shown = http::call(sock, "GET", "/v1/domains/" + name);
+        return shown && shown->status == 404;
+      },
+      5s));
   CHECK(wait_for(
       [&] {
         qbtest::reap_exited_children();
@@ -328,5 +336,50 @@ TEST_CASE("qbrokerd killed in the middle of a create: the restarted daemon tears
   k.create(R"(,"disks":[)" + k.disk_json() + R"(],"cdroms":[{"id":"cd0"}])");
   CHECK(k.qemu != qemu);
   CHECK(fds_naming(k.qemu, "d0.img") > 0);
+  k.destroy_and_stop(again);
+}
+
+TEST_CASE("qbrokerd serves at once after a restart while a stopped QEMU is adopted in the background",
+          "[api][daemon][privileged][qemu][restart]") {
+  QB_REQUIRE_ROOT();
+  KilledDaemon k(kStoppedAtStart, "api-s");
+  const std::string& sock = k.sock;
+  Child first{spawn(k.args, k.dir / "log")};
+  REQUIRE(wait_for_socket(sock, 20s));
+  const std::string other = k.name + "b";
+  auto made = http::call(sock, "POST", "/v1/domains",
+                         R"({"name":")" + other + R"(","machine":"none","memory_mib":16,"pci_slots":0})",
+                         30s);
+  REQUIRE(made);
+  REQUIRE(made->status == 201);
+  k.create();
+  ::kill(first.pid, SIGTERM);
+  REQUIRE(first.wait(10s) == 0);
+  REQUIRE(::kill(k.qemu, SIGSTOP) == 0);
+
+  // The API answers before the stopped QEMU has been given up on: both domains are listed at
+  // once, the stopped one as adopting, and the other is adopted meanwhile.
+  Child again{spawn(k.args, k.dir / "log")};
+  REQUIRE(wait_for_socket(sock, 20s));
+  auto state_of = [&](const std::string& name) {
+    auto r = http::call(sock, "GET", "/v1/domains/" + name + "?live=false");
+    REQUIRE(r);
+    REQUIRE(r->status == 200);
+    return std::string(r->json.at("state").as_string());
+  };
+  INFO(slurp(k.dir / "log"));
+  CHECK(state_of(k.name) == "adopting");
+  auto refused = http::call(sock, "POST", "/v1/domains/" + k.name + "/pause");
+  REQUIRE(refused);
+  CHECK(refused->status == 409);
+  CHECK(wait_for([&] { return state_of(other) == "running"; }, 10s));
+  CHECK(wait_for([&] { return state_of(k.name) == "unresponsive"; }, 10s));
+
+  // Once it runs again, the background retry adopts it.
+  REQUIRE(::kill(k.qemu, SIGCONT) == 0);
+  CHECK(wait_for([&] { return state_of(k.name) == "running"; }, 10s));
+  auto gone = http::call(sock, "DELETE", "/v1/domains/" + other, {}, 30s);
+  REQUIRE(gone);
+  CHECK(gone->status == 200);
   k.destroy_and_stop(again);
 }
