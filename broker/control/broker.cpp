@@ -75,7 +75,7 @@ awaitable<Result<DomainInfo>> Broker::create(CreateDomain request) {
 awaitable<Result<lifecycle::KillReport>> Broker::destroy(std::string name, bool graceful) {
   auto d = find(name);
   if (!d) co_return d.error();
-  if ((*d)->state() == RunState::stopping) {
+  if ((*d)->state() == RunState::stopping && !(*d)->teardown_failed) {
     co_return Error(make_error_code(errc::busy), "domain " + name + " is already being destroyed");
   }
   if ((*d)->state() == RunState::adopting) {

@@ -82,6 +82,9 @@ class Broker {
   // recorded domain as adopting without asking any QEMU and returns how many; adopt_loaded()
   // reclaims orphan uids and adopts the loaded domains concurrently.
   std::size_t load_records();
+  // One pass over what could not be finished (Domains::retry_stuck); qbrokerd runs it every few
+  // seconds.
+  boost::asio::awaitable<Domains::RetryReport> retry_stuck() { return domains_.retry_stuck(); }
   boost::asio::awaitable<RecoveryReport> adopt_loaded();
 
   // Queries: allowed while a job runs.

@@ -212,6 +212,17 @@ asio::awaitable<void> start_serving(Broker& broker, api::Server& server, fdpass:
   co_await adopt_recorded(broker);
 }
 
+// Every few seconds: the uids quarantined because something the sweep could not kill held them,
+// and the teardowns that failed, are tried again, so one stuck uid never needs a restart.
+asio::awaitable<void> retry_stuck(Broker& broker, asio::steady_timer& timer, const Lifetime& life) {
+  while (!life.stopping) {
+    timer.expires_after(5s);
+    auto [ec] = co_await timer.async_wait(asio::as_tuple(asio::use_awaitable));
+    if (ec || life.stopping) break;
+    co_await broker.retry_stuck();
+  }
+}
+
 asio::awaitable<void> reap_orphans(Broker& broker, asio::steady_timer& timer,
                                    const Lifetime& life) {
   OrphanReaper reaper;
@@ -282,6 +293,8 @@ int serve(const DaemonConfig& o, Host host) {
   asio::steady_timer orphan_timer(io);
   asio::co_spawn(io, watch_signals(signals, server, life), asio::detached);
   asio::co_spawn(io, reap_orphans(broker, orphan_timer, life), asio::detached);
+  asio::steady_timer retry_timer(io);
+  asio::co_spawn(io, retry_stuck(broker, retry_timer, life), asio::detached);
   asio::co_spawn(io, start_serving(broker, server, std::move(host.listener), life), asio::detached);
 
   log::info("qbrokerd " + std::string(api::kBrokerVersion) + ": uids " +
@@ -291,6 +304,7 @@ int serve(const DaemonConfig& o, Host host) {
   while (!life.stopping && !life.failed) io.run_one();
 
   orphan_timer.cancel();
+  retry_timer.cancel();
   drain(io, server, o.shutdown_grace);
   cgroups.remove_base_if_empty();
   log::info("stopped");

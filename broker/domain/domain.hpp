@@ -131,6 +131,10 @@ class Domain {
   // (broker/domain/fdsets.hpp).
   std::map<std::int64_t, std::string> fdsets_to_close;
 
+  // Its last teardown could not kill everything under its uid: it stays listed (stopping), a
+  // DELETE may try again, and Domains::retry_stuck() does so in the background.
+  bool teardown_failed = false;
+
   // True when `id` names any device of this domain.
   bool has_device(const std::string& id) const;
 

@@ -96,6 +96,23 @@ struct OnResume {
 
 }  // namespace
 
+awaitable<Domains::RetryReport> Domains::retry_stuck() {
+  RetryReport report;
+  report.freed_uids = co_await run_blocking(ex_, lifecycle_, [this] { return launcher_.retry_quarantined(); });
+  std::vector<std::shared_ptr<Domain>> stuck;
+  for (const auto& [name, d] : table_) {
+    if (d->teardown_failed) stuck.push_back(d);
+  }
+  for (auto& d : stuck) {
+    if (!d->teardown_failed) continue;  // a DELETE retried it meanwhile
+    if (auto ok = co_await teardown(d, false); ok) {
+      log::info("domain " + d->name() + ": torn down on retry");
+      report.torn_down.push_back(d->name());
+    }
+  }
+  co_return report;
+}
+
 awaitable<void> Domains::close_held_fdsets(std::shared_ptr<Domain> d) {
   auto changed = co_await broker::close_held_fdsets(*d, config_.qmp_timeout);
   if (!changed) {
@@ -133,9 +150,14 @@ awaitable<Result<lifecycle::KillReport>> Domains::teardown(std::shared_ptr<Domai
   }
   if (d->qmp() != nullptr) d->qmp()->close();
   Domain* raw = d.get();
+  const bool retry = std::exchange(d->teardown_failed, false);
   auto report = co_await run_blocking(ex_, lifecycle_, [this, raw] { return launcher_.destroy(raw->instance()); });
   if (!report) {
-    log::error("domain " + d->name() + ": teardown failed: " + report.error().describe());
+    d->teardown_failed = true;
+    // Said once; each retry that fails the same way only at debug level.
+    const std::string what = "domain " + d->name() + ": teardown failed: " + report.error().describe();
+    if (retry) log::debug(what);
+    else log::error(what + "; retrying in the background");
     co_return report.error();
   }
   d->set_qmp(nullptr);

@@ -76,6 +76,13 @@ class Domains {
   bool alive(const Domain& d) const;
   // Kills and releases the uids, and removes the cgroups, that no domain accounts for.
   boost::asio::awaitable<std::vector<uid_t>> reclaim();
+  // One pass over what could not be finished: sweeps the quarantined uids again and retries the
+  // teardowns that failed. Returns the uids freed and the domains torn down.
+  struct RetryReport {
+    std::vector<uid_t> freed_uids;
+    std::vector<std::string> torn_down;
+  };
+  boost::asio::awaitable<RetryReport> retry_stuck();
   // Removes the fdsets QEMU kept while the VM was not running, now that it runs
   // (broker/domain/fdsets.hpp), and rewrites the record when that changed them.
   boost::asio::awaitable<void> close_held_fdsets(std::shared_ptr<Domain> d);

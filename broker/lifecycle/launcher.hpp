@@ -89,6 +89,9 @@ class Launcher {
   // Returns the uids released; a uid whose processes survive stays recorded.
   std::vector<uid_t> reclaim_uids(const std::vector<const Instance*>& live);
 
+  // Sweeps the quarantined uids again (UidPool::retry_quarantined); returns those freed.
+  std::vector<uid_t> retry_quarantined() { return uids_.retry_quarantined(); }
+
   const LauncherConfig& config() const { return config_; }
   Accel detect_accel(Accel wanted) const;
   std::vector<std::string> command_line(const DomainSpec& spec, Accel accel,

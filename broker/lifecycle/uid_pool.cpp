@@ -113,6 +113,23 @@ Result<void> UidPool::sweep(uid_t uid) {
   return {};
 }
 
+std::vector<uid_t> UidPool::retry_quarantined() {
+  std::vector<uid_t> freed;
+  for (uid_t uid : std::set<uid_t>(quarantined_)) {
+    auto report = reaper_.kill_uid(uid);
+    if (!report) {
+      log::debug("uid " + std::to_string(uid) + " stays quarantined: " + report.error().describe());
+      continue;
+    }
+    quarantined_.erase(uid);
+    freed.push_back(uid);
+    log::info("uid " + std::to_string(uid) + " is free again: nothing holds it any more" +
+              (report->found > 0 ? " (killed " + std::to_string(report->found) + " processes)"
+                                 : std::string()));
+  }
+  return freed;
+}
+
 Result<uid_t> UidPool::allocate(const std::string& domain, std::optional<uid_t> wanted) {
   if (shared_) {
     // No sweep: the other domains run under this uid. No record: the uid is never released.

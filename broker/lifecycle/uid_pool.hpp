@@ -15,6 +15,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "broker/core/error.hpp"
 #include "broker/lifecycle/reaper.hpp"
@@ -54,6 +55,10 @@ class UidPool {
 
   // Forgets the record. Call only after the uid's teardown verified that nothing runs under it.
   Result<void> release(uid_t uid);
+
+  // Sweeps each quarantined uid again and frees those nothing holds any more (the holder exited
+  // or was killed by other means). Returns the uids freed.
+  std::vector<uid_t> retry_quarantined();
 
   const std::set<uid_t>& quarantined() const { return quarantined_; }
   const std::map<uid_t, std::string>& in_use() const { return in_use_; }

@@ -1,7 +1,9 @@
 // The Broker's own operations against a real QEMU: create, query, run state, passthrough,
 // destroy, and what is left afterwards.
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/mount.h>
+#include <sys/wait.h>
 
 #include <filesystem>
 
@@ -20,6 +22,7 @@ namespace {
 constexpr uid_t kBase = 3'101'000;
 constexpr uid_t kDupBase = 3'101'100;
 constexpr uid_t kFullBase = 3'101'500;
+constexpr uid_t kStuckBase = 3'101'800;
 
 // A tmpfs of a few pages mounted over `dir` and filled to the last byte, unmounted at scope exit.
 class FullFilesystem {
@@ -159,4 +162,45 @@ TEST_CASE("a domain whose record cannot be written is not created, and nothing o
   CHECK_FALSE(fx.broker.exists("full1"));
   CHECK(broker::lifecycle::live_processes_of_uid("/proc", kFullBase + 1) == 0);
   CHECK(fx.uids.in_use().empty());
+}
+
+TEST_CASE("a teardown the sweep cannot finish is retried, by DELETE and in the background",
+          "[broker][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::BrokerFixture fx(kStuckBase);
+  auto info = fx.run(fx.broker.create(qbtest::BrokerFixture::guest("stuck")));
+  REQUIRE(info);
+  const uid_t uid = info->uid;
+  // Something kill(-1) as the domain's uid cannot reach holds it: its effective uid alone.
+  pid_t holder = ::fork();
+  if (holder == 0) {
+    if (::setresuid(kStuckBase + 30, uid, kStuckBase + 30) != 0) ::_exit(99);
+    for (;;) ::pause();
+  }
+  REQUIRE(holder > 0);
+  qbtest::ChildGuard guard(holder);
+
+  auto failed = fx.run(fx.broker.destroy("stuck"));
+  REQUIRE_FALSE(failed);
+  INFO(failed.error().describe());
+  CHECK(failed.error().message.find(std::to_string(holder)) != std::string::npos);
+  REQUIRE(fx.broker.exists("stuck"));
+  CHECK(fx.run(fx.broker.info("stuck", false))->state == broker::RunState::stopping);
+  // A DELETE may try again (it is not "already being destroyed"), and fails the same way.
+  auto again = fx.run(fx.broker.destroy("stuck"));
+  REQUIRE_FALSE(again);
+  CHECK(again.error().code != broker::errc::busy);
+  CHECK(fx.run(fx.broker.retry_stuck()).torn_down.empty());
+  CHECK(fx.uids.in_use().contains(uid));
+
+  // Once the holder is gone, the background pass finishes the teardown and frees the uid.
+  REQUIRE(::kill(holder, SIGKILL) == 0);
+  REQUIRE(::waitpid(holder, nullptr, 0) == holder);
+  guard.reaped();
+  auto retried = fx.run(fx.broker.retry_stuck());
+  CHECK(retried.torn_down == std::vector<std::string>{"stuck"});
+  CHECK_FALSE(fx.broker.exists("stuck"));
+  CHECK(fx.uids.in_use().empty());
+  CHECK(broker::lifecycle::live_processes_of_uid("/proc", uid) == 0);
+  CHECK_FALSE(fs::exists(fx.state / "domains/stuck.json"));
 }

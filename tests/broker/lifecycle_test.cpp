@@ -39,6 +39,7 @@ constexpr uid_t kColdBase = 3'100'600;
 constexpr uid_t kSharedBase = 3'100'700;
 constexpr uid_t kStepUid = 3'100'801;
 constexpr uid_t kEuidOnlyBase = 3'100'900;
+constexpr uid_t kRetryBase = 3'100'960;
 
 std::string proc_field(pid_t pid, const std::string& key) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/status");
@@ -393,6 +394,40 @@ TEST_CASE("a process that holds a uid only as its effective uid stops the sweep 
   CHECK(report.error().message.find(std::to_string(holder)) != std::string::npos);
   CHECK(report.error().message.find(std::to_string(other)) != std::string::npos);
   CHECK(alive(holder));
+}
+
+TEST_CASE("a quarantined uid is swept again and handed out once nothing holds it",
+          "[lifecycle][privileged]") {
+  QB_REQUIRE_ROOT();
+  qbtest::LifecycleFixture fx(kRetryBase);
+  const uid_t held = kRetryBase + 1;
+  pid_t holder = ::fork();
+  if (holder == 0) {
+    // Beyond kill(-1) as `held`: it holds the uid only as its effective uid.
+    if (::setresuid(kRetryBase + 30, held, kRetryBase + 30) != 0) ::_exit(99);
+    for (;;) ::pause();
+  }
+  REQUIRE(holder > 0);
+  qbtest::ChildGuard guard(holder);
+  REQUIRE(wait_until([&] { return live_processes_of_uid("/proc", held) == 1; }, 5s));
+
+  auto first = fx.uids.allocate("a");
+  REQUIRE(first);
+  CHECK(*first == held + 1);  // the held uid is quarantined and skipped at once
+  CHECK(fx.uids.quarantined().contains(held));
+  CHECK(fx.launcher.retry_quarantined().empty());  // still held
+  CHECK(fx.uids.quarantined().contains(held));
+
+  REQUIRE(::kill(holder, SIGKILL) == 0);
+  REQUIRE(::waitpid(holder, nullptr, 0) == holder);
+  guard.reaped();
+  CHECK(fx.launcher.retry_quarantined() == std::vector<uid_t>{held});
+  CHECK(fx.uids.quarantined().empty());
+  auto second = fx.uids.allocate("b");
+  REQUIRE(second);
+  CHECK(*second == held);
+  REQUIRE(fx.uids.release(*first));
+  REQUIRE(fx.uids.release(*second));
 }
 
 TEST_CASE("a kill failure with a known uid is an error, never a kill by pid",
