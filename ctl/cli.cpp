@@ -25,6 +25,7 @@ constexpr std::array kCommands{
     CommandInfo{"create",
                 "NAME [--memory MIB] [--vcpus N] [--kernel PATH] [--initrd PATH] [--append ARGS]\n"
                 "       [--machine q35|none] [--accel auto|kvm|tcg] [--pci-slots N] [--paused]\n"
+                "       [--firmware bios|uefi] [--secure-boot] [--nvram PATH] [--boot ID[,ID]...]\n"
                 "       [--cdrom ID[=PATH]]... [--disk "
                 "id=ID,path=PATH[,format=raw|qcow2][,bus=scsi|virtio][,ro]]...\n"
                 "       [--nic id=ID[,tap=TAP][,mac=MAC]]... [--vnc LISTEN]\n"
@@ -32,7 +33,7 @@ constexpr std::array kCommands{
                 "POST", "/v1/domains", "create and start a domain (also: domain create)"},
     CommandInfo{"show", "NAME [--no-live]", "GET", "/v1/domains/{name}",
                 "state, uid, pid, devices and live QEMU status (also: domain show)"},
-    CommandInfo{"destroy", "NAME [--graceful]", "DELETE", "/v1/domains/{name}",
+    CommandInfo{"destroy", "NAME [--graceful] [--purge-nvram]", "DELETE", "/v1/domains/{name}",
                 "kill the domain by uid, free everything, print the kill report"},
     CommandInfo{"pause", "NAME", "POST", "/v1/domains/{name}/pause", "pause the guest"},
     CommandInfo{"resume", "NAME", "POST", "/v1/domains/{name}/resume", "resume the guest"},
@@ -300,10 +301,21 @@ std::optional<CliError> machine_fields(json::object& body, const Args& a) {
   if (auto e = set_number(body, a, "--pci-slots", "pci_slots")) return e;
   for (auto [flag, key] : {std::pair{"--kernel", "kernel"}, std::pair{"--initrd", "initrd"},
                            std::pair{"--append", "append"}, std::pair{"--machine", "machine"},
-                           std::pair{"--accel", "accel"}}) {
+                           std::pair{"--accel", "accel"}, std::pair{"--firmware", "firmware"},
+                           std::pair{"--nvram", "nvram"}}) {
     if (auto v = a.one(flag)) body[key] = *v;
   }
   if (a.has("--paused")) body["paused"] = true;
+  if (a.has("--secure-boot")) body["secure_boot"] = true;
+  if (auto v = a.one("--boot")) {
+    json::array order;
+    for (std::size_t start = 0; start <= v->size();) {
+      const auto comma = std::min(v->find(',', start), v->size());
+      order.emplace_back(v->substr(start, comma - start));
+      start = comma + 1;
+    }
+    body["boot_order"] = std::move(order);
+  }
   if (auto v = a.one("--vnc")) body["vnc"] = json::object{{"listen", *v}};
   return std::nullopt;
 }
@@ -371,6 +383,7 @@ Out show(const Args& a) {
 Out destroy(const Args& a) {
   auto target = domain_target(a.pos[0]);
   if (a.has("--graceful")) target.query("graceful", "true");
+  if (a.has("--purge-nvram")) target.query("purge_nvram", "true");
   return Invocation{
       .method = "DELETE", .target = target.str(), .view = View::killed, .domain = a.pos[0]};
 }
@@ -564,6 +577,10 @@ const std::vector<Syntax>& syntaxes() {
         {"--accel", true},
         {"--pci-slots", true},
         {"--paused", false},
+        {"--firmware", true},
+        {"--secure-boot", false},
+        {"--nvram", true},
+        {"--boot", true},
         {"--cdrom", true},
         {"--disk", true},
         {"--nic", true},
@@ -574,7 +591,7 @@ const std::vector<Syntax>& syntaxes() {
        true,
        create},
       {"show", {{"--no-live", false}}, {"NAME"}, 0, true, show},
-      {"destroy", {{"--graceful", false}}, {"NAME"}, 0, true, destroy},
+      {"destroy", {{"--graceful", false}, {"--purge-nvram", false}}, {"NAME"}, 0, true, destroy},
       {"pause", {}, {"NAME"}, 0, true, run_state("pause", "paused")},
       {"resume", {}, {"NAME"}, 0, true, run_state("resume", "resumed")},
       {"shutdown", {}, {"NAME"}, 0, true, run_state("shutdown", "sent the ACPI power button to")},
@@ -768,6 +785,11 @@ std::string flag_for_field(std::string_view field) {
                                                                    {"accel", "--accel"},
                                                                    {"pci_slots", "--pci-slots"},
                                                                    {"paused", "--paused"},
+                                                                   {"firmware", "--firmware"},
+                                                                   {"secure_boot", "--secure-boot"},
+                                                                   {"nvram", "--nvram"},
+                                                                   {"boot_order", "--boot"},
+                                                                   {"purge_nvram", "--purge-nvram"},
                                                                    {"name", "NAME"},
                                                                    {"path", "PATH"},
                                                                    {"format", "--format"},

@@ -8,6 +8,7 @@
 #include <boost/url/url_view.hpp>
 #include <map>
 #include <optional>
+#include <span>
 
 #include "broker/api/errc.hpp"
 #include "broker/api/http_errors.hpp"
@@ -201,10 +202,12 @@ Result<bool> parse_bool(std::string_view key, std::string_view v) {
 class Query {
  public:
   explicit Query(const std::vector<std::pair<std::string, std::string>>& q) : q_(q) {}
-  // Refuses any parameter but `known` (every parameter when `known` is empty).
-  Result<void> only(std::string_view known) const {
+  // Refuses any parameter but those in `known` (empty entries name none).
+  Result<void> only(std::span<const std::string_view> known) const {
     for (const auto& [k, v] : q_) {
-      if (known.empty() || k != known) return field_error(k, "unknown query parameter");
+      if (k.empty() || std::find(known.begin(), known.end(), k) == known.end()) {
+        return field_error(k, "unknown query parameter");
+      }
     }
     return {};
   }
@@ -282,7 +285,8 @@ Result<Command> get_domain(const Request& r) {
 Result<Command> destroy_domain(const Request& r) {
   QB_TRY(empty, r.empty_body());
   QB_TRY(graceful, r.query.flag("graceful", false));
-  return Command{DestroyDomain{r.name(), *graceful}};
+  QB_TRY(purge, r.query.flag("purge_nvram", false));
+  return Command{DestroyDomain{r.name(), *graceful, *purge}};
 }
 
 template <RunOp op>
@@ -366,7 +370,7 @@ Result<Command> qmp_passthrough(const Request& r) {
 
 struct Handler {
   std::string_view operation;  // as in kRoutes
-  std::string_view query_key;  // the one query parameter the route takes, if any
+  std::array<std::string_view, 2> query_keys;  // the query parameters the route takes
   Result<Command> (*build)(const Request&);
 };
 
@@ -374,14 +378,14 @@ constexpr std::array kHandlers{
     Handler{"getVersion", {}, get_version},
     Handler{"listDomains", {}, list_domains},
     Handler{"createDomain", {}, create_domain},
-    Handler{"getDomain", "live", get_domain},
-    Handler{"destroyDomain", "graceful", destroy_domain},
+    Handler{"getDomain", {"live"}, get_domain},
+    Handler{"destroyDomain", {"graceful", "purge_nvram"}, destroy_domain},
     Handler{"pauseDomain", {}, run_state<RunOp::pause>},
     Handler{"resumeDomain", {}, run_state<RunOp::resume>},
     Handler{"shutdownDomain", {}, run_state<RunOp::shutdown>},
     Handler{"resetDomain", {}, run_state<RunOp::reset>},
     Handler{"insertMedium", {}, insert_medium},
-    Handler{"ejectMedium", "force", eject_medium},
+    Handler{"ejectMedium", {"force"}, eject_medium},
     Handler{"addDisk", {}, add_disk},
     Handler{"removeDisk", {}, remove_disk},
     Handler{"addNic", {}, add_nic},
@@ -392,7 +396,7 @@ constexpr std::array kHandlers{
     Handler{"restoreDomain", {}, restore_domain},
     Handler{"migrateDomain", {}, migrate_domain},
     Handler{"qmpPassthrough", {}, qmp_passthrough},
-    Handler{"watchEvents", "domain", watch_events},
+    Handler{"watchEvents", {"domain"}, watch_events},
 };
 
 // The query is checked before the body, so an unknown parameter is named even when the body is
@@ -405,7 +409,7 @@ Result<Command> build(std::string_view op, const std::map<std::string_view, std:
     return Error(make_error_code(broker::errc::internal),
                  "route without a handler: " + std::string(op));
   }
-  if (auto ok = query.only(h->query_key); !ok) return ok.error();
+  if (auto ok = query.only(h->query_keys); !ok) return ok.error();
   return h->build(Request{params, query, body});
 }
 

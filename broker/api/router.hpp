@@ -8,8 +8,8 @@
 //
 // Targets are read with Boost.URL as RFC 3986 origin-form: an absolute path and a query,
 // percent-decoded once. A malformed escape, an encoded NUL, a character that must be encoded or
-// a fragment is a 400 before any route is looked at. Each route takes at most one query
-// parameter; any other is refused by name, and of a repeated one the first counts.
+// a fragment is a 400 before any route is looked at. Each route takes at most two query
+// parameters; any other is refused by name, and of a repeated one the first counts.
 //
 // The route table (routes()) is the single list of what the API offers: the router matches
 // against it, docs/api.yaml must list exactly the same routes (tests/api/openapi_test.cpp), and
@@ -47,7 +47,8 @@ struct GetDomain {
 };
 struct DestroyDomain {
   std::string name;
-  bool graceful = false;  // ?graceful=true: QMP quit before the kill by uid
+  bool graceful = false;     // ?graceful=true: QMP quit before the kill by uid
+  bool purge_nvram = false;  // ?purge_nvram=true: also remove the UEFI variable store
 };
 enum class RunOp { pause, resume, shutdown, reset };
 struct RunStateCmd {

@@ -96,7 +96,7 @@ awaitable<Outcome> Service::run(GetDomain& c) {
 }
 
 awaitable<Outcome> Service::run(DestroyDomain& c) {
-  auto report = co_await broker_.destroy(c.name, c.graceful);
+  auto report = co_await broker_.destroy(c.name, c.graceful, c.purge_nvram);
   if (!report) co_return failure(report.error());
   co_return kill_outcome(c.name, *report);
 }

@@ -72,7 +72,8 @@ awaitable<Result<DomainInfo>> Broker::create(CreateDomain request) {
   co_return describe(**d);
 }
 
-awaitable<Result<lifecycle::KillReport>> Broker::destroy(std::string name, bool graceful) {
+awaitable<Result<lifecycle::KillReport>> Broker::destroy(std::string name, bool graceful,
+                                                         bool purge_nvram) {
   auto d = find(name);
   if (!d) co_return d.error();
   if ((*d)->state() == RunState::stopping && !(*d)->teardown_failed) {
@@ -84,6 +85,9 @@ awaitable<Result<lifecycle::KillReport>> Broker::destroy(std::string name, bool 
                     "domain " + name + " is being adopted after a restart; retry in a few seconds");
   }
   auto report = co_await domains_.teardown(*d, graceful);
+  if (report && purge_nvram) {
+    if (auto ok = lifecycle::purge_nvram(launcher_.config().firmware, name); !ok) co_return ok.error();
+  }
   if (report) {
     events_.publish(name, "domain", "destroyed",
                     {{"killed", report->found},

@@ -73,7 +73,10 @@ class Broker {
 
   // Lifecycle.
   boost::asio::awaitable<Result<DomainInfo>> create(CreateDomain request);
-  boost::asio::awaitable<Result<lifecycle::KillReport>> destroy(std::string name, bool graceful = false);
+  // `purge_nvram`: also remove the broker's UEFI variable store of the domain, which a destroy
+  // otherwise keeps for the next domain of that name.
+  boost::asio::awaitable<Result<lifecycle::KillReport>> destroy(std::string name, bool graceful = false,
+                                                                bool purge_nvram = false);
   // Re-adopts the domains whose records survived a restart, tears down by uid those whose QEMU
   // is gone, finishes or undoes their interrupted jobs, and resumes unfinished removals as jobs.
   using RecoveryReport = flows::RecoveryReport;

@@ -55,6 +55,9 @@ lifecycle::LauncherConfig launcher_config(const DaemonConfig& o) {
   lifecycle::LauncherConfig c;
   c.qemu = o.qemu;
   c.run_dir = o.run_dir;
+  // UEFI variable stores outlive their domains (a re-create of the name boots with them), so
+  // they belong with the durable state, not on /run.
+  c.firmware.nvram_dir = o.state_dir + "/nvram";
   c.pdeathsig = 0;
   return c;
 }

@@ -5,6 +5,7 @@
 
 #include "broker/core/log.hpp"
 #include "broker/domain/qmp_call.hpp"
+#include "broker/lifecycle/firmware.hpp"
 #include "qmp/commands.hpp"
 
 namespace broker {
@@ -21,6 +22,10 @@ std::set<std::int64_t> in_use(const Domain& d) {
   }
   for (const auto& [id, cd] : d.cdroms) {
     if (cd.fdset >= 0) out.insert(cd.fdset);
+  }
+  if (d.spec().firmware == lifecycle::Firmware::uefi) {
+    out.insert(lifecycle::kFirmwareCodeFdset);
+    out.insert(lifecycle::kFirmwareVarsFdset);
   }
   return out;
 }

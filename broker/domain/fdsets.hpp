@@ -17,7 +17,7 @@
 namespace broker {
 
 // Removes every fdset QEMU lists that no current device uses (disk image, backing file, CD
-// medium) and sets `d.fdsets_to_close` to those QEMU still lists afterwards. Only for a domain no
+// medium, UEFI firmware) and sets `d.fdsets_to_close` to those QEMU still lists afterwards. Only for a domain no
 // job is changing: inside a job, or while it is being adopted. True when fdsets_to_close changed.
 boost::asio::awaitable<Result<bool>> collect_fdsets(Domain& d, std::chrono::milliseconds timeout);
 

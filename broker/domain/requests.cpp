@@ -304,6 +304,19 @@ Result<CreateDomain> parse_create_domain(const json::value& body) {
     if (!v) return v.error();
     c.vnc = *v;
   }
+  // Each id of boot_order names a disk or CD of this request, which boots at that place.
+  for (std::uint32_t i = 0; i < c.spec.boot_order.size(); ++i) {
+    const std::string& id = c.spec.boot_order[i];
+    auto disk = std::find_if(c.disks.begin(), c.disks.end(), [&](const DiskSpec& x) { return x.id == id; });
+    auto cd = std::find_if(c.cdroms.begin(), c.cdroms.end(), [&](const CdromSpec& x) { return x.id == id; });
+    if (disk != c.disks.end()) {
+      disk->bootindex = i + 1;
+    } else if (cd != c.cdroms.end()) {
+      cd->bootindex = i + 1;
+    } else {
+      return field_error("boot_order", "'" + id + "' is not a disk or CD drive of this domain");
+    }
+  }
   return c;
 }
 

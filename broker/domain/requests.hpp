@@ -24,6 +24,7 @@ enum class DiskBus { scsi, virtio };
 struct CdromSpec {  // a CD drive created with the domain (empty tray unless path is set)
   std::string id;
   std::string path;  // optional initial medium
+  std::optional<std::uint32_t> bootindex;  // from the domain's boot_order
 };
 
 struct DiskSpec {
@@ -35,6 +36,7 @@ struct DiskSpec {
   std::string backing;                  // qcow2: the backing file, opened by the broker too
   std::optional<std::uint64_t> diskseq; // block devices: refuse any other disk
   std::string serial;                   // virtio: shown in /sys/block/vdX/serial
+  std::optional<std::uint32_t> bootindex;  // from the domain's boot_order (create only)
 };
 
 struct NicSpec {

@@ -44,7 +44,11 @@ json::object spec_json(const lifecycle::DomainSpec& s) {
           {"initrd", s.initrd},
           {"append", s.append},
           {"pci_slots", s.pci_slots},
-          {"paused", s.paused}};
+          {"paused", s.paused},
+          {"firmware", lifecycle::to_string(s.firmware)},
+          {"secure_boot", s.secure_boot},
+          {"boot_order", json::array(s.boot_order.begin(), s.boot_order.end())},
+          {"nvram", s.nvram}};
 }
 
 lifecycle::DomainSpec spec_from(const json::object& js) {
@@ -59,6 +63,13 @@ lifecycle::DomainSpec spec_from(const json::object& js) {
   spec.append = str(js, "append");
   spec.pci_slots = js.at("pci_slots").to_number<std::uint32_t>();
   spec.paused = js.at("paused").as_bool();
+  // Records written before firmware boot existed have none of these: SeaBIOS, no boot order.
+  if (auto* f = js.if_contains("firmware"); f && *f == "uefi") spec.firmware = lifecycle::Firmware::uefi;
+  if (auto* sb = js.if_contains("secure_boot"); sb && sb->is_bool()) spec.secure_boot = sb->get_bool();
+  if (auto* order = js.if_contains("boot_order"); order && order->is_array()) {
+    for (const auto& id : order->get_array()) spec.boot_order.emplace_back(id.as_string());
+  }
+  spec.nvram = js.contains("nvram") ? str(js, "nvram") : std::string();
   return spec;
 }
 

@@ -53,7 +53,8 @@ boost::asio::awaitable<void> drop_fdset(Context& ctx, Domain& d, std::int64_t fd
 awaitable<Result<void>> add_cdrom_drive(Context& ctx, Domain& d, CdromSpec cd) {
   if (auto ok = check_new_id(d, cd.id); !ok) co_return ok.error();
   if (auto ok = co_await ensure_scsi_controller(ctx, d); !ok) co_return ok.error();
-  const qmp::cmd::Device dev = qmp::cmd::scsi_cd(cd.id, std::nullopt, std::string(kScsiBus));
+  qmp::cmd::Device dev = qmp::cmd::scsi_cd(cd.id, std::nullopt, std::string(kScsiBus));
+  if (cd.bootindex) dev.props["bootindex"] = *cd.bootindex;
   qmp::Command c = qmp::cmd::device_add(dev);
   auto r = co_await call(ctx, d, std::move(c));
   if (!r) co_return r.error();

@@ -1,5 +1,6 @@
 // Create: reserve the name, spawn the jailed QEMU paused (-S), connect QMP, plug the requested
-// devices through the same flows as hotplug while the guest has not run, then cont. A failure at
+// devices through the same flows as hotplug while the guest has not run (boot devices with their
+// bootindex, then a reset so the firmware sees them in its boot order), then cont. A failure at
 // any step tears the whole domain down by uid.
 #include <boost/asio/awaitable.hpp>
 
@@ -46,6 +47,13 @@ awaitable<Result<void>> bring_up(Context& ctx, Domains& domains, std::shared_ptr
   if (auto ok = co_await domains.attach(d); !ok) co_return ok.error();
   d->set_state(RunState::paused);
   if (auto ok = co_await plug_devices(ctx, *d, request); !ok) co_return ok.error();
+  if (!request.spec.boot_order.empty()) {
+    // The firmware reads its boot order from fw_cfg, which QEMU fills in at each reset; the one
+    // at start-up ran before the boot devices were plugged. Nothing has run yet, so a reset here
+    // only rewrites it.
+    qmp::Command reset = qmp::cmd::system_reset();
+    if (auto ok = co_await call(ctx, *d, std::move(reset)); !ok) co_return ok.error();
+  }
   if (!request.spec.paused) {
     qmp::Command cont = qmp::cmd::cont();
     if (auto ok = co_await call(ctx, *d, std::move(cont)); !ok) co_return ok.error();

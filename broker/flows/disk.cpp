@@ -155,6 +155,7 @@ awaitable<Result<void>> add_disk(Context& ctx, Domain& d, DiskSpec disk) {
                              : qmp::cmd::scsi_hd(id, format_node(id), *slot);
   // A qdev property of both devices; the builders have no parameter for it.
   if (!disk.serial.empty()) dev.props["serial"] = disk.serial;
+  if (disk.bootindex) dev.props["bootindex"] = *disk.bootindex;
   qmp::Command add_dev = qmp::cmd::device_add(dev);
   if (auto r = co_await call(ctx, d, std::move(add_dev)); !r) co_return co_await undo.fail(ctx, d, r.error());
   undo.commit();

@@ -126,9 +126,11 @@ std::vector<std::string> Launcher::command_line(const DomainSpec& spec, Accel ac
     a.insert(a.end(), {"-chardev",
                        "socket,id=console,fd=" + std::to_string(kConsoleFd) + ",server=on,wait=off",
                        "-serial", "chardev:console"});
-    a.insert(a.end(), {"-kernel", kKernelInJail});
+    if (!spec.kernel.empty()) a.insert(a.end(), {"-kernel", kKernelInJail});
     if (!spec.initrd.empty()) a.insert(a.end(), {"-initrd", kInitrdInJail});
     if (!spec.append.empty()) a.insert(a.end(), {"-append", spec.append});
+    // The devices of boot_order carry their bootindex; strict: none other is booted from.
+    if (!spec.boot_order.empty()) a.insert(a.end(), {"-boot", "strict=on"});
     for (std::uint32_t i = 1; i <= spec.pci_slots; ++i) {
       a.insert(a.end(), {"-device", "pcie-root-port,id=rp" + std::to_string(i) +
                                         ",chassis=" + std::to_string(i) + ",bus=pcie.0"});
@@ -264,6 +266,16 @@ Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
   inst.accel = detect_accel(spec.accel);
   if (auto ok = make_run_dirs(config_.run_dir); !ok) return ok.error();
 
+  // Step 1: the firmware, before a uid is taken: a missing OVMF or a bad store costs nothing.
+  FdHandover own;
+  FdHandover* fds = cold != nullptr ? cold : &own;
+  std::vector<std::string> args = extra_args;
+  if (spec.firmware == Firmware::uefi) {
+    auto uefi = hand_over_uefi(spec, config_.firmware, roots_, *fds);
+    if (!uefi) return uefi.error();
+    args.insert(args.end(), uefi->begin(), uefi->end());
+  }
+
   // Step 2: a uid, swept and recorded before anything runs under it.
   auto uid = uids_.allocate(spec.name);
   if (!uid) return uid.error();
@@ -284,12 +296,13 @@ Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
   if (inst.cgroup.valid()) undo.push([this, &inst] { cgroups_.retire(inst.cgroup); });
 
   // Step 4: spawn.
-  auto child = spawn(spec, inst, cold, extra_args, {io->qmp, io->console, io->log}, std::move(layout));
+  FdHandover* spawn_fds = fds->entries().empty() ? nullptr : fds;
+  auto child = spawn(spec, inst, spawn_fds, args, {io->qmp, io->console, io->log}, std::move(layout));
   if (!child) return child.error();
   inst.pid = child->pid;
   inst.pidfd = std::move(child->pidfd);
   inst.start_time = process_start_time(config_.proc_root, inst.pid);
-  if (cold != nullptr) cold->spawned();
+  if (spawn_fds != nullptr) spawn_fds->spawned();
   undo.disarm();
   return inst;
 }

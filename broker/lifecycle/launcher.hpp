@@ -25,6 +25,7 @@
 #include "broker/core/error.hpp"
 #include "broker/lifecycle/cgroup.hpp"
 #include "broker/lifecycle/fd_handover.hpp"
+#include "broker/lifecycle/firmware.hpp"
 #include "broker/lifecycle/reaper.hpp"
 #include "broker/lifecycle/spawner.hpp"
 #include "broker/lifecycle/spec.hpp"
@@ -41,6 +42,7 @@ struct LauncherConfig {
   std::string proc_root = "/proc";
   std::string kvm_device = "/dev/kvm";
   bool use_cgroup = true;
+  FirmwareConfig firmware;  // OVMF and the UEFI variable stores
 };
 
 struct Instance {

@@ -57,6 +57,7 @@ bool valid_name(std::string_view name) {
 }
 
 std::string_view to_string(Machine m) { return m == Machine::q35 ? "q35" : "none"; }
+std::string_view to_string(Firmware f) { return f == Firmware::uefi ? "uefi" : "bios"; }
 std::string_view to_string(Accel a) {
   switch (a) {
     case Accel::kvm: return "kvm";
@@ -80,14 +81,38 @@ Result<void> validate(const DomainSpec& s) {
   if (s.pci_slots > kMaxPciSlots) {
     return field_error("pci_slots", "must be at most " + std::to_string(kMaxPciSlots));
   }
-  if (s.machine == Machine::q35 && s.kernel.empty()) {
-    return field_error("kernel", "is required for machine q35");
-  }
   if (s.machine == Machine::none && (!s.kernel.empty() || !s.initrd.empty())) {
     return field_error("kernel", "machine none boots nothing: kernel and initrd must be empty");
   }
+  if (s.machine == Machine::none &&
+      (s.firmware != Firmware::bios || s.secure_boot || !s.boot_order.empty() || !s.nvram.empty())) {
+    return field_error("firmware", "machine none boots nothing: it takes no firmware, boot_order or nvram");
+  }
   if (!s.initrd.empty() && s.kernel.empty()) return field_error("initrd", "needs a kernel");
-  for (auto [field, path] : {std::pair{"kernel", &s.kernel}, std::pair{"initrd", &s.initrd}}) {
+  if (!s.kernel.empty() && s.firmware == Firmware::uefi) {
+    return field_error("firmware", "uefi boots from a disk or CD; a kernel is booted directly "
+                                   "through SeaBIOS (leave out firmware, or the kernel)");
+  }
+  if (!s.kernel.empty() && !s.boot_order.empty()) {
+    return field_error("boot_order", "a domain with a kernel boots it directly; boot_order is for "
+                                     "firmware boot from a disk or CD");
+  }
+  if (s.secure_boot && s.firmware != Firmware::uefi) {
+    return field_error("secure_boot", "needs firmware uefi");
+  }
+  if (!s.nvram.empty() && s.firmware != Firmware::uefi) {
+    return field_error("nvram", "is the UEFI variable store: it needs firmware uefi");
+  }
+  for (std::size_t i = 0; i < s.boot_order.size(); ++i) {
+    const auto& id = s.boot_order[i];
+    if (!valid_name(id)) return field_error("boot_order", "'" + id + "' is not a device id");
+    if (std::find(s.boot_order.begin(), s.boot_order.begin() + static_cast<std::ptrdiff_t>(i), id) !=
+        s.boot_order.begin() + static_cast<std::ptrdiff_t>(i)) {
+      return field_error("boot_order", "'" + id + "' is listed twice");
+    }
+  }
+  for (auto [field, path] : {std::pair{"kernel", &s.kernel}, std::pair{"initrd", &s.initrd},
+                             std::pair{"nvram", &s.nvram}}) {
     if (path->empty()) continue;
     if (path->front() != '/' || path->size() > kMaxPath ||
         path->find('\0') != std::string::npos) {
@@ -107,8 +132,9 @@ Result<DomainSpec> parse_domain_spec(const json::value& body,
                                      const std::vector<std::string_view>& also_allowed) {
   if (!body.is_object()) return field_error("body", "must be a JSON object");
   const auto& o = body.get_object();
-  static constexpr std::string_view kKnown[] = {"name", "machine", "accel", "memory_mib", "vcpus",
-                                                "kernel", "initrd", "append", "pci_slots", "paused"};
+  static constexpr std::string_view kKnown[] = {
+      "name",      "machine", "accel",    "memory_mib",  "vcpus",      "kernel",    "initrd",
+      "append",    "pci_slots", "paused", "firmware",    "secure_boot", "boot_order", "nvram"};
   for (const auto& kv : o) {
     std::string_view k = kv.key();
     if (std::find(std::begin(kKnown), std::end(kKnown), k) == std::end(kKnown) &&
@@ -137,14 +163,27 @@ Result<DomainSpec> parse_domain_spec(const json::value& body,
     *out = *v;
   }
   for (auto [key, out] : {std::pair{"kernel", &s.kernel}, std::pair{"initrd", &s.initrd},
-                          std::pair{"append", &s.append}}) {
+                          std::pair{"append", &s.append}, std::pair{"nvram", &s.nvram}}) {
     auto v = get_string(o, key, false);
     if (!v) return v.error();
     *out = *v;
   }
-  if (auto it = o.find("paused"); it != o.end()) {
-    if (!it->value().is_bool()) return field_error("paused", "must be true or false");
-    s.paused = it->value().get_bool();
+  for (auto [key, out] : {std::pair{"paused", &s.paused}, std::pair{"secure_boot", &s.secure_boot}}) {
+    auto it = o.find(key);
+    if (it == o.end()) continue;
+    if (!it->value().is_bool()) return field_error(key, "must be true or false");
+    *out = it->value().get_bool();
+  }
+  auto firmware = get_string(o, "firmware", false);
+  if (!firmware) return firmware.error();
+  if (*firmware == "uefi") s.firmware = Firmware::uefi;
+  else if (!firmware->empty() && *firmware != "bios") return field_error("firmware", "must be bios or uefi");
+  if (auto it = o.find("boot_order"); it != o.end()) {
+    if (!it->value().is_array()) return field_error("boot_order", "must be a list of device ids");
+    for (const auto& id : it->value().get_array()) {
+      if (!id.is_string()) return field_error("boot_order", "must be a list of device ids");
+      s.boot_order.emplace_back(id.get_string());
+    }
   }
   if (auto ok = validate(s); !ok) return ok.error();
   return s;

@@ -17,6 +17,9 @@ namespace broker::lifecycle {
 
 enum class Machine { q35, none };
 enum class Accel { automatic, kvm, tcg };
+// How a q35 domain boots: SeaBIOS (from -kernel, or from a disk or CD) or UEFI (OVMF from a disk
+// or CD, its code and a per-domain variable store passed to QEMU as pflash fds).
+enum class Firmware { bios, uefi };
 
 struct DomainSpec {
   std::string name;
@@ -29,6 +32,12 @@ struct DomainSpec {
   std::string append;
   std::uint32_t pci_slots = 4;         // hot-pluggable PCIe root ports
   bool paused = false;                 // stay paused after start-up
+  Firmware firmware = Firmware::bios;
+  bool secure_boot = false;            // UEFI with Microsoft's keys enrolled (needs SMM)
+  // Disk and CD ids to boot from, in order; the firmware boots from no other device. Empty: the
+  // firmware's own order over every device.
+  std::vector<std::string> boot_order;
+  std::string nvram;                   // UEFI variable store, a host path; empty: the broker's own
 };
 
 // Checks a name for a domain, disk, CD, NIC: [A-Za-z0-9][A-Za-z0-9_.-]{0,63}. Such names go on
@@ -36,7 +45,7 @@ struct DomainSpec {
 bool valid_name(std::string_view name);
 
 // Parses the JSON body of POST /v1/domains: {name, memory_mib, vcpus, kernel?, initrd?, append?,
-// machine?, accel?, pci_slots?, paused?}. Unknown fields are refused by name. Device lists
+// machine?, accel?, pci_slots?, paused?, firmware?, secure_boot?, boot_order?, nvram?}. Unknown fields are refused by name. Device lists
 // (disks, cdroms, nics, vnc) are parsed by the layers that plug them and passed through here.
 Result<DomainSpec> parse_domain_spec(const boost::json::value& body,
                                      const std::vector<std::string_view>& also_allowed = {});
@@ -46,5 +55,6 @@ Result<void> validate(const DomainSpec& spec);
 
 std::string_view to_string(Machine m);
 std::string_view to_string(Accel a);
+std::string_view to_string(Firmware f);
 
 }  // namespace broker::lifecycle

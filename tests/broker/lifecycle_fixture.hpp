@@ -43,6 +43,7 @@ struct LifecycleFixture {
   static broker::lifecycle::LauncherConfig make_config(const std::string& run_dir) {
     broker::lifecycle::LauncherConfig c;
     c.run_dir = run_dir;
+    c.firmware.nvram_dir = run_dir + "/nvram";  // UEFI variable stores, the test's own
     return c;
   }
 

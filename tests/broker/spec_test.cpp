@@ -30,6 +30,19 @@ TEST_CASE("a valid domain body parses into a spec", "[lifecycle]") {
   CHECK(r->machine == Machine::q35);
 }
 
+TEST_CASE("a domain without a kernel boots through SeaBIOS or UEFI", "[lifecycle]") {
+  auto bios = parse_domain_spec(json::parse(R"({"name":"vm","boot_order":["cd0","d0"]})"));
+  REQUIRE(bios);
+  CHECK(bios->firmware == Firmware::bios);
+  CHECK(bios->boot_order == std::vector<std::string>{"cd0", "d0"});
+  auto uefi = parse_domain_spec(
+      json::parse(R"({"name":"vm","firmware":"uefi","secure_boot":true,"nvram":"/srv/vm.fd"})"));
+  REQUIRE(uefi);
+  CHECK(uefi->firmware == Firmware::uefi);
+  CHECK(uefi->secure_boot);
+  CHECK(uefi->nvram == "/srv/vm.fd");
+}
+
 TEST_CASE("bad domain bodies are refused naming the field", "[lifecycle]") {
   CHECK(field_of(R"({"memory_mib":128})") == "name");
   CHECK(field_of(R"({"name":"a,b","kernel":"/k"})") == "name");
@@ -39,7 +52,17 @@ TEST_CASE("bad domain bodies are refused naming the field", "[lifecycle]") {
   CHECK(field_of(R"({"name":"vm","kernel":"/k","memory_mib":"128"})") == "memory_mib");
   CHECK(field_of(R"({"name":"vm","kernel":"/k","vcpus":0})") == "vcpus");
   CHECK(field_of(R"({"name":"vm","kernel":"/k","vcpus":100000})") == "vcpus");
-  CHECK(field_of(R"({"name":"vm"})") == "kernel");
+  CHECK(field_of(R"({"name":"vm","firmware":"efi"})") == "firmware");
+  CHECK(field_of(R"({"name":"vm","kernel":"/k","firmware":"uefi"})") == "firmware");
+  CHECK(field_of(R"({"name":"vm","machine":"none","firmware":"uefi"})") == "firmware");
+  CHECK(field_of(R"({"name":"vm","secure_boot":true})") == "secure_boot");
+  CHECK(field_of(R"({"name":"vm","firmware":"uefi","secure_boot":"yes"})") == "secure_boot");
+  CHECK(field_of(R"({"name":"vm","nvram":"/srv/vars.fd"})") == "nvram");
+  CHECK(field_of(R"({"name":"vm","firmware":"uefi","nvram":"vars.fd"})") == "nvram");
+  CHECK(field_of(R"({"name":"vm","boot_order":"d0"})") == "boot_order");
+  CHECK(field_of(R"({"name":"vm","boot_order":["d0","d0"]})") == "boot_order");
+  CHECK(field_of(R"({"name":"vm","boot_order":["a,b"]})") == "boot_order");
+  CHECK(field_of(R"({"name":"vm","kernel":"/k","boot_order":["d0"]})") == "boot_order");
   CHECK(field_of(R"({"name":"vm","kernel":"relative/k"})") == "kernel");
   CHECK(field_of(R"({"name":"vm","kernel":"/k","append":"a\u0001b"})") == "append");
   CHECK(field_of(R"({"name":"vm","kernel":"/k","colour":"red"})") == "colour");

@@ -62,6 +62,7 @@ struct FlowsFixture {
   static broker::lifecycle::LauncherConfig launcher_config(const std::string& dir) {
     broker::lifecycle::LauncherConfig c;
     c.run_dir = dir;
+    c.firmware.nvram_dir = dir + "/nvram";  // UEFI variable stores, the test's own
     return c;
   }
 
