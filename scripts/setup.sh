@@ -10,7 +10,7 @@ packages=(
   libxen-dev libsystemd-dev libyaml-dev
   qemu-system-x86 qemu-utils busybox-static cpio kmod
   ovmf seabios
-  syslinux syslinux-common isolinux grub-efi-amd64-bin xorriso mtools dosfstools fdisk
+  syslinux syslinux-common isolinux systemd-boot-efi binutils xorriso mtools dosfstools fdisk
   iproute2 iputils-ping curl procps python3
 )
 

@@ -2,8 +2,9 @@
 # Builds boot media that start the test guest through firmware (SeaBIOS or OVMF) instead of
 # QEMU's -kernel, from the vmlinuz and initramfs.cpio.gz that build.sh made:
 #   boot-disk.img  64 MiB raw disk: MBR, one FAT32 EFI system partition (type 0xef, active)
-#                  holding SYSLINUX for BIOS and GRUB as EFI/BOOT/BOOTX64.EFI for UEFI
-#   boot.iso       ISO 9660 CD: ISOLINUX for BIOS, an El Torito EFI image with the same GRUB
+#                  holding SYSLINUX for BIOS and, for UEFI, EFI/BOOT/BOOTX64.EFI: a unified
+#                  kernel image (systemd's EFI stub with the kernel, initramfs and command line)
+#   boot.iso       ISO 9660 CD: ISOLINUX for BIOS, an El Torito EFI image with its own UKI
 #   boot-stamp     what they were built from; an unchanged rebuild exits at once without apt
 # Both boot at once (no menu, no timeout) with the tests' kernel command line plus qb_boot=disk
 # or qb_boot=cd, so a guest tells from /proc/cmdline which device it started from.
@@ -17,14 +18,12 @@ set -euo pipefail
 
 # tests/support/qemu.hpp kGuestAppend: the command line every test boots the guest with.
 readonly guest_append="console=ttyS0 quiet panic=-1 cryptomgr.notests"
-readonly host_packages=(syslinux syslinux-common isolinux grub-efi-amd64-bin xorriso mtools
-  dosfstools fdisk)
+readonly host_packages=(syslinux syslinux-common isolinux systemd-boot-efi binutils xorriso
+  mtools dosfstools fdisk)
 readonly mbr=/usr/lib/syslinux/mbr/mbr.bin
 readonly isolinux_bin=/usr/lib/ISOLINUX/isolinux.bin
 readonly ldlinux_c32=/usr/lib/syslinux/modules/bios/ldlinux.c32
-# Enough for GRUB to read its grub.cfg and the kernel from the FAT partition or the CD's
-# ISO 9660 tree, and to boot Linux.
-readonly grub_modules=(normal linux fat iso9660 part_msdos part_gpt)
+readonly efi_stub=/usr/lib/systemd/boot/efi/linuxx64.efi.stub
 readonly disk_mib=64
 readonly esp_start=2048 # sectors: the partition starts at 1 MiB
 # mtools, mkfs.fat and xorriso take file and volume times from here (FAT cannot store 1970).
@@ -117,20 +116,40 @@ LABEL guest
 EOF
 }
 
-# GRUB runs this as its whole grub.cfg: no menu, so nothing to wait for.
-grub_cfg() {
-  cat <<EOF
-linux /boot/vmlinuz $guest_append qb_boot=$1
-initrd /boot/initrd.gz
-boot
-EOF
+# UEFI boots a unified kernel image: the stub hands the kernel its embedded command line and
+# initramfs, so there is no loader, configuration or menu. It needs less memory than a loader
+# that places the kernel itself: Debian's GRUB fails with "out of memory" below -m 248 (the
+# kernel asks for 53 MiB contiguous above 16 MiB), the UKI boots at -m 144.
+
+# Prints the end of the stub's last section: the added sections go after it.
+stub_end() {
+  local idx size vma end=0
+  while read -r idx _ size vma _; do
+    [[ $idx =~ ^[0-9]+$ ]] || continue
+    if ((16#$vma + 16#$size > end)); then end=$((16#$vma + 16#$size)); fi
+  done < <(objdump -h "$efi_stub")
+  echo "$end"
 }
 
-# One GRUB for the disk and the CD. Its prefix has no device, so GRUB takes the device it was
-# loaded from: the FAT partition on the disk, and on a CD the whole CD (GRUB maps an El Torito
-# image to its disk), whose ISO 9660 tree holds the same EFI/BOOT/grub.cfg and boot/.
-grub_efi="$scratch/BOOTX64.EFI"
-grub-mkimage -O x86_64-efi -p /EFI/BOOT -o "$grub_efi" "${grub_modules[@]}"
+# make_uki OUTPUT MARKER: adds .cmdline, .initrd and .linux, each at the next free page.
+make_uki() {
+  local cmdline="$scratch/cmdline-$2" vma section file pe field args=()
+  printf '%s' "$guest_append qb_boot=$2" >"$cmdline"
+  vma=$(stub_end)
+  for section in cmdline:"$cmdline" initrd:"$out/initramfs.cpio.gz" linux:"$out/vmlinuz"; do
+    file=${section#*:}
+    vma=$(((vma + 4095) & ~4095))
+    args+=(--add-section ".${section%%:*}=$file" --change-section-vma ".${section%%:*}=$vma")
+    vma=$((vma + $(stat -c %s "$file")))
+  done
+  objcopy "${args[@]}" "$efi_stub" "$1"
+  # objcopy stamps the PE header with the time and a checksum over it; firmware reads
+  # neither, so zero both for a reproducible image.
+  pe=$(od -An -t u4 -j 60 -N 4 "$1")
+  for field in 8 88; do # COFF TimeDateStamp, optional header CheckSum
+    dd if=/dev/zero of="$1" bs=1 seek=$((pe + field)) count=4 conv=notrunc status=none
+  done
+}
 
 # --- boot-disk.img ------------------------------------------------------------------------------
 
@@ -144,9 +163,8 @@ mcopy -i "$esp" "$out/vmlinuz" ::/boot/vmlinuz
 mcopy -i "$esp" "$out/initramfs.cpio.gz" ::/boot/initrd.gz
 syslinux_cfg disk >"$scratch/syslinux.cfg"
 mcopy -i "$esp" "$scratch/syslinux.cfg" ::/boot/syslinux/syslinux.cfg
-mcopy -i "$esp" "$grub_efi" ::/EFI/BOOT/BOOTX64.EFI
-grub_cfg disk >"$scratch/grub-disk.cfg"
-mcopy -i "$esp" "$scratch/grub-disk.cfg" ::/EFI/BOOT/grub.cfg
+make_uki "$scratch/disk.efi" disk
+mcopy -i "$esp" "$scratch/disk.efi" ::/EFI/BOOT/BOOTX64.EFI
 # Writes the boot sector and ldlinux.sys/ldlinux.c32 through mtools: no mount.
 syslinux --directory /boot/syslinux --install "$esp"
 
@@ -164,29 +182,34 @@ dd if="$esp" of="$disk" bs=1M seek=$((esp_start * 512 >> 20)) conv=notrunc,spars
 
 # --- boot.iso -----------------------------------------------------------------------------------
 
-# The El Torito EFI image: a small FAT file system with GRUB only; the kernel stays in ISO 9660.
+# The El Torito EFI image: a FAT file system holding only the UKI (OVMF reads no ISO 9660),
+# 1-2 MiB larger than it. El Torito gives its size in 512-byte sectors in 16 bits: 32 MiB at most.
+make_uki "$scratch/cd.efi" cd
 efi_img="$scratch/efi.img"
-truncate -s 1M "$efi_img"
-mkfs.fat -F 12 -n QBEFI --invariant "$efi_img" >/dev/null
+truncate -s $((($(stat -c %s "$scratch/cd.efi") >> 20) + 2))M "$efi_img"
+mkfs.fat -n QBEFI --invariant "$efi_img" >/dev/null
 mmd -i "$efi_img" ::/EFI ::/EFI/BOOT
-mcopy -i "$efi_img" "$grub_efi" ::/EFI/BOOT/BOOTX64.EFI
+mcopy -i "$efi_img" "$scratch/cd.efi" ::/EFI/BOOT/BOOTX64.EFI
 
 tree="$scratch/iso"
-mkdir -p "$tree/boot/isolinux" "$tree/EFI/BOOT"
+mkdir -p "$tree/boot/isolinux"
 cp "$out/vmlinuz" "$tree/boot/vmlinuz"
 cp "$out/initramfs.cpio.gz" "$tree/boot/initrd.gz"
 cp "$isolinux_bin" "$ldlinux_c32" "$tree/boot/isolinux/"
 syslinux_cfg cd >"$tree/boot/isolinux/isolinux.cfg"
-grub_cfg cd >"$tree/EFI/BOOT/grub.cfg"
 cp "$efi_img" "$tree/boot/efi.img"
 find "$tree" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 
 iso="$scratch/boot.iso"
-xorriso -as mkisofs -quiet -o "$iso" -V QBBOOT -r \
+# xorriso always prints a banner and a note on SOURCE_DATE_EPOCH: show its words only on failure.
+if ! xorriso -as mkisofs -quiet -o "$iso" -V QBBOOT -r \
   -b boot/isolinux/isolinux.bin -c boot/isolinux/boot.cat \
   -no-emul-boot -boot-load-size 4 -boot-info-table \
   -eltorito-alt-boot -e boot/efi.img -no-emul-boot \
-  "$tree" >&2
+  "$tree" >"$scratch/xorriso.log" 2>&1; then
+  cat "$scratch/xorriso.log" >&2
+  die "xorriso failed"
+fi
 
 # --- install ------------------------------------------------------------------------------------
 
