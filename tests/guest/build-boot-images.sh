@@ -100,7 +100,7 @@ fi
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/qbroker-boot-images.XXXXXX")
 trap 'rm -rf "$scratch"' EXIT
 
-# --- boot loader configurations -----------------------------------------------------------------
+# --- boot loaders -------------------------------------------------------------------------------
 
 # SYSLINUX and ISOLINUX: boot the only entry at once, and echo the loader on the serial console.
 syslinux_cfg() {
@@ -117,9 +117,9 @@ EOF
 }
 
 # UEFI boots a unified kernel image: the stub hands the kernel its embedded command line and
-# initramfs, so there is no loader, configuration or menu. It needs less memory than a loader
-# that places the kernel itself: Debian's GRUB fails with "out of memory" below -m 248 (the
-# kernel asks for 53 MiB contiguous above 16 MiB), the UKI boots at -m 144.
+# initramfs, so there is no loader, configuration or menu. It also needs less memory than
+# GRUB, which places the kernel (53 MiB of init size) itself: Debian's GRUB fails with "out of
+# memory" below -m 248, the UKI boots at -m 144.
 
 # Prints the end of the stub's last section: the added sections go after it.
 stub_end() {
