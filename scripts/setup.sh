@@ -9,6 +9,8 @@ packages=(
   catch2
   libxen-dev libsystemd-dev libyaml-dev
   qemu-system-x86 qemu-utils busybox-static cpio kmod
+  ovmf seabios
+  syslinux syslinux-common isolinux systemd-boot-efi binutils xorriso mtools dosfstools fdisk
   iproute2 iputils-ping curl procps python3
 )
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the tiny Linux guest the integration tests boot under QEMU (TCG):
 #   vmlinuz            Debian's cloud kernel, taken from the package, never installed on the host
-#   initramfs.cpio.gz  busybox-static, the virtio/SCSI/CD/net drivers and tests/guest/init
+#   initramfs.cpio.gz  busybox-static, the virtio/SCSI/CD/net drivers, efivarfs and tests/guest/init
 #   stamp              what it was built from; an unchanged rebuild exits at once without apt
 # Output: ${QB_GUEST_DIR:-/var/cache/qbroker/guest}; kernel .debs: ${QB_GUEST_CACHE:-/var/cache/qbroker/debs}.
 # The last line of stdout is the output directory; progress goes to stderr.
@@ -11,6 +11,8 @@ set -euo pipefail
 
 readonly kernel_meta=linux-image-cloud-amd64
 readonly modules=(virtio_pci virtio_blk virtio_scsi sd_mod sr_mod virtio_net)
+# Packed but not loaded at boot: /init loads efivarfs only under UEFI, where it can work.
+readonly on_demand_modules=(efivarfs)
 readonly applets=(sh mount modprobe dmesg setsid cttyhack uname ip ifconfig ping dd hexdump sync blockdev)
 readonly host_packages=(busybox-static cpio gzip)
 readonly busybox=/bin/busybox
@@ -178,16 +180,24 @@ want() {
   done
 }
 
+# Adds a module and its dependencies to the tree; fails (after a note) when it is built in.
+pack_module() {
+  if [[ -n ${path_of[$1]:-} ]]; then
+    want "${path_of[$1]}"
+    return 0
+  fi
+  sed 's,.*/,,; s,\.ko.*,,; s,-,_,g' "$kmods/modules.builtin" | grep -qx "$1" ||
+    die "module $1 not found in $kver"
+  log "$1 is built into $kver"
+  return 1
+}
+
 load=()
 for m in "${modules[@]}"; do
-  if [[ -n ${path_of[$m]:-} ]]; then
-    want "${path_of[$m]}"
-    load+=("$m")
-  elif sed 's,.*/,,; s,\.ko.*,,; s,-,_,g' "$kmods/modules.builtin" | grep -qx "$m"; then
-    log "$m is built into $kver"
-  else
-    die "module $m not found in $kver"
-  fi
+  pack_module "$m" && load+=("$m")
+done
+for m in "${on_demand_modules[@]}"; do
+  pack_module "$m" || true
 done
 
 # --- initramfs tree -----------------------------------------------------------------------------

@@ -20,6 +20,8 @@ std::string guest_dir() {
 }
 std::string guest_kernel() { return guest_dir() + "/vmlinuz"; }
 std::string guest_initrd() { return guest_dir() + "/initramfs.cpio.gz"; }
+std::string guest_boot_disk() { return guest_dir() + "/boot-disk.img"; }
+std::string guest_boot_iso() { return guest_dir() + "/boot.iso"; }
 
 fdpass::UniqueFd connect_retry(const std::string& path, std::chrono::milliseconds timeout) {
   auto deadline = Clock::now() + timeout;

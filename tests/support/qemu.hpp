@@ -17,6 +17,11 @@ std::string guest_dir();
 std::string guest_kernel();
 std::string guest_initrd();
 inline const char* kGuestAppend = "console=ttyS0 quiet panic=-1 cryptomgr.notests";
+// Boot media beside them (tests/guest/build-boot-images.sh) that start the same guest through
+// SeaBIOS or OVMF, with kGuestAppend plus qb_boot=disk or qb_boot=cd on /proc/cmdline. Every
+// test shares them: attach them read-only.
+std::string guest_boot_disk();
+std::string guest_boot_iso();
 
 // Connects to a Unix socket path, retrying until `timeout` (the listener may not exist yet).
 fdpass::UniqueFd connect_retry(const std::string& path, std::chrono::milliseconds timeout);
