@@ -104,6 +104,18 @@ TEST_CASE("subcommands build the request of their route", "[api][ctl]") {
   auto d = parse_ok({"destroy", "vm1", "--graceful"});
   CHECK(d.method == "DELETE");
   CHECK(d.target == "/v1/domains/vm1?graceful=true");
+  CHECK(parse_ok({"destroy", "vm1", "--purge-nvram"}).target == "/v1/domains/vm1?purge_nvram=true");
+
+  // Firmware boot from a disk and a CD given with their paths.
+  auto fw = parse_ok({"create", "vm2", "--firmware", "uefi", "--secure-boot", "--nvram",
+                      "/srv/vm2.fd", "--cdrom", "cd0=/srv/iso/x.iso", "--disk",
+                      "id=d0,path=/srv/d.img", "--boot", "cd0,d0"});
+  const auto& fb = fw.body->as_object();
+  CHECK(fb.at("firmware") == "uefi");
+  CHECK(fb.at("secure_boot") == true);
+  CHECK(fb.at("nvram") == "/srv/vm2.fd");
+  CHECK(fb.at("boot_order") == json::parse(R"(["cd0","d0"])"));
+  CHECK_FALSE(fb.contains("kernel"));
   for (const char* op : {"pause", "resume", "shutdown", "reset"}) {
     auto r = parse_ok({op, "vm1"});
     CHECK(r.method == "POST");

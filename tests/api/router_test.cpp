@@ -66,6 +66,11 @@ TEST_CASE("every route in the table routes to its command", "[api][router]") {
   CHECK(del.name == "vm1");
   CHECK_FALSE(del.graceful);
   CHECK(std::get<api::DestroyDomain>(ok(verb::delete_, "/v1/domains/vm1?graceful=true")).graceful);
+  CHECK_FALSE(del.purge_nvram);
+  auto both = std::get<api::DestroyDomain>(
+      ok(verb::delete_, "/v1/domains/vm1?purge_nvram=true&graceful=true"));
+  CHECK(both.purge_nvram);
+  CHECK(both.graceful);
 
   for (auto [path, op] :
        {std::pair{"pause", api::RunOp::pause}, std::pair{"resume", api::RunOp::resume},
@@ -170,6 +175,17 @@ TEST_CASE("malformed JSON and wrong types are 400 naming the field", "[api][rout
   CHECK(f.field == "force");
   auto missing = refused(verb::put, "/v1/domains/vm1/cdroms/cd0/medium", "");
   CHECK(missing.code == broker::errc::invalid_argument);
+
+  // A boot order names disks and CDs of the same request, and nothing else.
+  auto boot = refused(verb::post, "/v1/domains",
+                      R"({"name":"vm1","boot_order":["cd0","d9"],"cdroms":[{"id":"cd0"}]})");
+  CHECK(boot.field == "boot_order");
+  CHECK(boot.message.find("'d9'") != std::string::npos);
+  auto nic = refused(verb::post, "/v1/domains",
+                     R"({"name":"vm1","boot_order":["n0"],"nics":[{"id":"n0"}]})");
+  CHECK(nic.field == "boot_order");
+  auto uefi_kernel = refused(verb::post, "/v1/domains", R"({"name":"vm1","kernel":"/k","firmware":"uefi"})");
+  CHECK(uefi_kernel.field == "firmware");
 }
 
 TEST_CASE("unknown fields and query parameters are refused by name", "[api][router][bad-input]") {

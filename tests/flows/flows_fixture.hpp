@@ -48,20 +48,24 @@ struct FlowsFixture {
   boost::asio::io_context io;
   broker::Broker broker;
 
-  // `base` must be unique per test case; the range is base..base+7.
-  explicit FlowsFixture(uid_t base, broker::BrokerConfig config = {})
+  // `base` must be unique per test case; the range is base..base+7. `ovmf_dir`: where OVMF is.
+  explicit FlowsFixture(uid_t base, broker::BrokerConfig config = {},
+                        const std::string& ovmf_dir = broker::lifecycle::FirmwareConfig{}.ovmf_dir)
       : reaper(killer, base),
         uids({base, 8}, state.path(), reaper),
         roots(*fdpass::ImageRoots::open({guest_dir(), images.path(), "/dev"})),
-        launcher(launcher_config(run_dir.path()), uids, cgroups, roots),
+        launcher(launcher_config(run_dir.path(), ovmf_dir), uids, cgroups, roots),
         broker(io.get_executor(), with_state(std::move(config)), launcher, roots) {
     become_subreaper();
     uids.load();
   }
 
-  static broker::lifecycle::LauncherConfig launcher_config(const std::string& dir) {
+  static broker::lifecycle::LauncherConfig launcher_config(
+      const std::string& dir,
+      const std::string& ovmf_dir = broker::lifecycle::FirmwareConfig{}.ovmf_dir) {
     broker::lifecycle::LauncherConfig c;
     c.run_dir = dir;
+    c.firmware.ovmf_dir = ovmf_dir;
     c.firmware.nvram_dir = dir + "/nvram";  // UEFI variable stores, the test's own
     return c;
   }
