@@ -2,13 +2,15 @@
 # The demo: installs what is missing, builds qbroker and the test guest, starts qbrokerd on a
 # temporary state directory, boots the guest, and walks through the flows with qbrokerctl:
 # CD insert/replace/eject, disk hotplug with the guest reading and writing it, a NIC the host
-# pings across, the VNC banner. It tears the domain down by uid, prints the kill report and the
-# time of every step, and leaves nothing running.
+# pings across, the VNC banner. It tears the domain down by uid, then boots the test ISO through
+# firmware, SeaBIOS and UEFI, to the guest's prompt. It prints the kill report and the time of
+# every step, and leaves nothing running.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 
 "$root/scripts/setup.sh"
 guest=$("$root/tests/guest/build.sh" | tail -n 1)
+"$root/tests/guest/build-boot-images.sh" >/dev/null
 export BUILD_DIR=${BUILD_DIR:-$root/build}
 "$root/scripts/build.sh" -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 
@@ -24,7 +26,7 @@ console() { python3 "$root/scripts/console.py" "$console_sock" "$@"; }
 cleanup() {
   set +e
   if [[ -n $daemon ]] && kill -0 "$daemon" 2>/dev/null; then
-    ctl destroy demo >/dev/null 2>&1
+    for d in demo fw-bios fw-uefi; do ctl destroy "$d" --purge-nvram >/dev/null 2>&1; done
     kill -TERM "$daemon"
     wait "$daemon" 2>/dev/null
   fi
@@ -111,6 +113,21 @@ step "destroy: kill by uid" ctl destroy demo
 left=$(ps -u "$uid" --no-headers 2>/dev/null | wc -l || true)
 echo "processes left under uid $uid: $left"
 [[ $left -eq 0 ]]
+
+# Firmware boot: no kernel, the test ISO as a CD the broker opens, booted through SeaBIOS and
+# through UEFI (OVMF, with a variable store of the domain's own). The time is resume to prompt.
+boot_to_prompt() {  # boot_to_prompt NAME: resumes the paused domain and waits for the guest
+  console_sock=$(ctl --json show "$1" --no-live | python3 -c 'import json,sys; print(json.load(sys.stdin)["console"])')
+  ctl resume "$1" >/dev/null
+  console wait 90
+}
+for fw in bios uefi; do
+  step "firmware $fw: create, the ISO as cd0 (paused)" \
+    ctl create "fw-$fw" --firmware "$fw" --memory 256 --cdrom cd0="$guest/boot.iso" --boot cd0 --paused
+  step "firmware $fw: boot the ISO to the guest's prompt" boot_to_prompt "fw-$fw"
+  step "firmware $fw: the guest booted from the CD" console run 'grep -o qb_boot=cd /proc/cmdline'
+  step "firmware $fw: destroy" ctl destroy "fw-$fw" --purge-nvram
+done
 
 printf '\n%-48s %10s\n' "step" "ms"
 for i in "${!step_names[@]}"; do printf '%-48s %10s\n' "${step_names[$i]}" "${step_ms[$i]}"; done
