@@ -97,6 +97,8 @@ Command query_command_line_options(std::string_view option) {
 Command query_status() {
   return make("query-status");
 }
+Command query_vnc() { return make("query-vnc"); }
+
 Command query_block() {
   return make("query-block");
 }
@@ -386,6 +388,19 @@ Result<MigrationInfo> migration(const json::value& v) {
   m.status = get_string(*o, "status").value_or("none");  // absent before any migration
   m.error_desc = get_string(*o, "error-desc");
   return m;
+}
+
+Result<VncInfo> vnc(const json::value& v) {
+  const json::object* o = v.if_object();
+  if (o == nullptr) return bad("query-vnc: reply is not an object");
+  auto enabled = get_bool(*o, "enabled");
+  if (!enabled) return bad("query-vnc: missing enabled");
+  VncInfo i;
+  i.enabled = *enabled;
+  i.host = get_string(*o, "host");
+  i.service = get_string(*o, "service");
+  i.family = get_string(*o, "family");
+  return i;
 }
 
 Result<Version> version(const json::value& v) {

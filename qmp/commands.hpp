@@ -45,6 +45,7 @@ Command query_commands();
 Command query_command_line_options(std::string_view option);
 Command query_status();
 Command query_block();
+Command query_vnc();
 Command query_fdsets();
 Command query_migrate();
 Command qom_list(std::string_view path);
@@ -188,6 +189,12 @@ struct BlockInfo {
   std::optional<std::string> node_name;  // root node of the inserted medium
   std::optional<std::string> file;       // what the inserted medium was opened as ("/dev/fdset/3")
 };
+struct VncInfo {
+  bool enabled = false;               // a VNC server listens
+  std::optional<std::string> host;    // where: an address, or the socket path for "unix"
+  std::optional<std::string> service;  // the port
+  std::optional<std::string> family;  // "ipv4", "ipv6", "unix"
+};
 struct MigrationInfo {
   std::string status;  // "none", "setup", "active", "completed", "failed", "cancelled", ...
   std::optional<std::string> error_desc;
@@ -202,6 +209,7 @@ Result<StatusInfo> status(const boost::json::value& v);
 Result<std::vector<FdsetInfo>> fdsets(const boost::json::value& v);
 Result<std::vector<BlockInfo>> block(const boost::json::value& v);
 Result<MigrationInfo> migration(const boost::json::value& v);
+Result<VncInfo> vnc(const boost::json::value& v);
 Result<Version> version(const boost::json::value& v);
 Result<std::vector<std::string>> command_names(const boost::json::value& v);
 Result<std::vector<ObjectProperty>> qom_list(const boost::json::value& v);

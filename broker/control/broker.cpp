@@ -260,12 +260,13 @@ awaitable<Result<void>> Broker::remove_nic(std::string name, std::string id, Pro
 }
 
 awaitable<Result<VncState>> Broker::set_vnc(std::string name, VncSpec vnc) {
-  return device_job(std::move(name), JobSpec{"vnc-set", "vnc", {}, Journal::after}, &flows::set_vnc,
-                    std::move(vnc));
+  // The listen spec is journaled: a restart that finds QEMU on the new listener records it.
+  JobSpec job{"vnc-set", "vnc", {{"listen", vnc.listen.text()}}, Journal::around};
+  return device_job(std::move(name), std::move(job), &flows::set_vnc, std::move(vnc));
 }
 
 awaitable<Result<void>> Broker::remove_vnc(std::string name) {
-  return device_job(std::move(name), JobSpec{"vnc-remove", "vnc", {}, Journal::after},
+  return device_job(std::move(name), JobSpec{"vnc-remove", "vnc", {}, Journal::around},
                     &flows::remove_vnc);
 }
 

@@ -141,11 +141,11 @@ class Broker {
   // How a job touches the domain's record.
   enum class Journal {
     none,    // the job changes nothing a restart reads back (reset, powerdown)
-    after,   // saved after its last step (pause and resume, VNC handovers: they build nothing
-             // half-way that outlives a dead broker, so reconcile() has nothing to undo)
+    after,   // saved after its last step (pause and resume: QEMU's run state is read back on
+             // adoption, so a restart has nothing to undo)
     around,  // also journaled before its first step, so a restart can undo or finish it
-             // (hotplug, unplug and media changes, which leave nodes, fdsets and netdevs half
-             // built, or a medium in QEMU the record does not name)
+             // (hotplug, unplug, media changes and VNC handovers, which leave nodes, fdsets and
+             // netdevs half built, or a medium or listener in QEMU the record does not name)
   };
   // What a job is, as its record shows it while it runs (Domain::begin_job).
   struct JobSpec {

@@ -1,6 +1,7 @@
 #include "broker/flows/recovery.hpp"
 
 #include <fcntl.h>
+#include <unistd.h>
 
 #include <charconv>
 #include <memory>
@@ -129,6 +130,63 @@ awaitable<void> reconcile_medium(Context& ctx, Domain& d, const Domain::PendingJ
   cd.fdset = *now;
 }
 
+// The address a client reaches QEMU's VNC server at, as set_vnc reports it ("127.0.0.1:5901",
+// "[::1]:5901", "unix:/path"); empty when QEMU does not listen.
+std::string vnc_address(const qmp::reply::VncInfo& info) {
+  if (!info.enabled || !info.host) return {};
+  if (info.family == "unix") return "unix:" + *info.host;
+  const std::string host = info.family == "ipv6" ? "[" + *info.host + "]" : *info.host;
+  return host + ":" + info.service.value_or("");
+}
+
+// The Unix socket path of a listen spec, or "".
+std::string unix_path(const std::string& listen) {
+  auto parsed = VncListen::parse(listen);
+  return parsed && parsed->is_unix() ? parsed->unix_path : std::string();
+}
+
+// An interrupted VNC handover: the record takes what QEMU serves. QEMU listens on the new
+// listener (the handover happened), still on the old one, or on none; a socket file the
+// interrupted job bound that no listener uses goes.
+awaitable<void> reconcile_vnc(Context& ctx, Domain& d, const Domain::PendingJob& job) {
+  qmp::Command query = qmp::cmd::query_vnc();
+  auto r = co_await call(ctx, d, std::move(query));
+  std::optional<qmp::reply::VncInfo> info;
+  if (r) {
+    if (auto parsed = qmp::reply::vnc(*r)) info = *parsed;
+  }
+  // A named listener fd QEMU took and never used.
+  qmp::Command close = qmp::cmd::closefd(std::string(kVncFd));
+  co_await call(ctx, d, std::move(close));
+  if (!info) {
+    log::error("domain " + d.name() + ": QEMU does not say whether it serves VNC; the record is kept");
+    co_return;
+  }
+  const std::string now = vnc_address(*info);
+  const auto* listen = job.args.if_contains("listen");
+  const std::string asked = listen && listen->is_string() ? std::string(listen->get_string()) : "";
+  const std::string old_path = d.vnc ? unix_path(d.vnc->spec.listen.text()) : "";
+  const std::string new_path = unix_path(asked);
+  if (now.empty()) {
+    d.vnc.reset();
+    for (const auto& path : {old_path, new_path}) {
+      if (!path.empty()) ::unlink(path.c_str());
+    }
+    co_return;
+  }
+  if (d.vnc && d.vnc->address == now) {
+    if (!new_path.empty() && new_path != old_path) ::unlink(new_path.c_str());
+    co_return;  // the old listener serves on
+  }
+  auto spec = VncListen::parse(asked, "vnc.listen");
+  if (job.kind != "vnc-set" || !spec) {
+    log::error("domain " + d.name() + ": QEMU serves VNC at " + now + ", which the record does not name");
+    co_return;
+  }
+  if (!old_path.empty() && old_path != new_path) ::unlink(old_path.c_str());
+  d.vnc = VncState{VncSpec{std::move(*spec)}, now};
+}
+
 // Finishes or undoes a job an earlier broker left half done. True for a removal: it is resumed as
 // a job of its own once the domain is adopted (device_del again, wait for the guest, then the
 // nodes and fds), so a device QEMU is still finalizing is never taken for gone.
@@ -139,11 +197,11 @@ awaitable<bool> reconcile(Context& ctx, Domain& d, Domain::PendingJob job) {
     co_await reconcile_medium(ctx, d, job);
     co_return false;
   }
-  if (job.kind.starts_with("vnc-") || id.empty()) {
-    // Display handovers are complete or absent as QEMU reports them; nothing of theirs outlives
-    // the monitor but the listener fd QEMU uses.
+  if (job.kind.starts_with("vnc-")) {
+    co_await reconcile_vnc(ctx, d, job);
     co_return false;
   }
+  if (id.empty()) co_return false;
   if (d.has_device(id)) co_return job.kind.ends_with("-remove");
   if (co_await device_present(ctx, d, id) && !co_await unplug_added(ctx, d, id)) {
     log::error("domain " + d.name() + ": interrupted " + job.kind + " " + id +

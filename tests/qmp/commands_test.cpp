@@ -155,6 +155,17 @@ TEST_CASE("reply decoders", "[qmp][commands]") {
   CHECK_FALSE((*blk)[1].node_name.has_value());
   CHECK_FALSE((*blk)[1].file.has_value());
 
+  auto off = reply::vnc(json::parse(R"({"enabled": false})"));
+  REQUIRE(off.has_value());
+  CHECK_FALSE(off->enabled);
+  auto on = reply::vnc(json::parse(
+      R"({"enabled": true, "host": "127.0.0.1", "service": "5901", "family": "ipv4", "auth": "none", "clients": []})"));
+  REQUIRE(on.has_value());
+  CHECK(on->enabled);
+  CHECK(on->host == std::optional<std::string>("127.0.0.1"));
+  CHECK(on->service == std::optional<std::string>("5901"));
+  CHECK_FALSE(reply::vnc(json::parse(R"({"host": "x"})")).has_value());
+
   auto mig = reply::migration(json::parse(R"({})"));
   REQUIRE(mig.has_value());
   CHECK(mig->status == "none");
