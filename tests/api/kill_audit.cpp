@@ -145,6 +145,7 @@ ApiDomain domain_from(const json::value& o) {
 // the fdset of each disk and medium, and the root port of each PCI device. A restarted daemon
 // believes these, so they must match QEMU too.
 struct Record {
+  std::string job;  // a job journaled and not yet recorded as ended
   std::string cgroup;
   std::map<std::string, std::int64_t> fdsets;  // fdset opaque -> fdset id
   std::map<std::string, std::string> slots;    // device id -> root port
@@ -155,6 +156,7 @@ std::optional<Record> read_record(const Layout& l, const std::string& name) {
   auto v = json::parse(daemon::slurp(l.run + "/domains/" + name + ".json"), ec);
   if (ec || !v.is_object()) return std::nullopt;
   Record r;
+  r.job = field(member(v, "job"), "kind");
   r.cgroup = field(member(v, "instance"), "cgroup");
   for (const auto& c : array(v, "cdroms")) {
     if (auto set = number(c, "fdset"); set >= 0)
@@ -705,25 +707,28 @@ void check_taps(const Layout& l, const std::vector<ApiDomain>& ds, Findings& f) 
   }
 }
 
-// Waits until no listed domain has a job or is in transit; the last list.
+// Waits until no listed domain has a job or is in transit, and every record says so too (a job
+// slot is given back before the job's end is written); the last list.
 std::optional<std::vector<ApiDomain>> settle(const Layout& l, std::chrono::milliseconds timeout,
                                              Findings& f) {
   std::optional<std::vector<ApiDomain>> listed;
+  auto busy = [&l](const ApiDomain& d) {
+    auto r = read_record(l, d.name);
+    return !d.job.empty() || (d.state != "running" && d.state != "paused") ||
+           (r && !r->job.empty());
+  };
   auto quiet = [&] {
     listed = list_domains(l.sock);
-    if (!listed) return false;
-    for (const auto& d : *listed) {
-      if (!d.job.empty() || (d.state != "running" && d.state != "paused")) return false;
-    }
-    return true;
+    return listed && std::none_of(listed->begin(), listed->end(), busy);
   };
   if (daemon::wait_for(quiet, timeout) || !listed) return listed;
+  const std::string after = " after " + std::to_string(timeout.count()) + " ms";
   for (const auto& d : *listed) {
-    if (!d.job.empty())
-      f.add(who(d) + ": still in job " + d.job + " after " + std::to_string(timeout.count()) +
-            " ms");
-    if (d.state != "running" && d.state != "paused")
-      f.add(who(d) + ": state " + d.state + " after " + std::to_string(timeout.count()) + " ms");
+    if (!d.job.empty()) f.add(who(d) + ": still in job " + d.job + after);
+    if (d.state != "running" && d.state != "paused") f.add(who(d) + ": state " + d.state + after);
+    if (auto r = read_record(l, d.name); r && !r->job.empty() && d.job.empty()) {
+      f.add(who(d) + ": no job is listed, but its record journals " + r->job + after);
+    }
   }
   return listed;
 }
@@ -777,8 +782,14 @@ AuditResult audit(const Layout& l, pid_t daemon_pid, std::chrono::milliseconds s
   check_cgroups(l, *listed, records, f);
   check_mounts(l, f);
   check_taps(l, *listed, f);
-  out.daemon_fds = daemon::non_socket_fds(daemon_pid);
-  if (out.daemon_fds != fds_before) {
+  // Only growth is a leak; a record write or a reaped QEMU may close one meanwhile.
+  daemon::wait_for(
+      [&] {
+        out.daemon_fds = daemon::non_socket_fds(daemon_pid);
+        return out.daemon_fds <= fds_before;
+      },
+      1s);
+  if (out.daemon_fds > fds_before) {
     f.add("qbrokerd's non-socket fds went from " + std::to_string(fds_before) + " to " +
           std::to_string(out.daemon_fds) + " across the audit's queries");
   }
