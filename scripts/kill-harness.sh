@@ -7,7 +7,7 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-usage: scripts/kill-harness.sh [--rounds N] [--seed SEED] [--runs K] [--no-build]
+usage: scripts/kill-harness.sh [--rounds N] [--seed SEED] [--runs K] [--jobs LIST] [--no-build]
 
 Runs the randomized kill harness (tests/api/kill_harness_test.cpp): qbrokerd with a few guest
 domains, a random job per round, SIGKILL 0-500 ms into it, restart, audit. A run stops at the
@@ -16,6 +16,9 @@ first round whose audit finds an inconsistency and prints how to replay it.
   --rounds N   rounds per run (default $ROUNDS or 500)
   --seed SEED  the first run's seed (default $SEED, or a random one); further runs get new ones
   --runs K     runs one after the other (default $RUNS or 1)
+  --jobs LIST  draw only these kinds of job, e.g. cd-insert,cd-eject (default $QB_KILL_JOBS,
+               or all: create destroy cd-insert cd-eject disk-add-scsi disk-add-virtio
+               disk-remove nic-add nic-remove vnc-set vnc-remove pause resume)
   --no-build   use the binary already in BUILD_DIR
   -h, --help   this text
 
@@ -25,6 +28,7 @@ Each run's output goes to BUILD_DIR/kill-harness/seed-<seed>.log.
 
 Replay a failure with the line it printed, e.g.
   QB_KILL_SEED=1234 QB_KILL_ROUNDS=17 BUILD_DIR/tests/api/api_kill_harness_test
+(with QB_KILL_JOBS=... too when the run drew from some kinds only).
 The jobs and kill instants are the same; the timing of each job, and so what a kill interrupts,
 may differ.
 EOF
@@ -40,6 +44,7 @@ while [[ $# -gt 0 ]]; do
     --rounds) rounds=$2; shift 2 ;;
     --seed) seed=$2; shift 2 ;;
     --runs) runs=$2; shift 2 ;;
+    --jobs) export QB_KILL_JOBS=$2; shift 2 ;;
     --no-build) build=0; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "kill-harness.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
@@ -73,7 +78,7 @@ for ((run = 1; run <= runs; run++)); do
   s=${seed:-$(random_seed)}
   seed=
   log=$logs/seed-$s.log
-  echo "== run $run/$runs: seed $s, $rounds rounds (log: $log)"
+  echo "== run $run/$runs: seed $s, $rounds rounds${QB_KILL_JOBS:+, jobs $QB_KILL_JOBS} (log: $log)"
   # The progress lines on the terminal, everything in the log; the binary's status decides.
   set +e
   QB_KILL_SEED=$s QB_KILL_ROUNDS=$rounds "$binary" 2>&1 | tee "$log" |
@@ -84,7 +89,7 @@ for ((run = 1; run <= runs; run++)); do
   done_rounds=$(grep -cE '^kill harness: round [0-9]+/[0-9]+: .*; consistent' "$log" || true)
   total_rounds=$((total_rounds + done_rounds))
   if [[ $rc -ne 0 ]]; then
-    replay=$(grep -m1 -o 'replay with QB_KILL_SEED=[0-9]* QB_KILL_ROUNDS=[0-9]*' "$log" || true)
+    replay=$(grep -m1 -o '^replay with .*' "$log" || true)
     failures+=("seed $s: ${replay:-exit status $rc, no replay line (see $log)}")
     sed -n '/^kill harness: round [0-9]* of /,/^replay with/p;/^kill harness: after all/,/^replay with/p' "$log"
   fi
