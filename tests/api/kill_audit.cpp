@@ -138,6 +138,9 @@ ApiDomain domain_from(const json::value& o) {
   }
   for (const auto& n : array(devices, "nics")) d.nics.push_back({field(n, "id"), field(n, "tap")});
   if (const auto& vnc = member(devices, "vnc"); vnc.is_object()) d.vnc = field(vnc, "address");
+  for (const auto& c : array(devices, "fdsets_to_close")) {
+    d.fdsets_to_close[number(c, "fdset")] = field(c, "device");
+  }
   return d;
 }
 
@@ -194,6 +197,7 @@ std::optional<json::value> qmp(const Layout& l, const std::string& domain,
 struct Fdset {
   std::int64_t id = -1;
   std::vector<std::string> opaques;  // one per fd
+  std::vector<std::string> fds;      // QEMU's fd numbers
 };
 
 struct QemuView {
@@ -264,8 +268,11 @@ std::optional<QemuView> query_qemu(const Layout& l, const std::string& name, Fin
     q.media[device_of(field(b, "qdev"))] = field(member(b, "inserted"), "file");
   }
   for (const auto& s : list(*fdsets)) {
-    Fdset set{number(s, "fdset-id"), {}};
-    for (const auto& fd : array(s, "fds")) set.opaques.push_back(field(fd, "opaque"));
+    Fdset set{number(s, "fdset-id"), {}, {}};
+    for (const auto& fd : array(s, "fds")) {
+      set.opaques.push_back(field(fd, "opaque"));
+      set.fds.push_back(std::to_string(number(fd, "fd")));
+    }
     q.fdsets.push_back(std::move(set));
   }
   read_pci(*pci, q);
@@ -346,7 +353,9 @@ void check_block(const ApiDomain& d, const Record& r, const QemuView& q, Finding
 }
 
 // Fdsets: exactly one per current disk (two with a backing file) and per inserted medium, each
-// named by its device's opaque, and the ones the record names are those QEMU has.
+// named by its device's opaque, and the ones the record names are those QEMU has. Besides those
+// only the ones the API lists as still to close (removed while the VM did not run), each of the
+// device it names.
 void check_fdsets(const ApiDomain& d, const Record& r, const QemuView& q, Findings& f) {
   std::map<std::string, int> want;
   for (const auto& x : d.disks) {
@@ -361,7 +370,15 @@ void check_fdsets(const ApiDomain& d, const Record& r, const QemuView& q, Findin
   for (const auto& set : q.fdsets) {
     std::set<std::string> opaques(set.opaques.begin(), set.opaques.end());
     by_id[set.id] = opaques;
+    if (d.fdsets_to_close.contains(set.id)) continue;
     for (const auto& o : opaques) ++have[o];
+  }
+  for (const auto& [id, device] : d.fdsets_to_close) {
+    if (!by_id.contains(id) || by_id.at(id) != std::set<std::string>{names::fdset_opaque(device)}) {
+      f.add(who(d) + ": the API lists fdset " + std::to_string(id) + " of " + device +
+            " as still to close, QEMU's fdset " + std::to_string(id) + " holds " +
+            (by_id.contains(id) ? join(by_id.at(id)) : std::string("nothing (no such fdset)")));
+    }
   }
   for (const auto& [opaque, n] : have) {
     auto w = want.contains(opaque) ? want.at(opaque) : 0;
@@ -425,9 +442,14 @@ void check_vnc(const ApiDomain& d, const QemuView& q, Findings& f) {
 }
 
 // The fds QEMU holds: each image fd belongs to a current disk or medium (two each: the fdset's fd
-// and the protocol node's dup of it), one tap fd per NIC, one host TCP listener with VNC, and
-// besides those only its QMP and console sockets and anonymous inodes.
-void check_qemu_fds(const Layout& l, const ApiDomain& d, Findings& f) {
+// and the protocol node's dup of it) or to an fdset the API lists as still to close, one tap fd
+// per NIC, one host TCP listener with VNC, and besides those only its QMP and console sockets
+// and anonymous inodes.
+void check_qemu_fds(const Layout& l, const ApiDomain& d, const QemuView& q, Findings& f) {
+  std::set<std::string> closing;  // the fds of the fdsets the API lists as still to close
+  for (const auto& set : q.fdsets) {
+    if (d.fdsets_to_close.contains(set.id)) closing.insert(set.fds.begin(), set.fds.end());
+  }
   std::map<std::string, int> need;
   for (const auto& x : d.disks) need[x.path] += 2;
   for (const auto& c : d.cdroms) {
@@ -443,7 +465,7 @@ void check_qemu_fds(const Layout& l, const ApiDomain& d, Findings& f) {
   for (const auto& fd : entries(fd_dir)) {
     std::error_code ec;
     const std::string target = fs::read_symlink(fd_dir + "/" + fd, ec).string();
-    if (ec) continue;
+    if (ec || closing.contains(fd)) continue;
     const std::string inode =
         target.rfind("socket:[", 0) == 0 ? target.substr(8, target.size() - 9) : "";
     if (target.rfind(l.images + "/", 0) == 0) {
@@ -520,7 +542,7 @@ void check_domain(const Layout& l, const ApiDomain& d, const Record& r, Findings
   check_fdsets(d, r, *q, f);
   check_pci_and_netdevs(d, r, *q, f);
   check_vnc(d, *q, f);
-  check_qemu_fds(l, d, f);
+  check_qemu_fds(l, d, *q, f);
 }
 
 // ---- Processes --------------------------------------------------------------------------------
@@ -712,10 +734,11 @@ void check_taps(const Layout& l, const std::vector<ApiDomain>& ds, Findings& f) 
 std::optional<std::vector<ApiDomain>> settle(const Layout& l, std::chrono::milliseconds timeout,
                                              Findings& f) {
   std::optional<std::vector<ApiDomain>> listed;
+  // Fdsets still to close go once the VM runs again.
   auto busy = [&l](const ApiDomain& d) {
     auto r = read_record(l, d.name);
     return !d.job.empty() || (d.state != "running" && d.state != "paused") ||
-           (r && !r->job.empty());
+           (r && !r->job.empty()) || (d.state == "running" && !d.fdsets_to_close.empty());
   };
   auto quiet = [&] {
     listed = list_domains(l.sock);
@@ -728,6 +751,10 @@ std::optional<std::vector<ApiDomain>> settle(const Layout& l, std::chrono::milli
     if (d.state != "running" && d.state != "paused") f.add(who(d) + ": state " + d.state + after);
     if (auto r = read_record(l, d.name); r && !r->job.empty() && d.job.empty()) {
       f.add(who(d) + ": no job is listed, but its record journals " + r->job + after);
+    }
+    if (d.state == "running" && !d.fdsets_to_close.empty()) {
+      f.add(who(d) + ": runs, but lists " + std::to_string(d.fdsets_to_close.size()) +
+            " fdset(s) still to close" + after);
     }
   }
   return listed;

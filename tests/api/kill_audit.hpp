@@ -10,6 +10,8 @@
 
 #include <chrono>
 #include <cstddef>
+#include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -54,6 +56,9 @@ struct ApiDomain {
   std::vector<ApiDisk> disks;
   std::vector<ApiNic> nics;
   std::optional<std::string> vnc;  // the address clients connect to
+  // Fdsets no device needs that QEMU still holds (closed only while the VM runs) -> the device
+  // that had them.
+  std::map<std::int64_t, std::string> fdsets_to_close;
 };
 
 // Every disagreement found, one line each.
