@@ -84,7 +84,12 @@ awaitable<Result<lifecycle::KillReport>> Broker::destroy(std::string name, bool 
     co_return Error(make_error_code(errc::busy),
                     "domain " + name + " is being adopted after a restart; retry in a few seconds");
   }
-  auto report = co_await domains_.teardown(*d, graceful);
+  // Recorded first, so a broker killed halfway through leaves the next one a destroy to finish.
+  (*d)->destroying = true;
+  if (auto ok = co_await domains_.records().persist(**d); !ok) {
+    log::warn("domain " + name + ": destroying it without recording so first");
+  }
+  auto report = co_await domains_.teardown(*d, graceful, true);
   if (report && purge_nvram) {
     if (auto ok = lifecycle::purge_nvram(launcher_.config().firmware, name); !ok) co_return ok.error();
   }

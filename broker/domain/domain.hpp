@@ -131,6 +131,8 @@ class Domain {
   // (broker/domain/fdsets.hpp).
   std::map<std::int64_t, std::string> fdsets_to_close;
 
+  // A destroy was asked for: recorded before the teardown starts, so a restart finishes it.
+  bool destroying = false;
   // Its last teardown could not kill everything under its uid: it stays listed (stopping), a
   // DELETE may try again, and Domains::retry_stuck() does so in the background.
   bool teardown_failed = false;

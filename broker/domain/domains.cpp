@@ -105,7 +105,7 @@ awaitable<Domains::RetryReport> Domains::retry_stuck() {
   }
   for (auto& d : stuck) {
     if (!d->teardown_failed) continue;  // a DELETE retried it meanwhile
-    if (auto ok = co_await teardown(d, false); ok) {
+    if (auto ok = co_await teardown(d, false, d->destroying); ok) {
       log::info("domain " + d->name() + ": torn down on retry");
       report.torn_down.push_back(d->name());
     }
@@ -143,7 +143,8 @@ awaitable<void> Domains::watch(std::shared_ptr<Domain> d) {
   events_.publish(d->name(), "domain", "exited", std::move(data));
 }
 
-awaitable<Result<lifecycle::KillReport>> Domains::teardown(std::shared_ptr<Domain> d, bool graceful) {
+awaitable<Result<lifecycle::KillReport>> Domains::teardown(std::shared_ptr<Domain> d, bool graceful,
+                                                           bool asked) {
   d->set_state(RunState::stopping);
   if (graceful && d->qmp() != nullptr && d->qmp()->is_open()) {
     co_await d->qmp()->execute(qmp::cmd::quit(), qmp::after(config_.quit_timeout));
@@ -161,6 +162,7 @@ awaitable<Result<lifecycle::KillReport>> Domains::teardown(std::shared_ptr<Domai
     co_return report.error();
   }
   d->set_qmp(nullptr);
+  if (asked) launcher_.remove_log(d->name());
   if (auto it = table_.find(d->name()); it != table_.end() && it->second == d) table_.erase(it);
   co_await records_.remove(d->name());
   co_return std::move(*report);

@@ -66,9 +66,11 @@ class Domains {
   // The same for a QEMU that already runs, with the adopt timeout for the handshake.
   boost::asio::awaitable<Result<void>> reattach(std::shared_ptr<Domain> d);
   // Quits QEMU (when `graceful`), kills everything under the domain's uid, then drops the domain
-  // and its record. A failed kill leaves the domain in the table, stopping.
+  // and its record. A failed kill leaves the domain in the table, stopping. `asked`: the domain
+  // goes because it was asked to (a destroy, or an interrupted create or destroy), so its QEMU
+  // log goes too, before the record; a QEMU that exited on its own or failed to start keeps it.
   boost::asio::awaitable<Result<lifecycle::KillReport>> teardown(std::shared_ptr<Domain> d,
-                                                                  bool graceful);
+                                                                  bool graceful, bool asked = false);
   // For a domain read back from its record: true when its pid still names the QEMU recorded
   // (same start time), which is then held by a pidfd.
   bool still_running(Domain& d);

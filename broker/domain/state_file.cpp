@@ -1,5 +1,7 @@
 #include "broker/domain/state_file.hpp"
 
+#include <unistd.h>
+
 #include <map>
 
 #include <boost/json.hpp>
@@ -180,6 +182,9 @@ Result<void> devices_from(const json::object& o, Domain& d) {
   }
   d.scsi_controller = o.at("scsi_controller").as_bool();
   d.scsi_slot = str(o, "scsi_slot");
+  if (auto it = o.find("destroying"); it != o.end() && it->value().is_bool()) {
+    d.destroying = it->value().get_bool();
+  }
   if (auto it = o.find("fdsets_to_close"); it != o.end()) {
     for (const auto& f : it->value().as_array()) {
       const auto& fo = f.as_object();
@@ -222,6 +227,7 @@ json::value state_to_json(const Domain& d) {
     out["job"] = std::move(job);
   }
   if (!d.fdsets_to_close.empty()) out["fdsets_to_close"] = d.fdsets_to_close_json();
+  if (d.destroying) out["destroying"] = true;
   if (d.vnc) {
     out["vnc"] = json::object{{"listen", d.vnc->spec.listen.text()}, {"address", d.vnc->address}};
   }
@@ -245,6 +251,11 @@ Result<std::shared_ptr<Domain>> domain_from_json(const json::value& v) {
 std::vector<LoadedRecord> load_records(const std::string& dir) {
   std::vector<LoadedRecord> out;
   for (const auto& file : list_dir(dir)) {
+    // The temporary file of a record write a crash cut short: the old record (or none) stands.
+    if (file.starts_with('.') && file.ends_with(".tmp")) {
+      ::unlink((dir + "/" + file).c_str());
+      continue;
+    }
     if (!file.ends_with(".json") || file.size() < 6) continue;
     auto text = read_small_file(dir + "/" + file);
     if (!text) {

@@ -248,11 +248,12 @@ awaitable<void> settle(Context& ctx, Domains& domains, std::shared_ptr<Domain> d
                      {{"pid", d->instance().pid}, {"uid", d->instance().uid}});
 }
 
-// Tears down a recorded domain whose QEMU is gone.
-awaitable<void> bury(Domains& domains, std::shared_ptr<Domain> d, std::string why) {
+// Tears down a recorded domain whose QEMU is gone, or whose create or destroy did not finish
+// (`asked`: its log goes too).
+awaitable<void> bury(Domains& domains, std::shared_ptr<Domain> d, std::string why, bool asked = false) {
   log::warn("domain " + d->name() + ": " + why + "; tearing down uid " +
             std::to_string(d->instance().uid));
-  auto killed = co_await domains.teardown(d, false);
+  auto killed = co_await domains.teardown(d, false, asked);
   if (!killed) log::error("domain " + d->name() + ": " + killed.error().describe());
 }
 
@@ -297,6 +298,10 @@ struct OutcomeSink {
 // Re-adopts one domain read back from its record (`alive`: its recorded QEMU still runs).
 awaitable<Adopted> adopt(Context& ctx, Domains& domains, std::shared_ptr<Domain> d, bool alive,
                          const ResumeRemoval& resume) {
+  if (d->destroying) {
+    co_await bury(domains, d, "its destroy was interrupted", true);
+    co_return Adopted::torn_down;
+  }
   if (!alive) {
     co_await bury(domains, d, "QEMU is gone");
     co_return Adopted::torn_down;
@@ -304,7 +309,7 @@ awaitable<Adopted> adopt(Context& ctx, Domains& domains, std::shared_ptr<Domain>
   // A create that did not finish may have plugged some of its devices and not others: it is
   // undone whole, never adopted half made. The name is free for the create to be retried.
   if (d->interrupted && d->interrupted->kind == "create") {
-    co_await bury(domains, d, "its create was interrupted");
+    co_await bury(domains, d, "its create was interrupted", true);
     co_return Adopted::torn_down;
   }
   auto connected = co_await domains.reattach(d);

@@ -144,6 +144,10 @@ std::vector<std::string> Launcher::command_line(const DomainSpec& spec, Accel ac
   return a;
 }
 
+void Launcher::remove_log(const std::string& name) {
+  ::unlink((config_.run_dir + "/log/" + name + ".log").c_str());
+}
+
 void Launcher::remove_files(const std::string& name) {
   for (const char* sub : {"/qmp/", "/console/"}) {
     ::unlink((config_.run_dir + sub + name + ".sock").c_str());
@@ -398,7 +402,10 @@ std::vector<uid_t> Launcher::reclaim_uids(const std::vector<const Instance*>& li
     }
     // The start that recorded the uid may have bound its listeners already; a live domain of the
     // same name owns the same paths, so they stay for it.
-    if (!names.contains(owner)) remove_files(owner);
+    if (!names.contains(owner)) {
+      remove_files(owner);
+      remove_log(owner);  // of a start no one was ever told of
+    }
     log::warn("uid " + std::to_string(uid) + " was recorded for " + owner +
               " without a domain to go with it: killed " + std::to_string(killed->found) +
               " process(es) and released it");

@@ -80,6 +80,11 @@ class Launcher {
   // Kills everything of the instance's uid, reaps, verifies and releases the uid and the files.
   Result<KillReport> destroy(Instance& instance);
 
+  // Removes QEMU's log of domain `name` (RUN/log/NAME.log). A destroy keeps it, so the log of a
+  // QEMU that exited on its own or failed to start outlives its domain; the caller removes it
+  // when the domain went because it was asked to.
+  void remove_log(const std::string& name);
+
   // Re-opens the cgroup of an instance recorded by an earlier broker.
   void reattach(Instance& instance);
 

@@ -90,6 +90,11 @@ std::map<uid_t, std::string> UidPool::load() {
   make_dirs(dir_);
   in_use_.clear();
   for (const auto& name : list_dir(dir_)) {
+    // The temporary file of a record write a crash cut short: the record was never made.
+    if (name.starts_with('.') && name.ends_with(".tmp")) {
+      ::unlink((dir_ + "/" + name).c_str());
+      continue;
+    }
     uid_t uid = 0;
     if (!parse_number(std::string_view(name), uid)) continue;
     auto owner = read_small_file(dir_ + "/" + name, 4096);
