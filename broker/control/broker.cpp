@@ -243,7 +243,8 @@ awaitable<Result<void>> Broker::eject_medium(std::string name, std::string cdrom
 }
 
 awaitable<Result<void>> Broker::add_disk(std::string name, DiskSpec disk) {
-  JobSpec job{"disk-add", disk.id, {}, Journal::around};
+  // The request is journaled: a restart that finds the disk plugged records it whole.
+  JobSpec job{"disk-add", disk.id, to_json(disk), Journal::around};
   return device_job(std::move(name), std::move(job), &flows::add_disk, std::move(disk));
 }
 
@@ -254,7 +255,7 @@ awaitable<Result<void>> Broker::remove_disk(std::string name, std::string id, Pr
 }
 
 awaitable<Result<void>> Broker::add_nic(std::string name, NicSpec nic) {
-  JobSpec job{"nic-add", nic.id, {}, Journal::around};
+  JobSpec job{"nic-add", nic.id, to_json(nic), Journal::around};
   return device_job(std::move(name), std::move(job), &flows::add_nic, std::move(nic));
 }
 

@@ -343,6 +343,25 @@ Result<bool> parse_force(const json::value& body) {
   return boolean(**o, "force", false);
 }
 
+json::object to_json(const DiskSpec& d) {
+  json::object o{{"id", d.id},
+                 {"path", d.path},
+                 {"format", d.format == DiskFormat::qcow2 ? "qcow2" : "raw"},
+                 {"bus", d.bus == DiskBus::virtio ? "virtio" : "scsi"},
+                 {"read_only", d.read_only}};
+  if (!d.backing.empty()) o["backing"] = d.backing;
+  if (d.diskseq) o["diskseq"] = *d.diskseq;
+  if (!d.serial.empty()) o["serial"] = d.serial;
+  return o;
+}
+
+json::object to_json(const NicSpec& n) {
+  json::object o{{"id", n.id}};
+  if (!n.tap.empty()) o["tap"] = n.tap;
+  if (!n.mac.empty()) o["mac"] = n.mac;
+  return o;
+}
+
 Result<DiskSpec> parse_disk(const json::value& body) {
   auto o = as_object(body, "body");
   if (!o) return o.error();

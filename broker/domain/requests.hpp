@@ -84,6 +84,9 @@ Result<InsertMedium> parse_insert_medium(const boost::json::value& body);
 Result<bool> parse_force(const boost::json::value& body);  // {} or {"force": bool}
 Result<DiskSpec> parse_disk(const boost::json::value& body);
 Result<NicSpec> parse_nic(const boost::json::value& body);
+// The request bodies parse_disk and parse_nic read back: a hotplug journals its request with them.
+boost::json::object to_json(const DiskSpec& d);
+boost::json::object to_json(const NicSpec& n);
 Result<VncSpec> parse_vnc(const boost::json::value& body);
 Result<std::string> parse_path_body(const boost::json::value& body);  // {"path": "..."}
 struct RestoreRequest {

@@ -13,6 +13,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
+#include "broker/core/atomic_file.hpp"
 #include "broker/core/errc.hpp"
 #include "broker/core/log.hpp"
 #include "broker/domain/fdsets.hpp"
@@ -187,6 +188,96 @@ awaitable<void> reconcile_vnc(Context& ctx, Domain& d, const Domain::PendingJob&
   d.vnc = VncState{VncSpec{std::move(*spec)}, now};
 }
 
+// The fdset whose opaque is `opaque`, or -1.
+std::int64_t fdset_named(const std::vector<qmp::reply::FdsetInfo>& sets, const std::string& opaque) {
+  for (const auto& set : sets) {
+    for (const auto& fd : set.fds) {
+      if (fd.opaque == opaque) return set.fdset_id;
+    }
+  }
+  return -1;
+}
+
+// The name of the tap behind one of QEMU's /dev/net/tun fds that no NIC of the domain names yet
+// (the kernel's "iff" in its fdinfo), or "" when there is not exactly one.
+std::string unclaimed_tap(const Domain& d) {
+  const std::string proc = "/proc/" + std::to_string(d.instance().pid);
+  std::vector<std::string> found;
+  for (const auto& fd : list_dir(proc + "/fd")) {
+    char target[64] = {};
+    const ssize_t n = ::readlink((proc + "/fd/" + fd).c_str(), target, sizeof(target) - 1);
+    if (n <= 0 || std::string_view(target, static_cast<std::size_t>(n)) != "/dev/net/tun") continue;
+    auto info = read_small_file(proc + "/fdinfo/" + fd, 4096);
+    if (!info) continue;
+    const auto at = info->find("iff:");
+    if (at == std::string::npos) continue;
+    const auto start = info->find_first_not_of(" \t", at + 4);
+    const auto end = info->find('\n', start);
+    std::string name = info->substr(start, end == std::string::npos ? end : end - start);
+    bool claimed = false;
+    for (const auto& [id, nic] : d.nics) claimed = claimed || nic.tap == name;
+    if (!claimed) found.push_back(std::move(name));
+  }
+  return found.size() == 1 ? found.front() : std::string();
+}
+
+// An interrupted hotplug that got as far as device_add: the device is in QEMU with everything
+// below it, so the job is finished rather than undone (undoing would need a guest that answers
+// the unplug, which a paused or booting one does not). The record takes the journaled request,
+// the fdsets QEMU lists under the device's name, and the root port the flow took, which is the
+// lowest one free in the journaled record, as it was then.
+awaitable<bool> finish_add(Context& ctx, Domain& d, const Domain::PendingJob& job) {
+  const std::string& id = job.target;
+  if (job.kind == "nic-add") {
+    auto spec = parse_nic(job.args);
+    if (!spec) co_return false;
+    NicState st;
+    st.tap = spec->tap.empty() ? unclaimed_tap(d) : spec->tap;
+    if (st.tap.empty()) co_return false;
+    auto slot = d.allocate_slot(id);
+    if (!slot) co_return false;
+    st.spec = std::move(*spec);
+    st.slot = *slot;
+    d.nics[id] = std::move(st);
+    co_return true;
+  }
+  if (job.kind != "disk-add") co_return false;
+  auto spec = parse_disk(job.args);
+  if (!spec) co_return false;
+  qmp::Command query = qmp::cmd::query_fdsets();
+  auto r = co_await call(ctx, d, std::move(query));
+  if (!r) co_return false;
+  auto sets = qmp::reply::fdsets(*r);
+  if (!sets) co_return false;
+  DiskState st;
+  st.fdset = fdset_named(*sets, fdset_opaque(id));
+  st.backing_fdset = spec->backing.empty() ? -1 : fdset_named(*sets, fdset_opaque(id + "-backing"));
+  if (st.fdset < 0 || (!spec->backing.empty() && st.backing_fdset < 0)) co_return false;
+  st.identity = co_await identity_in_qemu(ctx, d, st.fdset);
+  if (spec->bus == DiskBus::virtio) {
+    auto slot = d.allocate_slot(id);
+    if (!slot) co_return false;
+    st.slot = *slot;
+  } else {
+    st.slot = std::string(kScsiBus);
+  }
+  st.spec = std::move(*spec);
+  d.disks[id] = std::move(st);
+  co_return true;
+}
+
+// The SCSI controller an interrupted job plugged before the record said so.
+awaitable<void> adopt_scsi_controller(Context& ctx, Domain& d) {
+  if (d.scsi_controller || !co_await device_present(ctx, d, std::string(kScsiController))) co_return;
+  auto slot = d.allocate_slot(std::string(kScsiController));
+  if (!slot) {
+    log::error("domain " + d.name() + ": " + slot.error().describe());
+    co_return;
+  }
+  d.scsi_controller = true;
+  d.scsi_slot = *slot;
+}
+
 // Finishes or undoes a job an earlier broker left half done. True for a removal: it is resumed as
 // a job of its own once the domain is adopted (device_del again, wait for the guest, then the
 // nodes and fds), so a device QEMU is still finalizing is never taken for gone.
@@ -202,11 +293,19 @@ awaitable<bool> reconcile(Context& ctx, Domain& d, Domain::PendingJob job) {
     co_return false;
   }
   if (id.empty()) co_return false;
+  // A controller plugged on the way comes first: it took the lowest free root port.
+  co_await adopt_scsi_controller(ctx, d);
   if (d.has_device(id)) co_return job.kind.ends_with("-remove");
-  if (co_await device_present(ctx, d, id) && !co_await unplug_added(ctx, d, id)) {
-    log::error("domain " + d.name() + ": interrupted " + job.kind + " " + id +
-               ": the guest did not release the device; it stays plugged");
-    co_return false;
+  if (co_await device_present(ctx, d, id)) {
+    if (co_await finish_add(ctx, d, job)) {
+      log::info("domain " + d.name() + ": finished the interrupted " + job.kind + " " + id);
+      co_return false;
+    }
+    if (!co_await unplug_added(ctx, d, id)) {
+      log::error("domain " + d.name() + ": interrupted " + job.kind + " " + id +
+                 ": the guest did not release the device; it stays plugged");
+      co_return false;
+    }
   }
   co_await remove_back_end(ctx, d, id);
   co_return false;

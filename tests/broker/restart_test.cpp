@@ -33,6 +33,7 @@ constexpr uid_t kDeadBase = 3'101'300;
 constexpr uid_t kOrphanBase = 3'101'400;
 constexpr uid_t kStoppedBase = 3'101'600;
 constexpr uid_t kMediumBase = 3'101'700;
+constexpr uid_t kFinishBase = 3'101'900;
 
 // Everything one broker process would own, on shared state and run directories.
 struct Stack {
@@ -332,4 +333,56 @@ TEST_CASE("a restarted broker records the CD medium QEMU holds after an interrup
   }
   qbtest::reap_exited_children();
   CHECK(live_processes_of_uid("/proc", kMediumBase + 1) == 0);
+}
+
+TEST_CASE("a restarted broker finishes a hotplug that got as far as plugging the device",
+          "[broker][restart][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::become_subreaper();
+  qbtest::TempDir state, run, images;
+  const std::string img = images / "d0.img";
+  qbtest::write_file(img, "QB-FINISH");
+  fs::resize_file(img, 1 << 20);
+  const std::string file = state / "domains/f1.json";
+  std::string before;
+  pid_t qemu = 0;
+  broker::DiskSpec disk;
+  disk.id = "d0";
+  disk.path = img;
+  disk.bus = broker::DiskBus::virtio;
+  {
+    Stack first(kFinishBase, state.path(), run.path(), {}, images.path());
+    auto c = guest("f1");
+    c.spec.paused = true;  // a guest that could not answer an unplug
+    auto info = first.run(first.broker->create(std::move(c)));
+    REQUIRE(info);
+    qemu = info->pid;
+    before = *broker::read_small_file(file);
+    REQUIRE(first.run(first.broker->add_disk("f1", disk)));
+  }
+  // The broker died after device_add and before the record said so.
+  write_interrupted(file, before, "disk-add", "d0", broker::to_json(disk));
+  Stack second(kFinishBase, state.path(), run.path(), {}, images.path());
+  auto report = second.run(second.broker->recover());
+  REQUIRE(report.adopted == std::vector<std::string>{"f1"});
+  auto info = second.run(second.broker->info("f1", false));
+  REQUIRE(info);
+  const auto& disks = info->devices.at("disks").as_array();
+  REQUIRE(disks.size() == 1);
+  CHECK(disks[0].at("id") == "d0");
+  CHECK(disks[0].at("bus") == "virtio");
+  CHECK(fds_on(qemu, img) > 0);
+  auto record = boost::json::parse(*broker::read_small_file(file)).as_object();
+  CHECK_FALSE(record.contains("job"));
+  CHECK(record.at("slots").as_object().at("rp1") == "d0");  // the port the flow had taken
+  // It is the broker's disk now: a second one takes the next port, and destroy frees all.
+  broker::DiskSpec other = disk;
+  other.id = "d1";
+  qbtest::write_file(images / "d1.img", "QB-OTHER");
+  fs::resize_file(images / "d1.img", 1 << 20);
+  other.path = images / "d1.img";
+  REQUIRE(second.run(second.broker->add_disk("f1", other)));
+  REQUIRE(second.run(second.broker->destroy("f1")));
+  qbtest::reap_exited_children();
+  CHECK(live_processes_of_uid("/proc", kFinishBase + 1) == 0);
 }
