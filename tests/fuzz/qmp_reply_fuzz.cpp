@@ -48,7 +48,7 @@ std::size_t depth(const json::value& v) {
 void views(const json::value& v, const qmp::Limits& limits) {
   check(depth(v) <= limits.max_depth);
   (void)qmp::reply::add_fd(v);
-  if (auto s = qmp::reply::status(v)) check(!s->running || s->status == "running");
+  (void)qmp::reply::status(v);
   (void)qmp::reply::fdsets(v);
   (void)qmp::reply::block(v);
   (void)qmp::reply::migration(v);
