@@ -16,7 +16,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 targets=(wire http qmp_reply record ctl_render)
 
 usage() {
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 is_target() {
