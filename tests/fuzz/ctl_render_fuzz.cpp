@@ -98,8 +98,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   unsigned status = kStatuses[(pick >> 3) % std::size(kStatuses)];
   auto err = qbctl::render_error(status, body);
   check(!err.empty() && err.back() == '\n');
-  int exit = qbctl::exit_code(status);
-  check(exit >= 0 && exit <= 11);
+  int code = qbctl::exit_code(status);
+  check(code >= 0 && code <= 11);
 
   try {
     auto line = qbctl::render_event((pick & 0x40) ? "job" : "qemu", body);
