@@ -12,11 +12,13 @@
 //  - every refusal, whether of the framing or of the route, maps to a 4xx or 5xx status with a
 //    stable code name (lowercase letters, digits and '_', or an errno name), and renders as a
 //    JSON error body that names the same code;
-//  - a 405 names the methods the path does take (the server's Allow header).
+//  - a 405 names the methods the path does take (the server's Allow header);
+//  - a body the router accepts nests no deeper than its limit (64).
 #include <boost/beast/core/buffers_prefix.hpp>
 #include <boost/beast/http/error.hpp>
 #include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/string_body.hpp>
+#include <algorithm>
 #include <boost/json/parse.hpp>
 #include <cstddef>
 #include <cstdint>
@@ -24,6 +26,8 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
+#include <vector>
 
 #include "broker/api/errc.hpp"
 #include "broker/api/http_errors.hpp"
@@ -94,6 +98,32 @@ void check_refusal(const broker::Error& e, std::string_view target,
   check(err != nullptr && err->is_object());
   const auto* code = err->get_object().if_contains("code");
   check(code != nullptr && code->is_string() && code->get_string() == cls.code);
+}
+
+// router.cpp parse_body: bodies nest at most this deep.
+constexpr std::size_t kRouterMaxDepth = 64;
+
+// How deep `body` nests, read with a far larger limit than the router's; 0 when it is not JSON.
+std::size_t body_depth(std::string_view body) {
+  json::parse_options opts;
+  opts.max_depth = 4096;
+  boost::system::error_code ec;
+  json::value v = json::parse(body, ec, json::storage_ptr(), opts);
+  if (ec) return 0;
+  std::size_t deepest = 0;
+  std::vector<std::pair<const json::value*, std::size_t>> todo{{&v, 0}};
+  while (!todo.empty()) {
+    auto [cur, d] = todo.back();
+    todo.pop_back();
+    if (const auto* a = cur->if_array()) {
+      deepest = std::max(deepest, d + 1);
+      for (const auto& e : *a) todo.emplace_back(&e, d + 1);
+    } else if (const auto* o = cur->if_object()) {
+      deepest = std::max(deepest, d + 1);
+      for (const auto& kv : *o) todo.emplace_back(&kv.value(), d + 1);
+    }
+  }
+  return deepest;
 }
 
 broker::Error api_error(api::errc code, std::string message) {
@@ -173,7 +203,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       check_refusal(cmd.error(), req.target());
       continue;
     }
-    // A route that matched: its body, if any, was valid JSON within the router's depth limit.
+    // A route that matched: its body, if any, was JSON within the router's depth limit.
+    check(body_depth(req.body()) <= kRouterMaxDepth);
     if (std::holds_alternative<api::WatchEvents>(*cmd)) return 0;  // the stream takes the connection
     if (!req.keep_alive()) return 0;
   }
