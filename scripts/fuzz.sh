@@ -1,23 +1,79 @@
 #!/usr/bin/env bash
-# Fuzzes the QMP wire parser with libFuzzer for SECONDS (default 60).
+# Fuzzes one target with libFuzzer for SECONDS (default 60). Targets (docs/fuzzing.md):
+#   wire        QMP byte stream: framing, message parsing, id matching (the default)
+#   http        HTTP requests: Beast parser with the server's limits, router, error map, render
+#   qmp_reply   QMP replies and events: typed reply views, capability detection, event predicates
+#   record      domain and uid records as a restarted broker reloads them
+#   ctl_render  API replies as qbrokerctl shows them
 # Builds tests/fuzz on its own with clang (-fsanitize=fuzzer,address,undefined) in
-# FUZZ_BUILD_DIR (default build-fuzz/), seeds a working corpus there from
-# tests/fuzz/corpus/wire, and runs. Extra arguments go to libFuzzer (e.g. -jobs=2).
-# Usage: scripts/fuzz.sh [SECONDS] [libFuzzer flags...]
+# FUZZ_BUILD_DIR (default build-fuzz/), seeds a working corpus there (corpus-TARGET/) from
+# tests/fuzz/corpus/TARGET, and runs. Extra arguments go to libFuzzer (e.g. -jobs=2, -runs=N).
+# A crash is left in FUZZ_BUILD_DIR as crash-*; add it to tests/fuzz/corpus/TARGET once fixed.
+# Usage: scripts/fuzz.sh [TARGET] [SECONDS] [libFuzzer flags...]
+#        scripts/fuzz.sh --build-only [TARGET...]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-seconds=${1:-60}
-shift || true
+targets=(wire http qmp_reply record ctl_render)
+
+usage() {
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+}
+
+is_target() {
+  local t
+  for t in "${targets[@]}"; do [[ $t == "$1" ]] && return 0; done
+  return 1
+}
+
+binary() {
+  if [[ $1 == wire ]]; then echo qmp_wire_fuzzer; else echo "$1_fuzzer"; fi
+}
+
 build=${FUZZ_BUILD_DIR:-$root/build-fuzz}
 
-command -v clang++ >/dev/null || { echo "fuzz: clang++ is needed for libFuzzer" >&2; exit 1; }
-cmake -S "$root/tests/fuzz" -B "$build" -G Ninja -DCMAKE_CXX_COMPILER=clang++ \
-      -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-cmake --build "$build" --target qmp_wire_fuzzer
+configure_and_build() {
+  command -v clang++ >/dev/null || { echo "fuzz: clang++ is needed for libFuzzer" >&2; exit 1; }
+  cmake -S "$root/tests/fuzz" -B "$build" -G Ninja -DCMAKE_CXX_COMPILER=clang++ \
+        -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+  local bins=() t
+  for t in "$@"; do bins+=("$(binary "$t")"); done
+  cmake --build "$build" --target "${bins[@]}"
+}
 
+case ${1:-} in
+  -h|--help) usage; exit 0 ;;
+  --build-only)
+    shift
+    if [[ $# -eq 0 ]]; then set -- "${targets[@]}"; fi
+    for t in "$@"; do is_target "$t" || { echo "fuzz: no target '$t'" >&2; exit 2; }; done
+    configure_and_build "$@"
+    exit 0
+    ;;
+esac
+
+target=wire
+if [[ $# -gt 0 ]] && ! [[ $1 =~ ^[0-9]+$ ]] && [[ $1 != -* ]]; then
+  is_target "$1" || { echo "fuzz: no target '$1' (one of: ${targets[*]})" >&2; exit 2; }
+  target=$1
+  shift
+fi
+seconds=${1:-60}
+shift || true
+
+configure_and_build "$target"
+
+# The wire target keeps its working corpus where it always has.
 corpus=$build/corpus
+[[ $target == wire ]] || corpus=$build/corpus-$target
 mkdir -p "$corpus"
-cp -n "$root"/tests/fuzz/corpus/wire/* "$corpus"/
-"$build/qmp_wire_fuzzer" -max_total_time="$seconds" -max_len=16384 -rss_limit_mb=2048 \
-  -artifact_prefix="$build/" -print_final_stats=1 "$@" "$corpus"
+cp -n "$root"/tests/fuzz/corpus/"$target"/* "$corpus"/
+dict=()
+case $target in
+  http) dict=(-dict="$root/tests/fuzz/http.dict") ;;
+  qmp_reply|record|ctl_render) dict=(-dict="$root/tests/fuzz/json.dict") ;;
+esac
+# Inputs are kept short so the fuzzer mutates structure, not bulk; the replay in ctest runs the
+# full-size seeds (the QEMU schema) whole.
+"$build/$(binary "$target")" -max_total_time="$seconds" -max_len=16384 -rss_limit_mb=2048 \
+  -artifact_prefix="$build/" -print_final_stats=1 "${dict[@]}" "$@" "$corpus"
 echo "fuzz: corpus in $corpus; crashes (if any) in $build/crash-*"
