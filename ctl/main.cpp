@@ -96,7 +96,8 @@ class ProgressBar {
   explicit ProgressBar(std::string job) : job_(std::move(job)) {}
 
   bool on_event(const qbctl::SseEvent& ev) {
-    const auto& d = ev.data.as_object();
+    if (!ev.data.is_object()) return true;  // not an event of ours
+    const auto& d = ev.data.get_object();
     auto name = d.find("name");
     auto data = d.find("data");
     if (ev.kind != "job" || name == d.end() || name->value() != "progress" || data == d.end() ||
@@ -106,7 +107,9 @@ class ProgressBar {
     const auto& o = data->value().get_object();
     if (auto j = o.find("job"); j != o.end() && j->value() != job_.c_str()) return true;
     if (auto f = o.find("fraction"); f != o.end() && f->value().is_number()) {
-      fraction_ = f->value().to_number<double>();
+      boost::system::error_code ec;
+      const double v = f->value().to_number<double>(ec);
+      if (!ec) fraction_ = v;
     }
     if (auto ph = o.find("phase"); ph != o.end() && ph->value().is_string()) {
       phase_ = std::string(ph->value().get_string());

@@ -165,8 +165,12 @@ std::string render(const Invocation& inv, const json::value& body) {
 
 std::string render_event(const std::string& kind, const json::value& data) {
   std::string when = "-";
-  if (at(data, "timestamp_us").is_number()) {
-    auto us = at(data, "timestamp_us").to_number<long long>();
+  boost::system::error_code inexact;
+  const long long us = at(data, "timestamp_us").is_number()
+                           ? at(data, "timestamp_us").to_number<long long>(inexact)
+                           : -1;
+  // A timestamp that is not a whole number of microseconds (1.5, 1e29) shows as "-".
+  if (us >= 0 && !inexact) {
     std::time_t secs = static_cast<std::time_t>(us / 1000000);
     std::tm tm{};
     ::localtime_r(&secs, &tm);

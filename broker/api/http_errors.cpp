@@ -328,14 +328,45 @@ ErrorClass classify(const std::error_code& ec) {
   return {http_status::internal_server_error, "internal"};
 }
 
+namespace {
+
+// `s` as valid UTF-8: an error may quote what a client or QEMU sent (a percent-decoded query
+// name, a QMP desc), and JSON must not carry those bytes raw. Each byte that does not start a
+// well-formed sequence is written as \xNN.
+std::string utf8_text(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  for (std::size_t i = 0; i < s.size();) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    std::size_t n = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xe ? 3 : (c >> 3) == 0x1e ? 4 : 0;
+    bool ok = n != 0 && i + n <= s.size() && (n != 2 || c >= 0xc2);
+    for (std::size_t k = 1; ok && k < n; ++k) {
+      ok = (static_cast<unsigned char>(s[i + k]) & 0xc0) == 0x80;
+    }
+    if (!ok) {
+      static constexpr char kHex[] = "0123456789abcdef";
+      out += "\\x";
+      out += kHex[c >> 4];
+      out += kHex[c & 0xf];
+      ++i;
+      continue;
+    }
+    out.append(s.substr(i, n));
+    i += n;
+  }
+  return out;
+}
+
+}  // namespace
+
 boost::json::object error_body(const Error& e) {
   ErrorClass c = classify(e.code);
   boost::json::object inner;
   inner["code"] = c.code;
-  inner["message"] = e.message.empty() ? e.code.message() : e.message;
-  if (!e.field.empty()) inner["field"] = e.field;
+  inner["message"] = utf8_text(e.message.empty() ? e.code.message() : e.message);
+  if (!e.field.empty()) inner["field"] = utf8_text(e.field);
   if (!e.qmp_class.empty() || !e.qmp_desc.empty()) {
-    inner["qmp"] = boost::json::object{{"class", e.qmp_class}, {"desc", e.qmp_desc}};
+    inner["qmp"] = boost::json::object{{"class", utf8_text(e.qmp_class)}, {"desc", utf8_text(e.qmp_desc)}};
   }
   return boost::json::object{{"error", std::move(inner)}};
 }
