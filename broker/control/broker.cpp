@@ -76,7 +76,7 @@ awaitable<Result<lifecycle::KillReport>> Broker::destroy(std::string name, bool 
                                                          bool purge_nvram) {
   auto d = find(name);
   if (!d) co_return d.error();
-  if ((*d)->state() == RunState::stopping && !(*d)->teardown_failed) {
+  if (((*d)->state() == RunState::stopping || (*d)->destroying) && !(*d)->teardown_failed) {
     co_return Error(make_error_code(errc::busy), "domain " + name + " is already being destroyed");
   }
   if ((*d)->state() == RunState::adopting) {
