@@ -20,7 +20,9 @@
 //
 // Broker and raw alternate which goes first each round. The broker's QMP transcript, with the time
 // of each line, splits its create into launch (call -> greeting), capabilities, device plugging,
-// system_reset, cont and the rest (domain record, events), printed beside the raw phases.
+// system_reset, cont and the rest (domain record, events), printed beside the raw phases; and the
+// launch is taken apart once more per round with Launcher::start alone, a uid allocation and a
+// cgroup creation, so a miss can be traced to a step of broker/.
 //
 // Usage: firmware_bench [--rounds N] [--only SUBSTRING] [--verbose]   (root, test guest and boot
 // media, OVMF; build optimized)
@@ -479,12 +481,21 @@ Phases broker_phases(const Transcript& t, Clock::time_point start, Clock::time_p
   return p;
 }
 
+// The broker's launch taken apart outside the Broker: Launcher::start alone (validate, firmware
+// and store, uid, boot-file mounts, listeners, cgroup, clone3 and the jail steps, up to the exec)
+// and the QEMU it started up to its greeting; and two of start's steps on their own: a uid
+// allocated (swept by a reaper child, recorded with fsync) and a cgroup made with its limits.
+struct Anatomy {
+  double start = 0, greeting = 0, uid = 0, cgroup = 0;
+};
+
 struct Row {
   Shape shape;
   RawPlan plan;
   std::size_t plug_commands = 0;
   std::vector<double> broker_create, raw_create, broker_prompt, raw_prompt;
   std::vector<Phases> broker_phases, raw_phases;
+  std::vector<Anatomy> anatomy;
 };
 
 template <class T, class F>
@@ -594,6 +605,36 @@ void raw_prompt(Env& env, Owned& owned, Row& r) {
   raw_kill(q, owned.raw);
 }
 
+void launch_anatomy(Env& env, Row& r) {
+  const Shape& s = r.shape;
+  Anatomy a;
+  const auto t0 = Clock::now();
+  auto inst = env.launcher.start(request_for(s, false).spec);
+  const auto t1 = Clock::now();
+  if (!inst) die("start " + s.label + ": " + inst.error().describe());
+  auto qmp = qbtest::connect_retry(inst->qmp_path, 10s);
+  auto greeting = qbtest::read_line(qmp.get(), 30s);
+  const auto t2 = Clock::now();
+  if (!greeting) die("start " + s.label + ": no greeting");
+  qmp.reset();
+  if (auto gone = env.launcher.destroy(*inst); !gone) die("destroy: " + gone.error().describe());
+  a.start = ms(t1 - t0);
+  a.greeting = ms(t2 - t1);
+  const auto u0 = Clock::now();
+  auto uid = env.uids.allocate(s.name);
+  a.uid = ms(Clock::now() - u0);
+  if (!uid) die("uid: " + uid.error().describe());
+  if (auto ok = env.uids.release(*uid); !ok) die("uid: " + ok.error().describe());
+  if (env.cgroups.available()) {
+    const auto c0 = Clock::now();
+    auto cg = env.cgroups.create("dom-" + s.name + "-probe", {256ull << 20, 256});
+    a.cgroup = ms(Clock::now() - c0);
+    if (!cg) die("cgroup: " + cg.error().describe());
+    env.cgroups.retire(*cg);
+  }
+  r.anatomy.push_back(a);
+}
+
 // One round of a shape. Whoever goes first alternates, so neither always runs on a warmer cache.
 void measure_round(Env& env, Owned& owned, Row& r, int round) {
   if (round % 2 == 0) {
@@ -607,6 +648,7 @@ void measure_round(Env& env, Owned& owned, Row& r, int round) {
     raw_prompt(env, owned, r);
     broker_prompt(env, r);
   }
+  launch_anatomy(env, r);
   std::printf("round %d %-13s create %7.1f / %7.1f ms   prompt %8.1f / %8.1f ms (broker / raw)\n",
               round + 1, r.shape.label.c_str(), r.broker_create.back(), r.raw_create.back(),
               r.broker_prompt.back(), r.raw_prompt.back());
@@ -652,6 +694,18 @@ void report_phases(const std::vector<Row>& rows) {
   std::printf("launch: create call (raw: open + fork) -> QMP greeting; plug: the devices' QMP "
               "commands in prelaunch (ms/commands); reset: system_reset; cont: cont (raw: cont + "
               "query-status); rest: cont's reply -> create returns (domain record, events)\n");
+
+  std::printf("\nthe broker's launch alone (medians, ms): Launcher::start up to the exec, then the "
+              "QEMU it started up to its greeting; two of start's steps on their own\n");
+  std::printf("%-14s %10s %16s %12s %10s\n", "", "start", "exec->greeting", "uid+record", "cgroup");
+  for (const auto& r : rows) {
+    const auto& a = r.anatomy;
+    std::printf("%-14s %10.2f %16.1f %12.2f %10.2f\n", r.shape.label.c_str(),
+                median(field(a, [](const Anatomy& x) { return x.start; })),
+                median(field(a, [](const Anatomy& x) { return x.greeting; })),
+                median(field(a, [](const Anatomy& x) { return x.uid; })),
+                median(field(a, [](const Anatomy& x) { return x.cgroup; })));
+  }
 }
 
 }  // namespace
