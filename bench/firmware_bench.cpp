@@ -483,10 +483,11 @@ Phases broker_phases(const Transcript& t, Clock::time_point start, Clock::time_p
 
 // The broker's launch taken apart outside the Broker: Launcher::start alone (validate, firmware
 // and store, uid, boot-file mounts, listeners, cgroup, clone3 and the jail steps, up to the exec)
-// and the QEMU it started up to its greeting; and two of start's steps on their own: a uid
-// allocated (swept by a reaper child, recorded with fsync) and a cgroup made with its limits.
+// and the QEMU it started up to its greeting; and steps of start on their own: a uid allocated
+// (swept by a reaper child, recorded with fsync), the sweep alone (a kill by uid of an unused
+// uid), and a cgroup made with its limits.
 struct Anatomy {
-  double start = 0, greeting = 0, uid = 0, cgroup = 0;
+  double start = 0, greeting = 0, uid = 0, sweep = 0, cgroup = 0;
 };
 
 struct Row {
@@ -625,6 +626,10 @@ void launch_anatomy(Env& env, Row& r) {
   a.uid = ms(Clock::now() - u0);
   if (!uid) die("uid: " + uid.error().describe());
   if (auto ok = env.uids.release(*uid); !ok) die("uid: " + ok.error().describe());
+  const auto k0 = Clock::now();
+  auto swept = env.reaper.kill_uid(kBase + 7);  // the pool hands out the lowest free uid first
+  a.sweep = ms(Clock::now() - k0);
+  if (!swept) die("sweep: " + swept.error().describe());
   if (env.cgroups.available()) {
     const auto c0 = Clock::now();
     auto cg = env.cgroups.create("dom-" + s.name + "-probe", {256ull << 20, 256});
@@ -696,14 +701,17 @@ void report_phases(const std::vector<Row>& rows) {
               "query-status); rest: cont's reply -> create returns (domain record, events)\n");
 
   std::printf("\nthe broker's launch alone (medians, ms): Launcher::start up to the exec, then the "
-              "QEMU it started up to its greeting; two of start's steps on their own\n");
-  std::printf("%-14s %10s %16s %12s %10s\n", "", "start", "exec->greeting", "uid+record", "cgroup");
+              "QEMU it started up to its greeting; steps of start on their own: a uid allocated "
+              "(sweep + fsynced record), the sweep alone, a cgroup\n");
+  std::printf("%-14s %10s %16s %12s %8s %10s\n", "", "start", "exec->greeting", "uid+record", "sweep",
+              "cgroup");
   for (const auto& r : rows) {
     const auto& a = r.anatomy;
-    std::printf("%-14s %10.2f %16.1f %12.2f %10.2f\n", r.shape.label.c_str(),
+    std::printf("%-14s %10.2f %16.1f %12.2f %8.2f %10.2f\n", r.shape.label.c_str(),
                 median(field(a, [](const Anatomy& x) { return x.start; })),
                 median(field(a, [](const Anatomy& x) { return x.greeting; })),
                 median(field(a, [](const Anatomy& x) { return x.uid; })),
+                median(field(a, [](const Anatomy& x) { return x.sweep; })),
                 median(field(a, [](const Anatomy& x) { return x.cgroup; })));
   }
 }
