@@ -21,8 +21,8 @@
 // Broker and raw alternate which goes first each round. The broker's QMP transcript, with the time
 // of each line, splits its create into launch (call -> greeting), capabilities, device plugging,
 // system_reset, cont and the rest (domain record, events), printed beside the raw phases; and the
-// launch is taken apart once more per round with Launcher::start alone, a uid allocation and a
-// cgroup creation, so a miss can be traced to a step of broker/.
+// launch is taken apart once more per round with Launcher::start alone, a uid allocation, the
+// uid's sweep alone and a cgroup creation, so a miss can be traced to a step of broker/.
 //
 // Usage: firmware_bench [--rounds N] [--only SUBSTRING] [--verbose]   (root, test guest and boot
 // media, OVMF; build optimized)
