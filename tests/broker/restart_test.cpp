@@ -26,6 +26,8 @@ namespace fs = std::filesystem;
 using broker::lifecycle::live_processes_of_uid;
 using broker::lifecycle::processes_of_uid;
 
+using qbtest::fds_on;
+
 namespace {
 
 constexpr uid_t kAdoptBase = 3'101'200;
@@ -72,17 +74,6 @@ broker::CreateDomain guest(const std::string& name) {
   broker::CreateDomain c;
   c.spec = qbtest::LifecycleFixture::guest_spec(name);
   return c;
-}
-
-// How many fds of process `pid` name `path`.
-int fds_on(pid_t pid, const std::string& path) {
-  int n = 0;
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec)) {
-    std::error_code lec;
-    if (fs::read_symlink(e.path(), lec) == path) ++n;
-  }
-  return n;
 }
 
 // `record` (a domain record's text) as a broker that died in the middle of `kind` on `target`

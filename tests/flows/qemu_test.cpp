@@ -37,6 +37,8 @@ using broker::DiskSpec;
 using qbtest::FlowsFixture;
 using qbtest::disk;
 
+using qbtest::fds_on;
+
 namespace {
 
 constexpr uid_t kCdBase = 3'102'000;
@@ -186,17 +188,6 @@ bool host_ping(const std::string& ip, std::chrono::milliseconds timeout) {
   }
   ::close(s);
   return got;
-}
-
-// How many fds of process `pid` name `path`.
-int fds_on(pid_t pid, const std::string& path) {
-  int n = 0;
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec)) {
-    std::error_code lec;
-    if (fs::read_symlink(e.path(), lec) == path) ++n;
-  }
-  return n;
 }
 
 // The fdset ids QEMU lists, as query-fdsets shows them.

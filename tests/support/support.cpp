@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <sys/wait.h>
 
+#include <filesystem>
 #include <stdexcept>
 
 namespace qbtest {
@@ -20,6 +21,16 @@ std::size_t open_fd_count() {
   }
   ::closedir(dir);
   return n - 1;  // the directory stream's own fd
+}
+
+int fds_on(pid_t pid, const std::string& path) {
+  int n = 0;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec)) {
+    std::error_code lec;
+    if (std::filesystem::read_symlink(e.path(), lec) == path) ++n;
+  }
+  return n;
 }
 
 TempDir::TempDir() {
