@@ -11,6 +11,7 @@ packages=(
   qemu-system-x86 qemu-utils busybox-static cpio kmod
   ovmf seabios
   syslinux syslinux-common isolinux systemd-boot-efi binutils xorriso mtools dosfstools fdisk
+  clang libclang-rt-14-dev
   iproute2 iputils-ping curl procps python3
 )
 
