@@ -144,7 +144,9 @@ Result<uid_t> UidPool::allocate(const std::string& domain, std::optional<uid_t> 
   if (auto ec = make_dirs(dir_)) return make_error(ec, "creating " + dir_);
   auto try_uid = [&](uid_t uid) -> Result<uid_t> {
     if (auto swept = sweep(uid); !swept) return swept.error();
-    if (auto ec = write_file_atomic(dir_, std::to_string(uid), domain)) {
+    // Sync::process: the record must outlive this process, not the host. A host crash takes
+    // every QEMU of the uid with it, so a record lost that way leaves nothing to kill.
+    if (auto ec = write_file_atomic(dir_, std::to_string(uid), domain, 0600, Sync::process)) {
       return make_error(ec, "recording uid " + std::to_string(uid));
     }
     in_use_[uid] = domain;

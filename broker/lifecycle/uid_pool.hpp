@@ -4,8 +4,10 @@
 //   2. sweep it: kill(-1) as that uid, so nothing left from an earlier owner (or planted by a
 //      local user who could setuid to it) survives into the new domain; if anything survives,
 //      quarantine the uid, report it, and try the next one;
-//   3. record the allocation durably (atomic write + fsync) before the caller spawns anything,
-//      so a broker restarted at any point still knows which uid to kill.
+//   3. record the allocation (atomic write and rename) before the caller spawns anything, so a
+//      broker restarted at any point still knows which uid to kill. No fsync: the record must
+//      survive a crash of the broker, and the page cache does; a crash of the host ends every
+//      process of the uid as well, so a record lost with it leaves nothing behind to kill.
 // A uid is released only after its teardown verified that no process runs under it.
 #pragma once
 
