@@ -6,17 +6,17 @@
 //   create   broker: Broker::create of a running domain, from the call to its return.
 //            raw: open the files, bind the QMP and console listeners, fork+exec QEMU -> greeting
 //            -> qmp_capabilities -> cont -> query-status running. The devices are on the command
-//            line with their bootindex (-add-fd, -blockdev, -device): the cold path a hand-written
-//            launcher takes, where the broker plugs them over QMP in prelaunch and resets.
+//            line with their bootindex (-add-fd, -blockdev or -drive, -device), as the broker
+//            itself plans them at spawn.
 //   prompt   from the same start to the guest's ready marker and prompt on the serial console
 //            (broker: created paused, console connected, resumed, as the flow tests boot).
 //
 // The raw command line is the broker's own (/proc/<pid>/cmdline of its QEMU, jail paths of the
-// kernel and initrd replaced by host paths), plus the devices the broker plugged, translated from
-// its QMP transcript: add-fd -> -add-fd (same fdset ids), blockdev-add -> -blockdev, device_add ->
-// -device (JSON, same properties), blockdev-change-medium -> a read-only raw -blockdev given to
-// the CD drive. The raw UEFI domain has its own variable store, copied once from OVMF's template,
-// as the broker keeps its own across creates.
+// kernel and initrd replaced by host paths, its -add-fd fds replaced by the same files opened
+// here), plus any device the broker plugged over QMP, translated from its QMP transcript: add-fd
+// -> -add-fd, blockdev-add -> -blockdev, device_add -> -device, blockdev-change-medium -> a
+// read-only raw -blockdev given to the CD drive. The raw UEFI domain has its own variable store,
+// copied once from OVMF's template, as the broker keeps its own across creates.
 //
 // Broker and raw alternate which goes first each round. The broker's QMP transcript, with the time
 // of each line, splits its create into launch (call -> greeting), capabilities, device plugging,

@@ -17,6 +17,7 @@
 #include <boost/json/object.hpp>
 
 #include "broker/core/error.hpp"
+#include "broker/domain/cold_plan.hpp"
 #include "broker/domain/requests.hpp"
 #include "broker/lifecycle/launcher.hpp"
 #include "fdpass/opener.hpp"
@@ -130,6 +131,10 @@ class Domain {
   // the device that used it. Reported, recorded, and removed again when the VM runs
   // (broker/domain/fdsets.hpp).
   std::map<std::int64_t, std::string> fdsets_to_close;
+
+  // Set while a create plans the devices QEMU gets on its command line: the flows' QMP calls and
+  // fd hand-overs are written down there instead of sent (broker/domain/cold_plan.hpp).
+  std::unique_ptr<ColdPlan> cold_plan;
 
   // A destroy was asked for: recorded before the teardown starts, so a restart finishes it.
   bool destroying = false;

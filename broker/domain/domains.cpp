@@ -49,9 +49,13 @@ Result<std::shared_ptr<Domain>> Domains::reserve(lifecycle::DomainSpec spec) {
   return d;
 }
 
-awaitable<Result<void>> Domains::launch(std::shared_ptr<Domain> d) {
+awaitable<Result<void>> Domains::launch(std::shared_ptr<Domain> d, ColdPlan* plan) {
   Domain* raw = d.get();
-  auto inst = co_await run_blocking(ex_, lifecycle_, [this, raw] { return launcher_.start(raw->spec()); });
+  auto start = [this, raw, plan] {
+    if (plan == nullptr) return launcher_.start(raw->spec());
+    return launcher_.start(raw->spec(), &plan->fds(), plan->args());
+  };
+  auto inst = co_await run_blocking(ex_, lifecycle_, std::move(start));
   if (!inst) {
     table_.erase(d->name());
     co_return inst.error();

@@ -58,8 +58,11 @@ class Domains {
   Result<std::shared_ptr<Domain>> reserve(lifecycle::DomainSpec spec);
   // Enters a domain read back from its record.
   void insert(std::shared_ptr<Domain> d) { table_[d->name()] = std::move(d); }
-  // Spawns the domain's jailed QEMU and writes its record. On failure the name is free again.
-  boost::asio::awaitable<Result<void>> launch(std::shared_ptr<Domain> d);
+  // Frees the name of a reserved domain that never started.
+  void unreserve(const std::shared_ptr<Domain>& d) { table_.erase(d->name()); }
+  // Spawns the domain's jailed QEMU, with the devices of `plan` on its command line when there is
+  // one, and writes its record. On failure the name is free again.
+  boost::asio::awaitable<Result<void>> launch(std::shared_ptr<Domain> d, ColdPlan* plan = nullptr);
   // Connects to QMP and watches the QEMU: when it exits unasked, the domain is torn down by uid
   // and an "exited" event says so.
   boost::asio::awaitable<Result<void>> attach(std::shared_ptr<Domain> d);

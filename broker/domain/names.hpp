@@ -27,6 +27,8 @@ inline std::string backing_file_node(std::string_view id) {
   return "qb-" + std::string(id) + "-backing-file";
 }
 inline std::string backing_node(std::string_view id) { return "qb-" + std::string(id) + "-backing"; }
+// The drive holding a CD's medium when it was plugged at spawn (broker/domain/cold_plan.hpp).
+inline std::string medium_drive(std::string_view id) { return "qb-" + std::string(id) + "-medium"; }
 inline std::string netdev_id(std::string_view id) { return "qb-net-" + std::string(id); }
 inline std::string tap_fd_name(std::string_view id) { return "qb-tap-" + std::string(id); }
 inline std::string fdset_opaque(std::string_view id) { return "qb:" + std::string(id); }

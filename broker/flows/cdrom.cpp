@@ -72,9 +72,13 @@ awaitable<Result<void>> insert_medium(Context& ctx, Domain& d, std::string id, I
   auto header = read_header(opened->fd, "path");
   if (!header) co_return header.error();
   if (header->qcow2) co_return field_error("path", m.path + ": the image is qcow2; CD media are raw");
-  auto q = qmp_client(d);
-  if (!q) co_return q.error();
-  auto sub = (*q)->subscribe();
+  // Tray events exist only once QEMU runs; a planned medium is in its drive from the start.
+  std::optional<qmp::EventSubscription> sub;
+  if (!d.cold_plan) {
+    auto q = qmp_client(d);
+    if (!q) co_return q.error();
+    sub.emplace((*q)->subscribe());
+  }
 
   Undo undo;
   lifecycle::FdHandover fds;
@@ -92,7 +96,7 @@ awaitable<Result<void>> insert_medium(Context& ctx, Domain& d, std::string id, I
   auto r = co_await call(ctx, d, std::move(c));
   if (!r) co_return co_await undo.fail(ctx, d, locked_or(r.error(), id));
   undo.commit();
-  if (!tray_moved(sub, id, false)) {
+  if (sub && !tray_moved(*sub, id, false)) {
     log::warn("domain " + d.name() + ": no tray-closed event for " + id + " after the change");
   }
 

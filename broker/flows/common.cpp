@@ -41,11 +41,16 @@ Error from_open(std::error_code ec, std::string_view field, std::string_view pat
 }
 
 awaitable<Result<json::value>> call(Context& ctx, Domain& d, qmp::Command c) {
-  return qmp_call(d, std::move(c), ctx.timeouts.qmp);
+  if (d.cold_plan) {
+    if (auto ok = d.cold_plan->add(c); !ok) co_return ok.error();
+    co_return json::value(json::object{});
+  }
+  co_return co_await qmp_call(d, std::move(c), ctx.timeouts.qmp);
 }
 
 awaitable<Result<std::int64_t>> add_fd(Context& ctx, Domain& d, fdpass::BorrowedFd fd,
                                        std::string opaque) {
+  if (d.cold_plan) co_return d.cold_plan->add_fd(fd, std::move(opaque));
   auto q = qmp_client(d);
   if (!q) co_return q.error();
   qmp::Command c = qmp::cmd::add_fd(std::nullopt, opaque);
@@ -223,6 +228,7 @@ awaitable<void> Undo::run(Context& ctx, Domain& d) {
       d.free_slot(s.slot);
       continue;
     }
+    if (d.cold_plan) continue;  // a failed plan is dropped whole; QEMU never saw it
     auto r = co_await call(ctx, d, std::move(*s.cmd));
     if (!r) log::warn("rollback: " + r.error().describe());
   }

@@ -1,7 +1,10 @@
-// Create: reserve the name, spawn the jailed QEMU paused (-S), connect QMP, plug the requested
-// devices through the same flows as hotplug while the guest has not run (boot devices with their
-// bootindex, then a reset so the firmware sees them in its boot order), then cont. A failure at
-// any step tears the whole domain down by uid.
+// Create: reserve the name, plan the disks and CDs through the same flows as hotplug (opened and
+// checked by the broker, handed to QEMU on its command line with their bootindex), spawn the
+// jailed QEMU paused (-S), connect QMP, plug the NICs and VNC over QMP while the guest has not
+// run, then cont. A failure before the spawn frees the name; one after it tears the whole domain
+// down by uid.
+#include <memory>
+
 #include <boost/asio/awaitable.hpp>
 
 #include "broker/flows/common.hpp"
@@ -23,14 +26,23 @@ awaitable<Result<void>> plug_cdrom(Context& ctx, Domain& d, CdromSpec cd) {
   co_return co_await insert_medium(ctx, d, std::move(id), std::move(medium));
 }
 
-// The devices of the request, in the order CDs, disks, NICs, VNC.
-awaitable<Result<void>> plug_devices(Context& ctx, Domain& d, CreateDomain& request) {
+// The CDs and disks of the request, planned through the hotplug flows with the domain in
+// planning mode: QEMU gets them on its command line, so the firmware's boot order includes them
+// from the first instruction and no device costs a QMP round trip.
+awaitable<Result<void>> plan_block_devices(Context& ctx, Domain& d, CreateDomain& request) {
+  d.cold_plan = std::make_unique<ColdPlan>();
   for (auto& cd : request.cdroms) {
     if (auto ok = co_await plug_cdrom(ctx, d, std::move(cd)); !ok) co_return ok.error();
   }
   for (auto& disk : request.disks) {
     if (auto ok = co_await add_disk(ctx, d, std::move(disk)); !ok) co_return ok.error();
   }
+  co_return Result<void>{};
+}
+
+// The NICs and the VNC listener, over QMP while the guest has not run: a tap and a listener are
+// handed over with getfd, which has no command-line form.
+awaitable<Result<void>> plug_network(Context& ctx, Domain& d, CreateDomain& request) {
   for (auto& nic : request.nics) {
     if (auto ok = co_await add_nic(ctx, d, std::move(nic)); !ok) co_return ok.error();
   }
@@ -41,19 +53,12 @@ awaitable<Result<void>> plug_devices(Context& ctx, Domain& d, CreateDomain& requ
   co_return Result<void>{};
 }
 
-// Everything after the spawn: QMP, devices, cont.
+// Everything after the spawn: QMP, network devices, cont.
 awaitable<Result<void>> bring_up(Context& ctx, Domains& domains, std::shared_ptr<Domain> d,
                                  CreateDomain& request) {
   if (auto ok = co_await domains.attach(d); !ok) co_return ok.error();
   d->set_state(RunState::paused);
-  if (auto ok = co_await plug_devices(ctx, *d, request); !ok) co_return ok.error();
-  if (!request.spec.boot_order.empty()) {
-    // The firmware reads its boot order from fw_cfg, which QEMU fills in at each reset; the one
-    // at start-up ran before the boot devices were plugged. Nothing has run yet, so a reset here
-    // only rewrites it.
-    qmp::Command reset = qmp::cmd::system_reset();
-    if (auto ok = co_await call(ctx, *d, std::move(reset)); !ok) co_return ok.error();
-  }
+  if (auto ok = co_await plug_network(ctx, *d, request); !ok) co_return ok.error();
   if (!request.spec.paused) {
     qmp::Command cont = qmp::cmd::cont();
     if (auto ok = co_await call(ctx, *d, std::move(cont)); !ok) co_return ok.error();
@@ -72,7 +77,13 @@ awaitable<Result<std::shared_ptr<Domain>>> create(Context& ctx, Domains& domains
   const std::string name = d->name();
   auto job = d->begin_job("create");
   ctx.events.publish(name, "domain", "starting");
-  if (auto ok = co_await domains.launch(d); !ok) co_return ok.error();
+  if (auto ok = co_await plan_block_devices(ctx, *d, request); !ok) {
+    domains.unreserve(d);
+    co_return ok.error();
+  }
+  std::unique_ptr<ColdPlan> plan = std::move(d->cold_plan);
+  if (auto ok = co_await domains.launch(d, plan.get()); !ok) co_return ok.error();
+  plan.reset();
   if (auto ok = co_await bring_up(ctx, domains, d, request); !ok) {
     co_await domains.teardown(d, false);
     ctx.events.publish(name, "domain", "failed", {{"error", ok.error().describe()}});

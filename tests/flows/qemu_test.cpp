@@ -48,6 +48,7 @@ constexpr uid_t kNicVncBase = 3'102'300;
 constexpr uid_t kRollbackBase = 3'102'400;
 constexpr uid_t kProofBase = 3'102'500;
 constexpr uid_t kHeldBase = 3'102'600;
+constexpr uid_t kPlannedBase = 3'102'680;
 
 // Runs `cmd` in the guest (no single quotes: the console wraps it in eval '...').
 qbtest::GuestConsole::Output guest(qbtest::GuestConsole& con, const std::string& cmd,
@@ -742,7 +743,8 @@ TEST_CASE("QEMU never opens a path and every fd it holds is an object the broker
   }
   CHECK(checked > 20);
 
-  // 4. Nor does its command line: the only paths are the jail's /boot files.
+  // 4. Nor does its command line: the only paths are the jail's /boot files and the fdsets of
+  //    the devices planned at spawn (/dev/fdset/N names an fd QEMU was given, not a file).
   std::string cmdline = read_text(proc + "/cmdline");
   std::vector<std::string> words;
   for (std::size_t at = 0; at < cmdline.size();) {
@@ -751,12 +753,17 @@ TEST_CASE("QEMU never opens a path and every fd it holds is an object the broker
     at = end + 1;
   }
   REQUIRE(words.size() > 10);
+  const std::regex fdset_name("/dev/fdset/[0-9]+");
+  int planned = 0;
   for (std::size_t i = 1; i < words.size(); ++i) {
     INFO(words[i]);
-    if (words[i].find('/') != std::string::npos) {
+    const std::string rest = std::regex_replace(words[i], fdset_name, "");
+    if (rest != words[i]) ++planned;
+    if (rest.find('/') != std::string::npos) {
       CHECK((words[i] == "/boot/kernel" || words[i] == "/boot/initrd"));
     }
   }
+  CHECK(planned > 0);  // the disks of the create came on the command line
 
   REQUIRE(fx.run(fx.broker.destroy("fl-proof")));
   loop->fd.reset();
@@ -806,4 +813,63 @@ TEST_CASE("an unplug on a paused domain reports the image fd QEMU keeps and clos
   CHECK(fdset_ids(fx, "held").empty());
   CHECK(reported_held(fx, "held").empty());
   REQUIRE(fx.run(fx.broker.destroy("held")));
+}
+
+TEST_CASE("disks and a CD given at create come on QEMU's command line and leave its fd table when removed",
+          "[flows][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::FdLeakCheck leaks;
+  FlowsFixture fx(kPlannedBase);
+  const auto& im = fx.images;
+  const std::string pv = im / "pv.img";
+  const std::string ps = im / "ps.img";
+  const std::string iso = im / "pcd.iso";
+  qbtest::make_image(pv, 1 << 20, "QB-PV-MARKER");
+  qbtest::make_image(ps, 1 << 20, "QB-PS-MARKER");
+  qbtest::make_image(iso, 64 * 2048, "QB-PCD-MARKER");
+  auto c = FlowsFixture::guest("planned");
+  c.disks.push_back(disk("pv", pv, DiskFormat::raw, DiskBus::virtio));
+  c.disks.push_back(disk("ps", ps));
+  c.cdroms.push_back({"cd0", iso});
+  auto con = fx.boot(std::move(c));
+  const pid_t qemu = fx.pid_of("planned");
+
+  // Nothing of theirs went over QMP: QEMU built them from its command line.
+  for (const auto& line : fx.transcript) {
+    INFO(line);
+    for (const char* cmd : {"\"add-fd\"", "\"blockdev-add\"", "\"device_add\"", "\"system_reset\""}) {
+      CHECK(line.find(cmd) == std::string::npos);
+    }
+  }
+  const std::string cmdline = read_text("/proc/" + std::to_string(qemu) + "/cmdline");
+  for (const char* id : {"\"id\":\"pv\"", "\"id\":\"ps\"", "\"id\":\"cd0\""}) {
+    INFO(id);
+    CHECK(cmdline.find(id) != std::string::npos);
+  }
+
+  // The guest reads and writes them.
+  const std::string vd = find_disk(*con, "QB-PV-MARKER");
+  find_disk(*con, "QB-PS-MARKER");
+  const std::string read_cd = "dd if=/dev/sr0 bs=2048 count=1 2>/dev/null | head -c 13";
+  CHECK(guest(*con, read_cd).text == "QB-PCD-MARKER");
+  CHECK(guest(*con, "printf QB-PV-WROTE | dd of=" + vd + " bs=512 seek=100 conv=notrunc,fsync 2>/dev/null").rc == 0);
+  for (const auto& f : {pv, ps, iso}) {
+    INFO(f);
+    CHECK(fds_on(qemu, f) > 0);
+  }
+
+  // Removed and ejected like hotplugged ones, after which QEMU holds none of the files.
+  REQUIRE(fx.run(fx.broker.remove_disk("planned", "pv", {})));
+  REQUIRE(fx.run(fx.broker.remove_disk("planned", "ps", {})));
+  REQUIRE(fx.run(fx.broker.eject_medium("planned", "cd0", false)));
+  CHECK(qbtest::read_at(pv, 100 * 512, 11) == "QB-PV-WROTE");
+  CHECK(host_eventually([&] { return fds_on(qemu, pv) + fds_on(qemu, ps) + fds_on(qemu, iso) == 0; }));
+  CHECK(fx.snapshot("planned").devices.count("pv") == 0);
+
+  // The ids are free for hotplug again, and the drive takes a new medium over QMP.
+  REQUIRE(fx.run(fx.broker.add_disk("planned", disk("pv", pv, DiskFormat::raw, DiskBus::virtio))));
+  find_disk(*con, "QB-PV-MARKER");
+  REQUIRE(fx.run(fx.broker.insert_medium("planned", "cd0", {iso, false})));
+  CHECK(guest_eventually(*con, read_cd, "QB-PCD-MARKER"));
+  REQUIRE(fx.run(fx.broker.destroy("planned")));
 }
