@@ -43,6 +43,8 @@ DomainsConfig domains_config(const BrokerConfig& c) {
       .quit_timeout = c.quit_timeout,
       .adopt_timeout = c.adopt_timeout,
       .qmp_timeout = c.timeouts.qmp,
+      .log = c.log,
+      .log_retention = c.log_retention,
   };
 }
 

@@ -44,6 +44,8 @@ struct BrokerConfig {
   std::chrono::milliseconds adopt_timeout{5000};   // QMP handshake with a re-adopted QEMU
   std::size_t qmp_max_line = 16u << 20;
   qmp::TranscriptHook transcript;                  // every QMP line of every domain (audits, tests)
+  LogLimits log;                                   // each QEMU's log file and error ring
+  std::chrono::milliseconds log_retention{std::chrono::hours(24)};  // logs of gone domains
 };
 
 struct DomainInfo {

@@ -69,6 +69,8 @@ BrokerConfig broker_config(const DaemonConfig& o) {
   c.timeouts.unplug = o.unplug_timeout;
   c.start_timeout = o.start_timeout;
   c.quit_timeout = o.quit_timeout;
+  c.log.file_bytes = o.log_max_bytes;
+  c.log_retention = o.log_retention;
   return c;
 }
 
@@ -216,13 +218,15 @@ asio::awaitable<void> start_serving(Broker& broker, api::Server& server, fdpass:
 }
 
 // Every few seconds: the uids quarantined because something the sweep could not kill held them,
-// and the teardowns that failed, are tried again, so one stuck uid never needs a restart.
+// and the teardowns that failed, are tried again, so one stuck uid never needs a restart; and the
+// logs of domains gone longer than the retention are removed.
 asio::awaitable<void> retry_stuck(Broker& broker, asio::steady_timer& timer, const Lifetime& life) {
   while (!life.stopping) {
     timer.expires_after(5s);
     auto [ec] = co_await timer.async_wait(asio::as_tuple(asio::use_awaitable));
     if (ec || life.stopping) break;
-    co_await broker.retry_stuck();
+    auto report = co_await broker.retry_stuck();
+    for (const auto& f : report.expired_logs) log::info("removed " + f + ", past its retention");
   }
 }
 

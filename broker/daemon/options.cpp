@@ -186,6 +186,13 @@ const std::vector<Option>& options() {
        millis(member(&DaemonConfig::start_timeout))},
       {"quit-timeout-ms", Kind::value, "MS", "graceful quit before the kill (default 3000)",
        millis(member(&DaemonConfig::quit_timeout))},
+      {"log-max-bytes", Kind::value, "BYTES",
+       "a QEMU's log (RUN/log/NAME.log) rotates to NAME.log.1 past this (default 1048576)",
+       count(member(&DaemonConfig::log_max_bytes), 4096, 1ull << 30)},
+      {"log-retention-ms", Kind::value, "MS",
+       "the log of a domain that is gone is removed this long after its last line (default "
+       "86400000, a day)",
+       millis(member(&DaemonConfig::log_retention))},
       {"shutdown-grace-ms", Kind::value, "MS",
        "on SIGTERM, time for answers in flight (default 2000)",
        millis(member(&DaemonConfig::shutdown_grace))},

@@ -18,6 +18,7 @@
 
 #include "broker/core/error.hpp"
 #include "broker/domain/cold_plan.hpp"
+#include "broker/domain/qemu_log.hpp"
 #include "broker/domain/requests.hpp"
 #include "broker/lifecycle/launcher.hpp"
 #include "fdpass/opener.hpp"
@@ -131,6 +132,9 @@ class Domain {
   // the device that used it. Reported, recorded, and removed again when the VM runs
   // (broker/domain/fdsets.hpp).
   std::map<std::int64_t, std::string> fdsets_to_close;
+
+  // What the broker reads of QEMU's stdout/stderr (null when it could not re-open the pipe).
+  std::shared_ptr<QemuLog> log;
 
   // Set while a create plans the devices QEMU gets on its command line: the flows' QMP calls and
   // fd hand-overs are written down there instead of sent (broker/domain/cold_plan.hpp).

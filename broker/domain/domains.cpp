@@ -1,5 +1,7 @@
 #include "broker/domain/domains.hpp"
 
+#include <set>
+
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -49,6 +51,11 @@ Result<std::shared_ptr<Domain>> Domains::reserve(lifecycle::DomainSpec spec) {
   return d;
 }
 
+namespace {
+// QEMU's last lines quoted in an error.
+constexpr std::size_t kErrorLines = 5;
+}  // namespace
+
 awaitable<Result<void>> Domains::launch(std::shared_ptr<Domain> d, ColdPlan* plan) {
   Domain* raw = d.get();
   auto start = [this, raw, plan] {
@@ -61,6 +68,7 @@ awaitable<Result<void>> Domains::launch(std::shared_ptr<Domain> d, ColdPlan* pla
     co_return inst.error();
   }
   d->instance() = std::move(*inst);
+  start_log(*d, std::move(d->instance().log_pipe));
   // A QEMU no record speaks of would be reclaimed as an orphan by the next broker: it goes now.
   if (auto ok = co_await records_.persist(*d); !ok) {
     co_await teardown(d, false);
@@ -73,14 +81,34 @@ awaitable<Result<void>> Domains::attach(std::shared_ptr<Domain> d) {
   return connect(std::move(d), config_.session);
 }
 
+void Domains::start_log(Domain& d, fdpass::UniqueFd pipe) {
+  const auto& inst = d.instance();
+  d.log = std::make_shared<QemuLog>(ex_, std::move(pipe), inst.log_path, config_.log);
+  d.log->start();
+}
+
 awaitable<Result<void>> Domains::reattach(std::shared_ptr<Domain> d) {
+  if (!d->log) {
+    const auto& inst = d->instance();
+    auto pipe = QemuLog::reopen(launcher_.config().proc_root, inst.pid, inst.log_pipe_inode);
+    if (pipe) start_log(*d, std::move(*pipe));
+    else log::warn("domain " + d->name() + ": QEMU's output is not logged: " + pipe.error().describe());
+  }
   SessionConfig session = config_.session;
   session.start_timeout = config_.adopt_timeout;
   return connect(std::move(d), std::move(session));
 }
 
 awaitable<Result<void>> Domains::connect(std::shared_ptr<Domain> d, SessionConfig session) {
-  if (auto ok = co_await connect_qmp(ex_, *d, session); !ok) co_return ok.error();
+  if (auto ok = co_await connect_qmp(ex_, *d, session); !ok) {
+    Error e = ok.error();
+    // A QEMU that exited before its greeting said why on stderr ("invalid kernel header").
+    if (d->log) {
+      d->log->drain();
+      if (auto said = d->log->tail(kErrorLines); !said.empty()) e.message += "; QEMU said: " + said;
+    }
+    co_return e;
+  }
   asio::co_spawn(ex_, watch(d), asio::detached);
   co_return Result<void>{};
 }
@@ -114,6 +142,9 @@ awaitable<Domains::RetryReport> Domains::retry_stuck() {
       report.torn_down.push_back(d->name());
     }
   }
+  std::set<std::string> live;
+  for (const auto& [name, d] : table_) live.insert(name);
+  report.expired_logs = launcher_.expire_logs(live, config_.log_retention);
   co_return report;
 }
 
@@ -166,6 +197,10 @@ awaitable<Result<lifecycle::KillReport>> Domains::teardown(std::shared_ptr<Domai
     co_return report.error();
   }
   d->set_qmp(nullptr);
+  if (d->log) {
+    d->log->drain();
+    d->log->close();
+  }
   if (asked) launcher_.remove_log(d->name());
   if (auto it = table_.find(d->name()); it != table_.end() && it->second == d) table_.erase(it);
   co_await records_.remove(d->name());

@@ -38,6 +38,9 @@ struct DomainsConfig {
   // second or two), and recovery does not wait on it for a start timeout.
   std::chrono::milliseconds adopt_timeout{5000};
   std::chrono::milliseconds qmp_timeout{10000};  // one QMP command of the broker's own
+  LogLimits log;  // each QEMU's log: file size before rotation, lines kept for errors
+  // The log of a domain that is gone is removed once it is this old (retry_stuck does it).
+  std::chrono::milliseconds log_retention{std::chrono::hours(24)};
 };
 
 class Domains {
@@ -86,6 +89,7 @@ class Domains {
   struct RetryReport {
     std::vector<uid_t> freed_uids;
     std::vector<std::string> torn_down;
+    std::vector<std::string> expired_logs;  // files removed under RUN/log
   };
   boost::asio::awaitable<RetryReport> retry_stuck();
   // Removes the fdsets QEMU kept while the VM was not running, now that it runs
@@ -98,6 +102,8 @@ class Domains {
   const DomainsConfig& config() const { return config_; }
 
  private:
+  // Reads QEMU's stdout/stderr from `pipe` into the domain's log.
+  void start_log(Domain& d, fdpass::UniqueFd pipe);
   boost::asio::awaitable<void> watch(std::shared_ptr<Domain> d);
   boost::asio::awaitable<Result<void>> connect(std::shared_ptr<Domain> d, SessionConfig session);
 

@@ -83,6 +83,7 @@ json::object instance_json(const lifecycle::Instance& i) {
           {"qmp", i.qmp_path},
           {"console", i.console_path},
           {"log", i.log_path},
+          {"log_pipe_inode", i.log_pipe_inode},
           {"cgroup", i.cgroup_name}};
 }
 
@@ -94,6 +95,9 @@ void instance_from(const json::object& ji, lifecycle::Instance& inst) {
   inst.qmp_path = str(ji, "qmp");
   inst.console_path = str(ji, "console");
   inst.log_path = str(ji, "log");
+  if (const auto* ino = ji.if_contains("log_pipe_inode"); ino != nullptr && ino->is_number()) {
+    inst.log_pipe_inode = ino->to_number<unsigned long long>();
+  }
   inst.cgroup_name = ji.contains("cgroup") ? str(ji, "cgroup") : std::string();
 }
 

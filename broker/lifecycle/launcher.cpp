@@ -144,8 +144,32 @@ std::vector<std::string> Launcher::command_line(const DomainSpec& spec, Accel ac
   return a;
 }
 
+std::vector<std::string> Launcher::expire_logs(const std::set<std::string>& live,
+                                              std::chrono::milliseconds retention) {
+  std::vector<std::string> removed;
+  const std::string dir = config_.run_dir + "/log";
+  const auto now = std::chrono::system_clock::now();
+  for (const auto& file : list_dir(dir)) {
+    std::string name = file;
+    if (name.ends_with(".1")) name.resize(name.size() - 2);
+    if (!name.ends_with(".log")) continue;
+    name.resize(name.size() - 4);
+    if (live.contains(name)) continue;
+    const std::string path = dir + "/" + file;
+    struct stat st {};
+    if (::lstat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
+    const auto written = std::chrono::system_clock::time_point(
+        std::chrono::seconds(st.st_mtim.tv_sec) + std::chrono::nanoseconds(st.st_mtim.tv_nsec));
+    if (now - written < retention) continue;
+    if (::unlink(path.c_str()) == 0) removed.push_back(path);
+  }
+  return removed;
+}
+
 void Launcher::remove_log(const std::string& name) {
-  ::unlink((config_.run_dir + "/log/" + name + ".log").c_str());
+  const std::string path = config_.run_dir + "/log/" + name + ".log";
+  ::unlink(path.c_str());
+  ::unlink((path + ".1").c_str());
 }
 
 void Launcher::remove_files(const std::string& name) {
@@ -187,11 +211,12 @@ Result<void> mount_boot_files(const DomainSpec& spec, const fdpass::ImageRoots& 
 }
 
 // What QEMU gets at fds 3 and 4 and as stdout/stderr: the QMP and console listeners the broker
-// binds, and the log file.
+// binds, and the write end of its log pipe (the broker keeps the read end, broker/domain/qemu_log).
 struct Endpoints {
   fdpass::UniqueFd qmp;
   fdpass::UniqueFd console;
-  fdpass::UniqueFd log;
+  fdpass::UniqueFd log_write;
+  fdpass::UniqueFd log_read;
 };
 
 Result<Endpoints> open_endpoints(const Instance& inst) {
@@ -199,10 +224,29 @@ Result<Endpoints> open_endpoints(const Instance& inst) {
   if (!qmp) return make_error(qmp.error(), "QMP listener " + inst.qmp_path);
   auto console = fdpass::listen_unix(inst.console_path, 0600, 0, 0, 4);
   if (!console) return make_error(console.error(), "console listener " + inst.console_path);
-  fdpass::UniqueFd log(::open(inst.log_path.c_str(),
-                              O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0600));
-  if (!log) return make_error(errno_code(), "QEMU log " + inst.log_path);
-  return Endpoints{std::move(*qmp), std::move(*console), std::move(log)};
+  // The log file of an earlier QEMU of the name starts over; the broker appends to it.
+  fdpass::UniqueFd file(::open(inst.log_path.c_str(),
+                               O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600));
+  if (!file) return make_error(errno_code(), "QEMU log " + inst.log_path);
+  ::unlink((inst.log_path + ".1").c_str());
+  int ends[2];
+  if (::pipe2(ends, O_CLOEXEC) != 0) return make_error(errno_code(), "QEMU log pipe");
+  return Endpoints{std::move(*qmp), std::move(*console), fdpass::UniqueFd(ends[1]),
+                   fdpass::UniqueFd(ends[0])};
+}
+
+// What a QEMU that failed to start wrote into its log pipe, as far as it is there now.
+std::string read_pipe_now(fdpass::BorrowedFd pipe) {
+  std::string out;
+  const int flags = ::fcntl(pipe.get(), F_GETFL);
+  if (flags < 0 || ::fcntl(pipe.get(), F_SETFL, flags | O_NONBLOCK) != 0) return out;
+  char buf[4096];
+  ssize_t n = 0;
+  while (out.size() < 4096 && (n = ::read(pipe.get(), buf, sizeof buf)) > 0) {
+    out.append(buf, static_cast<std::size_t>(n));
+  }
+  ::fcntl(pipe.get(), F_SETFL, flags);
+  return out;
 }
 
 }  // namespace
@@ -252,8 +296,7 @@ Result<SpawnedChild> Launcher::spawn(const DomainSpec& spec, Instance& inst, con
   auto child = spawn_jailed(req);
   if (!child) {
     auto e = child.error();
-    auto tail = read_small_file(inst.log_path, 4096);
-    if (tail && !tail->empty()) e.message += "; QEMU said: " + *tail;
+    if (auto said = read_pipe_now(inst.log_pipe); !said.empty()) e.message += "; QEMU said: " + said;
     return e;
   }
   inst.argv = std::move(req.argv);
@@ -296,12 +339,15 @@ Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
   undo.push([this, name = spec.name] { remove_files(name); });
   auto io = open_endpoints(inst);
   if (!io) return io.error();
+  struct stat pipe_st {};
+  if (::fstat(io->log_read.get(), &pipe_st) == 0) inst.log_pipe_inode = pipe_st.st_ino;
+  inst.log_pipe = std::move(io->log_read);
   if (auto ok = make_cgroup(spec, inst); !ok) return ok.error();
   if (inst.cgroup.valid()) undo.push([this, &inst] { cgroups_.retire(inst.cgroup); });
 
   // Step 4: spawn.
   FdHandover* spawn_fds = fds->entries().empty() ? nullptr : fds;
-  auto child = spawn(spec, inst, spawn_fds, args, {io->qmp, io->console, io->log}, std::move(layout));
+  auto child = spawn(spec, inst, spawn_fds, args, {io->qmp, io->console, io->log_write}, std::move(layout));
   if (!child) return child.error();
   inst.pid = child->pid;
   inst.pidfd = std::move(child->pidfd);

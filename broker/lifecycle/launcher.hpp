@@ -19,6 +19,7 @@
 #include <array>
 #include <chrono>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -56,7 +57,9 @@ struct Instance {
   Accel accel = Accel::tcg;
   std::string qmp_path;      // the listener QEMU holds; the broker connects here
   std::string console_path;  // serial console listener
-  std::string log_path;      // QEMU's stdout/stderr
+  std::string log_path;      // the file the broker keeps of QEMU's stdout/stderr
+  fdpass::UniqueFd log_pipe;  // the read end of QEMU's stdout/stderr, until the broker takes it
+  unsigned long long log_pipe_inode = 0;  // recorded: a restarted broker re-opens this pipe
   std::vector<std::string> argv;
 };
 
@@ -84,6 +87,11 @@ class Launcher {
   // QEMU that exited on its own or failed to start outlives its domain; the caller removes it
   // when the domain went because it was asked to.
   void remove_log(const std::string& name);
+
+  // Removes the logs (RUN/log/NAME.log and its rotated NAME.log.1) of every name not in `live`
+  // last written longer than `retention` ago. Returns the files removed.
+  std::vector<std::string> expire_logs(const std::set<std::string>& live,
+                                       std::chrono::milliseconds retention);
 
   // Re-opens the cgroup of an instance recorded by an earlier broker.
   void reattach(Instance& instance);

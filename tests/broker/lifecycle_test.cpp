@@ -40,6 +40,7 @@ constexpr uid_t kSharedBase = 3'100'700;
 constexpr uid_t kStepUid = 3'100'801;
 constexpr uid_t kEuidOnlyBase = 3'100'900;
 constexpr uid_t kRetryBase = 3'100'960;
+constexpr uid_t kLogRetentionBase = 3'100'970;
 
 std::string proc_field(pid_t pid, const std::string& key) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/status");
@@ -605,4 +606,23 @@ TEST_CASE("a busy domain cgroup is retired, never reused, and removed once it em
   CHECK(std::filesystem::exists(next->path()));
   CHECK(cgroups.retire(*next));
   CHECK(::rmdir(cgroups.base().c_str()) == 0);
+}
+
+TEST_CASE("the logs of gone domains are removed once past their retention, and no others",
+          "[lifecycle]") {
+  qbtest::LifecycleFixture fx(kLogRetentionBase);
+  fs::create_directories(fx.run / "log");
+  const auto old = fs::file_time_type::clock::now() - std::chrono::hours(2);
+  for (const char* f : {"gone.log", "gone.log.1", "live.log", "recent.log", "notes.txt"}) {
+    std::ofstream(fx.run / (std::string("log/") + f)) << "x\n";
+    if (std::string(f) != "recent.log") fs::last_write_time(fx.run / (std::string("log/") + f), old);
+  }
+  auto removed = fx.launcher.expire_logs({"live"}, std::chrono::hours(1));
+  std::sort(removed.begin(), removed.end());
+  CHECK(removed == std::vector<std::string>{fx.run / "log/gone.log", fx.run / "log/gone.log.1"});
+  CHECK_FALSE(fs::exists(fx.run / "log/gone.log"));
+  CHECK(fs::exists(fx.run / "log/live.log"));     // its domain still exists
+  CHECK(fs::exists(fx.run / "log/recent.log"));   // within the retention
+  CHECK(fs::exists(fx.run / "log/notes.txt"));    // not a log
+  CHECK(fx.launcher.expire_logs({"live"}, std::chrono::hours(1)).empty());
 }

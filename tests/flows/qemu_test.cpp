@@ -49,6 +49,7 @@ constexpr uid_t kRollbackBase = 3'102'400;
 constexpr uid_t kProofBase = 3'102'500;
 constexpr uid_t kHeldBase = 3'102'600;
 constexpr uid_t kPlannedBase = 3'102'680;
+constexpr uid_t kEarlyExitBase = 3'102'690;
 
 // Runs `cmd` in the guest (no single quotes: the console wraps it in eval '...').
 qbtest::GuestConsole::Output guest(qbtest::GuestConsole& con, const std::string& cmd,
@@ -872,4 +873,22 @@ TEST_CASE("disks and a CD given at create come on QEMU's command line and leave 
   REQUIRE(fx.run(fx.broker.insert_medium("planned", "cd0", {iso, false})));
   CHECK(guest_eventually(*con, read_cd, "QB-PCD-MARKER"));
   REQUIRE(fx.run(fx.broker.destroy("planned")));
+}
+
+TEST_CASE("a QEMU that exits at start-up is quoted in the error, and its log is kept", "[flows][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::FdLeakCheck leaks;
+  FlowsFixture fx(kEarlyExitBase);
+  const std::string kernel = fx.images / "garbage-kernel";
+  { std::ofstream(kernel) << "garbage"; }
+  auto c = FlowsFixture::guest("early-exit");
+  c.spec.kernel = kernel;
+  c.spec.initrd.clear();
+  auto created = fx.run(fx.broker.create(std::move(c)));
+  REQUIRE_FALSE(created);
+  INFO(created.error().describe());
+  CHECK(created.error().describe().find("QEMU said: qemu: invalid kernel header") != std::string::npos);
+  // The domain is gone; the log of a QEMU that failed on its own stays for the operator.
+  CHECK_FALSE(fx.run(fx.broker.info("early-exit", false)));
+  CHECK(read_text(fx.run_dir / "log/early-exit.log").find("invalid kernel header") != std::string::npos);
 }
