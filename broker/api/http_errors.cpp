@@ -180,6 +180,12 @@ ErrorClass of(fdpass::errc e) {
       return {http_status::bad_request, "unsupported_type"};
     case E::diskseq_unsupported:
       return {http_status::bad_request, "diskseq_unsupported"};
+    case E::crosses_mount:
+      return {http_status::bad_request, "crosses_mount"};
+    case E::hard_linked:
+      return {http_status::bad_request, "hard_linked"};
+    case E::foreign_owner:
+      return {http_status::bad_request, "foreign_owner"};
     case E::invalid_argument:
       return {http_status::bad_request, "invalid_argument"};
     // The object is not (or no longer) the one the caller named: a conflict with the world.
