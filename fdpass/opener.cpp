@@ -1,6 +1,7 @@
 #include "fdpass/opener.hpp"
 
 #include <fcntl.h>
+#include <linux/cdrom.h>
 #include <linux/fs.h>
 #include <linux/openat2.h>
 #include <sys/ioctl.h>
@@ -99,6 +100,7 @@ Result<Identity> identify(BorrowedFd fd) {
   if (!seq) return seq.error();
   id.diskseq = *seq;
   if (::ioctl(fd.get(), BLKGETSIZE64, &id.size) != 0) return last_error();
+  id.cdrom = ::ioctl(fd.get(), CDROM_GET_CAPABILITY, 0) >= 0;
   return id;
 }
 

@@ -34,6 +34,7 @@ struct Identity {
   ino_t ino = 0;              // regular: st_ino
   dev_t rdev = 0;             // block: st_rdev
   std::uint64_t diskseq = 0;  // block: BLKGETDISKSEQ
+  bool cdrom = false;         // block: a CD-ROM drive (CDROM_GET_CAPABILITY answers)
   std::uint64_t size = 0;     // bytes
 
   bool same_object(const Identity& o) const noexcept {

@@ -1,0 +1,110 @@
+// What QEMU holds of the images the broker hands it, against the real QEMU and the booted test
+// guest: a host block device (a loop device) as a CD and as a disk, at create and at hotplug.
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <thread>
+
+#include "fdpass/devices.hpp"
+#include "flows_fixture.hpp"
+
+using namespace std::chrono_literals;
+using broker::DiskBus;
+using broker::DiskFormat;
+using qbtest::FlowsFixture;
+using qbtest::disk;
+
+namespace {
+
+constexpr uid_t kLoopBase = 3'106'100;
+
+qbtest::GuestConsole::Output guest(qbtest::GuestConsole& con, const std::string& cmd) {
+  auto out = con.run(cmd, 30s);
+  INFO("guest: " << cmd);
+  REQUIRE(out);
+  return *out;
+}
+
+bool guest_eventually(qbtest::GuestConsole& con, const std::string& cmd, const std::string& want) {
+  for (int i = 0; i < 100; ++i) {
+    if (guest(con, cmd).text == want) return true;
+    std::this_thread::sleep_for(100ms);
+  }
+  return false;
+}
+
+// The guest disk whose first bytes are `marker`, or "" when none shows up.
+std::string find_disk(qbtest::GuestConsole& con, const std::string& marker) {
+  const std::string cmd = "for d in /dev/sd? /dev/vd?; do [ -b $d ] && [ \"$(head -c " +
+                          std::to_string(marker.size()) + " $d 2>/dev/null)\" = \"" + marker +
+                          "\" ] && echo $d; done";
+  for (int i = 0; i < 100; ++i) {
+    auto out = guest(con, cmd);
+    if (!out.text.empty()) return out.text;
+    std::this_thread::sleep_for(100ms);
+  }
+  return {};
+}
+
+const std::string kReadCd = "dd if=/dev/sr0 bs=2048 count=1 2>/dev/null | head -c 15";
+
+// A loop device over a fresh image holding `marker`.
+fdpass::LoopDevice loop_over(const std::string& path, const std::string& marker,
+                             fdpass::Access access, std::size_t size) {
+  qbtest::make_image(path, size, marker);
+  fdpass::UniqueFd backing(::open(path.c_str(), O_RDWR | O_CLOEXEC));
+  REQUIRE(backing);
+  auto loop = fdpass::attach_loop(backing, access);
+  REQUIRE(loop);
+  return std::move(*loop);
+}
+
+}  // namespace
+
+TEST_CASE("a loop device serves as a CD and as a disk, at create and at hotplug",
+          "[flows][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::FdLeakCheck leaks;
+  FlowsFixture fx(kLoopBase);
+  const auto& im = fx.images;
+  auto cd_a = loop_over(im / "cd-a.iso", "QB-LOOPCD-A-MRK", fdpass::Access::read_only, 64 * 2048);
+  auto cd_b = loop_over(im / "cd-b.iso", "QB-LOOPCD-B-MRK", fdpass::Access::read_only, 64 * 2048);
+  auto disk_a = loop_over(im / "d-a.img", "QB-LOOPDISK-A", fdpass::Access::read_write, 1 << 20);
+  auto disk_b = loop_over(im / "d-b.img", "QB-LOOPDISK-B", fdpass::Access::read_write, 1 << 20);
+
+  // At create: the CD and the disk are block devices from the start.
+  auto spec = FlowsFixture::guest("fl-loop");
+  spec.cdroms.push_back({"cd0", cd_a.path, std::nullopt});
+  auto d0 = disk("d0", disk_a.path);
+  d0.diskseq = disk_a.diskseq;
+  spec.disks.push_back(d0);
+  auto con = fx.boot(spec);
+  CHECK(guest(*con, kReadCd).text == "QB-LOOPCD-A-MRK");
+  const std::string dev_a = find_disk(*con, "QB-LOOPDISK-A");
+  REQUIRE_FALSE(dev_a.empty());
+  CHECK(guest(*con, "printf QB-LOOP-GUEST | dd of=" + dev_a +
+                        " bs=512 seek=8 conv=notrunc,fsync 2>/dev/null").rc == 0);
+
+  // At hotplug: a medium change and a disk hotplug, both block devices.
+  REQUIRE(fx.run(fx.broker.insert_medium("fl-loop", "cd0", {cd_b.path, false})));
+  CHECK(guest_eventually(*con, kReadCd, "QB-LOOPCD-B-MRK"));
+  auto d1 = disk("d1", disk_b.path, DiskFormat::raw, DiskBus::virtio);
+  d1.diskseq = disk_b.diskseq;
+  REQUIRE(fx.run(fx.broker.add_disk("fl-loop", d1)));
+  CHECK_FALSE(find_disk(*con, "QB-LOOPDISK-B").empty());
+
+  // QEMU read each through a host block device driver, never `file`.
+  int host_device = 0;
+  for (const auto& line : fx.transcript) {
+    if (line.find("blockdev-change-medium") != std::string::npos) {
+      INFO(line);
+      CHECK(line.find("host_device") != std::string::npos);
+      ++host_device;
+    }
+  }
+  CHECK(host_device == 2);  // the create's medium and the change
+
+  REQUIRE(fx.run(fx.broker.remove_disk("fl-loop", "d0")));
+  CHECK(qbtest::read_at(im / "d-a.img", 8 * 512, 13) == "QB-LOOP-GUEST");
+  REQUIRE(fx.run(fx.broker.destroy("fl-loop")));
+}
