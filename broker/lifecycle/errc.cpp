@@ -32,7 +32,7 @@ class Category final : public std::error_category {
       case errc::step_create_file: return "spawn step 'populate_root': open(O_CREAT) failed";
       case errc::step_bind_ro: return "spawn step 'populate_root': read-only bind mount failed";
       case errc::step_remount_bind_ro:
-        return "spawn step 'populate_root': read-only remount of a bind failed";
+        return "spawn step 'populate_root': making a bind read-only (recursively) failed";
       case errc::step_bind_dev: return "spawn step 'populate_root': device bind mount failed";
       case errc::step_remount_bind_dev:
         return "spawn step 'populate_root': nosuid/noexec remount of a device bind failed";

@@ -26,7 +26,7 @@ enum class errc {
   step_mkdir,               // populate_root: mkdir of a mount point
   step_create_file,         // populate_root: open(O_CREAT) of a file mount point
   step_bind_ro,             // populate_root: mount(MS_BIND) of a read-only directory or file
-  step_remount_bind_ro,     // populate_root: mount(MS_REMOUNT | MS_RDONLY) of that bind
+  step_remount_bind_ro,     // populate_root: mount_setattr(AT_RECURSIVE, RDONLY...) of that bind
   step_bind_dev,            // populate_root: mount(MS_BIND) of a device node
   step_remount_bind_dev,    // populate_root: mount(MS_REMOUNT | MS_NOSUID | MS_NOEXEC) of that bind
   step_symlink,             // populate_root: symlink

@@ -30,7 +30,7 @@ struct StepReport {
 
 // One operation of populate_root, prepared by the parent so the child only makes syscalls.
 struct RootOp {
-  enum Kind { mkdir_, touch, bind_ro, bind_dev, symlink_, move_mount_ } kind;
+  enum Kind { mkdir_, touch, bind_ro, bind_ro_noexec, bind_dev, symlink_, move_mount_ } kind;
   std::string a;  // target (jail side, absolute host path under the mount point)
   std::string b;  // source host path, or symlink target
   int fd = -1;
@@ -75,7 +75,7 @@ std::vector<RootOp> plan_root(const JailLayout& j) {
   for (const auto& f : j.ro_files) {
     add_parents(ops, mp, f);
     ops.push_back({RootOp::touch, mp + f, {}, -1});
-    ops.push_back({RootOp::bind_ro, mp + f, f, -1});
+    ops.push_back({RootOp::bind_ro_noexec, mp + f, f, -1});
   }
   for (const auto& dev : j.devices) {
     add_parents(ops, mp, dev);
@@ -207,23 +207,30 @@ errc run_root_op(const RootOp& op) {
       return errc::ok;
     }
     case RootOp::bind_ro:
+    case RootOp::bind_ro_noexec: {
       // The host's directory or file at the same path, recursively for /usr's submounts ...
       if (::mount(op.b.c_str(), op.a.c_str(), nullptr, MS_BIND | MS_REC, nullptr) != 0) {
         return errc::step_bind_ro;
       }
-      // ... made read-only by a remount: the first bind ignores MS_RDONLY.
-      return ::mount(nullptr, op.a.c_str(), nullptr,
-                     MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, nullptr) == 0
+      // ... made read-only, nosuid and nodev together with every mount below it: a remount
+      // would change only the top one and leave a host mount under /usr writable.
+      mount_attr attr{};
+      attr.attr_set = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV |
+                      (op.kind == RootOp::bind_ro_noexec ? MOUNT_ATTR_NOEXEC : 0);
+      return ::syscall(SYS_mount_setattr, AT_FDCWD, op.a.c_str(), AT_RECURSIVE, &attr,
+                       sizeof(attr)) == 0
                  ? errc::ok
                  : errc::step_remount_bind_ro;
+    }
     case RootOp::bind_dev:
       // A device node QEMU may open (nodev would make it useless) ...
       if (::mount(op.b.c_str(), op.a.c_str(), nullptr, MS_BIND, nullptr) != 0) {
         return errc::step_bind_dev;
       }
-      // ... that nothing can be executed from or gain privileges through.
-      return ::mount(nullptr, op.a.c_str(), nullptr, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NOEXEC,
-                     nullptr) == 0
+      // ... that nothing can be executed from or gain privileges through. Read-only still lets
+      // QEMU write to the device: a read-only mount refuses writes to its files, not to devices.
+      return ::mount(nullptr, op.a.c_str(), nullptr,
+                     MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC, nullptr) == 0
                  ? errc::ok
                  : errc::step_remount_bind_dev;
     case RootOp::symlink_:

@@ -3,6 +3,7 @@
 // itself. [privileged]: needs root.
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/mount.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -40,6 +41,7 @@ constexpr uid_t kSharedBase = 3'100'700;
 constexpr uid_t kStepUid = 3'100'801;
 constexpr uid_t kEuidOnlyBase = 3'100'900;
 constexpr uid_t kRetryBase = 3'100'960;
+constexpr uid_t kMountsBase = 3'106'000;
 
 std::string proc_field(pid_t pid, const std::string& key) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/status");
@@ -605,4 +607,94 @@ TEST_CASE("a busy domain cgroup is retired, never reused, and removed once it em
   CHECK(std::filesystem::exists(next->path()));
   CHECK(cgroups.retire(*next));
   CHECK(::rmdir(cgroups.base().c_str()) == 0);
+}
+
+namespace {
+
+// A host mount below /usr for as long as it lives: a tmpfs mounted read-write, set-uid and
+// device files allowed, the kind a recursive bind carries into the jail.
+class UsrSubmount {
+ public:
+  UsrSubmount() : path_("/usr/local/qb-jail-test-" + std::to_string(::getpid())) {
+    REQUIRE((::mkdir(path_.c_str(), 0755) == 0 || errno == EEXIST));
+    REQUIRE(::mount("qb-jail-test", path_.c_str(), "tmpfs", 0, "size=64k") == 0);
+  }
+  ~UsrSubmount() {
+    ::umount2(path_.c_str(), MNT_DETACH);
+    ::rmdir(path_.c_str());
+  }
+  UsrSubmount(const UsrSubmount&) = delete;
+  UsrSubmount& operator=(const UsrSubmount&) = delete;
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+struct MountEntry {
+  std::string point;
+  std::set<std::string> options;  // the per-mount options (field 6)
+};
+
+std::vector<MountEntry> mounts_of(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/mountinfo");
+  std::vector<MountEntry> out;
+  for (std::string line; std::getline(in, line);) {
+    std::istringstream row(line);
+    std::string id, parent, devno, root, point, options;
+    row >> id >> parent >> devno >> root >> point >> options;
+    MountEntry e{point, {}};
+    std::istringstream opts(options);
+    for (std::string o; std::getline(opts, o, ',');) e.options.insert(o);
+    out.push_back(std::move(e));
+  }
+  return out;
+}
+
+bool under(const std::string& path, const std::string& dir) {
+  return path == dir || path.rfind(dir + "/", 0) == 0;
+}
+
+}  // namespace
+
+TEST_CASE("every mount in the jail is read-only and nosuid, nodev and noexec where it can be",
+          "[lifecycle][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::FdLeakCheck leaks;
+  UsrSubmount submount;
+  qbtest::LifecycleFixture fx(kMountsBase);
+  auto inst = fx.launcher.start(qbtest::LifecycleFixture::guest_spec("mounts1"));
+  REQUIRE(inst);
+  auto qmp = qbtest::connect_retry(inst->qmp_path, 5s);
+  REQUIRE(qmp);
+  REQUIRE(qbtest::qmp_handshake(qmp.get(), 20s));
+
+  const auto mounts = mounts_of(inst->pid);
+  bool saw_submount = false;
+  for (const auto& m : mounts) {
+    std::string opts;
+    for (const auto& o : m.options) opts += o + " ";
+    INFO(m.point << ": " << opts);
+    CHECK(m.options.contains("ro"));
+    CHECK(m.options.contains("nosuid"));
+    // Device nodes need dev; QEMU's binary and libraries under /usr need exec.
+    if (!under(m.point, "/dev")) CHECK(m.options.contains("nodev"));
+    if (!under(m.point, "/usr")) CHECK(m.options.contains("noexec"));
+    saw_submount = saw_submount || m.point == submount.path();
+  }
+  CHECK(mounts.size() >= 8);  // /, /usr, the submount, ld.so.cache, 3 devices, 2 boot files
+  CHECK(saw_submount);
+  // What QEMU would try: a file created below /usr, through the jail's own view of it.
+  const std::string planted = "/proc/" + std::to_string(inst->pid) + "/root" + submount.path() + "/x";
+  const int fd = ::open(planted.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+  const int err = errno;
+  if (fd >= 0) ::close(fd);
+  CHECK(fd < 0);
+  CHECK(err == EROFS);
+  CHECK_FALSE(fs::exists(submount.path() + "/x"));
+
+  qmp.reset();
+  auto report = fx.launcher.destroy(*inst);
+  REQUIRE(report);
+  CHECK(report->survivors == 0);
 }
