@@ -132,6 +132,14 @@ ErrorClass of(lifecycle::errc e) {
       return {http_status::internal_server_error, "step_setrlimit_nproc"};
     case E::step_setrlimit_nofile:
       return {http_status::internal_server_error, "step_setrlimit_nofile"};
+    case E::step_cgroup_namespace:
+      return {http_status::internal_server_error, "step_cgroup_namespace"};
+    case E::step_drop_bounding:
+      return {http_status::internal_server_error, "step_drop_bounding"};
+    case E::step_clear_ambient:
+      return {http_status::internal_server_error, "step_clear_ambient"};
+    case E::step_clear_inheritable:
+      return {http_status::internal_server_error, "step_clear_inheritable"};
     case E::step_setgroups:
       return {http_status::internal_server_error, "step_setgroups"};
     case E::step_setresgid:

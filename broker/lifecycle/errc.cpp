@@ -59,6 +59,14 @@ class Category final : public std::error_category {
         return "spawn step 'rlimits': setrlimit(RLIMIT_NPROC) failed";
       case errc::step_setrlimit_nofile:
         return "spawn step 'rlimits': setrlimit(RLIMIT_NOFILE) failed";
+      case errc::step_cgroup_namespace:
+        return "spawn step 'cgroup_namespace': unshare(CLONE_NEWCGROUP) failed";
+      case errc::step_drop_bounding:
+        return "spawn step 'capabilities': prctl(PR_CAPBSET_DROP) failed";
+      case errc::step_clear_ambient:
+        return "spawn step 'capabilities': clearing the ambient set failed";
+      case errc::step_clear_inheritable:
+        return "spawn step 'capabilities': clearing the inheritable set failed";
       case errc::step_setgroups: return "spawn step 'credentials': setgroups failed";
       case errc::step_setresgid: return "spawn step 'credentials': setresgid failed";
       case errc::step_setresuid: return "spawn step 'credentials': setresuid failed";

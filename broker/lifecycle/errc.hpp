@@ -45,6 +45,10 @@ enum class errc {
   step_setrlimit_memlock,   // rlimits: setrlimit(RLIMIT_MEMLOCK)
   step_setrlimit_nproc,     // rlimits: setrlimit(RLIMIT_NPROC)
   step_setrlimit_nofile,    // rlimits: setrlimit(RLIMIT_NOFILE)
+  step_cgroup_namespace,    // cgroup_namespace: unshare(CLONE_NEWCGROUP)
+  step_drop_bounding,       // capabilities: prctl(PR_CAPBSET_DROP)
+  step_clear_ambient,       // capabilities: prctl(PR_CAP_AMBIENT_CLEAR_ALL)
+  step_clear_inheritable,   // capabilities: capset with an empty inheritable set
   step_setgroups,           // credentials: setgroups
   step_setresgid,           // credentials: setresgid
   step_setresuid,           // credentials: setresuid

@@ -1,6 +1,7 @@
 #include "broker/lifecycle/spawner.hpp"
 
 #include <fcntl.h>
+#include <linux/capability.h>
 #include <linux/mount.h>
 #include <linux/sched.h>
 #include <grp.h>
@@ -308,6 +309,30 @@ void rlimits(ChildPlan& p) {
   }
 }
 
+// The child already sits in its domain's cgroup (clone3 put it there): from here on that cgroup
+// is the root of every cgroup path it can see, so no path names the host's hierarchy.
+void cgroup_namespace(ChildPlan& p) {
+  if (::unshare(CLONE_NEWCGROUP) != 0) fail(p, errc::step_cgroup_namespace);
+}
+
+// The uid change below clears the permitted, effective and ambient sets but keeps the bounding
+// and inheritable ones. Emptied here, while CAP_SETPCAP is still held: no execve, set-uid file or
+// file capability can ever give QEMU a capability back, even if it ran as root by mistake.
+void capabilities(ChildPlan& p) {
+  // PR_CAPBSET_READ fails past the kernel's last capability, however many it has.
+  for (int cap = 0; ::prctl(PR_CAPBSET_READ, cap, 0, 0, 0) >= 0; ++cap) {
+    if (::prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0) fail(p, errc::step_drop_bounding);
+  }
+  if (::prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0) {
+    fail(p, errc::step_clear_ambient);
+  }
+  __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
+  __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3] = {};
+  if (::syscall(SYS_capget, &header, data) != 0) fail(p, errc::step_clear_inheritable);
+  for (auto& d : data) d.inheritable = 0;
+  if (::syscall(SYS_capset, &header, data) != 0) fail(p, errc::step_clear_inheritable);
+}
+
 // Every object above was made with the broker's credentials; the domain's are applied last.
 void credentials(ChildPlan& p) {
   // Groups first: setgroups needs CAP_SETGID, which the uid change drops.
@@ -351,6 +376,8 @@ void no_new_privs(ChildPlan& p) {
   steps::pivot_root(p);
   steps::jail_stdio(p);
   steps::rlimits(p);
+  steps::cgroup_namespace(p);
+  steps::capabilities(p);
   steps::credentials(p);
   steps::no_new_privs(p);
   steps::exec(p);

@@ -42,6 +42,7 @@ constexpr uid_t kStepUid = 3'100'801;
 constexpr uid_t kEuidOnlyBase = 3'100'900;
 constexpr uid_t kRetryBase = 3'100'960;
 constexpr uid_t kMountsBase = 3'106'000;
+constexpr uid_t kCapsBase = 3'106'010;
 
 std::string proc_field(pid_t pid, const std::string& key) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/status");
@@ -692,6 +693,32 @@ TEST_CASE("every mount in the jail is read-only and nosuid, nodev and noexec whe
   CHECK(fd < 0);
   CHECK(err == EROFS);
   CHECK_FALSE(fs::exists(submount.path() + "/x"));
+
+  qmp.reset();
+  auto report = fx.launcher.destroy(*inst);
+  REQUIRE(report);
+  CHECK(report->survivors == 0);
+}
+
+TEST_CASE("a jailed QEMU holds no capability in any set and its own cgroup namespace",
+          "[lifecycle][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::FdLeakCheck leaks;
+  qbtest::LifecycleFixture fx(kCapsBase);
+  auto inst = fx.launcher.start(qbtest::LifecycleFixture::guest_spec("caps1"));
+  REQUIRE(inst);
+  auto qmp = qbtest::connect_retry(inst->qmp_path, 5s);
+  REQUIRE(qmp);
+  REQUIRE(qbtest::qmp_handshake(qmp.get(), 20s));  // TCG: it runs without any
+
+  for (const char* set : {"CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"}) {
+    INFO(set);
+    CHECK(proc_field(inst->pid, set) == "0000000000000000");
+  }
+  const std::string mine = link("/proc/self/ns/cgroup");
+  const std::string theirs = link("/proc/" + std::to_string(inst->pid) + "/ns/cgroup");
+  REQUIRE_FALSE(theirs.empty());
+  CHECK(mine != theirs);
 
   qmp.reset();
   auto report = fx.launcher.destroy(*inst);
