@@ -3,6 +3,9 @@
 // itself. [privileged]: needs root.
 #include <fcntl.h>
 #include <signal.h>
+#include <linux/securebits.h>
+#include <sys/fsuid.h>
+#include <sys/prctl.h>
 #include <sys/mount.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -41,6 +44,7 @@ constexpr uid_t kSharedBase = 3'100'700;
 constexpr uid_t kStepUid = 3'100'801;
 constexpr uid_t kEuidOnlyBase = 3'100'900;
 constexpr uid_t kRetryBase = 3'100'960;
+constexpr uid_t kHolderBase = 3'106'020;
 constexpr uid_t kMountsBase = 3'106'000;
 constexpr uid_t kCapsBase = 3'106'010;
 
@@ -106,6 +110,17 @@ bool alive(pid_t pid) {
 class NoopKiller final : public UidKiller {
  public:
   std::error_code kill_all(uid_t, uid_t) override { return {}; }
+};
+
+// A real kill(-1), and the base class's kill_holder, which kills nothing.
+class UidOnlyKiller final : public UidKiller {
+ public:
+  std::error_code kill_all(uid_t reaper_uid, uid_t uid) override {
+    return real_.kill_all(reaper_uid, uid);
+  }
+
+ private:
+  ForkingUidKiller real_;
 };
 
 class FailingKiller final : public UidKiller {
@@ -371,7 +386,7 @@ TEST_CASE("a uid whose processes survive the sweep is quarantined, not handed ou
   ::waitpid(planted, nullptr, 0);
 }
 
-TEST_CASE("a process that holds a uid only as its effective uid stops the sweep at once, named",
+TEST_CASE("a holder of the uid that cannot be killed by pid stops the sweep at once, named",
           "[lifecycle][privileged]") {
   QB_REQUIRE_ROOT();
   const uid_t uid = kEuidOnlyBase + 1;
@@ -385,9 +400,10 @@ TEST_CASE("a process that holds a uid only as its effective uid stops the sweep 
   REQUIRE(holder > 0);
   qbtest::ChildGuard guard(holder);
   REQUIRE(wait_until([&] { return live_processes_of_uid("/proc", uid) == 1; }, 5s));
-  ForkingUidKiller real;
+  // kill(-1) for real, but no kill by pid: the holder cannot be killed at all.
+  UidOnlyKiller killer;
   // A settle time no test run waits out: only the early stop can end this sweep in time.
-  Reaper reaper(real, kEuidOnlyBase, "/proc", std::chrono::minutes(10));
+  Reaper reaper(killer, kEuidOnlyBase, "/proc", std::chrono::minutes(10));
   auto report = reaper.kill_uid(uid);
   REQUIRE_FALSE(report);
   INFO(report.error().describe());
@@ -402,7 +418,8 @@ TEST_CASE("a process that holds a uid only as its effective uid stops the sweep 
 TEST_CASE("a quarantined uid is swept again and handed out once nothing holds it",
           "[lifecycle][privileged]") {
   QB_REQUIRE_ROOT();
-  qbtest::LifecycleFixture fx(kRetryBase);
+  UidOnlyKiller killer;  // no kill by pid: the holder below survives every sweep
+  qbtest::LifecycleFixture fx(kRetryBase, &killer);
   const uid_t held = kRetryBase + 1;
   pid_t holder = ::fork();
   if (holder == 0) {
@@ -608,6 +625,51 @@ TEST_CASE("a busy domain cgroup is retired, never reused, and removed once it em
   CHECK(std::filesystem::exists(next->path()));
   CHECK(cgroups.retire(*next));
   CHECK(::rmdir(cgroups.base().c_str()) == 0);
+}
+
+TEST_CASE("a process holding the uid in any of its four uid fields is killed by the sweep",
+          "[lifecycle][privileged]") {
+  QB_REQUIRE_ROOT();
+  const uid_t uid = kHolderBase + 1;
+  const uid_t other = kHolderBase + 50;
+  ForkingUidKiller real;
+  Reaper reaper(real, kHolderBase, "/proc", 5s);
+  // Bit i set: uid i (real, effective, saved, filesystem) is the domain uid, else `other`.
+  for (unsigned mask = 1; mask < 16; ++mask) {
+    const uid_t r = (mask & 1) != 0 ? uid : other;
+    const uid_t e = (mask & 2) != 0 ? uid : other;
+    const uid_t sv = (mask & 4) != 0 ? uid : other;
+    const uid_t f = (mask & 8) != 0 ? uid : other;
+    const std::string want = std::to_string(r) + "\t" + std::to_string(e) + "\t" +
+                             std::to_string(sv) + "\t" + std::to_string(f);
+    INFO("real effective saved fs: " << want);
+    pid_t holder = ::fork();
+    if (holder == 0) {
+      // Capabilities survive the uid change, so setfsuid may name any uid afterwards (setresuid
+      // sets the fs uid to the effective one).
+      if (::prctl(PR_SET_SECUREBITS, SECBIT_NO_SETUID_FIXUP) != 0) ::_exit(98);
+      if (::setresuid(r, e, sv) != 0) ::_exit(99);
+      ::setfsuid(f);
+      if (static_cast<uid_t>(::setfsuid(static_cast<uid_t>(-1))) != f) ::_exit(97);
+      for (;;) ::pause();
+    }
+    REQUIRE(holder > 0);
+    qbtest::ChildGuard guard(holder);
+    REQUIRE(wait_until([&] { return proc_field(holder, "Uid") == want; }, 5s));
+    auto report = reaper.kill_uid(uid);
+    INFO((report ? std::string("killed") : report.error().describe()));
+    REQUIRE(report);
+    CHECK(report->survivors == 0);
+    // kill(-1) as the uid reaches the real and the saved uid; the rest go by pid.
+    const bool reachable = r == uid || sv == uid;
+    CHECK(report->by_pid == (reachable ? 0u : 1u));
+    int status = 0;
+    REQUIRE(::waitpid(holder, &status, 0) == holder);
+    guard.reaped();
+    CHECK(WIFSIGNALED(status));
+    CHECK(WTERMSIG(status) == SIGKILL);
+    CHECK(live_processes_of_uid("/proc", uid) == 0);
+  }
 }
 
 namespace {
