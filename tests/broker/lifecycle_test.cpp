@@ -112,17 +112,6 @@ class NoopKiller final : public UidKiller {
   std::error_code kill_all(uid_t, uid_t) override { return {}; }
 };
 
-// A real kill(-1), and the base class's kill_holder, which kills nothing.
-class UidOnlyKiller final : public UidKiller {
- public:
-  std::error_code kill_all(uid_t reaper_uid, uid_t uid) override {
-    return real_.kill_all(reaper_uid, uid);
-  }
-
- private:
-  ForkingUidKiller real_;
-};
-
 class FailingKiller final : public UidKiller {
  public:
   std::error_code kill_all(uid_t, uid_t) override { return {EPERM, std::system_category()}; }
@@ -401,7 +390,7 @@ TEST_CASE("a holder of the uid that cannot be killed by pid stops the sweep at o
   qbtest::ChildGuard guard(holder);
   REQUIRE(wait_until([&] { return live_processes_of_uid("/proc", uid) == 1; }, 5s));
   // kill(-1) for real, but no kill by pid: the holder cannot be killed at all.
-  UidOnlyKiller killer;
+  qbtest::UidOnlyKiller killer;
   // A settle time no test run waits out: only the early stop can end this sweep in time.
   Reaper reaper(killer, kEuidOnlyBase, "/proc", std::chrono::minutes(10));
   auto report = reaper.kill_uid(uid);
@@ -418,7 +407,7 @@ TEST_CASE("a holder of the uid that cannot be killed by pid stops the sweep at o
 TEST_CASE("a quarantined uid is swept again and handed out once nothing holds it",
           "[lifecycle][privileged]") {
   QB_REQUIRE_ROOT();
-  UidOnlyKiller killer;  // no kill by pid: the holder below survives every sweep
+  qbtest::UidOnlyKiller killer;  // no kill by pid: the holder below survives every sweep
   qbtest::LifecycleFixture fx(kRetryBase, &killer);
   const uid_t held = kRetryBase + 1;
   pid_t holder = ::fork();
