@@ -35,7 +35,7 @@ class Category final : public std::error_category {
         return "spawn step 'populate_root': making a bind read-only (recursively) failed";
       case errc::step_bind_dev: return "spawn step 'populate_root': device bind mount failed";
       case errc::step_remount_bind_dev:
-        return "spawn step 'populate_root': nosuid/noexec remount of a device bind failed";
+        return "spawn step 'populate_root': read-only/nosuid/noexec remount of a device bind failed";
       case errc::step_symlink: return "spawn step 'populate_root': symlink failed";
       case errc::step_move_mount: return "spawn step 'populate_root': move_mount failed";
       case errc::step_remount_root_ro: return "spawn step 'seal_root': read-only remount failed";

@@ -28,7 +28,7 @@ enum class errc {
   step_bind_ro,             // populate_root: mount(MS_BIND) of a read-only directory or file
   step_remount_bind_ro,     // populate_root: mount_setattr(AT_RECURSIVE, RDONLY...) of that bind
   step_bind_dev,            // populate_root: mount(MS_BIND) of a device node
-  step_remount_bind_dev,    // populate_root: mount(MS_REMOUNT | MS_NOSUID | MS_NOEXEC) of that bind
+  step_remount_bind_dev,    // populate_root: read-only, nosuid, noexec remount of that bind
   step_symlink,             // populate_root: symlink
   step_move_mount,          // populate_root: move_mount of a boot-file mount
   step_remount_root_ro,     // seal_root: mount(MS_REMOUNT | MS_RDONLY) of the tmpfs

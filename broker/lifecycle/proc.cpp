@@ -4,8 +4,8 @@
 #include <signal.h>
 
 #include <cstdlib>
-#include <optional>
 #include <cstring>
+#include <optional>
 
 #include "broker/core/atomic_file.hpp"
 
