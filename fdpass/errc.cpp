@@ -22,6 +22,10 @@ class Category final : public std::error_category {
       case errc::identity_changed: return "the file changed while it was being opened";
       case errc::diskseq_mismatch: return "block device disk sequence number does not match";
       case errc::diskseq_unsupported: return "the kernel reports no disk sequence number";
+      case errc::crosses_mount: return "path resolution would cross a mount point";
+      case errc::hard_linked: return "refused: the file has more than one hard link";
+      case errc::foreign_owner:
+        return "refused for read-write use: the file is not owned by an allowed image owner";
       case errc::control_truncated: return "file descriptors were truncated in transit";
       case errc::message_truncated: return "message was truncated";
       case errc::too_many_fds: return "peer sent more file descriptors than allowed";

@@ -21,6 +21,9 @@ enum class errc {
   identity_changed,    // the object changed between the check and the open
   diskseq_mismatch,    // the block device is not the one the caller named
   diskseq_unsupported, // the kernel cannot report a disk sequence number for this device
+  crosses_mount,       // resolution would cross a mount point inside the root
+  hard_linked,         // refused: a regular file with more than one name (st_nlink > 1)
+  foreign_owner,       // refused for read-write: the file's owner is not an allowed image owner
   control_truncated,   // MSG_CTRUNC: the sender passed more fds than fit; all were closed
   message_truncated,   // MSG_TRUNC on a datagram/seqpacket socket
   too_many_fds,        // more fds than the caller allowed; all were closed

@@ -1,6 +1,7 @@
 #include "fdpass/opener.hpp"
 
 #include <fcntl.h>
+#include <linux/cdrom.h>
 #include <linux/fs.h>
 #include <linux/openat2.h>
 #include <sys/ioctl.h>
@@ -8,6 +9,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 
 #include "fdpass/errc.hpp"
@@ -17,12 +19,23 @@ namespace {
 
 constexpr std::size_t kMaxPath = 4096;
 
+constexpr std::uint64_t kResolve =
+    RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV;
+
 // glibc 2.36 has no openat2() wrapper.
-int sys_openat2(int dirfd, const char* path, std::uint64_t flags) {
+int sys_openat2(int dirfd, const char* path, std::uint64_t flags,
+                std::uint64_t resolve = kResolve) {
   open_how how{};
   how.flags = flags;
-  how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+  how.resolve = resolve;
   return static_cast<int>(::syscall(SYS_openat2, dirfd, path, &how, sizeof(how)));
+}
+
+// EXDEV means either ".." out of the root or a mount point on the way. An O_PATH look without
+// RESOLVE_NO_XDEV (no side effects) tells which, so the caller learns the real reason.
+std::error_code exdev_reason(int dirfd, const char* path) {
+  UniqueFd probe(sys_openat2(dirfd, path, O_PATH | O_CLOEXEC, kResolve & ~RESOLVE_NO_XDEV));
+  return make_error_code(probe ? errc::crosses_mount : errc::escapes_root);
 }
 
 std::error_code open_error(int e) {
@@ -87,11 +100,30 @@ Result<Identity> identify(BorrowedFd fd) {
   if (!seq) return seq.error();
   id.diskseq = *seq;
   if (::ioctl(fd.get(), BLKGETSIZE64, &id.size) != 0) return last_error();
+  id.cdrom = ::ioctl(fd.get(), CDROM_GET_CAPABILITY, 0) >= 0;
   return id;
 }
 
-Result<ImageRoots> ImageRoots::open(const std::vector<std::string>& paths) {
+namespace {
+
+// The policy's checks, made on the first look (nothing opened yet) and again on the open fd.
+std::error_code policy_error(const RootPolicy& policy, const struct stat& st, Access access) {
+  if (S_ISREG(st.st_mode) && st.st_nlink > 1 && !policy.allow_hardlinks) {
+    return make_error_code(errc::hard_linked);
+  }
+  if (access == Access::read_write &&
+      std::find(policy.write_owners.begin(), policy.write_owners.end(), st.st_uid) ==
+          policy.write_owners.end()) {
+    return make_error_code(errc::foreign_owner);
+  }
+  return {};
+}
+
+}  // namespace
+
+Result<ImageRoots> ImageRoots::open(const std::vector<std::string>& paths, RootPolicy policy) {
   ImageRoots roots;
+  roots.policy_ = std::move(policy);
   for (const auto& p : paths) {
     if (!valid_path(p)) return make_error_code(errc::bad_path);
     int fd = ::open(p.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
@@ -127,10 +159,11 @@ Result<Opened> ImageRoots::open(std::string_view path, const OpenOptions& option
 
   // First look: O_PATH opens nothing (no FIFO wait, no device open side effects).
   UniqueFd probe(sys_openat2(root->get(), rel.c_str(), O_PATH | O_CLOEXEC));
-  if (!probe) return open_error(errno);
+  if (!probe) return errno == EXDEV ? exdev_reason(root->get(), rel.c_str()) : open_error(errno);
   struct stat st {};
   if (::fstat(probe.get(), &st) != 0) return last_error();
   if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) return type_error(st.st_mode);
+  if (auto ec = policy_error(policy_, st, options.access)) return ec;
   if (options.expect_diskseq && !S_ISBLK(st.st_mode)) {
     return make_error_code(errc::invalid_argument);
   }
@@ -149,6 +182,8 @@ Result<Opened> ImageRoots::open(std::string_view path, const OpenOptions& option
       (again.st_mode & S_IFMT) != (st.st_mode & S_IFMT)) {
     return make_error_code(errc::identity_changed);
   }
+  // A link made or a chown done between the two looks counts as well.
+  if (auto ec = policy_error(policy_, again, options.access)) return ec;
   if (options.expect_diskseq && *options.expect_diskseq != id->diskseq) {
     return make_error_code(errc::diskseq_mismatch);
   }

@@ -34,6 +34,7 @@ struct Identity {
   ino_t ino = 0;              // regular: st_ino
   dev_t rdev = 0;             // block: st_rdev
   std::uint64_t diskseq = 0;  // block: BLKGETDISKSEQ
+  bool cdrom = false;         // block: a CD-ROM drive (CDROM_GET_CAPABILITY answers)
   std::uint64_t size = 0;     // bytes
 
   bool same_object(const Identity& o) const noexcept {
@@ -54,26 +55,40 @@ Result<Identity> identify(BorrowedFd fd);
 // Returns the disk sequence number of an open block device.
 Result<std::uint64_t> disk_sequence(BorrowedFd fd);
 
+// What an image root lets through beyond its path rules. A hard link inside a root can name a
+// file anywhere on the same filesystem, so a file with more than one name is refused unless the
+// host says hard links are trusted; and a file the broker would open read-write on a caller's
+// behalf must belong to one of `write_owners`, so a link or a copy of someone else's file (a
+// `nobody`-owned 0600 secret) is never handed to QEMU for writing.
+struct RootPolicy {
+  bool allow_hardlinks = false;
+  std::vector<uid_t> write_owners{0};
+};
+
 // The set of directories user paths may name. Each root is held open as an O_PATH directory fd,
 // so renaming or replacing a root after start-up does not widen what can be reached.
 class ImageRoots {
  public:
   // Opens each root. Roots must be absolute, existing directories.
-  static Result<ImageRoots> open(const std::vector<std::string>& paths);
+  static Result<ImageRoots> open(const std::vector<std::string>& paths, RootPolicy policy = {});
 
   // Opens `path` (absolute, beneath one of the roots). Resolution uses openat2 with
-  // RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS. The object is first opened
-  // O_PATH (no side effects: a FIFO never blocks, a device is never opened) and its type checked,
-  // then reopened with the requested access and compared with the first look.
+  // RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV: no link and
+  // no mount point (a bind mount of another tree) is followed. The object is first opened O_PATH
+  // (no side effects: a FIFO never blocks, a device is never opened), its type, link count and,
+  // for read-write, its owner checked against the policy, then reopened with the requested
+  // access and compared with the first look.
   Result<Opened> open(std::string_view path, const OpenOptions& options) const;
 
   // The root whose directory holds `path`, if any (component-wise prefix).
   std::optional<std::string_view> root_of(std::string_view path) const;
 
   const std::vector<std::string>& paths() const noexcept { return paths_; }
+  const RootPolicy& policy() const noexcept { return policy_; }
 
  private:
   std::vector<std::string> paths_;
+  RootPolicy policy_;
   std::vector<UniqueFd> dirs_;
 };
 

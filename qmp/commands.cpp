@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <boost/json/serialize.hpp>
 
 namespace qmp {
 namespace json = boost::json;
@@ -167,7 +168,12 @@ Command blockdev_del(std::string_view node_name) {
 }
 
 Command blockdev_change_medium(const ChangeMedium& m) {
-  json::object a{{"id", m.id}, {"filename", fdset_path(m.fdset_id)}, {"format", m.format}};
+  std::string filename = fdset_path(m.fdset_id);
+  if (!m.protocol.empty()) {
+    json::object file{{"driver", m.protocol}, {"filename", filename}};
+    filename = "json:" + json::serialize(json::object{{"file", std::move(file)}});
+  }
+  json::object a{{"id", m.id}, {"filename", std::move(filename)}, {"format", m.format}};
   if (m.read_only_mode) a["read-only-mode"] = read_only_mode_name(*m.read_only_mode);
   if (m.force) a["force"] = *m.force;
   return make("blockdev-change-medium", std::move(a));

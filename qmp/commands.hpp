@@ -99,6 +99,10 @@ struct ChangeMedium {
   std::string format = "raw";
   std::optional<ReadOnlyMode> read_only_mode;
   std::optional<bool> force;
+  // The protocol driver under the format node. Empty leaves it to QEMU, which picks `file` for
+  // /dev/fdset/N; a block device needs `host_cdrom` (or `host_device`), which the command can
+  // only name through a json: filename (QEMU still reports the plain /dev/fdset/N as the file).
+  std::string protocol;
 };
 Command blockdev_change_medium(const ChangeMedium& m);
 Command blockdev_remove_medium(std::string_view id);

@@ -132,6 +132,14 @@ ErrorClass of(lifecycle::errc e) {
       return {http_status::internal_server_error, "step_setrlimit_nproc"};
     case E::step_setrlimit_nofile:
       return {http_status::internal_server_error, "step_setrlimit_nofile"};
+    case E::step_cgroup_namespace:
+      return {http_status::internal_server_error, "step_cgroup_namespace"};
+    case E::step_drop_bounding:
+      return {http_status::internal_server_error, "step_drop_bounding"};
+    case E::step_clear_ambient:
+      return {http_status::internal_server_error, "step_clear_ambient"};
+    case E::step_clear_inheritable:
+      return {http_status::internal_server_error, "step_clear_inheritable"};
     case E::step_setgroups:
       return {http_status::internal_server_error, "step_setgroups"};
     case E::step_setresgid:
@@ -180,6 +188,12 @@ ErrorClass of(fdpass::errc e) {
       return {http_status::bad_request, "unsupported_type"};
     case E::diskseq_unsupported:
       return {http_status::bad_request, "diskseq_unsupported"};
+    case E::crosses_mount:
+      return {http_status::bad_request, "crosses_mount"};
+    case E::hard_linked:
+      return {http_status::bad_request, "hard_linked"};
+    case E::foreign_owner:
+      return {http_status::bad_request, "foreign_owner"};
     case E::invalid_argument:
       return {http_status::bad_request, "invalid_argument"};
     // The object is not (or no longer) the one the caller named: a conflict with the world.

@@ -1,6 +1,7 @@
 #include "broker/daemon/daemon.hpp"
 
 #include <grp.h>
+#include <pwd.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -14,6 +15,7 @@
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <charconv>
 #include <optional>
 #include <set>
 #include <variant>
@@ -130,11 +132,57 @@ Result<void> make_directories(const DaemonConfig& o) {
   return {};
 }
 
-Result<fdpass::ImageRoots> image_roots(const DaemonConfig& o) {
+// One --image-owner value: a uid, or a user name looked up now.
+Result<uid_t> image_owner(const std::string& v) {
+  uid_t uid = 0;
+  auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), uid);
+  if (ec == std::errc() && p == v.data() + v.size()) return uid;
+  passwd* pw = ::getpwnam(v.c_str());
+  if (pw == nullptr) return startup_error("--image-owner: no user named '" + v + "'");
+  return pw->pw_uid;
+}
+
+// The users an admin-group member could be: those listed in the group and those whose primary
+// group it is, as the API's peer check counts them.
+std::set<uid_t> members_of(gid_t gid) {
+  std::set<uid_t> uids;
+  if (group* g = ::getgrgid(gid); g != nullptr) {
+    for (char** m = g->gr_mem; *m != nullptr; ++m) {
+      if (passwd* pw = ::getpwnam(*m); pw != nullptr) uids.insert(pw->pw_uid);
+    }
+  }
+  ::setpwent();
+  while (passwd* pw = ::getpwent()) {
+    if (pw->pw_gid == gid) uids.insert(pw->pw_uid);
+  }
+  ::endpwent();
+  return uids;
+}
+
+// Whose files a request may have opened read-write: the --image-owner list, or by default root,
+// the daemon's own uid and the admin group's members, the peers the API already trusts.
+Result<std::vector<uid_t>> image_owners(const DaemonConfig& o, std::optional<gid_t> admin_gid) {
+  std::set<uid_t> uids;
+  for (const auto& v : o.image_owners) {
+    auto uid = image_owner(v);
+    if (!uid) return uid.error();
+    uids.insert(*uid);
+  }
+  if (o.image_owners.empty()) {
+    uids = admin_gid ? members_of(*admin_gid) : std::set<uid_t>{};
+    uids.insert({0, ::geteuid()});
+  }
+  return std::vector<uid_t>(uids.begin(), uids.end());
+}
+
+Result<fdpass::ImageRoots> image_roots(const DaemonConfig& o, std::optional<gid_t> admin_gid) {
   if (o.image_roots.empty()) {
     log::warn("no --image-root: every path a request names (kernel, disk, CD) will be refused");
   }
-  auto roots = fdpass::ImageRoots::open(o.image_roots);
+  auto owners = image_owners(o, admin_gid);
+  if (!owners) return owners.error();
+  fdpass::RootPolicy policy{.allow_hardlinks = o.allow_hardlinks, .write_owners = *owners};
+  auto roots = fdpass::ImageRoots::open(o.image_roots, std::move(policy));
   if (!roots) return startup_error("--image-root: " + roots.error().message());
   return std::move(*roots);
 }
@@ -172,7 +220,7 @@ Result<Host> prepare_host(const DaemonConfig& o) {
   QB_TRY(range, uid_range(o));
   QB_TRY(gid, admin_gid(o));
   QB_TRY(dirs, make_directories(o));
-  QB_TRY(roots, image_roots(o));
+  QB_TRY(roots, image_roots(o, *gid));
   if (::access(o.qemu.c_str(), X_OK) != 0) log::warn("--qemu " + o.qemu + " is not executable");
   QB_TRY(listening, listener(o, *gid));
   return Host{*range, *gid, std::move(*roots), std::move(*listening)};

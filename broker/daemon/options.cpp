@@ -132,10 +132,19 @@ Complaint add_image_root(DaemonConfig& c, std::string_view v) {
   return std::nullopt;
 }
 
-Complaint set_xen(DaemonConfig& c, std::string_view v) {
-  if (v != "true" && v != "false") return "must be true or false";
-  c.xen = v == "true";
+Complaint add_image_owner(DaemonConfig& c, std::string_view v) {
+  if (v.empty()) return "must be a user name or a uid";
+  c.image_owners.emplace_back(v);
   return std::nullopt;
+}
+
+template <class Place>
+Setter boolean(Place place) {
+  return [place](DaemonConfig& c, std::string_view v) -> Complaint {
+    if (v != "true" && v != "false") return "must be true or false";
+    place(c) = v == "true";
+    return std::nullopt;
+  };
 }
 
 Complaint set_log_level(DaemonConfig& c, std::string_view v) {
@@ -170,12 +179,20 @@ const std::vector<Option>& options() {
        count(member(&DaemonConfig::uid_count), 2, 1u << 24)},
       {"image-root", Kind::list, "DIR", "a directory user paths may name (repeatable)",
        add_image_root},
+      {"image-owner", Kind::list, "USER",
+       "a user (name or uid) whose files may be opened read-write beneath an image root "
+       "(repeatable; default root and the members of --admin-group)",
+       add_image_owner},
+      {"allow-hardlinks", Kind::flag, "",
+       "accept files with more than one hard link beneath an image root",
+       boolean(member(&DaemonConfig::allow_hardlinks))},
       {"qemu", Kind::value, "PATH", "the QEMU binary (default /usr/bin/qemu-system-x86_64)",
        path(member(&DaemonConfig::qemu))},
       {"admin-group", Kind::value, "NAME",
        "members of this group may use the API (root always may)",
        word(member(&DaemonConfig::admin_group))},
-      {"xen", Kind::flag, "", "Xen dom0 mode (not built yet: refused)", set_xen},
+      {"xen", Kind::flag, "", "Xen dom0 mode (not built yet: refused)",
+       boolean(member(&DaemonConfig::xen))},
       {"log-level", Kind::value, "LEVEL", "debug, info, warn or error (default info)",
        set_log_level},
       {"qmp-timeout-ms", Kind::value, "MS", "one QMP command (default 5000)",

@@ -40,6 +40,10 @@ struct DaemonConfig {
   std::variant<lifecycle::UidRange, UidRangeUser> uids = kDefaultUids;
   uid_t uid_count = 4096;  // with UidRangeUser
   std::vector<std::string> image_roots;
+  // Who may own a file opened read-write beneath an image root: user names or uids. Empty means
+  // the default, root and the members of --admin-group (resolved at start by daemon.cpp).
+  std::vector<std::string> image_owners;
+  bool allow_hardlinks = false;  // hard-linked files beneath an image root are refused otherwise
   std::string qemu = "/usr/bin/qemu-system-x86_64";
   std::string admin_group;  // empty: root and the daemon's own uid only
   bool xen = false;

@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <optional>
 
+#include <boost/json/parse.hpp>
 #include <boost/json/serialize.hpp>
 
 #include "broker/core/errc.hpp"
@@ -25,6 +27,34 @@ std::string string_arg(const json::object& args, std::string_view key) {
   return v != nullptr && v->is_string() ? std::string(v->as_string()) : std::string();
 }
 
+// The medium of a blockdev-change-medium: /dev/fdset/N through `file`, or a json: filename
+// naming the protocol driver over /dev/fdset/N (host_device, host_cdrom for block devices).
+struct MediumFile {
+  std::string driver;
+  std::string fdset;
+};
+std::optional<MediumFile> medium_file(const std::string& filename) {
+  auto is_fdset = [](std::string_view f) {
+    constexpr std::string_view prefix = "/dev/fdset/";
+    return f.size() > prefix.size() && f.starts_with(prefix) &&
+           std::all_of(f.begin() + prefix.size(), f.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+  };
+  if (is_fdset(filename)) return MediumFile{"file", filename};
+  constexpr std::string_view json_prefix = "json:";
+  if (!filename.starts_with(json_prefix)) return std::nullopt;
+  boost::system::error_code ec;
+  const json::value v = json::parse(std::string_view(filename).substr(json_prefix.size()), ec);
+  const auto* file = ec || !v.is_object() ? nullptr : v.as_object().if_contains("file");
+  if (file == nullptr || !file->is_object() || v.as_object().size() != 1) return std::nullopt;
+  const std::string driver = string_arg(file->as_object(), "driver");
+  const std::string name = string_arg(file->as_object(), "filename");
+  if (file->as_object().size() != 2 || !is_fdset(name) ||
+      (driver != "file" && driver != "host_device" && driver != "host_cdrom")) {
+    return std::nullopt;
+  }
+  return MediumFile{driver, name};
+}
+
 }  // namespace
 
 Result<void> ColdPlan::add(const qmp::Command& c) {
@@ -39,10 +69,10 @@ Result<void> ColdPlan::add(const qmp::Command& c) {
   }
   if (c.name == "blockdev-change-medium") {
     const std::string id = string_arg(c.args, "id");
-    const std::string file = string_arg(c.args, "filename");
+    const auto file = medium_file(string_arg(c.args, "filename"));
     const auto* ro = c.args.if_contains("read-only-mode");
-    if (string_arg(c.args, "format") != "raw" || !file.starts_with("/dev/fdset/") ||
-        ro == nullptr || !ro->is_string() || ro->as_string() != "read-only") {
+    if (string_arg(c.args, "format") != "raw" || !file || ro == nullptr || !ro->is_string() ||
+        ro->as_string() != "read-only") {
       return unplannable("a medium other than a read-only raw fdset");
     }
     auto device = std::find_if(devices_.begin(), devices_.end(), [&](const json::object& d) {
@@ -53,7 +83,8 @@ Result<void> ColdPlan::add(const qmp::Command& c) {
     }
     const std::string drive = names::medium_drive(id);
     drives_.push_back("-drive");
-    drives_.push_back("if=none,id=" + drive + ",file=" + file + ",format=raw,readonly=on");
+    drives_.push_back("if=none,id=" + drive + ",file.driver=" + file->driver +
+                      ",file.filename=" + file->fdset + ",format=raw,readonly=on");
     (*device)["drive"] = drive;
     return {};
   }

@@ -10,8 +10,10 @@
 //   add-fd                  -> -add-fd fd=N,set=S,opaque=O   (S chosen here, from 0 up)
 //   blockdev-add ARGS       -> -blockdev JSON(ARGS)
 //   device_add ARGS         -> -device JSON(ARGS)
-//   blockdev-change-medium  -> -drive if=none,id=qb-ID-medium,file=/dev/fdset/S,format=raw,
-//                              readonly=on, and drive=qb-ID-medium on device ID: the medium sits
+//   blockdev-change-medium  -> -drive if=none,id=qb-ID-medium,file.driver=D,
+//                              file.filename=/dev/fdset/S,format=raw,readonly=on (D: file, or
+//                              host_device/host_cdrom for a block device, as the medium's json:
+//                              filename names it), and drive=qb-ID-medium on device ID: the medium sits
 //                              in a drive of its own, so an eject closes its fd as after a change
 //                              made over QMP
 // Nothing else can be planned (a tap's getfd, a VNC listener): those are plugged over QMP once

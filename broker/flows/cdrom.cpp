@@ -2,7 +2,8 @@
 //
 // Drive:  [virtio-scsi controller, once per domain] -> device_add scsi-cd (no drive: empty tray).
 // Insert: open read-only beneath an image root -> check it is not qcow2 -> add-fd -> close our
-//         copy (FdHandover) -> blockdev-change-medium /dev/fdset/N (read-only) -> tray closes (event) ->
+//         copy (FdHandover) -> blockdev-change-medium /dev/fdset/N (read-only; through host_cdrom
+//         or host_device for a block device) -> tray closes (event) ->
 //         remove-fd of the medium it replaced.  Undo: remove-fd.
 // Eject:  eject -> tray opens (event) -> remove-fd of the old medium.
 // A guest that holds the drive open has locked the tray: QEMU refuses both unless forced, and the
@@ -87,10 +88,18 @@ awaitable<Result<void>> insert_medium(Context& ctx, Domain& d, std::string id, I
   undo.push_all(fds.rollback());
   const std::int64_t fdset = fds.fdset(medium);
 
+  // QEMU's `file` driver refuses a block device. A CD-ROM drive is read through `host_cdrom`; any
+  // other block device (a loop device holding an ISO) through `host_device`, since host_cdrom
+  // asks the drive whether a disc is in and would show the guest an empty tray.
+  const fdpass::Identity& identity = opened->identity;
+  const std::string protocol = identity.kind != fdpass::Identity::Kind::block ? ""
+                               : identity.cdrom                               ? "host_cdrom"
+                                                                              : "host_device";
   qmp::cmd::ChangeMedium change{.id = id,
                                 .fdset_id = fdset,
                                 .format = "raw",
-                                .read_only_mode = qmp::cmd::ReadOnlyMode::read_only};
+                                .read_only_mode = qmp::cmd::ReadOnlyMode::read_only,
+                                .protocol = protocol};
   if (m.force) change.force = true;
   qmp::Command c = qmp::cmd::blockdev_change_medium(change);
   auto r = co_await call(ctx, d, std::move(c));

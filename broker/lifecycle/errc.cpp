@@ -32,10 +32,10 @@ class Category final : public std::error_category {
       case errc::step_create_file: return "spawn step 'populate_root': open(O_CREAT) failed";
       case errc::step_bind_ro: return "spawn step 'populate_root': read-only bind mount failed";
       case errc::step_remount_bind_ro:
-        return "spawn step 'populate_root': read-only remount of a bind failed";
+        return "spawn step 'populate_root': making a bind read-only (recursively) failed";
       case errc::step_bind_dev: return "spawn step 'populate_root': device bind mount failed";
       case errc::step_remount_bind_dev:
-        return "spawn step 'populate_root': nosuid/noexec remount of a device bind failed";
+        return "spawn step 'populate_root': read-only/nosuid/noexec remount of a device bind failed";
       case errc::step_symlink: return "spawn step 'populate_root': symlink failed";
       case errc::step_move_mount: return "spawn step 'populate_root': move_mount failed";
       case errc::step_remount_root_ro: return "spawn step 'seal_root': read-only remount failed";
@@ -59,6 +59,14 @@ class Category final : public std::error_category {
         return "spawn step 'rlimits': setrlimit(RLIMIT_NPROC) failed";
       case errc::step_setrlimit_nofile:
         return "spawn step 'rlimits': setrlimit(RLIMIT_NOFILE) failed";
+      case errc::step_cgroup_namespace:
+        return "spawn step 'cgroup_namespace': unshare(CLONE_NEWCGROUP) failed";
+      case errc::step_drop_bounding:
+        return "spawn step 'capabilities': prctl(PR_CAPBSET_DROP) failed";
+      case errc::step_clear_ambient:
+        return "spawn step 'capabilities': clearing the ambient set failed";
+      case errc::step_clear_inheritable:
+        return "spawn step 'capabilities': clearing the inheritable set failed";
       case errc::step_setgroups: return "spawn step 'credentials': setgroups failed";
       case errc::step_setresgid: return "spawn step 'credentials': setresgid failed";
       case errc::step_setresuid: return "spawn step 'credentials': setresuid failed";

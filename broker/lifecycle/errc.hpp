@@ -26,9 +26,9 @@ enum class errc {
   step_mkdir,               // populate_root: mkdir of a mount point
   step_create_file,         // populate_root: open(O_CREAT) of a file mount point
   step_bind_ro,             // populate_root: mount(MS_BIND) of a read-only directory or file
-  step_remount_bind_ro,     // populate_root: mount(MS_REMOUNT | MS_RDONLY) of that bind
+  step_remount_bind_ro,     // populate_root: mount_setattr(AT_RECURSIVE, RDONLY...) of that bind
   step_bind_dev,            // populate_root: mount(MS_BIND) of a device node
-  step_remount_bind_dev,    // populate_root: mount(MS_REMOUNT | MS_NOSUID | MS_NOEXEC) of that bind
+  step_remount_bind_dev,    // populate_root: read-only, nosuid, noexec remount of that bind
   step_symlink,             // populate_root: symlink
   step_move_mount,          // populate_root: move_mount of a boot-file mount
   step_remount_root_ro,     // seal_root: mount(MS_REMOUNT | MS_RDONLY) of the tmpfs
@@ -45,6 +45,10 @@ enum class errc {
   step_setrlimit_memlock,   // rlimits: setrlimit(RLIMIT_MEMLOCK)
   step_setrlimit_nproc,     // rlimits: setrlimit(RLIMIT_NPROC)
   step_setrlimit_nofile,    // rlimits: setrlimit(RLIMIT_NOFILE)
+  step_cgroup_namespace,    // cgroup_namespace: unshare(CLONE_NEWCGROUP)
+  step_drop_bounding,       // capabilities: prctl(PR_CAPBSET_DROP)
+  step_clear_ambient,       // capabilities: prctl(PR_CAP_AMBIENT_CLEAR_ALL)
+  step_clear_inheritable,   // capabilities: capset with an empty inheritable set
   step_setgroups,           // credentials: setgroups
   step_setresgid,           // credentials: setresgid
   step_setresuid,           // credentials: setresuid

@@ -400,6 +400,7 @@ Result<KillReport> Launcher::destroy(Instance& inst) {
     reap(inst.pidfd);
     inst.pidfd.reset();
     method += "uid";
+    if (report.by_pid > 0) method += "+pid";  // holders of the uid kill(-1) cannot reach
   }
   cgroups_.retire(inst.cgroup);
   if (auto released = uids_.release(inst.uid); !released) return released.error();

@@ -5,53 +5,66 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 
 #include "broker/core/atomic_file.hpp"
 
 namespace broker::lifecycle {
+
+namespace {
+
+// /proc/<name>/status as a ProcInfo, if the process holds `uid` as any of its four uids.
+std::optional<ProcInfo> read_status(const std::string& proc_root, const char* name, uid_t uid) {
+  char* end = nullptr;
+  long pid = std::strtol(name, &end, 10);
+  if (pid <= 0 || *end != '\0') return std::nullopt;
+  auto status = read_small_file(proc_root + "/" + name + "/status", 64 << 10);
+  if (!status) return std::nullopt;  // gone since readdir
+  auto uid_at = status->find("\nUid:");
+  auto state_at = status->find("\nState:");
+  if (uid_at == std::string::npos) return std::nullopt;
+  const char* p = status->c_str() + uid_at + 5;
+  bool match = false;
+  for (int i = 0; i < 4; ++i) {
+    char* next = nullptr;
+    unsigned long v = std::strtoul(p, &next, 10);
+    if (next == p) break;
+    if (v == uid) match = true;
+    p = next;
+  }
+  if (!match) return std::nullopt;
+  const auto uids_end = status->find('\n', uid_at + 5);
+  std::string uids = status->substr(uid_at + 6, uids_end == std::string::npos ? std::string::npos
+                                                                              : uids_end - uid_at - 6);
+  for (auto& c : uids) c = c == '\t' ? ' ' : c;
+  bool zombie = state_at != std::string::npos && status->compare(state_at + 7, 2, "\tZ") == 0;
+  // SigPnd (thread) and ShdPnd (process) are hex masks; SIGKILL is bit 9 - 1.
+  bool kill_pending = false;
+  for (const char* key : {"\nSigPnd:", "\nShdPnd:"}) {
+    auto at = status->find(key);
+    if (at == std::string::npos) continue;
+    unsigned long long mask = std::strtoull(status->c_str() + at + 8, nullptr, 16);
+    kill_pending = kill_pending || (mask & (1ULL << (SIGKILL - 1))) != 0;
+  }
+  char state = state_at != std::string::npos && state_at + 8 < status->size() ? (*status)[state_at + 8] : '?';
+  return ProcInfo{static_cast<pid_t>(pid), zombie, kill_pending, state, std::move(uids)};
+}
+
+}  // namespace
 
 std::vector<ProcInfo> processes_of_uid(const std::string& proc_root, uid_t uid) {
   std::vector<ProcInfo> out;
   DIR* d = ::opendir(proc_root.c_str());
   if (d == nullptr) return out;
   while (dirent* e = ::readdir(d)) {
-    char* end = nullptr;
-    long pid = std::strtol(e->d_name, &end, 10);
-    if (pid <= 0 || *end != '\0') continue;
-    auto status = read_small_file(proc_root + "/" + e->d_name + "/status", 64 << 10);
-    if (!status) continue;  // gone since readdir
-    auto uid_at = status->find("\nUid:");
-    auto state_at = status->find("\nState:");
-    if (uid_at == std::string::npos) continue;
-    const char* p = status->c_str() + uid_at + 5;
-    bool match = false;
-    for (int i = 0; i < 4; ++i) {
-      char* next = nullptr;
-      unsigned long v = std::strtoul(p, &next, 10);
-      if (next == p) break;
-      if (v == uid) match = true;
-      p = next;
-    }
-    if (!match) continue;
-    const auto uids_end = status->find('\n', uid_at + 5);
-    std::string uids = status->substr(uid_at + 6, uids_end == std::string::npos ? std::string::npos
-                                                                                : uids_end - uid_at - 6);
-    for (auto& c : uids) c = c == '\t' ? ' ' : c;
-    bool zombie = state_at != std::string::npos &&
-                  status->compare(state_at + 7, 2, "\tZ") == 0;
-    // SigPnd (thread) and ShdPnd (process) are hex masks; SIGKILL is bit 9 - 1.
-    bool kill_pending = false;
-    for (const char* key : {"\nSigPnd:", "\nShdPnd:"}) {
-      auto at = status->find(key);
-      if (at == std::string::npos) continue;
-      unsigned long long mask = std::strtoull(status->c_str() + at + 8, nullptr, 16);
-      kill_pending = kill_pending || (mask & (1ULL << (SIGKILL - 1))) != 0;
-    }
-    char state = state_at != std::string::npos && state_at + 8 < status->size() ? (*status)[state_at + 8] : '?';
-    out.push_back({static_cast<pid_t>(pid), zombie, kill_pending, state, std::move(uids)});
+    if (auto info = read_status(proc_root, e->d_name, uid)) out.push_back(std::move(*info));
   }
   ::closedir(d);
   return out;
+}
+
+std::optional<ProcInfo> process_of_uid(const std::string& proc_root, pid_t pid, uid_t uid) {
+  return read_status(proc_root, std::to_string(pid).c_str(), uid);
 }
 
 std::size_t live_processes_of_uid(const std::string& proc_root, uid_t uid) {

@@ -4,6 +4,7 @@
 
 #include <sys/types.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,9 @@ struct ProcInfo {
 
 // Processes with `uid` as any of their real, effective, saved or filesystem uids.
 std::vector<ProcInfo> processes_of_uid(const std::string& proc_root, uid_t uid);
+
+// Process `pid`, if it exists and holds `uid` as any of its four uids.
+std::optional<ProcInfo> process_of_uid(const std::string& proc_root, pid_t pid, uid_t uid);
 
 // Counts only live (non-zombie) processes.
 std::size_t live_processes_of_uid(const std::string& proc_root, uid_t uid);

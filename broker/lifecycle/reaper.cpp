@@ -12,6 +12,7 @@
 
 #include "broker/lifecycle/errc.hpp"
 #include "broker/lifecycle/proc.hpp"
+#include "fdpass/unique_fd.hpp"
 
 namespace broker::lifecycle {
 
@@ -49,6 +50,24 @@ std::error_code ForkingUidKiller::kill_all(uid_t reaper_uid, uid_t uid) {
     return {WEXITSTATUS(status) - 100, std::system_category()};
   }
   return make_error_code(errc::kill_failed);
+}
+
+std::error_code UidKiller::kill_holder(const std::string&, pid_t, uid_t) {
+  return make_error_code(errc::kill_failed);
+}
+
+std::error_code ForkingUidKiller::kill_holder(const std::string& proc_root, pid_t pid, uid_t uid) {
+  // The pidfd first: from here on it names this process and no later one with the same pid.
+  fdpass::UniqueFd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+  if (!pidfd) return errno == ESRCH ? std::error_code() : std::error_code(errno, std::system_category());
+  // Then its uids. While the pinned process lives the pid is its own, so this reads it; if it
+  // has died, the signal below finds nothing (ESRCH), whoever holds the pid now.
+  auto now = process_of_uid(proc_root, pid, uid);
+  if (!now || now->zombie) return {};
+  if (::syscall(SYS_pidfd_send_signal, pidfd.get(), SIGKILL, nullptr, 0) != 0 && errno != ESRCH) {
+    return {errno, std::system_category()};
+  }
+  return {};
 }
 
 namespace {
@@ -97,15 +116,21 @@ Result<KillReport> Reaper::kill_uid(uid_t uid) {
     for (const auto& p : procs) {
       if (p.zombie) continue;
       ++report.survivors;
-      kill_again = kill_again || !p.kill_pending;
       if (report.survivors <= 4) alive += " " + describe(p);
-      if (!reachable(p, uid)) {
+      if (reachable(p, uid)) {
+        kill_again = kill_again || !p.kill_pending;
+        continue;
+      }
+      // The last step: what kill(-1) cannot reach, by pid, found by this verified scan.
+      if (p.kill_pending) continue;
+      if (auto ec = killer_.kill_holder(proc_root_, p.pid, uid)) {
         Error e(make_error_code(errc::survivors),
                 "process " + describe(p) + " runs as uid " + std::to_string(uid) +
                     " but kill(-1) as that uid cannot reach it (it is not its real or saved "
-                    "uid); the uid stays in use");
+                    "uid), and the kill by pid failed: " + ec.message() + "; the uid stays in use");
         return e;
       }
+      ++report.by_pid;
     }
     if (report.survivors == 0) {
       report.duration = std::chrono::duration_cast<std::chrono::microseconds>(

@@ -5,8 +5,11 @@
 // a process with SIGKILL pending cannot complete a fork. The reaper's own real uid is the reaper
 // uid (which never runs a QEMU), so nothing running under the target uid can signal the reaper.
 //
-// There is no fallback to killing by pid: a pid can be reused, and a compromised QEMU controls its
-// own children's pids. If the uid is known and killing by uid fails, that is an error.
+// kill(-1) cannot reach a process that holds the uid only as its effective or filesystem uid
+// (setresuid(other, uid, other)). Such a process is found by the same /proc scan that checks the
+// kill, and killed by pid as the last step: through a pidfd opened before its uids are read
+// again, so a pid reused in between is never signalled. This is not a fallback: kill(-1) has
+// run first and must have succeeded, and a kill that fails is still an error.
 #pragma once
 
 #include <sys/types.h>
@@ -24,6 +27,7 @@ struct KillReport {
   std::size_t found = 0;      // processes of the uid seen right after the first kill round
   std::size_t survivors = 0;  // live processes of the uid after it (0 on success)
   int rounds = 0;             // kill(-1) rounds taken
+  std::size_t by_pid = 0;     // processes kill(-1) could not reach, killed by pid
   std::string method;         // e.g. "cgroup.kill+pidns-init+uid"
   std::chrono::microseconds duration{0};
 };
@@ -34,12 +38,16 @@ class UidKiller {
   virtual ~UidKiller() = default;
   // One kill(-1, SIGKILL) round as `uid`, from a child running with the reaper's credentials.
   virtual std::error_code kill_all(uid_t reaper_uid, uid_t uid) = 0;
+  // SIGKILL to `pid` if, read through a pidfd that pins it, the process still holds `uid` as any
+  // of its uids in `proc_root`. A process that is gone is not an error. The default kills nothing.
+  virtual std::error_code kill_holder(const std::string& proc_root, pid_t pid, uid_t uid);
 };
 
 // The real thing: a child that runs setresuid(reaper, uid, 0) then kill(-1, SIGKILL).
 class ForkingUidKiller final : public UidKiller {
  public:
   std::error_code kill_all(uid_t reaper_uid, uid_t uid) override;
+  std::error_code kill_holder(const std::string& proc_root, pid_t pid, uid_t uid) override;
 };
 
 class Reaper {

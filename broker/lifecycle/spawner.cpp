@@ -1,6 +1,7 @@
 #include "broker/lifecycle/spawner.hpp"
 
 #include <fcntl.h>
+#include <linux/capability.h>
 #include <linux/mount.h>
 #include <linux/sched.h>
 #include <grp.h>
@@ -30,7 +31,7 @@ struct StepReport {
 
 // One operation of populate_root, prepared by the parent so the child only makes syscalls.
 struct RootOp {
-  enum Kind { mkdir_, touch, bind_ro, bind_dev, symlink_, move_mount_ } kind;
+  enum Kind { mkdir_, touch, bind_ro, bind_ro_noexec, bind_dev, symlink_, move_mount_ } kind;
   std::string a;  // target (jail side, absolute host path under the mount point)
   std::string b;  // source host path, or symlink target
   int fd = -1;
@@ -75,7 +76,7 @@ std::vector<RootOp> plan_root(const JailLayout& j) {
   for (const auto& f : j.ro_files) {
     add_parents(ops, mp, f);
     ops.push_back({RootOp::touch, mp + f, {}, -1});
-    ops.push_back({RootOp::bind_ro, mp + f, f, -1});
+    ops.push_back({RootOp::bind_ro_noexec, mp + f, f, -1});
   }
   for (const auto& dev : j.devices) {
     add_parents(ops, mp, dev);
@@ -207,23 +208,30 @@ errc run_root_op(const RootOp& op) {
       return errc::ok;
     }
     case RootOp::bind_ro:
+    case RootOp::bind_ro_noexec: {
       // The host's directory or file at the same path, recursively for /usr's submounts ...
       if (::mount(op.b.c_str(), op.a.c_str(), nullptr, MS_BIND | MS_REC, nullptr) != 0) {
         return errc::step_bind_ro;
       }
-      // ... made read-only by a remount: the first bind ignores MS_RDONLY.
-      return ::mount(nullptr, op.a.c_str(), nullptr,
-                     MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, nullptr) == 0
+      // ... made read-only, nosuid and nodev together with every mount below it: a remount
+      // would change only the top one and leave a host mount under /usr writable.
+      mount_attr attr{};
+      attr.attr_set = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV |
+                      (op.kind == RootOp::bind_ro_noexec ? MOUNT_ATTR_NOEXEC : 0);
+      return ::syscall(SYS_mount_setattr, AT_FDCWD, op.a.c_str(), AT_RECURSIVE, &attr,
+                       sizeof(attr)) == 0
                  ? errc::ok
                  : errc::step_remount_bind_ro;
+    }
     case RootOp::bind_dev:
       // A device node QEMU may open (nodev would make it useless) ...
       if (::mount(op.b.c_str(), op.a.c_str(), nullptr, MS_BIND, nullptr) != 0) {
         return errc::step_bind_dev;
       }
-      // ... that nothing can be executed from or gain privileges through.
-      return ::mount(nullptr, op.a.c_str(), nullptr, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NOEXEC,
-                     nullptr) == 0
+      // ... that nothing can be executed from or gain privileges through. Read-only still lets
+      // QEMU write to the device: a read-only mount refuses writes to its files, not to devices.
+      return ::mount(nullptr, op.a.c_str(), nullptr,
+                     MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC, nullptr) == 0
                  ? errc::ok
                  : errc::step_remount_bind_dev;
     case RootOp::symlink_:
@@ -301,6 +309,30 @@ void rlimits(ChildPlan& p) {
   }
 }
 
+// The child already sits in its domain's cgroup (clone3 put it there): from here on that cgroup
+// is the root of every cgroup path it can see, so no path names the host's hierarchy.
+void cgroup_namespace(ChildPlan& p) {
+  if (::unshare(CLONE_NEWCGROUP) != 0) fail(p, errc::step_cgroup_namespace);
+}
+
+// The uid change below clears the permitted, effective and ambient sets but keeps the bounding
+// and inheritable ones. Emptied here, while CAP_SETPCAP is still held: no execve, set-uid file or
+// file capability can ever give QEMU a capability back, even if it ran as root by mistake.
+void capabilities(ChildPlan& p) {
+  // PR_CAPBSET_READ fails past the kernel's last capability, however many it has.
+  for (int cap = 0; ::prctl(PR_CAPBSET_READ, cap, 0, 0, 0) >= 0; ++cap) {
+    if (::prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0) fail(p, errc::step_drop_bounding);
+  }
+  if (::prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0) {
+    fail(p, errc::step_clear_ambient);
+  }
+  __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
+  __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3] = {};
+  if (::syscall(SYS_capget, &header, data) != 0) fail(p, errc::step_clear_inheritable);
+  for (auto& d : data) d.inheritable = 0;
+  if (::syscall(SYS_capset, &header, data) != 0) fail(p, errc::step_clear_inheritable);
+}
+
 // Every object above was made with the broker's credentials; the domain's are applied last.
 void credentials(ChildPlan& p) {
   // Groups first: setgroups needs CAP_SETGID, which the uid change drops.
@@ -344,6 +376,8 @@ void no_new_privs(ChildPlan& p) {
   steps::pivot_root(p);
   steps::jail_stdio(p);
   steps::rlimits(p);
+  steps::cgroup_namespace(p);
+  steps::capabilities(p);
   steps::credentials(p);
   steps::no_new_privs(p);
   steps::exec(p);

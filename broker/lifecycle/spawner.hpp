@@ -42,9 +42,13 @@ struct JailLayout {
   // An empty host directory used as the jail's mount point. Mounts made on it are private to the
   // child's mount namespace, so every jail can share one.
   std::string mountpoint;
-  std::vector<std::string> ro_dirs;   // host directories bound read-only at the same path
-  std::vector<std::string> ro_files;  // host files bound read-only at the same path
-  std::vector<std::string> devices;   // host device nodes bound (read-write, nosuid, noexec)
+  // Every mount in the jail is read-only and nosuid; all but the device binds are nodev, and all
+  // but the directories (which hold QEMU's binary and libraries) are noexec.
+  std::vector<std::string> ro_dirs;   // host directories bound read-only at the same path,
+                                      // with every mount below them (ro, nosuid, nodev)
+  std::vector<std::string> ro_files;  // host files bound at the same path (ro, nosuid, nodev, noexec)
+  std::vector<std::string> devices;   // host device nodes bound (ro, nosuid, noexec; QEMU can
+                                      // still write to the device itself)
   std::vector<std::pair<std::string, std::string>> symlinks;  // {jail path, target}
   // Detached read-only mounts (see detached_mount) and the jail path they appear at.
   std::vector<std::pair<fdpass::BorrowedFd, std::string>> fd_mounts;

@@ -76,6 +76,14 @@ TEST_CASE("flags set every option and name the one that is wrong", "[api][daemon
   CHECK(o->log_level == broker::log::Level::debug);
   CHECK(parse({"--xen"})->xen);
   CHECK(parse({"--help"})->help);
+  CHECK(o->image_owners.empty());
+  CHECK_FALSE(o->allow_hardlinks);
+  auto images = parse({"--image-owner", "alice", "--image-owner=1007", "--allow-hardlinks"});
+  REQUIRE(images);
+  CHECK(images->image_owners == std::vector<std::string>{"alice", "1007"});
+  CHECK(images->allow_hardlinks);
+  CHECK(parse({"--image-owner="}).error().field == "--image-owner");
+  CHECK(parse({"--allow-hardlinks=yes"}).error().field == "--allow-hardlinks");
 
   auto unknown = parse({"--colour", "blue"});
   REQUIRE_FALSE(unknown);
@@ -200,7 +208,8 @@ TEST_CASE("usage lists every option", "[api][daemon][options]") {
   auto text = broker::daemon::usage();
   for (const char* flag :
        {"--config", "--socket", "--state-dir", "--run-dir", "--uid-range", "--uid-range-user",
-        "--image-root", "--qemu", "--admin-group", "--xen"}) {
+        "--image-root", "--image-owner", "--allow-hardlinks", "--qemu", "--admin-group",
+        "--xen"}) {
     INFO(flag);
     CHECK(text.find(flag) != std::string::npos);
   }

@@ -322,6 +322,12 @@ TEST_CASE("the common error codes map to the documented statuses", "[api][errors
   CHECK(api::classify(fdpass::errc::outside_roots).status == status::bad_request);
   CHECK(api::classify(fdpass::errc::not_found).status == status::not_found);
   CHECK(api::classify(fdpass::errc::symlink).code == "symlink");
+  // The image-root refusals: each its own code, all the request's fault.
+  CHECK(api::classify(fdpass::errc::crosses_mount).code == "crosses_mount");
+  CHECK(api::classify(fdpass::errc::hard_linked).code == "hard_linked");
+  CHECK(api::classify(fdpass::errc::foreign_owner).code == "foreign_owner");
+  CHECK(api::classify(fdpass::errc::hard_linked).status == status::bad_request);
+  CHECK(api::classify(fdpass::errc::foreign_owner).status == status::bad_request);
   CHECK(api::classify(std::error_code(ENOENT, std::system_category())).code == "ENOENT");
   CHECK(api::classify(std::error_code(ENOENT, std::system_category())).status == status::not_found);
   CHECK(api::classify(api::errc::body_too_large).status == status::payload_too_large);

@@ -14,8 +14,10 @@ struct BrokerFixture : LifecycleFixture {
   boost::asio::io_context io;
   broker::Broker broker;
 
-  explicit BrokerFixture(uid_t base, broker::BrokerConfig config = {})
-      : LifecycleFixture(base), broker(io.get_executor(), with_state(std::move(config)), launcher, roots) {}
+  explicit BrokerFixture(uid_t base, broker::BrokerConfig config = {},
+                         broker::lifecycle::UidKiller* custom_killer = nullptr)
+      : LifecycleFixture(base, custom_killer),
+        broker(io.get_executor(), with_state(std::move(config)), launcher, roots) {}
 
   broker::BrokerConfig with_state(broker::BrokerConfig c) {
     c.records_dir = state.path() + "/domains";

@@ -167,11 +167,13 @@ TEST_CASE("a domain whose record cannot be written is not created, and nothing o
 TEST_CASE("a teardown the sweep cannot finish is retried, by DELETE and in the background",
           "[broker][privileged][qemu]") {
   QB_REQUIRE_ROOT();
-  qbtest::BrokerFixture fx(kStuckBase);
+  qbtest::UidOnlyKiller killer;  // the holder below then survives every sweep
+  qbtest::BrokerFixture fx(kStuckBase, {}, &killer);
   auto info = fx.run(fx.broker.create(qbtest::BrokerFixture::guest("stuck")));
   REQUIRE(info);
   const uid_t uid = info->uid;
-  // Something kill(-1) as the domain's uid cannot reach holds it: its effective uid alone.
+  // Something kill(-1) as the domain's uid cannot reach holds it: its effective uid alone, and
+  // the kill by pid fails.
   pid_t holder = ::fork();
   if (holder == 0) {
     if (::setresuid(kStuckBase + 30, uid, kStuckBase + 30) != 0) ::_exit(99);

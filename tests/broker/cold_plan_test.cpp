@@ -68,7 +68,8 @@ TEST_CASE("a planned CD medium gets a drive of its own, named on the CD device",
                       .read_only_mode = cmd::ReadOnlyMode::read_only};
   REQUIRE(plan.add(cmd::blockdev_change_medium(m)));
   const auto args = plan.args();
-  CHECK(word_after(args, "-drive") == "if=none,id=qb-cd0-medium,file=/dev/fdset/3,format=raw,readonly=on");
+  CHECK(word_after(args, "-drive") ==
+        "if=none,id=qb-cd0-medium,file.driver=file,file.filename=/dev/fdset/3,format=raw,readonly=on");
   CHECK(json::parse(word_after(args, "-device")).at("drive") == "qb-cd0-medium");
 
   // A second medium for the same drive, or one for a drive not planned, cannot be planned.
@@ -77,6 +78,25 @@ TEST_CASE("a planned CD medium gets a drive of its own, named on the CD device",
   CHECK(again.error().code == broker::errc::internal);
   m.id = "cd9";
   CHECK_FALSE(plan.add(cmd::blockdev_change_medium(m)));
+  // A block device's medium keeps the protocol driver its json: filename names.
+  REQUIRE(plan.add(cmd::device_add(cmd::scsi_cd("cd2", std::nullopt, "qb-scsi0.0"))));
+  cmd::ChangeMedium loop{.id = "cd2", .fdset_id = 4, .format = "raw",
+                         .read_only_mode = cmd::ReadOnlyMode::read_only, .protocol = "host_device"};
+  REQUIRE(plan.add(cmd::blockdev_change_medium(loop)));
+  CHECK(word_after(plan.args(), "-drive", 1) ==
+        "if=none,id=qb-cd2-medium,file.driver=host_device,file.filename=/dev/fdset/4,format=raw,readonly=on");
+  // A json: filename naming anything else is not planned.
+  for (const char* bad : {R"(json:{"file":{"driver":"nbd","filename":"/dev/fdset/4"}})",
+                          R"(json:{"file":{"driver":"file","filename":"/etc/passwd"}})",
+                          R"(json:{"file":{"driver":"file","filename":"/dev/fdset/4","x":1}})",
+                          "json:[", "/dev/fdset/4x"}) {
+    INFO(bad);
+    REQUIRE(plan.add(cmd::device_add(cmd::scsi_cd("cd3", std::nullopt, "qb-scsi0.0"))));
+    qmp::Command c = cmd::blockdev_change_medium(loop);
+    c.args["id"] = "cd3";
+    c.args["filename"] = bad;
+    CHECK_FALSE(plan.add(c));
+  }
   // Nor can a writable medium.
   REQUIRE(plan.add(cmd::device_add(cmd::scsi_cd("cd1", std::nullopt, "qb-scsi0.0"))));
   m.id = "cd1";

@@ -18,6 +18,18 @@
 
 namespace qbtest {
 
+// A real kill(-1), and the base class's kill_holder, which kills nothing: a process that holds
+// a uid only as its effective uid then survives every sweep, as when a kill by pid fails.
+class UidOnlyKiller final : public broker::lifecycle::UidKiller {
+ public:
+  std::error_code kill_all(uid_t reaper_uid, uid_t uid) override {
+    return real_.kill_all(reaper_uid, uid);
+  }
+
+ private:
+  broker::lifecycle::ForkingUidKiller real_;
+};
+
 struct LifecycleFixture {
   TempDir state;
   TempDir run;

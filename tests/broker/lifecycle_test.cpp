@@ -3,6 +3,10 @@
 // itself. [privileged]: needs root.
 #include <fcntl.h>
 #include <signal.h>
+#include <linux/securebits.h>
+#include <sys/fsuid.h>
+#include <sys/prctl.h>
+#include <sys/mount.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -41,6 +45,9 @@ constexpr uid_t kStepUid = 3'100'801;
 constexpr uid_t kEuidOnlyBase = 3'100'900;
 constexpr uid_t kRetryBase = 3'100'960;
 constexpr uid_t kLogRetentionBase = 3'100'970;
+constexpr uid_t kHolderBase = 3'106'020;
+constexpr uid_t kMountsBase = 3'106'000;
+constexpr uid_t kCapsBase = 3'106'010;
 
 std::string proc_field(pid_t pid, const std::string& key) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/status");
@@ -369,7 +376,7 @@ TEST_CASE("a uid whose processes survive the sweep is quarantined, not handed ou
   ::waitpid(planted, nullptr, 0);
 }
 
-TEST_CASE("a process that holds a uid only as its effective uid stops the sweep at once, named",
+TEST_CASE("a holder of the uid that cannot be killed by pid stops the sweep at once, named",
           "[lifecycle][privileged]") {
   QB_REQUIRE_ROOT();
   const uid_t uid = kEuidOnlyBase + 1;
@@ -383,9 +390,10 @@ TEST_CASE("a process that holds a uid only as its effective uid stops the sweep 
   REQUIRE(holder > 0);
   qbtest::ChildGuard guard(holder);
   REQUIRE(wait_until([&] { return live_processes_of_uid("/proc", uid) == 1; }, 5s));
-  ForkingUidKiller real;
+  // kill(-1) for real, but no kill by pid: the holder cannot be killed at all.
+  qbtest::UidOnlyKiller killer;
   // A settle time no test run waits out: only the early stop can end this sweep in time.
-  Reaper reaper(real, kEuidOnlyBase, "/proc", std::chrono::minutes(10));
+  Reaper reaper(killer, kEuidOnlyBase, "/proc", std::chrono::minutes(10));
   auto report = reaper.kill_uid(uid);
   REQUIRE_FALSE(report);
   INFO(report.error().describe());
@@ -400,7 +408,8 @@ TEST_CASE("a process that holds a uid only as its effective uid stops the sweep 
 TEST_CASE("a quarantined uid is swept again and handed out once nothing holds it",
           "[lifecycle][privileged]") {
   QB_REQUIRE_ROOT();
-  qbtest::LifecycleFixture fx(kRetryBase);
+  qbtest::UidOnlyKiller killer;  // no kill by pid: the holder below survives every sweep
+  qbtest::LifecycleFixture fx(kRetryBase, &killer);
   const uid_t held = kRetryBase + 1;
   pid_t holder = ::fork();
   if (holder == 0) {
@@ -625,4 +634,165 @@ TEST_CASE("the logs of gone domains are removed once past their retention, and n
   CHECK(fs::exists(fx.run / "log/recent.log"));   // within the retention
   CHECK(fs::exists(fx.run / "log/notes.txt"));    // not a log
   CHECK(fx.launcher.expire_logs({"live"}, std::chrono::hours(1)).empty());
+}
+
+TEST_CASE("a process holding the uid in any of its four uid fields is killed by the sweep",
+          "[lifecycle][privileged]") {
+  QB_REQUIRE_ROOT();
+  const uid_t uid = kHolderBase + 1;
+  const uid_t other = kHolderBase + 50;
+  ForkingUidKiller real;
+  Reaper reaper(real, kHolderBase, "/proc", 5s);
+  // Bit i set: uid i (real, effective, saved, filesystem) is the domain uid, else `other`.
+  for (unsigned mask = 1; mask < 16; ++mask) {
+    const uid_t r = (mask & 1) != 0 ? uid : other;
+    const uid_t e = (mask & 2) != 0 ? uid : other;
+    const uid_t sv = (mask & 4) != 0 ? uid : other;
+    const uid_t f = (mask & 8) != 0 ? uid : other;
+    const std::string want = std::to_string(r) + "\t" + std::to_string(e) + "\t" +
+                             std::to_string(sv) + "\t" + std::to_string(f);
+    INFO("real effective saved fs: " << want);
+    pid_t holder = ::fork();
+    if (holder == 0) {
+      // Capabilities survive the uid change, so setfsuid may name any uid afterwards (setresuid
+      // sets the fs uid to the effective one).
+      if (::prctl(PR_SET_SECUREBITS, SECBIT_NO_SETUID_FIXUP) != 0) ::_exit(98);
+      if (::setresuid(r, e, sv) != 0) ::_exit(99);
+      ::setfsuid(f);
+      if (static_cast<uid_t>(::setfsuid(static_cast<uid_t>(-1))) != f) ::_exit(97);
+      for (;;) ::pause();
+    }
+    REQUIRE(holder > 0);
+    qbtest::ChildGuard guard(holder);
+    REQUIRE(wait_until([&] { return proc_field(holder, "Uid") == want; }, 5s));
+    auto report = reaper.kill_uid(uid);
+    INFO((report ? std::string("killed") : report.error().describe()));
+    REQUIRE(report);
+    CHECK(report->survivors == 0);
+    // kill(-1) as the uid reaches the real and the saved uid; the rest go by pid.
+    const bool reachable = r == uid || sv == uid;
+    CHECK(report->by_pid == (reachable ? 0u : 1u));
+    int status = 0;
+    REQUIRE(::waitpid(holder, &status, 0) == holder);
+    guard.reaped();
+    CHECK(WIFSIGNALED(status));
+    CHECK(WTERMSIG(status) == SIGKILL);
+    CHECK(live_processes_of_uid("/proc", uid) == 0);
+  }
+}
+
+namespace {
+
+// A host mount below /usr for as long as it lives: a tmpfs mounted read-write, set-uid and
+// device files allowed, the kind a recursive bind carries into the jail.
+class UsrSubmount {
+ public:
+  UsrSubmount() : path_("/usr/local/qb-jail-test-" + std::to_string(::getpid())) {
+    REQUIRE((::mkdir(path_.c_str(), 0755) == 0 || errno == EEXIST));
+    REQUIRE(::mount("qb-jail-test", path_.c_str(), "tmpfs", 0, "size=64k") == 0);
+  }
+  ~UsrSubmount() {
+    ::umount2(path_.c_str(), MNT_DETACH);
+    ::rmdir(path_.c_str());
+  }
+  UsrSubmount(const UsrSubmount&) = delete;
+  UsrSubmount& operator=(const UsrSubmount&) = delete;
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+struct MountEntry {
+  std::string point;
+  std::set<std::string> options;  // the per-mount options (field 6)
+};
+
+std::vector<MountEntry> mounts_of(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/mountinfo");
+  std::vector<MountEntry> out;
+  for (std::string line; std::getline(in, line);) {
+    std::istringstream row(line);
+    std::string id, parent, devno, root, point, options;
+    row >> id >> parent >> devno >> root >> point >> options;
+    MountEntry e{point, {}};
+    std::istringstream opts(options);
+    for (std::string o; std::getline(opts, o, ',');) e.options.insert(o);
+    out.push_back(std::move(e));
+  }
+  return out;
+}
+
+bool under(const std::string& path, const std::string& dir) {
+  return path == dir || path.rfind(dir + "/", 0) == 0;
+}
+
+}  // namespace
+
+TEST_CASE("every mount in the jail is read-only and nosuid, nodev and noexec where it can be",
+          "[lifecycle][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::FdLeakCheck leaks;
+  UsrSubmount submount;
+  qbtest::LifecycleFixture fx(kMountsBase);
+  auto inst = fx.launcher.start(qbtest::LifecycleFixture::guest_spec("mounts1"));
+  REQUIRE(inst);
+  auto qmp = qbtest::connect_retry(inst->qmp_path, 5s);
+  REQUIRE(qmp);
+  REQUIRE(qbtest::qmp_handshake(qmp.get(), 20s));
+
+  const auto mounts = mounts_of(inst->pid);
+  bool saw_submount = false;
+  for (const auto& m : mounts) {
+    std::string opts;
+    for (const auto& o : m.options) opts += o + " ";
+    INFO(m.point << ": " << opts);
+    CHECK(m.options.contains("ro"));
+    CHECK(m.options.contains("nosuid"));
+    // Device nodes need dev; QEMU's binary and libraries under /usr need exec.
+    if (!under(m.point, "/dev")) CHECK(m.options.contains("nodev"));
+    if (!under(m.point, "/usr")) CHECK(m.options.contains("noexec"));
+    saw_submount = saw_submount || m.point == submount.path();
+  }
+  CHECK(mounts.size() >= 8);  // /, /usr, the submount, ld.so.cache, 3 devices, 2 boot files
+  CHECK(saw_submount);
+  // What QEMU would try: a file created below /usr, through the jail's own view of it.
+  const std::string planted = "/proc/" + std::to_string(inst->pid) + "/root" + submount.path() + "/x";
+  const int fd = ::open(planted.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+  const int err = errno;
+  if (fd >= 0) ::close(fd);
+  CHECK(fd < 0);
+  CHECK(err == EROFS);
+  CHECK_FALSE(fs::exists(submount.path() + "/x"));
+
+  qmp.reset();
+  auto report = fx.launcher.destroy(*inst);
+  REQUIRE(report);
+  CHECK(report->survivors == 0);
+}
+
+TEST_CASE("a jailed QEMU holds no capability in any set and its own cgroup namespace",
+          "[lifecycle][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::FdLeakCheck leaks;
+  qbtest::LifecycleFixture fx(kCapsBase);
+  auto inst = fx.launcher.start(qbtest::LifecycleFixture::guest_spec("caps1"));
+  REQUIRE(inst);
+  auto qmp = qbtest::connect_retry(inst->qmp_path, 5s);
+  REQUIRE(qmp);
+  REQUIRE(qbtest::qmp_handshake(qmp.get(), 20s));  // TCG: it runs without any
+
+  for (const char* set : {"CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"}) {
+    INFO(set);
+    CHECK(proc_field(inst->pid, set) == "0000000000000000");
+  }
+  const std::string mine = link("/proc/self/ns/cgroup");
+  const std::string theirs = link("/proc/" + std::to_string(inst->pid) + "/ns/cgroup");
+  REQUIRE_FALSE(theirs.empty());
+  CHECK(mine != theirs);
+
+  qmp.reset();
+  auto report = fx.launcher.destroy(*inst);
+  REQUIRE(report);
+  CHECK(report->survivors == 0);
 }

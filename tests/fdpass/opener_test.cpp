@@ -1,6 +1,7 @@
 #include "fdpass/opener.hpp"
 
 #include <fcntl.h>
+#include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -130,4 +131,79 @@ TEST_CASE("sockets and character devices are refused with their own errors", "[f
   auto dev = ImageRoots::open({"/dev"});
   REQUIRE(dev);
   CHECK(dev->open("/dev/null", {}).error() == errc::is_char_device);
+}
+
+TEST_CASE("a hard link is refused unless the policy trusts hard links", "[fdpass]") {
+  qbtest::FdLeakCheck leaks;
+  Tree t;
+  // A link inside the root to a file outside it: the file has two names, one of them outside.
+  REQUIRE(::link((t.outside / "secret").c_str(), (t.root / "linked.img").c_str()) == 0);
+  CHECK(t.roots.open(t.root / "linked.img", {}).error() == errc::hard_linked);
+  CHECK(t.roots.open(t.root / "linked.img", {.access = Access::read_write}).error() ==
+        errc::hard_linked);
+  // Both names are refused, the one inside as well as any other inside the root.
+  REQUIRE(::link((t.root / "disk.img").c_str(), (t.root / "sub/again.img").c_str()) == 0);
+  CHECK(t.roots.open(t.root / "disk.img", {}).error() == errc::hard_linked);
+
+  auto trusting = ImageRoots::open({t.root.path()}, {.allow_hardlinks = true,
+                                                      .write_owners = {::geteuid()}});
+  REQUIRE(trusting);
+  auto ok = trusting->open(t.root / "linked.img", {.access = Access::read_write});
+  REQUIRE(ok);
+  CHECK(ok->identity.ino == inode_of(t.outside / "secret"));
+}
+
+TEST_CASE("read-write use needs a file owned by an allowed image owner", "[fdpass]") {
+  qbtest::FdLeakCheck leaks;
+  Tree t;
+  const uid_t me = ::geteuid();
+  auto others = ImageRoots::open({t.root.path()}, {.write_owners = {me + 1}});
+  REQUIRE(others);
+  // Read-only use is not limited by owner; read-write is.
+  CHECK(others->open(t.root / "disk.img", {}));
+  CHECK(others->open(t.root / "disk.img", {.access = Access::read_write}).error() ==
+        errc::foreign_owner);
+  auto mine = ImageRoots::open({t.root.path()}, {.write_owners = {me + 1, me}});
+  REQUIRE(mine);
+  CHECK(mine->open(t.root / "disk.img", {.access = Access::read_write}));
+  CHECK(ImageRoots::open({t.root.path()})->policy().write_owners == std::vector<uid_t>{0});
+}
+
+TEST_CASE("a nobody-owned file linked into the root is neither a disk nor a CD",
+          "[fdpass][privileged]") {
+  QB_REQUIRE_ROOT();
+  qbtest::FdLeakCheck leaks;
+  Tree t;
+  const uid_t nobody = 65534;
+  REQUIRE(::chown((t.outside / "secret").c_str(), nobody, nobody) == 0);
+  REQUIRE(::chmod((t.outside / "secret").c_str(), 0600) == 0);
+  REQUIRE(::link((t.outside / "secret").c_str(), (t.root / "linked.img").c_str()) == 0);
+  CHECK(t.roots.open(t.root / "linked.img", {}).error() == errc::hard_linked);
+  CHECK(t.roots.open(t.root / "linked.img", {.access = Access::read_write}).error() ==
+        errc::hard_linked);
+
+  // With hard links trusted, the owner still keeps it from read-write use.
+  auto trusting = ImageRoots::open({t.root.path()}, {.allow_hardlinks = true});
+  REQUIRE(trusting);
+  CHECK(trusting->open(t.root / "linked.img", {.access = Access::read_write}).error() ==
+        errc::foreign_owner);
+  REQUIRE(::chown((t.root / "disk.img").c_str(), nobody, nobody) == 0);
+  CHECK(t.roots.open(t.root / "disk.img", {.access = Access::read_write}).error() ==
+        errc::foreign_owner);
+}
+
+TEST_CASE("a mount point inside the root is not crossed", "[fdpass][privileged]") {
+  QB_REQUIRE_ROOT();
+  qbtest::FdLeakCheck leaks;
+  Tree t;
+  REQUIRE(::mkdir((t.root / "mnt").c_str(), 0755) == 0);
+  REQUIRE(::mount(t.outside.path().c_str(), (t.root / "mnt").c_str(), nullptr, MS_BIND, nullptr) ==
+          0);
+  auto through = t.roots.open(t.root / "mnt/secret", {});
+  auto mount_point = t.roots.open(t.root / "mnt", {});
+  ::umount2((t.root / "mnt").c_str(), MNT_DETACH);
+  CHECK(through.error() == errc::crosses_mount);
+  CHECK(mount_point.error() == errc::crosses_mount);
+  // ".." out of the root keeps its own code.
+  CHECK(t.roots.open(t.root / "sub/../../x", {}).error() == errc::escapes_root);
 }

@@ -129,6 +129,17 @@ struct FlowsFixture {
     return *r;
   }
 
+  // The fdsets the API says QEMU still holds for closing (a paused domain's unplugged images).
+  std::set<std::int64_t> reported_held(const std::string& domain) {
+    std::set<std::int64_t> out;
+    auto i = run(broker.info(domain));
+    REQUIRE(i);
+    for (const auto& f : i->devices.at("fdsets_to_close").as_array()) {
+      out.insert(f.at("fdset").to_number<std::int64_t>());
+    }
+    return out;
+  }
+
   pid_t pid_of(const std::string& domain) {
     auto i = run(broker.info(domain, false));
     REQUIRE(i);

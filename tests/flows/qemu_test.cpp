@@ -202,17 +202,6 @@ std::set<std::int64_t> fdset_ids(FlowsFixture& fx, const std::string& domain) {
   return out;
 }
 
-// The fdsets the API says QEMU still holds for closing.
-std::set<std::int64_t> reported_held(FlowsFixture& fx, const std::string& domain) {
-  std::set<std::int64_t> out;
-  auto info = fx.run(fx.broker.info(domain));
-  REQUIRE(info);
-  for (const auto& f : info->devices.at("fdsets_to_close").as_array()) {
-    out.insert(f.at("fdset").to_number<std::int64_t>());
-  }
-  return out;
-}
-
 std::string read_text(const std::string& path) {
   std::ifstream f(path);
   std::stringstream ss;
@@ -793,7 +782,7 @@ TEST_CASE("an unplug on a paused domain reports the image fd QEMU keeps and clos
   CHECK(listed->devices.at("disks").as_array().empty());
   // Whatever QEMU keeps is reported, fdset by fdset, and nothing else is: on QEMU 7.2 the removed
   // fd stays open while the VM has not run.
-  const auto held = reported_held(fx, "held");
+  const auto held = fx.reported_held("held");
   CHECK(held == fdset_ids(fx, "held"));
   CHECK(fds_on(qemu, img) == static_cast<int>(held.size()));  // the fdset's own fd: no node is left
   const auto record = read_text(fx.state / "domains/held.json");
@@ -803,7 +792,7 @@ TEST_CASE("an unplug on a paused domain reports the image fd QEMU keeps and clos
   REQUIRE(fx.run(fx.broker.resume("held")));
   CHECK(host_eventually([&] { return fds_on(qemu, img) == 0; }, 5s));
   CHECK(fdset_ids(fx, "held").empty());
-  CHECK(reported_held(fx, "held").empty());
+  CHECK(fx.reported_held("held").empty());
   CHECK(read_text(fx.state / "domains/held.json").find("fdsets_to_close") == std::string::npos);
 
   // On a running domain an unplug leaves nothing at once. SCSI needs no guest answer.
@@ -812,7 +801,7 @@ TEST_CASE("an unplug on a paused domain reports the image fd QEMU keeps and clos
   REQUIRE(fx.run(fx.broker.remove_disk("held", "d1", {})));
   CHECK(fds_on(qemu, other) == 0);
   CHECK(fdset_ids(fx, "held").empty());
-  CHECK(reported_held(fx, "held").empty());
+  CHECK(fx.reported_held("held").empty());
   REQUIRE(fx.run(fx.broker.destroy("held")));
 }
 

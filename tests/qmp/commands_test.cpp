@@ -83,6 +83,11 @@ TEST_CASE("removable media commands select the drive by qdev id", "[qmp][command
         R"("force":true})");
   check(cmd::blockdev_change_medium({"cd0", 7, "raw", std::nullopt, std::nullopt}),
         "blockdev-change-medium", R"({"id":"cd0","filename":"/dev/fdset/7","format":"raw"})");
+  // A block device: the protocol driver is named through a json: filename.
+  check(cmd::blockdev_change_medium({"cd0", 7, "raw", std::nullopt, std::nullopt, "host_cdrom"}),
+        "blockdev-change-medium",
+        R"({"id":"cd0","filename":"json:{\"file\":{\"driver\":\"host_cdrom\",)"
+        R"(\"filename\":\"/dev/fdset/7\"}}","format":"raw"})");
   check(cmd::blockdev_remove_medium("cd0"), "blockdev-remove-medium", R"({"id":"cd0"})");
   check(cmd::blockdev_open_tray("cd0", true), "blockdev-open-tray", R"({"id":"cd0","force":true})");
   check(cmd::blockdev_open_tray("cd0"), "blockdev-open-tray", R"({"id":"cd0"})");
