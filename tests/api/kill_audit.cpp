@@ -443,8 +443,8 @@ void check_vnc(const ApiDomain& d, const QemuView& q, Findings& f) {
 
 // The fds QEMU holds: each image fd belongs to a current disk or medium (two each: the fdset's fd
 // and the protocol node's dup of it) or to an fdset the API lists as still to close, one tap fd
-// per NIC, one host TCP listener with VNC, and besides those only its QMP and console sockets
-// and anonymous inodes.
+// per NIC, one host TCP listener with VNC, and besides those only its QMP and console sockets,
+// its log pipe as stdout and stderr, and anonymous inodes.
 void check_qemu_fds(const Layout& l, const ApiDomain& d, const QemuView& q, Findings& f) {
   std::set<std::string> closing;  // the fds of the fdsets the API lists as still to close
   for (const auto& set : q.fdsets) {
@@ -482,7 +482,7 @@ void check_qemu_fds(const Layout& l, const ApiDomain& d, const QemuView& q, Find
     } else if (unix_sockets.contains(inode)) {
       ++unix_count;
     } else if (target.rfind("anon_inode:", 0) != 0 && target != "/dev/null" &&
-               target != l.run + "/log/" + d.name + ".log") {
+               !((fd == "1" || fd == "2") && target.rfind("pipe:[", 0) == 0)) {  // the log pipe
       f.add(who(d) + ": QEMU holds fd " + fd + " -> " + target + ", which no current device needs");
     }
   }
