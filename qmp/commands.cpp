@@ -387,6 +387,17 @@ Result<MigrationInfo> migration(const json::value& v) {
   MigrationInfo m;
   m.status = get_string(*o, "status").value_or("none");  // absent before any migration
   m.error_desc = get_string(*o, "error-desc");
+  if (const auto* ram = o->if_contains("ram"); ram != nullptr && ram->is_object()) {
+    const auto& r = ram->get_object();
+    auto number = [&r](std::string_view k) {
+      const auto* n = r.if_contains(k);
+      return n != nullptr && n->is_number() ? n->to_number<double>() : 0.0;
+    };
+    m.transferred = static_cast<std::uint64_t>(number("transferred"));
+    m.total = static_cast<std::uint64_t>(number("total"));
+    m.remaining = static_cast<std::uint64_t>(number("remaining"));
+    m.mbps = number("mbps");
+  }
   return m;
 }
 

@@ -198,6 +198,12 @@ struct VncInfo {
 struct MigrationInfo {
   std::string status;  // "none", "setup", "active", "completed", "failed", "cancelled", ...
   std::optional<std::string> error_desc;
+  // From "ram" (absent before the first iteration): bytes sent, the guest's RAM size, what is
+  // left of it to send, and the rate of the last iteration in Mbit/s.
+  std::uint64_t transferred = 0;
+  std::uint64_t total = 0;
+  std::uint64_t remaining = 0;
+  double mbps = 0;
 };
 struct ObjectProperty {
   std::string name;
