@@ -44,6 +44,7 @@ struct BrokerConfig {
   std::chrono::milliseconds adopt_timeout{5000};   // QMP handshake with a re-adopted QEMU
   std::size_t qmp_max_line = 16u << 20;
   qmp::TranscriptHook transcript;                  // every QMP line of every domain (audits, tests)
+  std::string save_root;  // save files are written beneath it and restored from it; empty: off
 };
 
 struct DomainInfo {
@@ -111,9 +112,15 @@ class Broker {
   boost::asio::awaitable<Result<VncState>> set_vnc(std::string name, VncSpec vnc);
   Awaitable remove_vnc(std::string name);
 
-  // Not yet built: these answer errc::not_implemented.
-  Awaitable save(std::string name, std::string path, ProgressFn progress = {});
-  boost::asio::awaitable<Result<DomainInfo>> restore(RestoreRequest request, ProgressFn progress = {});
+  // Save and restore (broker/flows/save.cpp, restore.cpp): jobs whose progress goes out as "job"
+  // "progress" events. A save destroys the domain by uid once its file is safely written, unless
+  // `keep_running`.
+  Awaitable save(std::string name, SaveRequest request);
+  boost::asio::awaitable<Result<DomainInfo>> restore(RestoreRequest request);
+  // Asks the domain's save or restore to stop; the job itself answers errc::cancelled once it has
+  // undone what it did. Returns the job's kind; wrong_state when no cancellable job runs.
+  boost::asio::awaitable<Result<std::string>> cancel_job(std::string name);
+  // Not yet built: answers errc::not_implemented.
   Awaitable migrate(std::string name, std::string to, ProgressFn progress = {});
 
   // Administrators' QMP passthrough: {"execute": NAME, "arguments": {...}}. Commands that move
@@ -172,6 +179,11 @@ class Broker {
                                                    std::optional<RunState> refused_in,
                                                    std::optional<RunState> after);
   boost::asio::awaitable<void> resume_removal(flows::RecoveryReport::Removal removal);
+  // The save flow, then (unless kept) the domain's destroy, inside the save job.
+  boost::asio::awaitable<Result<void>> save_step(Domain& d, SaveRequest request, flows::CancelFlag cancel);
+  // The cancel flag of the job running for `name`, entered for its duration.
+  flows::CancelFlag enter_cancel(const std::string& name);
+  void forget_cancel(const std::string& name, const flows::CancelFlag& flag);
   boost::asio::awaitable<Result<boost::json::value>> qmp_call(Domain& d, qmp::Command c);
 
   boost::asio::any_io_executor ex_;
@@ -184,6 +196,7 @@ class Broker {
   std::vector<flows::Loaded> loaded_;  // between load_records() and adopt_loaded()
   qmp::CapabilityCache capabilities_;
   std::string capabilities_from_;
+  std::map<std::string, flows::CancelFlag> cancels_;  // domain -> its cancellable job's flag
 };
 
 }  // namespace broker

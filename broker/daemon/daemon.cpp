@@ -69,6 +69,7 @@ BrokerConfig broker_config(const DaemonConfig& o) {
   c.timeouts.unplug = o.unplug_timeout;
   c.start_timeout = o.start_timeout;
   c.quit_timeout = o.quit_timeout;
+  c.save_root = o.save_root;
   return c;
 }
 

@@ -49,9 +49,11 @@ Result<std::shared_ptr<Domain>> Domains::reserve(lifecycle::DomainSpec spec) {
   return d;
 }
 
-awaitable<Result<void>> Domains::launch(std::shared_ptr<Domain> d) {
+awaitable<Result<void>> Domains::launch(std::shared_ptr<Domain> d, std::vector<std::string> extra_args) {
   Domain* raw = d.get();
-  auto inst = co_await run_blocking(ex_, lifecycle_, [this, raw] { return launcher_.start(raw->spec()); });
+  auto inst = co_await run_blocking(ex_, lifecycle_, [this, raw, &extra_args] {
+    return launcher_.start(raw->spec(), nullptr, extra_args);
+  });
   if (!inst) {
     table_.erase(d->name());
     co_return inst.error();

@@ -59,7 +59,9 @@ class Domains {
   // Enters a domain read back from its record.
   void insert(std::shared_ptr<Domain> d) { table_[d->name()] = std::move(d); }
   // Spawns the domain's jailed QEMU and writes its record. On failure the name is free again.
-  boost::asio::awaitable<Result<void>> launch(std::shared_ptr<Domain> d);
+  // `extra_args`: further QEMU words (a restore's -incoming defer).
+  boost::asio::awaitable<Result<void>> launch(std::shared_ptr<Domain> d,
+                                              std::vector<std::string> extra_args = {});
   // Connects to QMP and watches the QEMU: when it exits unasked, the domain is torn down by uid
   // and an "exited" event says so.
   boost::asio::awaitable<Result<void>> attach(std::shared_ptr<Domain> d);
