@@ -36,6 +36,8 @@ constexpr uid_t kOrphanBase = 3'101'400;
 constexpr uid_t kStoppedBase = 3'101'600;
 constexpr uid_t kMediumBase = 3'101'700;
 constexpr uid_t kFinishBase = 3'101'900;
+constexpr uid_t kSaveBase = 3'108'040;
+constexpr uid_t kRestoreBase = 3'108'050;
 
 // Everything one broker process would own, on shared state and run directories.
 struct Stack {
@@ -376,4 +378,82 @@ TEST_CASE("a restarted broker finishes a hotplug that got as far as plugging the
   REQUIRE(second.run(second.broker->destroy("f1")));
   qbtest::reap_exited_children();
   CHECK(live_processes_of_uid("/proc", kFinishBase + 1) == 0);
+}
+
+TEST_CASE("a broker killed in the last pass of a save leaves the domain running and no partial file",
+          "[broker][restart][privileged][qemu][save]") {
+  QB_REQUIRE_ROOT();
+  qbtest::become_subreaper();
+  qbtest::TempDir state, run, saves;
+  broker::BrokerConfig config;
+  config.save_root = saves.path();
+  const std::string file = state / "domains/s1.json";
+  const std::string target = saves / "s1.state";
+  const std::string partial = saves / ".s1.state.s1.part";
+  std::string before;
+  pid_t qemu = 0;
+  {
+    Stack first(kSaveBase, state.path(), run.path(), config);
+    auto info = first.run(first.broker->create(guest("s1")));
+    REQUIRE(info);
+    qemu = info->pid;
+    auto text = broker::read_small_file(file);
+    REQUIRE(text);
+    before = *text;
+    // QEMU stops the guest for a save's last pass; the broker died there, its copy half written.
+    REQUIRE(first.run(first.broker->qmp_passthrough("s1", {"stop", {}})));
+  }
+  qbtest::write_file(partial, "QBSAVE\r\n half a save");
+  write_interrupted(file, before, "save", "",
+                    {{"path", target}, {"keep_running", false}, {"was_running", true}});
+  {
+    Stack second(kSaveBase, state.path(), run.path(), config);
+    auto report = second.run(second.broker->recover());
+    REQUIRE(report.adopted == std::vector<std::string>{"s1"});
+    // Exactly once, running, and the same QEMU; nothing of the save is left.
+    auto info = second.run(second.broker->info("s1"));
+    REQUIRE(info);
+    CHECK(info->pid == qemu);
+    CHECK(info->state == broker::RunState::running);
+    CHECK(info->qemu_status == "running");
+    CHECK_FALSE(fs::exists(partial));
+    CHECK_FALSE(fs::exists(target));
+    auto now = broker::read_small_file(file);
+    REQUIRE(now);
+    CHECK(now->find("\"save\"") == std::string::npos);
+    REQUIRE(second.run(second.broker->destroy("s1")));
+  }
+  qbtest::reap_exited_children();
+  CHECK(live_processes_of_uid("/proc", kSaveBase + 1) == 0);
+}
+
+TEST_CASE("a broker killed mid-restore leaves no half-restored domain after its restart",
+          "[broker][restart][privileged][qemu][save]") {
+  QB_REQUIRE_ROOT();
+  qbtest::become_subreaper();
+  qbtest::TempDir state, run, saves;
+  broker::BrokerConfig config;
+  config.save_root = saves.path();
+  const std::string file = state / "domains/r1.json";
+  std::string before;
+  {
+    Stack first(kRestoreBase, state.path(), run.path(), config);
+    auto c = guest("r1");
+    c.spec.paused = true;  // as a restore waits for its stream
+    REQUIRE(first.run(first.broker->create(std::move(c))));
+    auto text = broker::read_small_file(file);
+    REQUIRE(text);
+    before = *text;
+  }
+  write_interrupted(file, before, "restore", "", {{"path", saves / "r1.state"}});
+  {
+    Stack second(kRestoreBase, state.path(), run.path(), config);
+    auto report = second.run(second.broker->recover());
+    CHECK(report.torn_down == std::vector<std::string>{"r1"});
+    CHECK_FALSE(second.broker->exists("r1"));
+    CHECK_FALSE(fs::exists(file));
+    CHECK(second.uids.in_use().empty());
+  }
+  qbtest::reap_exited_children();
+  CHECK(live_processes_of_uid("/proc", kRestoreBase + 1) == 0);
 }
