@@ -263,6 +263,9 @@ Command migrate_incoming_fd(std::string_view fdname) {
 Command migrate_cancel() {
   return make("migrate_cancel");
 }
+Command migrate_set_max_bandwidth(std::uint64_t bytes_per_second) {
+  return make("migrate-set-parameters", {{"max-bandwidth", bytes_per_second}});
+}
 Command migrate_set_capabilities(
     const std::vector<std::pair<MigrationCapability, bool>>& capabilities) {
   json::array caps;

@@ -233,6 +233,9 @@ awaitable<Result<void>> stream_into(Context& ctx, Domain& d, int file, std::uint
   auto pipe = fdpass::make_pipe();
   if (!pipe) co_return errno_error(pipe.error().value(), "save: cannot make a pipe");
   ::fcntl(pipe->first.get(), F_SETPIPE_SZ, 1 << 20);  // fewer, larger reads; best effort
+  // Unthrottled, as the broker's own disk is the only limit (QEMU's default is 32 MiB/s).
+  qmp::Command speed = qmp::cmd::migrate_set_max_bandwidth(qmp::cmd::kUnlimitedBandwidth);
+  if (auto ok = co_await call(ctx, d, std::move(speed)); !ok) co_return ok.error();
   const std::string fd_name(kStreamFd);
   if (auto sent = co_await getfd(ctx, d, pipe->second, fd_name); !sent) co_return sent.error();
   pipe->second.reset();  // QEMU holds the write end now: its close is the copy's EOF
@@ -290,14 +293,16 @@ awaitable<Result<void>> save(Context& ctx, Domain& d, SaveRequest request, Cance
   const std::uint32_t head_crc =
       save_file::checksum(0, head.data() + save_file::kPreambleSize, head.size() - save_file::kPreambleSize);
 
+  // From here on a failure resumes a guest that ran: QEMU does so itself after a failed or
+  // cancelled migration, not after one that completed and was then refused.
   std::unique_ptr<save_file::StreamCopy> copy;
-  if (auto ok = co_await stream_into(ctx, d, file.get(), head_crc, cancel, copy); !ok) {
-    co_return ok.error();
-  }
-  // The guest is stopped and QEMU has sent everything; the copy is joined.
-  if (auto ok = commit_file(file.get(), *target, *copy, request.path); !ok) {
+  Result<void> done = co_await stream_into(ctx, d, file.get(), head_crc, cancel, copy);
+  // QEMU has sent everything and stopped the guest: a cancel that came meanwhile still wins.
+  if (done && cancel && *cancel) done = cancelled("the save of domain " + d.name());
+  if (done) done = commit_file(file.get(), *target, *copy, request.path);
+  if (!done) {
     if (was_running) co_await ensure_running(ctx, d);
-    co_return ok.error();
+    co_return done.error();
   }
   temp.keep = true;
   if (request.keep_running && was_running) {
