@@ -104,6 +104,23 @@ std::string find_disk(qbtest::GuestConsole& con, const std::string& marker) {
   return {};
 }
 
+// The "job" "progress" events of `job` queued on `stream`, each checked for the fields a
+// progress bar reads.
+int progress_events(FlowsFixture& fx, broker::EventStream& stream, const std::string& job) {
+  int n = 0;
+  while (stream.queued() > 0) {
+    auto ev = fx.run(stream.next(std::chrono::steady_clock::now()));
+    if (!ev || ev->kind != "job" || ev->name != "progress" || ev->data.at("job") != job.c_str()) continue;
+    INFO(boost::json::serialize(ev->data));
+    CHECK(ev->data.at("bytes").is_number());
+    CHECK(ev->data.at("total").to_number<double>() > 0);
+    CHECK(ev->data.at("rate").is_number());
+    CHECK(ev->data.at("phase").is_string());
+    ++n;
+  }
+  return n;
+}
+
 bool qemu_running(FlowsFixture& fx, const std::string& domain) {
   return fx.qmp(domain, "query-status").at("running").as_bool();
 }
@@ -133,18 +150,22 @@ TEST_CASE("a saved domain restores with its guest's counter and disks as they we
   REQUIRE(original);
 
   const std::string file = fx.saves / "sv1.state";
+  auto save_events = fx.broker.events().subscribe("sv1");
   auto saved = fx.run(fx.broker.save("sv1", {file, false}));
   INFO((saved ? "" : saved.error().describe()));
   REQUIRE(saved);
+  CHECK(progress_events(fx, *save_events, "save") > 0);
   // Destroyed by uid once the file was written, as virsh save does; only the file is left.
   CHECK_FALSE(fx.broker.exists("sv1"));
   CHECK(broker::lifecycle::live_processes_of_uid("/proc", original->uid) == 0);
   CHECK(fx.saved_files() == std::set<std::string>{"sv1.state"});
   con.reset();
 
+  auto restore_events = fx.broker.events().subscribe("sv2");
   auto restored = fx.run(fx.broker.restore({file, "sv2", false}));
   INFO((restored ? "" : restored.error().describe()));
   REQUIRE(restored);
+  CHECK(progress_events(fx, *restore_events, "restore") > 0);
   CHECK(restored->state == broker::RunState::running);
   CHECK(qbtest::fds_on(restored->pid, file) == 0);
   auto fd = qbtest::connect_retry(restored->console, 10s);
@@ -295,6 +316,10 @@ TEST_CASE("a cancelled save leaves the domain running and no file",
     fx.io.run_for(5ms);
   }
   REQUIRE(streaming());
+  // Mid-save, QEMU holds a pipe and never the file: the broker alone has it open.
+  const pid_t qemu = fx.pid_of("sc1");
+  CHECK(qbtest::fds_on(qemu, fx.saves / ".sc1.state.sc1.part") == 0);
+  CHECK(qbtest::fds_on(::getpid(), fx.saves / ".sc1.state.sc1.part") == 1);
   auto job = fx.run(fx.broker.cancel_job("sc1"));
   REQUIRE(job);
   CHECK(*job == "save");
@@ -305,5 +330,30 @@ TEST_CASE("a cancelled save leaves the domain running and no file",
   REQUIRE(fx.broker.exists("sc1"));
   CHECK(qemu_running(fx, "sc1"));
   counter_after(*con, before + 1);
+
+  // A restore cancelled while QEMU loads the stream leaves nothing running.
+  const std::string file = fx.saves / "kept.state";
+  REQUIRE(fx.run(fx.broker.save("sc1", {file, true})));
+  const auto uids = fx.uids.in_use();
+  const auto sent = fx.transcript.size();
+  auto restoring = boost::asio::co_spawn(fx.io, fx.broker.restore({file, "sc2", false}),
+                                         boost::asio::use_future);
+  auto loading = [&] {
+    for (std::size_t i = sent; i < fx.transcript.size(); ++i) {
+      if (fx.transcript[i].find("migrate-incoming") != std::string::npos) return true;
+    }
+    return false;
+  };
+  for (int i = 0; i < 4000 && !loading(); ++i) {
+    fx.io.restart();
+    fx.io.run_for(5ms);
+  }
+  REQUIRE(loading());
+  REQUIRE(fx.run(fx.broker.cancel_job("sc2")));
+  auto restored = fx.run_until(restoring, 60s);
+  REQUIRE_FALSE(restored);
+  CHECK(restored.error().code == broker::errc::cancelled);
+  CHECK_FALSE(fx.broker.exists("sc2"));
+  CHECK(fx.uids.in_use() == uids);
   REQUIRE(fx.run(fx.broker.destroy("sc1")));
 }
