@@ -65,9 +65,9 @@ constexpr std::array kCommands{
     CommandInfo{"restore", "NAME PATH [--paused]", "POST", "/v1/domains/restore",
                 "start domain NAME from a state saved at PATH"},
     CommandInfo{"migrate", "NAME TO", "POST", "/v1/domains/{name}/migrate",
-                "live-migrate to another broker's endpoint TO"},
+                "live-migrate to another broker's endpoint TO, or to a fresh QEMU here (TO local)"},
     CommandInfo{"cancel", "NAME", "DELETE", "/v1/domains/{name}/job",
-                "cancel the domain's save or restore"},
+                "cancel the domain's save, restore or live update"},
     CommandInfo{"qmp", "NAME JSON|COMMAND", "POST", "/v1/domains/{name}/qmp",
                 "raw QMP for admins: '{\"execute\":\"query-status\"}' or just query-status"},
     CommandInfo{"events", "[--domain NAME] [--count N]", "GET", "/v1/events",
@@ -503,7 +503,7 @@ Out migrate(const Args& a) {
                     .body = json::value(json::object{{"to", a.pos[1]}}),
                     .view = View::message,
                     .domain = a.pos[0],
-                    .progress_job = "migrate",
+                    .progress_job = a.pos[1] == "local" ? "live-update" : "migrate",
                     .done = "migrated " + a.pos[0] + " to " + a.pos[1]};
 }
 

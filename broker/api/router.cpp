@@ -54,7 +54,7 @@ constexpr std::array kRoutes{
     RouteInfo{verb::post, "/v1/domains/{name}/migrate", "migrateDomain",
               "Live-migrate to another broker"},
     RouteInfo{verb::delete_, "/v1/domains/{name}/job", "cancelJob",
-              "Cancel the domain's save or restore"},
+              "Cancel the domain's save, restore or live update"},
     RouteInfo{verb::post, "/v1/domains/{name}/qmp", "qmpPassthrough",
               "Raw QMP for admins (fd commands refused)"},
     RouteInfo{verb::get, "/v1/events", "watchEvents",

@@ -354,9 +354,45 @@ awaitable<Result<std::string>> Broker::cancel_job(std::string name) {
   co_return job;
 }
 
-awaitable<Result<void>> Broker::migrate(std::string name, std::string, ProgressFn) {
+awaitable<Result<void>> Broker::migrate(std::string name, std::string to, ProgressFn) {
   if (auto d = find(name); !d) co_return d.error();
-  co_return Error(make_error_code(errc::not_implemented), "live migration is not implemented yet");
+  if (to == "local") co_return co_await live_update(std::move(name));
+  co_return Error(make_error_code(errc::not_implemented),
+                  "live migration to another broker is not implemented yet (\"to\": \"local\" "
+                  "moves the domain to a fresh QEMU under this broker)");
+}
+
+awaitable<Result<void>> Broker::live_update(std::string name) {
+  auto found = find(name);
+  if (!found) co_return found.error();
+  auto old = *found;
+  if (old->state() != RunState::running && old->state() != RunState::paused) {
+    co_return Error(make_error_code(errc::wrong_state),
+                    "domain " + name + " is " + std::string(to_string(old->state())));
+  }
+  // Not run_job: the job's domain is replaced by another, and its record is rewritten by the
+  // flow. Journaled like a save, so a restart cancels the migration and resumes the old guest.
+  const bool was_running = old->state() == RunState::running;
+  auto guard = old->begin_job("live-update", {}, {{"was_running", was_running}});
+  if (!guard) co_return guard.error();
+  if (auto ok = co_await domains_.records().persist(*old); !ok) co_return ok.error();
+  events_.publish(name, "job", "started", {{"job", "live-update"}, {"target", ""}});
+  flows::CancelFlag cancel = enter_cancel(name);
+  auto next = co_await flows::live_update(flow_ctx_, domains_, old, cancel);
+  forget_cancel(name, cancel);
+  guard->release();
+  json::object data{{"job", "live-update"}, {"ok", next.has_value()}};
+  if (!next) {
+    data["error"] = next.error().describe();
+    // The old QEMU runs on; its record loses the journal.
+    if (auto ok = co_await domains_.records().persist(*old); !ok) log::error(ok.error().describe());
+    events_.publish(name, "job", "finished", std::move(data));
+    co_return next.error();
+  }
+  events_.publish(name, "job", "finished", std::move(data));
+  events_.publish(name, "domain", "updated",
+                  {{"uid", (*next)->instance().uid}, {"pid", (*next)->instance().pid}});
+  co_return Result<void>{};
 }
 
 awaitable<Result<Broker::QemuCapabilities>> Broker::qemu_capabilities() {

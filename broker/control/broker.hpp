@@ -117,11 +117,14 @@ class Broker {
   // `keep_running`.
   Awaitable save(std::string name, SaveRequest request);
   boost::asio::awaitable<Result<DomainInfo>> restore(RestoreRequest request);
-  // Asks the domain's save or restore to stop; the job itself answers errc::cancelled once it has
+  // Asks the domain's save, restore or live update to stop; the job itself answers errc::cancelled once it has
   // undone what it did. Returns the job's kind; wrong_state when no cancellable job runs.
   boost::asio::awaitable<Result<std::string>> cancel_job(std::string name);
-  // Not yet built: answers errc::not_implemented.
+  // Live update (`to` "local"): the domain moves to a fresh QEMU under this broker while its
+  // guest runs (flows::live_update), as a job named "live-update" that can be cancelled.
+  // Migration to another broker is not built yet: errc::not_implemented.
   Awaitable migrate(std::string name, std::string to, ProgressFn progress = {});
+  Awaitable live_update(std::string name);
 
   // Administrators' QMP passthrough: {"execute": NAME, "arguments": {...}}. Commands that move
   // fds are refused (errc::forbidden).

@@ -67,6 +67,33 @@ awaitable<Result<void>> Domains::launch(std::shared_ptr<Domain> d, std::vector<s
   co_return Result<void>{};
 }
 
+awaitable<Result<void>> Domains::spawn_beside(std::shared_ptr<Domain> next,
+                                              std::vector<std::string> extra_args) {
+  Domain* raw = next.get();
+  auto inst = co_await run_blocking(ex_, lifecycle_, [this, raw, &extra_args] {
+    return launcher_.start(raw->spec(), nullptr, extra_args);
+  });
+  if (!inst) co_return inst.error();
+  next->instance() = std::move(*inst);
+  co_return Result<void>{};
+}
+
+awaitable<Result<void>> Domains::replace(std::shared_ptr<Domain> next) {
+  table_[next->name()] = next;
+  co_return co_await records_.persist(*next);
+}
+
+awaitable<Result<lifecycle::KillReport>> Domains::retire(std::shared_ptr<Domain> d) {
+  d->set_state(RunState::stopping);  // its watch lets the connection go without a teardown
+  if (d->qmp() != nullptr) d->qmp()->close();
+  Domain* raw = d.get();
+  auto report = co_await run_blocking(ex_, lifecycle_, [this, raw] { return launcher_.destroy(raw->instance()); });
+  if (!report) co_return report.error();
+  d->set_qmp(nullptr);
+  launcher_.remove_log(d->instance().name);
+  co_return report;
+}
+
 awaitable<Result<void>> Domains::attach(std::shared_ptr<Domain> d) {
   return connect(std::move(d), config_.session);
 }

@@ -88,6 +88,15 @@ awaitable<Result<std::shared_ptr<Domain>>> restore(Context& ctx, Domains& domain
 // The temp file a save of domain `domain` to `path` writes before its rename (journaled, so a
 // restarted broker can remove it).
 std::string save_temp_path(const std::string& path, const std::string& domain);
+// Live update: the domain moves to a fresh jailed QEMU (new uid) under the same broker while its
+// guest runs, over a socketpair whose ends the two QEMUs get with getfd. On success the returned
+// domain has taken `old`'s place in the table and record and the old QEMU is killed by its uid;
+// on failure or cancel the new QEMU is killed and the old one runs on as before.
+awaitable<Result<std::shared_ptr<Domain>>> live_update(Context& ctx, Domains& domains,
+                                                       std::shared_ptr<Domain> old, CancelFlag cancel);
+// After a restart, or a failed update: the old QEMU's listeners and log under their own names again.
+void put_back(Domain& d);
+
 // After a restart: winds down a save an earlier broker left (journal `args`): cancels QEMU's
 // migration, removes the temp file and resumes a guest the save had running.
 awaitable<void> recover_save(Context& ctx, Domain& d, boost::json::object args);

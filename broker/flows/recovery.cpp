@@ -296,6 +296,12 @@ awaitable<bool> reconcile(Context& ctx, Domain& d, Domain::PendingJob job) {
     co_await recover_save(ctx, d, job.args);
     co_return false;
   }
+  if (job.kind == "live-update") {
+    // The new QEMU, whose uid no record names, was reclaimed; the old one keeps running.
+    put_back(d);
+    co_await recover_save(ctx, d, job.args);
+    co_return false;
+  }
   if (id.empty()) co_return false;
   // A controller plugged on the way comes first: it took the lowest free root port.
   co_await adopt_scsi_controller(ctx, d);

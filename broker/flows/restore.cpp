@@ -168,8 +168,10 @@ awaitable<Result<void>> plug_on_port(Context& ctx, Domain& d, const Domain& save
   co_return r;
 }
 
-// Every saved device, where it was: root-port devices in port order, then on the SCSI bus the
-// CD drives and SCSI disks (each in id order, as a create plugs them).
+}  // namespace
+
+namespace detail {
+
 awaitable<Result<void>> replug(Context& ctx, Domain& d, const Domain& saved) {
   for (const auto& dev : port_devices(saved)) {
     if (auto ok = co_await plug_on_port(ctx, d, saved, dev); !ok) co_return ok.error();
@@ -188,6 +190,10 @@ awaitable<Result<void>> replug(Context& ctx, Domain& d, const Domain& saved) {
   }
   co_return check_plugged(d, saved);
 }
+
+}  // namespace detail
+
+namespace {
 
 // The stream, from the file through a pipe into QEMU, checked against the trailer.
 awaitable<Result<void>> stream_from(Context& ctx, Domain& d, Saved& saved, const std::string& path,

@@ -214,8 +214,9 @@ Result<void> commit_file(int file, const SaveTarget& target, const save_file::St
   return {};
 }
 
-// cont, when the guest is not running (QEMU leaves it stopped after a completed migration).
-awaitable<Result<void>> ensure_running(Context& ctx, Domain& d) {
+}  // namespace
+
+awaitable<Result<void>> detail::ensure_running(Context& ctx, Domain& d) {
   qmp::Command q = qmp::cmd::query_status();
   auto st = co_await call(ctx, d, std::move(q));
   if (!st) co_return st.error();
@@ -226,6 +227,8 @@ awaitable<Result<void>> ensure_running(Context& ctx, Domain& d) {
   if (!r) co_return r.error();
   co_return Result<void>{};
 }
+
+namespace {
 
 // The stream, from QEMU through the pipe into `file`: the migration's final state and the copy.
 awaitable<Result<void>> stream_into(Context& ctx, Domain& d, int file, std::uint32_t head_crc,

@@ -45,6 +45,15 @@ boost::asio::awaitable<Result<qmp::reply::MigrationInfo>> follow(
     Context& ctx, Domain& d, save_file::StreamCopy& copy,
     std::shared_ptr<boost::asio::steady_timer> wake, Follow what, CancelFlag cancel);
 
+// Every device of `saved` plugged into `d` (paused, before any migrate-incoming) where it was:
+// root-port devices in port order, each on its old port, then on the SCSI bus the CD drives and
+// SCSI disks (each in id order, as a create plugs them); then each disk's identity compared with
+// the saved one (identity_changed).
+boost::asio::awaitable<Result<void>> replug(Context& ctx, Domain& d, const Domain& saved);
+
+// cont, when the guest is not running (QEMU leaves it stopped after a completed migration).
+boost::asio::awaitable<Result<void>> ensure_running(Context& ctx, Domain& d);
+
 // An errno as an Error with `what` as its context, blaming `field` when set.
 Error errno_error(int e, const std::string& what, std::string_view field = {});
 

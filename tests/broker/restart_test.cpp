@@ -38,6 +38,7 @@ constexpr uid_t kMediumBase = 3'101'700;
 constexpr uid_t kFinishBase = 3'101'900;
 constexpr uid_t kSaveBase = 3'108'040;
 constexpr uid_t kRestoreBase = 3'108'050;
+constexpr uid_t kUpdateBase = 3'108'070;
 
 // Everything one broker process would own, on shared state and run directories.
 struct Stack {
@@ -456,4 +457,55 @@ TEST_CASE("a broker killed mid-restore leaves no half-restored domain after its 
   }
   qbtest::reap_exited_children();
   CHECK(live_processes_of_uid("/proc", kRestoreBase + 1) == 0);
+}
+
+TEST_CASE("a broker killed mid live update keeps the old QEMU, running, under its own names",
+          "[broker][restart][privileged][qemu][update]") {
+  QB_REQUIRE_ROOT();
+  qbtest::become_subreaper();
+  qbtest::TempDir state, run;
+  const std::string file = state / "domains/u1.json";
+  std::string before;
+  pid_t qemu = 0;
+  {
+    Stack first(kUpdateBase, state.path(), run.path());
+    auto info = first.run(first.broker->create(guest("u1")));
+    REQUIRE(info);
+    qemu = info->pid;
+    // The update had renamed the old QEMU's listeners and log aside and recorded so, and QEMU
+    // had stopped the guest for the last pass.
+    REQUIRE(first.run(first.broker->qmp_passthrough("u1", {"stop", {}})));
+    auto text = broker::read_small_file(file);
+    REQUIRE(text);
+    auto o = boost::json::parse(*text).as_object();
+    auto& inst = o["instance"].as_object();
+    for (const char* k : {"qmp", "console", "log"}) {
+      std::string path(inst[k].as_string());
+      std::string aside = path.substr(0, path.rfind('.')) + ".old" + path.substr(path.rfind('.'));
+      fs::rename(path, aside);
+      inst[k] = aside;
+    }
+    before = boost::json::serialize(o);
+  }
+  write_interrupted(file, before, "live-update", "", {{"was_running", true}});
+  {
+    Stack second(kUpdateBase, state.path(), run.path());
+    auto report = second.run(second.broker->recover());
+    REQUIRE(report.adopted == std::vector<std::string>{"u1"});
+    auto info = second.run(second.broker->info("u1"));
+    REQUIRE(info);
+    CHECK(info->pid == qemu);
+    CHECK(info->qemu_status == "running");
+    CHECK(info->console == run / "console/u1.sock");
+    CHECK(fs::exists(run / "qmp/u1.sock"));
+    CHECK_FALSE(fs::exists(run / "qmp/u1.old.sock"));
+    auto now = broker::read_small_file(file);
+    REQUIRE(now);
+    CHECK(now->find("live-update") == std::string::npos);
+    CHECK(now->find(".old.") == std::string::npos);
+    REQUIRE(second.run(second.broker->destroy("u1")));
+  }
+  qbtest::reap_exited_children();
+  CHECK(live_processes_of_uid("/proc", kUpdateBase + 1) == 0);
+  CHECK_FALSE(fs::exists(run / "qmp/u1.sock"));
 }

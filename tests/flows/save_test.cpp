@@ -30,6 +30,7 @@ constexpr uid_t kRoundTripBase = 3'108'000;
 constexpr uid_t kRefusedBase = 3'108'010;
 constexpr uid_t kFullBase = 3'108'020;
 constexpr uid_t kCancelBase = 3'108'030;
+constexpr uid_t kUpdateBase = 3'108'060;
 
 // The save root exists before the broker that is configured with it.
 struct SaveDir {
@@ -356,4 +357,64 @@ TEST_CASE("a cancelled save leaves the domain running and no file",
   CHECK_FALSE(fx.broker.exists("sc2"));
   CHECK(fx.uids.in_use() == uids);
   REQUIRE(fx.run(fx.broker.destroy("sc1")));
+}
+
+TEST_CASE("a live update moves the running guest to a fresh QEMU under a new uid, twice",
+          "[flows][privileged][qemu][update]") {
+  QB_REQUIRE_ROOT();
+  qbtest::FdLeakCheck leaks;
+  SaveFixture fx(kUpdateBase);
+  const auto& im = fx.images;
+  qbtest::make_image(im / "u.img", 1 << 20, "QB-UPDATE-DISK");
+  auto c = FlowsFixture::guest("up1");
+  c.disks.push_back(disk("u1", im / "u.img", DiskFormat::raw, DiskBus::virtio));
+  auto con = fx.boot(std::move(c));
+  const std::string vdev = find_disk(*con, "QB-UPDATE-DISK");
+  start_counter(*con);
+  long before = counter_after(*con, 1);
+
+  for (int round = 0; round < 2; ++round) {
+    INFO("update " << round);
+    const auto was = fx.run(fx.broker.info("up1", false));
+    REQUIRE(was);
+    const int image_fds = qbtest::fds_on(was->pid, im / "u.img");
+    CHECK(image_fds > 0);
+    auto events = fx.broker.events().subscribe("up1");
+    auto r = fx.run(fx.broker.migrate("up1", "local"));
+    INFO((r ? "" : r.error().describe()));
+    REQUIRE(r);
+    CHECK(progress_events(fx, *events, "live-update") > 0);
+    const auto now = fx.run(fx.broker.info("up1"));
+    REQUIRE(now);
+    CHECK(now->pid != was->pid);
+    CHECK(now->uid != was->uid);
+    CHECK(now->state == broker::RunState::running);
+    CHECK(now->qemu_status == "running");
+    // The old QEMU is gone by its uid, and with it every file it had under the run directory.
+    CHECK(broker::lifecycle::live_processes_of_uid("/proc", was->uid) == 0);
+    CHECK(fx.uids.in_use().size() == 1);
+    CHECK(fs::exists(fx.run_dir / "qmp/up1.sock"));
+    CHECK_FALSE(fs::exists(fx.run_dir / "qmp/up1.old.sock"));
+    CHECK_FALSE(fs::exists(fx.run_dir / "log/up1.old.log"));
+    CHECK(qbtest::fds_on(now->pid, im / "u.img") == image_fds);
+    // The same guest on the new QEMU: its counter goes on, its disk still takes writes.
+    con.reset();
+    auto fd = qbtest::connect_retry(now->console, 10s);
+    REQUIRE(fd);
+    con = std::make_unique<qbtest::GuestConsole>(std::move(fd));
+    const long after = counter(*con);
+    CHECK(after >= before);
+    CHECK(after < before + 50);
+    before = counter_after(*con, after);
+    const std::string tag = "QB-UPDATED-" + std::to_string(round);
+    REQUIRE(guest(*con, "printf " + tag + " | dd of=" + vdev +
+                            " bs=512 seek=32 conv=notrunc,fsync 2>/dev/null")
+                .rc == 0);
+    CHECK(qbtest::read_at(im / "u.img", 32 * 512, tag.size()) == tag);
+  }
+  auto other = fx.run(fx.broker.migrate("up1", "unix:/run/elsewhere.sock"));
+  REQUIRE_FALSE(other);
+  CHECK(other.error().code == broker::errc::not_implemented);
+  fx.check_transcript();
+  REQUIRE(fx.run(fx.broker.destroy("up1")));
 }
