@@ -14,6 +14,10 @@
 //            migrate-incoming fd:, a thread copying the raw file into the pipe, query-migrate
 //            until completed, cont.
 //
+//   update   broker: Broker::migrate(name, "local"), a live update of the running guest to a fresh
+//            QEMU: spawn with -incoming defer, QMP, socketpair, getfd into both, migrate, cont,
+//            the old QEMU killed by uid. raw: the same steps by hand on the raw guest.
+//
 // Usage: save_bench [--rounds N] [--dir DIR] [--verbose]   (root and the test guest; build optimized. DIR
 // holds both save files, /var/tmp by default.)
 #include <fcntl.h>
@@ -275,6 +279,28 @@ RawGuest raw_restore(Env& env, const std::string& name, const std::string& file)
   return g;
 }
 
+// The hand-written live update: a second QEMU with -incoming defer, a socketpair, one end to each,
+// migrate, cont on the new one, the old one killed by its uid. Returns the new guest.
+RawGuest raw_update(Env& env, RawGuest& old, const std::string& name) {
+  RawGuest next = start_raw(env, name, {"-incoming", "defer"});
+  auto pair = fdpass::make_socketpair(SOCK_STREAM);
+  if (!pair) die("raw update: socketpair");
+  next.qmp->cmd(R"({"execute":"getfd","arguments":{"fdname":"qb-migrate"}})", pair->second.get());
+  pair->second.reset();
+  next.qmp->cmd(R"({"execute":"migrate-incoming","arguments":{"uri":"fd:qb-migrate"}})");
+  old.qmp->cmd(R"({"execute":"migrate-set-parameters","arguments":{"max-bandwidth":)" +
+               std::to_string(qmp::cmd::kUnlimitedBandwidth) + "}}");
+  old.qmp->cmd(R"({"execute":"getfd","arguments":{"fdname":"qb-migrate"}})", pair->first.get());
+  pair->first.reset();
+  old.qmp->cmd(R"({"execute":"migrate","arguments":{"uri":"fd:qb-migrate"}})");
+  wait_migration(*old.qmp);
+  wait_migration(*next.qmp);
+  next.qmp->cmd(R"({"execute":"cont"})");
+  old.qmp.reset();
+  must(env.launcher.destroy(old.inst), "destroy the old raw QEMU");
+  return next;
+}
+
 std::uint64_t size_of(const std::string& path) {
   struct stat st {};
   return ::stat(path.c_str(), &st) == 0 ? static_cast<std::uint64_t>(st.st_size) : 0;
@@ -323,7 +349,7 @@ int main(int argc, char** argv) {
 
     const std::string api_file = env.saves / "api.state";
     const std::string raw_file = env.saves / "raw.state";
-    std::vector<double> save_api, save_raw, restore_api, restore_raw;
+    std::vector<double> save_api, save_raw, restore_api, restore_raw, update_api, update_raw;
     for (int r = 0; r < rounds; ++r) {
       auto api_save = [&] {
         auto t0 = Clock::now();
@@ -355,16 +381,32 @@ int main(int argc, char** argv) {
         g.qmp.reset();
         must(env.launcher.destroy(g.inst), "destroy raw restored");
       };
+      auto api_update = [&] {
+        auto t0 = Clock::now();
+        must(env.run(env.broker.migrate("qbs-api", "local")), "broker live update");
+        update_api.push_back(ms(Clock::now() - t0));
+      };
+      auto raw_update_once = [&] {
+        auto t0 = Clock::now();
+        // The raw guest's name alternates, as the broker's listeners do.
+        RawGuest next = raw_update(env, *raw, r % 2 == 0 ? "qbs-raw-b" : "qbs-raw");
+        update_raw.push_back(ms(Clock::now() - t0));
+        raw.emplace(std::move(next));
+      };
       if (r % 2 == 0) {
         api_save();
         raw_save_once();
         api_restore();
         raw_restore_once();
+        api_update();
+        raw_update_once();
       } else {
         raw_save_once();
         api_save();
         raw_restore_once();
         api_restore();
+        raw_update_once();
+        api_update();
       }
     }
     std::printf("file sizes: broker %.1f MiB, raw %.1f MiB\n", size_of(api_file) / 1048576.0,
@@ -379,6 +421,7 @@ int main(int argc, char** argv) {
     };
     line("save", save_api, save_raw);
     line("restore", restore_api, restore_raw);
+    line("update", update_api, update_raw);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "save_bench: %s\n", e.what());
     rc = 1;
