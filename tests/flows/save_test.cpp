@@ -3,7 +3,10 @@
 // running and no file behind, and QEMU never holds the save file by path.
 #include <sys/mount.h>
 
+#include <signal.h>
+
 #include <filesystem>
+#include <functional>
 #include <future>
 #include <thread>
 
@@ -31,6 +34,7 @@ constexpr uid_t kRefusedBase = 3'108'010;
 constexpr uid_t kFullBase = 3'108'020;
 constexpr uid_t kCancelBase = 3'108'030;
 constexpr uid_t kUpdateBase = 3'108'060;
+constexpr uid_t kUpdateFailBase = 3'108'090;
 
 // The save root exists before the broker that is configured with it.
 struct SaveDir {
@@ -417,4 +421,64 @@ TEST_CASE("a live update moves the running guest to a fresh QEMU under a new uid
   CHECK(other.error().code == broker::errc::not_implemented);
   fx.check_transcript();
   REQUIRE(fx.run(fx.broker.destroy("up1")));
+}
+
+TEST_CASE("a live update whose new QEMU dies, or that is cancelled, leaves the old one running",
+          "[flows][privileged][qemu][update]") {
+  QB_REQUIRE_ROOT();
+  qbtest::FdLeakCheck leaks;
+  SaveFixture fx(kUpdateFailBase);
+  auto con = fx.boot(FlowsFixture::guest("uf1"));
+  start_counter(*con);
+  long before = counter_after(*con, 1);
+  const auto was = fx.run(fx.broker.info("uf1", false));
+  REQUIRE(was);
+
+  // Runs the update until the new QEMU takes the stream, then `act`; the update must fail.
+  auto interrupted = [&](const std::function<void()>& act) {
+    const auto sent = fx.transcript.size();
+    auto pending = boost::asio::co_spawn(fx.io, fx.broker.migrate("uf1", "local"), boost::asio::use_future);
+    auto streaming = [&] {
+      for (std::size_t i = sent; i < fx.transcript.size(); ++i) {
+        if (fx.transcript[i].find("\"migrate\"") != std::string::npos) return true;
+      }
+      return false;
+    };
+    for (int i = 0; i < 4000 && !streaming(); ++i) {
+      fx.io.restart();
+      fx.io.run_for(1ms);
+    }
+    REQUIRE(streaming());
+    act();
+    auto r = fx.run_until(pending, 60s);
+    REQUIRE_FALSE(r);
+    return r.error();
+  };
+  auto unchanged = [&] {
+    const auto now = fx.run(fx.broker.info("uf1"));
+    REQUIRE(now);
+    CHECK(now->pid == was->pid);
+    CHECK(now->uid == was->uid);
+    CHECK(now->qemu_status == "running");
+    CHECK(now->console == fx.run_dir / "console/uf1.sock");
+    CHECK(fs::exists(fx.run_dir / "qmp/uf1.sock"));
+    CHECK_FALSE(fs::exists(fx.run_dir / "qmp/uf1.old.sock"));
+    CHECK(fx.uids.in_use().size() == 1);
+    before = counter_after(*con, before);
+  };
+
+  // The destination dies mid-stream: every process of its uid is killed.
+  auto died = interrupted([&] {
+    for (const auto& [uid, owner] : fx.uids.in_use()) {
+      if (uid == was->uid) continue;
+      for (const auto& p : broker::lifecycle::processes_of_uid("/proc", uid)) ::kill(p.pid, SIGKILL);
+    }
+  });
+  INFO(died.describe());
+  unchanged();
+
+  auto cancelled = interrupted([&] { REQUIRE(fx.run(fx.broker.cancel_job("uf1"))); });
+  CHECK(cancelled.code == broker::errc::cancelled);
+  unchanged();
+  REQUIRE(fx.run(fx.broker.destroy("uf1")));
 }
