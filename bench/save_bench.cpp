@@ -18,14 +18,15 @@
 //            QEMU: spawn with -incoming defer, QMP, socketpair, getfd into both, migrate, cont,
 //            the old QEMU killed by uid. raw: the same steps by hand on the raw guest.
 //
-// Usage: save_bench [--rounds N] [--dir DIR] [--verbose]   (root and the test guest; build optimized. DIR
-// holds both save files, /var/tmp by default.)
+// Usage: save_bench [--rounds N] [--dir DIR] [--verbose]   (root and the test guest; build
+// optimized. DIR holds both save files, /var/tmp by default.)
 #include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <boost/asio/io_context.hpp>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -36,8 +37,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <boost/asio/io_context.hpp>
 
 #include "broker/control/broker.hpp"
 #include "broker/core/log.hpp"
@@ -59,14 +58,18 @@ namespace {
 
 constexpr uid_t kBase = 3'108'100;
 
-[[noreturn]] void die(const std::string& what) { throw std::runtime_error(what); }
+[[noreturn]] void die(const std::string& what) {
+  throw std::runtime_error(what);
+}
 
 template <class R>
 void must(const R& r, const std::string& what) {
   if (!r) die(what + ": " + r.error().describe());
 }
 
-double ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
+double ms(Clock::duration d) {
+  return std::chrono::duration<double, std::milli>(d).count();
+}
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -104,7 +107,8 @@ class RawQmp {
       c->cmsg_len = CMSG_LEN(sizeof(int));
       std::memcpy(CMSG_DATA(c), &pass, sizeof(int));
     }
-    if (::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL) != static_cast<ssize_t>(line.size())) die("sendmsg");
+    if (::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL) != static_cast<ssize_t>(line.size()))
+      die("sendmsg");
     for (;;) {
       std::string l = line_();
       if (l.find("\"event\"") != std::string::npos) continue;
@@ -197,7 +201,8 @@ struct Env {
       : saves(save_base),
         roots(open_roots()),
         launcher(launcher_config(run_dir.path), uids, cgroups, roots),
-        broker(io.get_executor(), broker_config(records.path, saves.path, &transcript), launcher, roots) {
+        broker(io.get_executor(), broker_config(records.path, saves.path, &transcript), launcher,
+               roots) {
     qbtest::become_subreaper();
     uids.load();
   }

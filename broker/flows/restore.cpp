@@ -12,7 +12,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-
 #include <boost/json.hpp>
 
 #include "broker/core/errc.hpp"
@@ -42,7 +41,8 @@ struct Saved {
 Result<Saved> open_saved(Context& ctx, const RestoreRequest& r) {
   auto target = open_target(ctx.save_root, r.path, r.name);
   if (!target) return target.error();
-  fdpass::UniqueFd file(::openat(target->dir.get(), target->name.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
+  fdpass::UniqueFd file(
+      ::openat(target->dir.get(), target->name.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
   if (!file) return errno_error(errno, "path: cannot open the save file " + r.path, "path");
   struct stat st {};
   if (::fstat(file.get(), &st) != 0 || !S_ISREG(st.st_mode)) {
@@ -52,10 +52,11 @@ Result<Saved> open_saved(Context& ctx, const RestoreRequest& r) {
   if (!layout) return layout.error();
   // The header holds no instance: the record reader wants one, and gets an empty one.
   json::object o = layout->domain.as_object();
-  o["instance"] = json::object{{"uid", 0}, {"pid", 0}, {"start_time", 0}, {"accel", "tcg"},
+  o["instance"] = json::object{{"uid", 0},  {"pid", 0},      {"start_time", 0}, {"accel", "tcg"},
                                {"qmp", ""}, {"console", ""}, {"log", ""}};
   auto domain = domain_from_json(o);
-  if (!domain) return field_error("path", "the save file's header is corrupt: " + domain.error().message);
+  if (!domain)
+    return field_error("path", "the save file's header is corrupt: " + domain.error().message);
   return Saved{std::move(file), std::move(*layout), std::move(*domain)};
 }
 
@@ -101,7 +102,8 @@ Result<void> check_plugged(const Domain& d, const Domain& saved) {
   }
   for (const auto& [id, cd] : saved.cdroms) {
     auto it = d.cdroms.find(id);
-    if (cd.path.empty() || (it != d.cdroms.end() && it->second.identity.same_object(cd.identity))) continue;
+    if (cd.path.empty() || (it != d.cdroms.end() && it->second.identity.same_object(cd.identity)))
+      continue;
     Error e(make_error_code(fdpass::errc::identity_changed),
             "cdroms." + id + ": " + cd.path + " changed while the domain was being restored");
     e.field = "cdroms." + id;
@@ -129,11 +131,14 @@ struct PortDevice {
 
 std::vector<PortDevice> port_devices(const Domain& saved) {
   std::vector<PortDevice> out;
-  if (saved.scsi_controller) out.push_back({port_number(saved.scsi_slot), PortDevice::Kind::scsi_controller, {}});
+  if (saved.scsi_controller)
+    out.push_back({port_number(saved.scsi_slot), PortDevice::Kind::scsi_controller, {}});
   for (const auto& [id, disk] : saved.disks) {
-    if (disk.spec.bus == DiskBus::virtio) out.push_back({port_number(disk.slot), PortDevice::Kind::disk, id});
+    if (disk.spec.bus == DiskBus::virtio)
+      out.push_back({port_number(disk.slot), PortDevice::Kind::disk, id});
   }
-  for (const auto& [id, nic] : saved.nics) out.push_back({port_number(nic.slot), PortDevice::Kind::nic, id});
+  for (const auto& [id, nic] : saved.nics)
+    out.push_back({port_number(nic.slot), PortDevice::Kind::nic, id});
   std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.port < b.port; });
   return out;
 }
@@ -182,7 +187,8 @@ awaitable<Result<void>> replug(Context& ctx, Domain& d, const Domain& saved) {
     if (cd.path.empty()) continue;
     InsertMedium medium{cd.path, false};
     std::string drive = id;
-    if (auto ok = co_await insert_medium(ctx, d, std::move(drive), std::move(medium)); !ok) co_return ok.error();
+    if (auto ok = co_await insert_medium(ctx, d, std::move(drive), std::move(medium)); !ok)
+      co_return ok.error();
   }
   for (const auto& [id, disk] : saved.disks) {
     if (disk.spec.bus != DiskBus::scsi) continue;
@@ -213,7 +219,8 @@ awaitable<Result<void>> stream_from(Context& ctx, Domain& d, Saved& saved, const
                                      .crc = layout.header_crc,
                                      .own_src = {},
                                      .own_dst = std::move(pipe->second)};
-  auto copy = std::make_unique<save_file::StreamCopy>(ctx.ex, wake, saved.file, fdpass::BorrowedFd(), std::move(how));
+  auto copy = std::make_unique<save_file::StreamCopy>(ctx.ex, wake, saved.file,
+                                                      fdpass::BorrowedFd(), std::move(how));
   Follow what{"restore", false, layout.stream_length};
   auto info = co_await follow(ctx, d, *copy, wake, std::move(what), cancel);
   const bool was_cancelled = cancel && *cancel;
@@ -221,7 +228,9 @@ awaitable<Result<void>> stream_from(Context& ctx, Domain& d, Saved& saved, const
   const std::uint32_t crc = copy->crc();
   copy.reset();
   if (was_cancelled) co_return cancelled("the restore of " + path);
-  if (copy_error != 0) co_return errno_error(copy_error, "path: feeding the saved state of " + path + " to QEMU", "path");
+  if (copy_error != 0)
+    co_return errno_error(copy_error, "path: feeding the saved state of " + path + " to QEMU",
+                          "path");
   if (crc != layout.crc) {
     co_return field_error("path", path + " is corrupt: its checksum does not match its trailer");
   }
@@ -239,7 +248,8 @@ awaitable<Result<void>> bring_up(Context& ctx, Domains& domains, std::shared_ptr
   if (auto ok = co_await domains.attach(d); !ok) co_return ok.error();
   d->set_state(RunState::paused);
   if (auto ok = co_await replug(ctx, *d, *saved.domain); !ok) co_return ok.error();
-  if (auto ok = co_await stream_from(ctx, *d, saved, request.path, cancel); !ok) co_return ok.error();
+  if (auto ok = co_await stream_from(ctx, *d, saved, request.path, cancel); !ok)
+    co_return ok.error();
   if (!request.paused) {
     qmp::Command cont = qmp::cmd::cont();
     if (auto ok = co_await call(ctx, *d, std::move(cont)); !ok) co_return ok.error();
@@ -277,8 +287,9 @@ awaitable<Result<std::shared_ptr<Domain>>> restore(Context& ctx, Domains& domain
     ctx.events.publish(name, "domain", "failed", {{"error", ok.error().describe()}});
     co_return ok.error();
   }
-  ctx.events.publish(name, "domain", "restored",
-                     {{"uid", d->instance().uid}, {"pid", d->instance().pid}, {"from", request.path}});
+  ctx.events.publish(
+      name, "domain", "restored",
+      {{"uid", d->instance().uid}, {"pid", d->instance().pid}, {"from", request.path}});
   co_return d;
 }
 

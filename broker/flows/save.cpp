@@ -12,11 +12,10 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#include <chrono>
-
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/json.hpp>
+#include <chrono>
 
 #include "broker/core/errc.hpp"
 #include "broker/core/log.hpp"
@@ -66,7 +65,8 @@ Error cancelled(const std::string& what) {
 Result<SaveTarget> open_target(const std::string& save_root, const std::string& path,
                                const std::string& domain) {
   if (save_root.empty()) {
-    Error e(make_error_code(errc::forbidden), "path: this broker has no --save-root; save and restore are off");
+    Error e(make_error_code(errc::forbidden),
+            "path: this broker has no --save-root; save and restore are off");
     e.field = "path";
     return e;
   }
@@ -86,10 +86,34 @@ Result<SaveTarget> open_target(const std::string& save_root, const std::string& 
   const std::string dir_path = dir_rel.empty() ? "." : dir_rel.substr(1);
   fdpass::UniqueFd dir(open_beneath(root_fd.get(), dir_path, O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (!dir) {
-    return errno_error(errno, "path: the directory of " + path + " cannot be opened beneath the save root",
+    return errno_error(errno,
+                       "path: the directory of " + path + " cannot be opened beneath the save root",
                        "path");
   }
   return SaveTarget{std::move(dir), name, "." + name + "." + domain + ".part"};
+}
+
+void publish_progress(Context& ctx, const Domain& d, const Follow& what, std::uint64_t bytes,
+                      const qmp::reply::MigrationInfo& info,
+                      std::chrono::steady_clock::duration took) {
+  const double secs = std::chrono::duration<double>(took).count();
+  const std::uint64_t total = what.total != 0 ? what.total : info.total;
+  double fraction = 0;
+  if (what.total != 0) {
+    fraction = static_cast<double>(bytes) / static_cast<double>(what.total);
+  } else if (info.total != 0) {
+    // QEMU's own estimate: the share of RAM no longer left to send.
+    fraction = static_cast<double>(info.total - std::min(info.remaining, info.total)) /
+               static_cast<double>(info.total);
+  }
+  if (info.status == "completed") fraction = 1.0;
+  ctx.events.publish(d.name(), "job", "progress",
+                     {{"job", what.job},
+                      {"phase", info.status},
+                      {"bytes", bytes},
+                      {"total", total},
+                      {"rate", secs > 0 ? static_cast<double>(bytes) / secs : 0.0},
+                      {"fraction", fraction}});
 }
 
 awaitable<Result<qmp::reply::MigrationInfo>> follow(Context& ctx, Domain& d,
@@ -114,8 +138,8 @@ awaitable<Result<qmp::reply::MigrationInfo>> follow(Context& ctx, Domain& d,
     auto info = qmp::reply::migration(*r);
     if (!info) co_return from_qmp(info.error(), "query-migrate");
     const std::string& st = info->status;
-    const bool qemu_busy = st == "setup" || st == "active" || st == "device" || st == "pre-switchover" ||
-                st == "cancelling" || st == "wait-unplug";
+    const bool qemu_busy = st == "setup" || st == "active" || st == "device" ||
+                           st == "pre-switchover" || st == "cancelling" || st == "wait-unplug";
     const bool stop = (cancel && *cancel) || (what.outgoing && done && copy.error() != 0);
     if (stop && !stop_sent) {
       stop_sent = true;
@@ -126,26 +150,11 @@ awaitable<Result<qmp::reply::MigrationInfo>> follow(Context& ctx, Domain& d,
       }
     }
     const auto now = Clock::now();
+    // A few events a second, and every change of phase.
     if (now - last_event >= std::chrono::milliseconds(250) || st != last_phase || !qemu_busy) {
       last_event = now;
       last_phase = st;
-      const double secs = std::chrono::duration<double>(now - start).count();
-      const std::uint64_t bytes = copy.bytes();
-      const std::uint64_t total = what.total != 0 ? what.total : info->total;
-      double fraction = 0;
-      if (what.total != 0) fraction = static_cast<double>(bytes) / static_cast<double>(what.total);
-      else if (info->total != 0) {
-        fraction = static_cast<double>(info->total - std::min(info->remaining, info->total)) /
-                   static_cast<double>(info->total);
-      }
-      if (st == "completed") fraction = 1.0;
-      ctx.events.publish(d.name(), "job", "progress",
-                         {{"job", what.job},
-                          {"phase", st},
-                          {"bytes", bytes},
-                          {"total", total},
-                          {"rate", secs > 0 ? static_cast<double>(bytes) / secs : 0.0},
-                          {"fraction", fraction}});
+      publish_progress(ctx, d, what, copy.bytes(), *info, now - start);
     }
     if (done && !qemu_busy) co_return *info;
     // An incoming QEMU has no cancel: once the copy stopped, its migration is abandoned.
@@ -196,7 +205,8 @@ Result<void> write_all(int fd, std::string_view data, const std::string& what) {
 // the instance that ran it.
 json::value saved_domain(const Domain& d) {
   json::object o = state_to_json(d).as_object();
-  for (const char* k : {"instance", "state", "job", "fdsets_to_close", "destroying", "vnc"}) o.erase(k);
+  for (const char* k : {"instance", "state", "job", "fdsets_to_close", "destroying", "vnc"})
+    o.erase(k);
   return o;
 }
 
@@ -207,7 +217,8 @@ Result<void> commit_file(int file, const SaveTarget& target, const save_file::St
   const std::string tail = save_file::trailer(copy.bytes(), copy.crc());
   if (auto ok = write_all(file, tail, "writing the save file's trailer " + path); !ok) return ok;
   if (::fsync(file) != 0) return errno_error(errno, "path: fsync of " + path, "path");
-  if (::renameat(target.dir.get(), target.temp.c_str(), target.dir.get(), target.name.c_str()) != 0) {
+  if (::renameat(target.dir.get(), target.temp.c_str(), target.dir.get(), target.name.c_str()) !=
+      0) {
     return errno_error(errno, "path: renaming the save file to " + path, "path");
   }
   if (::fsync(target.dir.get()) != 0) log::warn("fsync of the directory of " + path + " failed");
@@ -232,7 +243,8 @@ namespace {
 
 // The stream, from QEMU through the pipe into `file`: the migration's final state and the copy.
 awaitable<Result<void>> stream_into(Context& ctx, Domain& d, int file, std::uint32_t head_crc,
-                                    CancelFlag cancel, std::unique_ptr<save_file::StreamCopy>& copy) {
+                                    CancelFlag cancel,
+                                    std::unique_ptr<save_file::StreamCopy>& copy) {
   auto pipe = fdpass::make_pipe();
   if (!pipe) co_return errno_error(pipe.error().value(), "save: cannot make a pipe");
   ::fcntl(pipe->first.get(), F_SETPIPE_SZ, 1 << 20);  // fewer, larger reads; best effort
@@ -248,8 +260,8 @@ awaitable<Result<void>> stream_into(Context& ctx, Domain& d, int file, std::uint
                                      .crc = head_crc,
                                      .own_src = std::move(pipe->first),
                                      .own_dst = {}};
-  copy = std::make_unique<save_file::StreamCopy>(ctx.ex, wake, fdpass::BorrowedFd(), fdpass::BorrowedFd(file),
-                                                 std::move(how));
+  copy = std::make_unique<save_file::StreamCopy>(ctx.ex, wake, fdpass::BorrowedFd(),
+                                                 fdpass::BorrowedFd(file), std::move(how));
   qmp::Command migrate = qmp::cmd::migrate_to_fd(fd_name);
   if (auto ok = co_await call(ctx, d, std::move(migrate)); !ok) {
     qmp::Command close = qmp::cmd::closefd(fd_name);
@@ -267,12 +279,14 @@ awaitable<Result<void>> stream_into(Context& ctx, Domain& d, int file, std::uint
   if (copy_error != 0) {
     co_return errno_error(copy_error,
                           "path: writing the save file failed; the partial file was removed and "
-                          "domain " + d.name() + " runs on",
+                          "domain " +
+                              d.name() + " runs on",
                           "path");
   }
   if (info->status != "completed") {
-    co_return Error(make_error_code(errc::qemu_error),
-                    "QEMU's migration " + info->status + ": " + info->error_desc.value_or("no reason given"));
+    co_return Error(
+        make_error_code(errc::qemu_error),
+        "QEMU's migration " + info->status + ": " + info->error_desc.value_or("no reason given"));
   }
   co_return Result<void>{};
 }
@@ -289,12 +303,15 @@ awaitable<Result<void>> save(Context& ctx, Domain& d, SaveRequest request, Cance
   const bool was_running = d.state() == RunState::running;
   fdpass::UniqueFd file(::openat(target->dir.get(), target->temp.c_str(),
                                  O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600));
-  if (!file) co_return errno_error(errno, "path: cannot create the save file beside " + request.path, "path");
+  if (!file)
+    co_return errno_error(errno, "path: cannot create the save file beside " + request.path,
+                          "path");
   TempFile temp(target->dir.get(), target->temp);
   const std::string head = save_file::begin(saved_domain(d));
-  if (auto ok = write_all(file.get(), head, "writing the save file " + request.path); !ok) co_return ok.error();
-  const std::uint32_t head_crc =
-      save_file::checksum(0, head.data() + save_file::kPreambleSize, head.size() - save_file::kPreambleSize);
+  if (auto ok = write_all(file.get(), head, "writing the save file " + request.path); !ok)
+    co_return ok.error();
+  const std::uint32_t head_crc = save_file::checksum(0, head.data() + save_file::kPreambleSize,
+                                                     head.size() - save_file::kPreambleSize);
 
   // From here on a failure resumes a guest that ran: QEMU does so itself after a failed or
   // cancelled migration, not after one that completed and was then refused.

@@ -8,12 +8,11 @@
 
 #include <algorithm>
 #include <array>
+#include <boost/asio/post.hpp>
+#include <boost/json.hpp>
 #include <cerrno>
 #include <cstring>
 #include <vector>
-
-#include <boost/asio/post.hpp>
-#include <boost/json.hpp>
 
 #include "broker/core/errc.hpp"
 #include "broker/domain/requests.hpp"
@@ -110,7 +109,8 @@ Result<Layout> read_layout(fdpass::BorrowedFd fd, std::string_view field) {
   out.crc = static_cast<std::uint32_t>(get_le(tr.data() + 16, 4));
   if (out.stream_length != size - out.stream_offset - kTrailerSize) {
     return field_error(field, "the save file is truncated or corrupt: its trailer records " +
-                                  std::to_string(out.stream_length) + " stream bytes, the file holds " +
+                                  std::to_string(out.stream_length) +
+                                  " stream bytes, the file holds " +
                                   std::to_string(size - out.stream_offset - kTrailerSize));
   }
   std::string header(header_len, '\0');
@@ -123,15 +123,17 @@ Result<Layout> read_layout(fdpass::BorrowedFd fd, std::string_view field) {
   const json::object* o = ec ? nullptr : h.if_object();
   const json::value* fmt = o != nullptr ? o->if_contains("format") : nullptr;
   const json::value* domain = o != nullptr ? o->if_contains("domain") : nullptr;
-  if (fmt == nullptr || !fmt->is_string() || fmt->get_string() != kFormat || domain == nullptr || !domain->is_object()) {
+  if (fmt == nullptr || !fmt->is_string() || fmt->get_string() != kFormat || domain == nullptr ||
+      !domain->is_object()) {
     return field_error(field, "the save file's header is corrupt");
   }
   out.domain = *domain;
   return out;
 }
 
-StreamCopy::StreamCopy(boost::asio::any_io_executor ex, std::shared_ptr<boost::asio::steady_timer> wake,
-                       fdpass::BorrowedFd src, fdpass::BorrowedFd dst, Options options)
+StreamCopy::StreamCopy(boost::asio::any_io_executor ex,
+                       std::shared_ptr<boost::asio::steady_timer> wake, fdpass::BorrowedFd src,
+                       fdpass::BorrowedFd dst, Options options)
     : src_(src.get() >= 0 ? src : fdpass::BorrowedFd(options.own_src)),
       dst_(dst.get() >= 0 ? dst : fdpass::BorrowedFd(options.own_dst)),
       options_{options.src_offset, options.limit, options.crc, {}, {}},
@@ -165,7 +167,8 @@ int StreamCopy::write_all(const char* p, std::size_t n) {
   return 0;
 }
 
-void StreamCopy::run(boost::asio::any_io_executor ex, std::shared_ptr<boost::asio::steady_timer> wake) {
+void StreamCopy::run(boost::asio::any_io_executor ex,
+                     std::shared_ptr<boost::asio::steady_timer> wake) {
   // QEMU may close its end of the pipe at any moment: that is an EPIPE for this thread, never a
   // SIGPIPE for the broker.
   sigset_t pipe_sig;

@@ -2,12 +2,12 @@
 // migration while the broker's copy runs, publishing the job's progress.
 #pragma once
 
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
-
-#include <boost/asio/awaitable.hpp>
-#include <boost/asio/steady_timer.hpp>
 
 #include "broker/core/error.hpp"
 #include "broker/flows/flows.hpp"
@@ -36,6 +36,12 @@ struct Follow {
   bool outgoing = true;     // QEMU sends (save): a cancel or a failed copy is a migrate_cancel
   std::uint64_t total = 0;  // bytes expected; 0: QEMU's estimate
 };
+
+// Publishes a "job" "progress" event: `bytes` of `what.total` (or of QEMU's RAM estimate), the
+// rate since the job began `took` ago, QEMU's migration status as the phase.
+void publish_progress(Context& ctx, const Domain& d, const Follow& what, std::uint64_t bytes,
+                      const qmp::reply::MigrationInfo& info,
+                      std::chrono::steady_clock::duration took);
 
 // Waits for the copy and QEMU's side of the migration to end, polling query-migrate every
 // timeouts.migrate_poll and publishing "job" "progress" events (bytes, total, rate, phase). A

@@ -12,12 +12,11 @@
 // back; QEMU resumes the old guest after a failed or cancelled migration.
 #include <sys/socket.h>
 
-#include <cstdio>
-#include <cstring>
-
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <cstdio>
+#include <cstring>
 
 #include "broker/core/errc.hpp"
 #include "broker/core/log.hpp"
@@ -63,7 +62,8 @@ void put_back(Domain& d) {
   for (std::string* path : {&inst.qmp_path, &inst.console_path, &inst.log_path}) {
     const std::string suffix = std::string(kAside) + path->substr(path->rfind('.'));
     if (!path->ends_with(suffix)) continue;
-    std::string back = path->substr(0, path->size() - suffix.size()) + path->substr(path->rfind('.'));
+    std::string back =
+        path->substr(0, path->size() - suffix.size()) + path->substr(path->rfind('.'));
     if (std::rename(path->c_str(), back.c_str()) != 0) {
       log::warn("live update: cannot rename " + *path + " back: " + std::strerror(errno));
       continue;
@@ -82,7 +82,8 @@ bool busy(const std::string& st) {
 
 // Follows the old QEMU's migration until it ends, publishing progress; a cancel is a
 // migrate_cancel.
-awaitable<Result<qmp::reply::MigrationInfo>> follow_live(Context& ctx, Domain& d, CancelFlag cancel) {
+awaitable<Result<qmp::reply::MigrationInfo>> follow_live(Context& ctx, Domain& d,
+                                                         CancelFlag cancel) {
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
   auto last_event = start - std::chrono::hours(1);
@@ -104,20 +105,8 @@ awaitable<Result<qmp::reply::MigrationInfo>> follow_live(Context& ctx, Domain& d
     const auto now = Clock::now();
     if (now - last_event >= std::chrono::milliseconds(250) || !busy(info->status)) {
       last_event = now;
-      const double secs = std::chrono::duration<double>(now - start).count();
-      double fraction = 0;
-      if (info->total != 0) {
-        fraction = static_cast<double>(info->total - std::min(info->remaining, info->total)) /
-                   static_cast<double>(info->total);
-      }
-      if (info->status == "completed") fraction = 1.0;
-      ctx.events.publish(d.name(), "job", "progress",
-                         {{"job", "live-update"},
-                          {"phase", info->status},
-                          {"bytes", info->transferred},
-                          {"total", info->total},
-                          {"rate", secs > 0 ? static_cast<double>(info->transferred) / secs : 0.0},
-                          {"fraction", fraction}});
+      const Follow what{"live-update", true, 0};
+      publish_progress(ctx, d, what, info->transferred, *info, now - start);
     }
     if (!busy(info->status)) co_return *info;
   }
@@ -147,7 +136,8 @@ awaitable<Result<void>> incoming_done(Context& ctx, Domain& d) {
 
 // Everything between the two spawns and the switch: devices, the stream, cont.
 awaitable<Result<void>> move_state(Context& ctx, Domains& domains, std::shared_ptr<Domain> old,
-                                   std::shared_ptr<Domain> next, CancelFlag cancel, bool was_running) {
+                                   std::shared_ptr<Domain> next, CancelFlag cancel,
+                                   bool was_running) {
   if (auto ok = co_await domains.attach(next); !ok) co_return ok.error();
   next->set_state(RunState::paused);
   if (auto ok = co_await replug(ctx, *next, *old); !ok) co_return ok.error();
@@ -198,7 +188,8 @@ awaitable<void> roll_back(Context& ctx, Domains& domains, std::shared_ptr<Domain
 }  // namespace
 
 awaitable<Result<std::shared_ptr<Domain>>> live_update(Context& ctx, Domains& domains,
-                                                       std::shared_ptr<Domain> old, CancelFlag cancel) {
+                                                       std::shared_ptr<Domain> old,
+                                                       CancelFlag cancel) {
   const bool was_running = old->state() == RunState::running;
   if (auto ok = move_aside(*old); !ok) {
     put_back(*old);
@@ -222,8 +213,8 @@ awaitable<Result<std::shared_ptr<Domain>>> live_update(Context& ctx, Domains& do
   // The switch: the record names the new QEMU before the old one goes.
   if (auto ok = co_await domains.replace(next); !ok) log::error(ok.error().describe());
   if (auto killed = co_await domains.retire(old); !killed) {
-    log::error("domain " + old->name() + ": the QEMU it left could not be killed: " +
-               killed.error().describe());
+    log::error("domain " + old->name() +
+               ": the QEMU it left could not be killed: " + killed.error().describe());
   }
   co_return next;
 }

@@ -1,21 +1,21 @@
 // The save file's layout checks and the copy thread, without QEMU or root: a file cut short, grown,
 // altered in its header or from another program is told apart from a whole one, and the copy sums
 // what passes, stops when asked and closes the pipe end it holds.
+#include "broker/flows/save_file.hpp"
+
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include <memory>
-#include <string>
-
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/json.hpp>
 #include <catch2/catch.hpp>
+#include <memory>
+#include <string>
 
 #include "broker/core/errc.hpp"
-#include "broker/flows/save_file.hpp"
 #include "fdpass/devices.hpp"
 #include "support/qemu.hpp"
 #include "support/support.hpp"
@@ -36,7 +36,8 @@ const json::value kDomain = json::object{{"spec", json::object{{"name", "vm1"}}}
 
 std::string whole(const std::string& stream) {
   const std::string head = sf::begin(kDomain);
-  std::uint32_t crc = sf::checksum(0, head.data() + sf::kPreambleSize, head.size() - sf::kPreambleSize);
+  std::uint32_t crc =
+      sf::checksum(0, head.data() + sf::kPreambleSize, head.size() - sf::kPreambleSize);
   crc = sf::checksum(crc, stream.data(), stream.size());
   return head + stream + sf::trailer(stream.size(), crc);
 }
@@ -95,9 +96,13 @@ TEST_CASE("the copy sums a pipe into a file up to EOF and closes the pipe end it
   REQUIRE(pipe);
   auto out = file_with("");
   const std::string data(3u << 20, 'x');
-  auto wake = std::make_shared<boost::asio::steady_timer>(io, boost::asio::steady_timer::time_point::max());
-  sf::StreamCopy::Options how{.src_offset = std::nullopt, .limit = std::nullopt, .crc = 7,
-                              .own_src = std::move(pipe->first), .own_dst = {}};
+  auto wake =
+      std::make_shared<boost::asio::steady_timer>(io, boost::asio::steady_timer::time_point::max());
+  sf::StreamCopy::Options how{.src_offset = std::nullopt,
+                              .limit = std::nullopt,
+                              .crc = 7,
+                              .own_src = std::move(pipe->first),
+                              .own_dst = {}};
   sf::StreamCopy copy(io.get_executor(), wake, fdpass::BorrowedFd(), out, std::move(how));
   wake->async_wait([](boost::system::error_code) {});
   REQUIRE(qbtest::write_all(pipe->second.get(), data));
@@ -117,10 +122,11 @@ TEST_CASE("the copy feeds a file's stream into a pipe, then closes it; a stop en
   {
     auto pipe = fdpass::make_pipe();
     REQUIRE(pipe);
-    auto wake = std::make_shared<boost::asio::steady_timer>(io, boost::asio::steady_timer::time_point::max());
+    auto wake = std::make_shared<boost::asio::steady_timer>(
+        io, boost::asio::steady_timer::time_point::max());
     wake->async_wait([](boost::system::error_code) {});
-    sf::StreamCopy::Options how{.src_offset = 4, .limit = 10, .crc = 0, .own_src = {},
-                                .own_dst = std::move(pipe->second)};
+    sf::StreamCopy::Options how{
+        .src_offset = 4, .limit = 10, .crc = 0, .own_src = {}, .own_dst = std::move(pipe->second)};
     sf::StreamCopy copy(io.get_executor(), wake, in, fdpass::BorrowedFd(), std::move(how));
     wait_done(io, copy);
     CHECK(copy.error() == 0);
@@ -133,10 +139,14 @@ TEST_CASE("the copy feeds a file's stream into a pipe, then closes it; a stop en
     auto pipe = fdpass::make_pipe();
     REQUIRE(pipe);
     auto out = file_with("");
-    auto wake = std::make_shared<boost::asio::steady_timer>(io, boost::asio::steady_timer::time_point::max());
+    auto wake = std::make_shared<boost::asio::steady_timer>(
+        io, boost::asio::steady_timer::time_point::max());
     wake->async_wait([](boost::system::error_code) {});
-    sf::StreamCopy::Options how{.src_offset = std::nullopt, .limit = std::nullopt, .crc = 0,
-                                .own_src = std::move(pipe->first), .own_dst = {}};
+    sf::StreamCopy::Options how{.src_offset = std::nullopt,
+                                .limit = std::nullopt,
+                                .crc = 0,
+                                .own_src = std::move(pipe->first),
+                                .own_dst = {}};
     sf::StreamCopy copy(io.get_executor(), wake, fdpass::BorrowedFd(), out, std::move(how));
     copy.stop();
     wait_done(io, copy);
@@ -152,9 +162,13 @@ TEST_CASE("the copy feeds a file's stream into a pipe, then closes it; a stop en
   {
     auto pipe = fdpass::make_pipe();
     REQUIRE(pipe);
-    auto wake = std::make_shared<boost::asio::steady_timer>(io, boost::asio::steady_timer::time_point::max());
+    auto wake = std::make_shared<boost::asio::steady_timer>(
+        io, boost::asio::steady_timer::time_point::max());
     wake->async_wait([](boost::system::error_code) {});
-    sf::StreamCopy::Options how{.src_offset = 10, .limit = 100, .crc = 0, .own_src = {},
+    sf::StreamCopy::Options how{.src_offset = 10,
+                                .limit = 100,
+                                .crc = 0,
+                                .own_src = {},
                                 .own_dst = std::move(pipe->second)};
     sf::StreamCopy copy(io.get_executor(), wake, in, fdpass::BorrowedFd(), std::move(how));
     wait_done(io, copy);

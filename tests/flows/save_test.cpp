@@ -1,17 +1,15 @@
 // Save and restore through the Broker against real jailed QEMUs and the booted test guest: the
 // guest's counter and disks survive a save and restore, every refusal and failure leaves nothing
 // running and no file behind, and QEMU never holds the save file by path.
+#include <signal.h>
 #include <sys/mount.h>
 
-#include <signal.h>
-
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/use_future.hpp>
 #include <filesystem>
 #include <functional>
 #include <future>
 #include <thread>
-
-#include <boost/asio/co_spawn.hpp>
-#include <boost/asio/use_future.hpp>
 
 #include "broker/api/http_errors.hpp"
 #include "broker/core/atomic_file.hpp"
@@ -72,8 +70,9 @@ qbtest::GuestConsole::Output guest(qbtest::GuestConsole& con, const std::string&
 
 // A counter the guest bumps five times a second into /tmp/count (lost if the guest rebooted).
 void start_counter(qbtest::GuestConsole& con) {
-  REQUIRE(guest(con, "(i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done) "
-                     "</dev/null >/dev/null 2>&1 &")
+  REQUIRE(guest(con,
+                "(i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done) "
+                "</dev/null >/dev/null 2>&1 &")
               .rc == 0);
 }
 
@@ -115,7 +114,8 @@ int progress_events(FlowsFixture& fx, broker::EventStream& stream, const std::st
   int n = 0;
   while (stream.queued() > 0) {
     auto ev = fx.run(stream.next(std::chrono::steady_clock::now()));
-    if (!ev || ev->kind != "job" || ev->name != "progress" || ev->data.at("job") != job.c_str()) continue;
+    if (!ev || ev->kind != "job" || ev->name != "progress" || ev->data.at("job") != job.c_str())
+      continue;
     INFO(boost::json::serialize(ev->data));
     CHECK(ev->data.at("bytes").is_number());
     CHECK(ev->data.at("total").to_number<double>() > 0);
@@ -273,7 +273,8 @@ TEST_CASE("a save onto a full disk answers 507, removes the partial file and kee
   qbtest::FdLeakCheck leaks;
   SaveFixture fx(kFullBase);
   // A save root far smaller than the guest's RAM.
-  REQUIRE(::mount("tmpfs", fx.saves.path().c_str(), "tmpfs", MS_NOSUID | MS_NODEV, "size=8m,mode=0700") == 0);
+  REQUIRE(::mount("tmpfs", fx.saves.path().c_str(), "tmpfs", MS_NOSUID | MS_NODEV,
+                  "size=8m,mode=0700") == 0);
   struct Unmount {
     std::string dir;
     ~Unmount() { ::umount2(dir.c_str(), MNT_DETACH); }
@@ -285,7 +286,8 @@ TEST_CASE("a save onto a full disk answers 507, removes the partial file and kee
   auto r = fx.run(fx.broker.save("sx1", {fx.saves / "sx1.state", false}));
   REQUIRE_FALSE(r);
   CHECK(r.error().code == std::error_code(ENOSPC, std::system_category()));
-  CHECK(broker::api::classify(r.error().code).status == boost::beast::http::status::insufficient_storage);
+  CHECK(broker::api::classify(r.error().code).status ==
+        boost::beast::http::status::insufficient_storage);
   CHECK(r.error().field == "path");
   CHECK(fx.saved_files().empty());
   REQUIRE(fx.broker.exists("sx1"));
@@ -307,8 +309,8 @@ TEST_CASE("a cancelled save leaves the domain running and no file",
   REQUIRE_FALSE(none);
   CHECK(none.error().code == broker::errc::wrong_state);
 
-  auto pending = boost::asio::co_spawn(fx.io, fx.broker.save("sc1", {fx.saves / "sc1.state", false}),
-                                       boost::asio::use_future);
+  auto pending = boost::asio::co_spawn(
+      fx.io, fx.broker.save("sc1", {fx.saves / "sc1.state", false}), boost::asio::use_future);
   // Cancelled once QEMU streams.
   auto streaming = [&] {
     for (const auto& line : fx.transcript) {
@@ -437,7 +439,8 @@ TEST_CASE("a live update whose new QEMU dies, or that is cancelled, leaves the o
   // Runs the update until the new QEMU takes the stream, then `act`; the update must fail.
   auto interrupted = [&](const std::function<void()>& act) {
     const auto sent = fx.transcript.size();
-    auto pending = boost::asio::co_spawn(fx.io, fx.broker.migrate("uf1", "local"), boost::asio::use_future);
+    auto pending =
+        boost::asio::co_spawn(fx.io, fx.broker.migrate("uf1", "local"), boost::asio::use_future);
     auto streaming = [&] {
       for (std::size_t i = sent; i < fx.transcript.size(); ++i) {
         if (fx.transcript[i].find("\"migrate\"") != std::string::npos) return true;
@@ -471,7 +474,8 @@ TEST_CASE("a live update whose new QEMU dies, or that is cancelled, leaves the o
   auto died = interrupted([&] {
     for (const auto& [uid, owner] : fx.uids.in_use()) {
       if (uid == was->uid) continue;
-      for (const auto& p : broker::lifecycle::processes_of_uid("/proc", uid)) ::kill(p.pid, SIGKILL);
+      for (const auto& p : broker::lifecycle::processes_of_uid("/proc", uid))
+        ::kill(p.pid, SIGKILL);
     }
   });
   INFO(died.describe());
