@@ -362,6 +362,15 @@ TEST_CASE("a cancelled save leaves the domain running and no file",
   CHECK(restored.error().code == broker::errc::cancelled);
   CHECK_FALSE(fx.broker.exists("sc2"));
   CHECK(fx.uids.in_use() == uids);
+
+  // paused: the restored guest waits for a resume.
+  auto paused = fx.run(fx.broker.restore({file, "sc3", true}));
+  REQUIRE(paused);
+  CHECK(paused->state == broker::RunState::paused);
+  CHECK_FALSE(qemu_running(fx, "sc3"));
+  REQUIRE(fx.run(fx.broker.resume("sc3")));
+  CHECK(qemu_running(fx, "sc3"));
+  REQUIRE(fx.run(fx.broker.destroy("sc3")));
   REQUIRE(fx.run(fx.broker.destroy("sc1")));
 }
 
