@@ -397,8 +397,19 @@ TEST_CASE("qbrokerd SIGKILLed mid-save or mid-restore keeps the domain once, run
   const std::string& name = k.name;
   Child first{spawn(k.args, k.dir / "log")};
   REQUIRE(wait_for_socket(sock, 20s));
-  k.create();
+  k.create(std::string(R"(,"append":")") + qbtest::kGuestAppend + "\"");
   const pid_t qemu = k.qemu;
+  // A booted guest has tens of MiB to stream: the save lasts long enough to be cut.
+  auto created = http::call(sock, "GET", "/v1/domains/" + name);
+  REQUIRE(created);
+  qbtest::GuestConsole con(
+      qbtest::connect_retry(std::string(created->json.at("console").as_string()), 10s));
+  REQUIRE(wait_for(
+      [&] {
+        auto out = con.run("true", 2s);
+        return out && out->rc == 0;
+      },
+      120s));
   const std::string whole = saves + "/whole.state";
   auto kept = http::call(sock, "POST", "/v1/domains/" + name + "/save",
                          R"({"path":")" + whole + R"(","keep_running":true})", 60s);
@@ -412,7 +423,14 @@ TEST_CASE("qbrokerd SIGKILLed mid-save or mid-restore keeps the domain once, run
   auto pending = http::connect(sock);
   REQUIRE(http::send_all(pending.get(), http::request_text("POST", "/v1/domains/" + name + "/save",
                                                            R"({"path":")" + saves + R"(/cut.state"})", false)));
-  REQUIRE(wait_for([&] { return fs::exists(partial) && fs::file_size(partial) > (1u << 20); }, 30s));
+  const bool streaming = wait_for(
+      [&] {
+        std::error_code ec;
+        return fs::file_size(partial, ec) > (1u << 20) && !ec;
+      },
+      30s);
+  INFO(slurp(k.dir / "log"));
+  REQUIRE(streaming);
   REQUIRE(::kill(qemu, SIGSTOP) == 0);
   REQUIRE(::kill(first.pid, SIGKILL) == 0);
   CHECK(first.wait(10s) == 128 + SIGKILL);
