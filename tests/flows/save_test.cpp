@@ -68,10 +68,12 @@ qbtest::GuestConsole::Output guest(qbtest::GuestConsole& con, const std::string&
   return *out;
 }
 
-// A counter the guest bumps five times a second into /tmp/count (lost if the guest rebooted).
+// A counter the guest bumps five times a second into /tmp/count (lost if the guest rebooted),
+// renamed into place so that a reader never sees it half written.
 void start_counter(qbtest::GuestConsole& con) {
   REQUIRE(guest(con,
-                "(i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done) "
+                "(i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new "
+                "/tmp/count; sleep 0.2; done) "
                 "</dev/null >/dev/null 2>&1 &")
               .rc == 0);
 }
