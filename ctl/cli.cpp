@@ -60,12 +60,14 @@ constexpr std::array kCommands{
                 "VNC on LISTEN: 127.0.0.1:5901, [::1]:0 or unix:/path"},
     CommandInfo{"vnc remove", "NAME", "DELETE", "/v1/domains/{name}/vnc",
                 "remove the VNC listener"},
-    CommandInfo{"save", "NAME PATH", "POST", "/v1/domains/{name}/save",
-                "save the domain's state to PATH"},
+    CommandInfo{"save", "NAME PATH [--keep-running]", "POST", "/v1/domains/{name}/save",
+                "save the domain's state to PATH, then destroy it unless --keep-running"},
     CommandInfo{"restore", "NAME PATH [--paused]", "POST", "/v1/domains/restore",
                 "start domain NAME from a state saved at PATH"},
     CommandInfo{"migrate", "NAME TO", "POST", "/v1/domains/{name}/migrate",
-                "live-migrate to another broker's endpoint TO"},
+                "live-migrate to another broker's endpoint TO, or to a fresh QEMU here (TO local)"},
+    CommandInfo{"cancel", "NAME", "DELETE", "/v1/domains/{name}/job",
+                "cancel the domain's save, restore or live update"},
     CommandInfo{"qmp", "NAME JSON|COMMAND", "POST", "/v1/domains/{name}/qmp",
                 "raw QMP for admins: '{\"execute\":\"query-status\"}' or just query-status"},
     CommandInfo{"events", "[--domain NAME] [--count N]", "GET", "/v1/events",
@@ -484,9 +486,11 @@ Out vnc_remove(const Args& a) {
 }
 
 Out save(const Args& a) {
+  json::object body{{"path", a.pos[1]}};
+  if (a.has("--keep-running")) body["keep_running"] = true;
   return Invocation{.method = "POST",
                     .target = domain_target(a.pos[0]).segment("save").str(),
-                    .body = json::value(json::object{{"path", a.pos[1]}}),
+                    .body = json::value(std::move(body)),
                     .view = View::message,
                     .domain = a.pos[0],
                     .progress_job = "save",
@@ -499,8 +503,16 @@ Out migrate(const Args& a) {
                     .body = json::value(json::object{{"to", a.pos[1]}}),
                     .view = View::message,
                     .domain = a.pos[0],
-                    .progress_job = "migrate",
+                    .progress_job = a.pos[1] == "local" ? "live-update" : "migrate",
                     .done = "migrated " + a.pos[0] + " to " + a.pos[1]};
+}
+
+Out cancel(const Args& a) {
+  return Invocation{.method = "DELETE",
+                    .target = domain_target(a.pos[0]).segment("job").str(),
+                    .view = View::message,
+                    .domain = a.pos[0],
+                    .done = "cancelling the job of " + a.pos[0]};
 }
 
 Out restore(const Args& a) {
@@ -614,9 +626,10 @@ const std::vector<Syntax>& syntaxes() {
       {"nic remove", {}, {"NAME", "ID"}, 0, false, remove_device("nic", "nics")},
       {"vnc set", {}, {"NAME", "LISTEN"}, 0, false, vnc_set},
       {"vnc remove", {}, {"NAME"}, 0, false, vnc_remove},
-      {"save", {}, {"NAME", "PATH"}, 0, false, save},
+      {"save", {{"--keep-running", false}}, {"NAME", "PATH"}, 0, false, save},
       {"restore", {{"--paused", false}}, {"NAME", "PATH"}, 0, false, restore},
       {"migrate", {}, {"NAME", "TO"}, 0, false, migrate},
+      {"cancel", {}, {"NAME"}, 0, false, cancel},
       {"qmp", {}, {"NAME", "JSON"}, 0, false, qmp},
       {"events", {{"--domain", true}, {"--count", true}}, {}, 0, false, events},
   };

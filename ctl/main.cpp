@@ -114,6 +114,17 @@ class ProgressBar {
     if (auto ph = o.find("phase"); ph != o.end() && ph->value().is_string()) {
       phase_ = std::string(ph->value().get_string());
     }
+    // A save or restore also says how much has gone through and how fast.
+    auto bytes = o.find("bytes");
+    auto rate = o.find("rate");
+    if (bytes != o.end() && bytes->value().is_number() && rate != o.end() && rate->value().is_number()) {
+      boost::system::error_code ec;
+      const double mib = bytes->value().to_number<double>(ec) / (1 << 20);
+      const double per_s = rate->value().to_number<double>(ec) / (1 << 20);
+      char text[64];
+      std::snprintf(text, sizeof text, " %.1f MiB, %.0f MiB/s", mib, per_s);
+      if (!ec) phase_ += text;
+    }
     draw();
     return true;
   }

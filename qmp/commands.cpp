@@ -269,6 +269,9 @@ Command migrate_incoming_fd(std::string_view fdname) {
 Command migrate_cancel() {
   return make("migrate_cancel");
 }
+Command migrate_set_max_bandwidth(std::uint64_t bytes_per_second) {
+  return make("migrate-set-parameters", {{"max-bandwidth", bytes_per_second}});
+}
 Command migrate_set_capabilities(
     const std::vector<std::pair<MigrationCapability, bool>>& capabilities) {
   json::array caps;
@@ -393,6 +396,17 @@ Result<MigrationInfo> migration(const json::value& v) {
   MigrationInfo m;
   m.status = get_string(*o, "status").value_or("none");  // absent before any migration
   m.error_desc = get_string(*o, "error-desc");
+  if (const auto* ram = o->if_contains("ram"); ram != nullptr && ram->is_object()) {
+    const auto& r = ram->get_object();
+    auto number = [&r](std::string_view k) {
+      const auto* n = r.if_contains(k);
+      return n != nullptr && n->is_number() ? n->to_number<double>() : 0.0;
+    };
+    m.transferred = static_cast<std::uint64_t>(number("transferred"));
+    m.total = static_cast<std::uint64_t>(number("total"));
+    m.remaining = static_cast<std::uint64_t>(number("remaining"));
+    m.mbps = number("mbps");
+  }
   return m;
 }
 

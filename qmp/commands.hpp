@@ -156,6 +156,10 @@ Command migrate_to_fd(std::string_view fdname);
 Command migrate_to_fdset_file(std::int64_t fdset_id, std::uint64_t offset = 0);
 Command migrate_incoming_fd(std::string_view fdname);
 Command migrate_cancel();
+// migrate-set-parameters max-bandwidth: QEMU throttles a migration to 32 MiB/s unless told.
+Command migrate_set_max_bandwidth(std::uint64_t bytes_per_second);
+// The largest max-bandwidth (what libvirt sets for a save to a file): no throttle.
+inline constexpr std::uint64_t kUnlimitedBandwidth = (INT64_MAX >> 20) << 20;
 Command migrate_set_capabilities(
     const std::vector<std::pair<MigrationCapability, bool>>& capabilities);
 
@@ -202,6 +206,12 @@ struct VncInfo {
 struct MigrationInfo {
   std::string status;  // "none", "setup", "active", "completed", "failed", "cancelled", ...
   std::optional<std::string> error_desc;
+  // From "ram" (absent before the first iteration): bytes sent, the guest's RAM size, what is
+  // left of it to send, and the rate of the last iteration in Mbit/s.
+  std::uint64_t transferred = 0;
+  std::uint64_t total = 0;
+  std::uint64_t remaining = 0;
+  double mbps = 0;
 };
 struct ObjectProperty {
   std::string name;

@@ -46,6 +46,8 @@ ErrorClass of(broker::errc e) {
       return {http_status::not_implemented, "not_implemented"};
     case E::forbidden:
       return {http_status::forbidden, "forbidden"};
+    case E::cancelled:
+      return {http_status::conflict, "cancelled"};
     case E::internal:
       return {http_status::internal_server_error, "internal"};
   }

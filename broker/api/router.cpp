@@ -53,6 +53,8 @@ constexpr std::array kRoutes{
               "Restore a domain from a saved file"},
     RouteInfo{verb::post, "/v1/domains/{name}/migrate", "migrateDomain",
               "Live-migrate to another broker"},
+    RouteInfo{verb::delete_, "/v1/domains/{name}/job", "cancelJob",
+              "Cancel the domain's save, restore or live update"},
     RouteInfo{verb::post, "/v1/domains/{name}/qmp", "qmpPassthrough",
               "Raw QMP for admins (fd commands refused)"},
     RouteInfo{verb::get, "/v1/events", "watchEvents",
@@ -344,8 +346,13 @@ Result<Command> remove_vnc(const Request& r) {
 
 Result<Command> save_domain(const Request& r) {
   QB_TRY(body, r.body());
-  QB_TRY(path, parse_path_body(*body));
-  return Command{SaveCmd{r.name(), std::move(*path)}};
+  QB_TRY(req, parse_save(*body));
+  return Command{SaveCmd{r.name(), std::move(*req)}};
+}
+
+Result<Command> cancel_job(const Request& r) {
+  QB_TRY(empty, r.empty_body());
+  return Command{CancelJobCmd{r.name()}};
 }
 
 Result<Command> restore_domain(const Request& r) {
@@ -395,6 +402,7 @@ constexpr std::array kHandlers{
     Handler{"saveDomain", {}, save_domain},
     Handler{"restoreDomain", {}, restore_domain},
     Handler{"migrateDomain", {}, migrate_domain},
+    Handler{"cancelJob", {}, cancel_job},
     Handler{"qmpPassthrough", {}, qmp_passthrough},
     Handler{"watchEvents", {"domain"}, watch_events},
 };

@@ -90,7 +90,10 @@ struct RemoveVncCmd {
 };
 struct SaveCmd {
   std::string name;
-  std::string path;
+  SaveRequest request;
+};
+struct CancelJobCmd {
+  std::string name;
 };
 struct RestoreCmd {
   RestoreRequest request;
@@ -110,7 +113,8 @@ struct WatchEvents {
 using Command = std::variant<GetVersion, ListDomains, CreateDomainCmd, GetDomain, DestroyDomain,
                              RunStateCmd, InsertMediumCmd, EjectMediumCmd, AddDiskCmd,
                              RemoveDiskCmd, AddNicCmd, RemoveNicCmd, SetVncCmd, RemoveVncCmd,
-                             SaveCmd, RestoreCmd, MigrateCmd, QmpCmd, WatchEvents>;
+                             SaveCmd, RestoreCmd, MigrateCmd, CancelJobCmd, QmpCmd,
+                             WatchEvents>;
 
 struct RouteInfo {
   http::verb method;

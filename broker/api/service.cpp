@@ -165,19 +165,28 @@ awaitable<Outcome> Service::run(RemoveVncCmd& c) {
 }
 
 awaitable<Outcome> Service::run(SaveCmd& c) {
-  auto r =
-      co_await broker_.save(c.name, c.path, progress_to_bus(&broker_.events(), &c.name, "save"));
+  const bool kept = c.request.keep_running;
+  const std::string path = c.request.path;
+  auto r = co_await broker_.save(c.name, std::move(c.request));
   if (!r) co_return failure(r.error());
   Outcome o;
-  o.body = json::object{{"name", c.name}, {"saved", c.path}};
+  o.body = json::object{{"name", c.name}, {"saved", path}, {"destroyed", !kept}};
   co_return o;
 }
 
 awaitable<Outcome> Service::run(RestoreCmd& c) {
-  auto r = co_await broker_.restore(c.request,
-                                    progress_to_bus(&broker_.events(), &c.request.name, "restore"));
+  auto r = co_await broker_.restore(std::move(c.request));
   if (!r) co_return failure(r.error());
   co_return domain_outcome(*r, http::status::created);
+}
+
+awaitable<Outcome> Service::run(CancelJobCmd& c) {
+  auto job = co_await broker_.cancel_job(c.name);
+  if (!job) co_return failure(job.error());
+  Outcome o;
+  o.status = http::status::accepted;
+  o.body = json::object{{"name", c.name}, {"job", *job}, {"cancelling", true}};
+  co_return o;
 }
 
 awaitable<Outcome> Service::run(MigrateCmd& c) {

@@ -43,6 +43,7 @@ class Service {
   boost::asio::awaitable<Outcome> run(RemoveVncCmd& c);
   boost::asio::awaitable<Outcome> run(SaveCmd& c);
   boost::asio::awaitable<Outcome> run(RestoreCmd& c);
+  boost::asio::awaitable<Outcome> run(CancelJobCmd& c);
   boost::asio::awaitable<Outcome> run(MigrateCmd& c);
   boost::asio::awaitable<Outcome> run(QmpCmd& c);
   boost::asio::awaitable<Outcome> run(WatchEvents& c);

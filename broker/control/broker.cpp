@@ -57,7 +57,8 @@ Broker::Broker(asio::any_io_executor ex, BrokerConfig config, lifecycle::Launche
       launcher_(launcher),
       events_(ex),
       domains_(ex, domains_config(config_), launcher, events_),
-      flow_ctx_{ex, roots, events_, config_.timeouts},
+      flow_ctx_{ex, roots, events_, config_.timeouts, flows::VncHandover::automatic,
+                config_.save_root},
       resume_([this](flows::RecoveryReport::Removal r) {
         asio::co_spawn(ex_, resume_removal(std::move(r)), asio::detached);
       }) {}
@@ -278,18 +279,122 @@ awaitable<Result<void>> Broker::remove_vnc(std::string name) {
                     &flows::remove_vnc);
 }
 
-awaitable<Result<void>> Broker::save(std::string name, std::string, ProgressFn) {
-  if (auto d = find(name); !d) co_return d.error();
-  co_return Error(make_error_code(errc::not_implemented), "save is not implemented yet");
+flows::CancelFlag Broker::enter_cancel(const std::string& name) {
+  auto flag = std::make_shared<bool>(false);
+  cancels_[name] = flag;
+  return flag;
 }
 
-awaitable<Result<DomainInfo>> Broker::restore(RestoreRequest, ProgressFn) {
-  co_return Error(make_error_code(errc::not_implemented), "restore is not implemented yet");
+void Broker::forget_cancel(const std::string& name, const flows::CancelFlag& flag) {
+  if (auto it = cancels_.find(name); it != cancels_.end() && it->second == flag) cancels_.erase(it);
 }
 
-awaitable<Result<void>> Broker::migrate(std::string name, std::string, ProgressFn) {
+awaitable<Result<void>> Broker::save_step(Domain& d, SaveRequest request, flows::CancelFlag cancel) {
+  const bool keep = request.keep_running;
+  auto r = co_await flows::save(flow_ctx_, d, std::move(request), std::move(cancel));
+  if (!r || keep) co_return r;
+  // As virsh save does: the state is safely on disk, the domain goes, killed by uid.
+  auto found = find(d.name());
+  if (!found) co_return Result<void>{};
+  auto report = co_await domains_.teardown(*found, false, true);
+  if (!report) {
+    Error e = report.error();
+    e.context("domain " + d.name() + " was saved but not destroyed");
+    co_return e;
+  }
+  events_.publish(d.name(), "domain", "destroyed",
+                  {{"killed", report->found}, {"method", report->method}, {"reason", "saved"}});
+  co_return Result<void>{};
+}
+
+awaitable<Result<void>> Broker::save(std::string name, SaveRequest request) {
+  auto found = find(name);
+  if (!found) co_return found.error();
+  // Journaled: a restarted broker cancels QEMU's side, removes the temp file and resumes a guest
+  // the save had running (flows::recover_save).
+  json::object args{{"path", request.path},
+                    {"keep_running", request.keep_running},
+                    {"was_running", (*found)->state() == RunState::running}};
+  JobSpec job{"save", {}, std::move(args), Journal::around};
+  // Checked here too, so a refused save never takes the cancel flag of the job that runs.
+  if (!(*found)->job().empty()) {
+    co_return Error(make_error_code(errc::busy), "domain " + name + " is busy with " + (*found)->job());
+  }
+  flows::CancelFlag cancel = enter_cancel(name);
+  auto r = co_await run_job<void>(name, std::move(job), [this, &request, &cancel](Domain& d) {
+    return save_step(d, std::move(request), cancel);
+  });
+  forget_cancel(name, cancel);
+  co_return r;
+}
+
+awaitable<Result<DomainInfo>> Broker::restore(RestoreRequest request) {
+  if (domains_.contains(request.name)) {
+    Error e(make_error_code(errc::already_exists), "a domain named '" + request.name + "' exists");
+    e.field = "name";
+    co_return e;
+  }
+  const std::string name = request.name;
+  flows::CancelFlag cancel = enter_cancel(name);
+  auto d = co_await flows::restore(flow_ctx_, domains_, std::move(request), cancel);
+  forget_cancel(name, cancel);
+  if (!d) co_return d.error();
+  co_return describe(**d);
+}
+
+awaitable<Result<std::string>> Broker::cancel_job(std::string name) {
+  auto found = find(name);
+  if (!found) co_return found.error();
+  const std::string job = (*found)->job();
+  auto it = cancels_.find(name);
+  if (job.empty() || it == cancels_.end()) {
+    co_return Error(make_error_code(errc::wrong_state),
+                    "domain " + name + (job.empty() ? " runs no job" : "'s job " + job + " cannot be cancelled"));
+  }
+  *it->second = true;
+  events_.publish(name, "job", "cancelling", {{"job", job}});
+  co_return job;
+}
+
+awaitable<Result<void>> Broker::migrate(std::string name, std::string to, ProgressFn) {
   if (auto d = find(name); !d) co_return d.error();
-  co_return Error(make_error_code(errc::not_implemented), "live migration is not implemented yet");
+  if (to == "local") co_return co_await live_update(std::move(name));
+  co_return Error(make_error_code(errc::not_implemented),
+                  "live migration to another broker is not implemented yet (\"to\": \"local\" "
+                  "moves the domain to a fresh QEMU under this broker)");
+}
+
+awaitable<Result<void>> Broker::live_update(std::string name) {
+  auto found = find(name);
+  if (!found) co_return found.error();
+  auto old = *found;
+  if (old->state() != RunState::running && old->state() != RunState::paused) {
+    co_return Error(make_error_code(errc::wrong_state),
+                    "domain " + name + " is " + std::string(to_string(old->state())));
+  }
+  // Not run_job: the job's domain is replaced by another, and its record is rewritten by the
+  // flow. Journaled like a save, so a restart cancels the migration and resumes the old guest.
+  const bool was_running = old->state() == RunState::running;
+  auto guard = old->begin_job("live-update", {}, {{"was_running", was_running}});
+  if (!guard) co_return guard.error();
+  if (auto ok = co_await domains_.records().persist(*old); !ok) co_return ok.error();
+  events_.publish(name, "job", "started", {{"job", "live-update"}, {"target", ""}});
+  flows::CancelFlag cancel = enter_cancel(name);
+  auto next = co_await flows::live_update(flow_ctx_, domains_, old, cancel);
+  forget_cancel(name, cancel);
+  guard->release();
+  json::object data{{"job", "live-update"}, {"ok", next.has_value()}};
+  if (!next) {
+    data["error"] = next.error().describe();
+    // The old QEMU runs on; its record loses the journal.
+    if (auto ok = co_await domains_.records().persist(*old); !ok) log::error(ok.error().describe());
+    events_.publish(name, "job", "finished", std::move(data));
+    co_return next.error();
+  }
+  events_.publish(name, "job", "finished", std::move(data));
+  events_.publish(name, "domain", "updated",
+                  {{"uid", (*next)->instance().uid}, {"pid", (*next)->instance().pid}});
+  co_return Result<void>{};
 }
 
 awaitable<Result<Broker::QemuCapabilities>> Broker::qemu_capabilities() {

@@ -46,6 +46,7 @@ struct BrokerConfig {
   qmp::TranscriptHook transcript;                  // every QMP line of every domain (audits, tests)
   LogLimits log;                                   // each QEMU's log file and error ring
   std::chrono::milliseconds log_retention{std::chrono::hours(24)};  // logs of gone domains
+  std::string save_root;  // save files are written beneath it and restored from it; empty: off
 };
 
 struct DomainInfo {
@@ -113,10 +114,19 @@ class Broker {
   boost::asio::awaitable<Result<VncState>> set_vnc(std::string name, VncSpec vnc);
   Awaitable remove_vnc(std::string name);
 
-  // Not yet built: these answer errc::not_implemented.
-  Awaitable save(std::string name, std::string path, ProgressFn progress = {});
-  boost::asio::awaitable<Result<DomainInfo>> restore(RestoreRequest request, ProgressFn progress = {});
+  // Save and restore (broker/flows/save.cpp, restore.cpp): jobs whose progress goes out as "job"
+  // "progress" events. A save destroys the domain by uid once its file is safely written, unless
+  // `keep_running`.
+  Awaitable save(std::string name, SaveRequest request);
+  boost::asio::awaitable<Result<DomainInfo>> restore(RestoreRequest request);
+  // Asks the domain's save, restore or live update to stop; the job itself answers errc::cancelled once it has
+  // undone what it did. Returns the job's kind; wrong_state when no cancellable job runs.
+  boost::asio::awaitable<Result<std::string>> cancel_job(std::string name);
+  // Live update (`to` "local"): the domain moves to a fresh QEMU under this broker while its
+  // guest runs (flows::live_update), as a job named "live-update" that can be cancelled.
+  // Migration to another broker is not built yet: errc::not_implemented.
   Awaitable migrate(std::string name, std::string to, ProgressFn progress = {});
+  Awaitable live_update(std::string name);
 
   // Administrators' QMP passthrough: {"execute": NAME, "arguments": {...}}. Commands that move
   // fds are refused (errc::forbidden).
@@ -174,6 +184,11 @@ class Broker {
                                                    std::optional<RunState> refused_in,
                                                    std::optional<RunState> after);
   boost::asio::awaitable<void> resume_removal(flows::RecoveryReport::Removal removal);
+  // The save flow, then (unless kept) the domain's destroy, inside the save job.
+  boost::asio::awaitable<Result<void>> save_step(Domain& d, SaveRequest request, flows::CancelFlag cancel);
+  // The cancel flag of the job running for `name`, entered for its duration.
+  flows::CancelFlag enter_cancel(const std::string& name);
+  void forget_cancel(const std::string& name, const flows::CancelFlag& flag);
   boost::asio::awaitable<Result<boost::json::value>> qmp_call(Domain& d, qmp::Command c);
 
   boost::asio::any_io_executor ex_;
@@ -186,6 +201,7 @@ class Broker {
   std::vector<flows::Loaded> loaded_;  // between load_records() and adopt_loaded()
   qmp::CapabilityCache capabilities_;
   std::string capabilities_from_;
+  std::map<std::string, flows::CancelFlag> cancels_;  // domain -> its cancellable job's flag
 };
 
 }  // namespace broker

@@ -23,6 +23,7 @@ class Category final : public std::error_category {
       case errc::qemu_gone: return "QEMU has exited";
       case errc::not_implemented: return "not implemented";
       case errc::forbidden: return "forbidden";
+      case errc::cancelled: return "the job was cancelled";
       case errc::internal: return "internal error";
     }
     return "unknown broker error";

@@ -20,6 +20,7 @@ enum class errc {
   qemu_gone,         // 502: the domain's QEMU exited
   not_implemented,   // 501: the route exists, the flow does not yet
   forbidden,         // 403: e.g. fd commands through the QMP passthrough
+  cancelled,         // 409: the job was cancelled (DELETE /v1/domains/{name}/job)
   internal,          // 500
 };
 // How many enumerators errc has: they run from 0 to the one named here, which must stay the

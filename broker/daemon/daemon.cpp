@@ -73,6 +73,7 @@ BrokerConfig broker_config(const DaemonConfig& o) {
   c.quit_timeout = o.quit_timeout;
   c.log.file_bytes = o.log_max_bytes;
   c.log_retention = o.log_retention;
+  c.save_root = o.save_root;
   return c;
 }
 

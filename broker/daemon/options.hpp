@@ -36,6 +36,7 @@ struct DaemonConfig {
   std::vector<std::string> config_files;  // --config, in the order given
   std::string socket = "/run/qbroker/qbroker.sock";
   std::string state_dir = "/var/lib/qbroker";
+  std::string save_root;  // save files beneath it; empty: save and restore are refused
   std::string run_dir = "/run/qbroker";
   std::variant<lifecycle::UidRange, UidRangeUser> uids = kDefaultUids;
   uid_t uid_count = 4096;  // with UidRangeUser

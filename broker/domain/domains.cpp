@@ -56,11 +56,14 @@ namespace {
 constexpr std::size_t kErrorLines = 5;
 }  // namespace
 
-awaitable<Result<void>> Domains::launch(std::shared_ptr<Domain> d, ColdPlan* plan) {
+awaitable<Result<void>> Domains::launch(std::shared_ptr<Domain> d, ColdPlan* plan,
+                                        std::vector<std::string> extra_args) {
   Domain* raw = d.get();
-  auto start = [this, raw, plan] {
-    if (plan == nullptr) return launcher_.start(raw->spec());
-    return launcher_.start(raw->spec(), &plan->fds(), plan->args());
+  auto start = [this, raw, plan, &extra_args] {
+    if (plan == nullptr) return launcher_.start(raw->spec(), nullptr, extra_args);
+    std::vector<std::string> args = plan->args();
+    args.insert(args.end(), extra_args.begin(), extra_args.end());
+    return launcher_.start(raw->spec(), &plan->fds(), args);
   };
   auto inst = co_await run_blocking(ex_, lifecycle_, std::move(start));
   if (!inst) {
@@ -75,6 +78,35 @@ awaitable<Result<void>> Domains::launch(std::shared_ptr<Domain> d, ColdPlan* pla
     co_return ok.error();
   }
   co_return Result<void>{};
+}
+
+awaitable<Result<void>> Domains::spawn_beside(std::shared_ptr<Domain> next,
+                                              std::vector<std::string> extra_args) {
+  Domain* raw = next.get();
+  auto inst = co_await run_blocking(ex_, lifecycle_, [this, raw, &extra_args] {
+    return launcher_.start(raw->spec(), nullptr, extra_args);
+  });
+  if (!inst) co_return inst.error();
+  next->instance() = std::move(*inst);
+  start_log(*next, std::move(next->instance().log_pipe));
+  co_return Result<void>{};
+}
+
+awaitable<Result<void>> Domains::replace(std::shared_ptr<Domain> next) {
+  table_[next->name()] = next;
+  co_return co_await records_.persist(*next);
+}
+
+awaitable<Result<lifecycle::KillReport>> Domains::retire(std::shared_ptr<Domain> d) {
+  d->set_state(RunState::stopping);  // its watch lets the connection go without a teardown
+  if (d->qmp() != nullptr) d->qmp()->close();
+  Domain* raw = d.get();
+  auto report = co_await run_blocking(ex_, lifecycle_, [this, raw] { return launcher_.destroy(raw->instance()); });
+  if (!report) co_return report.error();
+  d->set_qmp(nullptr);
+  if (d->log) d->log->close();
+  launcher_.remove_log(d->instance().name);
+  co_return report;
 }
 
 awaitable<Result<void>> Domains::attach(std::shared_ptr<Domain> d) {

@@ -64,8 +64,20 @@ class Domains {
   // Frees the name of a reserved domain that never started.
   void unreserve(const std::shared_ptr<Domain>& d) { table_.erase(d->name()); }
   // Spawns the domain's jailed QEMU, with the devices of `plan` on its command line when there is
-  // one, and writes its record. On failure the name is free again.
-  boost::asio::awaitable<Result<void>> launch(std::shared_ptr<Domain> d, ColdPlan* plan = nullptr);
+  // one and `extra_args` (a restore's -incoming defer), and writes its record. On failure the
+  // name is free again.
+  boost::asio::awaitable<Result<void>> launch(std::shared_ptr<Domain> d, ColdPlan* plan = nullptr,
+                                              std::vector<std::string> extra_args = {});
+  // For a live update: spawns a second QEMU for `next`, a domain of the same name that is not in
+  // the table (yet), with `extra_args`; neither the table nor the record changes. Its uid is
+  // recorded as always, so a broker that dies before replace() reclaims it as an orphan.
+  boost::asio::awaitable<Result<void>> spawn_beside(std::shared_ptr<Domain> next,
+                                                    std::vector<std::string> extra_args);
+  // `next` takes the table entry of its name, and the record.
+  boost::asio::awaitable<Result<void>> replace(std::shared_ptr<Domain> next);
+  // Kills a domain's QEMU by uid and releases it and its files, leaving the table and the record
+  // alone: the QEMU a live update left behind, or the new one of an update that failed.
+  boost::asio::awaitable<Result<lifecycle::KillReport>> retire(std::shared_ptr<Domain> d);
   // Connects to QMP and watches the QEMU: when it exits unasked, the domain is torn down by uid
   // and an "exited" event says so.
   boost::asio::awaitable<Result<void>> attach(std::shared_ptr<Domain> d);

@@ -390,6 +390,21 @@ Result<std::string> parse_path_body(const json::value& body) {
   return *path;
 }
 
+Result<SaveRequest> parse_save(const json::value& body) {
+  auto o = as_object(body, "body");
+  if (!o) return o.error();
+  if (auto ok = only_known(**o, {"path", "keep_running"}); !ok) return ok.error();
+  SaveRequest r;
+  auto path = str(**o, "path", true);
+  if (!path) return path.error();
+  r.path = *path;
+  if (auto ok = check_path(r.path, "path"); !ok) return ok.error();
+  auto keep = boolean(**o, "keep_running", false);
+  if (!keep) return keep.error();
+  r.keep_running = *keep;
+  return r;
+}
+
 Result<RestoreRequest> parse_restore(const json::value& body) {
   auto o = as_object(body, "body");
   if (!o) return o.error();

@@ -89,6 +89,11 @@ boost::json::object to_json(const DiskSpec& d);
 boost::json::object to_json(const NicSpec& n);
 Result<VncSpec> parse_vnc(const boost::json::value& body);
 Result<std::string> parse_path_body(const boost::json::value& body);  // {"path": "..."}
+struct SaveRequest {
+  std::string path;
+  bool keep_running = false;  // false: destroyed once the file is safely written (virsh save)
+};
+Result<SaveRequest> parse_save(const boost::json::value& body);  // {"path", "keep_running"?}
 struct RestoreRequest {
   std::string path;
   std::string name;

@@ -13,6 +13,7 @@
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
+#include <boost/json/object.hpp>
 
 #include "broker/core/error.hpp"
 #include "broker/domain/domain.hpp"
@@ -26,6 +27,9 @@ namespace broker::flows {
 struct Timeouts {
   std::chrono::milliseconds qmp{5000};       // one QMP command
   std::chrono::milliseconds unplug{10000};   // device_del -> DEVICE_DELETED (native pciehp ~6 s)
+  std::chrono::milliseconds migrate_poll{50};  // save, restore: query-migrate for progress
+  // save, restore: QEMU still not done this long after the broker's copy ended
+  std::chrono::milliseconds migrate_settle{30000};
 };
 
 // How a VNC listener reaches QEMU. display_update hands QEMU the listening socket (QEMU 7.1+);
@@ -39,7 +43,13 @@ struct Context {
   EventBus& events;
   Timeouts timeouts;
   VncHandover vnc = VncHandover::automatic;  // tests force add_client to cover old QEMUs
+  // The directory save files are written beneath and restored from (qbrokerd --save-root);
+  // empty: save and restore are refused.
+  std::string save_root;
 };
+
+// Set by a cancel (DELETE /v1/domains/{name}/job); the job's flow polls it and winds down.
+using CancelFlag = std::shared_ptr<bool>;
 
 using boost::asio::awaitable;
 
@@ -63,5 +73,32 @@ awaitable<Result<void>> remove_nic(Context& ctx, Domain& d, std::string id, Prog
 // VNC: a listener bound by the broker in the host netns, handed over with display-update.
 awaitable<Result<VncState>> set_vnc(Context& ctx, Domain& d, VncSpec vnc);
 awaitable<Result<void>> remove_vnc(Context& ctx, Domain& d);
+
+// Save: streams the domain's state through a pipe (getfd + migrate fd:) into a temp file beneath
+// the save root, with the broker's header and trailer, then fsyncs and renames it over `path`.
+// The domain is left as it was (running or paused); the caller destroys it unless asked to keep
+// it. A failure or cancel removes the temp file and leaves the domain running as before.
+awaitable<Result<void>> save(Context& ctx, Domain& d, SaveRequest request, CancelFlag cancel);
+// Restore: a fresh jailed QEMU (new uid) started with -incoming defer, the saved devices
+// re-plugged from disks whose identity is unchanged, the stream fed through a pipe
+// (migrate-incoming fd:), checked against the trailer, then cont unless `paused`. Any failure
+// tears the new domain down by uid.
+awaitable<Result<std::shared_ptr<Domain>>> restore(Context& ctx, Domains& domains,
+                                                   RestoreRequest request, CancelFlag cancel);
+// The temp file a save of domain `domain` to `path` writes before its rename (journaled, so a
+// restarted broker can remove it).
+std::string save_temp_path(const std::string& path, const std::string& domain);
+// Live update: the domain moves to a fresh jailed QEMU (new uid) under the same broker while its
+// guest runs, over a socketpair whose ends the two QEMUs get with getfd. On success the returned
+// domain has taken `old`'s place in the table and record and the old QEMU is killed by its uid;
+// on failure or cancel the new QEMU is killed and the old one runs on as before.
+awaitable<Result<std::shared_ptr<Domain>>> live_update(Context& ctx, Domains& domains,
+                                                       std::shared_ptr<Domain> old, CancelFlag cancel);
+// After a restart, or a failed update: the old QEMU's listeners and log under their own names again.
+void put_back(Domain& d);
+
+// After a restart: winds down a save an earlier broker left (journal `args`): cancels QEMU's
+// migration, removes the temp file and resumes a guest the save had running.
+awaitable<void> recover_save(Context& ctx, Domain& d, boost::json::object args);
 
 }  // namespace broker::flows

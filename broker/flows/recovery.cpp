@@ -292,6 +292,16 @@ awaitable<bool> reconcile(Context& ctx, Domain& d, Domain::PendingJob job) {
     co_await reconcile_vnc(ctx, d, job);
     co_return false;
   }
+  if (job.kind == "save") {
+    co_await recover_save(ctx, d, job.args);
+    co_return false;
+  }
+  if (job.kind == "live-update") {
+    // The new QEMU, whose uid no record names, was reclaimed; the old one keeps running.
+    put_back(d);
+    co_await recover_save(ctx, d, job.args);
+    co_return false;
+  }
   if (id.empty()) co_return false;
   // A controller plugged on the way comes first: it took the lowest free root port.
   co_await adopt_scsi_controller(ctx, d);
@@ -405,10 +415,10 @@ awaitable<Adopted> adopt(Context& ctx, Domains& domains, std::shared_ptr<Domain>
     co_await bury(domains, d, "QEMU is gone");
     co_return Adopted::torn_down;
   }
-  // A create that did not finish may have plugged some of its devices and not others: it is
-  // undone whole, never adopted half made. The name is free for the create to be retried.
-  if (d->interrupted && d->interrupted->kind == "create") {
-    co_await bury(domains, d, "its create was interrupted", true);
+  // A create or restore that did not finish may have plugged some of its devices and not others:
+  // it is undone whole, never adopted half made. The name is free for it to be retried.
+  if (d->interrupted && (d->interrupted->kind == "create" || d->interrupted->kind == "restore")) {
+    co_await bury(domains, d, "its " + d->interrupted->kind + " was interrupted", true);
     co_return Adopted::torn_down;
   }
   auto connected = co_await domains.reattach(d);

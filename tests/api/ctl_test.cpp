@@ -143,6 +143,11 @@ TEST_CASE("subcommands build the request of their route", "[api][ctl]") {
         "unix:/run/v.sock");
   CHECK(parse_ok({"vnc", "remove", "vm1"}).method == "DELETE");
   CHECK(parse_ok({"save", "vm1", "/srv/s"}).body->at("path") == "/srv/s");
+  CHECK_FALSE(parse_ok({"save", "vm1", "/srv/s"}).body->as_object().contains("keep_running"));
+  CHECK(parse_ok({"save", "vm1", "/srv/s", "--keep-running"}).body->at("keep_running") == true);
+  auto cancel = parse_ok({"cancel", "vm1"});
+  CHECK(cancel.method == "DELETE");
+  CHECK(cancel.target == "/v1/domains/vm1/job");
   auto rs = parse_ok({"restore", "vm2", "/srv/s", "--paused"});
   CHECK(rs.target == "/v1/domains/restore");
   CHECK(rs.body->at("name") == "vm2");

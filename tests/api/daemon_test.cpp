@@ -36,6 +36,7 @@ constexpr uid_t kPlain = 3'104'300;
 constexpr uid_t kActivated = 3'104'400;
 constexpr uid_t kKilled = 3'104'500;
 constexpr uid_t kKilledUnplug = 3'104'600;
+constexpr uid_t kKilledSave = 3'108'080;
 constexpr uid_t kKilledCreate = 3'104'700;
 constexpr uid_t kStoppedAtStart = 3'104'800;
 
@@ -382,4 +383,95 @@ TEST_CASE("qbrokerd serves at once after a restart while a stopped QEMU is adopt
   REQUIRE(gone);
   CHECK(gone->status == 200);
   k.destroy_and_stop(again);
+}
+
+TEST_CASE("qbrokerd SIGKILLed mid-save or mid-restore keeps the domain once, running, with no partial file",
+          "[api][daemon][privileged][qemu][save]") {
+  QB_REQUIRE_ROOT();
+  namespace fs = std::filesystem;
+  KilledDaemon k(kKilledSave, "api-s");
+  const std::string saves = k.dir / "saves";
+  fs::create_directory(saves);
+  k.args.insert(k.args.end(), {"--save-root", saves});
+  const std::string& sock = k.sock;
+  const std::string& name = k.name;
+  Child first{spawn(k.args, k.dir / "log")};
+  REQUIRE(wait_for_socket(sock, 20s));
+  k.create(std::string(R"(,"append":")") + qbtest::kGuestAppend + "\"");
+  const pid_t qemu = k.qemu;
+  // A booted guest has tens of MiB to stream: the save lasts long enough to be cut.
+  auto created = http::call(sock, "GET", "/v1/domains/" + name);
+  REQUIRE(created);
+  qbtest::GuestConsole con(
+      qbtest::connect_retry(std::string(created->json.at("console").as_string()), 10s));
+  REQUIRE(wait_for(
+      [&] {
+        auto out = con.run("true", 2s);
+        return out && out->rc == 0;
+      },
+      120s));
+  const std::string whole = saves + "/whole.state";
+  auto kept = http::call(sock, "POST", "/v1/domains/" + name + "/save",
+                         R"({"path":")" + whole + R"(","keep_running":true})", 60s);
+  REQUIRE(kept);
+  INFO(kept->body);
+  REQUIRE(kept->status == 200);
+
+  // Mid-save: QEMU is held while the stream flows, the broker dies, QEMU goes on and finds its
+  // reader gone.
+  const std::string partial = saves + "/.cut.state." + name + ".part";
+  auto pending = http::connect(sock);
+  REQUIRE(http::send_all(pending.get(), http::request_text("POST", "/v1/domains/" + name + "/save",
+                                                           R"({"path":")" + saves + R"(/cut.state"})", false)));
+  const bool streaming = wait_for(
+      [&] {
+        std::error_code ec;
+        return fs::file_size(partial, ec) > (1u << 20) && !ec;
+      },
+      30s);
+  INFO(slurp(k.dir / "log"));
+  REQUIRE(streaming);
+  REQUIRE(::kill(qemu, SIGSTOP) == 0);
+  REQUIRE(::kill(first.pid, SIGKILL) == 0);
+  CHECK(first.wait(10s) == 128 + SIGKILL);
+  REQUIRE(::kill(qemu, SIGCONT) == 0);
+
+  Child second{spawn(k.args, k.dir / "log")};
+  REQUIRE(wait_for_socket(sock, 20s));
+  REQUIRE(wait_adopted(sock, 10s));
+  INFO(slurp(k.dir / "log"));
+  CHECK(slurp(k.dir / "log").find("interrupted job save") != std::string::npos);
+  auto shown = http::call(sock, "GET", "/v1/domains/" + name + "?live=true");
+  REQUIRE(shown);
+  REQUIRE(shown->status == 200);
+  CHECK(shown->json.at("pid") == qemu);
+  CHECK(shown->json.at("qemu_status") == "running");
+  CHECK_FALSE(fs::exists(partial));
+  CHECK_FALSE(fs::exists(saves + "/cut.state"));
+  CHECK(fds_naming(qemu, saves) == 0);
+
+  // Mid-restore: the new domain is journaled, then the broker dies; the next one tears the
+  // half-restored domain down by its uid and the first runs on alone.
+  const std::string copy = name + "-r";
+  auto restoring = http::connect(sock);
+  REQUIRE(http::send_all(restoring.get(),
+                         http::request_text("POST", "/v1/domains/restore",
+                                            R"({"path":")" + whole + R"(","name":")" + copy + "\"}",
+                                            false)));
+  const std::string copy_record = k.dir / ("run/domains/" + copy + ".json");
+  REQUIRE(wait_for([&] { return slurp(copy_record).find("restore") != std::string::npos; }, 30s));
+  REQUIRE(::kill(second.pid, SIGKILL) == 0);
+  CHECK(second.wait(10s) == 128 + SIGKILL);
+
+  Child third{spawn(k.args, k.dir / "log")};
+  REQUIRE(wait_for_socket(sock, 20s));
+  REQUIRE(wait_adopted(sock, 10s));
+  auto gone = http::call(sock, "GET", "/v1/domains/" + copy);
+  REQUIRE(gone);
+  CHECK(gone->status == 404);
+  auto listed = http::call(sock, "GET", "/v1/domains");
+  REQUIRE(listed);
+  CHECK(listed->json.at("domains").as_array().size() == 1);
+  CHECK(std::distance(fs::directory_iterator(k.dir / "state/uids"), fs::directory_iterator{}) == 1);
+  k.destroy_and_stop(third);
 }

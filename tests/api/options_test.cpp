@@ -30,6 +30,7 @@ TEST_CASE("qbrokerd's defaults are the design's", "[api][daemon][options]") {
   CHECK(o->run_dir == "/run/qbroker");
   CHECK(o->qemu == "/usr/bin/qemu-system-x86_64");
   CHECK(o->image_roots.empty());
+  CHECK(o->save_root.empty());  // save and restore are off until a save root is named
   CHECK_FALSE(o->xen);
   CHECK(o->log_level == broker::log::Level::info);
   CHECK(o->limits.max_body_bytes == 1024 * 1024);
@@ -52,6 +53,8 @@ TEST_CASE("flags set every option and name the one that is wrong", "[api][daemon
                   "/srv/a",
                   "--image-root",
                   "/srv/b",
+                  "--save-root",
+                  "/srv/saves",
                   "--qemu",
                   "/opt/qemu",
                   "--admin-group",
@@ -69,6 +72,7 @@ TEST_CASE("flags set every option and name the one that is wrong", "[api][daemon
   CHECK(range_of(*o).base == 3103000);
   CHECK(range_of(*o).count == 64);
   CHECK(o->image_roots == std::vector<std::string>{"/srv/a", "/srv/b"});
+  CHECK(o->save_root == "/srv/saves");
   CHECK(o->admin_group == "qbroker");
   CHECK(o->qmp_timeout == 250ms);
   CHECK(o->limits.max_connections == 64);

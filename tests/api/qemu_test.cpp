@@ -96,11 +96,11 @@ TEST_CASE("a domain's whole life over HTTP", "[api][privileged][qemu]") {
   CHECK(version->json.at("qemu").at("capabilities").at("commands").to_number<int>() > 100);
 
   // Routes whose flow is not built answer 501, not a pretence.
-  auto save =
-      http::call(fx.socket, "POST", "/v1/domains/api-walk/save", R"({"path":"/tmp/x.state"})");
-  REQUIRE(save);
-  CHECK(save->status == 501);
-  CHECK(save->error_code() == "not_implemented");
+  auto migrate = http::call(fx.socket, "POST", "/v1/domains/api-walk/migrate",
+                            R"({"to":"unix:/run/other.sock"})");
+  REQUIRE(migrate);
+  CHECK(migrate->status == 501);
+  CHECK(migrate->error_code() == "not_implemented");
 
   auto destroyed = http::call(fx.socket, "DELETE", "/v1/domains/api-walk", {}, 30s);
   REQUIRE(destroyed);

@@ -112,7 +112,11 @@ TEST_CASE("every route in the table routes to its command", "[api][router]") {
   CHECK(std::holds_alternative<api::RemoveVncCmd>(ok(verb::delete_, "/v1/domains/vm1/vnc")));
   CHECK(std::get<api::SaveCmd>(
             ok(verb::post, "/v1/domains/vm1/save", R"({"path":"/srv/s/vm1.state"})"))
-            .path == "/srv/s/vm1.state");
+            .request.path == "/srv/s/vm1.state");
+  CHECK(std::get<api::SaveCmd>(ok(verb::post, "/v1/domains/vm1/save",
+                                  R"({"path":"/srv/s/vm1.state","keep_running":true})"))
+            .request.keep_running);
+  CHECK(std::get<api::CancelJobCmd>(ok(verb::delete_, "/v1/domains/vm1/job")).name == "vm1");
   auto restore = std::get<api::RestoreCmd>(
       ok(verb::post, "/v1/domains/restore", R"({"path":"/srv/s/vm1.state","name":"vm2"})"));
   CHECK(restore.request.name == "vm2");

@@ -36,6 +36,9 @@ constexpr uid_t kOrphanBase = 3'101'400;
 constexpr uid_t kStoppedBase = 3'101'600;
 constexpr uid_t kMediumBase = 3'101'700;
 constexpr uid_t kFinishBase = 3'101'900;
+constexpr uid_t kSaveBase = 3'108'040;
+constexpr uid_t kRestoreBase = 3'108'050;
+constexpr uid_t kUpdateBase = 3'108'070;
 
 // Everything one broker process would own, on shared state and run directories.
 struct Stack {
@@ -376,4 +379,133 @@ TEST_CASE("a restarted broker finishes a hotplug that got as far as plugging the
   REQUIRE(second.run(second.broker->destroy("f1")));
   qbtest::reap_exited_children();
   CHECK(live_processes_of_uid("/proc", kFinishBase + 1) == 0);
+}
+
+TEST_CASE("a broker killed in the last pass of a save leaves the domain running and no partial file",
+          "[broker][restart][privileged][qemu][save]") {
+  QB_REQUIRE_ROOT();
+  qbtest::become_subreaper();
+  qbtest::TempDir state, run, saves;
+  broker::BrokerConfig config;
+  config.save_root = saves.path();
+  const std::string file = state / "domains/s1.json";
+  const std::string target = saves / "s1.state";
+  const std::string partial = saves / ".s1.state.s1.part";
+  std::string before;
+  pid_t qemu = 0;
+  {
+    Stack first(kSaveBase, state.path(), run.path(), config);
+    auto info = first.run(first.broker->create(guest("s1")));
+    REQUIRE(info);
+    qemu = info->pid;
+    auto text = broker::read_small_file(file);
+    REQUIRE(text);
+    before = *text;
+    // QEMU stops the guest for a save's last pass; the broker died there, its copy half written.
+    REQUIRE(first.run(first.broker->qmp_passthrough("s1", {"stop", {}})));
+  }
+  qbtest::write_file(partial, "QBSAVE\r\n half a save");
+  write_interrupted(file, before, "save", "",
+                    {{"path", target}, {"keep_running", false}, {"was_running", true}});
+  {
+    Stack second(kSaveBase, state.path(), run.path(), config);
+    auto report = second.run(second.broker->recover());
+    REQUIRE(report.adopted == std::vector<std::string>{"s1"});
+    // Exactly once, running, and the same QEMU; nothing of the save is left.
+    auto info = second.run(second.broker->info("s1"));
+    REQUIRE(info);
+    CHECK(info->pid == qemu);
+    CHECK(info->state == broker::RunState::running);
+    CHECK(info->qemu_status == "running");
+    CHECK_FALSE(fs::exists(partial));
+    CHECK_FALSE(fs::exists(target));
+    auto now = broker::read_small_file(file);
+    REQUIRE(now);
+    CHECK(now->find("\"save\"") == std::string::npos);
+    REQUIRE(second.run(second.broker->destroy("s1")));
+  }
+  qbtest::reap_exited_children();
+  CHECK(live_processes_of_uid("/proc", kSaveBase + 1) == 0);
+}
+
+TEST_CASE("a broker killed mid-restore leaves no half-restored domain after its restart",
+          "[broker][restart][privileged][qemu][save]") {
+  QB_REQUIRE_ROOT();
+  qbtest::become_subreaper();
+  qbtest::TempDir state, run, saves;
+  broker::BrokerConfig config;
+  config.save_root = saves.path();
+  const std::string file = state / "domains/r1.json";
+  std::string before;
+  {
+    Stack first(kRestoreBase, state.path(), run.path(), config);
+    auto c = guest("r1");
+    c.spec.paused = true;  // as a restore waits for its stream
+    REQUIRE(first.run(first.broker->create(std::move(c))));
+    auto text = broker::read_small_file(file);
+    REQUIRE(text);
+    before = *text;
+  }
+  write_interrupted(file, before, "restore", "", {{"path", saves / "r1.state"}});
+  {
+    Stack second(kRestoreBase, state.path(), run.path(), config);
+    auto report = second.run(second.broker->recover());
+    CHECK(report.torn_down == std::vector<std::string>{"r1"});
+    CHECK_FALSE(second.broker->exists("r1"));
+    CHECK_FALSE(fs::exists(file));
+    CHECK(second.uids.in_use().empty());
+  }
+  qbtest::reap_exited_children();
+  CHECK(live_processes_of_uid("/proc", kRestoreBase + 1) == 0);
+}
+
+TEST_CASE("a broker killed mid live update keeps the old QEMU, running, under its own names",
+          "[broker][restart][privileged][qemu][update]") {
+  QB_REQUIRE_ROOT();
+  qbtest::become_subreaper();
+  qbtest::TempDir state, run;
+  const std::string file = state / "domains/u1.json";
+  std::string before;
+  pid_t qemu = 0;
+  {
+    Stack first(kUpdateBase, state.path(), run.path());
+    auto info = first.run(first.broker->create(guest("u1")));
+    REQUIRE(info);
+    qemu = info->pid;
+    // The update had renamed the old QEMU's listeners and log aside and recorded so, and QEMU
+    // had stopped the guest for the last pass.
+    REQUIRE(first.run(first.broker->qmp_passthrough("u1", {"stop", {}})));
+    auto text = broker::read_small_file(file);
+    REQUIRE(text);
+    auto o = boost::json::parse(*text).as_object();
+    auto& inst = o["instance"].as_object();
+    for (const char* k : {"qmp", "console", "log"}) {
+      std::string path(inst[k].as_string());
+      std::string aside = path.substr(0, path.rfind('.')) + ".old" + path.substr(path.rfind('.'));
+      fs::rename(path, aside);
+      inst[k] = aside;
+    }
+    before = boost::json::serialize(o);
+  }
+  write_interrupted(file, before, "live-update", "", {{"was_running", true}});
+  {
+    Stack second(kUpdateBase, state.path(), run.path());
+    auto report = second.run(second.broker->recover());
+    REQUIRE(report.adopted == std::vector<std::string>{"u1"});
+    auto info = second.run(second.broker->info("u1"));
+    REQUIRE(info);
+    CHECK(info->pid == qemu);
+    CHECK(info->qemu_status == "running");
+    CHECK(info->console == run / "console/u1.sock");
+    CHECK(fs::exists(run / "qmp/u1.sock"));
+    CHECK_FALSE(fs::exists(run / "qmp/u1.old.sock"));
+    auto now = broker::read_small_file(file);
+    REQUIRE(now);
+    CHECK(now->find("live-update") == std::string::npos);
+    CHECK(now->find(".old.") == std::string::npos);
+    REQUIRE(second.run(second.broker->destroy("u1")));
+  }
+  qbtest::reap_exited_children();
+  CHECK(live_processes_of_uid("/proc", kUpdateBase + 1) == 0);
+  CHECK_FALSE(fs::exists(run / "qmp/u1.sock"));
 }

@@ -1,0 +1,441 @@
+// Save and restore benchmark: an idle 128 MiB test guest saved and restored through the Broker,
+// against the same QMP sequence written by hand with the same kind of fd (a pipe), in the same
+// run, each round alternating which goes first.
+//
+//   save     broker: Broker::save with keep_running, from the call to its return: temp file and
+//            header beneath the save root, pipe, getfd, migrate fd:, copy with CRC-32, trailer,
+//            fsync, rename, cont.
+//            raw: pipe, getfd, migrate fd:, a thread copying the pipe into a file until EOF, fsync,
+//            cont, on a second guest started by the same Launcher (same jail, same command line).
+//   restore  broker: Broker::restore of the broker's file, from the call to a running domain:
+//            header and trailer checks, spawn with -incoming defer, QMP, pipe, getfd,
+//            migrate-incoming fd:, copy with CRC-32, wait for completion, cont, domain record.
+//            raw: Launcher::start with -incoming defer, QMP handshake, pipe, getfd,
+//            migrate-incoming fd:, a thread copying the raw file into the pipe, query-migrate
+//            until completed, cont.
+//
+//   update   broker: Broker::migrate(name, "local"), a live update of the running guest to a fresh
+//            QEMU: spawn with -incoming defer, QMP, socketpair, getfd into both, migrate, cont,
+//            the old QEMU killed by uid. raw: the same steps by hand on the raw guest.
+//
+// Usage: save_bench [--rounds N] [--dir DIR] [--verbose]   (root and the test guest; build
+// optimized. DIR holds both save files, /var/tmp by default.)
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <boost/asio/io_context.hpp>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "broker/control/broker.hpp"
+#include "broker/core/log.hpp"
+#include "broker/lifecycle/cgroup.hpp"
+#include "broker/lifecycle/launcher.hpp"
+#include "broker/lifecycle/reaper.hpp"
+#include "broker/lifecycle/uid_pool.hpp"
+#include "fdpass/devices.hpp"
+#include "fdpass/opener.hpp"
+#include "qmp/commands.hpp"
+#include "support/asio_run.hpp"
+#include "support/qemu.hpp"
+
+using Clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+namespace asio = boost::asio;
+
+namespace {
+
+constexpr uid_t kBase = 3'108'100;
+
+[[noreturn]] void die(const std::string& what) {
+  throw std::runtime_error(what);
+}
+
+template <class R>
+void must(const R& r, const std::string& what) {
+  if (!r) die(what + ": " + r.error().describe());
+}
+
+double ms(Clock::duration d) {
+  return std::chrono::duration<double, std::milli>(d).count();
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+struct TempDir {
+  std::string path;
+  explicit TempDir(const std::string& base = "/tmp") {
+    std::string t = base + "/qbsave.XXXXXX";
+    if (::mkdtemp(t.data()) == nullptr) die("mkdtemp in " + base);
+    path = t;
+  }
+  ~TempDir() { (void)!std::system(("rm -rf " + path).c_str()); }
+  std::string operator/(const std::string& n) const { return path + "/" + n; }
+};
+
+// The floor: one blocking QMP socket, commands as text, fds with SCM_RIGHTS.
+class RawQmp {
+ public:
+  explicit RawQmp(fdpass::UniqueFd fd) : fd_(std::move(fd)) {}
+  std::string cmd(const std::string& json, int pass = -1) {
+    std::string line = json + "\n";
+    msghdr msg{};
+    iovec iov{line.data(), line.size()};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
+    if (pass >= 0) {
+      msg.msg_control = control;
+      msg.msg_controllen = sizeof(control);
+      cmsghdr* c = CMSG_FIRSTHDR(&msg);
+      c->cmsg_level = SOL_SOCKET;
+      c->cmsg_type = SCM_RIGHTS;
+      c->cmsg_len = CMSG_LEN(sizeof(int));
+      std::memcpy(CMSG_DATA(c), &pass, sizeof(int));
+    }
+    if (::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL) != static_cast<ssize_t>(line.size()))
+      die("sendmsg");
+    for (;;) {
+      std::string l = line_();
+      if (l.find("\"event\"") != std::string::npos) continue;
+      if (l.find("\"error\"") != std::string::npos) die("raw QMP: " + json + " -> " + l);
+      return l;
+    }
+  }
+
+ private:
+  std::string line_() {
+    for (;;) {
+      auto nl = buf_.find('\n');
+      if (nl != std::string::npos) {
+        std::string l = buf_.substr(0, nl);
+        buf_.erase(0, nl + 1);
+        return l;
+      }
+      char b[4096];
+      ssize_t n = ::read(fd_.get(), b, sizeof(b));
+      if (n <= 0) die("raw QMP: connection lost");
+      buf_.append(b, static_cast<std::size_t>(n));
+    }
+  }
+  fdpass::UniqueFd fd_;
+  std::string buf_;
+};
+
+// Copies `in` to `out` until EOF with read and write, 1 MiB at a time.
+void copy_all(int in, int out) {
+  std::vector<char> buf(1 << 20);
+  for (;;) {
+    ssize_t n = ::read(in, buf.data(), buf.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return;
+    for (ssize_t off = 0; off < n;) {
+      ssize_t w = ::write(out, buf.data() + off, static_cast<std::size_t>(n - off));
+      if (w <= 0) return;
+      off += w;
+    }
+  }
+}
+
+void wait_migration(RawQmp& q) {
+  for (;;) {
+    std::string r = q.cmd(R"({"execute":"query-migrate"})");
+    if (r.find("\"completed\"") != std::string::npos) return;
+    if (r.find("\"failed\"") != std::string::npos) die("raw migration failed: " + r);
+    std::this_thread::sleep_for(2ms);
+  }
+}
+
+broker::lifecycle::DomainSpec guest_spec(const std::string& name) {
+  broker::lifecycle::DomainSpec s;
+  s.name = name;
+  s.kernel = qbtest::guest_kernel();
+  s.initrd = qbtest::guest_initrd();
+  s.append = qbtest::kGuestAppend;
+  s.memory_mib = 128;
+  return s;
+}
+
+// The broker's QMP lines with their time, for --verbose.
+struct Transcript {
+  bool on = false;
+  Clock::time_point start = Clock::now();
+  std::vector<std::string> lines;
+  void add(qmp::Direction d, std::string_view line) {
+    if (!on) return;
+    char at[32];
+    std::snprintf(at, sizeof at, "%8.1f ms %s ", ms(Clock::now() - start),
+                  d == qmp::Direction::to_qemu ? "->" : "<-");
+    lines.push_back(at + std::string(line.substr(0, 160)));
+  }
+};
+
+struct Env {
+  Transcript transcript;
+  TempDir run_dir, state, records{"/dev/shm"};
+  TempDir saves;
+  broker::lifecycle::ForkingUidKiller killer;
+  broker::lifecycle::Reaper reaper{killer, kBase};
+  broker::lifecycle::UidPool uids{{kBase, 8}, state.path, reaper};
+  broker::lifecycle::CgroupManager cgroups;
+  fdpass::ImageRoots roots;
+  broker::lifecycle::Launcher launcher;
+  asio::io_context io;
+  broker::Broker broker;
+
+  explicit Env(const std::string& save_base)
+      : saves(save_base),
+        roots(open_roots()),
+        launcher(launcher_config(run_dir.path), uids, cgroups, roots),
+        broker(io.get_executor(), broker_config(records.path, saves.path, &transcript), launcher,
+               roots) {
+    qbtest::become_subreaper();
+    uids.load();
+  }
+  static fdpass::ImageRoots open_roots() {
+    auto r = fdpass::ImageRoots::open({qbtest::guest_dir()});
+    if (!r) die("image roots: " + r.error().message());
+    return std::move(*r);
+  }
+  static broker::lifecycle::LauncherConfig launcher_config(const std::string& dir) {
+    broker::lifecycle::LauncherConfig c;
+    c.run_dir = dir;
+    return c;
+  }
+  static broker::BrokerConfig broker_config(const std::string& records, const std::string& saves,
+                                            Transcript* t) {
+    broker::BrokerConfig c;
+    c.transcript = [t](qmp::Direction d, std::string_view line, bool) { t->add(d, line); };
+    c.records_dir = records + "/domains";
+    c.save_root = saves;
+    return c;
+  }
+  template <class T>
+  T run(asio::awaitable<T> t) {
+    return qbtest::run(io, std::move(t));
+  }
+};
+
+// A raw QEMU of the same jail and command line, and its QMP socket.
+struct RawGuest {
+  broker::lifecycle::Instance inst;
+  std::optional<RawQmp> qmp;
+};
+
+RawGuest start_raw(Env& env, const std::string& name, std::vector<std::string> extra) {
+  auto inst = env.launcher.start(guest_spec(name), nullptr, extra);
+  must(inst, "start " + name);
+  RawGuest g{std::move(*inst), std::nullopt};
+  auto sock = qbtest::connect_retry(g.inst.qmp_path, 10s);
+  if (!sock || !qbtest::qmp_handshake(sock.get(), 30s)) die("raw QMP handshake");
+  g.qmp.emplace(std::move(sock));
+  return g;
+}
+
+// The hand-written save: the guest runs on afterwards.
+void raw_save(RawGuest& g, const std::string& file) {
+  fdpass::UniqueFd out(::open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  auto pipe = fdpass::make_pipe();
+  if (!out || !pipe) die("raw save: open");
+  ::fcntl(pipe->first.get(), F_SETPIPE_SZ, 1 << 20);
+  g.qmp->cmd(R"({"execute":"migrate-set-parameters","arguments":{"max-bandwidth":)" +
+             std::to_string(qmp::cmd::kUnlimitedBandwidth) + "}}");
+  g.qmp->cmd(R"({"execute":"getfd","arguments":{"fdname":"qb-migrate"}})", pipe->second.get());
+  pipe->second.reset();
+  std::thread copier([&] { copy_all(pipe->first.get(), out.get()); });
+  g.qmp->cmd(R"({"execute":"migrate","arguments":{"uri":"fd:qb-migrate"}})");
+  copier.join();  // EOF: QEMU closed its end after the last byte
+  if (::fsync(out.get()) != 0) die("raw save: fsync");
+  wait_migration(*g.qmp);
+  g.qmp->cmd(R"({"execute":"cont"})");
+}
+
+// The hand-written restore, from spawn to a running guest.
+RawGuest raw_restore(Env& env, const std::string& name, const std::string& file) {
+  RawGuest g = start_raw(env, name, {"-incoming", "defer"});
+  fdpass::UniqueFd in(::open(file.c_str(), O_RDONLY | O_CLOEXEC));
+  auto pipe = fdpass::make_pipe();
+  if (!in || !pipe) die("raw restore: open");
+  ::fcntl(pipe->second.get(), F_SETPIPE_SZ, 1 << 20);
+  g.qmp->cmd(R"({"execute":"getfd","arguments":{"fdname":"qb-migrate"}})", pipe->first.get());
+  pipe->first.reset();
+  g.qmp->cmd(R"({"execute":"migrate-incoming","arguments":{"uri":"fd:qb-migrate"}})");
+  std::thread feeder([&] {
+    copy_all(in.get(), pipe->second.get());
+    pipe->second.reset();
+  });
+  feeder.join();
+  wait_migration(*g.qmp);
+  g.qmp->cmd(R"({"execute":"cont"})");
+  return g;
+}
+
+// The hand-written live update: a second QEMU with -incoming defer, a socketpair, one end to each,
+// migrate, cont on the new one, the old one killed by its uid. Returns the new guest.
+RawGuest raw_update(Env& env, RawGuest& old, const std::string& name) {
+  RawGuest next = start_raw(env, name, {"-incoming", "defer"});
+  auto pair = fdpass::make_socketpair(SOCK_STREAM);
+  if (!pair) die("raw update: socketpair");
+  next.qmp->cmd(R"({"execute":"getfd","arguments":{"fdname":"qb-migrate"}})", pair->second.get());
+  pair->second.reset();
+  next.qmp->cmd(R"({"execute":"migrate-incoming","arguments":{"uri":"fd:qb-migrate"}})");
+  old.qmp->cmd(R"({"execute":"migrate-set-parameters","arguments":{"max-bandwidth":)" +
+               std::to_string(qmp::cmd::kUnlimitedBandwidth) + "}}");
+  old.qmp->cmd(R"({"execute":"getfd","arguments":{"fdname":"qb-migrate"}})", pair->first.get());
+  pair->first.reset();
+  old.qmp->cmd(R"({"execute":"migrate","arguments":{"uri":"fd:qb-migrate"}})");
+  wait_migration(*old.qmp);
+  wait_migration(*next.qmp);
+  next.qmp->cmd(R"({"execute":"cont"})");
+  old.qmp.reset();
+  must(env.launcher.destroy(old.inst), "destroy the old raw QEMU");
+  return next;
+}
+
+std::uint64_t size_of(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 ? static_cast<std::uint64_t>(st.st_size) : 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int rounds = 5;
+  bool verbose = false;
+  int poll_ms = 50;
+  std::string dir = "/var/tmp";
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--rounds" && i + 1 < argc) rounds = std::atoi(argv[++i]);
+    if (std::string(argv[i]) == "--dir" && i + 1 < argc) dir = argv[++i];
+    if (std::string(argv[i]) == "--verbose") verbose = true;
+    if (std::string(argv[i]) == "--poll-ms" && i + 1 < argc) poll_ms = std::atoi(argv[++i]);
+  }
+  if (::geteuid() != 0) {
+    std::fprintf(stderr, "save_bench: needs root\n");
+    return 1;
+  }
+  broker::log::set_level(broker::log::Level::warn);
+  Env env(dir);
+  env.broker.flow_context().timeouts.migrate_poll = std::chrono::milliseconds(poll_ms);
+  std::optional<RawGuest> raw;
+  bool api = false;
+  int rc = 0;
+  try {
+    // Two idle guests booted to their prompt: one the Broker's, one driven by hand.
+    broker::CreateDomain c;
+    c.spec = guest_spec("qbs-api");
+    c.spec.paused = true;
+    auto info = env.run(env.broker.create(c));
+    must(info, "create");
+    api = true;
+    qbtest::GuestConsole api_console(qbtest::connect_retry(info->console, 10s));
+    must(env.run(env.broker.resume("qbs-api")), "resume");
+    raw = start_raw(env, "qbs-raw", {});
+    qbtest::GuestConsole raw_console(qbtest::connect_retry(raw->inst.console_path, 10s));
+    raw->qmp->cmd(R"({"execute":"cont"})");
+    if (!api_console.wait_ready(120s) || !raw_console.wait_ready(120s)) die("a guest did not boot");
+    std::this_thread::sleep_for(2s);  // idle
+    std::printf("2 idle guests up (-m 128, TCG); %d rounds; save files in %s\n", rounds,
+                env.saves.path.c_str());
+
+    const std::string api_file = env.saves / "api.state";
+    const std::string raw_file = env.saves / "raw.state";
+    std::vector<double> save_api, save_raw, restore_api, restore_raw, update_api, update_raw;
+    for (int r = 0; r < rounds; ++r) {
+      auto api_save = [&] {
+        auto t0 = Clock::now();
+        must(env.run(env.broker.save("qbs-api", {api_file, true})), "broker save");
+        save_api.push_back(ms(Clock::now() - t0));
+      };
+      auto raw_save_once = [&] {
+        auto t0 = Clock::now();
+        raw_save(*raw, raw_file);
+        save_raw.push_back(ms(Clock::now() - t0));
+      };
+      auto api_restore = [&] {
+        auto t0 = Clock::now();
+        env.transcript.on = verbose && r == 0;
+        env.transcript.start = t0;
+        must(env.run(env.broker.restore({api_file, "qbs-restored", false})), "broker restore");
+        restore_api.push_back(ms(Clock::now() - t0));
+        if (env.transcript.on) {
+          std::printf("broker restore, QMP by time (returned at %.1f ms):\n", restore_api.back());
+          for (const auto& l : env.transcript.lines) std::printf("  %s\n", l.c_str());
+        }
+        env.transcript.on = false;
+        must(env.run(env.broker.destroy("qbs-restored")), "destroy restored");
+      };
+      auto raw_restore_once = [&] {
+        auto t0 = Clock::now();
+        RawGuest g = raw_restore(env, "qbs-raw-restored", raw_file);
+        restore_raw.push_back(ms(Clock::now() - t0));
+        g.qmp.reset();
+        must(env.launcher.destroy(g.inst), "destroy raw restored");
+      };
+      auto api_update = [&] {
+        auto t0 = Clock::now();
+        must(env.run(env.broker.migrate("qbs-api", "local")), "broker live update");
+        update_api.push_back(ms(Clock::now() - t0));
+      };
+      auto raw_update_once = [&] {
+        auto t0 = Clock::now();
+        // The raw guest's name alternates, as the broker's listeners do.
+        RawGuest next = raw_update(env, *raw, r % 2 == 0 ? "qbs-raw-b" : "qbs-raw");
+        update_raw.push_back(ms(Clock::now() - t0));
+        raw.emplace(std::move(next));
+      };
+      if (r % 2 == 0) {
+        api_save();
+        raw_save_once();
+        api_restore();
+        raw_restore_once();
+        api_update();
+        raw_update_once();
+      } else {
+        raw_save_once();
+        api_save();
+        raw_restore_once();
+        api_restore();
+        raw_update_once();
+        api_update();
+      }
+    }
+    std::printf("file sizes: broker %.1f MiB, raw %.1f MiB\n", size_of(api_file) / 1048576.0,
+                size_of(raw_file) / 1048576.0);
+    // Medians, and minima: on a shared machine the minimum is the figure least touched by load.
+    auto least = [](const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); };
+    std::printf("%-10s %12s %12s %8s %12s %12s %8s\n", "", "broker med", "raw med", "ratio",
+                "broker min", "raw min", "ratio");
+    auto line = [&](const char* what, const std::vector<double>& a, const std::vector<double>& b) {
+      std::printf("%-10s %12.1f %12.1f %8.2f %12.1f %12.1f %8.2f\n", what, median(a), median(b),
+                  median(a) / median(b), least(a), least(b), least(a) / least(b));
+    };
+    line("save", save_api, save_raw);
+    line("restore", restore_api, restore_raw);
+    line("update", update_api, update_raw);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "save_bench: %s\n", e.what());
+    rc = 1;
+  }
+  if (api) (void)env.run(env.broker.destroy("qbs-api"));
+  (void)env.run(env.broker.destroy("qbs-restored"));
+  if (raw) {
+    raw->qmp.reset();
+    (void)env.launcher.destroy(raw->inst);
+  }
+  return rc;
+}
