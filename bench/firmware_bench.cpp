@@ -702,7 +702,7 @@ void report_phases(const std::vector<Row>& rows) {
 
   std::printf("\nthe broker's launch alone (medians, ms): Launcher::start up to the exec, then the "
               "QEMU it started up to its greeting; steps of start on their own: a uid allocated "
-              "(sweep + fsynced record), the sweep alone, a cgroup\n");
+              "(sweep + record), the sweep alone, a cgroup\n");
   std::printf("%-14s %10s %16s %12s %8s %10s\n", "", "start", "exec->greeting", "uid+record", "sweep",
               "cgroup");
   for (const auto& r : rows) {
