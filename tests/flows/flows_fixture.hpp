@@ -9,10 +9,12 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <functional>
 #include <future>
 #include <memory>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <boost/asio/io_context.hpp>
@@ -222,5 +224,48 @@ inline std::string read_at(const std::string& path, std::size_t offset, std::siz
 }
 
 inline int sh(const std::string& cmd) { return std::system(cmd.c_str()); }
+
+// Runs `cmd` in the guest (no single quotes: the console wraps it in eval '...').
+inline GuestConsole::Output guest(GuestConsole& con, const std::string& cmd,
+                                  std::chrono::milliseconds timeout = std::chrono::seconds(30)) {
+  auto out = con.run(cmd, timeout);
+  INFO("guest: " << cmd);
+  REQUIRE(out);
+  return *out;
+}
+
+// The guest block device whose first bytes are `marker`, waiting for it to appear.
+inline std::string find_disk(GuestConsole& con, const std::string& marker) {
+  const std::string cmd = "for d in /dev/sd? /dev/vd?; do [ -b $d ] && [ \"$(head -c " +
+                          std::to_string(marker.size()) + " $d 2>/dev/null)\" = \"" + marker +
+                          "\" ] && echo $d; done";
+  for (int i = 0; i < 100; ++i) {
+    auto out = guest(con, cmd);
+    if (!out.text.empty()) return out.text;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  FAIL("the guest never saw a disk starting with " << marker);
+  return {};
+}
+
+// Waits until `cmd` prints `want` in the guest.
+inline bool guest_eventually(GuestConsole& con, const std::string& cmd, const std::string& want) {
+  for (int i = 0; i < 100; ++i) {
+    if (guest(con, cmd).text == want) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  return false;
+}
+
+// Waits until `pred` holds on the host.
+inline bool host_eventually(const std::function<bool()>& pred,
+                            std::chrono::milliseconds timeout = std::chrono::seconds(10)) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return pred();
+}
 
 }  // namespace qbtest

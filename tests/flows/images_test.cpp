@@ -18,6 +18,9 @@ using namespace std::chrono_literals;
 using broker::DiskBus;
 using broker::DiskFormat;
 using qbtest::FlowsFixture;
+using qbtest::find_disk;
+using qbtest::guest;
+using qbtest::guest_eventually;
 using qbtest::disk;
 
 namespace {
@@ -25,34 +28,6 @@ namespace {
 constexpr uid_t kLoopBase = 3'106'100;
 constexpr uid_t kGoneBase = 3'106'110;
 constexpr uid_t kGonePausedBase = 3'106'120;
-
-qbtest::GuestConsole::Output guest(qbtest::GuestConsole& con, const std::string& cmd) {
-  auto out = con.run(cmd, 30s);
-  INFO("guest: " << cmd);
-  REQUIRE(out);
-  return *out;
-}
-
-bool guest_eventually(qbtest::GuestConsole& con, const std::string& cmd, const std::string& want) {
-  for (int i = 0; i < 100; ++i) {
-    if (guest(con, cmd).text == want) return true;
-    std::this_thread::sleep_for(100ms);
-  }
-  return false;
-}
-
-// The guest disk whose first bytes are `marker`, or "" when none shows up.
-std::string find_disk(qbtest::GuestConsole& con, const std::string& marker) {
-  const std::string cmd = "for d in /dev/sd? /dev/vd?; do [ -b $d ] && [ \"$(head -c " +
-                          std::to_string(marker.size()) + " $d 2>/dev/null)\" = \"" + marker +
-                          "\" ] && echo $d; done";
-  for (int i = 0; i < 100; ++i) {
-    auto out = guest(con, cmd);
-    if (!out.text.empty()) return out.text;
-    std::this_thread::sleep_for(100ms);
-  }
-  return {};
-}
 
 const std::string kReadCd = "dd if=/dev/sr0 bs=2048 count=1 2>/dev/null | head -c 15";
 

@@ -38,6 +38,10 @@ using qbtest::FlowsFixture;
 using qbtest::disk;
 
 using qbtest::fds_on;
+using qbtest::find_disk;
+using qbtest::guest;
+using qbtest::guest_eventually;
+using qbtest::host_eventually;
 
 namespace {
 
@@ -50,47 +54,6 @@ constexpr uid_t kProofBase = 3'102'500;
 constexpr uid_t kHeldBase = 3'102'600;
 constexpr uid_t kPlannedBase = 3'102'680;
 constexpr uid_t kEarlyExitBase = 3'102'690;
-
-// Runs `cmd` in the guest (no single quotes: the console wraps it in eval '...').
-qbtest::GuestConsole::Output guest(qbtest::GuestConsole& con, const std::string& cmd,
-                                   std::chrono::milliseconds timeout = 30s) {
-  auto out = con.run(cmd, timeout);
-  INFO("guest: " << cmd);
-  REQUIRE(out);
-  return *out;
-}
-
-// The guest block device whose first bytes are `marker`, waiting for it to appear.
-std::string find_disk(qbtest::GuestConsole& con, const std::string& marker) {
-  const std::string cmd = "for d in /dev/sd? /dev/vd?; do [ -b $d ] && [ \"$(head -c " +
-                          std::to_string(marker.size()) + " $d 2>/dev/null)\" = \"" + marker +
-                          "\" ] && echo $d; done";
-  for (int i = 0; i < 100; ++i) {
-    auto out = guest(con, cmd);
-    if (!out.text.empty()) return out.text;
-    std::this_thread::sleep_for(100ms);
-  }
-  FAIL("the guest never saw a disk starting with " << marker);
-  return {};
-}
-
-// Waits until `cmd` prints `want` in the guest.
-bool guest_eventually(qbtest::GuestConsole& con, const std::string& cmd, const std::string& want) {
-  for (int i = 0; i < 100; ++i) {
-    if (guest(con, cmd).text == want) return true;
-    std::this_thread::sleep_for(100ms);
-  }
-  return false;
-}
-
-bool host_eventually(const std::function<bool()>& pred, std::chrono::milliseconds timeout = 10s) {
-  auto deadline = std::chrono::steady_clock::now() + timeout;
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(20ms);
-  }
-  return pred();
-}
 
 bool exists(const std::string& p) {
   struct stat st {};

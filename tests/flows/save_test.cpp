@@ -24,6 +24,9 @@ using broker::DiskBus;
 using broker::DiskFormat;
 using qbtest::disk;
 using qbtest::FlowsFixture;
+using qbtest::find_disk;
+using qbtest::guest;
+using qbtest::guest_eventually;
 
 namespace {
 
@@ -61,13 +64,6 @@ struct SaveFixture : SaveDir, FlowsFixture {
   }
 };
 
-qbtest::GuestConsole::Output guest(qbtest::GuestConsole& con, const std::string& cmd) {
-  auto out = con.run(cmd, 30s);
-  INFO("guest: " << cmd);
-  REQUIRE(out);
-  return *out;
-}
-
 // A counter the guest bumps five times a second into /tmp/count (lost if the guest rebooted),
 // renamed into place so that a reader never sees it half written.
 void start_counter(qbtest::GuestConsole& con) {
@@ -95,19 +91,6 @@ long counter_after(qbtest::GuestConsole& con, long than) {
   }
   FAIL("the guest's counter stopped at " << than);
   return than;
-}
-
-std::string find_disk(qbtest::GuestConsole& con, const std::string& marker) {
-  const std::string cmd = "for d in /dev/sd? /dev/vd?; do [ -b $d ] && [ \"$(head -c " +
-                          std::to_string(marker.size()) + " $d 2>/dev/null)\" = \"" + marker +
-                          "\" ] && echo $d; done";
-  for (int i = 0; i < 100; ++i) {
-    auto out = guest(con, cmd);
-    if (!out.text.empty()) return out.text;
-    std::this_thread::sleep_for(100ms);
-  }
-  FAIL("the guest never saw a disk starting with " << marker);
-  return {};
 }
 
 // The "job" "progress" events of `job` queued on `stream`, each checked for the fields a
