@@ -26,6 +26,7 @@ constexpr uid_t kBootBase = 3'102'700;
 constexpr uid_t kVarsBase = 3'102'800;
 constexpr uid_t kRefusedBase = 3'102'950;
 constexpr uid_t kNoOvmfBase = 3'102'960;
+constexpr uid_t kSecureBootBase = 3'102'970;
 
 // A domain booting through `firmware` from the test guest's boot disk (d0, read-only) and CD
 // (cd0), in `order`.
@@ -190,4 +191,35 @@ TEST_CASE("firmware requests that cannot boot are refused naming the field, with
   CHECK(r.error().message.find("ovmf package") != std::string::npos);
   CHECK(bare.uids.in_use().empty());
   CHECK_FALSE(fs::exists(bare.launcher.config().firmware.nvram_dir));
+}
+
+TEST_CASE("secure boot runs OVMF's secure-boot build with Microsoft's keys, which refuses an unsigned loader",
+          "[flows][firmware][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  const auto ovmf = broker::lifecycle::ovmf_files(broker::lifecycle::FirmwareConfig{}, true);
+  if (!fs::exists(ovmf.code) || !fs::exists(ovmf.vars_template)) {
+    WARN("skipped: this ovmf package ships no secure-boot build");
+    return;
+  }
+  FlowsFixture fx(kSecureBootBase);
+  auto c = firmware_domain("sb", Firmware::uefi, {"d0"});
+  c.spec.secure_boot = true;
+  c.spec.paused = true;
+  auto info = fx.run(fx.broker.create(std::move(c)));
+  REQUIRE(info);
+  auto fd = qbtest::connect_retry(info->console, 10s);
+  REQUIRE(fd);
+  qbtest::GuestConsole console(std::move(fd));
+  const std::string store = broker::lifecycle::nvram_store(fx.launcher.config().firmware, "sb", true);
+  CHECK(holds_inode(info->pid, ovmf.code));
+  CHECK(holds_inode(info->pid, store));
+  CHECK(cmdline_of(info->pid).find("smm=on") != std::string::npos);
+  REQUIRE(fx.run(fx.broker.resume("sb")));
+  // The test guest's loader is not signed: with the keys enrolled, OVMF will not run it.
+  std::string seen;
+  CHECK(console.read_until("Access Denied", seen, 120s));
+  INFO(seen);
+  CHECK(seen.find("QBROKER-GUEST-READY") == std::string::npos);
+  REQUIRE(fx.run(fx.broker.destroy("sb", false, true)));
+  CHECK_FALSE(fs::exists(store));
 }

@@ -52,9 +52,10 @@ class GuestConsole {
     int rc = -1;
   };
   std::optional<Output> run(const std::string& command, std::chrono::milliseconds timeout);
+  // Reads the console until `marker`; `out` gets everything up to and including it.
+  bool read_until(const std::string& marker, std::string& out, std::chrono::milliseconds timeout);
 
  private:
-  bool read_until(const std::string& marker, std::string& out, std::chrono::milliseconds timeout);
   fdpass::UniqueFd fd_;
   std::string buffer_;
 };
