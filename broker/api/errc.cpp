@@ -32,6 +32,8 @@ class Category final : public std::error_category {
         return "peer is not authorized";
       case errc::shutting_down:
         return "the daemon is shutting down";
+      case errc::unsupported_transfer_coding:
+        return "transfer coding not supported";
     }
     return "unknown api error";
   }

@@ -275,6 +275,8 @@ ErrorClass of(api::errc e) {
       return {http_status::forbidden, "unauthorized_peer"};
     case E::shutting_down:
       return {http_status::service_unavailable, "shutting_down"};
+    case E::unsupported_transfer_coding:
+      return {http_status::not_implemented, "unsupported_transfer_coding"};
   }
   return {http_status::internal_server_error, "unmapped"};
 }

@@ -242,21 +242,127 @@ awaitable<boost::system::error_code> read_body(const ConnPtr& c, beast::flat_buf
 
 struct ReadResult {
   boost::system::error_code ec;
-  bool timed_out = false;  // the watchdog ended the read, not the peer
+  bool timed_out = false;        // the watchdog ended the read, not the peer
+  std::optional<Error> refused;  // a head the server will not serve: answered, then closed
 };
 
-// One whole request, header and body, within request_timeout from its first byte.
+std::string_view buffered(const beast::flat_buffer& buffer) {
+  auto data = buffer.data();
+  return {static_cast<const char*>(data.data()), data.size()};
+}
+
+// Reads until the buffer holds a whole request head (through its blank line), more bytes than
+// a head may have (Beast's parser then answers 431), or the peer stops. Beast joins folded
+// header lines as it parses, so the raw head is kept for the obs-fold check.
+awaitable<boost::system::error_code> buffer_head(const ConnPtr& c, beast::flat_buffer& buffer,
+                                                 std::size_t limit) {
+  std::size_t searched = 0;
+  for (;;) {
+    auto text = buffered(buffer);
+    if (text.find("\r\n\r\n", searched) != std::string_view::npos || text.size() > limit) {
+      co_return boost::system::error_code{};
+    }
+    searched = text.size() < 3 ? 0 : text.size() - 3;
+    auto [ec, n] =
+        co_await c->sock.async_read_some(buffer.prepare(4096), asio::as_tuple(use_awaitable));
+    if (ec) co_return ec;
+    buffer.commit(n);
+  }
+}
+
+// RFC 9112 5.2: a header line that starts with whitespace continues the previous one (obs-fold).
+// It is refused rather than joined: a proxy in front may read the fold differently.
+bool has_obs_fold(std::string_view head) {
+  auto end = head.find("\r\n\r\n");
+  if (end != std::string_view::npos) head = head.substr(0, end + 2);
+  return head.find("\r\n ") != std::string_view::npos ||
+         head.find("\r\n\t") != std::string_view::npos;
+}
+
+// The codings of every Transfer-Encoding line, in order, without parameters.
+std::vector<std::string> transfer_codings(const http::request<http::string_body>& req) {
+  std::vector<std::string> out;
+  auto [it, end] = req.equal_range(http::field::transfer_encoding);
+  for (; it != end; ++it) {
+    std::string_view v = it->value();
+    while (!v.empty()) {
+      auto comma = v.find(',');
+      auto item = v.substr(0, comma);
+      item = item.substr(0, item.find(';'));
+      auto first = item.find_first_not_of(" \t");
+      if (first != std::string_view::npos) {
+        item = item.substr(first, item.find_last_not_of(" \t") - first + 1);
+        out.emplace_back(item);
+      }
+      if (comma == std::string_view::npos) break;
+      v.remove_prefix(comma + 1);
+    }
+  }
+  return out;
+}
+
+// RFC 9112 6.1 and 6.3: a body is framed by Content-Length, or by chunked as the final and only
+// coding. With any other Transfer-Encoding the body's end is unknown, so whatever follows could
+// be read as a second request: the answer is an error and a close.
+std::optional<Error> framing_failure(const http::request<http::string_body>& req) {
+  if (req.find(http::field::transfer_encoding) == req.end()) return std::nullopt;
+  if (req.version() < 11) {
+    return api_error(api::errc::bad_request, "Transfer-Encoding in an HTTP/1.0 request");
+  }
+  auto codings = transfer_codings(req);
+  auto chunked = [](const std::string& coding) { return beast::iequals(coding, "chunked"); };
+  if (codings.empty() || !chunked(codings.back())) {
+    return api_error(api::errc::bad_request,
+                     "Transfer-Encoding: the final coding must be chunked, or the body's length "
+                     "is unknown");
+  }
+  if (std::count_if(codings.begin(), codings.end(), chunked) > 1) {
+    return api_error(api::errc::bad_request, "Transfer-Encoding: chunked more than once");
+  }
+  if (codings.size() > 1) {
+    return api_error(api::errc::unsupported_transfer_coding,
+                     "Transfer-Encoding: only chunked is accepted, not " + codings.front());
+  }
+  return std::nullopt;
+}
+
+// What RFC 9112 asks of a head beyond what Beast checks: exactly one Host in HTTP/1.1 (3.2), no
+// folded lines (5.2), framing that says where the body ends (6.3).
+std::optional<Error> head_failure(const http::request<http::string_body>& req, bool folded) {
+  if (folded) {
+    return api_error(api::errc::bad_request,
+                     "a header line starts with whitespace (obs-fold is not accepted)");
+  }
+  auto [first_host, hosts_end] = req.equal_range(http::field::host);
+  auto hosts = std::distance(first_host, hosts_end);
+  if (hosts > 1) return api_error(api::errc::bad_request, "more than one Host header");
+  if (hosts == 0 && req.version() >= 11) {
+    return api_error(api::errc::bad_request, "an HTTP/1.1 request needs a Host header");
+  }
+  return framing_failure(req);
+}
+
+// One whole request, header and body, within request_timeout from its first byte. A head that
+// is refused is not followed by a read of its body: the connection is answered and closed.
 awaitable<ReadResult> read_request(const ConnPtr& c, const StatePtr& st, beast::flat_buffer& buffer,
                                    Parser& parser) {
   c->phase = Phase::reading;
   parser.header_limit(static_cast<std::uint32_t>(st->limits.max_header_bytes));
   parser.body_limit(st->limits.max_body_bytes);
   arm(c, st->limits.request_timeout);
-  auto [ec, n] =
-      co_await http::async_read_header(c->sock, buffer, parser, asio::as_tuple(use_awaitable));
-  (void)n;
-  if (!ec && !parser.is_done()) ec = co_await read_body(c, buffer, parser);
-  ReadResult r{ec, c->timed_out};
+  auto ec = co_await buffer_head(c, buffer, st->limits.max_header_bytes);
+  const bool folded = !ec && has_obs_fold(buffered(buffer));
+  if (!ec) {
+    auto [hec, n] =
+        co_await http::async_read_header(c->sock, buffer, parser, asio::as_tuple(use_awaitable));
+    (void)n;
+    ec = hec;
+  }
+  ReadResult r;
+  if (!ec) r.refused = head_failure(parser.get(), folded);
+  if (!ec && !r.refused && !parser.is_done()) ec = co_await read_body(c, buffer, parser);
+  r.ec = ec;
+  r.timed_out = c->timed_out;
   disarm(c);
   co_return r;
 }
@@ -343,6 +449,10 @@ awaitable<void> session(StatePtr st, ConnPtr c) {
     if (buffer.size() == 0 && !co_await wait_for_request(c, st)) break;
     Parser parser;
     auto read = co_await read_request(c, st, buffer, parser);
+    if (read.refused) {
+      co_await write_error(c, st, std::move(*read.refused));
+      break;
+    }
     if (read.ec) {
       if (c->stopping) break;
       if (read.timed_out) ++st->stats.timeouts;

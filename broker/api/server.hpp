@@ -4,6 +4,11 @@
 // keep-alive. Requests go through the pure router (router.hpp) and the Service; GET /v1/events is
 // streamed here as server-sent events.
 //
+// Requests are read strictly (RFC 9112): an HTTP/1.1 request needs one Host, folded header lines
+// are refused, and a body is framed by Content-Length or by chunked alone. A head that fails
+// these is answered 400 (501 for a transfer coding other than chunked) and the connection is
+// closed before its body is read, so no bytes after it are taken for a second request.
+//
 // Limits (ServerLimits), each answered with a status and the JSON error body, then a close:
 //   header over max_header_bytes                  431      body over max_body_bytes       413
 //   request not complete within request_timeout   408      (counted from its first byte)

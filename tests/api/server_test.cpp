@@ -29,6 +29,8 @@ constexpr uid_t kFlood = 3'103'500;
 constexpr uid_t kEvents = 3'103'600;
 constexpr uid_t kStop = 3'103'700;
 constexpr uid_t kIdle = 3'103'800;
+constexpr uid_t kFraming = 3'107'000;
+constexpr uid_t kHead = 3'107'016;
 
 double ms_since(Clock::time_point t) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
@@ -48,6 +50,20 @@ int as_user(uid_t uid, gid_t gid, F body) {
   int status = 0;
   ::waitpid(pid, &status, 0);
   return WIFEXITED(status) ? WEXITSTATUS(status) : 200;
+}
+
+// Sends `raw` on a new connection and reads the one reply to it. The server must close the
+// connection after that reply and answer nothing else it was sent.
+std::optional<http::Reply> one_reply_then_close(const std::string& socket, const std::string& raw) {
+  auto fd = http::connect(socket);
+  if (!fd || !http::send_all(fd.get(), raw)) return std::nullopt;
+  auto r = http::read_reply(fd.get(), 3s);
+  if (!r) return std::nullopt;
+  INFO(raw);
+  CHECK_FALSE(r->keep_alive);
+  CHECK_FALSE(http::read_reply(fd.get(), 1s));  // the bytes after the refused head: unanswered
+  CHECK(http::closed_within(fd.get(), 1s));
+  return r;
 }
 
 }  // namespace
@@ -407,4 +423,85 @@ TEST_CASE("stopping the server ends idle connections and event streams at once",
   CHECK(fx.on_io([&] { return fx.server.connections(); }) == 0);
   // New connections are refused by the kernel (the listener is closed).
   CHECK_FALSE(http::call(fx.socket, "GET", "/v1/version", {}, 500ms));
+}
+
+TEST_CASE("a body whose end is unknown is 400 and a close: no second request is smuggled in",
+          "[api][server][bad-input]") {
+  qbtest::ApiFixture fx(kFraming);
+  // Were the first request read with an empty body, this would run as a request of its own.
+  const std::string smuggled = "DELETE /v1/domains/victim HTTP/1.1\r\nHost: x\r\n\r\n";
+  for (std::string codings : {"gzip", "chunked, gzip", "identity", "chunked;x=1, deflate", ","}) {
+    INFO(codings);
+    auto r = one_reply_then_close(
+        fx.socket, "GET /v1/domains HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + codings +
+                       "\r\n\r\n" + smuggled);
+    REQUIRE(r);
+    CHECK(r->status == 400);
+    CHECK(r->error_code() == "bad_request");
+  }
+  // chunked twice is not chunked once.
+  auto twice = one_reply_then_close(
+      fx.socket,
+      "GET /v1/domains HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n"
+      "0\r\n\r\n" +
+          smuggled);
+  REQUIRE(twice);
+  CHECK(twice->status == 400);
+  // HTTP/1.0 has no transfer codings (RFC 9112 6.1): its framing cannot be trusted.
+  auto old = one_reply_then_close(
+      fx.socket,
+      "GET /v1/domains HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + smuggled);
+  REQUIRE(old);
+  CHECK(old->status == 400);
+  // A coding before chunked, on one line or two, is one the server does not implement.
+  for (std::string te : {"Transfer-Encoding: gzip, chunked\r\n",
+                         "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n"}) {
+    INFO(te);
+    auto r = one_reply_then_close(
+        fx.socket, "POST /v1/domains HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" +
+                       te + "\r\n4\r\n{}  \r\n0\r\n\r\n" + smuggled);
+    REQUIRE(r);
+    CHECK(r->status == 501);
+    CHECK(r->error_code() == "unsupported_transfer_coding");
+  }
+  // Plain chunked still carries a body, and the connection stays usable after it.
+  auto fd = http::connect(fx.socket);
+  REQUIRE(http::send_all(
+      fd.get(),
+      "POST /v1/domains HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+      "Transfer-Encoding: chunked\r\n\r\n1e\r\n{\"name\":\"vm1\",\"colour\":\"blue\"}\r\n"
+      "0\r\n\r\n" +
+          http::request_text("GET", "/v1/version")));
+  auto body = http::read_reply(fd.get());
+  REQUIRE(body);
+  CHECK(body->status == 400);
+  CHECK(body->error_field() == "colour");
+  auto next = http::read_reply(fd.get());
+  REQUIRE(next);
+  CHECK(next->status == 200);
+  CHECK(fx.on_io([&] { return fx.broker.list().size(); }) == 0);
+}
+
+TEST_CASE("a request without Host, with two, or with a folded header line is 400 and a close",
+          "[api][server][bad-input]") {
+  qbtest::ApiFixture fx(kHead);
+  const std::string next = http::request_text("GET", "/v1/version");
+  for (std::string head : {
+           "GET /v1/version HTTP/1.1\r\n\r\n",
+           "GET /v1/version HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+           "GET /v1/version HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\n\r\n",
+           "GET /v1/version HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n\tb\r\n\r\n",
+           "GET /v1/version HTTP/1.1\r\n Host: x\r\n\r\n",
+       }) {
+    auto r = one_reply_then_close(fx.socket, head + next);
+    REQUIRE(r);
+    CHECK(r->status == 400);
+    CHECK(r->error_code() == "bad_request");
+  }
+  // HTTP/1.0 does not need a Host (RFC 9112 3.2 asks it of HTTP/1.1).
+  auto fd = http::connect(fx.socket);
+  REQUIRE(http::send_all(fd.get(), "GET /v1/version HTTP/1.0\r\n\r\n"));
+  auto old = http::read_reply(fd.get());
+  REQUIRE(old);
+  CHECK(old->status == 200);
 }
