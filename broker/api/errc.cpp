@@ -34,6 +34,8 @@ class Category final : public std::error_category {
         return "the daemon is shutting down";
       case errc::unsupported_transfer_coding:
         return "transfer coding not supported";
+      case errc::duplicate_key:
+        return "duplicate key in a JSON object";
     }
     return "unknown api error";
   }

@@ -277,6 +277,8 @@ ErrorClass of(api::errc e) {
       return {http_status::service_unavailable, "shutting_down"};
     case E::unsupported_transfer_coding:
       return {http_status::not_implemented, "unsupported_transfer_coding"};
+    case E::duplicate_key:
+      return {http_status::bad_request, "duplicate_key"};
   }
   return {http_status::internal_server_error, "unmapped"};
 }

@@ -12,6 +12,7 @@
 
 #include "broker/api/errc.hpp"
 #include "broker/api/http_errors.hpp"
+#include "broker/api/json_body.hpp"
 #include "broker/core/errc.hpp"
 #include "broker/lifecycle/spec.hpp"
 #include "qmp/commands.hpp"
@@ -165,26 +166,6 @@ std::ptrdiff_t literal_count(const RouteInfo& r) {
   return std::count_if(tmpl.begin(), tmpl.end(), [](auto s) { return !is_parameter(s); });
 }
 
-Result<json::value> parse_body(std::string_view body) {
-  auto first = body.find_first_not_of(" \t\r\n");
-  if (first == std::string_view::npos) return json::value(nullptr);
-  json::parse_options opts;
-  opts.max_depth = 64;
-  json::parser p(json::storage_ptr(), opts);
-  boost::system::error_code ec;
-  std::size_t used = p.write_some(body.data(), body.size(), ec);
-  if (ec) {
-    return make(api::errc::malformed_json,
-                "body: malformed JSON at byte " + std::to_string(used) + ": " + ec.message(),
-                "body");
-  }
-  if (body.find_first_not_of(" \t\r\n", used) != std::string_view::npos) {
-    return make(api::errc::malformed_json,
-                "body: malformed JSON at byte " + std::to_string(used) + ": trailing data", "body");
-  }
-  return p.release();
-}
-
 // Routes that take no body accept nothing, "" or {}.
 Result<void> no_body(const json::value& v) {
   if (v.is_null()) return {};
@@ -237,7 +218,7 @@ struct Request {
 
   const std::string& name() const { return params.at("name"); }
   const std::string& id() const { return params.at("id"); }
-  Result<json::value> body() const { return parse_body(raw_body); }
+  Result<json::value> body() const { return parse_json_body(raw_body); }
   Result<void> empty_body() const {
     auto b = body();
     if (!b) return b.error();

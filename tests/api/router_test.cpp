@@ -188,6 +188,39 @@ TEST_CASE("malformed JSON and wrong types are 400 naming the field", "[api][rout
   CHECK(uefi_kernel.field == "firmware");
 }
 
+TEST_CASE("a key twice in one JSON object is 400 naming it, at any depth",
+          "[api][router][bad-input]") {
+  auto top =
+      refused(verb::post, "/v1/domains", R"({"name":"vm1","memory_mib":64,"memory_mib":4096})");
+  CHECK(top.code == api::errc::duplicate_key);
+  CHECK(status_of(top) == status::bad_request);
+  CHECK(top.field == "memory_mib");
+  CHECK(api::classify(top.code).code == "duplicate_key");
+  // Keys are compared as decoded: an escape does not make a second name.
+  CHECK(refused(verb::post, "/v1/domains", R"({"name":"vm1","n\u0061me":"vm2"})").field == "name");
+  CHECK(refused(verb::post, "/v1/domains",
+                R"({"name":"vm1","kernel":"/k","disks":[{"id":"d0","path":"/a"},)"
+                R"({"id":"d1","path":"/a","path":"/b"}]})")
+            .field == "disks[1].path");
+  CHECK(refused(verb::put, "/v1/domains/vm1/vnc", R"({"listen":"127.0.0.1:0","listen":"unix:/x"})")
+            .field == "listen");
+  CHECK(
+      refused(verb::post, "/v1/domains", R"({"name":"vm1","vnc":{"listen":"a:1","listen":"b:2"}})")
+          .field == "vnc.listen");
+  // Nothing of the QMP arguments is read by the broker, and still no key counts twice.
+  CHECK(refused(verb::post, "/v1/domains/vm1/qmp",
+                R"({"execute":"x","arguments":{"l":[[1],[{"k":1,"k":2}]]}})")
+            .field == "arguments.l[1][0].k");
+  // Before the body is read for its meaning: even an unknown key is named as the duplicate.
+  CHECK(refused(verb::post, "/v1/domains/vm1/pause", R"({"x":1,"x":1})").code ==
+        api::errc::duplicate_key);
+  // The same key in two objects is two keys.
+  auto two = ok(
+      verb::post, "/v1/domains",
+      R"({"name":"vm1","kernel":"/k","disks":[{"id":"d0","path":"/a"},{"id":"d1","path":"/b"}]})");
+  CHECK(std::get<api::CreateDomainCmd>(two).request.disks.size() == 2);
+}
+
 TEST_CASE("unknown fields and query parameters are refused by name", "[api][router][bad-input]") {
   auto e = refused(verb::post, "/v1/domains", R"({"name":"vm1","memory":128})");
   CHECK(e.field == "memory");

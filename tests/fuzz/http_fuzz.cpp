@@ -94,7 +94,7 @@ void check_refusal(const broker::Error& e, std::string_view target,
   check(code != nullptr && code->is_string() && code->get_string() == cls.code);
 }
 
-// router.cpp parse_body: bodies nest at most this deep.
+// json_body.cpp parse_json_body: bodies nest at most this deep.
 constexpr std::size_t kRouterMaxDepth = 64;
 
 // How deep `body` nests, read with a far larger limit than the router's; 0 when it is not JSON.
