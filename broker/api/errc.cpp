@@ -36,6 +36,8 @@ class Category final : public std::error_category {
         return "transfer coding not supported";
       case errc::duplicate_key:
         return "duplicate key in a JSON object";
+      case errc::unsupported_media_type:
+        return "the body is not application/json";
     }
     return "unknown api error";
   }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <boost/beast/core/string.hpp>
 #include <boost/beast/http/field.hpp>
 #include <boost/json.hpp>
 #include <boost/url/parse.hpp>
@@ -382,8 +383,55 @@ constexpr std::array kHandlers{
 
 // The query is checked before the body, so an unknown parameter is named even when the body is
 // wrong too.
+// What route() reads of a request. The Content-Type is checked only when given: the
+// three-argument route() takes its body as JSON.
+struct Incoming {
+  http::verb method;
+  std::string_view target;
+  std::string_view body;
+  std::optional<std::string_view> content_type;
+};
+
+std::string_view trimmed(std::string_view s) {
+  auto first = s.find_first_not_of(" \t");
+  if (first == std::string_view::npos) return {};
+  return s.substr(first, s.find_last_not_of(" \t") - first + 1);
+}
+
+// application/json, with parameters (RFC 9110 8.3.1); a charset, if named, is UTF-8, the one
+// JSON has (RFC 8259 8.1).
+bool is_json_media_type(std::string_view content_type) {
+  auto semi = content_type.find(';');
+  if (!boost::beast::iequals(trimmed(content_type.substr(0, semi)), "application/json")) {
+    return false;
+  }
+  while (semi != std::string_view::npos) {
+    content_type.remove_prefix(semi + 1);
+    semi = content_type.find(';');
+    auto param = content_type.substr(0, semi);
+    auto eq = param.find('=');
+    if (eq == std::string_view::npos) continue;
+    if (!boost::beast::iequals(trimmed(param.substr(0, eq)), "charset")) continue;
+    auto value = trimmed(param.substr(eq + 1));
+    if (value.size() >= 2 && value.front() == '"' && value.back() == '"') {
+      value = value.substr(1, value.size() - 2);
+    }
+    if (!boost::beast::iequals(value, "utf-8")) return false;
+  }
+  return true;
+}
+
+// A body is JSON and says so. What a browser may send across origins without asking first
+// (text/plain, a form) never reaches a handler, should the socket ever be bridged to TCP.
+Result<void> check_media_type(const Incoming& in) {
+  if (!in.content_type || in.body.empty() || is_json_media_type(*in.content_type)) return {};
+  std::string given = in.content_type->empty() ? "none" : std::string(*in.content_type);
+  return make(api::errc::unsupported_media_type,
+              "the body must be sent as Content-Type: application/json, not " + given);
+}
+
 Result<Command> build(std::string_view op, const std::map<std::string_view, std::string>& params,
-                      const Query& query, std::string_view body) {
+                      const Query& query, const Incoming& in) {
   auto h = std::find_if(kHandlers.begin(), kHandlers.end(),
                         [&](const Handler& x) { return x.operation == op; });
   if (h == kHandlers.end()) {
@@ -391,7 +439,8 @@ Result<Command> build(std::string_view op, const std::map<std::string_view, std:
                  "route without a handler: " + std::string(op));
   }
   if (auto ok = query.only(h->query_keys); !ok) return ok.error();
-  return h->build(Request{params, query, body});
+  if (auto ok = check_media_type(in); !ok) return ok.error();
+  return h->build(Request{params, query, in.body});
 }
 
 // The route for a method and decoded segments, with its path parameters; or 405 when another
@@ -453,14 +502,27 @@ std::vector<http::verb> allowed_methods(std::string_view target) {
   return out;
 }
 
-Result<Command> route(http::verb method, std::string_view target, std::string_view body) {
-  auto t = parse_target(target);
+namespace {
+
+Result<Command> route_incoming(const Incoming& in) {
+  auto t = parse_target(in.target);
   if (!t) return t.error();
-  auto selected = select_route(method, *t, target);
+  auto selected = select_route(in.method, *t, in.target);
   if (!selected) return selected.error();
   auto params = valid_params(std::move(selected->second));
   if (!params) return params.error();
-  return build(selected->first->operation, *params, Query(t->query), body);
+  return build(selected->first->operation, *params, Query(t->query), in);
+}
+
+}  // namespace
+
+Result<Command> route(http::verb method, std::string_view target, std::string_view body) {
+  return route_incoming(Incoming{method, target, body, std::nullopt});
+}
+
+Result<Command> route(const http::request<http::string_body>& req) {
+  return route_incoming(
+      Incoming{req.method(), req.target(), req.body(), req[http::field::content_type]});
 }
 
 // ---- Rendering ---------------------------------------------------------------------------------

@@ -417,7 +417,7 @@ void log_request(const http::request<http::string_body>& req, unsigned status, u
 awaitable<bool> serve_request(ConnPtr c, StatePtr st, http::request<http::string_body> req) {
   ++st->stats.requests;
   auto start = Clock::now();
-  auto cmd = route(req.method(), req.target(), req.body());
+  auto cmd = route(req);
   Outcome out;
   if (!cmd) {
     out = refusal(cmd.error(), req.target());

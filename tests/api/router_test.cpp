@@ -221,6 +221,58 @@ TEST_CASE("a key twice in one JSON object is 400 naming it, at any depth",
   CHECK(std::get<api::CreateDomainCmd>(two).request.disks.size() == 2);
 }
 
+namespace {
+
+boost::beast::http::request<boost::beast::http::string_body> request(
+    verb m, std::string_view target, std::string body, std::optional<std::string> content_type) {
+  boost::beast::http::request<boost::beast::http::string_body> req{m, target, 11};
+  if (content_type) req.set(boost::beast::http::field::content_type, *content_type);
+  req.body() = std::move(body);
+  req.prepare_payload();
+  return req;
+}
+
+}  // namespace
+
+TEST_CASE("a body is application/json or the request is 415", "[api][router][bad-input]") {
+  const std::string create = R"({"name":"vm1","memory_mib":64})";
+  for (std::string type :
+       {"application/json", "APPLICATION/JSON", "application/json; charset=utf-8",
+        "application/json;charset=\"UTF-8\"", " application/json ; q=1"}) {
+    INFO(type);
+    auto r = api::route(request(verb::post, "/v1/domains", create, type));
+    REQUIRE(r);
+    CHECK(std::get<api::CreateDomainCmd>(*r).request.spec.memory_mib == 64);
+  }
+  // What a browser sends across origins without asking first, and anything else but JSON.
+  for (std::optional<std::string> type :
+       {std::optional<std::string>("text/plain"),
+        std::optional<std::string>("text/plain;charset=UTF-8"),
+        std::optional<std::string>("application/x-www-form-urlencoded"),
+        std::optional<std::string>("multipart/form-data; boundary=x"),
+        std::optional<std::string>("application/jsonx"),
+        std::optional<std::string>("application/json; charset=latin1"),
+        std::optional<std::string>(""), std::optional<std::string>()}) {
+    INFO(type.value_or("(none)"));
+    auto r = api::route(request(verb::post, "/v1/domains", create, type));
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code == api::errc::unsupported_media_type);
+    CHECK(status_of(r.error()) == status::unsupported_media_type);
+  }
+  // Without a body there is nothing to declare.
+  CHECK(api::route(request(verb::post, "/v1/domains/vm1/pause", "", std::nullopt)));
+  CHECK(api::route(request(verb::delete_, "/v1/domains/vm1", "", "text/plain")));
+  // Even an empty object is a body.
+  CHECK_FALSE(api::route(request(verb::post, "/v1/domains/vm1/pause", "{}", "text/plain")));
+  // The route and its query come first; the body's meaning after.
+  CHECK(api::route(request(verb::post, "/v1/nothing", "{}", "text/plain")).error().code ==
+        api::errc::no_route);
+  CHECK(api::route(request(verb::post, "/v1/domains?x=1", "{}", "text/plain")).error().field ==
+        "x");
+  CHECK(api::route(request(verb::post, "/v1/domains", "{", "text/plain")).error().code ==
+        api::errc::unsupported_media_type);
+}
+
 TEST_CASE("unknown fields and query parameters are refused by name", "[api][router][bad-input]") {
   auto e = refused(verb::post, "/v1/domains", R"({"name":"vm1","memory":128})");
   CHECK(e.field == "memory");

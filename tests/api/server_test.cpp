@@ -31,6 +31,7 @@ constexpr uid_t kStop = 3'103'700;
 constexpr uid_t kIdle = 3'103'800;
 constexpr uid_t kFraming = 3'107'000;
 constexpr uid_t kHead = 3'107'016;
+constexpr uid_t kMediaType = 3'107'032;
 
 double ms_since(Clock::time_point t) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
@@ -504,4 +505,21 @@ TEST_CASE("a request without Host, with two, or with a folded header line is 400
   auto old = http::read_reply(fd.get());
   REQUIRE(old);
   CHECK(old->status == 200);
+}
+
+TEST_CASE("a body a browser could send across origins is 415 and creates nothing",
+          "[api][server][bad-input]") {
+  qbtest::ApiFixture fx(kMediaType);
+  const std::string body = R"({"name":"vm1","machine":"none","memory_mib":16,"pci_slots":0})";
+  for (std::string type : {"text/plain", "application/x-www-form-urlencoded"}) {
+    auto fd = http::connect(fx.socket);
+    REQUIRE(http::send_all(
+        fd.get(), "POST /v1/domains HTTP/1.1\r\nHost: x\r\nContent-Type: " + type +
+                      "\r\nContent-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body));
+    auto r = http::read_reply(fd.get());
+    REQUIRE(r);
+    CHECK(r->status == 415);
+    CHECK(r->error_code() == "unsupported_media_type");
+  }
+  CHECK(fx.on_io([&] { return fx.broker.list().size(); }) == 0);
 }
