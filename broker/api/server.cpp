@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -89,6 +90,7 @@ struct Server::State {
   stream_protocol::acceptor acceptor;
   asio::steady_timer retry;
   std::list<std::shared_ptr<Conn>> conns;
+  std::list<std::shared_ptr<Conn>> refusing;  // refused, being answered
   std::map<uid_t, std::size_t> per_uid;
   bool stopping = false;
   ServerStats stats;
@@ -131,8 +133,9 @@ std::string rendered(const Outcome& o, bool keep_alive = false) {
   return os.str();
 }
 
-// Answers a connection that will not be served with one non-blocking send, then closes it.
-void refuse(stream_protocol::socket& sock, const Error& e) {
+// Answers a connection that will not be served with one non-blocking send, then closes it: the
+// answer when too many refusals are being answered already.
+void refuse_at_once(stream_protocol::socket& sock, const Error& e) {
   std::string text = rendered(failure(e));
   (void)::send(sock.native_handle(), text.data(), text.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
   ::shutdown(sock.native_handle(), SHUT_WR);
@@ -464,6 +467,78 @@ awaitable<void> session(StatePtr st, ConnPtr c) {
   close_connection(c);
 }
 
+// Reads and drops what the peer sends until a blank line ends its request head, more than
+// `limit` bytes came, the peer stops, or the watchdog fires.
+awaitable<void> skip_head(const ConnPtr& c, std::size_t limit) {
+  std::array<char, 4096> buf;
+  std::string window;  // the last bytes read, enough to find a "\r\n\r\n" split across reads
+  for (std::size_t total = 0; total <= limit;) {
+    auto [ec, n] =
+        co_await c->sock.async_read_some(asio::buffer(buf), asio::as_tuple(use_awaitable));
+    if (ec) co_return;
+    total += n;
+    window.append(buf.data(), n);
+    if (window.find("\r\n\r\n") != std::string::npos) co_return;
+    window.erase(0, window.size() > 3 ? window.size() - 3 : 0);
+  }
+}
+
+// Reads and drops the rest of the request (its body) until the peer closes, `limit` bytes came,
+// or the watchdog fires: a peer still writing must not fail before it reads the answer.
+awaitable<void> drain(const ConnPtr& c, std::size_t limit) {
+  std::array<char, 4096> buf;
+  for (std::size_t total = 0; total <= limit;) {
+    auto [ec, n] =
+        co_await c->sock.async_read_some(asio::buffer(buf), asio::as_tuple(use_awaitable));
+    if (ec) co_return;
+    total += n;
+  }
+}
+
+// A refused connection: its request head, then the answer, then whatever else it sends, each
+// within refuse_timeout. Had the answer been sent before the request was read, the client's
+// write of its request could fail on the closed socket (EPIPE) and the client would give up
+// without reading the answer waiting for it.
+awaitable<void> answer_refused(StatePtr st, ConnPtr c, Error e) {
+  const auto deadline = st->limits.refuse_timeout;
+  arm(c, deadline);
+  co_await skip_head(c, st->limits.max_header_bytes);
+  std::string text = rendered(failure(e));
+  arm(c, deadline);
+  auto [ec, n] =
+      co_await asio::async_write(c->sock, asio::buffer(text), asio::as_tuple(use_awaitable));
+  (void)n;
+  if (!ec && !c->stopping) {
+    boost::system::error_code ignored;
+    c->sock.shutdown(stream_protocol::socket::shutdown_send, ignored);
+    arm(c, deadline);
+    co_await drain(c, st->limits.max_header_bytes + st->limits.max_body_bytes);
+  }
+  disarm(c);
+  close_connection(c);
+}
+
+awaitable<void> serve_refusal(StatePtr st, ConnPtr c, Error e) {
+  try {
+    co_await answer_refused(st, c, std::move(e));
+  } catch (const std::exception& ex) {
+    log::error(std::string("api refusal: ") + ex.what());
+  }
+  st->refusing.remove(c);
+}
+
+// Refuses a connection, answering it once its request is read while fewer than max_refusing
+// are being answered, else at once.
+void refuse(const StatePtr& st, stream_protocol::socket sock, Error e) {
+  if (st->refusing.size() >= st->limits.max_refusing) {
+    refuse_at_once(sock, e);
+    return;
+  }
+  auto c = std::make_shared<Conn>(std::move(sock));
+  st->refusing.push_back(c);
+  asio::co_spawn(st->ex, serve_refusal(st, c, std::move(e)), asio::detached);
+}
+
 void release(const StatePtr& st, const ConnPtr& c) {
   st->conns.remove(c);
   auto it = st->per_uid.find(c->peer.uid);
@@ -504,23 +579,26 @@ awaitable<void> accept_loop(StatePtr st) {
     if (!peer || !authorized(*peer, st->access)) {
       ++st->stats.refused_unauthorized;
       std::string who = peer ? "uid " + std::to_string(peer->uid) : "an unknown peer";
-      refuse(sock, api_error(api::errc::unauthorized_peer,
-                             who + " is not root and not a member of the admin group"));
+      refuse(st, std::move(sock),
+             api_error(api::errc::unauthorized_peer,
+                       who + " is not root and not a member of the admin group"));
       continue;
     }
     if (st->conns.size() >= st->limits.max_connections) {
       ++st->stats.refused_busy;
-      refuse(sock, api_error(api::errc::too_many_connections,
-                             "the broker serves at most " +
-                                 std::to_string(st->limits.max_connections) + " connections"));
+      refuse(st, std::move(sock),
+             api_error(api::errc::too_many_connections,
+                       "the broker serves at most " + std::to_string(st->limits.max_connections) +
+                           " connections"));
       continue;
     }
     if (st->per_uid[peer->uid] >= st->limits.max_connections_per_uid) {
       ++st->stats.refused_busy;
-      refuse(sock, api_error(api::errc::too_many_connections,
-                             "uid " + std::to_string(peer->uid) + " already has " +
-                                 std::to_string(st->limits.max_connections_per_uid) +
-                                 " connections open"));
+      refuse(
+          st, std::move(sock),
+          api_error(api::errc::too_many_connections,
+                    "uid " + std::to_string(peer->uid) + " already has " +
+                        std::to_string(st->limits.max_connections_per_uid) + " connections open"));
       continue;
     }
     ++st->stats.accepted;
@@ -566,6 +644,11 @@ void Server::stop() {
     c->stop.cancel();
     // Idle and half-read connections end now; one being executed is answered first.
     if (c->phase == Phase::idle || c->phase == Phase::reading) c->sock.cancel(ignored);
+  }
+  // Refusals are answered now, without waiting for the rest of their request.
+  for (auto& c : st.refusing) {
+    c->stopping = true;
+    c->sock.cancel(ignored);
   }
 }
 

@@ -14,9 +14,12 @@
 //   request not complete within request_timeout   408      (counted from its first byte)
 //   max_connections in total, or max_connections_per_uid from one peer uid, reached   503
 // A connection idle between requests for idle_timeout is closed quietly; a response that the
-// peer does not read within write_timeout closes the connection. Refused connections are
-// answered with one non-blocking send and closed at once: they never hold a slot, so a flood of
-// connections costs the broker no memory and other peers are still served.
+// peer does not read within write_timeout closes the connection. A refused connection never
+// holds a slot: its request head is read (refuse_timeout at most), it is answered, and what
+// else it sends is read and dropped until it closes, so curl and qbrokerctl always get to read
+// the answer instead of failing on a write to a closed socket. At most max_refusing refusals are
+// answered that way at once; past them a refusal is one non-blocking send and a close, so a
+// flood of connections costs the broker bounded memory and other peers are still served.
 //
 // Events: one bounded EventStream (event_queue entries) per subscriber. A consumer that falls
 // behind gets a final "dropped" event and is disconnected, so memory stays bounded.
@@ -47,6 +50,12 @@ struct ServerLimits {
   std::chrono::milliseconds write_timeout{10000};    // one response (or one event) written
   std::size_t max_connections = 1024;
   std::size_t max_connections_per_uid = 128;
+  // A refused connection (403, 503) has its request head read for at most refuse_timeout before
+  // it is answered, then the rest of its request for as long again, so that a client writing
+  // its request does not fail on the close before it reads the answer. At most max_refusing are
+  // answered so at once; beyond that a refusal is one non-blocking send and a close.
+  std::chrono::milliseconds refuse_timeout{1000};
+  std::size_t max_refusing = 64;
   std::size_t event_queue = 256;               // events queued per subscriber
   std::chrono::milliseconds heartbeat{15000};  // SSE comment when no event came
 };

@@ -1,13 +1,18 @@
 // The server over a real Unix socket: keep-alive, the JSON error shape on the wire, and each
 // kind of bad input and abuse refused cleanly while other clients are still served.
+#include <fcntl.h>
 #include <grp.h>
 #include <poll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <boost/json.hpp>
+#include <fstream>
+#include <string>
+#include <vector>
 
 #include "api_fixture.hpp"
 #include "broker/domain/event_bus.hpp"
@@ -32,6 +37,7 @@ constexpr uid_t kIdle = 3'103'800;
 constexpr uid_t kFraming = 3'107'000;
 constexpr uid_t kHead = 3'107'016;
 constexpr uid_t kMediaType = 3'107'032;
+constexpr uid_t kRefused = 3'107'048;  // +8: a stranger, +9: an admin-group member
 
 double ms_since(Clock::time_point t) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
@@ -51,6 +57,44 @@ int as_user(uid_t uid, gid_t gid, F body) {
   int status = 0;
   ::waitpid(pid, &status, 0);
   return WIFEXITED(status) ? WEXITSTATUS(status) : 200;
+}
+
+struct Output {
+  int status = -1;
+  std::string text;  // stdout and stderr
+};
+
+// Runs the program `args` as uid/gid (no supplementary groups) and returns its exit status and
+// output. The child only calls async-signal-safe functions: the fixture's io_context thread may
+// hold the allocator's lock at the fork.
+Output run_as(uid_t uid, gid_t gid, const std::vector<std::string>& args) {
+  std::vector<char*> argv;
+  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  int out[2];
+  if (::pipe2(out, O_CLOEXEC) != 0) return {};
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    if (::dup2(out[1], 1) < 0 || ::dup2(out[1], 2) < 0 || ::setgroups(0, nullptr) != 0 ||
+        ::setresgid(gid, gid, gid) != 0 || ::setresuid(uid, uid, uid) != 0) {
+      ::_exit(100);
+    }
+    ::execv(argv[0], argv.data());
+    ::_exit(101);
+  }
+  ::close(out[1]);
+  Output o;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(out[0], buf, sizeof(buf))) != 0;) {
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) break;
+    o.text.append(buf, static_cast<std::size_t>(n));
+  }
+  ::close(out[0]);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  o.status = WIFEXITED(status) ? WEXITSTATUS(status) : 200;
+  return o;
 }
 
 // Sends `raw` on a new connection and reads the one reply to it. The server must close the
@@ -274,6 +318,7 @@ TEST_CASE("10000 idle connections are refused cleanly with 503 while others are 
   limits.max_connections = 512;
   limits.max_connections_per_uid = 256;
   limits.idle_timeout = 20s;
+  limits.refuse_timeout = 200ms;  // the flood sends no request: each refusal waits this long
   qbtest::ApiFixture fx(kFlood, limits, {}, users->gr_gid);
   const std::string sock = fx.socket;
   int ready[2], done[2];
@@ -522,4 +567,56 @@ TEST_CASE("a body a browser could send across origins is 415 and creates nothing
     CHECK(r->error_code() == "unsupported_media_type");
   }
   CHECK(fx.on_io([&] { return fx.broker.list().size(); }) == 0);
+}
+
+TEST_CASE("a refused client reads its 403 or 503: curl and qbrokerctl show it every time",
+          "[api][server][privileged]") {
+  QB_REQUIRE_ROOT();
+  group* users = ::getgrnam("users");
+  REQUIRE(users != nullptr);
+  auto limits = qbtest::ApiFixture::test_limits();
+  limits.max_connections = 2;
+  limits.idle_timeout = 20s;
+  qbtest::ApiFixture fx(kRefused, limits, {}, users->gr_gid);
+  // A body larger than the socket's buffers: the client is still writing it when it is refused.
+  const std::string big = fx.run.path() + "/big.json";
+  {
+    std::ofstream f(big);
+    f << "{\"name\":\"vm1\"" << std::string(512 * 1024, ' ') << "}";
+  }
+  REQUIRE(::chmod(big.c_str(), 0644) == 0);
+  const std::vector<std::string> post{"/usr/bin/curl", "-sS",     "--unix-socket",
+                                      fx.socket,       "-H",      "Content-Type: application/json",
+                                      "--data-binary", "@" + big, "http://localhost/v1/domains"};
+  const std::vector<std::string> get{"/usr/bin/curl", "-sS", "--unix-socket", fx.socket,
+                                     "http://localhost/v1/version"};
+  const std::vector<std::string> ctl{QBROKERCTL, "--socket", fx.socket, "list"};
+  // Each client, many times: the answer must not depend on who wins a race to the socket.
+  auto check_refused = [&](uid_t uid, gid_t gid, const std::string& code, int ctl_status) {
+    for (int i = 0; i < 10; ++i) {
+      for (const auto* args : {&post, &get}) {
+        auto r = run_as(uid, gid, *args);
+        INFO(r.text);
+        CHECK(r.status == 0);
+        CHECK(r.text.find("\"code\":\"" + code + "\"") != std::string::npos);
+      }
+      auto c = run_as(uid, gid, ctl);
+      INFO(c.text);
+      CHECK(c.status == ctl_status);
+      CHECK(c.text.find("code:  " + code) != std::string::npos);
+    }
+  };
+  check_refused(kRefused + 8, kRefused + 8, "unauthorized_peer", 6);
+
+  // Both slots taken: a member of the admin group is refused for want of room.
+  auto a = http::connect(fx.socket);
+  auto b = http::connect(fx.socket);
+  for (int fd : {a.get(), b.get()}) {
+    REQUIRE(http::send_all(fd, http::request_text("GET", "/v1/version")));
+    REQUIRE(http::read_reply(fd));
+  }
+  check_refused(kRefused + 9, users->gr_gid, "too_many_connections", 11);
+  auto stats = fx.on_io([&] { return fx.server.stats(); });
+  CHECK(stats.refused_unauthorized == 30);
+  CHECK(stats.refused_busy == 30);
 }
