@@ -38,6 +38,8 @@ class Category final : public std::error_category {
         return "duplicate key in a JSON object";
       case errc::unsupported_media_type:
         return "the body is not application/json";
+      case errc::method_not_implemented:
+        return "method not implemented";
     }
     return "unknown api error";
   }

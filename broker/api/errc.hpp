@@ -22,10 +22,11 @@ enum class errc {
   unsupported_transfer_coding,  // 501: a transfer coding other than chunked
   duplicate_key,                // 400: an object of the JSON body has a key twice
   unsupported_media_type,       // 415: a body that is not declared application/json
+  method_not_implemented,       // 501: a method no route takes, on a path no route has
 };
 // How many enumerators errc has: they run from 0 to the one named here, which must stay the
 // last (tests/api/http_errors_test.cpp fails to compile otherwise).
-inline constexpr int kErrcCount = static_cast<int>(errc::unsupported_media_type) + 1;
+inline constexpr int kErrcCount = static_cast<int>(errc::method_not_implemented) + 1;
 
 const std::error_category& category() noexcept;
 inline std::error_code make_error_code(errc e) noexcept {

@@ -281,6 +281,8 @@ ErrorClass of(api::errc e) {
       return {http_status::bad_request, "duplicate_key"};
     case E::unsupported_media_type:
       return {http_status::unsupported_media_type, "unsupported_media_type"};
+    case E::method_not_implemented:
+      return {http_status::not_implemented, "method_not_implemented"};
   }
   return {http_status::internal_server_error, "unmapped"};
 }

@@ -387,6 +387,7 @@ constexpr std::array kHandlers{
 // three-argument route() takes its body as JSON.
 struct Incoming {
   http::verb method;
+  std::string_view method_name;  // as sent: an unknown method has no verb of its own
   std::string_view target;
   std::string_view body;
   std::optional<std::string_view> content_type;
@@ -443,10 +444,18 @@ Result<Command> build(std::string_view op, const std::map<std::string_view, std:
   return h->build(Request{params, query, in.body});
 }
 
+// The methods some route takes. Any other (HEAD, OPTIONS, PATCH, an unknown token) is a
+// method the server does not implement (RFC 9110 15.6.2).
+bool implemented(http::verb method) {
+  return std::any_of(kRoutes.begin(), kRoutes.end(),
+                     [&](const RouteInfo& r) { return r.method == method; });
+}
+
 // The route for a method and decoded segments, with its path parameters; or 405 when another
-// method has the path, or 404.
-Result<std::pair<const RouteInfo*, Params>> select_route(http::verb method, const Target& t,
-                                                         std::string_view target) {
+// method has the path, 501 for a method no route takes on a path no route has, or 404.
+Result<std::pair<const RouteInfo*, Params>> select_route(http::verb method,
+                                                         std::string_view method_name,
+                                                         const Target& t, std::string_view target) {
   const RouteInfo* best = nullptr;
   bool path_known = false;
   Params params;
@@ -464,10 +473,13 @@ Result<std::pair<const RouteInfo*, Params>> select_route(http::verb method, cons
   std::string path(target.substr(0, target.find('?')));
   if (path_known) {
     return make(api::errc::method_not_allowed,
-                std::string(http::to_string(method)) + " is not allowed on " + path);
+                std::string(method_name) + " is not allowed on " + path);
   }
-  return make(api::errc::no_route,
-              "no route for " + std::string(http::to_string(method)) + " " + path);
+  if (!implemented(method)) {
+    return make(api::errc::method_not_implemented,
+                std::string(method_name) + " is not a method this server implements");
+  }
+  return make(api::errc::no_route, "no route for " + std::string(method_name) + " " + path);
 }
 
 // Path parameters become QEMU ids and file names: the same rule as every other name.
@@ -507,7 +519,7 @@ namespace {
 Result<Command> route_incoming(const Incoming& in) {
   auto t = parse_target(in.target);
   if (!t) return t.error();
-  auto selected = select_route(in.method, *t, in.target);
+  auto selected = select_route(in.method, in.method_name, *t, in.target);
   if (!selected) return selected.error();
   auto params = valid_params(std::move(selected->second));
   if (!params) return params.error();
@@ -517,12 +529,12 @@ Result<Command> route_incoming(const Incoming& in) {
 }  // namespace
 
 Result<Command> route(http::verb method, std::string_view target, std::string_view body) {
-  return route_incoming(Incoming{method, target, body, std::nullopt});
+  return route_incoming(Incoming{method, http::to_string(method), target, body, std::nullopt});
 }
 
 Result<Command> route(const http::request<http::string_body>& req) {
-  return route_incoming(
-      Incoming{req.method(), req.target(), req.body(), req[http::field::content_type]});
+  return route_incoming(Incoming{req.method(), req.method_string(), req.target(), req.body(),
+                                 req[http::field::content_type]});
 }
 
 // ---- Rendering ---------------------------------------------------------------------------------

@@ -123,8 +123,8 @@ struct RouteInfo {
 std::span<const RouteInfo> routes();
 
 // The Command for a request, or the error to answer with (api::errc::no_route,
-// method_not_allowed, malformed_json, or broker::errc::invalid_argument naming the field). The
-// body is taken as JSON.
+// method_not_allowed, method_not_implemented, malformed_json, or broker::errc::invalid_argument
+// naming the field). The body is taken as JSON.
 Result<Command> route(http::verb method, std::string_view target, std::string_view body);
 
 // The same for a whole request, whose body must also be declared JSON: a body with any

@@ -143,11 +143,16 @@ void refuse_at_once(stream_protocol::socket& sock, const Error& e) {
   sock.close(ignored);
 }
 
-awaitable<bool> write_response(ConnPtr c, const StatePtr& st,
-                               http::response<http::string_body> res) {
+// Writes one response; for a HEAD request its header only (RFC 9110 9.3.2): the client reads no
+// body after it, and a body sent anyway would be read as the next response.
+awaitable<bool> write_response(ConnPtr c, const StatePtr& st, http::response<http::string_body> res,
+                               bool head_only = false) {
   c->phase = Phase::writing;
   arm(c, st->limits.write_timeout);
-  auto [ec, n] = co_await http::async_write(c->sock, res, asio::as_tuple(use_awaitable));
+  http::response_serializer<http::string_body> sr{res};
+  auto [ec, n] = head_only
+                     ? co_await http::async_write_header(c->sock, sr, asio::as_tuple(use_awaitable))
+                     : co_await http::async_write(c->sock, sr, asio::as_tuple(use_awaitable));
   disarm(c);
   (void)n;
   co_return !ec;
@@ -434,7 +439,9 @@ awaitable<bool> serve_request(ConnPtr c, StatePtr st, http::request<http::string
   bool keep_alive = req.keep_alive() && !st->stopping && !c->stopping;
   auto res = render(out, req.version(), keep_alive);
   log_request(req, res.result_int(), c->peer.uid, start);
-  if (!co_await write_response(c, st, std::move(res))) co_return false;
+  if (!co_await write_response(c, st, std::move(res), req.method() == http::verb::head)) {
+    co_return false;
+  }
   co_return keep_alive;
 }
 

@@ -149,6 +149,35 @@ TEST_CASE("unknown paths are 404 and wrong methods 405 with the allowed ones", "
   CHECK(refused(verb::get, "/v1/domains/vm1/pause").code == api::errc::method_not_allowed);
 }
 
+TEST_CASE("a method no route takes is 501 where no route has the path, 405 where one has",
+          "[api][router]") {
+  for (verb m : {verb::head, verb::options, verb::patch, verb::trace}) {
+    auto e = refused(m, "/v1/nothing");
+    INFO(boost::beast::http::to_string(m));
+    CHECK(e.code == api::errc::method_not_implemented);
+    CHECK(status_of(e) == status::not_implemented);
+    CHECK(api::classify(e.code).code == "method_not_implemented");
+  }
+  // The path exists: the Allow header tells the client what to use instead.
+  CHECK(refused(verb::head, "/v1/version").code == api::errc::method_not_allowed);
+  CHECK(refused(verb::patch, "/v1/domains/vm1").code == api::errc::method_not_allowed);
+  // A method the server does take, on a path no route has, is still 404.
+  CHECK(refused(verb::delete_, "/v1/nothing").code == api::errc::no_route);
+  // A token Beast has no verb for is named as it was sent.
+  boost::beast::http::request<boost::beast::http::string_body> brew;
+  brew.method_string("BREW");
+  brew.target("/v1/pot");
+  auto r = api::route(brew);
+  REQUIRE_FALSE(r);
+  CHECK(r.error().code == api::errc::method_not_implemented);
+  CHECK(r.error().message.find("BREW") != std::string::npos);
+  brew.target("/v1/version");
+  r = api::route(brew);
+  REQUIRE_FALSE(r);
+  CHECK(r.error().code == api::errc::method_not_allowed);
+  CHECK(r.error().message == "BREW is not allowed on /v1/version");
+}
+
 TEST_CASE("malformed JSON and wrong types are 400 naming the field", "[api][router][bad-input]") {
   auto e = refused(verb::post, "/v1/domains", R"({"name": "vm1", )");
   CHECK(e.code == api::errc::malformed_json);

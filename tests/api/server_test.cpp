@@ -38,6 +38,7 @@ constexpr uid_t kFraming = 3'107'000;
 constexpr uid_t kHead = 3'107'016;
 constexpr uid_t kMediaType = 3'107'032;
 constexpr uid_t kRefused = 3'107'048;  // +8: a stranger, +9: an admin-group member
+constexpr uid_t kMethods = 3'107'064;
 
 double ms_since(Clock::time_point t) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
@@ -57,6 +58,11 @@ int as_user(uid_t uid, gid_t gid, F body) {
   int status = 0;
   ::waitpid(pid, &status, 0);
   return WIFEXITED(status) ? WEXITSTATUS(status) : 200;
+}
+
+bool wait_readable(int fd, std::chrono::milliseconds timeout) {
+  pollfd p{fd, POLLIN, 0};
+  return ::poll(&p, 1, static_cast<int>(timeout.count())) == 1;
 }
 
 struct Output {
@@ -619,4 +625,40 @@ TEST_CASE("a refused client reads its 403 or 503: curl and qbrokerctl show it ev
   auto stats = fx.on_io([&] { return fx.server.stats(); });
   CHECK(stats.refused_unauthorized == 30);
   CHECK(stats.refused_busy == 30);
+}
+
+TEST_CASE("HEAD and unknown methods are 501 where no route has the path; HEAD gets no body",
+          "[api][server]") {
+  qbtest::ApiFixture fx(kMethods);
+  auto fd = http::connect(fx.socket);
+  REQUIRE(http::send_all(fd.get(), "BREW /v1/pot HTTP/1.1\r\nHost: x\r\n\r\n"));
+  auto brew = http::read_reply(fd.get());
+  REQUIRE(brew);
+  CHECK(brew->status == 501);
+  CHECK(brew->error_code() == "method_not_implemented");
+  REQUIRE(http::send_all(fd.get(), "BREW /v1/version HTTP/1.1\r\nHost: x\r\n\r\n"));
+  auto allowed = http::read_reply(fd.get());
+  REQUIRE(allowed);
+  CHECK(allowed->status == 405);
+  CHECK(allowed->header("Allow") == "GET");
+
+  // HEAD, then a GET on the same connection: the answer to HEAD is a header and nothing else,
+  // so the next bytes are the GET's answer.
+  for (std::string target : {"/v1/nothing", "/v1/version"}) {
+    auto head = http::connect(fx.socket);
+    REQUIRE(http::send_all(head.get(), "HEAD " + target + " HTTP/1.1\r\nHost: x\r\n\r\n" +
+                                           http::request_text("GET", "/v1/version", {}, false)));
+    std::string wire;
+    char buf[4096];
+    while (wait_readable(head.get(), 3s)) {
+      ssize_t n = ::recv(head.get(), buf, sizeof(buf), 0);
+      if (n <= 0) break;
+      wire.append(buf, static_cast<std::size_t>(n));
+    }
+    INFO(wire);
+    CHECK(wire.rfind(target == "/v1/nothing" ? "HTTP/1.1 501 " : "HTTP/1.1 405 ", 0) == 0);
+    auto end = wire.find("\r\n\r\n");
+    REQUIRE(end != std::string::npos);
+    CHECK(wire.compare(end + 4, 13, "HTTP/1.1 200 ") == 0);
+  }
 }
