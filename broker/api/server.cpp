@@ -163,10 +163,15 @@ awaitable<void> write_error(ConnPtr c, StatePtr st, Error e) {
   co_await write_response(c, st, render(failure(e), 11, false));
 }
 
-awaitable<bool> write_chunk(const ConnPtr& c, const StatePtr& st, std::string_view data) {
+// A piece of the event stream: a chunk, or for an HTTP/1.0 client, which knows no chunked
+// coding, the bytes themselves (its body ends when the connection does, RFC 9112 6.3).
+awaitable<bool> write_frame(const ConnPtr& c, const StatePtr& st, bool chunked,
+                            std::string_view data) {
   arm(c, st->limits.write_timeout);
-  auto [ec, n] = co_await asio::async_write(c->sock, http::make_chunk(asio::buffer(data)),
-                                            asio::as_tuple(use_awaitable));
+  auto [ec, n] = chunked ? co_await asio::async_write(c->sock, http::make_chunk(asio::buffer(data)),
+                                                      asio::as_tuple(use_awaitable))
+                         : co_await asio::async_write(c->sock, asio::buffer(data),
+                                                      asio::as_tuple(use_awaitable));
   disarm(c);
   (void)n;
   co_return !ec;
@@ -177,17 +182,18 @@ awaitable<void> wait_stop(ConnPtr c) {
   (void)ec;
 }
 
-// GET /v1/events: a chunked text/event-stream until the peer goes, falls behind or the server
-// stops.
+// GET /v1/events: a text/event-stream until the peer goes, falls behind or the server stops;
+// chunked, or delimited by the close for HTTP/1.0.
 awaitable<void> stream_events(ConnPtr c, StatePtr st, unsigned version, std::string domain) {
   using namespace asio::experimental::awaitable_operators;
   auto stream = st->service->broker().events().subscribe(domain, st->limits.event_queue);
+  const bool chunked = version >= 11;
   http::response<http::empty_body> res{http::status::ok, version};
   res.set(http::field::server, kServerName);
   res.set(http::field::content_type, "text/event-stream");
   res.set(http::field::cache_control, "no-store");
   res.keep_alive(false);
-  res.chunked(true);
+  res.chunked(chunked);
   http::response_serializer<http::empty_body> sr{res};
   c->phase = Phase::writing;
   arm(c, st->limits.write_timeout);
@@ -197,7 +203,7 @@ awaitable<void> stream_events(ConnPtr c, StatePtr st, unsigned version, std::str
   if (ec) co_return;
   // A first comment tells the client the subscription is live (qbrokerctl waits for it before
   // it sends the request whose progress it shows).
-  if (!co_await write_chunk(c, st, ": subscribed\n\n")) co_return;
+  if (!co_await write_frame(c, st, chunked, ": subscribed\n\n")) co_return;
   c->phase = Phase::streaming;
   while (!c->stopping) {
     auto got = co_await (stream->next(Clock::now() + st->limits.heartbeat) || wait_stop(c));
@@ -205,13 +211,14 @@ awaitable<void> stream_events(ConnPtr c, StatePtr st, unsigned version, std::str
     auto& event = std::get<0>(got);
     if (!event) {
       if (stream->closed()) break;
-      if (!co_await write_chunk(c, st, ": keepalive\n\n")) co_return;
+      if (!co_await write_frame(c, st, chunked, ": keepalive\n\n")) co_return;
       continue;
     }
-    if (!co_await write_chunk(c, st, sse_frame(*event))) co_return;
+    if (!co_await write_frame(c, st, chunked, sse_frame(*event))) co_return;
     ++st->stats.events_sent;
     if (event->kind == "dropped") break;  // the consumer fell behind: it is told, then closed
   }
+  if (!chunked) co_return;
   arm(c, st->limits.write_timeout);
   auto [ec2, n2] =
       co_await asio::async_write(c->sock, http::make_chunk_last(), asio::as_tuple(use_awaitable));

@@ -39,6 +39,7 @@ constexpr uid_t kHead = 3'107'016;
 constexpr uid_t kMediaType = 3'107'032;
 constexpr uid_t kRefused = 3'107'048;  // +8: a stranger, +9: an admin-group member
 constexpr uid_t kMethods = 3'107'064;
+constexpr uid_t kEvents10 = 3'107'096;
 
 double ms_since(Clock::time_point t) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
@@ -661,4 +662,42 @@ TEST_CASE("HEAD and unknown methods are 501 where no route has the path; HEAD ge
     REQUIRE(end != std::string::npos);
     CHECK(wire.compare(end + 4, 13, "HTTP/1.1 200 ") == 0);
   }
+}
+
+TEST_CASE("events to an HTTP/1.0 client are sent without chunking, ended by the close",
+          "[api][server][events]") {
+  qbtest::ApiFixture fx(kEvents10);
+  auto fd = http::connect(fx.socket);
+  REQUIRE(http::send_all(fd.get(), "GET /v1/events?domain=a HTTP/1.0\r\n\r\n"));
+  // Reads until `text` holds `needle`, or nothing more comes within 3 s.
+  std::string text;
+  auto read_until = [&](std::string_view needle) {
+    char buf[4096];
+    while (text.find(needle) == std::string::npos && wait_readable(fd.get(), 3s)) {
+      ssize_t n = ::recv(fd.get(), buf, sizeof(buf), 0);
+      if (n <= 0) return false;
+      text.append(buf, static_cast<std::size_t>(n));
+    }
+    return text.find(needle) != std::string::npos;
+  };
+  REQUIRE(read_until(": subscribed\n\n"));
+  auto end = text.find("\r\n\r\n");
+  REQUIRE(end != std::string::npos);
+  std::string header = text.substr(0, end + 2);
+  INFO(header);
+  CHECK(header.rfind("HTTP/1.0 200 ", 0) == 0);
+  CHECK(header.find("Transfer-Encoding") == std::string::npos);
+  CHECK(header.find("Content-Length") == std::string::npos);
+  CHECK(text.substr(end + 4) == ": subscribed\n\n");
+  text.clear();
+  fx.on_io([&] { fx.broker.events().publish("a", "qemu", "STOP"); });
+  REQUIRE(read_until("\n\n"));
+  CHECK(text.rfind("id: ", 0) == 0);
+  CHECK(text.find("\nevent: qemu\ndata: {") != std::string::npos);
+  // The end of the stream is the close, with no last chunk before it.
+  text.clear();
+  fx.on_io([&] { fx.server.stop(); });
+  CHECK_FALSE(read_until("0\r\n"));
+  CHECK(text.empty());
+  CHECK(http::closed_within(fd.get(), 1s));
 }
