@@ -1,5 +1,7 @@
 #include "broker/api/server.hpp"
 
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -182,10 +184,79 @@ awaitable<void> wait_stop(ConnPtr c) {
   (void)ec;
 }
 
+// A consumer is behind when more than half of its socket's send buffer is unread. The stream
+// stops writing there, which leaves room for one last frame that says so.
+bool consumer_behind(int fd) {
+  int unread = 0;
+  int capacity = 0;
+  socklen_t len = sizeof(capacity);
+  if (::ioctl(fd, SIOCOUTQ, &unread) != 0 ||
+      ::getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &capacity, &len) != 0) {
+    return false;
+  }
+  return unread > capacity / 2;
+}
+
+// Waits for a consumer that is behind to read: the socket turns writable once three quarters
+// of its buffer are free. False at write_timeout, or when the server stops.
+awaitable<bool> consumer_caught_up(const ConnPtr& c, const StatePtr& st) {
+  using namespace asio::experimental::awaitable_operators;
+  arm(c, st->limits.write_timeout);
+  auto woke = co_await (
+      c->sock.async_wait(stream_protocol::socket::wait_write, asio::as_tuple(use_awaitable)) ||
+      wait_stop(c));
+  disarm(c);
+  co_return woke.index() == 0 && !std::get<0>(std::get<0>(woke)) && !c->stopping;
+}
+
+// The frame that ends the stream of a consumer that stopped reading: a "dropped" event like the
+// one the event bus queues when a subscriber's queue overflows, with the id of the last event
+// sent.
+std::string stalled_frame(const EventStream& stream, std::uint64_t last_seq) {
+  BusEvent dropped;
+  dropped.seq = last_seq;
+  dropped.kind = "dropped";
+  dropped.name = "dropped";
+  dropped.data = {{"queued", stream.queued()}, {"reason", "stalled"}};
+  dropped.timestamp_us = std::chrono::duration_cast<std::chrono::microseconds>(
+                             std::chrono::system_clock::now().time_since_epoch())
+                             .count();
+  return sse_frame(dropped);
+}
+
+// The event stream after its header, one frame at a time, until the peer goes, the stream ends
+// (a "dropped" event from the bus), the server stops, or the consumer stalls. A consumer that is
+// behind has write_timeout to catch up; then it is sent "dropped" and closed. False when a write
+// failed: the stream cannot be ended cleanly.
+awaitable<bool> pump_events(ConnPtr c, StatePtr st, EventStream& stream, bool chunked) {
+  using namespace asio::experimental::awaitable_operators;
+  std::uint64_t last_seq = 0;
+  while (!c->stopping) {
+    auto got = co_await (stream.next(Clock::now() + st->limits.heartbeat) || wait_stop(c));
+    if (got.index() == 1 || c->stopping) co_return true;
+    auto& event = std::get<0>(got);
+    if (!event && stream.closed()) co_return true;
+    if (consumer_behind(c->sock.native_handle()) && !co_await consumer_caught_up(c, st)) {
+      if (c->stopping) co_return true;
+      if (!co_await write_frame(c, st, chunked, stalled_frame(stream, last_seq))) co_return false;
+      ++st->stats.events_sent;
+      co_return true;
+    }
+    if (!event) {
+      if (!co_await write_frame(c, st, chunked, ": keepalive\n\n")) co_return false;
+      continue;
+    }
+    if (!co_await write_frame(c, st, chunked, sse_frame(*event))) co_return false;
+    last_seq = event->seq;
+    ++st->stats.events_sent;
+    if (event->kind == "dropped") co_return true;  // the queue overflowed: told, then closed
+  }
+  co_return true;
+}
+
 // GET /v1/events: a text/event-stream until the peer goes, falls behind or the server stops;
 // chunked, or delimited by the close for HTTP/1.0.
 awaitable<void> stream_events(ConnPtr c, StatePtr st, unsigned version, std::string domain) {
-  using namespace asio::experimental::awaitable_operators;
   auto stream = st->service->broker().events().subscribe(domain, st->limits.event_queue);
   const bool chunked = version >= 11;
   http::response<http::empty_body> res{http::status::ok, version};
@@ -205,20 +276,7 @@ awaitable<void> stream_events(ConnPtr c, StatePtr st, unsigned version, std::str
   // it sends the request whose progress it shows).
   if (!co_await write_frame(c, st, chunked, ": subscribed\n\n")) co_return;
   c->phase = Phase::streaming;
-  while (!c->stopping) {
-    auto got = co_await (stream->next(Clock::now() + st->limits.heartbeat) || wait_stop(c));
-    if (got.index() == 1 || c->stopping) break;
-    auto& event = std::get<0>(got);
-    if (!event) {
-      if (stream->closed()) break;
-      if (!co_await write_frame(c, st, chunked, ": keepalive\n\n")) co_return;
-      continue;
-    }
-    if (!co_await write_frame(c, st, chunked, sse_frame(*event))) co_return;
-    ++st->stats.events_sent;
-    if (event->kind == "dropped") break;  // the consumer fell behind: it is told, then closed
-  }
-  if (!chunked) co_return;
+  if (!co_await pump_events(c, st, *stream, chunked) || !chunked) co_return;
   arm(c, st->limits.write_timeout);
   auto [ec2, n2] =
       co_await asio::async_write(c->sock, http::make_chunk_last(), asio::as_tuple(use_awaitable));

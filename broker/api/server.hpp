@@ -22,7 +22,10 @@
 // flood of connections costs the broker bounded memory and other peers are still served.
 //
 // Events: one bounded EventStream (event_queue entries) per subscriber. A consumer that falls
-// behind gets a final "dropped" event and is disconnected, so memory stays bounded.
+// behind gets a final "dropped" event and is disconnected, so memory stays bounded: when its
+// queue overflows, or when it stops reading. Writing stops once half of its socket's send buffer
+// is unread; a consumer that has not read by write_timeout is sent "dropped" (reason "stalled")
+// into the half kept free, then closed. HTTP/1.0 subscribers get the stream without chunking.
 //
 // Threads: everything runs on the one io_context (docs/concurrency.md).
 #pragma once

@@ -40,6 +40,7 @@ constexpr uid_t kMediaType = 3'107'032;
 constexpr uid_t kRefused = 3'107'048;  // +8: a stranger, +9: an admin-group member
 constexpr uid_t kMethods = 3'107'064;
 constexpr uid_t kEvents10 = 3'107'096;
+constexpr uid_t kStalled = 3'107'112;
 
 double ms_since(Clock::time_point t) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
@@ -700,4 +701,39 @@ TEST_CASE("events to an HTTP/1.0 client are sent without chunking, ended by the 
   CHECK_FALSE(read_until("0\r\n"));
   CHECK(text.empty());
   CHECK(http::closed_within(fd.get(), 1s));
+}
+
+TEST_CASE("a consumer that stops reading is sent a last dropped frame, then closed",
+          "[api][server][events]") {
+  auto limits = qbtest::ApiFixture::test_limits();  // write_timeout 1 s
+  limits.event_queue = 8;
+  qbtest::ApiFixture fx(kStalled, limits);
+  http::EventReader stalled(fx.socket, "/v1/events");
+  REQUIRE(stalled.ok());
+  // Events a few at a time, never more than the queue holds between two turns of the writer:
+  // the stream falls behind only because its reader stopped reading, and the socket's buffer
+  // fills until the writer would block.
+  const std::string pad(4096, 'p');
+  for (int batch = 0; batch < 150; ++batch) {
+    fx.on_io([&] {
+      for (int i = 0; i < 4; ++i) {
+        fx.broker.events().publish("x", "job", "progress", {{"i", batch * 4 + i}, {"pad", pad}});
+      }
+    });
+    std::this_thread::sleep_for(1ms);
+  }
+  std::this_thread::sleep_for(limits.write_timeout + 500ms);
+  // Now the reader reads everything that was sent: the last frame says why it ends.
+  int got = 0;
+  std::optional<http::EventReader::Event> last;
+  while (auto e = stalled.next(2s)) {
+    last = e;
+    if (e->kind == "dropped") break;
+    ++got;
+  }
+  REQUIRE(last);
+  CHECK(last->kind == "dropped");
+  CHECK(last->data.at("data").at("reason") == "stalled");
+  CHECK(got > 8);
+  CHECK(http::closed_within(stalled.fd(), 2s));
 }
