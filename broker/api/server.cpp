@@ -74,6 +74,7 @@ struct Conn {
   asio::steady_timer watchdog;  // cancels the socket's operations at a deadline
   asio::steady_timer stop;      // cancelled when the server stops (wakes event streams)
   PeerCred peer;
+  bool reserved = false;  // holds a slot of the operators' reserve, not of the pool
   Phase phase = Phase::idle;
   std::uint64_t generation = 0;
   bool timed_out = false;
@@ -92,8 +93,10 @@ struct Server::State {
   stream_protocol::acceptor acceptor;
   asio::steady_timer retry;
   std::list<std::shared_ptr<Conn>> conns;
-  std::list<std::shared_ptr<Conn>> refusing;  // refused, being answered
-  std::map<uid_t, std::size_t> per_uid;
+  std::list<std::shared_ptr<Conn>> refusing;    // refused, being answered
+  std::map<uid_t, std::size_t> per_uid;         // pool slots by peer uid
+  std::map<pid_t, std::size_t> reserve_by_pid;  // reserve slots by peer process
+  std::size_t reserved = 0;                     // reserve slots taken
   bool stopping = false;
   ServerStats stats;
 };
@@ -613,8 +616,52 @@ void refuse(const StatePtr& st, stream_protocol::socket sock, Error e) {
 
 void release(const StatePtr& st, const ConnPtr& c) {
   st->conns.remove(c);
+  if (c->reserved) {
+    --st->reserved;
+    auto it = st->reserve_by_pid.find(c->peer.pid);
+    if (it != st->reserve_by_pid.end() && --it->second == 0) st->reserve_by_pid.erase(it);
+    return;
+  }
   auto it = st->per_uid.find(c->peer.uid);
   if (it != st->per_uid.end() && --it->second == 0) st->per_uid.erase(it);
+}
+
+// Root and qbrokerd's own uid: whoever runs the daemon, who must reach it whatever others hold.
+bool is_operator(const PeerCred& peer, const AccessPolicy& access) {
+  return peer.uid == 0 || peer.uid == access.owner;
+}
+
+// Where an authorized peer's connection goes: a slot of the pool, within its uid's quota
+// (false), or, for an operator when the pool or its quota is full, one of the reserve (true).
+// The reserve is shared by at most reserve_per_process connections per peer process, so one
+// that leaks connections cannot take it all. The error is the 503 to refuse the peer with.
+Result<bool> admit(const Server::State& st, const PeerCred& peer) {
+  const auto& l = st.limits;
+  auto uid = st.per_uid.find(peer.uid);
+  std::size_t held = uid == st.per_uid.end() ? 0 : uid->second;
+  std::string full;
+  if (st.conns.size() - st.reserved >= l.max_connections) {
+    full = "the broker serves at most " + std::to_string(l.max_connections) + " connections";
+  } else if (held >= l.max_connections_per_uid) {
+    full = "uid " + std::to_string(peer.uid) + " already has " +
+           std::to_string(l.max_connections_per_uid) + " connections open";
+  } else {
+    return false;
+  }
+  if (!is_operator(peer, st.access)) return api_error(api::errc::too_many_connections, full);
+  if (st.reserved >= l.admin_reserve) {
+    return api_error(api::errc::too_many_connections, full + ", and the " +
+                                                          std::to_string(l.admin_reserve) +
+                                                          " connections kept for root are taken");
+  }
+  auto pid = st.reserve_by_pid.find(peer.pid);
+  if (pid != st.reserve_by_pid.end() && pid->second >= l.reserve_per_process) {
+    return api_error(api::errc::too_many_connections,
+                     full + ", and process " + std::to_string(peer.pid) + " already holds " +
+                         std::to_string(l.reserve_per_process) +
+                         " of the connections kept for root");
+  }
+  return true;
 }
 
 // A session, then its slot is given back.
@@ -656,27 +703,23 @@ awaitable<void> accept_loop(StatePtr st) {
                        who + " is not root and not a member of the admin group"));
       continue;
     }
-    if (st->conns.size() >= st->limits.max_connections) {
+    auto reserved = admit(*st, *peer);
+    if (!reserved) {
       ++st->stats.refused_busy;
-      refuse(st, std::move(sock),
-             api_error(api::errc::too_many_connections,
-                       "the broker serves at most " + std::to_string(st->limits.max_connections) +
-                           " connections"));
-      continue;
-    }
-    if (st->per_uid[peer->uid] >= st->limits.max_connections_per_uid) {
-      ++st->stats.refused_busy;
-      refuse(
-          st, std::move(sock),
-          api_error(api::errc::too_many_connections,
-                    "uid " + std::to_string(peer->uid) + " already has " +
-                        std::to_string(st->limits.max_connections_per_uid) + " connections open"));
+      refuse(st, std::move(sock), std::move(reserved.error()));
       continue;
     }
     ++st->stats.accepted;
     auto c = std::make_shared<Conn>(std::move(sock));
     c->peer = std::move(*peer);
-    ++st->per_uid[c->peer.uid];
+    c->reserved = *reserved;
+    if (c->reserved) {
+      ++st->stats.accepted_reserve;
+      ++st->reserved;
+      ++st->reserve_by_pid[c->peer.pid];
+    } else {
+      ++st->per_uid[c->peer.uid];
+    }
     st->conns.push_back(c);
     asio::co_spawn(st->ex, serve(st, c), asio::detached);
   }

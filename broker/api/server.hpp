@@ -13,6 +13,8 @@
 //   header over max_header_bytes                  431      body over max_body_bytes       413
 //   request not complete within request_timeout   408      (counted from its first byte)
 //   max_connections in total, or max_connections_per_uid from one peer uid, reached   503
+//   (root and the daemon's own uid then get one of admin_reserve connections kept for them,
+//   at most reserve_per_process per peer process; 503 when those are taken too)
 // A connection idle between requests for idle_timeout is closed quietly; a response that the
 // peer does not read within write_timeout closes the connection. A refused connection never
 // holds a slot: its request head is read (refuse_timeout at most), it is answered, and what
@@ -53,6 +55,11 @@ struct ServerLimits {
   std::chrono::milliseconds write_timeout{10000};    // one response (or one event) written
   std::size_t max_connections = 1024;
   std::size_t max_connections_per_uid = 128;
+  // Beyond both limits, admin_reserve more connections for root and qbrokerd's own uid, at most
+  // reserve_per_process of them from one peer process: an operator always reaches the daemon,
+  // even when one root process holds every root slot or the pool is full.
+  std::size_t admin_reserve = 16;
+  std::size_t reserve_per_process = 2;
   // A refused connection (403, 503) has its request head read for at most refuse_timeout before
   // it is answered, then the rest of its request for as long again, so that a client writing
   // its request does not fail on the close before it reads the answer. At most max_refusing are
@@ -83,6 +90,7 @@ std::optional<PeerCred> peer_credentials(int fd);
 
 struct ServerStats {
   std::uint64_t accepted = 0;
+  std::uint64_t accepted_reserve = 0;  // of accepted: into the operators' reserve
   std::uint64_t refused_unauthorized = 0;
   std::uint64_t refused_busy = 0;
   std::uint64_t requests = 0;

@@ -6,12 +6,15 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <boost/json.hpp>
+#include <cstring>
 #include <fstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "api_fixture.hpp"
@@ -41,6 +44,7 @@ constexpr uid_t kRefused = 3'107'048;  // +8: a stranger, +9: an admin-group mem
 constexpr uid_t kMethods = 3'107'064;
 constexpr uid_t kEvents10 = 3'107'096;
 constexpr uid_t kStalled = 3'107'112;
+constexpr uid_t kReserve = 3'107'128;
 
 double ms_since(Clock::time_point t) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
@@ -81,10 +85,12 @@ Output run_as(uid_t uid, gid_t gid, const std::vector<std::string>& args) {
   argv.push_back(nullptr);
   int out[2];
   if (::pipe2(out, O_CLOEXEC) != 0) return {};
+  const bool same_user = uid == ::geteuid() && gid == ::getegid();
   pid_t pid = ::fork();
   if (pid == 0) {
-    if (::dup2(out[1], 1) < 0 || ::dup2(out[1], 2) < 0 || ::setgroups(0, nullptr) != 0 ||
-        ::setresgid(gid, gid, gid) != 0 || ::setresuid(uid, uid, uid) != 0) {
+    if (::dup2(out[1], 1) < 0 || ::dup2(out[1], 2) < 0) ::_exit(100);
+    if (!same_user && (::setgroups(0, nullptr) != 0 || ::setresgid(gid, gid, gid) != 0 ||
+                       ::setresuid(uid, uid, uid) != 0)) {
       ::_exit(100);
     }
     ::execv(argv[0], argv.data());
@@ -736,4 +742,74 @@ TEST_CASE("a consumer that stops reading is sent a last dropped frame, then clos
   CHECK(last->data.at("data").at("reason") == "stalled");
   CHECK(got > 8);
   CHECK(http::closed_within(stalled.fd(), 2s));
+}
+
+TEST_CASE("root has a reserve past its quota: a process holding every root slot locks out no other",
+          "[api][server]") {
+  auto limits = qbtest::ApiFixture::test_limits();
+  limits.max_connections_per_uid = 4;
+  limits.admin_reserve = 3;
+  limits.reserve_per_process = 2;
+  limits.idle_timeout = 20s;
+  qbtest::ApiFixture fx(kReserve, limits);  // this process runs as the daemon's own uid
+  auto open_served = [&] {
+    auto fd = http::connect(fx.socket);
+    if (!fd || !http::send_all(fd.get(), http::request_text("GET", "/v1/version"))) return fd;
+    auto r = http::read_reply(fd.get());
+    if (!r || r->status != 200) fd.reset();
+    return fd;
+  };
+  std::vector<fdpass::UniqueFd> held;
+  for (int i = 0; i < 4 + 2; ++i) {  // the uid's quota, then this process's share of the reserve
+    held.push_back(open_served());
+    REQUIRE(held.back());
+  }
+  auto third = http::call(fx.socket, "GET", "/v1/version");
+  REQUIRE(third);
+  CHECK(third->status == 503);
+  CHECK(third->json.at("error").at("message").as_string().find("already holds 2") !=
+        json::string::npos);
+
+  // Another process of the same uid is served from what is left of the reserve...
+  const std::vector<std::string> curl{"/usr/bin/curl", "-sS", "--unix-socket", fx.socket,
+                                      "http://localhost/v1/version"};
+  auto other = run_as(::geteuid(), ::getegid(), curl);
+  INFO(other.text);
+  CHECK(other.status == 0);
+  CHECK(other.text.find("\"broker\"") != std::string::npos);
+
+  // ...until a third process holds the last slot of it.
+  const std::string request = http::request_text("GET", "/v1/version");
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, fx.socket.c_str(), sizeof(addr.sun_path) - 1);
+  int release[2];
+  REQUIRE(::pipe2(release, O_CLOEXEC) == 0);
+  pid_t holder = ::fork();
+  if (holder == 0) {
+    ::close(release[1]);
+    int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    if (fd < 0 || ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) ::_exit(1);
+    if (::write(fd, request.data(), request.size()) < 0) ::_exit(2);
+    char c;
+    (void)!::read(release[0], &c, 1);
+    ::_exit(0);
+  }
+  ::close(release[0]);
+  for (int i = 0; i < 200 && fx.on_io([&] { return fx.server.connections(); }) < 7; ++i) {
+    std::this_thread::sleep_for(10ms);
+  }
+  REQUIRE(fx.on_io([&] { return fx.server.connections(); }) == 7);
+  auto full = run_as(::geteuid(), ::getegid(), curl);
+  INFO(full.text);
+  CHECK(full.text.find("are taken") != std::string::npos);
+  ::close(release[1]);
+  int status = 0;
+  ::waitpid(holder, &status, 0);
+  for (int i = 0; i < 200 && fx.on_io([&] { return fx.server.connections(); }) > 6; ++i) {
+    std::this_thread::sleep_for(10ms);
+  }
+  CHECK(run_as(::geteuid(), ::getegid(), curl).text.find("\"broker\"") != std::string::npos);
+  auto stats = fx.on_io([&] { return fx.server.stats(); });
+  CHECK(stats.accepted_reserve == 5);
 }
