@@ -470,6 +470,22 @@ TEST_CASE("errors render as the documented JSON shape with QMP class and desc", 
   CHECK_FALSE(f.keep_alive());
 }
 
+TEST_CASE("an error quoting bytes that are not UTF-8 still renders as JSON", "[api][render]") {
+  // Overlong, surrogate, past U+10FFFF, a lone continuation, a bad lead, and two good sequences.
+  const std::string quoted =
+      "\xe0\x9e\x8f|\xed\xa0\x80|\xf4\x90\x80\x80|\x80|\xf5|\xe2\x82\xac|\xf0\x9f\x98\x80";
+  broker::Error e(make_error_code(api::errc::unsupported_media_type), "not " + quoted);
+  e.field = quoted;
+  auto res = api::render(api::failure(e), 11, false);
+  std::error_code ec;
+  auto body = json::parse(res.body(), ec);
+  REQUIRE_FALSE(ec);
+  const auto& err = body.at("error");
+  CHECK(err.at("message") ==
+        "not \\xe0\\x9e\\x8f|\\xed\\xa0\\x80|\\xf4\\x90\\x80\\x80|\\x80|\\xf5|\xe2\x82\xac|\xf0\x9f\x98\x80");
+  CHECK(err.at("field").as_string().starts_with("\\xe0"));
+}
+
 TEST_CASE("outcomes render domains and kill reports and events", "[api][render]") {
   broker::DomainInfo info;
   info.name = "vm1";
