@@ -381,8 +381,6 @@ constexpr std::array kHandlers{
     Handler{"watchEvents", {"domain"}, watch_events},
 };
 
-// The query is checked before the body, so an unknown parameter is named even when the body is
-// wrong too.
 // What route() reads of a request. The Content-Type is checked only when given: the
 // three-argument route() takes its body as JSON.
 struct Incoming {
@@ -431,6 +429,8 @@ Result<void> check_media_type(const Incoming& in) {
               "the body must be sent as Content-Type: application/json, not " + given);
 }
 
+// The query is checked before the body, so an unknown parameter is named even when the body is
+// wrong too.
 Result<Command> build(std::string_view op, const std::map<std::string_view, std::string>& params,
                       const Query& query, const Incoming& in) {
   auto h = std::find_if(kHandlers.begin(), kHandlers.end(),

@@ -187,17 +187,18 @@ awaitable<void> wait_stop(ConnPtr c) {
   (void)ec;
 }
 
-// A consumer is behind when more than half of its socket's send buffer is unread. The stream
-// stops writing there, which leaves room for one last frame that says so.
-bool consumer_behind(int fd) {
-  int unread = 0;
+// What the socket's send buffer holds (SO_SNDBUF), read once per stream; 0 when unknown.
+int send_capacity(int fd) {
   int capacity = 0;
   socklen_t len = sizeof(capacity);
-  if (::ioctl(fd, SIOCOUTQ, &unread) != 0 ||
-      ::getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &capacity, &len) != 0) {
-    return false;
-  }
-  return unread > capacity / 2;
+  return ::getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &capacity, &len) == 0 ? capacity : 0;
+}
+
+// A consumer is behind when more than half of its socket's send buffer is unread. The stream
+// stops writing there, which leaves room for one last frame that says so.
+bool consumer_behind(int fd, int capacity) {
+  int unread = 0;
+  return capacity > 0 && ::ioctl(fd, SIOCOUTQ, &unread) == 0 && unread > capacity / 2;
 }
 
 // Waits for a consumer that is behind to read: the socket turns writable once three quarters
@@ -234,12 +235,13 @@ std::string stalled_frame(const EventStream& stream, std::uint64_t last_seq) {
 awaitable<bool> pump_events(ConnPtr c, StatePtr st, EventStream& stream, bool chunked) {
   using namespace asio::experimental::awaitable_operators;
   std::uint64_t last_seq = 0;
+  const int capacity = send_capacity(c->sock.native_handle());
   while (!c->stopping) {
     auto got = co_await (stream.next(Clock::now() + st->limits.heartbeat) || wait_stop(c));
     if (got.index() == 1 || c->stopping) co_return true;
     auto& event = std::get<0>(got);
     if (!event && stream.closed()) co_return true;
-    if (consumer_behind(c->sock.native_handle()) && !co_await consumer_caught_up(c, st)) {
+    if (consumer_behind(c->sock.native_handle(), capacity) && !co_await consumer_caught_up(c, st)) {
       if (c->stopping) co_return true;
       if (!co_await write_frame(c, st, chunked, stalled_frame(stream, last_seq))) co_return false;
       ++st->stats.events_sent;
