@@ -197,8 +197,13 @@ std::string render_error(unsigned status, const json::value& body) {
     std::string flag = flag_for_field(field);
     out += "  field: " + field + (flag.empty() ? "" : " (" + flag + ")") + "\n";
   }
+  // QEMU's class, and its desc unless the message above already says it.
   const auto& q = at(e, "qmp");
-  if (q.is_object()) out += "  qemu:  " + text(at(q, "class")) + ": " + text(at(q, "desc")) + "\n";
+  if (q.is_object()) {
+    std::string desc = text(at(q, "desc"));
+    bool said = !desc.empty() && text(at(e, "message")).find(desc) != std::string::npos;
+    out += "  qemu:  " + text(at(q, "class")) + (said || desc.empty() ? "" : ": " + desc) + "\n";
+  }
   out += "  code:  " + text(at(e, "code")) + " (HTTP " + std::to_string(status) + ")\n";
   return out;
 }

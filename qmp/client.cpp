@@ -28,6 +28,15 @@ namespace {
 
 constexpr auto kAwait = asio::as_tuple(asio::use_awaitable);
 
+// What a refused command says: "blockdev-del: Node 'x' not found", or QEMU's desc alone when it
+// names the command itself ("The command x has not been found"). The class is not repeated:
+// it travels beside the message (Error::qmp_class), and the HTTP error body shows both.
+std::string failure_message(const std::string& command, const std::string& desc) {
+  if (desc.empty()) return command + ": QEMU refused it";
+  if (desc.find(command) != std::string::npos) return desc;
+  return command + ": " + desc;
+}
+
 // True when the awaiting coroutine was asked to stop (as opposed to a wake-up by cancel()).
 asio::awaitable<bool> cancel_requested() {
   auto state = co_await asio::this_coro::cancellation_state;
@@ -344,7 +353,7 @@ class Session : public std::enable_shared_from_this<Session> {
     auto d = outbox_.on_reply(e.id, true);
     if (d.outcome != Outbox<Waiter*>::Outcome::complete) return;
     Waiter& w = **d.slot;
-    std::string msg = w.name + ": " + e.error_class + ": " + e.desc;
+    std::string msg = failure_message(w.name, e.desc);
     complete(w, Error{errc::command_failed, std::move(msg), std::move(e.error_class),
                       std::move(e.desc)});
   }

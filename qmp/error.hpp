@@ -1,7 +1,7 @@
 // qmp errors: one errc enum and one error value for everything the QMP layer can report.
 //
 // An Error carries a code (always qmp::category()), a human-readable message with context
-// ("blockdev-del: GenericError: Node 'x' not found"), and, when QEMU answered with an error, the
+// ("blockdev-del: Node 'x' not found"), and, when QEMU answered with an error, the
 // QMP `class` and `desc` verbatim so the HTTP layer can pass them to the user unchanged.
 // Results are boost::system::result<T, qmp::Error>; failures are values, never exceptions.
 #pragma once

@@ -13,6 +13,7 @@ packages=(
   syslinux syslinux-common isolinux systemd-boot-efi binutils xorriso mtools dosfstools fdisk
   clang libclang-rt-14-dev
   iproute2 iputils-ping curl procps python3
+  socat
 )
 
 missing=()
@@ -21,6 +22,11 @@ for p in "${packages[@]}"; do
     missing+=("$p")
   fi
 done
+# npm runs the contract tools (tests/api/contract). Debian's nodejs and npm only when there is
+# no npm at all: a newer Node.js installed another way (NodeSource) brings its own.
+if ! command -v npm >/dev/null; then
+  missing+=(nodejs npm)
+fi
 
 if ((${#missing[@]})); then
   if ((EUID != 0)); then

@@ -32,6 +32,14 @@ class Category final : public std::error_category {
         return "peer is not authorized";
       case errc::shutting_down:
         return "the daemon is shutting down";
+      case errc::unsupported_transfer_coding:
+        return "transfer coding not supported";
+      case errc::duplicate_key:
+        return "duplicate key in a JSON object";
+      case errc::unsupported_media_type:
+        return "the body is not application/json";
+      case errc::method_not_implemented:
+        return "method not implemented";
     }
     return "unknown api error";
   }

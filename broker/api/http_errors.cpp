@@ -291,6 +291,14 @@ ErrorClass of(api::errc e) {
       return {http_status::forbidden, "unauthorized_peer"};
     case E::shutting_down:
       return {http_status::service_unavailable, "shutting_down"};
+    case E::unsupported_transfer_coding:
+      return {http_status::not_implemented, "unsupported_transfer_coding"};
+    case E::duplicate_key:
+      return {http_status::bad_request, "duplicate_key"};
+    case E::unsupported_media_type:
+      return {http_status::unsupported_media_type, "unsupported_media_type"};
+    case E::method_not_implemented:
+      return {http_status::not_implemented, "method_not_implemented"};
   }
   return {http_status::internal_server_error, "unmapped"};
 }
@@ -346,21 +354,45 @@ ErrorClass classify(const std::error_code& ec) {
 
 namespace {
 
+// The length of the well-formed UTF-8 sequence at the start of `s` (RFC 3629 4), or 0: an
+// overlong form, a surrogate or a code point past U+10FFFF is not one, which JSON parsers refuse.
+std::size_t utf8_sequence(std::string_view s) {
+  const auto byte = [&](std::size_t i) { return static_cast<unsigned char>(s[i]); };
+  const unsigned char c = byte(0);
+  if (c < 0x80) return 1;
+  std::size_t n = 0;
+  unsigned char lo = 0x80, hi = 0xbf;  // the second byte's range
+  if (c >= 0xc2 && c <= 0xdf) {
+    n = 2;
+  } else if (c >= 0xe0 && c <= 0xef) {
+    n = 3;
+    if (c == 0xe0) lo = 0xa0;
+    if (c == 0xed) hi = 0x9f;
+  } else if (c >= 0xf0 && c <= 0xf4) {
+    n = 4;
+    if (c == 0xf0) lo = 0x90;
+    if (c == 0xf4) hi = 0x8f;
+  } else {
+    return 0;
+  }
+  if (s.size() < n || byte(1) < lo || byte(1) > hi) return 0;
+  for (std::size_t k = 2; k < n; ++k) {
+    if ((byte(k) & 0xc0) != 0x80) return 0;
+  }
+  return n;
+}
+
 // `s` as valid UTF-8: an error may quote what a client or QEMU sent (a percent-decoded query
-// name, a QMP desc), and JSON must not carry those bytes raw. Each byte that does not start a
-// well-formed sequence is written as \xNN.
+// name, a header, a QMP desc), and JSON must not carry those bytes raw. Each byte that does not
+// start a well-formed sequence is written as \xNN.
 std::string utf8_text(std::string_view s) {
   std::string out;
   out.reserve(s.size());
   for (std::size_t i = 0; i < s.size();) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    std::size_t n = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xe ? 3 : (c >> 3) == 0x1e ? 4 : 0;
-    bool ok = n != 0 && i + n <= s.size() && (n != 2 || c >= 0xc2);
-    for (std::size_t k = 1; ok && k < n; ++k) {
-      ok = (static_cast<unsigned char>(s[i + k]) & 0xc0) == 0x80;
-    }
-    if (!ok) {
+    std::size_t n = utf8_sequence(s.substr(i));
+    if (n == 0) {
       static constexpr char kHex[] = "0123456789abcdef";
+      const auto c = static_cast<unsigned char>(s[i]);
       out += "\\x";
       out += kHex[c >> 4];
       out += kHex[c & 0xf];

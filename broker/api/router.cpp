@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <boost/beast/core/string.hpp>
 #include <boost/beast/http/field.hpp>
 #include <boost/json.hpp>
 #include <boost/url/parse.hpp>
@@ -12,6 +13,7 @@
 
 #include "broker/api/errc.hpp"
 #include "broker/api/http_errors.hpp"
+#include "broker/api/json_body.hpp"
 #include "broker/core/errc.hpp"
 #include "broker/lifecycle/spec.hpp"
 #include "qmp/commands.hpp"
@@ -167,26 +169,6 @@ std::ptrdiff_t literal_count(const RouteInfo& r) {
   return std::count_if(tmpl.begin(), tmpl.end(), [](auto s) { return !is_parameter(s); });
 }
 
-Result<json::value> parse_body(std::string_view body) {
-  auto first = body.find_first_not_of(" \t\r\n");
-  if (first == std::string_view::npos) return json::value(nullptr);
-  json::parse_options opts;
-  opts.max_depth = 64;
-  json::parser p(json::storage_ptr(), opts);
-  boost::system::error_code ec;
-  std::size_t used = p.write_some(body.data(), body.size(), ec);
-  if (ec) {
-    return make(api::errc::malformed_json,
-                "body: malformed JSON at byte " + std::to_string(used) + ": " + ec.message(),
-                "body");
-  }
-  if (body.find_first_not_of(" \t\r\n", used) != std::string_view::npos) {
-    return make(api::errc::malformed_json,
-                "body: malformed JSON at byte " + std::to_string(used) + ": trailing data", "body");
-  }
-  return p.release();
-}
-
 // Routes that take no body accept nothing, "" or {}.
 Result<void> no_body(const json::value& v) {
   if (v.is_null()) return {};
@@ -239,7 +221,7 @@ struct Request {
 
   const std::string& name() const { return params.at("name"); }
   const std::string& id() const { return params.at("id"); }
-  Result<json::value> body() const { return parse_body(raw_body); }
+  Result<json::value> body() const { return parse_json_body(raw_body); }
   Result<void> empty_body() const {
     auto b = body();
     if (!b) return b.error();
@@ -407,10 +389,58 @@ constexpr std::array kHandlers{
     Handler{"watchEvents", {"domain"}, watch_events},
 };
 
+// What route() reads of a request. The Content-Type is checked only when given: the
+// three-argument route() takes its body as JSON.
+struct Incoming {
+  http::verb method;
+  std::string_view method_name;  // as sent: an unknown method has no verb of its own
+  std::string_view target;
+  std::string_view body;
+  std::optional<std::string_view> content_type;
+};
+
+std::string_view trimmed(std::string_view s) {
+  auto first = s.find_first_not_of(" \t");
+  if (first == std::string_view::npos) return {};
+  return s.substr(first, s.find_last_not_of(" \t") - first + 1);
+}
+
+// application/json, with parameters (RFC 9110 8.3.1); a charset, if named, is UTF-8, the one
+// JSON has (RFC 8259 8.1).
+bool is_json_media_type(std::string_view content_type) {
+  auto semi = content_type.find(';');
+  if (!boost::beast::iequals(trimmed(content_type.substr(0, semi)), "application/json")) {
+    return false;
+  }
+  while (semi != std::string_view::npos) {
+    content_type.remove_prefix(semi + 1);
+    semi = content_type.find(';');
+    auto param = content_type.substr(0, semi);
+    auto eq = param.find('=');
+    if (eq == std::string_view::npos) continue;
+    if (!boost::beast::iequals(trimmed(param.substr(0, eq)), "charset")) continue;
+    auto value = trimmed(param.substr(eq + 1));
+    if (value.size() >= 2 && value.front() == '"' && value.back() == '"') {
+      value = value.substr(1, value.size() - 2);
+    }
+    if (!boost::beast::iequals(value, "utf-8")) return false;
+  }
+  return true;
+}
+
+// A body is JSON and says so. What a browser may send across origins without asking first
+// (text/plain, a form) never reaches a handler, should the socket ever be bridged to TCP.
+Result<void> check_media_type(const Incoming& in) {
+  if (!in.content_type || in.body.empty() || is_json_media_type(*in.content_type)) return {};
+  std::string given = in.content_type->empty() ? "none" : std::string(*in.content_type);
+  return make(api::errc::unsupported_media_type,
+              "the body must be sent as Content-Type: application/json, not " + given);
+}
+
 // The query is checked before the body, so an unknown parameter is named even when the body is
 // wrong too.
 Result<Command> build(std::string_view op, const std::map<std::string_view, std::string>& params,
-                      const Query& query, std::string_view body) {
+                      const Query& query, const Incoming& in) {
   auto h = std::find_if(kHandlers.begin(), kHandlers.end(),
                         [&](const Handler& x) { return x.operation == op; });
   if (h == kHandlers.end()) {
@@ -418,13 +448,22 @@ Result<Command> build(std::string_view op, const std::map<std::string_view, std:
                  "route without a handler: " + std::string(op));
   }
   if (auto ok = query.only(h->query_keys); !ok) return ok.error();
-  return h->build(Request{params, query, body});
+  if (auto ok = check_media_type(in); !ok) return ok.error();
+  return h->build(Request{params, query, in.body});
+}
+
+// The methods some route takes. Any other (HEAD, OPTIONS, PATCH, an unknown token) is a
+// method the server does not implement (RFC 9110 15.6.2).
+bool implemented(http::verb method) {
+  return std::any_of(kRoutes.begin(), kRoutes.end(),
+                     [&](const RouteInfo& r) { return r.method == method; });
 }
 
 // The route for a method and decoded segments, with its path parameters; or 405 when another
-// method has the path, or 404.
-Result<std::pair<const RouteInfo*, Params>> select_route(http::verb method, const Target& t,
-                                                         std::string_view target) {
+// method has the path, 501 for a method no route takes on a path no route has, or 404.
+Result<std::pair<const RouteInfo*, Params>> select_route(http::verb method,
+                                                         std::string_view method_name,
+                                                         const Target& t, std::string_view target) {
   const RouteInfo* best = nullptr;
   bool path_known = false;
   Params params;
@@ -442,10 +481,13 @@ Result<std::pair<const RouteInfo*, Params>> select_route(http::verb method, cons
   std::string path(target.substr(0, target.find('?')));
   if (path_known) {
     return make(api::errc::method_not_allowed,
-                std::string(http::to_string(method)) + " is not allowed on " + path);
+                std::string(method_name) + " is not allowed on " + path);
   }
-  return make(api::errc::no_route,
-              "no route for " + std::string(http::to_string(method)) + " " + path);
+  if (!implemented(method)) {
+    return make(api::errc::method_not_implemented,
+                std::string(method_name) + " is not a method this server implements");
+  }
+  return make(api::errc::no_route, "no route for " + std::string(method_name) + " " + path);
 }
 
 // Path parameters become QEMU ids and file names: the same rule as every other name.
@@ -480,14 +522,27 @@ std::vector<http::verb> allowed_methods(std::string_view target) {
   return out;
 }
 
-Result<Command> route(http::verb method, std::string_view target, std::string_view body) {
-  auto t = parse_target(target);
+namespace {
+
+Result<Command> route_incoming(const Incoming& in) {
+  auto t = parse_target(in.target);
   if (!t) return t.error();
-  auto selected = select_route(method, *t, target);
+  auto selected = select_route(in.method, in.method_name, *t, in.target);
   if (!selected) return selected.error();
   auto params = valid_params(std::move(selected->second));
   if (!params) return params.error();
-  return build(selected->first->operation, *params, Query(t->query), body);
+  return build(selected->first->operation, *params, Query(t->query), in);
+}
+
+}  // namespace
+
+Result<Command> route(http::verb method, std::string_view target, std::string_view body) {
+  return route_incoming(Incoming{method, http::to_string(method), target, body, std::nullopt});
+}
+
+Result<Command> route(const http::request<http::string_body>& req) {
+  return route_incoming(Incoming{req.method(), req.method_string(), req.target(), req.body(),
+                                 req[http::field::content_type]});
 }
 
 // ---- Rendering ---------------------------------------------------------------------------------

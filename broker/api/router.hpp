@@ -127,8 +127,15 @@ struct RouteInfo {
 std::span<const RouteInfo> routes();
 
 // The Command for a request, or the error to answer with (api::errc::no_route,
-// method_not_allowed, malformed_json, or broker::errc::invalid_argument naming the field).
+// method_not_allowed, method_not_implemented, malformed_json, or broker::errc::invalid_argument
+// naming the field). The body is taken as JSON.
 Result<Command> route(http::verb method, std::string_view target, std::string_view body);
+
+// The same for a whole request, whose body must also be declared JSON: a body with any
+// Content-Type but application/json (parameters allowed; a charset must be utf-8), or with none,
+// is api::errc::unsupported_media_type (415). Checked after the route and its query are known
+// and before the body is read.
+Result<Command> route(const http::request<http::string_body>& req);
 
 // The methods a path accepts (for the Allow header of a 405), empty when no route matches it.
 std::vector<http::verb> allowed_methods(std::string_view target);

@@ -1,9 +1,12 @@
 #include "broker/api/server.hpp"
 
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -71,6 +74,7 @@ struct Conn {
   asio::steady_timer watchdog;  // cancels the socket's operations at a deadline
   asio::steady_timer stop;      // cancelled when the server stops (wakes event streams)
   PeerCred peer;
+  bool reserved = false;  // holds a slot of the operators' reserve, not of the pool
   Phase phase = Phase::idle;
   std::uint64_t generation = 0;
   bool timed_out = false;
@@ -89,7 +93,10 @@ struct Server::State {
   stream_protocol::acceptor acceptor;
   asio::steady_timer retry;
   std::list<std::shared_ptr<Conn>> conns;
-  std::map<uid_t, std::size_t> per_uid;
+  std::list<std::shared_ptr<Conn>> refusing;    // refused, being answered
+  std::map<uid_t, std::size_t> per_uid;         // pool slots by peer uid
+  std::map<pid_t, std::size_t> reserve_by_pid;  // reserve slots by peer process
+  std::size_t reserved = 0;                     // reserve slots taken
   bool stopping = false;
   ServerStats stats;
 };
@@ -131,8 +138,9 @@ std::string rendered(const Outcome& o, bool keep_alive = false) {
   return os.str();
 }
 
-// Answers a connection that will not be served with one non-blocking send, then closes it.
-void refuse(stream_protocol::socket& sock, const Error& e) {
+// Answers a connection that will not be served with one non-blocking send, then closes it: the
+// answer when too many refusals are being answered already.
+void refuse_at_once(stream_protocol::socket& sock, const Error& e) {
   std::string text = rendered(failure(e));
   (void)::send(sock.native_handle(), text.data(), text.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
   ::shutdown(sock.native_handle(), SHUT_WR);
@@ -140,11 +148,16 @@ void refuse(stream_protocol::socket& sock, const Error& e) {
   sock.close(ignored);
 }
 
-awaitable<bool> write_response(ConnPtr c, const StatePtr& st,
-                               http::response<http::string_body> res) {
+// Writes one response; for a HEAD request its header only (RFC 9110 9.3.2): the client reads no
+// body after it, and a body sent anyway would be read as the next response.
+awaitable<bool> write_response(ConnPtr c, const StatePtr& st, http::response<http::string_body> res,
+                               bool head_only = false) {
   c->phase = Phase::writing;
   arm(c, st->limits.write_timeout);
-  auto [ec, n] = co_await http::async_write(c->sock, res, asio::as_tuple(use_awaitable));
+  http::response_serializer<http::string_body> sr{res};
+  auto [ec, n] = head_only
+                     ? co_await http::async_write_header(c->sock, sr, asio::as_tuple(use_awaitable))
+                     : co_await http::async_write(c->sock, sr, asio::as_tuple(use_awaitable));
   disarm(c);
   (void)n;
   co_return !ec;
@@ -155,10 +168,15 @@ awaitable<void> write_error(ConnPtr c, StatePtr st, Error e) {
   co_await write_response(c, st, render(failure(e), 11, false));
 }
 
-awaitable<bool> write_chunk(const ConnPtr& c, const StatePtr& st, std::string_view data) {
+// A piece of the event stream: a chunk, or for an HTTP/1.0 client, which knows no chunked
+// coding, the bytes themselves (its body ends when the connection does, RFC 9112 6.3).
+awaitable<bool> write_frame(const ConnPtr& c, const StatePtr& st, bool chunked,
+                            std::string_view data) {
   arm(c, st->limits.write_timeout);
-  auto [ec, n] = co_await asio::async_write(c->sock, http::make_chunk(asio::buffer(data)),
-                                            asio::as_tuple(use_awaitable));
+  auto [ec, n] = chunked ? co_await asio::async_write(c->sock, http::make_chunk(asio::buffer(data)),
+                                                      asio::as_tuple(use_awaitable))
+                         : co_await asio::async_write(c->sock, asio::buffer(data),
+                                                      asio::as_tuple(use_awaitable));
   disarm(c);
   (void)n;
   co_return !ec;
@@ -169,17 +187,89 @@ awaitable<void> wait_stop(ConnPtr c) {
   (void)ec;
 }
 
-// GET /v1/events: a chunked text/event-stream until the peer goes, falls behind or the server
-// stops.
-awaitable<void> stream_events(ConnPtr c, StatePtr st, unsigned version, std::string domain) {
+// What the socket's send buffer holds (SO_SNDBUF), read once per stream; 0 when unknown.
+int send_capacity(int fd) {
+  int capacity = 0;
+  socklen_t len = sizeof(capacity);
+  return ::getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &capacity, &len) == 0 ? capacity : 0;
+}
+
+// A consumer is behind when more than half of its socket's send buffer is unread. The stream
+// stops writing there, which leaves room for one last frame that says so.
+bool consumer_behind(int fd, int capacity) {
+  int unread = 0;
+  return capacity > 0 && ::ioctl(fd, SIOCOUTQ, &unread) == 0 && unread > capacity / 2;
+}
+
+// Waits for a consumer that is behind to read: the socket turns writable once three quarters
+// of its buffer are free. False at write_timeout, or when the server stops.
+awaitable<bool> consumer_caught_up(const ConnPtr& c, const StatePtr& st) {
   using namespace asio::experimental::awaitable_operators;
+  arm(c, st->limits.write_timeout);
+  auto woke = co_await (
+      c->sock.async_wait(stream_protocol::socket::wait_write, asio::as_tuple(use_awaitable)) ||
+      wait_stop(c));
+  disarm(c);
+  co_return woke.index() == 0 && !std::get<0>(std::get<0>(woke)) && !c->stopping;
+}
+
+// The frame that ends the stream of a consumer that stopped reading: a "dropped" event like the
+// one the event bus queues when a subscriber's queue overflows, with the id of the last event
+// sent.
+std::string stalled_frame(const EventStream& stream, std::uint64_t last_seq) {
+  BusEvent dropped;
+  dropped.seq = last_seq;
+  dropped.kind = "dropped";
+  dropped.name = "dropped";
+  dropped.data = {{"queued", stream.queued()}, {"reason", "stalled"}};
+  dropped.timestamp_us = std::chrono::duration_cast<std::chrono::microseconds>(
+                             std::chrono::system_clock::now().time_since_epoch())
+                             .count();
+  return sse_frame(dropped);
+}
+
+// The event stream after its header, one frame at a time, until the peer goes, the stream ends
+// (a "dropped" event from the bus), the server stops, or the consumer stalls. A consumer that is
+// behind has write_timeout to catch up; then it is sent "dropped" and closed. False when a write
+// failed: the stream cannot be ended cleanly.
+awaitable<bool> pump_events(ConnPtr c, StatePtr st, EventStream& stream, bool chunked) {
+  using namespace asio::experimental::awaitable_operators;
+  std::uint64_t last_seq = 0;
+  const int capacity = send_capacity(c->sock.native_handle());
+  while (!c->stopping) {
+    auto got = co_await (stream.next(Clock::now() + st->limits.heartbeat) || wait_stop(c));
+    if (got.index() == 1 || c->stopping) co_return true;
+    auto& event = std::get<0>(got);
+    if (!event && stream.closed()) co_return true;
+    if (consumer_behind(c->sock.native_handle(), capacity) && !co_await consumer_caught_up(c, st)) {
+      if (c->stopping) co_return true;
+      if (!co_await write_frame(c, st, chunked, stalled_frame(stream, last_seq))) co_return false;
+      ++st->stats.events_sent;
+      co_return true;
+    }
+    if (!event) {
+      if (!co_await write_frame(c, st, chunked, ": keepalive\n\n")) co_return false;
+      continue;
+    }
+    if (!co_await write_frame(c, st, chunked, sse_frame(*event))) co_return false;
+    last_seq = event->seq;
+    ++st->stats.events_sent;
+    if (event->kind == "dropped") co_return true;  // the queue overflowed: told, then closed
+  }
+  co_return true;
+}
+
+// GET /v1/events: a text/event-stream until the peer goes, falls behind or the server stops;
+// chunked, or delimited by the close for HTTP/1.0.
+awaitable<void> stream_events(ConnPtr c, StatePtr st, unsigned version, std::string domain) {
   auto stream = st->service->broker().events().subscribe(domain, st->limits.event_queue);
+  const bool chunked = version >= 11;
   http::response<http::empty_body> res{http::status::ok, version};
   res.set(http::field::server, kServerName);
   res.set(http::field::content_type, "text/event-stream");
   res.set(http::field::cache_control, "no-store");
   res.keep_alive(false);
-  res.chunked(true);
+  res.chunked(chunked);
   http::response_serializer<http::empty_body> sr{res};
   c->phase = Phase::writing;
   arm(c, st->limits.write_timeout);
@@ -189,21 +279,9 @@ awaitable<void> stream_events(ConnPtr c, StatePtr st, unsigned version, std::str
   if (ec) co_return;
   // A first comment tells the client the subscription is live (qbrokerctl waits for it before
   // it sends the request whose progress it shows).
-  if (!co_await write_chunk(c, st, ": subscribed\n\n")) co_return;
+  if (!co_await write_frame(c, st, chunked, ": subscribed\n\n")) co_return;
   c->phase = Phase::streaming;
-  while (!c->stopping) {
-    auto got = co_await (stream->next(Clock::now() + st->limits.heartbeat) || wait_stop(c));
-    if (got.index() == 1 || c->stopping) break;
-    auto& event = std::get<0>(got);
-    if (!event) {
-      if (stream->closed()) break;
-      if (!co_await write_chunk(c, st, ": keepalive\n\n")) co_return;
-      continue;
-    }
-    if (!co_await write_chunk(c, st, sse_frame(*event))) co_return;
-    ++st->stats.events_sent;
-    if (event->kind == "dropped") break;  // the consumer fell behind: it is told, then closed
-  }
+  if (!co_await pump_events(c, st, *stream, chunked) || !chunked) co_return;
   arm(c, st->limits.write_timeout);
   auto [ec2, n2] =
       co_await asio::async_write(c->sock, http::make_chunk_last(), asio::as_tuple(use_awaitable));
@@ -242,21 +320,127 @@ awaitable<boost::system::error_code> read_body(const ConnPtr& c, beast::flat_buf
 
 struct ReadResult {
   boost::system::error_code ec;
-  bool timed_out = false;  // the watchdog ended the read, not the peer
+  bool timed_out = false;        // the watchdog ended the read, not the peer
+  std::optional<Error> refused;  // a head the server will not serve: answered, then closed
 };
 
-// One whole request, header and body, within request_timeout from its first byte.
+std::string_view buffered(const beast::flat_buffer& buffer) {
+  auto data = buffer.data();
+  return {static_cast<const char*>(data.data()), data.size()};
+}
+
+// Reads until the buffer holds a whole request head (through its blank line), more bytes than
+// a head may have (Beast's parser then answers 431), or the peer stops. Beast joins folded
+// header lines as it parses, so the raw head is kept for the obs-fold check.
+awaitable<boost::system::error_code> buffer_head(const ConnPtr& c, beast::flat_buffer& buffer,
+                                                 std::size_t limit) {
+  std::size_t searched = 0;
+  for (;;) {
+    auto text = buffered(buffer);
+    if (text.find("\r\n\r\n", searched) != std::string_view::npos || text.size() > limit) {
+      co_return boost::system::error_code{};
+    }
+    searched = text.size() < 3 ? 0 : text.size() - 3;
+    auto [ec, n] =
+        co_await c->sock.async_read_some(buffer.prepare(4096), asio::as_tuple(use_awaitable));
+    if (ec) co_return ec;
+    buffer.commit(n);
+  }
+}
+
+// RFC 9112 5.2: a header line that starts with whitespace continues the previous one (obs-fold).
+// It is refused rather than joined: a proxy in front may read the fold differently.
+bool has_obs_fold(std::string_view head) {
+  auto end = head.find("\r\n\r\n");
+  if (end != std::string_view::npos) head = head.substr(0, end + 2);
+  return head.find("\r\n ") != std::string_view::npos ||
+         head.find("\r\n\t") != std::string_view::npos;
+}
+
+// The codings of every Transfer-Encoding line, in order, without parameters.
+std::vector<std::string> transfer_codings(const http::request<http::string_body>& req) {
+  std::vector<std::string> out;
+  auto [it, end] = req.equal_range(http::field::transfer_encoding);
+  for (; it != end; ++it) {
+    std::string_view v = it->value();
+    while (!v.empty()) {
+      auto comma = v.find(',');
+      auto item = v.substr(0, comma);
+      item = item.substr(0, item.find(';'));
+      auto first = item.find_first_not_of(" \t");
+      if (first != std::string_view::npos) {
+        item = item.substr(first, item.find_last_not_of(" \t") - first + 1);
+        out.emplace_back(item);
+      }
+      if (comma == std::string_view::npos) break;
+      v.remove_prefix(comma + 1);
+    }
+  }
+  return out;
+}
+
+// RFC 9112 6.1 and 6.3: a body is framed by Content-Length, or by chunked as the final and only
+// coding. With any other Transfer-Encoding the body's end is unknown, so whatever follows could
+// be read as a second request: the answer is an error and a close.
+std::optional<Error> framing_failure(const http::request<http::string_body>& req) {
+  if (req.find(http::field::transfer_encoding) == req.end()) return std::nullopt;
+  if (req.version() < 11) {
+    return api_error(api::errc::bad_request, "Transfer-Encoding in an HTTP/1.0 request");
+  }
+  auto codings = transfer_codings(req);
+  auto chunked = [](const std::string& coding) { return beast::iequals(coding, "chunked"); };
+  if (codings.empty() || !chunked(codings.back())) {
+    return api_error(api::errc::bad_request,
+                     "Transfer-Encoding: the final coding must be chunked, or the body's length "
+                     "is unknown");
+  }
+  if (std::count_if(codings.begin(), codings.end(), chunked) > 1) {
+    return api_error(api::errc::bad_request, "Transfer-Encoding: chunked more than once");
+  }
+  if (codings.size() > 1) {
+    return api_error(api::errc::unsupported_transfer_coding,
+                     "Transfer-Encoding: only chunked is accepted, not " + codings.front());
+  }
+  return std::nullopt;
+}
+
+// What RFC 9112 asks of a head beyond what Beast checks: exactly one Host in HTTP/1.1 (3.2), no
+// folded lines (5.2), framing that says where the body ends (6.3).
+std::optional<Error> head_failure(const http::request<http::string_body>& req, bool folded) {
+  if (folded) {
+    return api_error(api::errc::bad_request,
+                     "a header line starts with whitespace (obs-fold is not accepted)");
+  }
+  auto [first_host, hosts_end] = req.equal_range(http::field::host);
+  auto hosts = std::distance(first_host, hosts_end);
+  if (hosts > 1) return api_error(api::errc::bad_request, "more than one Host header");
+  if (hosts == 0 && req.version() >= 11) {
+    return api_error(api::errc::bad_request, "an HTTP/1.1 request needs a Host header");
+  }
+  return framing_failure(req);
+}
+
+// One whole request, header and body, within request_timeout from its first byte. A head that
+// is refused is not followed by a read of its body: the connection is answered and closed.
 awaitable<ReadResult> read_request(const ConnPtr& c, const StatePtr& st, beast::flat_buffer& buffer,
                                    Parser& parser) {
   c->phase = Phase::reading;
   parser.header_limit(static_cast<std::uint32_t>(st->limits.max_header_bytes));
   parser.body_limit(st->limits.max_body_bytes);
   arm(c, st->limits.request_timeout);
-  auto [ec, n] =
-      co_await http::async_read_header(c->sock, buffer, parser, asio::as_tuple(use_awaitable));
-  (void)n;
-  if (!ec && !parser.is_done()) ec = co_await read_body(c, buffer, parser);
-  ReadResult r{ec, c->timed_out};
+  auto ec = co_await buffer_head(c, buffer, st->limits.max_header_bytes);
+  const bool folded = !ec && has_obs_fold(buffered(buffer));
+  if (!ec) {
+    auto [hec, n] =
+        co_await http::async_read_header(c->sock, buffer, parser, asio::as_tuple(use_awaitable));
+    (void)n;
+    ec = hec;
+  }
+  ReadResult r;
+  if (!ec) r.refused = head_failure(parser.get(), folded);
+  if (!ec && !r.refused && !parser.is_done()) ec = co_await read_body(c, buffer, parser);
+  r.ec = ec;
+  r.timed_out = c->timed_out;
   disarm(c);
   co_return r;
 }
@@ -311,7 +495,7 @@ void log_request(const http::request<http::string_body>& req, unsigned status, u
 awaitable<bool> serve_request(ConnPtr c, StatePtr st, http::request<http::string_body> req) {
   ++st->stats.requests;
   auto start = Clock::now();
-  auto cmd = route(req.method(), req.target(), req.body());
+  auto cmd = route(req);
   Outcome out;
   if (!cmd) {
     out = refusal(cmd.error(), req.target());
@@ -325,7 +509,9 @@ awaitable<bool> serve_request(ConnPtr c, StatePtr st, http::request<http::string
   bool keep_alive = req.keep_alive() && !st->stopping && !c->stopping;
   auto res = render(out, req.version(), keep_alive);
   log_request(req, res.result_int(), c->peer.uid, start);
-  if (!co_await write_response(c, st, std::move(res))) co_return false;
+  if (!co_await write_response(c, st, std::move(res), req.method() == http::verb::head)) {
+    co_return false;
+  }
   co_return keep_alive;
 }
 
@@ -343,6 +529,10 @@ awaitable<void> session(StatePtr st, ConnPtr c) {
     if (buffer.size() == 0 && !co_await wait_for_request(c, st)) break;
     Parser parser;
     auto read = co_await read_request(c, st, buffer, parser);
+    if (read.refused) {
+      co_await write_error(c, st, std::move(*read.refused));
+      break;
+    }
     if (read.ec) {
       if (c->stopping) break;
       if (read.timed_out) ++st->stats.timeouts;
@@ -354,10 +544,126 @@ awaitable<void> session(StatePtr st, ConnPtr c) {
   close_connection(c);
 }
 
+// Reads and drops what the peer sends until a blank line ends its request head, more than
+// `limit` bytes came, the peer stops, or the watchdog fires.
+awaitable<void> skip_head(const ConnPtr& c, std::size_t limit) {
+  std::array<char, 4096> buf;
+  std::string window;  // the last bytes read, enough to find a "\r\n\r\n" split across reads
+  for (std::size_t total = 0; total <= limit;) {
+    auto [ec, n] =
+        co_await c->sock.async_read_some(asio::buffer(buf), asio::as_tuple(use_awaitable));
+    if (ec) co_return;
+    total += n;
+    window.append(buf.data(), n);
+    if (window.find("\r\n\r\n") != std::string::npos) co_return;
+    window.erase(0, window.size() > 3 ? window.size() - 3 : 0);
+  }
+}
+
+// Reads and drops the rest of the request (its body) until the peer closes, `limit` bytes came,
+// or the watchdog fires: a peer still writing must not fail before it reads the answer.
+awaitable<void> drain(const ConnPtr& c, std::size_t limit) {
+  std::array<char, 4096> buf;
+  for (std::size_t total = 0; total <= limit;) {
+    auto [ec, n] =
+        co_await c->sock.async_read_some(asio::buffer(buf), asio::as_tuple(use_awaitable));
+    if (ec) co_return;
+    total += n;
+  }
+}
+
+// A refused connection: its request head, then the answer, then whatever else it sends, each
+// within refuse_timeout. Had the answer been sent before the request was read, the client's
+// write of its request could fail on the closed socket (EPIPE) and the client would give up
+// without reading the answer waiting for it.
+awaitable<void> answer_refused(StatePtr st, ConnPtr c, Error e) {
+  const auto deadline = st->limits.refuse_timeout;
+  arm(c, deadline);
+  co_await skip_head(c, st->limits.max_header_bytes);
+  std::string text = rendered(failure(e));
+  arm(c, deadline);
+  auto [ec, n] =
+      co_await asio::async_write(c->sock, asio::buffer(text), asio::as_tuple(use_awaitable));
+  (void)n;
+  if (!ec && !c->stopping) {
+    boost::system::error_code ignored;
+    c->sock.shutdown(stream_protocol::socket::shutdown_send, ignored);
+    arm(c, deadline);
+    co_await drain(c, st->limits.max_header_bytes + st->limits.max_body_bytes);
+  }
+  disarm(c);
+  close_connection(c);
+}
+
+awaitable<void> serve_refusal(StatePtr st, ConnPtr c, Error e) {
+  try {
+    co_await answer_refused(st, c, std::move(e));
+  } catch (const std::exception& ex) {
+    log::error(std::string("api refusal: ") + ex.what());
+  }
+  st->refusing.remove(c);
+}
+
+// Refuses a connection, answering it once its request is read while fewer than max_refusing
+// are being answered, else at once.
+void refuse(const StatePtr& st, stream_protocol::socket sock, Error e) {
+  if (st->refusing.size() >= st->limits.max_refusing) {
+    refuse_at_once(sock, e);
+    return;
+  }
+  auto c = std::make_shared<Conn>(std::move(sock));
+  st->refusing.push_back(c);
+  asio::co_spawn(st->ex, serve_refusal(st, c, std::move(e)), asio::detached);
+}
+
 void release(const StatePtr& st, const ConnPtr& c) {
   st->conns.remove(c);
+  if (c->reserved) {
+    --st->reserved;
+    auto it = st->reserve_by_pid.find(c->peer.pid);
+    if (it != st->reserve_by_pid.end() && --it->second == 0) st->reserve_by_pid.erase(it);
+    return;
+  }
   auto it = st->per_uid.find(c->peer.uid);
   if (it != st->per_uid.end() && --it->second == 0) st->per_uid.erase(it);
+}
+
+// Root and qbrokerd's own uid: whoever runs the daemon, who must reach it whatever others hold.
+bool is_operator(const PeerCred& peer, const AccessPolicy& access) {
+  return peer.uid == 0 || peer.uid == access.owner;
+}
+
+// Where an authorized peer's connection goes: a slot of the pool, within its uid's quota
+// (false), or, for an operator when the pool or its quota is full, one of the reserve (true).
+// The reserve is shared by at most reserve_per_process connections per peer process, so one
+// that leaks connections cannot take it all. The error is the 503 to refuse the peer with.
+Result<bool> admit(const Server::State& st, const PeerCred& peer) {
+  const auto& l = st.limits;
+  auto uid = st.per_uid.find(peer.uid);
+  std::size_t held = uid == st.per_uid.end() ? 0 : uid->second;
+  std::string full;
+  if (st.conns.size() - st.reserved >= l.max_connections) {
+    full = "the broker serves at most " + std::to_string(l.max_connections) + " connections";
+  } else if (held >= l.max_connections_per_uid) {
+    full = "uid " + std::to_string(peer.uid) + " already has " +
+           std::to_string(l.max_connections_per_uid) + " connections open";
+  } else {
+    return false;
+  }
+  if (!is_operator(peer, st.access)) return api_error(api::errc::too_many_connections, full);
+  if (st.reserved >= l.admin_reserve) {
+    return api_error(api::errc::too_many_connections, full + ", and the " +
+                                                          std::to_string(l.admin_reserve) +
+                                                          " connections kept for root are taken");
+  }
+  auto pid = st.reserve_by_pid.find(peer.pid);
+  if (pid != st.reserve_by_pid.end() && pid->second >= l.reserve_per_process) {
+    return api_error(api::errc::too_many_connections,
+                     full + ", and process " + std::to_string(peer.pid) + " already holds " +
+                         std::to_string(l.reserve_per_process) +
+                         " of the connections kept for root");
+  }
+  return true;
 }
 
 // A session, then its slot is given back.
@@ -394,29 +700,28 @@ awaitable<void> accept_loop(StatePtr st) {
     if (!peer || !authorized(*peer, st->access)) {
       ++st->stats.refused_unauthorized;
       std::string who = peer ? "uid " + std::to_string(peer->uid) : "an unknown peer";
-      refuse(sock, api_error(api::errc::unauthorized_peer,
-                             who + " is not root and not a member of the admin group"));
+      refuse(st, std::move(sock),
+             api_error(api::errc::unauthorized_peer,
+                       who + " is not root and not a member of the admin group"));
       continue;
     }
-    if (st->conns.size() >= st->limits.max_connections) {
+    auto reserved = admit(*st, *peer);
+    if (!reserved) {
       ++st->stats.refused_busy;
-      refuse(sock, api_error(api::errc::too_many_connections,
-                             "the broker serves at most " +
-                                 std::to_string(st->limits.max_connections) + " connections"));
-      continue;
-    }
-    if (st->per_uid[peer->uid] >= st->limits.max_connections_per_uid) {
-      ++st->stats.refused_busy;
-      refuse(sock, api_error(api::errc::too_many_connections,
-                             "uid " + std::to_string(peer->uid) + " already has " +
-                                 std::to_string(st->limits.max_connections_per_uid) +
-                                 " connections open"));
+      refuse(st, std::move(sock), std::move(reserved.error()));
       continue;
     }
     ++st->stats.accepted;
     auto c = std::make_shared<Conn>(std::move(sock));
     c->peer = std::move(*peer);
-    ++st->per_uid[c->peer.uid];
+    c->reserved = *reserved;
+    if (c->reserved) {
+      ++st->stats.accepted_reserve;
+      ++st->reserved;
+      ++st->reserve_by_pid[c->peer.pid];
+    } else {
+      ++st->per_uid[c->peer.uid];
+    }
     st->conns.push_back(c);
     asio::co_spawn(st->ex, serve(st, c), asio::detached);
   }
@@ -456,6 +761,11 @@ void Server::stop() {
     c->stop.cancel();
     // Idle and half-read connections end now; one being executed is answered first.
     if (c->phase == Phase::idle || c->phase == Phase::reading) c->sock.cancel(ignored);
+  }
+  // Refusals are answered now, without waiting for the rest of their request.
+  for (auto& c : st.refusing) {
+    c->stopping = true;
+    c->sock.cancel(ignored);
   }
 }
 

@@ -15,7 +15,9 @@
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <cerrno>
 #include <charconv>
+#include <cstring>
 #include <optional>
 #include <set>
 #include <variant>
@@ -82,12 +84,26 @@ Error startup_error(std::string message) {
   return Error(make_error_code(errc::internal), std::move(message));
 }
 
+// The socket file qbrokerd bound itself (not one systemd passed), by identity: at exit it is
+// removed only while the path still names it, since a second daemon may have bound it since.
+struct SocketFile {
+  std::string path;
+  dev_t dev = 0;
+  ino_t ino = 0;
+};
+
+struct Listening {
+  fdpass::UniqueFd fd;
+  std::optional<SocketFile> file;
+};
+
 // What the daemon takes from the host before it builds anything.
 struct Host {
   lifecycle::UidRange uids;
   std::optional<gid_t> admin_gid;
   fdpass::ImageRoots roots;
   fdpass::UniqueFd listener;
+  std::optional<SocketFile> socket_file;
 };
 
 // Be the reaper of everything this daemon starts (see orphan_reaper.hpp); a peer that goes
@@ -188,20 +204,38 @@ Result<fdpass::ImageRoots> image_roots(const DaemonConfig& o, std::optional<gid_
   return std::move(*roots);
 }
 
-// The listener: the one systemd passed, or our own.
-Result<fdpass::UniqueFd> listener(const DaemonConfig& o, std::optional<gid_t> admin_gid) {
+// The listener: the one systemd passed (systemd owns its file), or our own.
+Result<Listening> listener(const DaemonConfig& o, std::optional<gid_t> admin_gid) {
   auto passed = socket_from_systemd();
   if (!passed) return startup_error(passed.error().describe());
   if (*passed) {
     log::info("using the socket passed by systemd (--socket is ignored)");
-    return std::move(*passed);
+    return Listening{std::move(*passed), std::nullopt};
   }
   if (auto ec = make_dirs(parent_of(o.socket), 0711)) {
     return startup_error("cannot create the directory of " + o.socket + ": " + ec.message());
   }
   auto l = fdpass::listen_unix(o.socket, 0660, 0, admin_gid.value_or(0), 4096);
   if (!l) return startup_error("cannot listen on " + o.socket + ": " + l.error().message());
-  return std::move(*l);
+  struct stat st {};
+  if (::lstat(o.socket.c_str(), &st) != 0) {
+    return startup_error("cannot stat " + o.socket + ": " + std::strerror(errno));
+  }
+  return Listening{std::move(*l), SocketFile{o.socket, st.st_dev, st.st_ino}};
+}
+
+// A stopped daemon leaves no socket file that nothing listens on behind it.
+void remove_socket_file(const std::optional<SocketFile>& f) {
+  if (!f) return;
+  struct stat st {};
+  if (::lstat(f->path.c_str(), &st) != 0) return;
+  if (st.st_dev != f->dev || st.st_ino != f->ino) {
+    log::info(f->path + " is another socket now; it is left in place");
+    return;
+  }
+  if (::unlink(f->path.c_str()) != 0) {
+    log::warn("cannot remove " + f->path + ": " + std::strerror(errno));
+  }
 }
 
 #define QB_TRY(var, expr) \
@@ -224,7 +258,8 @@ Result<Host> prepare_host(const DaemonConfig& o) {
   QB_TRY(roots, image_roots(o, *gid));
   if (::access(o.qemu.c_str(), X_OK) != 0) log::warn("--qemu " + o.qemu + " is not executable");
   QB_TRY(listening, listener(o, *gid));
-  return Host{*range, *gid, std::move(*roots), std::move(*listening)};
+  return Host{*range, *gid, std::move(*roots), std::move(listening->fd),
+              std::move(listening->file)};
 }
 
 #undef QB_TRY
@@ -362,6 +397,7 @@ int serve(const DaemonConfig& o, Host host) {
   orphan_timer.cancel();
   retry_timer.cancel();
   drain(io, server, o.shutdown_grace);
+  remove_socket_file(host.socket_file);
   cgroups.remove_base_if_empty();
   log::info("stopped");
   return life.failed ? 1 : 0;

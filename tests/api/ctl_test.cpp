@@ -263,6 +263,15 @@ TEST_CASE("replies render as tables and exit codes follow the status", "[api][ct
   auto qerr = qbctl::render_error(502, json::parse(R"({"error":{"code":"qemu_error","message":"x",
                                                       "qmp":{"class":"GenericError","desc":"Duplicate ID"}}})"));
   CHECK(qerr.find("GenericError: Duplicate ID") != std::string::npos);
+  // A desc the message already carries is not shown twice.
+  auto said = qbctl::render_error(
+      502,
+      json::parse(
+          R"({"error":{"code":"qemu_error","message":"domain vm1: The command x has not been found",
+                           "qmp":{"class":"CommandNotFound","desc":"The command x has not been found"}}})"));
+  CHECK(said ==
+        "error: domain vm1: The command x has not been found\n  qemu:  CommandNotFound\n"
+        "  code:  qemu_error (HTTP 502)\n");
   CHECK(qbctl::exit_code(200) == 0);
   CHECK(qbctl::exit_code(404) == 3);
   CHECK(qbctl::exit_code(409) == 4);

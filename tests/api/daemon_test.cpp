@@ -39,6 +39,7 @@ constexpr uid_t kKilledUnplug = 3'104'600;
 constexpr uid_t kKilledSave = 3'108'080;
 constexpr uid_t kKilledCreate = 3'104'700;
 constexpr uid_t kStoppedAtStart = 3'104'800;
+constexpr uid_t kSocketFile = 3'107'080;
 
 }  // namespace
 
@@ -185,7 +186,35 @@ TEST_CASE("qbrokerd takes the socket systemd passes and reports readiness with s
   ::kill(d.pid, SIGTERM);
   CHECK(receive(10s).find("STOPPING=1") != std::string::npos);
   CHECK(d.wait(10s) == 0);
+  CHECK(::access(sock.c_str(), F_OK) == 0);  // systemd's socket file is systemd's to remove
   remove_cgroup_base(kActivated);
+}
+
+TEST_CASE("SIGTERM and SIGINT remove the socket file qbrokerd bound, unless another took the path",
+          "[api][daemon][privileged]") {
+  QB_REQUIRE_ROOT();
+  qbtest::TempDir dir;
+  const std::string sock = dir / "qbroker.sock";
+  auto args = daemon_args(dir, kSocketFile);
+  args.insert(args.end(), {"--socket", sock});
+  for (int sig : {SIGTERM, SIGINT}) {
+    Child d{spawn(args, dir / "log")};
+    REQUIRE(wait_for_socket(sock, 20s));
+    ::kill(d.pid, sig);
+    CHECK(d.wait(10s) == 0);
+    INFO(slurp(dir / "log"));
+    CHECK(::access(sock.c_str(), F_OK) != 0);
+  }
+  // A second daemon bound the path meanwhile: the first one's exit leaves it alone.
+  Child first{spawn(args, dir / "log")};
+  REQUIRE(wait_for_socket(sock, 20s));
+  auto other = fdpass::listen_unix(sock, 0660, 0, 0);
+  REQUIRE(other);
+  ::kill(first.pid, SIGTERM);
+  CHECK(first.wait(10s) == 0);
+  CHECK(::access(sock.c_str(), F_OK) == 0);
+  CHECK(slurp(dir / "log").find("is another socket now") != std::string::npos);
+  remove_cgroup_base(kSocketFile);
 }
 
 TEST_CASE("qbrokerd killed in the middle of a disk hotplug: the restarted daemon rolls it back",
@@ -204,8 +233,8 @@ TEST_CASE("qbrokerd killed in the middle of a disk hotplug: the restarted daemon
   // dies without any chance to clean up.
   REQUIRE(::kill(qemu, SIGSTOP) == 0);
   auto pending = http::connect(sock);
-  REQUIRE(http::send_all(pending.get(),
-                         http::request_text("POST", "/v1/domains/" + name + "/disks", disk, false)));
+  REQUIRE(http::send_all(
+      pending.get(), http::request_text("POST", "/v1/domains/" + name + "/disks", disk, false)));
   k.kill_during(first, "disk-add");
   CHECK(http::closed_within(pending.get(), 5s));
   REQUIRE(::kill(qemu, SIGCONT) == 0);
@@ -256,8 +285,8 @@ TEST_CASE("qbrokerd killed in the middle of a disk unplug: the restarted daemon 
   // The unplug is journaled and hangs on a stopped QEMU; the broker dies.
   REQUIRE(::kill(qemu, SIGSTOP) == 0);
   auto pending = http::connect(sock);
-  REQUIRE(http::send_all(pending.get(), http::request_text(
-                                            "DELETE", "/v1/domains/" + name + "/disks/d0", {}, false)));
+  REQUIRE(http::send_all(
+      pending.get(), http::request_text("DELETE", "/v1/domains/" + name + "/disks/d0", {}, false)));
   k.kill_during(first, "disk-remove");
   REQUIRE(::kill(qemu, SIGCONT) == 0);
 
@@ -293,7 +322,8 @@ TEST_CASE("qbrokerd killed in the middle of a create: the restarted daemon tears
   // The record names the QEMU as soon as it is spawned, with the create journaled. That QEMU is
   // stopped there, so the create cannot finish, and the broker dies.
   auto pending = http::connect(sock);
-  const std::string body = k.create_body(R"(,"disks":[)" + k.disk_json() + R"(],"cdroms":[{"id":"cd0"}])");
+  const std::string body =
+      k.create_body(R"(,"disks":[)" + k.disk_json() + R"(],"cdroms":[{"id":"cd0"}])");
   REQUIRE(http::send_all(pending.get(), http::request_text("POST", "/v1/domains", body, false)));
   json::object record;
   REQUIRE(wait_for(
@@ -340,17 +370,18 @@ TEST_CASE("qbrokerd killed in the middle of a create: the restarted daemon tears
   k.destroy_and_stop(again);
 }
 
-TEST_CASE("qbrokerd serves at once after a restart while a stopped QEMU is adopted in the background",
-          "[api][daemon][privileged][qemu][restart]") {
+TEST_CASE(
+    "qbrokerd serves at once after a restart while a stopped QEMU is adopted in the background",
+    "[api][daemon][privileged][qemu][restart]") {
   QB_REQUIRE_ROOT();
   KilledDaemon k(kStoppedAtStart, "api-s");
   const std::string& sock = k.sock;
   Child first{spawn(k.args, k.dir / "log")};
   REQUIRE(wait_for_socket(sock, 20s));
   const std::string other = k.name + "b";
-  auto made = http::call(sock, "POST", "/v1/domains",
-                         R"({"name":")" + other + R"(","machine":"none","memory_mib":16,"pci_slots":0})",
-                         30s);
+  auto made = http::call(
+      sock, "POST", "/v1/domains",
+      R"({"name":")" + other + R"(","machine":"none","memory_mib":16,"pci_slots":0})", 30s);
   REQUIRE(made);
   REQUIRE(made->status == 201);
   k.create();

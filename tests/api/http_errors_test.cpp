@@ -186,3 +186,22 @@ TEST_CASE("docs/lifecycle.md names every spawn step code, in the order of the en
     CHECK(codes.contains((*it)[1].str()));
   }
 }
+
+TEST_CASE("docs/api.md's status table has a row for every status the map gives",
+          "[api][errors][docs]") {
+  const std::string doc = read_file(QB_SOURCE_DIR "/docs/api.md");
+  std::set<int> statuses;
+  for (const auto& m : modules()) {
+    for (int i = 1; i < m.count; ++i) {
+      statuses.insert(static_cast<int>(api::classify(std::error_code(i, m.category)).status));
+    }
+  }
+  for (int e = 1; e < 134; ++e) {
+    statuses.insert(
+        static_cast<int>(api::classify(std::error_code(e, std::system_category())).status));
+  }
+  for (int st : statuses) {
+    INFO(st);
+    CHECK(doc.find("\n| " + std::to_string(st) + " | ") != std::string::npos);
+  }
+}

@@ -3,6 +3,7 @@
 #include <yaml.h>
 
 #include <fstream>
+#include <functional>
 #include <map>
 #include <set>
 #include <sstream>
@@ -50,6 +51,38 @@ class Yaml {
                        yaml_document_get_node(&doc_, p->value));
     }
     return out;
+  }
+  // `node`, or the node its {$ref: "#/a/b"} names.
+  yaml_node_t* resolve(yaml_node_t* node) {
+    auto ref = scalar(get(node, "$ref"));
+    if (ref.rfind("#/", 0) != 0) return node;
+    yaml_node_t* at = root();
+    for (std::size_t start = 2; at != nullptr && start <= ref.size();) {
+      auto slash = ref.find('/', start);
+      if (slash == std::string::npos) slash = ref.size();
+      at = get(at, ref.substr(start, slash - start));
+      start = slash + 1;
+    }
+    return at;
+  }
+  std::vector<yaml_node_t*> items(yaml_node_t* seq) {
+    std::vector<yaml_node_t*> out;
+    if (seq == nullptr || seq->type != YAML_SEQUENCE_NODE) return out;
+    for (auto* i = seq->data.sequence.items.start; i < seq->data.sequence.items.top; ++i) {
+      out.push_back(yaml_document_get_node(&doc_, *i));
+    }
+    return out;
+  }
+  // Every mapping under `node`, depth first, with the key that leads to it.
+  void walk(yaml_node_t* node, const std::function<void(std::string_view, yaml_node_t*)>& f,
+            std::string_view key = {}) {
+    if (node == nullptr) return;
+    if (node->type == YAML_MAPPING_NODE) {
+      f(key, node);
+      for (auto& [k, v] : entries(node)) walk(v, f, k);
+    } else {
+      for (auto* item : items(node)) walk(item, f, key);
+    }
   }
   static std::string scalar(yaml_node_t* n) {
     if (n == nullptr || n->type != YAML_SCALAR_NODE) return {};
@@ -127,4 +160,166 @@ TEST_CASE("docs/api.md shows a curl command for every route", "[api][openapi]") 
     CHECK(section.find("curl --unix-socket /run/qbroker/qbroker.sock") != std::string::npos);
     CHECK(section.find("qbrokerctl ") != std::string::npos);
   }
+}
+
+namespace {
+
+// The operations of docs/api.yaml: method, path, the operation and its path item.
+struct Operation {
+  std::string method;
+  std::string path;
+  yaml_node_t* op;
+  yaml_node_t* item;
+};
+
+std::vector<Operation> operations(Yaml& y) {
+  static const std::set<std::string> kMethods{"get", "put", "post", "delete"};
+  std::vector<Operation> out;
+  for (auto& [path, item] : y.entries(y.get(y.root(), "paths"))) {
+    for (auto& [method, op] : y.entries(item)) {
+      if (kMethods.contains(method)) out.push_back({method, path, op, item});
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "docs/api.yaml: fields are names, every operation is secured, every path parameter has "
+    "an example and every operation lists the errors any request may get",
+    "[api][openapi]") {
+  Yaml y(QB_SOURCE_DIR "/docs/api.yaml");
+  REQUIRE(y.ok());
+  // A comma in an unquoted flow-style description once made "beneath an image root" a property.
+  y.walk(y.root(), [&](std::string_view key, yaml_node_t* node) {
+    if (key != "properties") return;
+    for (auto& [name, schema] : y.entries(node)) {
+      INFO(name);
+      CHECK(std::all_of(name.begin(), name.end(),
+                        [](char c) { return std::islower(c) || c == '_'; }));
+    }
+  });
+  auto* schemes = y.get(y.get(y.root(), "components"), "securitySchemes");
+  REQUIRE(y.get(schemes, "peerCredentials") != nullptr);
+  auto security = y.items(y.get(y.root(), "security"));
+  REQUIRE(security.size() == 1);
+  CHECK(y.get(security[0], "peerCredentials") != nullptr);
+  for (auto& o : operations(y)) {
+    INFO(o.method << " " << o.path);
+    CHECK(y.get(o.op, "security") == nullptr);  // the document's one scheme, not another
+    std::set<std::string> with_example;
+    for (auto* list : {y.get(o.item, "parameters"), y.get(o.op, "parameters")}) {
+      for (auto* p : y.items(list)) {
+        p = y.resolve(p);
+        if (y.get(p, "example") != nullptr)
+          with_example.insert(Yaml::scalar(y.get(p, "name")));
+        else
+          CHECK(Yaml::scalar(y.get(p, "in")) != "path");
+      }
+    }
+    // Each {param} of the path template has a parameter with an example, for dredd to fill in.
+    for (std::size_t at = o.path.find('{'); at != std::string::npos;
+         at = o.path.find('{', at + 1)) {
+      auto name = o.path.substr(at + 1, o.path.find('}', at) - at - 1);
+      INFO(name);
+      CHECK(with_example.contains(name));
+    }
+    auto* responses = y.get(o.op, "responses");
+    for (const char* status : {"400", "403", "408", "413", "415", "431", "503"}) {
+      INFO(status);
+      CHECK(y.get(responses, status) != nullptr);
+    }
+  }
+}
+
+namespace {
+
+// A create body: {"name": "vm1", "kernel": "/k"} and `extra` members.
+std::string create_body(const std::string& extra) {
+  return R"({"name":"vm1","kernel":"/k")" + (extra.empty() ? "" : "," + extra) + "}";
+}
+
+// The field a POST refuses, or "" when it is accepted.
+std::string refused_field(std::string_view target, const std::string& body) {
+  auto r = broker::api::route(boost::beast::http::verb::post, target, body);
+  return r ? std::string() : r.error().field;
+}
+
+std::string items(std::size_t n, const std::function<std::string(std::size_t)>& item) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < n; ++i) out += (i ? "," : "") + item(i);
+  return out + "]";
+}
+
+}  // namespace
+
+TEST_CASE("docs/api.yaml's numeric and length limits are the validators'", "[api][openapi]") {
+  Yaml y(QB_SOURCE_DIR "/docs/api.yaml");
+  REQUIRE(y.ok());
+  auto* schemas = y.get(y.get(y.root(), "components"), "schemas");
+  auto number = [&](const char* schema, const char* field, const char* limit) {
+    auto* node = y.get(y.get(y.get(y.get(schemas, schema), "properties"), field), limit);
+    if (node == nullptr) node = y.get(y.get(schemas, schema), limit);
+    INFO(schema << "." << field << " " << limit);
+    REQUIRE(node != nullptr);
+    return std::stoull(Yaml::scalar(node));
+  };
+  // Integers: the limit is accepted, one past it is refused naming the field.
+  for (const char* field : {"memory_mib", "vcpus", "pci_slots"}) {
+    INFO(field);
+    auto min = number("CreateDomain", field, "minimum");
+    auto max = number("CreateDomain", field, "maximum");
+    auto with = [&](unsigned long long v) {
+      return refused_field("/v1/domains",
+                           create_body("\"" + std::string(field) + "\":" + std::to_string(v)));
+    };
+    CHECK(with(min) == "");
+    CHECK(with(max) == "");
+    CHECK(with(max + 1) == field);
+    if (min > 0) CHECK(with(min - 1) == field);
+  }
+  auto append = number("CreateDomain", "append", "maxLength");
+  CHECK(refused_field("/v1/domains",
+                      create_body(R"("append":")" + std::string(append, 'a') + "\"")) == "");
+  CHECK(refused_field("/v1/domains", create_body(R"("append":")" + std::string(append + 1, 'a') +
+                                                 "\"")) == "append");
+  auto name = number("Name", "", "maxLength");
+  CHECK(refused_field("/v1/domains", R"({"name":")" + std::string(name, 'a') + "\"}") == "");
+  CHECK(refused_field("/v1/domains", R"({"name":")" + std::string(name + 1, 'a') + "\"}") ==
+        "name");
+  // Device lists.
+  auto cd = [](std::size_t i) { return R"({"id":"c)" + std::to_string(i) + "\"}"; };
+  auto disk = [](std::size_t i) { return R"({"id":"d)" + std::to_string(i) + R"(","path":"/d"})"; };
+  auto nic = [](std::size_t i) { return R"({"id":"n)" + std::to_string(i) + "\"}"; };
+  for (auto [field, item] :
+       {std::pair<const char*, std::function<std::string(std::size_t)>>{"cdroms", cd},
+        {"disks", disk},
+        {"nics", nic}}) {
+    INFO(field);
+    auto max = number("CreateDomain", field, "maxItems");
+    auto list = [&](std::size_t n) { return "\"" + std::string(field) + "\":" + items(n, item); };
+    CHECK(refused_field("/v1/domains", create_body(list(max))) == "");
+    CHECK(refused_field("/v1/domains", create_body(list(max + 1))) == field);
+  }
+  // A disk's serial and diskseq, a NIC's tap.
+  auto serial = number("Disk", "serial", "maxLength");
+  auto disk_with = [](const std::string& extra) {
+    return R"({"id":"d1","path":"/d",)" + extra + "}";
+  };
+  CHECK(refused_field("/v1/domains/vm1/disks",
+                      disk_with(R"("serial":")" + std::string(serial, 's') + "\"")) == "");
+  CHECK(refused_field("/v1/domains/vm1/disks",
+                      disk_with(R"("serial":")" + std::string(serial + 1, 's') + "\"")) ==
+        "serial");
+  auto diskseq = number("Disk", "diskseq", "minimum");
+  CHECK(refused_field("/v1/domains/vm1/disks",
+                      disk_with(R"("diskseq":)" + std::to_string(diskseq))) == "");
+  CHECK(refused_field("/v1/domains/vm1/disks",
+                      disk_with(R"("diskseq":)" + std::to_string(diskseq - 1))) == "diskseq");
+  auto tap = number("Nic", "tap", "maxLength");
+  CHECK(refused_field("/v1/domains/vm1/nics",
+                      R"({"id":"n0","tap":")" + std::string(tap, 't') + "\"}") == "");
+  CHECK(refused_field("/v1/domains/vm1/nics",
+                      R"({"id":"n0","tap":")" + std::string(tap + 1, 't') + "\"}") == "tap");
 }

@@ -89,6 +89,11 @@ TEST_CASE("a domain's whole life over HTTP", "[api][privileged][qemu]") {
   REQUIRE(unknown);
   CHECK(unknown->status == 502);
   CHECK(unknown->json.at("error").at("qmp").at("class") == "CommandNotFound");
+  // The command is named once (QEMU's desc names it), the class only in the qmp member.
+  std::string message(unknown->json.at("error").at("message").as_string());
+  INFO(message);
+  CHECK(message.find("no-such-command") == message.rfind("no-such-command"));
+  CHECK(message.find("CommandNotFound") == std::string::npos);
 
   auto version = http::call(fx.socket, "GET", "/v1/version");
   REQUIRE(version);

@@ -153,6 +153,35 @@ TEST_CASE("unknown paths are 404 and wrong methods 405 with the allowed ones", "
   CHECK(refused(verb::get, "/v1/domains/vm1/pause").code == api::errc::method_not_allowed);
 }
 
+TEST_CASE("a method no route takes is 501 where no route has the path, 405 where one has",
+          "[api][router]") {
+  for (verb m : {verb::head, verb::options, verb::patch, verb::trace}) {
+    auto e = refused(m, "/v1/nothing");
+    INFO(boost::beast::http::to_string(m));
+    CHECK(e.code == api::errc::method_not_implemented);
+    CHECK(status_of(e) == status::not_implemented);
+    CHECK(api::classify(e.code).code == "method_not_implemented");
+  }
+  // The path exists: the Allow header tells the client what to use instead.
+  CHECK(refused(verb::head, "/v1/version").code == api::errc::method_not_allowed);
+  CHECK(refused(verb::patch, "/v1/domains/vm1").code == api::errc::method_not_allowed);
+  // A method the server does take, on a path no route has, is still 404.
+  CHECK(refused(verb::delete_, "/v1/nothing").code == api::errc::no_route);
+  // A token Beast has no verb for is named as it was sent.
+  boost::beast::http::request<boost::beast::http::string_body> brew;
+  brew.method_string("BREW");
+  brew.target("/v1/pot");
+  auto r = api::route(brew);
+  REQUIRE_FALSE(r);
+  CHECK(r.error().code == api::errc::method_not_implemented);
+  CHECK(r.error().message.find("BREW") != std::string::npos);
+  brew.target("/v1/version");
+  r = api::route(brew);
+  REQUIRE_FALSE(r);
+  CHECK(r.error().code == api::errc::method_not_allowed);
+  CHECK(r.error().message == "BREW is not allowed on /v1/version");
+}
+
 TEST_CASE("malformed JSON and wrong types are 400 naming the field", "[api][router][bad-input]") {
   auto e = refused(verb::post, "/v1/domains", R"({"name": "vm1", )");
   CHECK(e.code == api::errc::malformed_json);
@@ -190,6 +219,91 @@ TEST_CASE("malformed JSON and wrong types are 400 naming the field", "[api][rout
   CHECK(nic.field == "boot_order");
   auto uefi_kernel = refused(verb::post, "/v1/domains", R"({"name":"vm1","kernel":"/k","firmware":"uefi"})");
   CHECK(uefi_kernel.field == "firmware");
+}
+
+TEST_CASE("a key twice in one JSON object is 400 naming it, at any depth",
+          "[api][router][bad-input]") {
+  auto top =
+      refused(verb::post, "/v1/domains", R"({"name":"vm1","memory_mib":64,"memory_mib":4096})");
+  CHECK(top.code == api::errc::duplicate_key);
+  CHECK(status_of(top) == status::bad_request);
+  CHECK(top.field == "memory_mib");
+  CHECK(api::classify(top.code).code == "duplicate_key");
+  // Keys are compared as decoded: an escape does not make a second name.
+  CHECK(refused(verb::post, "/v1/domains", R"({"name":"vm1","n\u0061me":"vm2"})").field == "name");
+  CHECK(refused(verb::post, "/v1/domains",
+                R"({"name":"vm1","kernel":"/k","disks":[{"id":"d0","path":"/a"},)"
+                R"({"id":"d1","path":"/a","path":"/b"}]})")
+            .field == "disks[1].path");
+  CHECK(refused(verb::put, "/v1/domains/vm1/vnc", R"({"listen":"127.0.0.1:0","listen":"unix:/x"})")
+            .field == "listen");
+  CHECK(
+      refused(verb::post, "/v1/domains", R"({"name":"vm1","vnc":{"listen":"a:1","listen":"b:2"}})")
+          .field == "vnc.listen");
+  // Nothing of the QMP arguments is read by the broker, and still no key counts twice.
+  CHECK(refused(verb::post, "/v1/domains/vm1/qmp",
+                R"({"execute":"x","arguments":{"l":[[1],[{"k":1,"k":2}]]}})")
+            .field == "arguments.l[1][0].k");
+  // Before the body is read for its meaning: even an unknown key is named as the duplicate.
+  CHECK(refused(verb::post, "/v1/domains/vm1/pause", R"({"x":1,"x":1})").code ==
+        api::errc::duplicate_key);
+  // The same key in two objects is two keys.
+  auto two = ok(
+      verb::post, "/v1/domains",
+      R"({"name":"vm1","kernel":"/k","disks":[{"id":"d0","path":"/a"},{"id":"d1","path":"/b"}]})");
+  CHECK(std::get<api::CreateDomainCmd>(two).request.disks.size() == 2);
+}
+
+namespace {
+
+boost::beast::http::request<boost::beast::http::string_body> request(
+    verb m, std::string_view target, std::string body, std::optional<std::string> content_type) {
+  boost::beast::http::request<boost::beast::http::string_body> req{m, target, 11};
+  if (content_type) req.set(boost::beast::http::field::content_type, *content_type);
+  req.body() = std::move(body);
+  req.prepare_payload();
+  return req;
+}
+
+}  // namespace
+
+TEST_CASE("a body is application/json or the request is 415", "[api][router][bad-input]") {
+  const std::string create = R"({"name":"vm1","memory_mib":64})";
+  for (std::string type :
+       {"application/json", "APPLICATION/JSON", "application/json; charset=utf-8",
+        "application/json;charset=\"UTF-8\"", " application/json ; q=1"}) {
+    INFO(type);
+    auto r = api::route(request(verb::post, "/v1/domains", create, type));
+    REQUIRE(r);
+    CHECK(std::get<api::CreateDomainCmd>(*r).request.spec.memory_mib == 64);
+  }
+  // What a browser sends across origins without asking first, and anything else but JSON.
+  for (std::optional<std::string> type :
+       {std::optional<std::string>("text/plain"),
+        std::optional<std::string>("text/plain;charset=UTF-8"),
+        std::optional<std::string>("application/x-www-form-urlencoded"),
+        std::optional<std::string>("multipart/form-data; boundary=x"),
+        std::optional<std::string>("application/jsonx"),
+        std::optional<std::string>("application/json; charset=latin1"),
+        std::optional<std::string>(""), std::optional<std::string>()}) {
+    INFO(type.value_or("(none)"));
+    auto r = api::route(request(verb::post, "/v1/domains", create, type));
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code == api::errc::unsupported_media_type);
+    CHECK(status_of(r.error()) == status::unsupported_media_type);
+  }
+  // Without a body there is nothing to declare.
+  CHECK(api::route(request(verb::post, "/v1/domains/vm1/pause", "", std::nullopt)));
+  CHECK(api::route(request(verb::delete_, "/v1/domains/vm1", "", "text/plain")));
+  // Even an empty object is a body.
+  CHECK_FALSE(api::route(request(verb::post, "/v1/domains/vm1/pause", "{}", "text/plain")));
+  // The route and its query come first; the body's meaning after.
+  CHECK(api::route(request(verb::post, "/v1/nothing", "{}", "text/plain")).error().code ==
+        api::errc::no_route);
+  CHECK(api::route(request(verb::post, "/v1/domains?x=1", "{}", "text/plain")).error().field ==
+        "x");
+  CHECK(api::route(request(verb::post, "/v1/domains", "{", "text/plain")).error().code ==
+        api::errc::unsupported_media_type);
 }
 
 TEST_CASE("unknown fields and query parameters are refused by name", "[api][router][bad-input]") {
@@ -364,6 +478,22 @@ TEST_CASE("errors render as the documented JSON shape with QMP class and desc", 
   CHECK(fb.at("code") == "invalid_argument");
   CHECK_FALSE(fb.contains("qmp"));
   CHECK_FALSE(f.keep_alive());
+}
+
+TEST_CASE("an error quoting bytes that are not UTF-8 still renders as JSON", "[api][render]") {
+  // Overlong, surrogate, past U+10FFFF, a lone continuation, a bad lead, and two good sequences.
+  const std::string quoted =
+      "\xe0\x9e\x8f|\xed\xa0\x80|\xf4\x90\x80\x80|\x80|\xf5|\xe2\x82\xac|\xf0\x9f\x98\x80";
+  broker::Error e(make_error_code(api::errc::unsupported_media_type), "not " + quoted);
+  e.field = quoted;
+  auto res = api::render(api::failure(e), 11, false);
+  std::error_code ec;
+  auto body = json::parse(res.body(), ec);
+  REQUIRE_FALSE(ec);
+  const auto& err = body.at("error");
+  CHECK(err.at("message") ==
+        "not \\xe0\\x9e\\x8f|\\xed\\xa0\\x80|\\xf4\\x90\\x80\\x80|\\x80|\\xf5|\xe2\x82\xac|\xf0\x9f\x98\x80");
+  CHECK(err.at("field").as_string().starts_with("\\xe0"));
 }
 
 TEST_CASE("outcomes render domains and kill reports and events", "[api][render]") {

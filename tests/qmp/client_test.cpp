@@ -122,8 +122,25 @@ TEST_CASE("an error reply keeps the QMP class and desc", "[qmp][client]") {
   REQUIRE(is(r, errc::command_failed));
   CHECK(r.error().qmp_class == "GenericError");
   CHECK(r.error().qmp_desc == "Node 'x' not found");
-  CHECK(r.error().message == "blockdev-del: GenericError: Node 'x' not found");
+  CHECK(r.error().message == "blockdev-del: Node 'x' not found");
   CHECK(c->is_open());
+}
+
+TEST_CASE("an error names the command once, and its class only beside the message",
+          "[qmp][client]") {
+  qbtest::FdLeakCheck leaks;
+  asio::io_context io;
+  Script s;
+  s.handshake()
+      .expect("no-such-cmd")
+      .reply_error("CommandNotFound", "The command no-such-cmd has not been found");
+  s.wait_for_close();
+  FakeQmpPeer peer(std::move(s));
+  auto c = connect_ok(io, peer);
+  auto r = exec(io, *c, cmd::raw("no-such-cmd"));
+  REQUIRE(is(r, errc::command_failed));
+  CHECK(r.error().message == "The command no-such-cmd has not been found");
+  CHECK(r.error().qmp_class == "CommandNotFound");
 }
 
 TEST_CASE("events interleaved with replies reach subscriptions in order", "[qmp][client]") {
