@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdint>
 #include <boost/json/serialize.hpp>
 
 namespace qmp {
@@ -398,14 +399,22 @@ Result<MigrationInfo> migration(const json::value& v) {
   m.error_desc = get_string(*o, "error-desc");
   if (const auto* ram = o->if_contains("ram"); ram != nullptr && ram->is_object()) {
     const auto& r = ram->get_object();
-    auto number = [&r](std::string_view k) {
+    // A byte count as QEMU sends it; negative, absent or not a number reads as 0, and one past
+    // 2^64 (a hostile QEMU) as the largest count, never as a cast out of range.
+    auto count = [&r](std::string_view k) -> std::uint64_t {
       const auto* n = r.if_contains(k);
-      return n != nullptr && n->is_number() ? n->to_number<double>() : 0.0;
+      if (n == nullptr) return 0;
+      if (n->is_uint64()) return n->get_uint64();
+      if (n->is_int64()) return n->get_int64() < 0 ? 0 : static_cast<std::uint64_t>(n->get_int64());
+      if (!n->is_double() || !(n->get_double() > 0)) return 0;
+      constexpr double kTwo64 = 18446744073709551616.0;
+      return n->get_double() >= kTwo64 ? UINT64_MAX : static_cast<std::uint64_t>(n->get_double());
     };
-    m.transferred = static_cast<std::uint64_t>(number("transferred"));
-    m.total = static_cast<std::uint64_t>(number("total"));
-    m.remaining = static_cast<std::uint64_t>(number("remaining"));
-    m.mbps = number("mbps");
+    m.transferred = count("transferred");
+    m.total = count("total");
+    m.remaining = count("remaining");
+    const auto* mbps = r.if_contains("mbps");
+    m.mbps = mbps != nullptr && mbps->is_number() ? mbps->to_number<double>() : 0.0;
   }
   return m;
 }
