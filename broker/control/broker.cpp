@@ -398,8 +398,8 @@ awaitable<Result<void>> Broker::live_update(std::string name) {
 }
 
 awaitable<Result<Broker::QemuCapabilities>> Broker::qemu_capabilities() {
-  auto binary = qmp::BinaryId::of(launcher_.config().qemu);
-  if (!binary) co_return from_qmp(binary.error(), "QEMU binary " + launcher_.config().qemu);
+  auto binary = qmp::BinaryId::of(launcher_.config().qemu.binary);
+  if (!binary) co_return from_qmp(binary.error(), "QEMU binary " + launcher_.config().qemu.binary);
   if (auto cached = capabilities_.find(*binary)) {
     co_return QemuCapabilities{cached, capabilities_from_};
   }

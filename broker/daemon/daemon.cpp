@@ -55,9 +55,9 @@ std::string parent_of(const std::string& path) {
 
 // Sockets and jails of live domains must outlive a crash of the daemon: PR_SET_PDEATHSIG is not
 // set on them (LauncherConfig::pdeathsig = 0), and SIGTERM leaves them running.
-lifecycle::LauncherConfig launcher_config(const DaemonConfig& o) {
+lifecycle::LauncherConfig launcher_config(const DaemonConfig& o, lifecycle::QemuInstall qemu) {
   lifecycle::LauncherConfig c;
-  c.qemu = o.qemu;
+  c.qemu = std::move(qemu);
   c.run_dir = o.run_dir;
   // UEFI variable stores outlive their domains (a re-create of the name boots with them), so
   // they belong with the durable state, not on /run.
@@ -102,6 +102,7 @@ struct Host {
   lifecycle::UidRange uids;
   std::optional<gid_t> admin_gid;
   fdpass::ImageRoots roots;
+  lifecycle::QemuInstall qemu;
   fdpass::UniqueFd listener;
   std::optional<SocketFile> socket_file;
 };
@@ -238,6 +239,22 @@ void remove_socket_file(const std::optional<SocketFile>& f) {
   }
 }
 
+// The QEMU domains run: checked (only root can change it), and asked once how it takes its
+// QMP monitor. Without root no domain starts, so nothing is asked of it.
+Result<lifecycle::QemuInstall> qemu_install(const DaemonConfig& o) {
+  lifecycle::QemuInstall q{o.qemu, o.qemu_data_dirs, false};
+  if (::geteuid() != 0) return q;
+  if (auto ok = lifecycle::check_qemu_install(q); !ok) {
+    return startup_error("--qemu, --qemu-datadir: " + ok.error().describe());
+  }
+  auto has_object = lifecycle::probe_monitor_object(q.binary);
+  if (!has_object) return startup_error("--qemu: " + has_object.error().describe());
+  q.monitor_object = *has_object;
+  log::info("QEMU " + q.binary + ": QMP monitor through " +
+            (q.monitor_object ? "-object monitor-qmp" : "-mon"));
+  return q;
+}
+
 #define QB_TRY(var, expr) \
   auto var = (expr);      \
   if (!var) return var.error()
@@ -256,9 +273,9 @@ Result<Host> prepare_host(const DaemonConfig& o) {
   QB_TRY(gid, admin_gid(o));
   QB_TRY(dirs, make_directories(o));
   QB_TRY(roots, image_roots(o, *gid));
-  if (::access(o.qemu.c_str(), X_OK) != 0) log::warn("--qemu " + o.qemu + " is not executable");
+  QB_TRY(qemu, qemu_install(o));
   QB_TRY(listening, listener(o, *gid));
-  return Host{*range, *gid, std::move(*roots), std::move(listening->fd),
+  return Host{*range, *gid, std::move(*roots), std::move(*qemu), std::move(listening->fd),
               std::move(listening->file)};
 }
 
@@ -373,7 +390,7 @@ int serve(const DaemonConfig& o, Host host) {
   // broker's domain of the same name.
   lifecycle::CgroupManager cgroups({}, "qbroker-" + std::to_string(host.uids.base));
   if (!cgroups.available()) log::info("cgroup v2: " + cgroups.why_unavailable());
-  lifecycle::Launcher launcher(launcher_config(o), uids, cgroups, host.roots);
+  lifecycle::Launcher launcher(launcher_config(o, host.qemu), uids, cgroups, host.roots);
   Broker broker(io.get_executor(), broker_config(o), launcher, host.roots);
   api::Service service(broker, api::ServiceConfig{o.qemu});
   api::Server server(io.get_executor(), service, o.limits,

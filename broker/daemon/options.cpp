@@ -132,6 +132,12 @@ Complaint add_image_root(DaemonConfig& c, std::string_view v) {
   return std::nullopt;
 }
 
+Complaint add_qemu_data_dir(DaemonConfig& c, std::string_view v) {
+  if (v.empty() || v.front() != '/') return "must be an absolute path";
+  c.qemu_data_dirs.emplace_back(v);
+  return std::nullopt;
+}
+
 Complaint add_image_owner(DaemonConfig& c, std::string_view v) {
   if (v.empty()) return "must be a user name or a uid";
   c.image_owners.emplace_back(v);
@@ -191,6 +197,10 @@ const std::vector<Option>& options() {
        path(member(&DaemonConfig::save_root))},
       {"qemu", Kind::value, "PATH", "the QEMU binary (default /usr/bin/qemu-system-x86_64)",
        path(member(&DaemonConfig::qemu))},
+      {"qemu-datadir", Kind::list, "DIR",
+       "a directory QEMU reads firmware and option ROMs from, ahead of its built-in ones "
+       "(repeatable; for a QEMU installed outside /usr)",
+       add_qemu_data_dir},
       {"admin-group", Kind::value, "NAME",
        "members of this group may use the API (root always may)",
        word(member(&DaemonConfig::admin_group))},

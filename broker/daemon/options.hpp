@@ -46,6 +46,7 @@ struct DaemonConfig {
   std::vector<std::string> image_owners;
   bool allow_hardlinks = false;  // hard-linked files beneath an image root are refused otherwise
   std::string qemu = "/usr/bin/qemu-system-x86_64";
+  std::vector<std::string> qemu_data_dirs;  // -L for QEMU, bound read-only into its jail
   std::string admin_group;  // empty: root and the daemon's own uid only
   bool xen = false;
   log::Level log_level = log::Level::info;

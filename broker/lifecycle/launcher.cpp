@@ -107,7 +107,7 @@ std::vector<std::string> Launcher::command_line(const DomainSpec& spec, Accel ac
                                                 const FdHandover* cold,
                                                 const std::vector<std::string>& extra) const {
   std::vector<std::string> a = {
-      config_.qemu,
+      config_.qemu.binary,
       "-name", "guest=" + spec.name + ",debug-threads=on",
       "-machine", std::string(to_string(spec.machine)) + ",accel=" + std::string(to_string(accel)),
       "-m", std::to_string(spec.memory_mib),
@@ -116,10 +116,12 @@ std::vector<std::string> Launcher::command_line(const DomainSpec& spec, Accel ac
       // Seccomp: no obsolete syscalls, no privilege changes, no exec/fork, no cgroup/sched games.
       "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
       "-chardev", "socket,id=qmp,fd=" + std::to_string(kQmpFd) + ",server=on,wait=off",
-      "-mon", "chardev=qmp,mode=control",
       // Start paused: the broker hands over fds and then sends `cont`.
       "-S",
   };
+  auto monitor = monitor_args(config_.qemu, "qmp");
+  a.insert(a.end(), monitor.begin(), monitor.end());
+  for (const auto& dir : config_.qemu.data_dirs) a.insert(a.end(), {"-L", dir});
   if (spec.machine == Machine::q35) {
     // A VNC display with no listener, so one can be handed over later (display-update).
     a.insert(a.end(), {"-vnc", "none"});
@@ -276,7 +278,7 @@ Result<SpawnedChild> Launcher::spawn(const DomainSpec& spec, Instance& inst, con
                                      JailLayout layout) {
   const auto [qmp, console, log] = qmp_console_log;
   SpawnRequest req;
-  req.executable = config_.qemu;
+  req.executable = config_.qemu.binary;
   req.argv = command_line(spec, inst.accel, cold, extra_args);
   req.pass = {qmp, console};
   if (cold != nullptr) {
@@ -332,6 +334,9 @@ Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
   // Step 3: open everything with the broker's credentials.
   std::vector<fdpass::UniqueFd> mounts;
   JailLayout layout = default_qemu_layout(config_.run_dir + "/jail", inst.accel == Accel::kvm);
+  auto install = jail_binds_of(config_.qemu);
+  layout.ro_dirs.insert(layout.ro_dirs.end(), install.exec_dirs.begin(), install.exec_dirs.end());
+  layout.ro_data_dirs = std::move(install.data_dirs);
   if (auto ok = mount_boot_files(spec, roots_, mounts, layout); !ok) return ok.error();
   inst.qmp_path = config_.run_dir + "/qmp/" + spec.name + ".sock";
   inst.console_path = config_.run_dir + "/console/" + spec.name + ".sock";

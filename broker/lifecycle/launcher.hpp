@@ -27,6 +27,7 @@
 #include "broker/lifecycle/cgroup.hpp"
 #include "broker/lifecycle/fd_handover.hpp"
 #include "broker/lifecycle/firmware.hpp"
+#include "broker/lifecycle/qemu_install.hpp"
 #include "broker/lifecycle/reaper.hpp"
 #include "broker/lifecycle/spawner.hpp"
 #include "broker/lifecycle/spec.hpp"
@@ -36,7 +37,7 @@
 namespace broker::lifecycle {
 
 struct LauncherConfig {
-  std::string qemu = "/usr/bin/qemu-system-x86_64";
+  QemuInstall qemu;
   std::string run_dir = "/run/qbroker";  // sockets, logs, the jail mount point
   JailLimits limits;
   int pdeathsig = 0;

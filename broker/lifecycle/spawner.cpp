@@ -73,6 +73,11 @@ std::vector<RootOp> plan_root(const JailLayout& j) {
     ops.push_back({RootOp::mkdir_, mp + d, {}, -1});
     ops.push_back({RootOp::bind_ro, mp + d, d, -1});
   }
+  for (const auto& d : j.ro_data_dirs) {
+    add_parents(ops, mp, d);
+    ops.push_back({RootOp::mkdir_, mp + d, {}, -1});
+    ops.push_back({RootOp::bind_ro_noexec, mp + d, d, -1});
+  }
   for (const auto& f : j.ro_files) {
     add_parents(ops, mp, f);
     ops.push_back({RootOp::touch, mp + f, {}, -1});

@@ -43,9 +43,10 @@ struct JailLayout {
   // child's mount namespace, so every jail can share one.
   std::string mountpoint;
   // Every mount in the jail is read-only and nosuid; all but the device binds are nodev, and all
-  // but the directories (which hold QEMU's binary and libraries) are noexec.
+  // but ro_dirs (which hold QEMU's binary and libraries) are noexec.
   std::vector<std::string> ro_dirs;   // host directories bound read-only at the same path,
                                       // with every mount below them (ro, nosuid, nodev)
+  std::vector<std::string> ro_data_dirs;  // the same, and noexec: data QEMU reads (firmware)
   std::vector<std::string> ro_files;  // host files bound at the same path (ro, nosuid, nodev, noexec)
   std::vector<std::string> devices;   // host device nodes bound (ro, nosuid, noexec; QEMU can
                                       // still write to the device itself)

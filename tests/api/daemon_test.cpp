@@ -56,6 +56,28 @@ TEST_CASE("qbrokerd refuses --xen and bad flags clearly", "[api][daemon]") {
   CHECK(slurp(dir / "log3").find("--uid-range") != std::string::npos);
 }
 
+TEST_CASE("qbrokerd refuses a QEMU install that is not root's alone, naming the option",
+          "[api][daemon][privileged]") {
+  QB_REQUIRE_ROOT();
+  qbtest::TempDir dir;
+  REQUIRE(::chmod(dir.path().c_str(), 0755) == 0);
+  const std::string qemu = dir / "qemu";
+  qbtest::write_file(qemu, "#!/bin/sh\nexit 0\n");
+  REQUIRE(::chmod(qemu.c_str(), 0777) == 0);
+  Child writable{spawn({QBROKERD, "--socket", dir / "s.sock", "--state-dir", dir / "st",
+                        "--run-dir", dir / "run", "--qemu", qemu},
+                       dir / "log")};
+  CHECK(writable.wait(10s) == 1);
+  auto said = slurp(dir / "log");
+  CHECK(said.find("--qemu") != std::string::npos);
+  CHECK(said.find(qemu + " is writable by its group or by others") != std::string::npos);
+  CHECK(::access((dir / "s.sock").c_str(), F_OK) != 0);  // refused before it served anything
+
+  Child relative{spawn({QBROKERD, "--qemu-datadir", "share/qemu"}, dir / "log2")};
+  CHECK(relative.wait(10s) == 2);
+  CHECK(slurp(dir / "log2").find("--qemu-datadir") != std::string::npos);
+}
+
 TEST_CASE(
     "qbrokerd without systemd is driven by qbrokerctl and SIGTERM leaves domains running "
     "for a restart to re-adopt",
