@@ -5,6 +5,7 @@
 #include <linux/mount.h>
 #include <linux/sched.h>
 #include <grp.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <sys/mount.h>
@@ -16,6 +17,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 
 #include "broker/lifecycle/errc.hpp"
@@ -458,6 +460,23 @@ JailLayout default_qemu_layout(const std::string& mountpoint, bool with_kvm) {
   return j;
 }
 
+namespace {
+
+// True once `fd` is readable or closed by its writers, waiting at most `deadline`.
+bool wait_readable(int fd, std::chrono::milliseconds deadline) {
+  const auto until = std::chrono::steady_clock::now() + deadline;
+  for (;;) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        until - std::chrono::steady_clock::now());
+    pollfd p{fd, POLLIN, 0};
+    int ready = ::poll(&p, 1, static_cast<int>(std::max<long long>(left.count(), 0)));
+    if (ready < 0 && errno == EINTR) continue;
+    return ready > 0;
+  }
+}
+
+}  // namespace
+
 Result<SpawnedChild> spawn_jailed(const SpawnRequest& req) {
   if (req.uid == 0 || req.gid == 0) {
     return Error(make_error_code(errc::invalid_spec), "refusing to run a jailed process as root");
@@ -475,15 +494,25 @@ Result<SpawnedChild> spawn_jailed(const SpawnRequest& req) {
   report->second.reset();
 
   StepReport r{};
-  ssize_t n;
-  do {
-    n = ::read(report->first.get(), &r, sizeof(r));
-  } while (n < 0 && errno == EINTR);
-  if (n == 0) return child;  // the exec closed the pipe: the child is QEMU now
+  ssize_t n = -1;
+  const bool answered = wait_readable(report->first.get(), req.exec_deadline);
+  if (answered) {
+    do {
+      n = ::read(report->first.get(), &r, sizeof(r));
+    } while (n < 0 && errno == EINTR);
+    if (n == 0) return child;  // the exec closed the pipe: the child is QEMU now
+  } else {
+    ::syscall(SYS_pidfd_send_signal, child->pidfd.get(), SIGKILL, nullptr, 0);
+  }
 
-  // The child failed a step and exits: reap it so nothing is left behind.
+  // The child failed a step, died, or was killed: reap it so nothing is left behind.
   siginfo_t info{};
   ::waitid(P_PIDFD, static_cast<id_t>(child->pidfd.get()), &info, WEXITED);
+  if (!answered) {
+    return Error(make_error_code(errc::child_died),
+                 "spawn: the child neither exec'd nor reported a step within " +
+                     std::to_string(req.exec_deadline.count()) + " ms, and was killed");
+  }
   if (n != sizeof(r)) {
     return Error(make_error_code(errc::child_died), "spawn: child died before exec");
   }

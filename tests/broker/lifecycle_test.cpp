@@ -201,6 +201,33 @@ TEST_CASE("a failed spawn step comes back as its own code, naming the step and e
   CHECK(fs::is_empty(mountpoint.path()));
 }
 
+TEST_CASE("a child that has not exec'd by its deadline is killed by pid and reaped",
+          "[lifecycle][privileged]") {
+  QB_REQUIRE_ROOT();
+  qbtest::FdLeakCheck leaks;
+  qbtest::TempDir mountpoint, binds;
+  SpawnRequest req = failing_request(mountpoint.path());
+  // A jail set-up of some milliseconds (100 directory binds) against a deadline of none: the
+  // parent stops waiting long before the child could reach exec.
+  for (int i = 0; i < 100; ++i) {
+    const std::string dir = binds / std::to_string(i);
+    REQUIRE(::mkdir(dir.c_str(), 0755) == 0);
+    req.jail.ro_data_dirs.push_back(dir);
+  }
+  req.exec_deadline = std::chrono::milliseconds(0);
+  auto child = spawn_jailed(req);
+  REQUIRE_FALSE(child);
+  INFO(child.error().describe());
+  CHECK(child.error().code == errc::child_died);
+  CHECK(child.error().message.find("within 0 ms, and was killed") != std::string::npos);
+  // Reaped: this process has no child left, not even a zombie.
+  siginfo_t info{};
+  CHECK(::waitid(P_ALL, 0, &info, WEXITED | WNOHANG) == -1);
+  CHECK(errno == ECHILD);
+  CHECK(processes_of_uid("/proc", kStepUid).empty());
+  CHECK(fs::is_empty(mountpoint.path()));
+}
+
 TEST_CASE("a started domain runs jailed: uid, groups, seccomp, namespaces, root, limits, fds",
           "[lifecycle][privileged][qemu]") {
   QB_REQUIRE_ROOT();
