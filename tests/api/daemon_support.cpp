@@ -137,7 +137,7 @@ void remove_cgroup_base(uid_t base) {
 }
 
 std::vector<std::string> daemon_args(const TempDir& dir, uid_t base, unsigned uids) {
-  return {QBROKERD,
+  std::vector<std::string> args = {QBROKERD,
           "--state-dir",
           dir / "state",
           "--run-dir",
@@ -147,7 +147,11 @@ std::vector<std::string> daemon_args(const TempDir& dir, uid_t base, unsigned ui
           "--image-root",
           guest_dir(),
           "--log-level",
-          "debug"};
+          "debug",
+          "--qemu",
+          qemu_binary()};
+  for (const auto& data : qemu_data_dirs()) args.insert(args.end(), {"--qemu-datadir", data});
+  return args;
 }
 
 json::value qmp_over_http(const std::string& sock, const std::string& name,

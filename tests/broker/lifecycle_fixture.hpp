@@ -54,6 +54,7 @@ struct LifecycleFixture {
 
   static broker::lifecycle::LauncherConfig make_config(const std::string& run_dir) {
     broker::lifecycle::LauncherConfig c;
+    c.qemu = {qemu_binary(), qemu_data_dirs(), false};
     c.run_dir = run_dir;
     c.firmware.nvram_dir = run_dir + "/nvram";  // UEFI variable stores, the test's own
     return c;

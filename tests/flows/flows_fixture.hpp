@@ -66,6 +66,7 @@ struct FlowsFixture {
       const std::string& dir,
       const std::string& ovmf_dir = broker::lifecycle::FirmwareConfig{}.ovmf_dir) {
     broker::lifecycle::LauncherConfig c;
+    c.qemu = {qemu_binary(), qemu_data_dirs(), false};
     c.run_dir = dir;
     c.firmware.ovmf_dir = ovmf_dir;
     c.firmware.nvram_dir = dir + "/nvram";  // UEFI variable stores, the test's own

@@ -16,15 +16,6 @@
 
 namespace qbtest {
 
-std::string qemu_binary() {
-  const char* env = std::getenv("QB_QEMU");
-  std::string path = env != nullptr ? env : "/usr/bin/qemu-system-x86_64";
-  if (::access(path.c_str(), X_OK) != 0) {
-    throw std::runtime_error(path + " is missing: run scripts/setup.sh");
-  }
-  return path;
-}
-
 std::string qemu_accel() {
   int fd = ::open("/dev/kvm", O_RDWR | O_CLOEXEC);
   if (fd < 0) return "tcg";

@@ -9,11 +9,10 @@
 #include <vector>
 
 #include "fdpass/unique_fd.hpp"
+#include "support/qemu.hpp"  // qemu_binary()
 
 namespace qbtest {
 
-// $QB_QEMU, else /usr/bin/qemu-system-x86_64. Throws when it is not executable.
-std::string qemu_binary();
 // "kvm" when /dev/kvm can be opened, else "tcg".
 std::string qemu_accel();
 

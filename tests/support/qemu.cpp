@@ -2,10 +2,12 @@
 
 #include <poll.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdlib>
+#include <stdexcept>
 #include <thread>
 
 #include "fdpass/devices.hpp"
@@ -18,6 +20,39 @@ std::string guest_dir() {
   const char* env = std::getenv("QB_GUEST_DIR");
   return env != nullptr && *env != '\0' ? env : "/var/cache/qbroker/guest";
 }
+namespace {
+std::string env_or_empty(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr ? v : "";
+}
+}  // namespace
+
+std::string qemu_binary() {
+  std::string prefix = env_or_empty("QB_QEMU_PREFIX");
+  std::string path = !prefix.empty() ? prefix + "/usr/bin/qemu-system-x86_64"
+                                     : env_or_empty("QB_QEMU");
+  if (path.empty()) path = "/usr/bin/qemu-system-x86_64";
+  if (::access(path.c_str(), X_OK) != 0) {
+    throw std::runtime_error(path + " is missing: run scripts/setup.sh (and for $QB_QEMU_PREFIX "
+                             "tests/guest/second-qemu.sh)");
+  }
+  return path;
+}
+
+std::vector<std::string> qemu_data_dirs() {
+  std::string prefix = env_or_empty("QB_QEMU_PREFIX");
+  if (prefix.empty()) return {};
+  return {prefix + "/usr/share/qemu", prefix + "/usr/share/seabios", prefix + "/usr/lib/ipxe/qemu"};
+}
+
+bool is_anonymous_memory(const std::string& fd_link) {
+  char target[512] = {};
+  ssize_t n = ::readlink(fd_link.c_str(), target, sizeof(target) - 1);
+  struct stat st {};
+  if (n < 0 || ::stat(fd_link.c_str(), &st) != 0) return false;
+  return S_ISREG(st.st_mode) && st.st_nlink == 0 && std::string_view(target).starts_with("/memfd:");
+}
+
 std::string guest_kernel() { return guest_dir() + "/vmlinuz"; }
 std::string guest_initrd() { return guest_dir() + "/initramfs.cpio.gz"; }
 std::string guest_boot_disk() { return guest_dir() + "/boot-disk.img"; }

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "fdpass/unique_fd.hpp"
 
@@ -22,6 +23,17 @@ inline const char* kGuestAppend = "console=ttyS0 quiet panic=-1 cryptomgr.notest
 // test shares them: attach them read-only.
 std::string guest_boot_disk();
 std::string guest_boot_iso();
+
+// The QEMU under test. $QB_QEMU_PREFIX names a prefix tests/guest/second-qemu.sh filled: its
+// binary, and its data directories (qbrokerd --qemu-datadir). Else $QB_QEMU or the system's
+// /usr/bin/qemu-system-x86_64, with its built-in data directories. Throws when the binary is
+// not executable.
+std::string qemu_binary();
+std::vector<std::string> qemu_data_dirs();
+
+// True when `fd_link` (/proc/PID/fd/N) is QEMU's own anonymous memory: a memfd it created, with
+// no name in any filesystem (QEMU 10 keeps its display surface in one). Never a host path.
+bool is_anonymous_memory(const std::string& fd_link);
 
 // Connects to a Unix socket path, retrying until `timeout` (the listener may not exist yet).
 fdpass::UniqueFd connect_retry(const std::string& path, std::chrono::milliseconds timeout);
