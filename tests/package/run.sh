@@ -9,7 +9,8 @@
 #    tarball cached in ${QB_DEBROOT_CACHE:-/var/cache/qbroker/debroot}, as are the .debs apt
 #    fetches) and installs the package into it with apt, dependencies from the mirror;
 # 3. checks the files, the conffile, the units, the group and the enabled socket, runs
-#    `qbrokerd --version`, starts qbrokerd through socket activation (systemd-socket-activate
+#    `qbrokerd --version`, installs the package over itself (as an upgrade does) with an edited
+#    configuration, starts qbrokerd through socket activation (systemd-socket-activate
 #    standing in for pid 1, with the installed unit's command line) and runs `qbrokerctl list`;
 # 4. purges the package and checks that nothing of it is left.
 #
@@ -154,6 +155,20 @@ check_installed() {
   in_root test -x "$(exec_start)" || fail "ExecStart names $(exec_start), which is not there"
 }
 
+# The package installed over itself, as an upgrade runs: prerm upgrade, then postinst configure
+# with the old version. An edited configuration is kept (a conffile), and so are the group and
+# the enabled socket.
+check_reinstall() {
+  local config=$root/etc/qbroker/qbrokerd.json
+  sed -i 's/^{$/{\n  "log-level": "debug",/' "$config"
+  grep -q '"log-level": "debug"' "$config" || fail "could not edit $config"
+  in_root dpkg -i "/tmp/$(basename "$deb")" >/dev/null
+  grep -q '"log-level": "debug"' "$config" || fail "the reinstall replaced the edited $config"
+  in_root getent group qbroker >/dev/null || fail "the reinstall lost the group qbroker"
+  [[ -L $root/etc/systemd/system/sockets.target.wants/qbrokerd.socket ]] ||
+    fail "the reinstall disabled qbrokerd.socket"
+}
+
 # The installed unit's command line, one word a line.
 exec_start() {
   sed -n 's/^ExecStart=//p' "$root/lib/systemd/system/qbrokerd.service" | tr ' ' '\n' | sed '/^$/d' |
@@ -219,6 +234,8 @@ step "installing it into a fresh root"
 install_package
 check_installed
 step "installed: files, conffile, depends, group, socket enabled, qbrokerd --version"
+check_reinstall
+step "reinstalled over itself: the edited conffile, the group and the socket are kept"
 check_socket_activation
 step "socket activation: qbrokerctl list answered"
 check_purged
