@@ -74,9 +74,14 @@ constexpr std::array kCommands{
                 "follow broker and QEMU events (one JSON per line with --json)"},
 };
 
-struct FlagSpec {
-  std::string_view name;
-  bool value;
+constexpr std::array kGlobalFlags{
+    GlobalFlag{"--socket", "PATH",
+               "qbrokerd's socket ($QBROKER_SOCKET, /run/qbroker/qbroker.sock)"},
+    GlobalFlag{"--json", "", "print the API's JSON replies as they are, for scripts"},
+    GlobalFlag{"--timeout", "SECONDS", "give up on a request after this long (default 300)"},
+    GlobalFlag{"--no-progress", "", "no progress bar for long jobs"},
+    GlobalFlag{"--help", "", "this text; after a command, that command's usage (also -h)"},
+    GlobalFlag{"--version", "", "print qbrokerctl's version"},
 };
 
 struct Args {
@@ -748,12 +753,28 @@ std::span<const CommandInfo> command_table() {
   return kCommands;
 }
 
+std::vector<SyntaxInfo> syntax_table() {
+  std::vector<SyntaxInfo> out;
+  for (const auto& s : syntaxes()) out.push_back({s.words, s.flags, s.positional, s.domain_alias});
+  return out;
+}
+
+std::span<const GlobalFlag> global_flags() {
+  return kGlobalFlags;
+}
+
 std::string usage() {
   std::string out =
       "usage: qbrokerctl [--socket PATH] [--json] [--timeout SECONDS] [--no-progress] COMMAND ...\n"
       "Talks to qbrokerd over its Unix socket ($QBROKER_SOCKET or --socket, default\n"
       "/run/qbroker/qbroker.sock). Tables for people; --json prints the API's JSON for scripts.\n\n"
-      "commands:\n";
+      "options:\n";
+  for (const auto& f : kGlobalFlags) {
+    std::string left = "  " + std::string(f.name) + (f.arg.empty() ? "" : " ") + std::string(f.arg);
+    if (left.size() < 22) left.resize(22, ' ');
+    out += left + std::string(f.help) + "\n";
+  }
+  out += "\ncommands:\n";
   for (const auto& c : kCommands) {
     std::string left = "  " + std::string(c.words);
     if (left.size() < 16) left.resize(16, ' ');

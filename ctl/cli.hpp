@@ -68,6 +68,30 @@ struct CommandInfo {
 };
 std::span<const CommandInfo> command_table();
 
+// A flag and whether it takes a value ("--memory MIB": true).
+struct FlagSpec {
+  std::string_view name;
+  bool value;
+};
+
+// How one subcommand is read, for completion: the words of command_table(), its flags and the
+// names of its positional arguments ("NAME", "PATH").
+struct SyntaxInfo {
+  std::string_view words;
+  std::span<const FlagSpec> flags;
+  std::span<const std::string_view> positional;
+  bool domain_alias = false;  // also answers as "domain WORDS"
+};
+std::vector<SyntaxInfo> syntax_table();
+
+// The options every command takes, as --help lists them.
+struct GlobalFlag {
+  std::string_view name;  // "--socket"
+  std::string_view arg;   // "PATH"; empty when it takes no value
+  std::string_view help;
+};
+std::span<const GlobalFlag> global_flags();
+
 std::string usage();                                                          // qbrokerctl --help
 std::optional<std::string> command_help(std::span<const std::string> words);  // help WORDS...
 

@@ -15,6 +15,8 @@
 
 #include "ctl/cli.hpp"
 #include "ctl/client.hpp"
+#include "ctl/complete.hpp"
+#include "ctl/manual.hpp"
 #include "ctl/render.hpp"
 
 namespace json = boost::json;
@@ -180,11 +182,50 @@ int help(const qbctl::Parsed& p) {
   return 0;
 }
 
+// The domains `socket` has, for completion; none when it does not answer within a moment.
+std::vector<std::string> domain_names(const std::string& socket) {
+  auto result =
+      qbctl::call(socket, qbctl::Request{"GET", "/v1/domains", {}}, std::chrono::seconds(2));
+  auto* r = std::get_if<qbctl::Response>(&result);
+  if (r == nullptr || r->status != 200) return {};
+  std::error_code ec;
+  json::value body = json::parse(r->body, ec);
+  std::vector<std::string> names;
+  const auto* list = ec || !body.is_object() ? nullptr : body.get_object().if_contains("domains");
+  if (list == nullptr || !list->is_array()) return names;
+  for (const auto& d : list->get_array()) {
+    const auto* name = d.is_object() ? d.get_object().if_contains("name") : nullptr;
+    if (name != nullptr && name->is_string()) names.emplace_back(name->get_string());
+  }
+  return names;
+}
+
+// Commands for the build and the shell, not for people: `__man SECTION` prints a section of
+// qbrokerctl(1) in roff; `__complete WORDS...` prints "files" or "-" and then the candidates for
+// the last word, one a line (ctl/qbrokerctl.bash).
+int hidden(const std::vector<std::string>& args, const char* env) {
+  if (args[0] == "__man") {
+    auto section = qbctl::man_section(args.size() > 1 ? args[1] : "");
+    if (!section) {
+      std::cerr << "qbrokerctl: __man options|commands\n";
+      return kUsage;
+    }
+    std::cout << *section;
+    return 0;
+  }
+  auto words = std::span(args).subspan(1);
+  auto c = qbctl::complete(words, env != nullptr ? env : "", domain_names);
+  std::cout << (c.files ? "files" : "-") << "\n";
+  for (const auto& w : c.words) std::cout << w << "\n";
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   const char* env = std::getenv("QBROKER_SOCKET");
+  if (!args.empty() && (args[0] == "__man" || args[0] == "__complete")) return hidden(args, env);
   auto parsed = qbctl::parse(args, env != nullptr ? env : "");
   if (auto* e = std::get_if<qbctl::CliError>(&parsed)) {
     std::cerr << "qbrokerctl: " << e->message << "\n";

@@ -14,6 +14,8 @@ packages=(
   clang libclang-rt-14-dev
   iproute2 iputils-ping curl procps python3
   socat
+  # the manual and the Debian package: tests/api/manual_check.py, tests/package/run.sh
+  man-db groff-base dpkg-dev mmdebstrap systemd
 )
 
 missing=()

@@ -5,6 +5,7 @@
 
 #include "broker/api/router.hpp"
 #include "broker/daemon/daemon.hpp"
+#include "broker/daemon/manual.hpp"
 #include "broker/daemon/options.hpp"
 
 int main(int argc, char** argv) {
@@ -13,6 +14,15 @@ int main(int argc, char** argv) {
   if (!config) {
     std::fprintf(stderr, "qbrokerd: %s\n", config.error().message.c_str());
     return 2;
+  }
+  if (!config->help_man.empty()) {
+    auto section = broker::daemon::man_section(config->help_man);
+    if (!section) {
+      std::fprintf(stderr, "qbrokerd: --help-man: options or config\n");
+      return 2;
+    }
+    std::fputs(section->c_str(), stdout);
+    return 0;
   }
   if (config->help) {
     std::fputs(broker::daemon::usage().c_str(), stdout);

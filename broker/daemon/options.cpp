@@ -268,11 +268,14 @@ struct CommandLine {
   std::vector<std::string> config_files;
   bool help = false;
   bool version = false;
+  std::string help_man;
 };
 
 po::options_description flag_syntax() {
   po::options_description d;
   d.add_options()("help,h", "")("version", "")("config", po::value<std::string>(), "");
+  // Not in --help: the build asks for the manual's option sections with it.
+  d.add_options()("help-man", po::value<std::string>(), "");
   for (const auto& o : options()) {
     std::string name(o.name);
     // --xen alone means true; --xen=false is accepted as well.
@@ -313,6 +316,7 @@ Result<void> add_flag(CommandLine& cl, const po::option& o) {
   if (o.string_key == "help") cl.help = true;
   if (o.string_key == "version") cl.version = true;
   if (o.string_key == "config") cl.config_files.push_back(o.value.at(0));
+  if (o.string_key == "help-man") cl.help_man = o.value.at(0);
   const Option* opt = find(o.string_key);
   if (opt == nullptr) return {};
   auto& s = cl.settings[o.string_key];
@@ -434,6 +438,7 @@ Result<DaemonConfig> parse_config(std::span<const std::string_view> args) {
   config->config_files = std::move(cl->config_files);
   config->help = cl->help;
   config->version = cl->version;
+  config->help_man = std::move(cl->help_man);
   return config;
 }
 
@@ -460,6 +465,13 @@ std::string usage() {
       "      --version                    print the version\n\n"
       "SIGTERM or SIGINT stops serving and exits; running domains are left running and are\n"
       "re-adopted by the next qbrokerd started on the same --state-dir and --run-dir.\n";
+  return out;
+}
+
+std::vector<OptionDoc> option_docs() {
+  std::vector<OptionDoc> out;
+  for (const auto& o : options())
+    out.push_back({o.name, o.arg, o.help, o.kind == Kind::list, o.kind == Kind::flag});
   return out;
 }
 

@@ -62,6 +62,7 @@ struct DaemonConfig {
 
   bool help = false;
   bool version = false;
+  std::string help_man;  // --help-man options|config: a manual section in roff (manual.hpp)
 };
 
 // `args` without argv[0]. The error names the flag ("--state-dir") or the config key
@@ -69,5 +70,15 @@ struct DaemonConfig {
 Result<DaemonConfig> parse_config(std::span<const std::string_view> args);
 
 std::string usage();
+
+// One option as --help shows it, for the manual pages, which are generated from the same table.
+struct OptionDoc {
+  std::string_view name;  // "state-dir": the flag without "--" and the config key
+  std::string_view arg;   // "DIR"; empty for a flag that takes no value
+  std::string help;
+  bool list = false;  // repeatable flag, array in a config file
+  bool flag = false;  // true or false
+};
+std::vector<OptionDoc> option_docs();
 
 }  // namespace broker::daemon

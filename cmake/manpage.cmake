@@ -1,0 +1,20 @@
+# Writes one manual page from its template (docs/man/PAGE.in): each line "@SECTION NAME@" becomes
+# what `GEN FLAG NAME` prints (a binary's own tables, in roff), and @VERSION@ the version.
+#   cmake -DGEN=... -DFLAG=... -DTEMPLATE=... -DOUT=... -DVERSION=... -P manpage.cmake
+cmake_minimum_required(VERSION 3.25)
+file(READ ${TEMPLATE} page)
+string(REGEX MATCHALL "\n@SECTION [a-z]+@\n" marks "${page}")
+foreach(mark IN LISTS marks)
+  string(REGEX REPLACE "\n@SECTION ([a-z]+)@\n" "\\1" name "${mark}")
+  execute_process(COMMAND ${GEN} ${FLAG} ${name} OUTPUT_VARIABLE section RESULT_VARIABLE rc)
+  if(NOT rc EQUAL 0 OR section STREQUAL "")
+    message(FATAL_ERROR "${GEN} ${FLAG} ${name} failed (${rc})")
+  endif()
+  string(REPLACE "${mark}" "\n${section}" page "${page}")
+endforeach()
+if(page MATCHES "\n@SECTION")
+  message(FATAL_ERROR "${TEMPLATE}: a SECTION line was left unfilled")
+endif()
+string(REPLACE "@VERSION@" "${VERSION}" page "${page}")
+file(WRITE ${OUT}.tmp "${page}")
+file(RENAME ${OUT}.tmp ${OUT})
