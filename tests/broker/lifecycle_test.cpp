@@ -2,10 +2,16 @@
 // fork storm, kill before reuse, no pid fallback, quarantine, and a failed spawn step naming
 // itself. [privileged]: needs root.
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
+#include <linux/filter.h>
 #include <linux/securebits.h>
+#include <netinet/in.h>
 #include <sys/fsuid.h>
 #include <sys/prctl.h>
+#include <sys/ptrace.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/mount.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -15,6 +21,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -24,6 +31,7 @@
 #include "broker/lifecycle/errc.hpp"
 #include "broker/lifecycle/proc.hpp"
 #include "broker/lifecycle/spawner.hpp"
+#include "fdpass/devices.hpp"
 #include "lifecycle_fixture.hpp"
 
 using namespace broker::lifecycle;
@@ -48,6 +56,7 @@ constexpr uid_t kLogRetentionBase = 3'100'970;
 constexpr uid_t kHolderBase = 3'106'020;
 constexpr uid_t kMountsBase = 3'106'000;
 constexpr uid_t kCapsBase = 3'106'010;
+constexpr uid_t kProberBase = 3'106'040;  // the QEMU at +1, the prober at +9
 
 std::string proc_field(pid_t pid, const std::string& key) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/status");
@@ -843,4 +852,145 @@ TEST_CASE("a jailed QEMU holds no capability in any set and its own cgroup names
   auto report = fx.launcher.destroy(*inst);
   REQUIRE(report);
   CHECK(report->survivors == 0);
+}
+
+namespace {
+
+// The seccomp filter QEMU installed on itself, read back through ptrace (the tracee stopped by a
+// PTRACE_INTERRUPT, then let go). QEMU loads exactly one; the spawner adds none of its own.
+std::vector<sock_filter> seccomp_filter_of(pid_t pid) {
+  REQUIRE(::ptrace(PTRACE_SEIZE, pid, nullptr, nullptr) == 0);
+  REQUIRE(::ptrace(PTRACE_INTERRUPT, pid, nullptr, nullptr) == 0);
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, __WALL) == pid);
+  const long n = ::ptrace(PTRACE_SECCOMP_GET_FILTER, pid, 0, nullptr);
+  std::vector<sock_filter> filter(n > 0 ? static_cast<std::size_t>(n) : 0);
+  const long got = ::ptrace(PTRACE_SECCOMP_GET_FILTER, pid, 0, filter.data());
+  const long second = ::ptrace(PTRACE_SECCOMP_GET_FILTER, pid, 1, nullptr);
+  const int second_errno = errno;
+  REQUIRE(::ptrace(PTRACE_DETACH, pid, nullptr, nullptr) == 0);
+  REQUIRE(n > 0);
+  CHECK(got == n);
+  CHECK(second == -1);
+  CHECK(second_errno == ENOENT);
+  return filter;
+}
+
+// Reads `fd` until its writers are gone or `timeout` passes.
+std::string read_to_end(int fd, std::chrono::milliseconds timeout) {
+  std::string out;
+  const auto until = std::chrono::steady_clock::now() + timeout;
+  char buf[4096];
+  while (std::chrono::steady_clock::now() < until) {
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, 100) <= 0) continue;
+    ssize_t n = ::read(fd, buf, sizeof(buf));
+    if (n <= 0) break;
+    out.append(buf, static_cast<std::size_t>(n));
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("a prober in a domain's jail, under QEMU's own seccomp filter, can write nothing and "
+          "reach no process or socket outside its domain",
+          "[lifecycle][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::FdLeakCheck leaks;
+  qbtest::LifecycleFixture fx(kProberBase);
+  // Another domain, running: its QEMU is the neighbour the prober must not reach, and the
+  // source of the seccomp filter (QEMU's -sandbox options as the launcher gives them).
+  auto inst = fx.launcher.start(qbtest::LifecycleFixture::guest_spec("neighbour"));
+  REQUIRE(inst);
+  auto qmp = qbtest::connect_retry(inst->qmp_path, 5s);
+  REQUIRE(qmp);
+  REQUIRE(qbtest::qmp_handshake(qmp.get(), 20s));  // the sandbox is in place by now
+  const auto filter = seccomp_filter_of(inst->pid);
+
+  // Host endpoints the prober must not reach: an abstract Unix socket and a loopback port.
+  const std::string abstract = "qb-prober-" + std::to_string(::getpid());
+  fdpass::UniqueFd unix_listener(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_un ua{};
+  ua.sun_family = AF_UNIX;
+  std::memcpy(ua.sun_path + 1, abstract.data(), abstract.size());
+  const auto ua_len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + abstract.size());
+  REQUIRE(::bind(unix_listener.get(), reinterpret_cast<sockaddr*>(&ua), ua_len) == 0);
+  REQUIRE(::listen(unix_listener.get(), 4) == 0);
+  fdpass::UniqueFd tcp_listener(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in ta{};
+  ta.sin_family = AF_INET;
+  ta.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::bind(tcp_listener.get(), reinterpret_cast<sockaddr*>(&ta), sizeof(ta)) == 0);
+  REQUIRE(::listen(tcp_listener.get(), 4) == 0);
+  socklen_t ta_len = sizeof(ta);
+  REQUIRE(::getsockname(tcp_listener.get(), reinterpret_cast<sockaddr*>(&ta), &ta_len) == 0);
+
+  // The prober gets what a QEMU gets: the same jail, limits and kind of uid, and its filter.
+  auto filter_pipe = fdpass::make_pipe();
+  auto out_pipe = fdpass::make_pipe();
+  REQUIRE(filter_pipe);
+  REQUIRE(out_pipe);
+  const auto bytes = filter.size() * sizeof(sock_filter);
+  REQUIRE(::write(filter_pipe->second.get(), filter.data(), bytes) == static_cast<ssize_t>(bytes));
+  filter_pipe->second.reset();
+  qbtest::TempDir mountpoint;
+  SpawnRequest req;
+  req.executable = QB_JAIL_PROBER;
+  req.argv = {QB_JAIL_PROBER, abstract, std::to_string(ntohs(ta.sin_port))};
+  req.jail = default_qemu_layout(mountpoint.path(), false);
+  req.jail.ro_dirs.push_back(fs::path(QB_JAIL_PROBER).parent_path());  // as a QEMU outside /usr
+  req.pass = {filter_pipe->first};
+  req.output = out_pipe->second;
+  req.uid = req.gid = kProberBase + 9;
+  req.limits = broker::lifecycle::LauncherConfig{}.limits;
+  auto child = spawn_jailed(req);
+  REQUIRE(child);
+  out_pipe->second.reset();
+  filter_pipe->first.reset();
+  const std::string report = read_to_end(out_pipe->first.get(), 120s);
+  ::syscall(SYS_pidfd_send_signal, child->pidfd.get(), SIGKILL, nullptr, 0);  // if still there
+  siginfo_t info{};
+  REQUIRE(::waitid(P_PIDFD, static_cast<id_t>(child->pidfd.get()), &info, WEXITED) == 0);
+  INFO(report);
+  CHECK(info.si_code == CLD_EXITED);
+  CHECK(info.si_status == 0);
+
+  std::set<std::string> devices;
+  long files = 0, dirs = 0, pids = 0;
+  bool filtered = false;
+  std::istringstream lines(report);
+  for (std::string line; std::getline(lines, line);) {
+    std::istringstream words(line);
+    std::string kind;
+    words >> kind;
+    if (kind == "device") {
+      std::string path;
+      words >> path;
+      devices.insert(path);
+    } else if (kind == "seccomp") {
+      std::string mode;
+      words >> mode;
+      filtered = mode == "2";
+    } else if (kind == "checked") {
+      words >> files >> dirs >> pids;
+    } else {
+      FAIL_CHECK("the prober got through: " << line);
+    }
+  }
+  CHECK(filtered);
+  // Writing to the jail's own device nodes changes no path: /dev/null, /dev/zero, /dev/urandom.
+  for (const auto& d : devices) {
+    INFO(d);
+    CHECK((d == "/dev/null" || d == "/dev/zero" || d == "/dev/urandom"));
+  }
+  CHECK(files > 1000);  // it went through /usr
+  CHECK(dirs > 100);
+  CHECK(pids > 65000);
+  CHECK(processes_of_uid("/proc", kProberBase + 9).empty());
+
+  qmp.reset();
+  auto destroyed = fx.launcher.destroy(*inst);
+  REQUIRE(destroyed);
+  CHECK(destroyed->survivors == 0);
 }
