@@ -407,6 +407,8 @@ int serve(const DaemonConfig& o, Host host) {
 
 int run(const DaemonConfig& o) {
   log::set_level(o.log_level);
+  log::set_format(o.log_format.value_or(log::stderr_is_journal() ? log::Format::journal
+                                                                 : log::Format::text));
   auto host = prepare_host(o);
   if (!host) return fail(host.error().message);
   return serve(o, std::move(*host));

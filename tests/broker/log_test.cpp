@@ -1,0 +1,79 @@
+// broker/core/log: each format's record, and the journal when there is one.
+#include "broker/core/log.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <boost/json.hpp>
+#include <catch2/catch.hpp>
+
+#include <cstdlib>
+#include <string>
+
+namespace json = boost::json;
+using broker::log::Level;
+
+TEST_CASE("a JSON record is one object on one line with the fields in lower case", "[log]") {
+  auto line = broker::log::json_line(Level::warn, "disk \"d0\"\nadded",
+                                     {{"DOMAIN", "vm1"}, {"UID", "3110001"}, {"CODE", "busy"}},
+                                     1'700'000'000'000'042);
+  REQUIRE(line.back() == '\n');
+  CHECK(line.find('\n') == line.size() - 1);
+  auto v = json::parse(line);
+  auto& o = v.as_object();
+  CHECK(o.at("level") == "warn");
+  CHECK(o.at("msg") == "disk \"d0\"\nadded");
+  CHECK(o.at("domain") == "vm1");
+  CHECK(o.at("uid") == "3110001");
+  CHECK(o.at("code") == "busy");
+  CHECK(o.at("ts").as_double() == Approx(1'700'000'000.000042));
+}
+
+TEST_CASE("control characters are escaped in JSON records", "[log]") {
+  auto v = json::parse(broker::log::json_line(Level::info, std::string("a\x01z\t"), {}, 0));
+  CHECK(std::string(v.at("msg").as_string()) == std::string("a\x01z\t"));
+}
+
+TEST_CASE("a journal record has MESSAGE, PRIORITY, the identifier and the fields", "[log]") {
+  auto f = broker::log::journal_fields(Level::error, "teardown failed",
+                                       {{"DOMAIN", "vm1"}, {"JOB", "destroy"}});
+  REQUIRE(f.size() == 5);
+  CHECK(f[0] == "MESSAGE=teardown failed");
+  CHECK(f[1] == "PRIORITY=3");
+  CHECK(f[2] == "SYSLOG_IDENTIFIER=qbrokerd");
+  CHECK(f[3] == "DOMAIN=vm1");
+  CHECK(f[4] == "JOB=destroy");
+  CHECK(broker::log::journal_fields(Level::info, "x", {})[1] == "PRIORITY=6");
+}
+
+TEST_CASE("a text record is one line with the fields after the message", "[log]") {
+  CHECK(broker::log::text_line(Level::info, "GET /v1/version 200", {{"UID", "0"}}) ==
+        "qbroker[info] GET /v1/version 200 UID=0\n");
+}
+
+TEST_CASE("stderr is the journal only when JOURNAL_STREAM names its device and inode", "[log]") {
+  struct stat st {};
+  REQUIRE(::fstat(STDERR_FILENO, &st) == 0);
+  const std::string mine = std::to_string(st.st_dev) + ":" + std::to_string(st.st_ino);
+  const char* old = std::getenv("JOURNAL_STREAM");
+  const std::string saved = old != nullptr ? old : "";
+  ::setenv("JOURNAL_STREAM", mine.c_str(), 1);
+  CHECK(broker::log::stderr_is_journal());
+  ::setenv("JOURNAL_STREAM", (std::to_string(st.st_dev) + ":1").c_str(), 1);
+  CHECK_FALSE(broker::log::stderr_is_journal());  // stderr was redirected since
+  ::setenv("JOURNAL_STREAM", "garbage", 1);
+  CHECK_FALSE(broker::log::stderr_is_journal());
+  ::unsetenv("JOURNAL_STREAM");
+  CHECK_FALSE(broker::log::stderr_is_journal());
+  if (old != nullptr) ::setenv("JOURNAL_STREAM", saved.c_str(), 1);
+}
+
+TEST_CASE("a record reaches the journal when one listens", "[log]") {
+  if (::access("/run/systemd/journal/socket", W_OK) != 0) {
+    WARN("skipped: no journal socket at /run/systemd/journal/socket (no systemd-journald here)");
+    return;
+  }
+  CHECK(broker::log::send_to_journal(
+      broker::log::journal_fields(Level::debug, "qbroker log_test", {{"CODE", "test"}})));
+}
