@@ -72,6 +72,7 @@ constexpr std::array kCommands{
                 "raw QMP for admins: '{\"execute\":\"query-status\"}' or just query-status"},
     CommandInfo{"events", "[--domain NAME] [--count N]", "GET", "/v1/events",
                 "follow broker and QEMU events (one JSON per line with --json)"},
+    CommandInfo{"metrics", "", "GET", "/metrics", "the daemon's metrics, in Prometheus text"},
 };
 
 struct FlagSpec {
@@ -290,6 +291,10 @@ using Builder = std::function<Out(const Args&)>;
 
 Out version(const Args&) {
   return Invocation{.method = "GET", .target = "/v1/version", .view = View::version};
+}
+
+Out metrics(const Args&) {
+  return Invocation{.method = "GET", .target = "/metrics", .view = View::text};
 }
 
 Out list(const Args&) {
@@ -632,6 +637,7 @@ const std::vector<Syntax>& syntaxes() {
       {"cancel", {}, {"NAME"}, 0, false, cancel},
       {"qmp", {}, {"NAME", "JSON"}, 0, false, qmp},
       {"events", {{"--domain", true}, {"--count", true}}, {}, 0, false, events},
+      {"metrics", {}, {}, 0, false, metrics},
   };
   return kSyntax;
 }

@@ -20,7 +20,8 @@
 namespace qbctl {
 
 // How a successful reply is shown to a person.
-enum class View { version, domains, domain, killed, vnc, qmp, message, events };
+// `text`: the reply is not JSON and is printed as it came (metrics).
+enum class View { version, domains, domain, killed, vnc, qmp, message, events, text };
 
 struct Invocation {
   std::string method;  // "GET", "POST", "PUT", "DELETE"

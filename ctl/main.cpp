@@ -77,7 +77,7 @@ int answer(const qbctl::GlobalOptions& g, const qbctl::Invocation& inv, const qb
     std::cerr << qbctl::render_error(r.status, body);
     return qbctl::exit_code(r.status);
   }
-  if (g.json) {
+  if (g.json || inv.view == qbctl::View::text) {
     raw();
     return 0;
   }

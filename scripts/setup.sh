@@ -14,6 +14,7 @@ packages=(
   clang libclang-rt-14-dev
   iproute2 iputils-ping curl procps python3
   socat
+  prometheus tmux
 )
 
 missing=()

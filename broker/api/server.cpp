@@ -483,12 +483,25 @@ Outcome refusal(const Error& e, std::string_view target) {
   return out;
 }
 
-void log_request(const http::request<http::string_body>& req, unsigned status, uid_t uid,
-                 Clock::time_point start) {
-  auto us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - start).count();
-  log::debug(std::string(req.method_string()) + " " + std::string(req.target()) + " " +
-             std::to_string(status) + " uid=" + std::to_string(uid) + " " + std::to_string(us) +
-             "us");
+metrics::Registry& registry(const StatePtr& st) {
+  return st->service->broker().metrics();
+}
+
+// Each request answered is counted by its route and status, and logged once.
+void account_request(const StatePtr& st, const http::request<http::string_body>& req,
+                     unsigned status, uid_t uid, Clock::time_point start) {
+  auto took = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - start);
+  auto index = route_index(req.method(), req.target());
+  std::string_view route = index < routes().size() ? routes()[index].path : std::string_view("none");
+  registry(st).api_request(index < routes().size() ? index : metrics::Registry::kUnrouted, status,
+                           took);
+  log::info(std::string(req.method_string()) + " " + std::string(route) + " " +
+                std::to_string(status),
+            {{"ROUTE", std::string(route)},
+             {"METHOD", std::string(req.method_string())},
+             {"STATUS", std::to_string(status)},
+             {"UID", std::to_string(uid)},
+             {"DURATION_US", std::to_string(took.count())}});
 }
 
 // Routes, executes and answers one request. True when the connection is kept for another.
@@ -500,6 +513,7 @@ awaitable<bool> serve_request(ConnPtr c, StatePtr st, http::request<http::string
   if (!cmd) {
     out = refusal(cmd.error(), req.target());
   } else if (auto* watch = std::get_if<WatchEvents>(&*cmd)) {
+    account_request(st, req, 200, c->peer.uid, start);
     co_await stream_events(c, st, req.version(), watch->domain);
     co_return false;
   } else {
@@ -508,7 +522,7 @@ awaitable<bool> serve_request(ConnPtr c, StatePtr st, http::request<http::string
   }
   bool keep_alive = req.keep_alive() && !st->stopping && !c->stopping;
   auto res = render(out, req.version(), keep_alive);
-  log_request(req, res.result_int(), c->peer.uid, start);
+  account_request(st, req, res.result_int(), c->peer.uid, start);
   if (!co_await write_response(c, st, std::move(res), req.method() == http::verb::head)) {
     co_return false;
   }
@@ -618,6 +632,7 @@ void refuse(const StatePtr& st, stream_protocol::socket sock, Error e) {
 
 void release(const StatePtr& st, const ConnPtr& c) {
   st->conns.remove(c);
+  registry(st).connections_open.add(-1);
   if (c->reserved) {
     --st->reserved;
     auto it = st->reserve_by_pid.find(c->peer.pid);
@@ -699,6 +714,7 @@ awaitable<void> accept_loop(StatePtr st) {
     auto peer = peer_credentials(sock.native_handle());
     if (!peer || !authorized(*peer, st->access)) {
       ++st->stats.refused_unauthorized;
+      registry(st).connections_refused_unauthorized.inc();
       std::string who = peer ? "uid " + std::to_string(peer->uid) : "an unknown peer";
       refuse(st, std::move(sock),
              api_error(api::errc::unauthorized_peer,
@@ -708,10 +724,13 @@ awaitable<void> accept_loop(StatePtr st) {
     auto reserved = admit(*st, *peer);
     if (!reserved) {
       ++st->stats.refused_busy;
+      registry(st).connections_refused_busy.inc();
       refuse(st, std::move(sock), std::move(reserved.error()));
       continue;
     }
     ++st->stats.accepted;
+    registry(st).connections_accepted.inc();
+    registry(st).connections_open.add(1);
     auto c = std::make_shared<Conn>(std::move(sock));
     c->peer = std::move(*peer);
     c->reserved = *reserved;

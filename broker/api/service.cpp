@@ -204,6 +204,10 @@ awaitable<Outcome> Service::run(QmpCmd& c) {
   co_return qmp_outcome(std::move(*r));
 }
 
+awaitable<Outcome> Service::run(GetMetrics&) {
+  co_return metrics_outcome(broker_.metrics(), broker_.metrics_live());
+}
+
 awaitable<Outcome> Service::run(WatchEvents&) {
   co_return failure(
       Error(make_error_code(errc::internal), "the event stream is served by the server"));

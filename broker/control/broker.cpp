@@ -1,5 +1,8 @@
 #include "broker/control/broker.hpp"
 
+#include <array>
+#include <chrono>
+
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/json.hpp>
@@ -65,12 +68,34 @@ Broker::Broker(asio::any_io_executor ex, BrokerConfig config, lifecycle::Launche
 
 Broker::~Broker() = default;
 
+namespace {
+
+// A job's outcome as the metrics count it.
+template <class T>
+metrics::JobOutcome outcome_of(const Result<T>& r) {
+  if (r) return metrics::JobOutcome::ok;
+  return r.error().code == errc::cancelled ? metrics::JobOutcome::cancelled
+                                           : metrics::JobOutcome::failed;
+}
+
+// Counts a finished job and, for the flows watched, its latency.
+void count_job(metrics::Registry& m, std::string_view kind, metrics::JobOutcome outcome,
+               std::chrono::steady_clock::time_point start) {
+  m.job_done(kind, outcome,
+             std::chrono::duration_cast<std::chrono::microseconds>(
+                 std::chrono::steady_clock::now() - start));
+}
+
+}  // namespace
+
 awaitable<Result<json::value>> Broker::qmp_call(Domain& d, qmp::Command c) {
   return broker::qmp_call(d, std::move(c), config_.timeouts.qmp);
 }
 
 awaitable<Result<DomainInfo>> Broker::create(CreateDomain request) {
+  const auto start = std::chrono::steady_clock::now();
   auto d = co_await flows::create(flow_ctx_, domains_, std::move(request));
+  count_job(metrics(), "create", outcome_of(d), start);
   if (!d) co_return d.error();
   co_return describe(**d);
 }
@@ -92,7 +117,9 @@ awaitable<Result<lifecycle::KillReport>> Broker::destroy(std::string name, bool 
   if (auto ok = co_await domains_.records().persist(**d); !ok) {
     log::warn("domain " + name + ": destroying it without recording so first");
   }
+  const auto start = std::chrono::steady_clock::now();
   auto report = co_await domains_.teardown(*d, graceful, true);
+  count_job(metrics(), "destroy", outcome_of(report), start);
   if (report && purge_nvram) {
     if (auto ok = lifecycle::purge_nvram(launcher_.config().firmware, name); !ok) co_return ok.error();
   }
@@ -158,6 +185,7 @@ awaitable<Result<T>> Broker::run_job(std::string name, JobSpec job, F flow) {
   }
   const std::string kind = job.kind;
   const std::string target = job.target;
+  const auto start = std::chrono::steady_clock::now();
   auto guard = d->begin_job(std::move(job.kind), std::move(job.target), std::move(job.args));
   if (!guard) co_return guard.error();
   // Journal the job before the first step, so a broker killed mid-flow can finish or undo it. A
@@ -178,6 +206,7 @@ awaitable<Result<T>> Broker::run_job(std::string name, JobSpec job, F flow) {
       co_return e;
     }
   }
+  count_job(metrics(), kind, outcome_of(r), start);
   json::object data{{"job", kind}, {"ok", r.has_value()}};
   if (!r) data["error"] = r.error().describe();
   events_.publish(name, "job", "finished", std::move(data));
@@ -336,7 +365,9 @@ awaitable<Result<DomainInfo>> Broker::restore(RestoreRequest request) {
   }
   const std::string name = request.name;
   flows::CancelFlag cancel = enter_cancel(name);
+  const auto start = std::chrono::steady_clock::now();
   auto d = co_await flows::restore(flow_ctx_, domains_, std::move(request), cancel);
+  count_job(metrics(), "restore", outcome_of(d), start);
   forget_cancel(name, cancel);
   if (!d) co_return d.error();
   co_return describe(**d);
@@ -380,7 +411,9 @@ awaitable<Result<void>> Broker::live_update(std::string name) {
   if (auto ok = co_await domains_.records().persist(*old); !ok) co_return ok.error();
   events_.publish(name, "job", "started", {{"job", "live-update"}, {"target", ""}});
   flows::CancelFlag cancel = enter_cancel(name);
+  const auto start = std::chrono::steady_clock::now();
   auto next = co_await flows::live_update(flow_ctx_, domains_, old, cancel);
+  count_job(metrics(), "live-update", outcome_of(next), start);
   forget_cancel(name, cancel);
   guard->release();
   json::object data{{"job", "live-update"}, {"ok", next.has_value()}};

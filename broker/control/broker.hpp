@@ -142,6 +142,9 @@ class Broker {
                                                                       QmpPassthrough command);
 
   EventBus& events() { return events_; }
+  // The counters every layer records into, and what /metrics reads from the table when scraped.
+  metrics::Registry& metrics() { return domains_.metrics(); }
+  metrics::Live metrics_live() const { return domains_.metrics_live(); }
   const BrokerConfig& config() const { return config_; }
   flows::Context& flow_context() { return flow_ctx_; }
   lifecycle::Launcher& launcher() { return launcher_; }

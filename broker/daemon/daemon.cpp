@@ -375,6 +375,7 @@ int serve(const DaemonConfig& o, Host host) {
   if (!cgroups.available()) log::info("cgroup v2: " + cgroups.why_unavailable());
   lifecycle::Launcher launcher(launcher_config(o), uids, cgroups, host.roots);
   Broker broker(io.get_executor(), broker_config(o), launcher, host.roots);
+  broker.metrics().uid_pool_size.set(static_cast<std::int64_t>(host.uids.count) - 1);
   api::Service service(broker, api::ServiceConfig{o.qemu});
   api::Server server(io.get_executor(), service, o.limits,
                      api::AccessPolicy{::geteuid(), host.admin_gid});
