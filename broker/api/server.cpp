@@ -20,6 +20,8 @@
 #include <list>
 #include <map>
 #include <sstream>
+#include <string>
+#include <vector>
 
 #include "broker/api/errc.hpp"
 #include "broker/core/log.hpp"
@@ -487,21 +489,50 @@ metrics::Registry& registry(const StatePtr& st) {
   return st->service->broker().metrics();
 }
 
-// Each request answered is counted by its route and status, and logged once.
+// The domain a request is about: named in its path, else in its answer (a create, a restore).
+std::string domain_of(std::string_view route, std::string_view target, const Outcome* out) {
+  constexpr std::string_view kPrefix = "/v1/domains/";
+  auto path = target.substr(0, target.find('?'));
+  if (route.starts_with("/v1/domains/{name}") && path.starts_with(kPrefix)) {
+    path.remove_prefix(kPrefix.size());
+    return std::string(path.substr(0, path.find('/')));
+  }
+  if (out == nullptr || !out->body.is_object()) return {};
+  const auto* name = out->body.get_object().if_contains("name");
+  return name != nullptr && name->is_string() ? std::string(name->get_string()) : std::string();
+}
+
+// The error code of an error answer ("not_found"), else empty.
+std::string code_of(const Outcome* out) {
+  if (out == nullptr || !out->body.is_object()) return {};
+  const auto* error = out->body.get_object().if_contains("error");
+  if (error == nullptr || !error->is_object()) return {};
+  const auto* code = error->get_object().if_contains("code");
+  return code != nullptr && code->is_string() ? std::string(code->get_string()) : std::string();
+}
+
+// Each request answered is counted by its route and status, and logged once at info level.
+// `out`: its answer (none for an event stream).
 void account_request(const StatePtr& st, const http::request<http::string_body>& req,
-                     unsigned status, uid_t uid, Clock::time_point start) {
+                     const Outcome* out, unsigned status, uid_t uid, Clock::time_point start) {
   auto took = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - start);
   auto index = route_index(req.method(), req.target());
-  std::string_view route = index < routes().size() ? routes()[index].path : std::string_view("none");
-  registry(st).api_request(index < routes().size() ? index : metrics::Registry::kUnrouted, status,
-                           took);
-  log::info(std::string(req.method_string()) + " " + std::string(route) + " " +
-                std::to_string(status),
-            {{"ROUTE", std::string(route)},
-             {"METHOD", std::string(req.method_string())},
-             {"STATUS", std::to_string(status)},
-             {"UID", std::to_string(uid)},
-             {"DURATION_US", std::to_string(took.count())}});
+  const bool routed = index < routes().size();
+  std::string_view route = routed ? routes()[index].path : std::string_view("none");
+  registry(st).api_request(routed ? index : metrics::Registry::kUnrouted, status, took);
+  std::vector<log::Field> fields{{"ROUTE", std::string(route)},
+                                 {"METHOD", std::string(req.method_string())},
+                                 {"STATUS", std::to_string(status)},
+                                 {"UID", std::to_string(uid)},
+                                 {"DURATION_US", std::to_string(took.count())}};
+  if (auto domain = domain_of(route, req.target(), out); !domain.empty()) {
+    fields.push_back({"DOMAIN", std::move(domain)});
+  }
+  if (auto code = code_of(out); !code.empty()) fields.push_back({"CODE", std::move(code)});
+  log::write(log::Level::info,
+             std::string(req.method_string()) + " " + std::string(route) + " " +
+                 std::to_string(status),
+             fields);
 }
 
 // Routes, executes and answers one request. True when the connection is kept for another.
@@ -513,7 +544,7 @@ awaitable<bool> serve_request(ConnPtr c, StatePtr st, http::request<http::string
   if (!cmd) {
     out = refusal(cmd.error(), req.target());
   } else if (auto* watch = std::get_if<WatchEvents>(&*cmd)) {
-    account_request(st, req, 200, c->peer.uid, start);
+    account_request(st, req, nullptr, 200, c->peer.uid, start);
     co_await stream_events(c, st, req.version(), watch->domain);
     co_return false;
   } else {
@@ -522,7 +553,7 @@ awaitable<bool> serve_request(ConnPtr c, StatePtr st, http::request<http::string
   }
   bool keep_alive = req.keep_alive() && !st->stopping && !c->stopping;
   auto res = render(out, req.version(), keep_alive);
-  account_request(st, req, res.result_int(), c->peer.uid, start);
+  account_request(st, req, &out, res.result_int(), c->peer.uid, start);
   if (!co_await write_response(c, st, std::move(res), req.method() == http::verb::head)) {
     co_return false;
   }

@@ -208,7 +208,11 @@ awaitable<Result<T>> Broker::run_job(std::string name, JobSpec job, F flow) {
   }
   count_job(metrics(), kind, outcome_of(r), start);
   json::object data{{"job", kind}, {"ok", r.has_value()}};
-  if (!r) data["error"] = r.error().describe();
+  if (!r) {
+    data["error"] = r.error().describe();
+    log::warn("domain " + name + ": " + kind + " failed: " + r.error().describe(),
+              {{"DOMAIN", name}, {"JOB", kind}});
+  }
   events_.publish(name, "job", "finished", std::move(data));
   co_return r;
 }

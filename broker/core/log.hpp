@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -24,7 +25,7 @@ struct Field {
   std::string_view key;
   std::string value;
 };
-using Fields = std::initializer_list<Field>;
+using Fields = std::span<const Field>;
 
 void set_level(Level level);
 // `journal` falls back to text when the build has no libsystemd.
@@ -32,10 +33,11 @@ void set_format(Format format);
 Format format();
 void write(Level level, std::string_view message, Fields fields = {});
 
-inline void debug(std::string_view m, Fields f = {}) { write(Level::debug, m, f); }
-inline void info(std::string_view m, Fields f = {}) { write(Level::info, m, f); }
-inline void warn(std::string_view m, Fields f = {}) { write(Level::warn, m, f); }
-inline void error(std::string_view m, Fields f = {}) { write(Level::error, m, f); }
+using FieldList = std::initializer_list<Field>;
+inline void debug(std::string_view m, FieldList f = {}) { write(Level::debug, m, {f.begin(), f.size()}); }
+inline void info(std::string_view m, FieldList f = {}) { write(Level::info, m, {f.begin(), f.size()}); }
+inline void warn(std::string_view m, FieldList f = {}) { write(Level::warn, m, {f.begin(), f.size()}); }
+inline void error(std::string_view m, FieldList f = {}) { write(Level::error, m, {f.begin(), f.size()}); }
 
 // The records as each format writes them, pure, for tests. `unix_us`: the time of the record.
 std::string text_line(Level level, std::string_view message, Fields fields);

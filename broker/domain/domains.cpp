@@ -201,8 +201,9 @@ awaitable<void> Domains::watch(std::shared_ptr<Domain> d) {
   // domain down by uid.
   auto current = table_.find(d->name());
   if (d->state() == RunState::stopping || current == table_.end() || current->second != d) co_return;
-  log::warn("domain " + d->name() + ": QEMU exited; tearing down uid " +
-            std::to_string(d->instance().uid));
+  const std::string uid = std::to_string(d->instance().uid);
+  log::warn("domain " + d->name() + ": QEMU exited; tearing down uid " + uid,
+            {{"DOMAIN", d->name()}, {"UID", uid}});
   auto report = co_await teardown(d, false);
   boost::json::object data;
   if (report) {
@@ -228,8 +229,9 @@ awaitable<Result<lifecycle::KillReport>> Domains::teardown(std::shared_ptr<Domai
     d->teardown_failed = true;
     // Said once; each retry that fails the same way only at debug level.
     const std::string what = "domain " + d->name() + ": teardown failed: " + report.error().describe();
-    if (retry) log::debug(what);
-    else log::error(what + "; retrying in the background");
+    const std::string uid = std::to_string(d->instance().uid);
+    if (retry) log::debug(what, {{"DOMAIN", d->name()}, {"UID", uid}});
+    else log::error(what + "; retrying in the background", {{"DOMAIN", d->name()}, {"UID", uid}});
     co_return report.error();
   }
   record_kill(*report);

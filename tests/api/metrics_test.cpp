@@ -123,6 +123,9 @@ TEST_CASE("GET /metrics passes promtool and moves with a create, a pause and a d
   CHECK(running.values["process_resident_memory_bytes"] > 0);
   CHECK(running.values["process_open_fds"] > 0);
 
+  auto missing = http::call(sock, "GET", "/v1/domains/nosuch" + name);
+  REQUIRE(missing);
+  CHECK(missing->status == 404);
   auto destroyed = http::call(sock, "DELETE", "/v1/domains/" + name, {}, 30s);
   REQUIRE(destroyed);
   CHECK(destroyed->status == 200);
@@ -156,6 +159,12 @@ TEST_CASE("GET /metrics passes promtool and moves with a create, a pause and a d
     CHECK(o.at("level") == "info");
     CHECK(o.at("uid") == "0");
     CHECK(std::stoll(std::string(o.at("duration_us").as_string())) >= 0);
+    const std::string route(o.at("route").as_string());
+    if (route.starts_with("/v1/domains/{name}")) {
+      CHECK(o.at("domain").as_string().ends_with(name));  // nosuchNAME too
+    }
+    if (o.at("status") == "404") CHECK(o.at("code") == "not_found");
+    if (o.at("status") == "201") CHECK(std::string(o.at("domain").as_string()) == name);  // named in the answer
     ++requests[std::string(o.at("method").as_string()) + " " +
                std::string(o.at("route").as_string()) + " " +
                std::string(o.at("status").as_string())];
@@ -163,5 +172,6 @@ TEST_CASE("GET /metrics passes promtool and moves with a create, a pause and a d
   CHECK(requests["POST /v1/domains 201"] == 1);
   CHECK(requests["POST /v1/domains/{name}/pause 200"] == 1);
   CHECK(requests["DELETE /v1/domains/{name} 200"] == 1);
+  CHECK(requests["GET /v1/domains/{name} 404"] == 1);
   CHECK(requests["GET /metrics 200"] == 3);
 }

@@ -10,13 +10,15 @@
 
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 namespace json = boost::json;
+using broker::log::Field;
 using broker::log::Level;
 
 TEST_CASE("a JSON record is one object on one line with the fields in lower case", "[log]") {
-  auto line = broker::log::json_line(Level::warn, "disk \"d0\"\nadded",
-                                     {{"DOMAIN", "vm1"}, {"UID", "3110001"}, {"CODE", "busy"}},
+  const std::vector<Field> fields{{"DOMAIN", "vm1"}, {"UID", "3110001"}, {"CODE", "busy"}};
+  auto line = broker::log::json_line(Level::warn, "disk \"d0\"\nadded", fields,
                                      1'700'000'000'000'042);
   REQUIRE(line.back() == '\n');
   CHECK(line.find('\n') == line.size() - 1);
@@ -36,8 +38,8 @@ TEST_CASE("control characters are escaped in JSON records", "[log]") {
 }
 
 TEST_CASE("a journal record has MESSAGE, PRIORITY, the identifier and the fields", "[log]") {
-  auto f = broker::log::journal_fields(Level::error, "teardown failed",
-                                       {{"DOMAIN", "vm1"}, {"JOB", "destroy"}});
+  const std::vector<Field> fields{{"DOMAIN", "vm1"}, {"JOB", "destroy"}};
+  auto f = broker::log::journal_fields(Level::error, "teardown failed", fields);
   REQUIRE(f.size() == 5);
   CHECK(f[0] == "MESSAGE=teardown failed");
   CHECK(f[1] == "PRIORITY=3");
@@ -48,7 +50,8 @@ TEST_CASE("a journal record has MESSAGE, PRIORITY, the identifier and the fields
 }
 
 TEST_CASE("a text record is one line with the fields after the message", "[log]") {
-  CHECK(broker::log::text_line(Level::info, "GET /v1/version 200", {{"UID", "0"}}) ==
+  const std::vector<Field> fields{{"UID", "0"}};
+  CHECK(broker::log::text_line(Level::info, "GET /v1/version 200", fields) ==
         "qbroker[info] GET /v1/version 200 UID=0\n");
 }
 
@@ -74,6 +77,7 @@ TEST_CASE("a record reaches the journal when one listens", "[log]") {
     WARN("skipped: no journal socket at /run/systemd/journal/socket (no systemd-journald here)");
     return;
   }
+  const std::vector<Field> fields{{"CODE", "test"}};
   CHECK(broker::log::send_to_journal(
-      broker::log::journal_fields(Level::debug, "qbroker log_test", {{"CODE", "test"}})));
+      broker::log::journal_fields(Level::debug, "qbroker log_test", fields)));
 }
