@@ -257,7 +257,8 @@ Result<Command> get_version(const Request& r) {
 
 Result<Command> list_domains(const Request& r) {
   QB_TRY(empty, r.empty_body());
-  return Command{ListDomains{}};
+  QB_TRY(usage, r.query.flag("usage", false));
+  return Command{ListDomains{*usage}};
 }
 
 Result<Command> create_domain(const Request& r) {
@@ -371,7 +372,7 @@ struct Handler {
 
 constexpr std::array kHandlers{
     Handler{"getVersion", {}, get_version},
-    Handler{"listDomains", {}, list_domains},
+    Handler{"listDomains", {"usage"}, list_domains},
     Handler{"createDomain", {}, create_domain},
     Handler{"getDomain", {"live"}, get_domain},
     Handler{"destroyDomain", {"graceful", "purge_nvram"}, destroy_domain},

@@ -39,7 +39,9 @@ namespace http = boost::beast::http;
 
 // One validated command per route.
 struct GetVersion {};
-struct ListDomains {};
+struct ListDomains {
+  bool usage = false;  // ?usage=true: each domain's cgroup usage too
+};
 struct CreateDomainCmd {
   CreateDomain request;
 };

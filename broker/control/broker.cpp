@@ -1,5 +1,6 @@
 #include "broker/control/broker.hpp"
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 
@@ -33,6 +34,14 @@ json::object DomainInfo::to_json() const {
   o["vcpus"] = spec.vcpus;
   o["machine"] = lifecycle::to_string(spec.machine);
   o["devices"] = devices;
+  if (usage) {
+    o["usage"] = json::object{{"cpu_us", usage->cpu_us},
+                              {"memory_bytes", usage->memory_bytes},
+                              {"memory_from", usage->memory_from}};
+  }
+  if (job_progress) {
+    o["job_progress"] = json::object{{"fraction", *job_progress}, {"phase", job_phase}};
+  }
   return o;
 }
 
@@ -137,6 +146,7 @@ awaitable<Result<DomainInfo>> Broker::info(std::string name, bool live) {
   if (!found) co_return found.error();
   auto d = *found;
   DomainInfo i = describe(*d);
+  if (live) i.usage = usage_of(*d);
   if (live && d->qmp() != nullptr) {
     auto st = co_await qmp_call(*d, qmp::cmd::query_status());
     if (!st) co_return st.error();
@@ -146,13 +156,36 @@ awaitable<Result<DomainInfo>> Broker::info(std::string name, bool live) {
   co_return i;
 }
 
-std::vector<DomainInfo> Broker::list() const {
+std::vector<DomainInfo> Broker::list(bool usage) const {
   std::vector<DomainInfo> out;
-  for (const auto& [name, d] : domains_.all()) out.push_back(describe(*d));
+  for (const auto& [name, d] : domains_.all()) {
+    out.push_back(describe(*d));
+    if (usage) out.back().usage = usage_of(*d);
+  }
   return out;
 }
 
-DomainInfo Broker::describe(const Domain& d) {
+void Broker::note_progress(const std::string& name, double fraction, std::string_view phase) {
+  progress_[name] = {fraction, std::string(phase)};
+}
+
+std::optional<DomainInfo::Usage> Broker::usage_of(const Domain& d) {
+  const auto& inst = d.instance();
+  auto cpu = inst.cgroup.cpu_usage_us();
+  if (!cpu) return std::nullopt;
+  DomainInfo::Usage u{.cpu_us = *cpu};
+  if (auto mem = inst.cgroup.memory_current()) {
+    u.memory_bytes = *mem;
+    u.memory_from = "cgroup";
+  } else if (inst.pid > 0) {
+    u.memory_bytes = static_cast<std::uint64_t>(
+        std::max<std::int64_t>(metrics::resident_bytes("/proc/" + std::to_string(inst.pid)), 0));
+    u.memory_from = "rss";
+  }
+  return u;
+}
+
+DomainInfo Broker::describe(const Domain& d) const {
   DomainInfo i;
   i.name = d.name();
   i.state = d.state();
@@ -163,6 +196,10 @@ DomainInfo Broker::describe(const Domain& d) {
   i.console = d.instance().console_path;
   i.spec = d.spec();
   i.devices = d.devices_json();
+  if (auto p = progress_.find(d.name()); p != progress_.end() && !d.job().empty()) {
+    i.job_progress = p->second.first;
+    i.job_phase = p->second.second;
+  }
   return i;
 }
 
@@ -197,6 +234,7 @@ awaitable<Result<T>> Broker::run_job(std::string name, JobSpec job, F flow) {
   Result<T> r = co_await flow(*d);
   if (job.journal != Journal::none && d->qmp() != nullptr) co_await settle_fdsets(*d);
   guard->release();
+  progress_.erase(name);
   if (job.journal != Journal::none && domains_.contains(name)) {
     // A change the record does not hold is not acknowledged: the caller hears that it was made
     // but not recorded (a restart would not know it).

@@ -104,6 +104,19 @@ TEST_CASE("GET /metrics passes promtool and moves with a create, a pause and a d
   REQUIRE(paused);
   CHECK(paused->status == 200);
 
+  // The domain's cgroup usage, in its own answer and in the list when asked for.
+  auto shown = http::call(sock, "GET", "/v1/domains/" + name);
+  REQUIRE(shown);
+  INFO(shown->body);
+  CHECK(shown->json.at("usage").at("cpu_us").to_number<double>() > 0);
+  CHECK(shown->json.at("usage").at("memory_bytes").to_number<double>() > 0);
+  auto listed = http::call(sock, "GET", "/v1/domains?usage=true");
+  REQUIRE(listed);
+  CHECK(listed->json.at("domains").at(0).as_object().contains("usage"));
+  auto plain = http::call(sock, "GET", "/v1/domains");
+  REQUIRE(plain);
+  CHECK_FALSE(plain->json.at("domains").at(0).as_object().contains("usage"));
+
   auto running = scrape(sock);
   std::tie(status, said) = promtool(dir, running.text);
   INFO(said);

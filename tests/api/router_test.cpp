@@ -558,3 +558,9 @@ TEST_CASE("GET /metrics answers Prometheus text, requests counted by their route
   CHECK(res.body().find("qbroker_api_requests_total{method=\"GET\",route=\"/metrics\",code=\"200\"} 1\n") !=
         std::string::npos);
 }
+
+TEST_CASE("GET /v1/domains takes ?usage", "[api][router]") {
+  CHECK_FALSE(std::get<api::ListDomains>(ok(verb::get, "/v1/domains")).usage);
+  CHECK(std::get<api::ListDomains>(ok(verb::get, "/v1/domains?usage=true")).usage);
+  CHECK(status_of(refused(verb::get, "/v1/domains?usage=maybe")) == status::bad_request);
+}
