@@ -16,6 +16,7 @@
 #include "ctl/cli.hpp"
 #include "ctl/client.hpp"
 #include "ctl/render.hpp"
+#include "ctl/top.hpp"
 
 namespace json = boost::json;
 using Clock = std::chrono::steady_clock;
@@ -197,5 +198,6 @@ int main(int argc, char** argv) {
   }
   if (p.global.help) return help(p);
   if (p.invocation->view == qbctl::View::events) return events(p.global, *p.invocation);
+  if (p.invocation->view == qbctl::View::top) return qbctl::top(p.global, *p.invocation);
   return request(p.global, *p.invocation);
 }

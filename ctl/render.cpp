@@ -158,6 +158,7 @@ std::string render(const Invocation& inv, const json::value& body) {
     case View::message:
     case View::events:
     case View::text:
+    case View::top:
       if (!inv.done.empty()) return inv.done + "\n";
       return json::serialize(body) + "\n";
   }
