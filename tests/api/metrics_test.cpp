@@ -9,6 +9,7 @@
 #include <sstream>
 #include <string>
 
+#include "broker/daemon/options.hpp"
 #include "daemon_support.hpp"
 #include "http_client.hpp"
 #include "support/qemu.hpp"
@@ -72,6 +73,16 @@ double delta(const Scrape& before, const Scrape& after, const std::string& serie
 }
 
 }  // namespace
+
+TEST_CASE("--log-format picks text, json or journal; unset, the daemon looks at JOURNAL_STREAM",
+          "[api][daemon][options][log]") {
+  auto parse = [](std::vector<std::string_view> args) { return broker::daemon::parse_config(args); };
+  CHECK_FALSE(parse({})->log_format.has_value());
+  CHECK(parse({"--log-format", "json"})->log_format == broker::log::Format::json);
+  CHECK(parse({"--log-format=journal"})->log_format == broker::log::Format::journal);
+  CHECK(parse({"--log-format", "text"})->log_format == broker::log::Format::text);
+  CHECK(parse({"--log-format", "xml"}).error().field == "--log-format");
+}
 
 TEST_CASE("GET /metrics passes promtool and moves with a create, a pause and a destroy; each "
           "request is logged once as JSON",

@@ -2,13 +2,22 @@
 #include "broker/core/log.hpp"
 
 #include <fcntl.h>
+#include <sched.h>
+#include <sys/mount.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <boost/json.hpp>
 #include <catch2/catch.hpp>
 
+#include "support/support.hpp"
+
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -80,4 +89,60 @@ TEST_CASE("a record reaches the journal when one listens", "[log]") {
   const std::vector<Field> fields{{"CODE", "test"}};
   CHECK(broker::log::send_to_journal(
       broker::log::journal_fields(Level::debug, "qbroker log_test", fields)));
+}
+
+namespace {
+
+// In a mount namespace of its own with a tmpfs on /run, listens where journald does, sends one
+// record, and returns what arrived (or why nothing did). Runs in a child: the namespace and the
+// socket go with it.
+std::string journal_roundtrip() {
+  if (::unshare(CLONE_NEWNS) != 0) return "unshare: " + std::string(std::strerror(errno));
+  if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) return "mount private";
+  if (::mount("tmpfs", "/run", "tmpfs", 0, "size=1m") != 0) return "mount tmpfs on /run";
+  ::mkdir("/run/systemd", 0755);
+  ::mkdir("/run/systemd/journal", 0755);
+  int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strcpy(addr.sun_path, "/run/systemd/journal/socket");
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) return "bind";
+  const std::vector<Field> fields{{"DOMAIN", "vm1"}, {"UID", "3110001"}, {"CODE", "busy"}};
+  if (!broker::log::send_to_journal(broker::log::journal_fields(Level::warn, "teardown", fields))) {
+    return "send_to_journal failed";
+  }
+  char buf[4096];
+  auto n = ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+  return n > 0 ? std::string(buf, static_cast<std::size_t>(n)) : "nothing arrived";
+}
+
+}  // namespace
+
+TEST_CASE("sd_journal_send puts the fields on the journal's socket as journal fields",
+          "[log][privileged]") {
+  QB_REQUIRE_ROOT();
+  int out[2];
+  REQUIRE(::pipe(out) == 0);
+  pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    auto got = journal_roundtrip();
+    [[maybe_unused]] auto n = ::write(out[1], got.data(), got.size());
+    ::_exit(0);
+  }
+  ::close(out[1]);
+  std::string got;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(out[0], buf, sizeof(buf))) > 0;) got.append(buf, static_cast<std::size_t>(n));
+  ::close(out[0]);
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  INFO(got);
+  // The native protocol: one KEY=value per line.
+  CHECK(got.find("MESSAGE=teardown\n") != std::string::npos);
+  CHECK(got.find("PRIORITY=4\n") != std::string::npos);
+  CHECK(got.find("SYSLOG_IDENTIFIER=qbrokerd\n") != std::string::npos);
+  CHECK(got.find("DOMAIN=vm1\n") != std::string::npos);
+  CHECK(got.find("UID=3110001\n") != std::string::npos);
+  CHECK(got.find("CODE=busy\n") != std::string::npos);
 }
