@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "broker/api/errc.hpp"
+#include "broker/api/http_errors.hpp"
 #include "broker/core/log.hpp"
 
 namespace broker::api {
@@ -108,6 +109,10 @@ namespace {
 using StatePtr = std::shared_ptr<Server::State>;
 using ConnPtr = std::shared_ptr<Conn>;
 
+metrics::Registry& registry(const StatePtr& st) {
+  return st->service->broker().metrics();
+}
+
 // Arms the connection's watchdog: at `d` from now, the socket's pending operations are cancelled
 // and timed_out is set. A later arm() or disarm() makes an earlier expiry harmless.
 void arm(const ConnPtr& c, std::chrono::milliseconds d) {
@@ -166,8 +171,15 @@ awaitable<bool> write_response(ConnPtr c, const StatePtr& st, http::response<htt
 }
 
 // Writes an error response for a request that broke a limit, then the connection is done.
+// Counted and logged as a request no route took: it was refused before it was routed.
 awaitable<void> write_error(ConnPtr c, StatePtr st, Error e) {
-  co_await write_response(c, st, render(failure(e), 11, false));
+  auto res = render(failure(e), 11, false);
+  registry(st).api_request(metrics::Registry::kUnrouted, res.result_int(), {});
+  log::info("request refused: " + std::to_string(res.result_int()) + " " + e.message,
+            {{"STATUS", std::to_string(res.result_int())},
+             {"UID", std::to_string(c->peer.uid)},
+             {"CODE", classify(e.code).code}});
+  co_await write_response(c, st, std::move(res));
 }
 
 // A piece of the event stream: a chunk, or for an HTTP/1.0 client, which knows no chunked
@@ -483,10 +495,6 @@ Outcome refusal(const Error& e, std::string_view target) {
   }
   out.headers.emplace_back("Allow", allow);
   return out;
-}
-
-metrics::Registry& registry(const StatePtr& st) {
-  return st->service->broker().metrics();
 }
 
 // The domain a request is about: named in its path, else in its answer (a create, a restore).

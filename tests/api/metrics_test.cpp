@@ -128,6 +128,13 @@ TEST_CASE("GET /metrics passes promtool and moves with a create, a pause and a d
   REQUIRE(plain);
   CHECK_FALSE(plain->json.at("domains").at(0).as_object().contains("usage"));
 
+  // A request refused before it is routed (HTTP/1.1 without Host) counts under route "none".
+  auto raw = http::connect(sock);
+  REQUIRE(http::send_all(raw.get(), "GET /v1/version HTTP/1.1\r\n\r\n"));
+  auto refused = http::read_reply(raw.get());
+  REQUIRE(refused);
+  CHECK(refused->status == 400);
+
   auto running = scrape(sock);
   std::tie(status, said) = promtool(dir, running.text);
   INFO(said);
@@ -140,6 +147,8 @@ TEST_CASE("GET /metrics passes promtool and moves with a create, a pause and a d
               R"(qbroker_api_requests_total{method="POST",route="/v1/domains",code="201"})") == 1);
   CHECK(delta(before, running,
               R"(qbroker_api_requests_total{method="GET",route="/metrics",code="200"})") == 1);
+  CHECK(delta(before, running,
+              R"(qbroker_api_requests_total{method="none",route="none",code="400"})") == 1);
   CHECK(running.values[R"(qbroker_domains{state="paused"})"] == 1);
   CHECK(running.values["qbroker_uid_pool_in_use"] == 1);
   CHECK(running.values["qbroker_uid_pool_size"] == 7);
@@ -168,6 +177,7 @@ TEST_CASE("GET /metrics passes promtool and moves with a create, a pause and a d
 
   // Every line of the log is one JSON object; each request above is exactly one of them.
   std::map<std::string, int> requests;  // "METHOD ROUTE STATUS" -> records
+  int refusals = 0;                     // requests refused before routing
   std::istringstream log(slurp(dir / "log"));
   for (std::string line; std::getline(log, line);) {
     INFO(line);
@@ -179,6 +189,7 @@ TEST_CASE("GET /metrics passes promtool and moves with a create, a pause and a d
     CHECK(o.contains("ts"));
     CHECK(o.contains("level"));
     CHECK(o.contains("msg"));
+    if (o.contains("code") && o.at("code") == "bad_request" && !o.contains("route")) ++refusals;
     if (!o.contains("route")) continue;
     CHECK(o.at("level") == "info");
     CHECK(o.at("uid") == "0");
@@ -198,4 +209,5 @@ TEST_CASE("GET /metrics passes promtool and moves with a create, a pause and a d
   CHECK(requests["DELETE /v1/domains/{name} 200"] == 1);
   CHECK(requests["GET /v1/domains/{name} 404"] == 1);
   CHECK(requests["GET /metrics 200"] == 3);
+  CHECK(refusals == 1);
 }
