@@ -235,6 +235,7 @@ awaitable<Result<T>> Broker::run_job(std::string name, JobSpec job, F flow) {
   if (job.journal != Journal::none && d->qmp() != nullptr) co_await settle_fdsets(*d);
   guard->release();
   progress_.erase(name);
+  count_job(metrics(), kind, outcome_of(r), start);
   if (job.journal != Journal::none && domains_.contains(name)) {
     // A change the record does not hold is not acknowledged: the caller hears that it was made
     // but not recorded (a restart would not know it).
@@ -244,7 +245,6 @@ awaitable<Result<T>> Broker::run_job(std::string name, JobSpec job, F flow) {
       co_return e;
     }
   }
-  count_job(metrics(), kind, outcome_of(r), start);
   json::object data{{"job", kind}, {"ok", r.has_value()}};
   if (!r) {
     data["error"] = r.error().describe();
@@ -458,6 +458,7 @@ awaitable<Result<void>> Broker::live_update(std::string name) {
   count_job(metrics(), "live-update", outcome_of(next), start);
   forget_cancel(name, cancel);
   guard->release();
+  progress_.erase(name);
   json::object data{{"job", "live-update"}, {"ok", next.has_value()}};
   if (!next) {
     data["error"] = next.error().describe();
