@@ -74,7 +74,7 @@ double delta(const Scrape& before, const Scrape& after, const std::string& serie
 
 }  // namespace
 
-TEST_CASE("--log-format picks text, json or journal; unset, the daemon looks at JOURNAL_STREAM",
+TEST_CASE("the log format is text, json or journal; unset, the daemon looks at JOURNAL_STREAM",
           "[api][daemon][options][log]") {
   auto parse = [](std::vector<std::string_view> args) { return broker::daemon::parse_config(args); };
   CHECK_FALSE(parse({})->log_format.has_value());
