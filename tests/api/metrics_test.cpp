@@ -5,6 +5,7 @@
 
 #include <boost/json.hpp>
 #include <cstdio>
+#include <filesystem>
 #include <map>
 #include <sstream>
 #include <string>
@@ -84,7 +85,7 @@ TEST_CASE("the log format is text, json or journal; unset, the daemon looks at J
   CHECK(parse({"--log-format", "xml"}).error().field == "--log-format");
 }
 
-TEST_CASE("GET /metrics passes promtool and moves with a create, a pause and a destroy; each "
+TEST_CASE("GET /metrics passes promtool and moves with a create, an attach, a pause and a destroy; each "
           "request is logged once as JSON",
           "[api][metrics][log][privileged][qemu]") {
   QB_REQUIRE_ROOT();
@@ -93,8 +94,12 @@ TEST_CASE("GET /metrics passes promtool and moves with a create, a pause and a d
   qbtest::TempDir dir;
   const std::string sock = dir / "qbroker.sock";
   const std::string name = "metrics" + std::to_string(::getpid());
+  const std::string images = dir / "images";
+  std::filesystem::create_directory(images);
+  qbtest::write_file(images + "/d0.img", "");
+  std::filesystem::resize_file(images + "/d0.img", 1 << 20);
   auto args = daemon_args(dir, kMetrics);
-  args.insert(args.end(), {"--socket", sock, "--log-format", "json"});
+  args.insert(args.end(), {"--socket", sock, "--log-format", "json", "--image-root", images});
   Child d{spawn(args, dir / "log")};
   REQUIRE(wait_for_socket(sock, 20s));
 
@@ -104,13 +109,18 @@ TEST_CASE("GET /metrics passes promtool and moves with a create, a pause and a d
   CHECK(status == 0);
 
   auto created = http::call(sock, "POST", "/v1/domains",
-                            R"({"name":")" + name + R"(","memory_mib":128,"kernel":")" +
+                            R"({"name":")" + name + R"(","memory_mib":128,"pci_slots":2,"kernel":")" +
                                 qbtest::guest_kernel() + R"(","initrd":")" +
                                 qbtest::guest_initrd() + R"("})",
                             60s);
   REQUIRE(created);
   INFO(created->body);
   REQUIRE(created->status == 201);
+  auto attached = http::call(sock, "POST", "/v1/domains/" + name + "/disks",
+                             R"({"id":"d0","path":")" + images + R"(/d0.img","bus":"scsi"})", 30s);
+  REQUIRE(attached);
+  INFO(attached->body);
+  CHECK(attached->status == 201);
   auto paused = http::call(sock, "POST", "/v1/domains/" + name + "/pause", {}, 30s);
   REQUIRE(paused);
   CHECK(paused->status == 200);
@@ -142,6 +152,8 @@ TEST_CASE("GET /metrics passes promtool and moves with a create, a pause and a d
   CHECK(delta(before, running, R"(qbroker_jobs_total{kind="create",outcome="ok"})") == 1);
   CHECK(delta(before, running, R"(qbroker_flow_duration_seconds_count{flow="create"})") == 1);
   CHECK(delta(before, running, R"(qbroker_jobs_total{kind="pause",outcome="ok"})") == 1);
+  CHECK(delta(before, running, R"(qbroker_jobs_total{kind="disk-add",outcome="ok"})") == 1);
+  CHECK(delta(before, running, R"(qbroker_flow_duration_seconds_count{flow="attach"})") == 1);
   CHECK(delta(before, running, "qbroker_qmp_round_trip_seconds_count") >= 1);  // the stop
   CHECK(delta(before, running,
               R"(qbroker_api_requests_total{method="POST",route="/v1/domains",code="201"})") == 1);
@@ -206,6 +218,7 @@ TEST_CASE("GET /metrics passes promtool and moves with a create, a pause and a d
   }
   CHECK(requests["POST /v1/domains 201"] == 1);
   CHECK(requests["POST /v1/domains/{name}/pause 200"] == 1);
+  CHECK(requests["POST /v1/domains/{name}/disks 201"] == 1);
   CHECK(requests["DELETE /v1/domains/{name} 200"] == 1);
   CHECK(requests["GET /v1/domains/{name} 404"] == 1);
   CHECK(requests["GET /metrics 200"] == 3);
