@@ -72,6 +72,9 @@ constexpr std::array kCommands{
                 "raw QMP for admins: '{\"execute\":\"query-status\"}' or just query-status"},
     CommandInfo{"events", "[--domain NAME] [--count N]", "GET", "/v1/events",
                 "follow broker and QEMU events (one JSON per line with --json)"},
+    CommandInfo{"metrics", "", "GET", "/metrics", "the daemon's metrics, in Prometheus text"},
+    CommandInfo{"top", "[--interval SECONDS] [--count N]", "GET", "/v1/domains",
+                "a live table of domains: state, uid, CPU, memory, job and progress (q quits)"},
 };
 
 constexpr std::array kGlobalFlags{
@@ -295,6 +298,35 @@ using Builder = std::function<Out(const Args&)>;
 
 Out version(const Args&) {
   return Invocation{.method = "GET", .target = "/v1/version", .view = View::version};
+}
+
+Out metrics(const Args&) {
+  return Invocation{.method = "GET", .target = "/metrics", .view = View::text};
+}
+
+Out top(const Args& a) {
+  Invocation inv{.method = "GET", .target = "/v1/domains?usage=true", .view = View::top};
+  if (auto i = a.one("--interval")) {
+    try {
+      std::size_t used = 0;
+      inv.interval_s = std::stod(*i, &used);
+      if (used != i->size() || !(inv.interval_s >= 0.1 && inv.interval_s <= 3600)) {
+        throw std::invalid_argument("interval");
+      }
+    } catch (const std::exception&) {
+      return CliError{"--interval: must be between 0.1 and 3600 seconds", "--interval"};
+    }
+  }
+  if (auto c = a.one("--count")) {
+    try {
+      std::size_t used = 0;
+      inv.events_count = std::stol(*c, &used);
+      if (used != c->size() || inv.events_count < 1) throw std::invalid_argument("count");
+    } catch (const std::exception&) {
+      return CliError{"--count: must be a positive number", "--count"};
+    }
+  }
+  return inv;
 }
 
 Out list(const Args&) {
@@ -637,6 +669,8 @@ const std::vector<Syntax>& syntaxes() {
       {"cancel", {}, {"NAME"}, 0, false, cancel},
       {"qmp", {}, {"NAME", "JSON"}, 0, false, qmp},
       {"events", {{"--domain", true}, {"--count", true}}, {}, 0, false, events},
+      {"metrics", {}, {}, 0, false, metrics},
+      {"top", {{"--interval", true}, {"--count", true}}, {}, 0, false, top},
   };
   return kSyntax;
 }

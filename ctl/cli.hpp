@@ -20,7 +20,8 @@
 namespace qbctl {
 
 // How a successful reply is shown to a person.
-enum class View { version, domains, domain, killed, vnc, qmp, message, events };
+// `text`: the reply is not JSON and is printed as it came (metrics). `top`: a refreshing table.
+enum class View { version, domains, domain, killed, vnc, qmp, message, events, text, top };
 
 struct Invocation {
   std::string method;  // "GET", "POST", "PUT", "DELETE"
@@ -32,7 +33,8 @@ struct Invocation {
   std::string done;          // what to print after success for View::message ("paused vm1")
   // events
   std::string events_domain;
-  long events_count = -1;  // stop after this many events; -1: until interrupted
+  long events_count = -1;  // stop after this many events (top: refreshes); -1: until interrupted
+  double interval_s = 2;   // top: seconds between refreshes
 };
 
 struct GlobalOptions {

@@ -18,6 +18,7 @@
 #include "ctl/complete.hpp"
 #include "ctl/manual.hpp"
 #include "ctl/render.hpp"
+#include "ctl/top.hpp"
 
 namespace json = boost::json;
 using Clock = std::chrono::steady_clock;
@@ -79,7 +80,7 @@ int answer(const qbctl::GlobalOptions& g, const qbctl::Invocation& inv, const qb
     std::cerr << qbctl::render_error(r.status, body);
     return qbctl::exit_code(r.status);
   }
-  if (g.json) {
+  if (g.json || inv.view == qbctl::View::text) {
     raw();
     return 0;
   }
@@ -238,5 +239,6 @@ int main(int argc, char** argv) {
   }
   if (p.global.help) return help(p);
   if (p.invocation->view == qbctl::View::events) return events(p.global, *p.invocation);
+  if (p.invocation->view == qbctl::View::top) return qbctl::top(p.global, *p.invocation);
   return request(p.global, *p.invocation);
 }

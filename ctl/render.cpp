@@ -157,6 +157,8 @@ std::string render(const Invocation& inv, const json::value& body) {
       return json::serialize(at(body, "return")) + "\n";
     case View::message:
     case View::events:
+    case View::text:
+    case View::top:
       if (!inv.done.empty()) return inv.done + "\n";
       return json::serialize(body) + "\n";
   }

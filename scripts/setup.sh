@@ -16,6 +16,8 @@ packages=(
   socat
   # the manual and the Debian package: tests/api/manual_check.py, tests/package/run.sh
   man-db groff-base dpkg-dev mmdebstrap systemd
+  # metrics and qbrokerctl top: tests/api/metrics_test.cpp, top_test.cpp
+  prometheus tmux
 )
 
 missing=()

@@ -61,6 +61,7 @@ constexpr std::array kRoutes{
               "Raw QMP for admins (fd commands refused)"},
     RouteInfo{verb::get, "/v1/events", "watchEvents",
               "Server-sent events, all domains or ?domain="},
+    RouteInfo{verb::get, "/metrics", "getMetrics", "Prometheus metrics"},
 };
 
 Error make(api::errc code, std::string message, std::string field = {}) {
@@ -244,6 +245,11 @@ Result<Command> watch_events(const Request& r) {
   return Command{WatchEvents{d}};
 }
 
+Result<Command> get_metrics(const Request& r) {
+  QB_TRY(empty, r.empty_body());
+  return Command{GetMetrics{}};
+}
+
 Result<Command> get_version(const Request& r) {
   QB_TRY(empty, r.empty_body());
   return Command{GetVersion{}};
@@ -251,7 +257,8 @@ Result<Command> get_version(const Request& r) {
 
 Result<Command> list_domains(const Request& r) {
   QB_TRY(empty, r.empty_body());
-  return Command{ListDomains{}};
+  QB_TRY(usage, r.query.flag("usage", false));
+  return Command{ListDomains{*usage}};
 }
 
 Result<Command> create_domain(const Request& r) {
@@ -365,7 +372,7 @@ struct Handler {
 
 constexpr std::array kHandlers{
     Handler{"getVersion", {}, get_version},
-    Handler{"listDomains", {}, list_domains},
+    Handler{"listDomains", {"usage"}, list_domains},
     Handler{"createDomain", {}, create_domain},
     Handler{"getDomain", {"live"}, get_domain},
     Handler{"destroyDomain", {"graceful", "purge_nvram"}, destroy_domain},
@@ -387,6 +394,7 @@ constexpr std::array kHandlers{
     Handler{"cancelJob", {}, cancel_job},
     Handler{"qmpPassthrough", {}, qmp_passthrough},
     Handler{"watchEvents", {"domain"}, watch_events},
+    Handler{"getMetrics", {}, get_metrics},
 };
 
 // What route() reads of a request. The Content-Type is checked only when given: the
@@ -509,6 +517,14 @@ std::span<const RouteInfo> routes() {
   return kRoutes;
 }
 
+std::size_t route_index(http::verb method, std::string_view target) {
+  auto t = parse_target(target);
+  if (!t) return kRoutes.size();
+  auto selected = select_route(method, http::to_string(method), *t, target);
+  if (!selected) return kRoutes.size();
+  return static_cast<std::size_t>(selected->first - kRoutes.data());
+}
+
 std::vector<http::verb> allowed_methods(std::string_view target) {
   std::vector<http::verb> out;
   auto t = parse_target(target);
@@ -604,15 +620,33 @@ Outcome qmp_outcome(json::value reply) {
   return o;
 }
 
+Outcome metrics_outcome(const metrics::Registry& registry, metrics::Live live) {
+  // Built once: the labels name the routes for as long as the daemon runs.
+  static const auto labels = [] {
+    std::vector<std::pair<std::string_view, std::string_view>> out;
+    for (const auto& r : kRoutes) out.emplace_back(http::to_string(r.method), r.path);
+    return out;
+  }();
+  live.routes = labels;
+  Outcome o;
+  o.text = registry.render(live);
+  return o;
+}
+
 http::response<http::string_body> render(const Outcome& outcome, unsigned version,
                                          bool keep_alive) {
   http::response<http::string_body> res{outcome.status, version};
   res.set(http::field::server, kServerName);
-  res.set(http::field::content_type, "application/json");
   res.set(http::field::cache_control, "no-store");
+  if (outcome.text) {
+    res.set(http::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
+    res.body() = *outcome.text;
+  } else {
+    res.set(http::field::content_type, "application/json");
+    res.body() = json::serialize(outcome.body);
+    res.body().push_back('\n');
+  }
   for (const auto& [k, v] : outcome.headers) res.set(k, v);
-  res.body() = json::serialize(outcome.body);
-  res.body().push_back('\n');
   res.keep_alive(keep_alive);
   res.prepare_payload();
   return res;

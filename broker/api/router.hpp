@@ -20,6 +20,7 @@
 #include <boost/beast/http/string_body.hpp>
 #include <boost/beast/http/verb.hpp>
 #include <boost/json/value.hpp>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -28,6 +29,7 @@
 #include <vector>
 
 #include "broker/core/error.hpp"
+#include "broker/core/metrics.hpp"
 #include "broker/control/broker.hpp"
 #include "broker/domain/requests.hpp"
 
@@ -37,7 +39,9 @@ namespace http = boost::beast::http;
 
 // One validated command per route.
 struct GetVersion {};
-struct ListDomains {};
+struct ListDomains {
+  bool usage = false;  // ?usage=true: each domain's cgroup usage too
+};
 struct CreateDomainCmd {
   CreateDomain request;
 };
@@ -109,12 +113,13 @@ struct QmpCmd {
 struct WatchEvents {
   std::string domain;  // empty: every domain
 };
+struct GetMetrics {};
 
 using Command = std::variant<GetVersion, ListDomains, CreateDomainCmd, GetDomain, DestroyDomain,
                              RunStateCmd, InsertMediumCmd, EjectMediumCmd, AddDiskCmd,
                              RemoveDiskCmd, AddNicCmd, RemoveNicCmd, SetVncCmd, RemoveVncCmd,
                              SaveCmd, RestoreCmd, MigrateCmd, CancelJobCmd, QmpCmd,
-                             WatchEvents>;
+                             WatchEvents, GetMetrics>;
 
 struct RouteInfo {
   http::verb method;
@@ -137,6 +142,10 @@ Result<Command> route(http::verb method, std::string_view target, std::string_vi
 // and before the body is read.
 Result<Command> route(const http::request<http::string_body>& req);
 
+// The index in routes() of the route a request goes to, or routes().size() when none does; for
+// counting requests by route.
+std::size_t route_index(http::verb method, std::string_view target);
+
 // The methods a path accepts (for the Allow header of a 405), empty when no route matches it.
 std::vector<http::verb> allowed_methods(std::string_view target);
 
@@ -145,6 +154,8 @@ struct Outcome {
   http::status status = http::status::ok;
   boost::json::value body;
   std::vector<std::pair<std::string, std::string>> headers;
+  // A body that is not JSON, sent instead of `body` as is: the Prometheus text of GET /metrics.
+  std::optional<std::string> text;
 };
 
 Outcome failure(const Error& e);
@@ -154,6 +165,8 @@ Outcome domains_outcome(const std::vector<DomainInfo>& list);
 Outcome kill_outcome(const std::string& name, const lifecycle::KillReport& report);
 Outcome vnc_outcome(const std::string& name, const VncState& vnc);
 Outcome qmp_outcome(boost::json::value reply);
+// The Prometheus text of `registry` and `live`, requests labelled with the routes of routes().
+Outcome metrics_outcome(const metrics::Registry& registry, metrics::Live live);
 boost::json::object kill_report_json(const lifecycle::KillReport& report);
 
 // The HTTP response for an outcome. `keep_alive` comes from the request (and is forced off for

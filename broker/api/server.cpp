@@ -20,8 +20,11 @@
 #include <list>
 #include <map>
 #include <sstream>
+#include <string>
+#include <vector>
 
 #include "broker/api/errc.hpp"
+#include "broker/api/http_errors.hpp"
 #include "broker/core/log.hpp"
 
 namespace broker::api {
@@ -106,6 +109,10 @@ namespace {
 using StatePtr = std::shared_ptr<Server::State>;
 using ConnPtr = std::shared_ptr<Conn>;
 
+metrics::Registry& registry(const StatePtr& st) {
+  return st->service->broker().metrics();
+}
+
 // Arms the connection's watchdog: at `d` from now, the socket's pending operations are cancelled
 // and timed_out is set. A later arm() or disarm() makes an earlier expiry harmless.
 void arm(const ConnPtr& c, std::chrono::milliseconds d) {
@@ -164,8 +171,15 @@ awaitable<bool> write_response(ConnPtr c, const StatePtr& st, http::response<htt
 }
 
 // Writes an error response for a request that broke a limit, then the connection is done.
+// Counted and logged as a request no route took: it was refused before it was routed.
 awaitable<void> write_error(ConnPtr c, StatePtr st, Error e) {
-  co_await write_response(c, st, render(failure(e), 11, false));
+  auto res = render(failure(e), 11, false);
+  registry(st).api_request(metrics::Registry::kUnrouted, res.result_int(), {});
+  log::info("request refused: " + std::to_string(res.result_int()) + " " + e.message,
+            {{"STATUS", std::to_string(res.result_int())},
+             {"UID", std::to_string(c->peer.uid)},
+             {"CODE", classify(e.code).code}});
+  co_await write_response(c, st, std::move(res));
 }
 
 // A piece of the event stream: a chunk, or for an HTTP/1.0 client, which knows no chunked
@@ -483,12 +497,50 @@ Outcome refusal(const Error& e, std::string_view target) {
   return out;
 }
 
-void log_request(const http::request<http::string_body>& req, unsigned status, uid_t uid,
-                 Clock::time_point start) {
-  auto us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - start).count();
-  log::debug(std::string(req.method_string()) + " " + std::string(req.target()) + " " +
-             std::to_string(status) + " uid=" + std::to_string(uid) + " " + std::to_string(us) +
-             "us");
+// The domain a request is about: named in its path, else in its answer (a create, a restore).
+std::string domain_of(std::string_view route, std::string_view target, const Outcome* out) {
+  constexpr std::string_view kPrefix = "/v1/domains/";
+  auto path = target.substr(0, target.find('?'));
+  if (route.starts_with("/v1/domains/{name}") && path.starts_with(kPrefix)) {
+    path.remove_prefix(kPrefix.size());
+    return std::string(path.substr(0, path.find('/')));
+  }
+  if (out == nullptr || !out->body.is_object()) return {};
+  const auto* name = out->body.get_object().if_contains("name");
+  return name != nullptr && name->is_string() ? std::string(name->get_string()) : std::string();
+}
+
+// The error code of an error answer ("not_found"), else empty.
+std::string code_of(const Outcome* out) {
+  if (out == nullptr || !out->body.is_object()) return {};
+  const auto* error = out->body.get_object().if_contains("error");
+  if (error == nullptr || !error->is_object()) return {};
+  const auto* code = error->get_object().if_contains("code");
+  return code != nullptr && code->is_string() ? std::string(code->get_string()) : std::string();
+}
+
+// Each request answered is counted by its route and status, and logged once at info level.
+// `out`: its answer (none for an event stream).
+void account_request(const StatePtr& st, const http::request<http::string_body>& req,
+                     const Outcome* out, unsigned status, uid_t uid, Clock::time_point start) {
+  auto took = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - start);
+  auto index = route_index(req.method(), req.target());
+  const bool routed = index < routes().size();
+  std::string_view route = routed ? routes()[index].path : std::string_view("none");
+  registry(st).api_request(routed ? index : metrics::Registry::kUnrouted, status, took);
+  std::vector<log::Field> fields{{"ROUTE", std::string(route)},
+                                 {"METHOD", std::string(req.method_string())},
+                                 {"STATUS", std::to_string(status)},
+                                 {"UID", std::to_string(uid)},
+                                 {"DURATION_US", std::to_string(took.count())}};
+  if (auto domain = domain_of(route, req.target(), out); !domain.empty()) {
+    fields.push_back({"DOMAIN", std::move(domain)});
+  }
+  if (auto code = code_of(out); !code.empty()) fields.push_back({"CODE", std::move(code)});
+  log::write(log::Level::info,
+             std::string(req.method_string()) + " " + std::string(route) + " " +
+                 std::to_string(status),
+             fields);
 }
 
 // Routes, executes and answers one request. True when the connection is kept for another.
@@ -500,6 +552,7 @@ awaitable<bool> serve_request(ConnPtr c, StatePtr st, http::request<http::string
   if (!cmd) {
     out = refusal(cmd.error(), req.target());
   } else if (auto* watch = std::get_if<WatchEvents>(&*cmd)) {
+    account_request(st, req, nullptr, 200, c->peer.uid, start);
     co_await stream_events(c, st, req.version(), watch->domain);
     co_return false;
   } else {
@@ -508,7 +561,7 @@ awaitable<bool> serve_request(ConnPtr c, StatePtr st, http::request<http::string
   }
   bool keep_alive = req.keep_alive() && !st->stopping && !c->stopping;
   auto res = render(out, req.version(), keep_alive);
-  log_request(req, res.result_int(), c->peer.uid, start);
+  account_request(st, req, &out, res.result_int(), c->peer.uid, start);
   if (!co_await write_response(c, st, std::move(res), req.method() == http::verb::head)) {
     co_return false;
   }
@@ -618,6 +671,7 @@ void refuse(const StatePtr& st, stream_protocol::socket sock, Error e) {
 
 void release(const StatePtr& st, const ConnPtr& c) {
   st->conns.remove(c);
+  registry(st).connections_open.add(-1);
   if (c->reserved) {
     --st->reserved;
     auto it = st->reserve_by_pid.find(c->peer.pid);
@@ -699,6 +753,7 @@ awaitable<void> accept_loop(StatePtr st) {
     auto peer = peer_credentials(sock.native_handle());
     if (!peer || !authorized(*peer, st->access)) {
       ++st->stats.refused_unauthorized;
+      registry(st).connections_refused_unauthorized.inc();
       std::string who = peer ? "uid " + std::to_string(peer->uid) : "an unknown peer";
       refuse(st, std::move(sock),
              api_error(api::errc::unauthorized_peer,
@@ -708,10 +763,13 @@ awaitable<void> accept_loop(StatePtr st) {
     auto reserved = admit(*st, *peer);
     if (!reserved) {
       ++st->stats.refused_busy;
+      registry(st).connections_refused_busy.inc();
       refuse(st, std::move(sock), std::move(reserved.error()));
       continue;
     }
     ++st->stats.accepted;
+    registry(st).connections_accepted.inc();
+    registry(st).connections_open.add(1);
     auto c = std::make_shared<Conn>(std::move(sock));
     c->peer = std::move(*peer);
     c->reserved = *reserved;

@@ -15,12 +15,14 @@ using asio::awaitable;
 namespace {
 
 // Publishes a job's progress on the event bus, where GET /v1/events (and qbrokerctl's progress
-// bar) see it. Captures only pointers (g++ 12 mis-copies closures with non-trivial members
-// inside coroutines); `name` lives in the awaiting Service frame for the whole job.
-ProgressFn progress_to_bus(EventBus* bus, const std::string* name, const char* job) {
-  return [bus, name, job](double fraction, std::string_view phase) {
-    bus->publish(*name, "job", "progress",
-                 {{"job", job}, {"fraction", fraction}, {"phase", phase}});
+// bar) see it, and keeps it for GET /v1/domains (qbrokerctl top). Captures only pointers (g++ 12
+// mis-copies closures with non-trivial members inside coroutines); `name` lives in the awaiting
+// Service frame for the whole job.
+ProgressFn progress_to_bus(Broker* broker, const std::string* name, const char* job) {
+  return [broker, name, job](double fraction, std::string_view phase) {
+    broker->note_progress(*name, fraction, phase);
+    broker->events().publish(*name, "job", "progress",
+                             {{"job", job}, {"fraction", fraction}, {"phase", phase}});
   };
 }
 
@@ -75,8 +77,8 @@ awaitable<Outcome> Service::run(GetVersion&) {
   co_return version_outcome(std::move(q));
 }
 
-awaitable<Outcome> Service::run(ListDomains&) {
-  co_return domains_outcome(broker_.list());
+awaitable<Outcome> Service::run(ListDomains& c) {
+  co_return domains_outcome(broker_.list(c.usage));
 }
 
 awaitable<Outcome> Service::run(CreateDomainCmd& c) {
@@ -138,7 +140,7 @@ awaitable<Outcome> Service::run(AddDiskCmd& c) {
 
 awaitable<Outcome> Service::run(RemoveDiskCmd& c) {
   auto r = co_await broker_.remove_disk(c.name, c.id,
-                                        progress_to_bus(&broker_.events(), &c.name, "disk-remove"));
+                                        progress_to_bus(&broker_, &c.name, "disk-remove"));
   co_return co_await done(r, c.name);
 }
 
@@ -149,7 +151,7 @@ awaitable<Outcome> Service::run(AddNicCmd& c) {
 
 awaitable<Outcome> Service::run(RemoveNicCmd& c) {
   auto r = co_await broker_.remove_nic(c.name, c.id,
-                                       progress_to_bus(&broker_.events(), &c.name, "nic-remove"));
+                                       progress_to_bus(&broker_, &c.name, "nic-remove"));
   co_return co_await done(r, c.name);
 }
 
@@ -191,7 +193,7 @@ awaitable<Outcome> Service::run(CancelJobCmd& c) {
 
 awaitable<Outcome> Service::run(MigrateCmd& c) {
   auto r = co_await broker_.migrate(c.name, c.to,
-                                    progress_to_bus(&broker_.events(), &c.name, "migrate"));
+                                    progress_to_bus(&broker_, &c.name, "migrate"));
   if (!r) co_return failure(r.error());
   Outcome o;
   o.body = json::object{{"name", c.name}, {"migrated_to", c.to}};
@@ -202,6 +204,10 @@ awaitable<Outcome> Service::run(QmpCmd& c) {
   auto r = co_await broker_.qmp_passthrough(c.name, std::move(c.command));
   if (!r) co_return failure(r.error());
   co_return qmp_outcome(std::move(*r));
+}
+
+awaitable<Outcome> Service::run(GetMetrics&) {
+  co_return metrics_outcome(broker_.metrics(), broker_.metrics_live());
 }
 
 awaitable<Outcome> Service::run(WatchEvents&) {

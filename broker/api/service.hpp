@@ -47,6 +47,7 @@ class Service {
   boost::asio::awaitable<Outcome> run(MigrateCmd& c);
   boost::asio::awaitable<Outcome> run(QmpCmd& c);
   boost::asio::awaitable<Outcome> run(WatchEvents& c);
+  boost::asio::awaitable<Outcome> run(GetMetrics& c);
 
   // The domain as it is now (no QMP round trip), after a command changed it.
   boost::asio::awaitable<Outcome> current(const std::string& name,

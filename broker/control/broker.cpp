@@ -1,5 +1,9 @@
 #include "broker/control/broker.hpp"
 
+#include <algorithm>
+#include <array>
+#include <chrono>
+
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/json.hpp>
@@ -30,6 +34,14 @@ json::object DomainInfo::to_json() const {
   o["vcpus"] = spec.vcpus;
   o["machine"] = lifecycle::to_string(spec.machine);
   o["devices"] = devices;
+  if (usage) {
+    o["usage"] = json::object{{"cpu_us", usage->cpu_us},
+                              {"memory_bytes", usage->memory_bytes},
+                              {"memory_from", usage->memory_from}};
+  }
+  if (job_progress) {
+    o["job_progress"] = json::object{{"fraction", *job_progress}, {"phase", job_phase}};
+  }
   return o;
 }
 
@@ -65,12 +77,34 @@ Broker::Broker(asio::any_io_executor ex, BrokerConfig config, lifecycle::Launche
 
 Broker::~Broker() = default;
 
+namespace {
+
+// A job's outcome as the metrics count it.
+template <class T>
+metrics::JobOutcome outcome_of(const Result<T>& r) {
+  if (r) return metrics::JobOutcome::ok;
+  return r.error().code == errc::cancelled ? metrics::JobOutcome::cancelled
+                                           : metrics::JobOutcome::failed;
+}
+
+// Counts a finished job and, for the flows watched, its latency.
+void count_job(metrics::Registry& m, std::string_view kind, metrics::JobOutcome outcome,
+               std::chrono::steady_clock::time_point start) {
+  m.job_done(kind, outcome,
+             std::chrono::duration_cast<std::chrono::microseconds>(
+                 std::chrono::steady_clock::now() - start));
+}
+
+}  // namespace
+
 awaitable<Result<json::value>> Broker::qmp_call(Domain& d, qmp::Command c) {
   return broker::qmp_call(d, std::move(c), config_.timeouts.qmp);
 }
 
 awaitable<Result<DomainInfo>> Broker::create(CreateDomain request) {
+  const auto start = std::chrono::steady_clock::now();
   auto d = co_await flows::create(flow_ctx_, domains_, std::move(request));
+  count_job(metrics(), "create", outcome_of(d), start);
   if (!d) co_return d.error();
   co_return describe(**d);
 }
@@ -92,7 +126,9 @@ awaitable<Result<lifecycle::KillReport>> Broker::destroy(std::string name, bool 
   if (auto ok = co_await domains_.records().persist(**d); !ok) {
     log::warn("domain " + name + ": destroying it without recording so first");
   }
+  const auto start = std::chrono::steady_clock::now();
   auto report = co_await domains_.teardown(*d, graceful, true);
+  count_job(metrics(), "destroy", outcome_of(report), start);
   if (report && purge_nvram) {
     if (auto ok = lifecycle::purge_nvram(launcher_.config().firmware, name); !ok) co_return ok.error();
   }
@@ -110,6 +146,7 @@ awaitable<Result<DomainInfo>> Broker::info(std::string name, bool live) {
   if (!found) co_return found.error();
   auto d = *found;
   DomainInfo i = describe(*d);
+  if (live) i.usage = usage_of(*d);
   if (live && d->qmp() != nullptr) {
     auto st = co_await qmp_call(*d, qmp::cmd::query_status());
     if (!st) co_return st.error();
@@ -119,13 +156,36 @@ awaitable<Result<DomainInfo>> Broker::info(std::string name, bool live) {
   co_return i;
 }
 
-std::vector<DomainInfo> Broker::list() const {
+std::vector<DomainInfo> Broker::list(bool usage) const {
   std::vector<DomainInfo> out;
-  for (const auto& [name, d] : domains_.all()) out.push_back(describe(*d));
+  for (const auto& [name, d] : domains_.all()) {
+    out.push_back(describe(*d));
+    if (usage) out.back().usage = usage_of(*d);
+  }
   return out;
 }
 
-DomainInfo Broker::describe(const Domain& d) {
+void Broker::note_progress(const std::string& name, double fraction, std::string_view phase) {
+  progress_[name] = {fraction, std::string(phase)};
+}
+
+std::optional<DomainInfo::Usage> Broker::usage_of(const Domain& d) {
+  const auto& inst = d.instance();
+  auto cpu = inst.cgroup.cpu_usage_us();
+  if (!cpu) return std::nullopt;
+  DomainInfo::Usage u{.cpu_us = *cpu};
+  if (auto mem = inst.cgroup.memory_current()) {
+    u.memory_bytes = *mem;
+    u.memory_from = "cgroup";
+  } else if (inst.pid > 0) {
+    u.memory_bytes = static_cast<std::uint64_t>(
+        std::max<std::int64_t>(metrics::resident_bytes("/proc/" + std::to_string(inst.pid)), 0));
+    u.memory_from = "rss";
+  }
+  return u;
+}
+
+DomainInfo Broker::describe(const Domain& d) const {
   DomainInfo i;
   i.name = d.name();
   i.state = d.state();
@@ -136,6 +196,10 @@ DomainInfo Broker::describe(const Domain& d) {
   i.console = d.instance().console_path;
   i.spec = d.spec();
   i.devices = d.devices_json();
+  if (auto p = progress_.find(d.name()); p != progress_.end() && !d.job().empty()) {
+    i.job_progress = p->second.first;
+    i.job_phase = p->second.second;
+  }
   return i;
 }
 
@@ -158,6 +222,7 @@ awaitable<Result<T>> Broker::run_job(std::string name, JobSpec job, F flow) {
   }
   const std::string kind = job.kind;
   const std::string target = job.target;
+  const auto start = std::chrono::steady_clock::now();
   auto guard = d->begin_job(std::move(job.kind), std::move(job.target), std::move(job.args));
   if (!guard) co_return guard.error();
   // Journal the job before the first step, so a broker killed mid-flow can finish or undo it. A
@@ -169,6 +234,8 @@ awaitable<Result<T>> Broker::run_job(std::string name, JobSpec job, F flow) {
   Result<T> r = co_await flow(*d);
   if (job.journal != Journal::none && d->qmp() != nullptr) co_await settle_fdsets(*d);
   guard->release();
+  progress_.erase(name);
+  count_job(metrics(), kind, outcome_of(r), start);
   if (job.journal != Journal::none && domains_.contains(name)) {
     // A change the record does not hold is not acknowledged: the caller hears that it was made
     // but not recorded (a restart would not know it).
@@ -179,7 +246,11 @@ awaitable<Result<T>> Broker::run_job(std::string name, JobSpec job, F flow) {
     }
   }
   json::object data{{"job", kind}, {"ok", r.has_value()}};
-  if (!r) data["error"] = r.error().describe();
+  if (!r) {
+    data["error"] = r.error().describe();
+    log::warn("domain " + name + ": " + kind + " failed: " + r.error().describe(),
+              {{"DOMAIN", name}, {"JOB", kind}});
+  }
   events_.publish(name, "job", "finished", std::move(data));
   co_return r;
 }
@@ -336,7 +407,9 @@ awaitable<Result<DomainInfo>> Broker::restore(RestoreRequest request) {
   }
   const std::string name = request.name;
   flows::CancelFlag cancel = enter_cancel(name);
+  const auto start = std::chrono::steady_clock::now();
   auto d = co_await flows::restore(flow_ctx_, domains_, std::move(request), cancel);
+  count_job(metrics(), "restore", outcome_of(d), start);
   forget_cancel(name, cancel);
   if (!d) co_return d.error();
   co_return describe(**d);
@@ -380,9 +453,12 @@ awaitable<Result<void>> Broker::live_update(std::string name) {
   if (auto ok = co_await domains_.records().persist(*old); !ok) co_return ok.error();
   events_.publish(name, "job", "started", {{"job", "live-update"}, {"target", ""}});
   flows::CancelFlag cancel = enter_cancel(name);
+  const auto start = std::chrono::steady_clock::now();
   auto next = co_await flows::live_update(flow_ctx_, domains_, old, cancel);
+  count_job(metrics(), "live-update", outcome_of(next), start);
   forget_cancel(name, cancel);
   guard->release();
+  progress_.erase(name);
   json::object data{{"job", "live-update"}, {"ok", next.has_value()}};
   if (!next) {
     data["error"] = next.error().describe();

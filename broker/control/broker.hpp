@@ -60,6 +60,18 @@ struct DomainInfo {
   std::string console;  // serial console socket
   lifecycle::DomainSpec spec;
   boost::json::object devices;
+  // What the domain's QEMU uses, from its cgroup, when asked for (GET with live=true, or the
+  // list with ?usage=true): CPU time, and memory (memory.current, or QEMU's resident set where
+  // the cgroup has no memory controller).
+  struct Usage {
+    std::uint64_t cpu_us = 0;
+    std::uint64_t memory_bytes = 0;
+    std::string memory_from;  // "cgroup" or "rss"
+  };
+  std::optional<Usage> usage;
+  // The running job's last reported progress (0..1) and phase, when it reports any.
+  std::optional<double> job_progress;
+  std::string job_phase;
 
   boost::json::object to_json() const;
 };
@@ -95,7 +107,10 @@ class Broker {
 
   // Queries: allowed while a job runs.
   boost::asio::awaitable<Result<DomainInfo>> info(std::string name, bool live = true);
-  std::vector<DomainInfo> list() const;
+  // `usage`: with each domain's cgroup usage, which costs a few file reads per domain.
+  std::vector<DomainInfo> list(bool usage = false) const;
+  // A job's progress, shown by info() and list() until the job ends.
+  void note_progress(const std::string& name, double fraction, std::string_view phase);
   bool exists(const std::string& name) const { return domains_.contains(name); }
 
   // Run state.
@@ -142,6 +157,9 @@ class Broker {
                                                                       QmpPassthrough command);
 
   EventBus& events() { return events_; }
+  // The counters every layer records into, and what /metrics reads from the table when scraped.
+  metrics::Registry& metrics() { return domains_.metrics(); }
+  metrics::Live metrics_live() const { return domains_.metrics_live(); }
   const BrokerConfig& config() const { return config_; }
   flows::Context& flow_context() { return flow_ctx_; }
   lifecycle::Launcher& launcher() { return launcher_; }
@@ -149,7 +167,9 @@ class Broker {
  private:
   Result<std::shared_ptr<Domain>> find(const std::string& name) const { return domains_.find(name); }
   // What the broker knows of a domain without asking QEMU.
-  static DomainInfo describe(const Domain& d);
+  DomainInfo describe(const Domain& d) const;
+  // Its cgroup's usage, read now; none without a cgroup.
+  static std::optional<DomainInfo::Usage> usage_of(const Domain& d);
   // How a job touches the domain's record.
   enum class Journal {
     none,    // the job changes nothing a restart reads back (reset, powerdown)
@@ -202,6 +222,7 @@ class Broker {
   qmp::CapabilityCache capabilities_;
   std::string capabilities_from_;
   std::map<std::string, flows::CancelFlag> cancels_;  // domain -> its cancellable job's flag
+  std::map<std::string, std::pair<double, std::string>> progress_;  // domain -> its job's progress
 };
 
 }  // namespace broker

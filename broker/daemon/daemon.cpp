@@ -392,6 +392,7 @@ int serve(const DaemonConfig& o, Host host) {
   if (!cgroups.available()) log::info("cgroup v2: " + cgroups.why_unavailable());
   lifecycle::Launcher launcher(launcher_config(o, host.qemu), uids, cgroups, host.roots);
   Broker broker(io.get_executor(), broker_config(o), launcher, host.roots);
+  broker.metrics().uid_pool_size.set(static_cast<std::int64_t>(host.uids.count) - 1);
   api::Service service(broker, api::ServiceConfig{o.qemu});
   api::Server server(io.get_executor(), service, o.limits,
                      api::AccessPolicy{::geteuid(), host.admin_gid});
@@ -424,6 +425,8 @@ int serve(const DaemonConfig& o, Host host) {
 
 int run(const DaemonConfig& o) {
   log::set_level(o.log_level);
+  log::set_format(o.log_format.value_or(log::stderr_is_journal() ? log::Format::journal
+                                                                 : log::Format::text));
   auto host = prepare_host(o);
   if (!host) return fail(host.error().message);
   return serve(o, std::move(*host));

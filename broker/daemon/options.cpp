@@ -164,6 +164,15 @@ Complaint set_log_level(DaemonConfig& c, std::string_view v) {
   return std::nullopt;
 }
 
+Complaint set_log_format(DaemonConfig& c, std::string_view v) {
+  static const std::map<std::string_view, log::Format> kFormats{
+      {"text", log::Format::text}, {"json", log::Format::json}, {"journal", log::Format::journal}};
+  auto it = kFormats.find(v);
+  if (it == kFormats.end()) return "must be text, json or journal";
+  c.log_format = it->second;
+  return std::nullopt;
+}
+
 // Every option, in the order --help lists them and validation applies them.
 const std::vector<Option>& options() {
   using L = api::ServerLimits;
@@ -208,6 +217,10 @@ const std::vector<Option>& options() {
        boolean(member(&DaemonConfig::xen))},
       {"log-level", Kind::value, "LEVEL", "debug, info, warn or error (default info)",
        set_log_level},
+      {"log-format", Kind::value, "FORMAT",
+       "text, json (one object per line) or journal (default journal when stderr is the "
+       "journal, else text)",
+       set_log_format},
       {"qmp-timeout-ms", Kind::value, "MS", "one QMP command (default 5000)",
        millis(member(&DaemonConfig::qmp_timeout))},
       {"unplug-timeout-ms", Kind::value, "MS", "device_del -> DEVICE_DELETED (default 10000)",

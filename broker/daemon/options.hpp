@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <span>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <variant>
@@ -50,6 +51,7 @@ struct DaemonConfig {
   std::string admin_group;  // empty: root and the daemon's own uid only
   bool xen = false;
   log::Level log_level = log::Level::info;
+  std::optional<log::Format> log_format;  // unset: the journal when stderr is the journal
 
   std::chrono::milliseconds qmp_timeout{5000};
   std::chrono::milliseconds unplug_timeout{10000};

@@ -17,6 +17,7 @@
 #include <boost/json/object.hpp>
 
 #include "broker/core/error.hpp"
+#include "broker/core/metrics.hpp"
 #include "broker/domain/cold_plan.hpp"
 #include "broker/domain/qemu_log.hpp"
 #include "broker/domain/requests.hpp"
@@ -145,6 +146,8 @@ class Domain {
   // Its last teardown could not kill everything under its uid: it stays listed (stopping), a
   // DELETE may try again, and Domains::retry_stuck() does so in the background.
   bool teardown_failed = false;
+  // Where its QMP round trips are counted, once connected (Domains::connect).
+  metrics::Registry* metrics = nullptr;
 
   // True when `id` names any device of this domain.
   bool has_device(const std::string& id) const;

@@ -1,5 +1,7 @@
 #include "broker/domain/domains.hpp"
 
+#include <algorithm>
+#include <array>
 #include <set>
 
 #include <sys/syscall.h>
@@ -103,6 +105,7 @@ awaitable<Result<lifecycle::KillReport>> Domains::retire(std::shared_ptr<Domain>
   Domain* raw = d.get();
   auto report = co_await run_blocking(ex_, lifecycle_, [this, raw] { return launcher_.destroy(raw->instance()); });
   if (!report) co_return report.error();
+  record_kill(*report);
   d->set_qmp(nullptr);
   if (d->log) d->log->close();
   launcher_.remove_log(d->instance().name);
@@ -132,6 +135,7 @@ awaitable<Result<void>> Domains::reattach(std::shared_ptr<Domain> d) {
 }
 
 awaitable<Result<void>> Domains::connect(std::shared_ptr<Domain> d, SessionConfig session) {
+  d->metrics = &metrics_;
   if (auto ok = co_await connect_qmp(ex_, *d, session); !ok) {
     Error e = ok.error();
     // A QEMU that exited before its greeting said why on stderr ("invalid kernel header").
@@ -197,8 +201,9 @@ awaitable<void> Domains::watch(std::shared_ptr<Domain> d) {
   // domain down by uid.
   auto current = table_.find(d->name());
   if (d->state() == RunState::stopping || current == table_.end() || current->second != d) co_return;
-  log::warn("domain " + d->name() + ": QEMU exited; tearing down uid " +
-            std::to_string(d->instance().uid));
+  const std::string uid = std::to_string(d->instance().uid);
+  log::warn("domain " + d->name() + ": QEMU exited; tearing down uid " + uid,
+            {{"DOMAIN", d->name()}, {"UID", uid}});
   auto report = co_await teardown(d, false);
   boost::json::object data;
   if (report) {
@@ -224,10 +229,12 @@ awaitable<Result<lifecycle::KillReport>> Domains::teardown(std::shared_ptr<Domai
     d->teardown_failed = true;
     // Said once; each retry that fails the same way only at debug level.
     const std::string what = "domain " + d->name() + ": teardown failed: " + report.error().describe();
-    if (retry) log::debug(what);
-    else log::error(what + "; retrying in the background");
+    const std::string uid = std::to_string(d->instance().uid);
+    if (retry) log::debug(what, {{"DOMAIN", d->name()}, {"UID", uid}});
+    else log::error(what + "; retrying in the background", {{"DOMAIN", d->name()}, {"UID", uid}});
     co_return report.error();
   }
+  record_kill(*report);
   d->set_qmp(nullptr);
   if (d->log) {
     d->log->drain();
@@ -237,6 +244,24 @@ awaitable<Result<lifecycle::KillReport>> Domains::teardown(std::shared_ptr<Domai
   if (auto it = table_.find(d->name()); it != table_.end() && it->second == d) table_.erase(it);
   co_await records_.remove(d->name());
   co_return std::move(*report);
+}
+
+void Domains::record_kill(const lifecycle::KillReport& r) {
+  metrics_.kill_report(r.survivors, static_cast<std::uint64_t>(std::max(r.rounds, 0)), r.duration);
+}
+
+metrics::Live Domains::metrics_live() const {
+  constexpr RunState kStates[] = {RunState::starting, RunState::paused,   RunState::running,
+                                  RunState::shutdown, RunState::stopping, RunState::adopting,
+                                  RunState::unresponsive};
+  std::array<std::size_t, std::size(kStates)> counts{};
+  metrics::Live live;
+  for (const auto& [name, d] : table_) {
+    ++counts[static_cast<std::size_t>(d->state())];
+    if (d->instance().uid != 0) ++live.uids_in_use;
+  }
+  for (auto s : kStates) live.domains_by_state.emplace_back(to_string(s), counts[static_cast<std::size_t>(s)]);
+  return live;
 }
 
 bool Domains::still_running(Domain& d) {

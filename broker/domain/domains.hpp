@@ -18,6 +18,7 @@
 #include <boost/asio/thread_pool.hpp>
 
 #include "broker/core/error.hpp"
+#include "broker/core/metrics.hpp"
 #include "broker/domain/domain.hpp"
 #include "broker/domain/event_bus.hpp"
 #include "broker/domain/record_store.hpp"
@@ -112,10 +113,14 @@ class Domains {
   EventBus& events() { return events_; }
   lifecycle::Launcher& launcher() { return launcher_; }
   const DomainsConfig& config() const { return config_; }
+  metrics::Registry& metrics() { return metrics_; }
+  // What /metrics reads from the table when scraped: domains by state, uids held.
+  metrics::Live metrics_live() const;
 
  private:
   // Reads QEMU's stdout/stderr from `pipe` into the domain's log.
   void start_log(Domain& d, fdpass::UniqueFd pipe);
+  void record_kill(const lifecycle::KillReport& report);
   boost::asio::awaitable<void> watch(std::shared_ptr<Domain> d);
   boost::asio::awaitable<Result<void>> connect(std::shared_ptr<Domain> d, SessionConfig session);
 
@@ -126,6 +131,7 @@ class Domains {
   RecordStore records_;
   boost::asio::thread_pool lifecycle_{1};
   std::map<std::string, std::shared_ptr<Domain>> table_;
+  metrics::Registry metrics_;
 };
 
 }  // namespace broker

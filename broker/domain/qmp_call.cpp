@@ -23,7 +23,12 @@ boost::asio::awaitable<Result<boost::json::value>> qmp_call(Domain& d, qmp::Comm
                                                             std::chrono::milliseconds timeout) {
   auto q = qmp_client(d);
   if (!q) co_return q.error();
+  const auto sent = std::chrono::steady_clock::now();
   auto r = co_await (*q)->execute(std::move(c), qmp::after(timeout));
+  if (d.metrics != nullptr && (r || r.error().code == qmp::errc::command_failed)) {
+    d.metrics->qmp_round_trip(std::chrono::duration_cast<std::chrono::microseconds>(
+        std::chrono::steady_clock::now() - sent));
+  }
   if (!r) co_return from_qmp(r.error(), "domain " + d.name());
   co_return std::move(*r);
 }

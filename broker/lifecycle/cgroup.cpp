@@ -7,6 +7,8 @@
 #include <dirent.h>
 
 #include <cerrno>
+#include <cstdlib>
+#include <string_view>
 #include <fstream>
 #include <sstream>
 
@@ -51,6 +53,23 @@ bool Cgroup::kill() const {
 bool Cgroup::populated() const {
   auto events = read_small_file(path_ + "/cgroup.events", 4096);
   return events && events->find("populated 1") != std::string::npos;
+}
+
+std::optional<std::uint64_t> Cgroup::cpu_usage_us() const {
+  if (path_.empty()) return std::nullopt;
+  auto stat = read_small_file(path_ + "/cpu.stat", 4096);
+  if (!stat) return std::nullopt;
+  constexpr std::string_view kKey = "usage_usec ";
+  auto at = stat->find(kKey);
+  if (at == std::string::npos) return std::nullopt;
+  return std::strtoull(stat->c_str() + at + kKey.size(), nullptr, 10);
+}
+
+std::optional<std::uint64_t> Cgroup::memory_current() const {
+  if (path_.empty()) return std::nullopt;
+  auto current = read_small_file(path_ + "/memory.current", 64);
+  if (!current || current->empty()) return std::nullopt;
+  return std::strtoull(current->c_str(), nullptr, 10);
 }
 
 std::string Cgroup::name() const { return path_.substr(path_.rfind('/') + 1); }

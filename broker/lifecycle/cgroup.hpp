@@ -42,6 +42,11 @@ class Cgroup {
   bool kill() const;
   // True while any process is inside (cgroup.events "populated 1").
   bool populated() const;
+  // CPU time used by everything inside, in microseconds (cpu.stat usage_usec; cgroup v2 keeps
+  // it without the cpu controller), and the memory charged to it (memory.current, only with the
+  // memory controller).
+  std::optional<std::uint64_t> cpu_usage_us() const;
+  std::optional<std::uint64_t> memory_current() const;
   // Removes the directory (after the processes are gone).
   Result<void> remove();
 

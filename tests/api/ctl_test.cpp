@@ -7,6 +7,7 @@
 #include "broker/api/router.hpp"
 #include "ctl/cli.hpp"
 #include "ctl/render.hpp"
+#include "ctl/top.hpp"
 #include "support/support.hpp"
 
 namespace json = boost::json;
@@ -283,4 +284,26 @@ TEST_CASE("replies render as tables and exit codes follow the status", "[api][ct
   CHECK(qbctl::progress_line(0.5, "waiting for the guest", 1.25, 0) ==
         "[############............]  50%  waiting for the guest  1.2s");
   CHECK(qbctl::progress_line(-1, "", 0, 3).find("###") != std::string::npos);
+}
+
+TEST_CASE("top's table: CPU as a share of the time between refreshes, memory in MiB, progress",
+          "[api][ctl][top]") {
+  auto body = boost::json::parse(R"({"domains":[
+      {"name":"vm1","state":"running","uid":7,"job":null,
+       "usage":{"cpu_us":1500000,"memory_bytes":134217728,"memory_from":"cgroup"}},
+      {"name":"vm2","state":"paused","uid":8,"job":"disk-remove",
+       "job_progress":{"fraction":0.5,"phase":"waiting for the guest"}}]})");
+  qbctl::CpuTimes now;
+  auto first = qbctl::top_table(body, {}, std::chrono::seconds(1), now);
+  CHECK(now.at("vm1") == 1500000);
+  CHECK_FALSE(now.contains("vm2"));  // no usage: no cgroup
+  CHECK(first.find("134217728") == std::string::npos);
+  CHECK(first.find("128.0 MiB") != std::string::npos);
+  CHECK(first.find("50% waiting for the guest") != std::string::npos);
+  qbctl::CpuTimes later;
+  auto second = qbctl::top_table(body, {{"vm1", 1000000}}, std::chrono::seconds(2), later);
+  CHECK(second.find("25.0%") != std::string::npos);  // 0.5 s of CPU in 2 s
+  CHECK(qbctl::top_table(boost::json::parse(R"({"domains":[]})"), {}, {}, later) == "no domains\n");
+  CHECK(std::get<qbctl::CliError>(qbctl::parse(std::vector<std::string>{"top", "--interval", "0"})).field ==
+        "--interval");
 }

@@ -530,3 +530,37 @@ TEST_CASE("outcomes render domains and kill reports and events", "[api][render]"
   CHECK(frame.substr(frame.size() - 2) == "\n\n");
   CHECK(std::count(frame.begin(), frame.end(), '\n') == 4);
 }
+
+TEST_CASE("GET /metrics answers Prometheus text, requests counted by their route's index",
+          "[api][router][metrics]") {
+  CHECK(std::holds_alternative<api::GetMetrics>(ok(verb::get, "/metrics")));
+  CHECK(status_of(refused(verb::post, "/metrics")) == status::method_not_allowed);
+  CHECK(status_of(refused(verb::get, "/metrics?x=1")) == status::bad_request);
+
+  auto routes = api::routes();
+  const auto metrics = api::route_index(verb::get, "/metrics");
+  REQUIRE(metrics < routes.size());
+  CHECK(routes[metrics].path == "/metrics");
+  const auto domain = api::route_index(verb::get, "/v1/domains/vm1?live=false");
+  REQUIRE(domain < routes.size());
+  CHECK(routes[domain].path == "/v1/domains/{name}");
+  CHECK(routes[api::route_index(verb::post, "/v1/domains/restore")].operation == "restoreDomain");
+  CHECK(api::route_index(verb::get, "/nowhere") == routes.size());
+  CHECK(api::route_index(verb::put, "/metrics") == routes.size());
+  CHECK(routes.size() < broker::metrics::Registry::kUnrouted);  // each route has its own cell
+
+  broker::metrics::Registry registry;
+  registry.api_request(metrics, 200, std::chrono::microseconds(5));
+  broker::metrics::Live live;
+  live.proc_self.clear();
+  auto res = api::render(api::metrics_outcome(registry, live), 11, true);
+  CHECK(res[boost::beast::http::field::content_type] == "text/plain; version=0.0.4; charset=utf-8");
+  CHECK(res.body().find("qbroker_api_requests_total{method=\"GET\",route=\"/metrics\",code=\"200\"} 1\n") !=
+        std::string::npos);
+}
+
+TEST_CASE("GET /v1/domains takes ?usage", "[api][router]") {
+  CHECK_FALSE(std::get<api::ListDomains>(ok(verb::get, "/v1/domains")).usage);
+  CHECK(std::get<api::ListDomains>(ok(verb::get, "/v1/domains?usage=true")).usage);
+  CHECK(status_of(refused(verb::get, "/v1/domains?usage=maybe")) == status::bad_request);
+}
