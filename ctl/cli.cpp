@@ -66,6 +66,9 @@ constexpr std::array kCommands{
                 "start domain NAME from a state saved at PATH"},
     CommandInfo{"migrate", "NAME TO", "POST", "/v1/domains/{name}/migrate",
                 "live-migrate to another broker's endpoint TO, or to a fresh QEMU here (TO local)"},
+    CommandInfo{"incoming", "FILE [--paused]", "POST", "/v1/migrations",
+                "prepare to receive the domain FILE describes (- for stdin), as a migrating broker "
+                "asks; prints the one-time token and endpoint"},
     CommandInfo{"cancel", "NAME", "DELETE", "/v1/domains/{name}/job",
                 "cancel the domain's save, restore or live update"},
     CommandInfo{"qmp", "NAME JSON|COMMAND", "POST", "/v1/domains/{name}/qmp",
@@ -544,6 +547,19 @@ Out migrate(const Args& a) {
                     .done = "migrated " + a.pos[0] + " to " + a.pos[1]};
 }
 
+Out incoming(const Args& a) {
+  auto described = read_json_file(a.pos[0]);
+  if (auto* e = std::get_if<CliError>(&described)) {
+    return CliError{"FILE: " + e->message.substr(e->message.find(':') + 2), "FILE"};
+  }
+  json::object body{{"domain", std::get<json::value>(std::move(described))}};
+  if (a.has("--paused")) body["paused"] = true;
+  return Invocation{.method = "POST",
+                    .target = "/v1/migrations",
+                    .body = json::value(std::move(body)),
+                    .view = View::qmp};
+}
+
 Out cancel(const Args& a) {
   return Invocation{.method = "DELETE",
                     .target = domain_target(a.pos[0]).segment("job").str(),
@@ -666,6 +682,7 @@ const std::vector<Syntax>& syntaxes() {
       {"save", {{"--keep-running", false}}, {"NAME", "PATH"}, 0, false, save},
       {"restore", {{"--paused", false}}, {"NAME", "PATH"}, 0, false, restore},
       {"migrate", {}, {"NAME", "TO"}, 0, false, migrate},
+      {"incoming", {{"--paused", false}}, {"FILE"}, 0, false, incoming},
       {"cancel", {}, {"NAME"}, 0, false, cancel},
       {"qmp", {}, {"NAME", "JSON"}, 0, false, qmp},
       {"events", {{"--domain", true}, {"--count", true}}, {}, 0, false, events},

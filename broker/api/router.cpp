@@ -55,6 +55,8 @@ constexpr std::array kRoutes{
               "Restore a domain from a saved file"},
     RouteInfo{verb::post, "/v1/domains/{name}/migrate", "migrateDomain",
               "Live-migrate to another broker"},
+    RouteInfo{verb::post, "/v1/migrations", "prepareIncoming",
+              "Prepare to receive a domain another broker migrates here"},
     RouteInfo{verb::delete_, "/v1/domains/{name}/job", "cancelJob",
               "Cancel the domain's save, restore or live update"},
     RouteInfo{verb::post, "/v1/domains/{name}/qmp", "qmpPassthrough",
@@ -356,6 +358,12 @@ Result<Command> migrate_domain(const Request& r) {
   return Command{MigrateCmd{r.name(), std::move(*to)}};
 }
 
+Result<Command> prepare_incoming(const Request& r) {
+  QB_TRY(body, r.body());
+  QB_TRY(req, parse_incoming(*body));
+  return Command{IncomingCmd{std::move(*req)}};
+}
+
 Result<Command> qmp_passthrough(const Request& r) {
   QB_TRY(body, r.body());
   QB_TRY(command, parse_qmp_passthrough(*body));
@@ -390,6 +398,7 @@ constexpr std::array kHandlers{
     Handler{"removeVnc", {}, remove_vnc},
     Handler{"saveDomain", {}, save_domain},
     Handler{"restoreDomain", {}, restore_domain},
+    Handler{"prepareIncoming", {}, prepare_incoming},
     Handler{"migrateDomain", {}, migrate_domain},
     Handler{"cancelJob", {}, cancel_job},
     Handler{"qmpPassthrough", {}, qmp_passthrough},

@@ -106,6 +106,9 @@ struct MigrateCmd {
   std::string name;
   std::string to;
 };
+struct IncomingCmd {
+  IncomingDomain request;
+};
 struct QmpCmd {
   std::string name;
   QmpPassthrough command;
@@ -118,7 +121,7 @@ struct GetMetrics {};
 using Command = std::variant<GetVersion, ListDomains, CreateDomainCmd, GetDomain, DestroyDomain,
                              RunStateCmd, InsertMediumCmd, EjectMediumCmd, AddDiskCmd,
                              RemoveDiskCmd, AddNicCmd, RemoveNicCmd, SetVncCmd, RemoveVncCmd,
-                             SaveCmd, RestoreCmd, MigrateCmd, CancelJobCmd, QmpCmd,
+                             SaveCmd, RestoreCmd, MigrateCmd, IncomingCmd, CancelJobCmd, QmpCmd,
                              WatchEvents, GetMetrics>;
 
 struct RouteInfo {

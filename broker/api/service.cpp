@@ -200,6 +200,15 @@ awaitable<Outcome> Service::run(MigrateCmd& c) {
   co_return o;
 }
 
+awaitable<Outcome> Service::run(IncomingCmd& c) {
+  auto r = co_await broker_.incoming(std::move(c.request.domain), c.request.paused);
+  if (!r) co_return failure(r.error());
+  Outcome o;
+  o.status = http::status::created;
+  o.body = json::object{{"name", r->name}, {"token", r->token}, {"endpoint", r->endpoint}};
+  co_return o;
+}
+
 awaitable<Outcome> Service::run(QmpCmd& c) {
   auto r = co_await broker_.qmp_passthrough(c.name, std::move(c.command));
   if (!r) co_return failure(r.error());

@@ -45,6 +45,7 @@ class Service {
   boost::asio::awaitable<Outcome> run(RestoreCmd& c);
   boost::asio::awaitable<Outcome> run(CancelJobCmd& c);
   boost::asio::awaitable<Outcome> run(MigrateCmd& c);
+  boost::asio::awaitable<Outcome> run(IncomingCmd& c);
   boost::asio::awaitable<Outcome> run(QmpCmd& c);
   boost::asio::awaitable<Outcome> run(WatchEvents& c);
   boost::asio::awaitable<Outcome> run(GetMetrics& c);

@@ -1,13 +1,19 @@
 #include "broker/control/broker.hpp"
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <array>
 #include <chrono>
 
+#include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/json.hpp>
 
+#include "broker/control/peer.hpp"
 #include "broker/core/errc.hpp"
 #include "broker/core/log.hpp"
 #include "broker/domain/fdsets.hpp"
@@ -430,11 +436,155 @@ awaitable<Result<std::string>> Broker::cancel_job(std::string name) {
 }
 
 awaitable<Result<void>> Broker::migrate(std::string name, std::string to, ProgressFn) {
-  if (auto d = find(name); !d) co_return d.error();
+  auto found = find(name);
+  if (!found) co_return found.error();
   if (to == "local") co_return co_await live_update(std::move(name));
-  co_return Error(make_error_code(errc::not_implemented),
-                  "live migration to another broker is not implemented yet (\"to\": \"local\" "
-                  "moves the domain to a fresh QEMU under this broker)");
+  if (to.empty() || to.front() != '/') {
+    co_return field_error("to", "must be \"local\" or the absolute path of another broker's API socket");
+  }
+  auto d = *found;
+  if (d->state() != RunState::running && d->state() != RunState::paused) {
+    co_return Error(make_error_code(errc::wrong_state),
+                    "domain " + name + " is " + std::string(to_string(d->state())));
+  }
+  // Journaled: a restarted broker cancels QEMU's side and resumes the guest, unless the state
+  // had all gone (flows::recover_migrate).
+  const bool was_running = d->state() == RunState::running;
+  auto guard = d->begin_job("migrate", {}, {{"to", to}, {"was_running", was_running}});
+  if (!guard) co_return guard.error();
+  if (auto ok = co_await domains_.records().persist(*d); !ok) co_return ok.error();
+  events_.publish(name, "job", "started", {{"job", "migrate"}, {"target", to}});
+  flows::CancelFlag cancel = enter_cancel(name);
+  const auto start = std::chrono::steady_clock::now();
+  auto moved = co_await migrate_out(d, to, cancel);
+  count_job(metrics(), "migrate", outcome_of(moved), start);
+  forget_cancel(name, cancel);
+  progress_.erase(name);
+  guard->release();
+  json::object data{{"job", "migrate"}, {"ok", moved.has_value()}};
+  if (!moved) {
+    data["error"] = moved.error().describe();
+    if (auto ok = co_await domains_.records().persist(*d); !ok) log::error(ok.error().describe());
+    events_.publish(name, "job", "finished", std::move(data));
+    co_return moved.error();
+  }
+  events_.publish(name, "job", "finished", std::move(data));
+  // The domain runs at the destination: this QEMU and everything under its uid go.
+  if (auto gone = co_await domains_.teardown(d, true); !gone) {
+    log::error("domain " + name + " migrated to " + to +
+               ", but the QEMU it left could not be torn down: " + gone.error().describe());
+  }
+  events_.publish(name, "domain", "migrated", {{"to", to}});
+  co_return Result<void>{};
+}
+
+awaitable<Result<void>> Broker::migrate_out(std::shared_ptr<Domain> d, std::string to,
+                                            flows::CancelFlag cancel) {
+  const bool was_running = d->state() == RunState::running;
+  json::object ask{{"domain", flows::described_domain_of(*d)}, {"paused", !was_running}};
+  std::string ask_text = json::serialize(ask);
+  std::string route = "/v1/migrations";
+  std::string post = "POST";
+  auto prepared = co_await peer_request(ex_, to, post, route, ask_text, config_.start_timeout);
+  if (!prepared) {
+    Error e = prepared.error();
+    e.field = "to";
+    co_return e;
+  }
+  if (prepared->status != 201 || !prepared->body.is_object()) {
+    // Its own words when it gave an error body, else what it sent.
+    std::string why = json::serialize(prepared->body);
+    if (const auto* err = prepared->body.is_object() ? prepared->body.as_object().if_contains("error") : nullptr;
+        err != nullptr && err->is_object() && err->as_object().contains("message") &&
+        err->as_object().at("message").is_string()) {
+      why = std::string(err->as_object().at("message").get_string());
+    }
+    Error e(make_error_code(prepared->status == 409 ? errc::already_exists : errc::invalid_argument),
+            "the broker at " + to + " refused the domain (HTTP " +
+                std::to_string(prepared->status) + "): " + why);
+    e.field = "to";
+    co_return e;
+  }
+  const auto& ticket = prepared->body.as_object();
+  const auto* token = ticket.if_contains("token");
+  const auto* endpoint = ticket.if_contains("endpoint");
+  if (token == nullptr || !token->is_string() || endpoint == nullptr || !endpoint->is_string()) {
+    co_return field_error("to", "the broker at " + to + " answered no token and endpoint");
+  }
+  std::string endpoint_path(endpoint->get_string());
+  std::string token_text(token->get_string());
+  auto sent = co_await flows::send_state(flow_ctx_, *d, std::move(endpoint_path),
+                                         std::move(token_text), cancel);
+  if (!sent) co_return sent.error();
+  auto there = co_await arrived(to, d->name(), !was_running);
+  if (there && *there) co_return Result<void>{};
+  if (there) {
+    // The destination gave the domain up: the guest is still whole here.
+    if (was_running) {
+      if (auto ok = co_await flows::resume_here(flow_ctx_, *d); !ok) co_return ok.error();
+    }
+    co_return Error(make_error_code(errc::qemu_error),
+                    "the broker at " + to + " did not take the domain; it runs here again");
+  }
+  Error e = there.error();
+  e.context("the state went to " + to +
+            ", which cannot say whether it runs the guest: the domain stays paused here, so that "
+            "it never runs twice; destroy it here once it runs there, or resume it");
+  co_return e;
+}
+
+awaitable<Result<bool>> Broker::arrived(std::string to, std::string name, bool paused) {
+  const auto deadline = std::chrono::steady_clock::now() + config_.timeouts.migrate_settle;
+  std::string route = "/v1/domains/" + name;
+  std::string get = "GET";
+  asio::steady_timer tick(ex_);
+  for (;;) {
+    auto r = co_await peer_request(ex_, to, get, route, {}, config_.timeouts.qmp);
+    if (r && r->status == 404) co_return false;
+    if (r && r->status == 200 && r->body.is_object()) {
+      const auto& o = r->body.as_object();
+      const auto* state = o.if_contains("state");
+      const auto* job = o.if_contains("job");
+      const bool settled =
+          job == nullptr || job->is_null() || (job->is_string() && job->get_string().empty());
+      const std::string want = paused ? "paused" : "running";
+      if (settled && state != nullptr && state->is_string() && state->get_string() == want) {
+        co_return true;
+      }
+    }
+    if (std::chrono::steady_clock::now() >= deadline) {
+      co_return Error(make_error_code(errc::qemu_timeout),
+                      "the broker at " + to + " did not report domain " + name + " " +
+                          (paused ? "paused" : "running"));
+    }
+    tick.expires_after(std::chrono::milliseconds(10));
+    co_await tick.async_wait(asio::as_tuple(asio::use_awaitable));
+  }
+}
+
+awaitable<Result<Broker::IncomingTicket>> Broker::incoming(json::value domain, bool paused) {
+  const std::string dir = launcher_.config().run_dir + "/migrate";
+  if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    co_return Error(std::error_code(errno, std::system_category()), "cannot make " + dir);
+  }
+  flows::IncomingRequest request{std::move(domain), paused, dir};
+  auto in = co_await flows::prepare_incoming(flow_ctx_, domains_, std::move(request));
+  if (!in) co_return in.error();
+  IncomingTicket ticket{in->domain->name(), in->token, in->endpoint};
+  flows::CancelFlag cancel = enter_cancel(ticket.name);
+  asio::co_spawn(ex_, finish_incoming(std::move(*in), cancel), asio::detached);
+  co_return ticket;
+}
+
+awaitable<void> Broker::finish_incoming(flows::Incoming in, flows::CancelFlag cancel) {
+  const std::string name = in.domain->name();
+  const auto start = std::chrono::steady_clock::now();
+  auto done = co_await flows::receive_incoming(flow_ctx_, domains_, std::move(in),
+                                               config_.timeouts.migrate_settle, cancel);
+  count_job(metrics(), "incoming", outcome_of(done), start);
+  forget_cancel(name, cancel);
+  progress_.erase(name);
+  if (!done) log::warn("domain " + name + ": incoming migration: " + done.error().describe());
 }
 
 awaitable<Result<void>> Broker::live_update(std::string name) {

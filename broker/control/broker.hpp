@@ -139,9 +139,22 @@ class Broker {
   boost::asio::awaitable<Result<std::string>> cancel_job(std::string name);
   // Live update (`to` "local"): the domain moves to a fresh QEMU under this broker while its
   // guest runs (flows::live_update), as a job named "live-update" that can be cancelled.
-  // Migration to another broker is not built yet: errc::not_implemented.
+  // Otherwise `to` is the API socket of another broker on this host: a job named "migrate"
+  // (cancellable) asks it to prepare the domain (POST /v1/migrations), streams the state to the
+  // endpoint it names, waits until the domain runs there, and only then tears the domain down
+  // here. A migration that fails leaves the guest running here; when the destination cannot say
+  // whether it took the guest, the guest stays paused here so that it never runs twice.
   Awaitable migrate(std::string name, std::string to, ProgressFn progress = {});
   Awaitable live_update(std::string name);
+  // The destination's half: the domain another broker describes, spawned and waiting for its
+  // state on a one-time listener. Answers at once; the domain arrives (or is torn down) in the
+  // background, as the job "incoming".
+  struct IncomingTicket {
+    std::string name;
+    std::string token;
+    std::string endpoint;
+  };
+  boost::asio::awaitable<Result<IncomingTicket>> incoming(boost::json::value domain, bool paused);
 
   // Administrators' QMP passthrough: {"execute": NAME, "arguments": {...}}. Commands that move
   // fds are refused (errc::forbidden).
@@ -206,6 +219,12 @@ class Broker {
   boost::asio::awaitable<void> resume_removal(flows::RecoveryReport::Removal removal);
   // The save flow, then (unless kept) the domain's destroy, inside the save job.
   boost::asio::awaitable<Result<void>> save_step(Domain& d, SaveRequest request, flows::CancelFlag cancel);
+  boost::asio::awaitable<Result<void>> migrate_out(std::shared_ptr<Domain> d, std::string to,
+                                                   flows::CancelFlag cancel);
+  // After the state went: true once the destination runs the domain, false once it has given it
+  // up; an error when it cannot tell.
+  boost::asio::awaitable<Result<bool>> arrived(std::string to, std::string name, bool paused);
+  boost::asio::awaitable<void> finish_incoming(flows::Incoming in, flows::CancelFlag cancel);
   // The cancel flag of the job running for `name`, entered for its duration.
   flows::CancelFlag enter_cancel(const std::string& name);
   void forget_cancel(const std::string& name, const flows::CancelFlag& flag);

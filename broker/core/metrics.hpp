@@ -71,10 +71,11 @@ inline constexpr std::array<std::string_view, 3> kOutcomeNames{"ok", "failed", "
 
 // The job kinds a domain's job slot runs (Domain::begin_job, and destroy, which takes no slot);
 // any other is counted as "other".
-inline constexpr std::array<std::string_view, 18> kJobKinds{
-    "create",     "destroy",     "restore",     "save",    "live-update", "pause",
-    "resume",     "shutdown",    "reset",       "cdrom-insert", "cdrom-eject", "disk-add",
-    "disk-remove", "nic-add",    "nic-remove",  "vnc-set", "vnc-remove",  "other"};
+inline constexpr std::array<std::string_view, 20> kJobKinds{
+    "create",     "destroy",     "restore",     "save",    "live-update", "migrate",
+    "incoming",   "pause",       "resume",      "shutdown", "reset",      "cdrom-insert",
+    "cdrom-eject", "disk-add",   "disk-remove", "nic-add", "nic-remove",  "vnc-set",
+    "vnc-remove", "other"};
 
 // The flow a job kind is an instance of, if any.
 std::optional<Flow> flow_of(std::string_view job_kind);

@@ -424,6 +424,18 @@ Result<RestoreRequest> parse_restore(const json::value& body) {
   return r;
 }
 
+Result<IncomingDomain> parse_incoming(const json::value& body) {
+  auto o = as_object(body, "body");
+  if (!o) return o.error();
+  if (auto ok = only_known(**o, {"domain", "paused"}); !ok) return ok.error();
+  const auto* domain = (*o)->if_contains("domain");
+  if (domain == nullptr) return field_error("domain", "is required");
+  if (!domain->is_object()) return field_error("domain", "must be an object");
+  auto paused = boolean(**o, "paused", false);
+  if (!paused) return paused.error();
+  return IncomingDomain{*domain, *paused};
+}
+
 Result<std::string> parse_migrate(const json::value& body) {
   auto o = as_object(body, "body");
   if (!o) return o.error();

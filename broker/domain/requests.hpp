@@ -101,6 +101,12 @@ struct RestoreRequest {
 };
 Result<RestoreRequest> parse_restore(const boost::json::value& body);
 Result<std::string> parse_migrate(const boost::json::value& body);  // {"to": "..."}
+// What a source broker sends its destination (POST /v1/migrations).
+struct IncomingDomain {
+  boost::json::value domain;  // the domain as the source describes it; checked by the flow
+  bool paused = false;
+};
+Result<IncomingDomain> parse_incoming(const boost::json::value& body);
 
 // An administrator's QMP command for the passthrough. Commands that move fds (add-fd, getfd, ...)
 // and qmp_capabilities are refused here (forbidden, naming "execute"): the broker owns every fd

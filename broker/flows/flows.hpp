@@ -14,6 +14,7 @@
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
 #include <boost/json/object.hpp>
+#include <boost/json/value.hpp>
 
 #include "broker/core/error.hpp"
 #include "broker/domain/domain.hpp"
@@ -21,6 +22,8 @@
 #include "broker/domain/event_bus.hpp"
 #include "broker/domain/requests.hpp"
 #include "fdpass/opener.hpp"
+#include "fdpass/unique_fd.hpp"
+#include "qmp/commands.hpp"
 
 namespace broker::flows {
 
@@ -96,6 +99,42 @@ awaitable<Result<std::shared_ptr<Domain>>> live_update(Context& ctx, Domains& do
                                                        std::shared_ptr<Domain> old, CancelFlag cancel);
 // After a restart, or a failed update: the old QEMU's listeners and log under their own names again.
 void put_back(Domain& d);
+
+// Live migration between two brokers (broker/flows/migrate.cpp has the steps).
+struct IncomingRequest {
+  boost::json::value domain;  // as the source describes it (described_domain_of)
+  bool paused = false;        // stays paused once it has arrived
+  std::string listen_dir;     // where the one-time listener is made (RUN/migrate)
+};
+struct Incoming {
+  std::shared_ptr<Domain> domain;  // spawned with -incoming defer, its devices plugged
+  std::string token;               // the source sends it first on the connection
+  std::string endpoint;            // the listener's path
+  fdpass::UniqueFd listener;
+  JobGuard job;                    // "incoming", until the state has arrived
+};
+// Destination, first half: the described domain's disks and media checked as a restore checks
+// them, the name reserved, QEMU spawned and its devices plugged, a one-time listener made. Any
+// failure tears the domain down by uid.
+awaitable<Result<Incoming>> prepare_incoming(Context& ctx, Domains& domains, IncomingRequest request);
+// Destination, second half: one connection accepted within `wait`, the token checked, the state
+// taken (migrate-incoming fd:), cont unless paused, the record written. Any failure or a cancel
+// tears the domain down by uid.
+awaitable<Result<void>> receive_incoming(Context& ctx, Domains& domains, Incoming in,
+                                         std::chrono::milliseconds wait, CancelFlag cancel);
+// Source: connects to `endpoint`, sends `token`, hands the connection to QEMU (migrate fd:) and
+// follows the migration until it ends. Success: all the state went, the guest is paused here.
+// Failure or cancel: the guest runs here again as it did.
+awaitable<Result<void>> send_state(Context& ctx, Domain& d, std::string endpoint,
+                                   std::string token, CancelFlag cancel);
+// cont, when the guest is not running: a source whose destination gave the domain up.
+awaitable<Result<void>> resume_here(Context& ctx, Domain& d);
+// After a restart: winds down a migration an earlier broker left (journal `args`). A migration
+// still going is cancelled and the guest resumed, as for a save; one QEMU reports completed
+// leaves the guest paused, since the destination may run it.
+awaitable<void> recover_migrate(Context& ctx, Domain& d, boost::json::object args);
+// What the source sends of a domain: its spec and devices, as a save file's header holds them.
+boost::json::value described_domain_of(const Domain& d);
 
 // After a restart: winds down a save an earlier broker left (journal `args`): cancels QEMU's
 // migration, removes the temp file and resumes a guest the save had running.

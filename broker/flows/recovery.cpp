@@ -296,6 +296,10 @@ awaitable<bool> reconcile(Context& ctx, Domain& d, Domain::PendingJob job) {
     co_await recover_save(ctx, d, job.args);
     co_return false;
   }
+  if (job.kind == "migrate") {
+    co_await recover_migrate(ctx, d, job.args);
+    co_return false;
+  }
   if (job.kind == "live-update") {
     // The new QEMU, whose uid no record names, was reclaimed; the old one keeps running.
     put_back(d);
@@ -417,7 +421,8 @@ awaitable<Adopted> adopt(Context& ctx, Domains& domains, std::shared_ptr<Domain>
   }
   // A create or restore that did not finish may have plugged some of its devices and not others:
   // it is undone whole, never adopted half made. The name is free for it to be retried.
-  if (d->interrupted && (d->interrupted->kind == "create" || d->interrupted->kind == "restore")) {
+  if (d->interrupted && (d->interrupted->kind == "create" || d->interrupted->kind == "restore" ||
+                         d->interrupted->kind == "incoming")) {
     co_await bury(domains, d, "its " + d->interrupted->kind + " was interrupted", true);
     co_return Adopted::torn_down;
   }

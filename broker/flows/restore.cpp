@@ -78,6 +78,10 @@ Result<void> check_same(Context& ctx, const std::string& path, const fdpass::Ide
   return {};
 }
 
+}  // namespace
+
+namespace detail {
+
 Result<void> check_identities(Context& ctx, const Domain& saved) {
   for (const auto& [id, disk] : saved.disks) {
     if (auto ok = check_same(ctx, disk.spec.path, disk.identity, "disks." + id); !ok) return ok;
@@ -88,6 +92,11 @@ Result<void> check_identities(Context& ctx, const Domain& saved) {
   }
   return {};
 }
+
+}  // namespace detail
+
+namespace {
+
 
 // The same check on what the flows opened and handed to QEMU, so a file swapped between the
 // first check and the plug is still caught.

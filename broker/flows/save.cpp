@@ -201,6 +201,10 @@ Result<void> write_all(int fd, std::string_view data, const std::string& what) {
   return {};
 }
 
+}  // namespace
+
+namespace detail {
+
 // The domain as the header keeps it: its spec and devices with their paths and identities, not
 // the instance that ran it.
 json::value saved_domain(const Domain& d) {
@@ -209,6 +213,11 @@ json::value saved_domain(const Domain& d) {
     o.erase(k);
   return o;
 }
+
+}  // namespace detail
+
+namespace {
+
 
 // Trailer, fsync, rename over the target, fsync of the directory: the file is whole under its
 // name or not there.

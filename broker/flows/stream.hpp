@@ -4,6 +4,7 @@
 
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/json/value.hpp>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -56,6 +57,23 @@ boost::asio::awaitable<Result<qmp::reply::MigrationInfo>> follow(
 // SCSI disks (each in id order, as a create plugs them); then each disk's identity compared with
 // the saved one (identity_changed).
 boost::asio::awaitable<Result<void>> replug(Context& ctx, Domain& d, const Domain& saved);
+
+// The domain as a save file's header or a migration keeps it: its spec and devices with their
+// paths and identities, not the instance that ran it.
+boost::json::value saved_domain(const Domain& d);
+
+// Every disk and medium of `saved` opened again as hotplug opens it; identity_changed when one is
+// no longer the object it was, naming the field (disks.ID, cdroms.ID).
+Result<void> check_identities(Context& ctx, const Domain& saved);
+
+// True while QEMU's migration status says it still runs.
+bool migration_busy(const std::string& status);
+
+// Follows an outgoing migration until it ends, polling query-migrate and publishing the job's
+// progress; a cancel is a migrate_cancel. Returns QEMU's last migration state.
+boost::asio::awaitable<Result<qmp::reply::MigrationInfo>> follow_live(Context& ctx, Domain& d,
+                                                                      std::string job,
+                                                                      CancelFlag cancel);
 
 // cont, when the guest is not running (QEMU leaves it stopped after a completed migration).
 boost::asio::awaitable<Result<void>> ensure_running(Context& ctx, Domain& d);

@@ -75,43 +75,6 @@ void put_back(Domain& d) {
 
 namespace {
 
-bool busy(const std::string& st) {
-  return st == "setup" || st == "active" || st == "device" || st == "pre-switchover" ||
-         st == "cancelling" || st == "wait-unplug";
-}
-
-// Follows the old QEMU's migration until it ends, publishing progress; a cancel is a
-// migrate_cancel.
-awaitable<Result<qmp::reply::MigrationInfo>> follow_live(Context& ctx, Domain& d,
-                                                         CancelFlag cancel) {
-  using Clock = std::chrono::steady_clock;
-  const auto start = Clock::now();
-  auto last_event = start - std::chrono::hours(1);
-  bool cancel_sent = false;
-  asio::steady_timer tick(ctx.ex);
-  for (;;) {
-    tick.expires_after(ctx.timeouts.migrate_poll);
-    co_await tick.async_wait(asio::as_tuple(asio::use_awaitable));
-    qmp::Command query = qmp::cmd::query_migrate();
-    auto r = co_await call(ctx, d, std::move(query));
-    if (!r) co_return r.error();
-    auto info = qmp::reply::migration(*r);
-    if (!info) co_return from_qmp(info.error(), "query-migrate");
-    if (cancel && *cancel && !cancel_sent) {
-      cancel_sent = true;
-      qmp::Command c = qmp::cmd::migrate_cancel();
-      if (auto ok = co_await call(ctx, d, std::move(c)); !ok) log::warn(ok.error().describe());
-    }
-    const auto now = Clock::now();
-    if (now - last_event >= std::chrono::milliseconds(250) || !busy(info->status)) {
-      last_event = now;
-      const Follow what{"live-update", true, 0};
-      publish_progress(ctx, d, what, info->transferred, *info, now - start);
-    }
-    if (!busy(info->status)) co_return *info;
-  }
-}
-
 // Waits for the incoming side to finish loading (it ends a moment after the sender).
 awaitable<Result<void>> incoming_done(Context& ctx, Domain& d) {
   using Clock = std::chrono::steady_clock;
@@ -124,7 +87,7 @@ awaitable<Result<void>> incoming_done(Context& ctx, Domain& d) {
     auto info = qmp::reply::migration(*r);
     if (!info) co_return from_qmp(info.error(), "query-migrate");
     if (info->status == "completed") co_return Result<void>{};
-    if (!busy(info->status) || Clock::now() >= deadline) {
+    if (!migration_busy(info->status) || Clock::now() >= deadline) {
       co_return Error(make_error_code(errc::qemu_error),
                       "the new QEMU did not take the state: " + info->status + ": " +
                           info->error_desc.value_or("no reason given"));
@@ -154,7 +117,7 @@ awaitable<Result<void>> move_state(Context& ctx, Domains& domains, std::shared_p
   pair->first.reset();
   qmp::Command migrate = qmp::cmd::migrate_to_fd(fd_name);
   if (auto ok = co_await call(ctx, *old, std::move(migrate)); !ok) co_return ok.error();
-  auto info = co_await follow_live(ctx, *old, cancel);
+  auto info = co_await follow_live(ctx, *old, "live-update", cancel);
   if (!info) co_return info.error();
   if (cancel && *cancel) co_return cancelled("the live update of domain " + old->name());
   if (info->status != "completed") {

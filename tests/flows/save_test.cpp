@@ -412,9 +412,16 @@ TEST_CASE("a live update moves the running guest to a fresh QEMU under a new uid
                 .rc == 0);
     CHECK(qbtest::read_at(im / "u.img", 32 * 512, tag.size()) == tag);
   }
+  // Another broker is named by the absolute path of its API socket; no such broker: refused,
+  // naming "to", and the domain runs on.
   auto other = fx.run(fx.broker.migrate("up1", "unix:/run/elsewhere.sock"));
   REQUIRE_FALSE(other);
-  CHECK(other.error().code == broker::errc::not_implemented);
+  CHECK(other.error().code == broker::errc::invalid_argument);
+  CHECK(other.error().field == "to");
+  auto nobody = fx.run(fx.broker.migrate("up1", fx.run_dir / "no-broker.sock"));
+  REQUIRE_FALSE(nobody);
+  CHECK(nobody.error().field == "to");
+  CHECK(fx.run(fx.broker.info("up1", false))->state == broker::RunState::running);
   fx.check_transcript();
   REQUIRE(fx.run(fx.broker.destroy("up1")));
 }
