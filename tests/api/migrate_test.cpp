@@ -121,55 +121,84 @@ http::Reply migrate(const Broker& from, const std::string& name, const Broker& t
   return *r;
 }
 
+// Two brokers sharing an image root, and a booted guest at the source.
+struct Pair {
+  qbtest::TempDir shared;
+  std::string images = shared / "images";
+  std::unique_ptr<Broker> source, destination;
+  std::string name;
+  Guest guest;
+
+  Pair(uid_t base, const std::string& prefix) : name(prefix + std::to_string(::getpid())) {
+    qbtest::become_subreaper();
+    make_images(images);
+    source = std::make_unique<Broker>(base, images);
+    destination = std::make_unique<Broker>(base + 50, images);
+    guest = boot(*source, name, images);
+    start_counter(*guest.console);
+  }
+  // The guest runs on at the source, unchanged, counting.
+  void check_runs_at_source() {
+    auto here = source->domain(name);
+    REQUIRE(here.is_object());
+    CHECK(here.at("state").as_string() == "running");
+    CHECK(here.at("pid").to_number<int>() == guest.pid);
+    CHECK(here.at("job").is_null());
+    const long now = counter(*guest.console);
+    CHECK(wait_for([&] { return counter(*guest.console) > now; }, 10s));
+  }
+  // The destination keeps nothing of it: no domain, nothing under its uids.
+  void check_nothing_at_destination() {
+    CHECK(wait_for([&] { return destination->domain(name).is_null(); }, 30s));
+    for (uid_t u = destination->base; u < destination->base + 8; ++u) {
+      CHECK(broker::lifecycle::live_processes_of_uid("/proc", u) == 0);
+    }
+  }
+};
+
 }  // namespace
 
 TEST_CASE("a running guest migrates to another broker with its memory and disk, and nothing of it "
           "is left at the source",
           "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
-  qbtest::become_subreaper();
-  qbtest::TempDir shared;
-  const std::string images = shared / "images";
-  make_images(images);
-  Broker source(kSourceBase, images), destination(kDestinationBase, images);
-  const std::string name = "mig" + std::to_string(::getpid());
-  Guest g = boot(source, name, images);
-  // Memory: a counter the guest keeps in its RAM-backed /tmp. Disk: bytes written to d0.
-  start_counter(*g.console);
-  run_in(*g.console, "echo QB-WRITTEN-AT-SOURCE | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
-  const long before = counter(*g.console);
+  Pair p(kSourceBase, "mig");
+  auto& con = *p.guest.console;
+  // Memory: the counter the guest keeps in its RAM-backed /tmp. Disk: bytes written to d0.
+  run_in(con, "echo QB-WRITTEN-AT-SOURCE | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
+  const long before = counter(con);
 
-  auto moved = migrate(source, name, destination);
+  auto moved = migrate(*p.source, p.name, *p.destination);
   INFO(moved.body);
   REQUIRE(moved.status == 200);
-  CHECK(moved.json.at("migrated_to").as_string() == destination.sock);
+  CHECK(moved.json.at("migrated_to").as_string() == p.destination->sock);
 
   // The source keeps nothing: no domain, no process under the uid, no record.
-  CHECK(source.domain(name).is_null());
-  CHECK(broker::lifecycle::live_processes_of_uid("/proc", g.uid) == 0);
-  CHECK_FALSE(std::filesystem::exists(source.dir / ("run/domains/" + name + ".json")));
+  CHECK(p.source->domain(p.name).is_null());
+  CHECK(broker::lifecycle::live_processes_of_uid("/proc", p.guest.uid) == 0);
+  CHECK_FALSE(std::filesystem::exists(p.source->dir / ("run/domains/" + p.name + ".json")));
   // The destination runs it under a uid of its own range, and the guest went on counting.
-  auto there = destination.domain(name);
+  auto there = p.destination->domain(p.name);
   REQUIRE(there.is_object());
   CHECK(there.at("state").as_string() == "running");
   const auto uid = there.at("uid").to_number<uid_t>();
-  CHECK(uid > kDestinationBase);
-  CHECK(uid < kDestinationBase + 8);
+  CHECK(uid > p.destination->base);
+  CHECK(uid < p.destination->base + 8);
   const pid_t pid = static_cast<pid_t>(there.at("pid").to_number<int>());
   auto fd = qbtest::connect_retry(std::string(there.at("console").as_string()), 10s);
   REQUIRE(fd);
-  qbtest::GuestConsole con(std::move(fd));
-  const long after = counter(con);
+  qbtest::GuestConsole moved_con(std::move(fd));
+  const long after = counter(moved_con);
   CHECK(after >= before);
-  CHECK(wait_for([&] { return counter(con) > after; }, 10s));
-  CHECK(run_in(con, "dd if=/dev/vda bs=512 skip=8 count=1 2>/dev/null | head -c 20") ==
+  CHECK(wait_for([&] { return counter(moved_con) > after; }, 10s));
+  CHECK(run_in(moved_con, "dd if=/dev/vda bs=512 skip=8 count=1 2>/dev/null | head -c 20") ==
         "QB-WRITTEN-AT-SOURCE");
   // The destination's QEMU got the stream as an fd: it holds no socket by path, and the
   // one-time listener is gone.
-  CHECK(fds_naming(pid, destination.dir.path()) == 0);
-  CHECK(std::filesystem::is_empty(destination.dir / "run/migrate"));
+  CHECK(fds_naming(pid, p.destination->dir.path()) == 0);
+  CHECK(std::filesystem::is_empty(p.destination->dir / "run/migrate"));
 
-  auto gone = http::call(destination.sock, "DELETE", "/v1/domains/" + name);
+  auto gone = http::call(p.destination->sock, "DELETE", "/v1/domains/" + p.name);
   REQUIRE(gone);
   CHECK(gone->status == 200);
 }
@@ -177,84 +206,57 @@ TEST_CASE("a running guest migrates to another broker with its memory and disk, 
 TEST_CASE("a destination that refuses the domain leaves it running at the source, unchanged",
           "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
-  qbtest::become_subreaper();
-  qbtest::TempDir shared;
-  const std::string images = shared / "images";
-  make_images(images);
-  Broker source(kRefusedBase, images), destination(kRefusedBase + 50, images);
-  const std::string name = "ref" + std::to_string(::getpid());
-  Guest g = boot(source, name, images);
+  Pair p(kRefusedBase, "ref");
   // The destination has a domain of that name already.
-  auto taken = http::call(destination.sock, "POST", "/v1/domains",
-                          R"({"name":")" + name + R"(","memory_mib":64,"machine":"none"})", 60s);
+  auto taken = http::call(p.destination->sock, "POST", "/v1/domains",
+                          R"({"name":")" + p.name + R"(","memory_mib":64,"machine":"none"})", 60s);
   REQUIRE(taken);
   REQUIRE(taken->status == 201);
 
-  auto refused = migrate(source, name, destination);
+  auto refused = migrate(*p.source, p.name, *p.destination);
   INFO(refused.body);
   CHECK(refused.status == 409);
   CHECK(refused.json.at("error").at("field").as_string() == "to");
-  CHECK(refused.json.at("error").at("message").as_string().find("a domain named '" + name + "' exists") !=
-        std::string::npos);
-  auto here = source.domain(name);
-  REQUIRE(here.is_object());
-  CHECK(here.at("state").as_string() == "running");
-  CHECK(here.at("pid").to_number<int>() == g.pid);
-  CHECK(here.at("job").is_null());
-  CHECK(counter(*g.console) >= 0);  // the guest answers
+  CHECK(refused.json.at("error").at("message").as_string().find("a domain named '" + p.name +
+                                                                "' exists") != std::string::npos);
+  p.check_runs_at_source();
 
-  // A destination path that is no broker at all: refused naming "to", nothing changes.
-  auto nowhere = http::call(source.sock, "POST", "/v1/domains/" + name + "/migrate",
-                            R"({"to":")" + shared.path() + R"(/no-broker.sock"})", 30s);
+  // A destination path that is no broker at all, or not a path: refused naming "to".
+  auto nowhere = http::call(p.source->sock, "POST", "/v1/domains/" + p.name + "/migrate",
+                            R"({"to":")" + p.shared.path() + R"(/no-broker.sock"})", 30s);
   REQUIRE(nowhere);
   CHECK(nowhere->status >= 400);
   CHECK(nowhere->json.at("error").at("field").as_string() == "to");
-  CHECK(source.domain(name).at("state").as_string() == "running");
-  auto bad = http::call(source.sock, "POST", "/v1/domains/" + name + "/migrate", R"({"to":"b.sock"})");
+  auto bad = http::call(p.source->sock, "POST", "/v1/domains/" + p.name + "/migrate",
+                        R"({"to":"b.sock"})");
   REQUIRE(bad);
   CHECK(bad->status == 400);
   CHECK(bad->json.at("error").at("field").as_string() == "to");
+  p.check_runs_at_source();
 }
 
 TEST_CASE("a destination QEMU that dies during the migration leaves the guest running at the source",
           "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
-  qbtest::become_subreaper();
-  qbtest::TempDir shared;
-  const std::string images = shared / "images";
-  make_images(images);
-  Broker source(kDyingBase, images), destination(kDyingBase + 50, images);
-  const std::string name = "die" + std::to_string(::getpid());
-  Guest g = boot(source, name, images);
-  start_counter(*g.console);
-
+  Pair p(kDyingBase, "die");
   // The destination's QEMU is killed as soon as it exists: during the prepare, or while the
   // state streams in, whichever the timing gives.
   std::thread killer([&] {
     wait_for(
         [&] {
-          auto d = destination.domain(name);
+          auto d = p.destination->domain(p.name);
           if (!d.is_object() || !d.at("pid").is_number()) return false;
           const auto pid = d.at("pid").to_number<int>();
           return pid > 0 && ::kill(pid, SIGKILL) == 0;
         },
         60s);
   });
-  auto failed = migrate(source, name, destination);
+  auto failed = migrate(*p.source, p.name, *p.destination);
   killer.join();
   INFO(failed.body);
   CHECK(failed.status >= 400);
-  auto here = source.domain(name);
-  REQUIRE(here.is_object());
-  CHECK(here.at("state").as_string() == "running");
-  CHECK(here.at("job").is_null());
-  const long now = counter(*g.console);
-  CHECK(wait_for([&] { return counter(*g.console) > now; }, 10s));
-  // The destination tore its half down by uid: no domain, nothing under its uids.
-  CHECK(wait_for([&] { return destination.domain(name).is_null(); }, 30s));
-  for (uid_t u = kDyingBase + 50; u < kDyingBase + 58; ++u) {
-    CHECK(broker::lifecycle::live_processes_of_uid("/proc", u) == 0);
-  }
+  p.check_runs_at_source();
+  p.check_nothing_at_destination();
 }
 
 namespace {
@@ -274,38 +276,34 @@ std::pair<std::string, std::string> placements(const Broker& a, const Broker& b,
 TEST_CASE("qbrokerd SIGKILLed mid-migration at the source: the guest runs in exactly one place",
           "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
-  qbtest::become_subreaper();
-  qbtest::TempDir shared;
-  const std::string images = shared / "images";
-  make_images(images);
-  Broker source(kKilledSourceBase, images), destination(kKilledSourceBase + 50, images);
-  const std::string name = "ks" + std::to_string(::getpid());
-  Guest g = boot(source, name, images);
+  Pair p(kKilledSourceBase, "ks");
   std::thread asker([&] {
-    http::call(source.sock, "POST", "/v1/domains/" + name + "/migrate",
-               R"({"to":")" + destination.sock + R"("})", 120s);
+    http::call(p.source->sock, "POST", "/v1/domains/" + p.name + "/migrate",
+               R"({"to":")" + p.destination->sock + R"("})", 120s);
   });
-  SECTION("as soon as the job is journaled") { source.kill_during(name, "migrate"); }
+  SECTION("as soon as the job is journaled") { p.source->kill_during(p.name, "migrate"); }
   SECTION("once the destination has the domain") {
-    REQUIRE(wait_for([&] { return destination.domain(name).is_object(); }, 60s));
-    source.kill_during(name, "migrate");
+    REQUIRE(wait_for([&] { return p.destination->domain(p.name).is_object(); }, 60s));
+    p.source->kill_during(p.name, "migrate");
   }
   asker.join();
-  source.start();
-  REQUIRE(wait_adopted(source.sock, 60s));
+  p.source->start();
+  REQUIRE(wait_adopted(p.source->sock, 60s));
   // The source's QEMU may have finished sending on its own: the destination then runs the guest
-  // and the source keeps it paused; or it had not begun, and the source runs it again. Never
-  // both running, never neither.
+  // and the source keeps it paused; or it had not, and the source runs it again. Never both
+  // running, never neither.
   std::pair<std::string, std::string> where;
-  CHECK(wait_for([&] {
-    where = placements(source, destination, name);
-    return (where.first == "running") != (where.second == "running") &&
-           where.second != "starting" && where.second != "paused";
-  }, 60s));
+  CHECK(wait_for(
+      [&] {
+        where = placements(*p.source, *p.destination, p.name);
+        return (where.first == "running") != (where.second == "running") &&
+               where.second != "starting" && where.second != "paused";
+      },
+      60s));
   INFO("source: " << where.first << ", destination: " << where.second);
   CHECK((where.first == "running" || where.first == "paused" || where.first.empty()));
-  for (auto* b : {&source, &destination}) {
-    auto d = b->domain(name);
+  for (auto* b : {p.source.get(), p.destination.get()}) {
+    auto d = b->domain(p.name);
     if (d.is_object()) CHECK(d.at("job").is_null());
   }
 }
@@ -314,35 +312,20 @@ TEST_CASE("qbrokerd SIGKILLed mid-migration at the destination: the guest runs o
           "the restarted destination leaves nothing",
           "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
-  qbtest::become_subreaper();
-  qbtest::TempDir shared;
-  const std::string images = shared / "images";
-  make_images(images);
-  Broker source(kKilledDestinationBase, images), destination(kKilledDestinationBase + 50, images);
-  const std::string name = "kd" + std::to_string(::getpid());
-  Guest g = boot(source, name, images);
-  start_counter(*g.console);
+  Pair p(kKilledDestinationBase, "kd");
   std::optional<http::Reply> answer;
   std::thread asker([&] {
-    answer = http::call(source.sock, "POST", "/v1/domains/" + name + "/migrate",
-                        R"({"to":")" + destination.sock + R"("})", 120s);
+    answer = http::call(p.source->sock, "POST", "/v1/domains/" + p.name + "/migrate",
+                        R"({"to":")" + p.destination->sock + R"("})", 120s);
   });
-  destination.kill_during(name, "incoming");
-  destination.start();
-  REQUIRE(wait_adopted(destination.sock, 60s));
+  p.destination->kill_during(p.name, "incoming");
+  p.destination->start();
+  REQUIRE(wait_adopted(p.destination->sock, 60s));
   asker.join();
   REQUIRE(answer);
   INFO(answer->body);
   CHECK(answer->status >= 400);
   // The destination buried the half-arrived domain by uid; the source resumed its guest.
-  CHECK(wait_for([&] { return destination.domain(name).is_null(); }, 30s));
-  for (uid_t u = kKilledDestinationBase + 50; u < kKilledDestinationBase + 58; ++u) {
-    CHECK(broker::lifecycle::live_processes_of_uid("/proc", u) == 0);
-  }
-  auto here = source.domain(name);
-  REQUIRE(here.is_object());
-  CHECK(here.at("state").as_string() == "running");
-  CHECK(here.at("job").is_null());
-  const long now = counter(*g.console);
-  CHECK(wait_for([&] { return counter(*g.console) > now; }, 10s));
+  p.check_nothing_at_destination();
+  p.check_runs_at_source();
 }
