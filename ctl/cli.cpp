@@ -297,6 +297,20 @@ std::variant<json::value, CliError> read_json_file(const std::string& path) {
 using Out = std::variant<Invocation, CliError>;
 using Builder = std::function<Out(const Args&)>;
 
+// --count N into inv.events_count (events: events shown; top: refreshes).
+std::optional<CliError> read_count(const Args& a, Invocation& inv) {
+  auto c = a.one("--count");
+  if (!c) return std::nullopt;
+  try {
+    std::size_t used = 0;
+    inv.events_count = std::stol(*c, &used);
+    if (used != c->size() || inv.events_count < 1) throw std::invalid_argument("count");
+  } catch (const std::exception&) {
+    return CliError{"--count: must be a positive number", "--count"};
+  }
+  return std::nullopt;
+}
+
 // ---- One builder per subcommand: validated arguments -> the request -----------------------------
 
 Out version(const Args&) {
@@ -320,15 +334,7 @@ Out top(const Args& a) {
       return CliError{"--interval: must be between 0.1 and 3600 seconds", "--interval"};
     }
   }
-  if (auto c = a.one("--count")) {
-    try {
-      std::size_t used = 0;
-      inv.events_count = std::stol(*c, &used);
-      if (used != c->size() || inv.events_count < 1) throw std::invalid_argument("count");
-    } catch (const std::exception&) {
-      return CliError{"--count: must be a positive number", "--count"};
-    }
-  }
+  if (auto bad = read_count(a, inv)) return *bad;
   return inv;
 }
 
@@ -603,15 +609,7 @@ Out events(const Args& a) {
     inv.events_domain = *d;
     inv.target = events_target(*d);
   }
-  if (auto c = a.one("--count")) {
-    try {
-      std::size_t used = 0;
-      inv.events_count = std::stol(*c, &used);
-      if (used != c->size() || inv.events_count < 1) throw std::invalid_argument("count");
-    } catch (const std::exception&) {
-      return CliError{"--count: must be a positive number", "--count"};
-    }
-  }
+  if (auto bad = read_count(a, inv)) return *bad;
   return inv;
 }
 
