@@ -54,9 +54,29 @@ struct Broker {
     CHECK(daemon.wait(10s) == 128 + SIGKILL);
     daemon.pid = -1;
   }
+  // SIGTERM leaves domains running for a restart: each one still here is destroyed first, and
+  // whatever still runs under the range afterwards is killed by pid and reaped.
   ~Broker() {
-    ::kill(daemon.pid, SIGTERM);
-    daemon.wait(10s);
+    if (daemon.pid > 0) {
+      auto list = http::call(sock, "GET", "/v1/domains");
+      if (list && list->json.is_object()) {
+        for (const auto& d : list->json.at("domains").as_array()) {
+          http::call(sock, "DELETE", "/v1/domains/" + std::string(d.at("name").as_string()), {}, 30s);
+        }
+      }
+      ::kill(daemon.pid, SIGTERM);
+      daemon.wait(10s);
+    }
+    for (uid_t u = base; u < base + 8; ++u) {
+      for (const auto& p : broker::lifecycle::processes_of_uid("/proc", u)) ::kill(p.pid, SIGKILL);
+    }
+    wait_for([&] {
+      qbtest::reap_exited_children();
+      for (uid_t u = base; u < base + 8; ++u) {
+        if (!broker::lifecycle::processes_of_uid("/proc", u).empty()) return false;
+      }
+      return true;
+    }, 10s);
     remove_cgroup_base(base);
   }
   json::value domain(const std::string& name) const {
