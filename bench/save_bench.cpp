@@ -17,6 +17,12 @@
 //   update   broker: Broker::migrate(name, "local"), a live update of the running guest to a fresh
 //            QEMU: spawn with -incoming defer, QMP, socketpair, getfd into both, migrate, cont,
 //            the old QEMU killed by uid. raw: the same steps by hand on the raw guest.
+//   migrate  broker: POST /v1/domains/NAME/migrate between two qbrokerd on this host, there and
+//            back in turn, from the request to its answer: the destination prepares the domain
+//            (HTTP, disk checks, spawn with -incoming defer, QMP, listener), the source connects,
+//            sends the token, getfd, migrate; the destination takes the state and runs cont; the
+//            source sees it running there and kills its QEMU by uid. raw: the update's steps by
+//            hand, which are what a migration between two QEMUs on one host needs at the least.
 //
 // Usage: save_bench [--rounds N] [--dir DIR] [--verbose]   (root and the test guest; build
 // optimized. DIR holds both save files, /var/tmp by default.)
@@ -38,16 +44,21 @@
 #include <thread>
 #include <vector>
 
+#include <signal.h>
+#include <sys/wait.h>
+
 #include "broker/control/broker.hpp"
 #include "broker/core/log.hpp"
 #include "broker/lifecycle/cgroup.hpp"
 #include "broker/lifecycle/launcher.hpp"
+#include "broker/lifecycle/proc.hpp"
 #include "broker/lifecycle/reaper.hpp"
 #include "broker/lifecycle/uid_pool.hpp"
 #include "fdpass/devices.hpp"
 #include "fdpass/opener.hpp"
 #include "qmp/commands.hpp"
 #include "support/asio_run.hpp"
+#include "http_client.hpp"
 #include "support/qemu.hpp"
 
 using Clock = std::chrono::steady_clock;
@@ -313,6 +324,72 @@ std::uint64_t size_of(const std::string& path) {
 
 }  // namespace
 
+// A qbrokerd of the benchmark's own (uid range, state, run directory), stopped by pid.
+struct Daemon {
+  TempDir dir;
+  std::string sock = dir / "qbroker.sock";
+  uid_t base;
+  pid_t pid = -1;
+
+  explicit Daemon(uid_t uid_base) : base(uid_base) {
+    const std::vector<std::string> args = {
+        QBROKERD,    "--socket",    sock,          "--state-dir", dir / "state", "--run-dir",
+        dir / "run", "--uid-range", std::to_string(base) + ":8", "--image-root",
+        qbtest::guest_dir(),        "--log-level", "warn"};
+    pid = ::fork();
+    if (pid == 0) {
+      std::vector<char*> argv;
+      for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+      argv.push_back(nullptr);
+      ::execv(argv[0], argv.data());
+      ::_exit(127);
+    }
+    for (int i = 0; i < 200; ++i) {
+      auto v = qbtest::http::call(sock, "GET", "/v1/version", {}, 1s);
+      if (v && v->status == 200) return;
+      std::this_thread::sleep_for(50ms);
+    }
+    die("qbrokerd did not answer on " + sock);
+  }
+  // SIGTERM leaves domains running: what still runs under the range is killed by pid.
+  ~Daemon() {
+    if (pid > 0) {
+      ::kill(pid, SIGTERM);
+      int status = 0;
+      ::waitpid(pid, &status, 0);
+    }
+    for (uid_t u = base; u < base + 8; ++u) {
+      for (const auto& p : broker::lifecycle::processes_of_uid("/proc", u)) ::kill(p.pid, SIGKILL);
+    }
+  }
+};
+
+// Live migrations of one booted guest between two qbrokerd, there and back, timed per request.
+std::vector<double> broker_migrations(int rounds) {
+  Daemon a(kBase + 10), b(kBase + 20);
+  const std::string body = R"({"name":"qbs-mig","memory_mib":128,"kernel":")" +
+                           qbtest::guest_kernel() + R"(","initrd":")" + qbtest::guest_initrd() +
+                           R"(","append":")" + qbtest::kGuestAppend + R"("})";
+  auto created = qbtest::http::call(a.sock, "POST", "/v1/domains", body, 60s);
+  if (!created || created->status != 201) die("migrate: create on the first qbrokerd");
+  std::this_thread::sleep_for(4s);  // booted, then idle
+  std::vector<double> times;
+  const Daemon* from = &a;
+  const Daemon* to = &b;
+  for (int r = 0; r < rounds; ++r) {
+    auto t0 = Clock::now();
+    auto moved = qbtest::http::call(from->sock, "POST", "/v1/domains/qbs-mig/migrate",
+                                    R"({"to":")" + to->sock + R"("})", 120s);
+    if (!moved || moved->status != 200) {
+      die("migrate: " + (moved ? moved->body : std::string("no answer")));
+    }
+    times.push_back(ms(Clock::now() - t0));
+    std::swap(from, to);
+  }
+  qbtest::http::call(from->sock, "DELETE", "/v1/domains/qbs-mig", {}, 30s);
+  return times;
+}
+
 int main(int argc, char** argv) {
   int rounds = 5;
   bool verbose = false;
@@ -427,6 +504,8 @@ int main(int argc, char** argv) {
     line("save", save_api, save_raw);
     line("restore", restore_api, restore_raw);
     line("update", update_api, update_raw);
+    // Between two brokers: the raw floor is the update's, measured above in the same run.
+    line("migrate", broker_migrations(rounds), update_raw);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "save_bench: %s\n", e.what());
     rc = 1;

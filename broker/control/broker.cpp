@@ -469,8 +469,11 @@ awaitable<Result<void>> Broker::migrate(std::string name, std::string to, Progre
     co_return moved.error();
   }
   events_.publish(name, "job", "finished", std::move(data));
-  // The domain runs at the destination: this QEMU and everything under its uid go.
-  if (auto gone = co_await domains_.teardown(d, true); !gone) {
+  // The domain runs at the destination: this QEMU and everything under its uid go, recorded
+  // first as a destroy is, so a broker killed halfway leaves the next one the destroy to finish.
+  d->destroying = true;
+  if (auto ok = co_await domains_.records().persist(*d); !ok) log::warn(ok.error().describe());
+  if (auto gone = co_await domains_.teardown(d, false, true); !gone) {
     log::error("domain " + name + " migrated to " + to +
                ", but the QEMU it left could not be torn down: " + gone.error().describe());
   }
@@ -557,7 +560,8 @@ awaitable<Result<bool>> Broker::arrived(std::string to, std::string name, bool p
                       "the broker at " + to + " did not report domain " + name + " " +
                           (paused ? "paused" : "running"));
     }
-    tick.expires_after(std::chrono::milliseconds(10));
+    // Short: the guest runs nowhere while this waits, and a GET costs the destination little.
+    tick.expires_after(std::chrono::milliseconds(2));
     co_await tick.async_wait(asio::as_tuple(asio::use_awaitable));
   }
 }
