@@ -202,7 +202,7 @@ struct Env {
   broker::lifecycle::ForkingUidKiller killer;
   broker::lifecycle::Reaper reaper{killer, kBase};
   broker::lifecycle::UidPool uids{{kBase, 8}, state.path, reaper};
-  broker::lifecycle::CgroupManager cgroups;
+  broker::lifecycle::CgroupManager cgroups{{}, "qbroker-" + std::to_string(kBase)};
   fdpass::ImageRoots roots;
   broker::lifecycle::Launcher launcher;
   asio::io_context io;

@@ -126,6 +126,10 @@ Result<Cgroup> CgroupManager::create(const std::string& name, const CgroupLimits
     ::rmdir(cg.path_.c_str());
     return e;
   }
+  {
+    std::lock_guard lock(mutex_);
+    created_.insert(name);
+  }
   auto apply = [&](const char* file, std::uint64_t value) {
     if (value == 0 || !limits_supported_) return;
     if (!write_text(cg.path_ + "/" + file, std::to_string(value))) {
@@ -149,6 +153,10 @@ std::optional<Cgroup> CgroupManager::open(const std::string& name) {
 bool CgroupManager::retire(Cgroup& cgroup) {
   if (cgroup.path_.empty()) return true;
   auto name = cgroup.name();
+  {
+    std::lock_guard lock(mutex_);
+    created_.erase(name);
+  }
   auto removed = cgroup.remove();
   if (removed) return true;
   log::info(removed.error().describe() + "; retried later");
@@ -184,7 +192,9 @@ void CgroupManager::sweep(const std::string& prefix, const std::set<std::string>
   }
   {
     std::lock_guard lock(mutex_);
-    retired_.insert(stale.begin(), stale.end());
+    for (auto& name : stale) {
+      if (!created_.contains(name)) retired_.insert(std::move(name));
+    }
   }
   retry_retired();
 }

@@ -74,7 +74,8 @@ class CgroupManager {
   // and retried by later calls. Returns false when the removal had to be deferred.
   bool retire(Cgroup& cgroup);
   // Removes every cgroup below the base whose name starts with `prefix` and is not in `keep`
-  // (left behind by an earlier broker); busy ones are retired.
+  // (left behind by an earlier broker); busy ones are retired. A cgroup this manager created and
+  // has not retired is never swept: a start running beside the sweep owns it.
   void sweep(const std::string& prefix, const std::set<std::string>& keep);
   // Removes the base when no domain cgroup is left below it (a broker that stops with domains
   // running keeps it). Returns true when it is gone.
@@ -90,6 +91,7 @@ class CgroupManager {
   bool limits_supported_ = false;
   mutable std::mutex mutex_;
   std::set<std::string> retired_;  // names below base_
+  std::set<std::string> created_;  // made here and not retired since
 };
 
 }  // namespace broker::lifecycle

@@ -441,7 +441,9 @@ std::vector<uid_t> Launcher::reclaim_uids(const std::vector<const Instance*>& li
   if (uids_.is_shared() && !running.empty()) return released;
   const auto recorded = uids_.in_use();  // a copy: release() changes it
   for (const auto& [uid, owner] : recorded) {
-    if (running.contains(uid)) continue;
+    // Only what an earlier broker left: a start of this one may be running beside the reclaim,
+    // its uid recorded before its domain can show it.
+    if (running.contains(uid) || !uids_.inherited().contains(uid)) continue;
     auto killed = uids_.reaper().kill_uid(uid);
     if (!killed) {
       log::error("uid " + std::to_string(uid) + " (recorded for " + owner +

@@ -89,6 +89,7 @@ UidPool UidPool::shared(uid_t uid, std::string state_dir, Reaper& reaper) {
 std::map<uid_t, std::string> UidPool::load() {
   make_dirs(dir_);
   in_use_.clear();
+  inherited_.clear();
   for (const auto& name : list_dir(dir_)) {
     // The temporary file of a record write a crash cut short: the record was never made.
     if (name.starts_with('.') && name.ends_with(".tmp")) {
@@ -99,6 +100,7 @@ std::map<uid_t, std::string> UidPool::load() {
     if (!parse_number(std::string_view(name), uid)) continue;
     auto owner = read_small_file(dir_ + "/" + name, 4096);
     in_use_[uid] = owner ? *owner : std::string();
+    inherited_.insert(uid);
   }
   return in_use_;
 }
@@ -183,6 +185,7 @@ Result<void> UidPool::release(uid_t uid) {
     return make_error(ec, "forgetting uid " + std::to_string(uid));
   }
   in_use_.erase(uid);
+  inherited_.erase(uid);
   return {};
 }
 

@@ -64,6 +64,9 @@ class UidPool {
 
   const std::set<uid_t>& quarantined() const { return quarantined_; }
   const std::map<uid_t, std::string>& in_use() const { return in_use_; }
+  // The uids load() found recorded by an earlier broker and not released since: the only ones a
+  // reclaim may take. A uid this broker allocated belongs to a start or a domain of its own.
+  const std::set<uid_t>& inherited() const { return inherited_; }
   const UidRange& range() const { return range_; }
   Reaper& reaper() { return reaper_; }
 
@@ -74,6 +77,7 @@ class UidPool {
   std::string dir_;
   Reaper& reaper_;
   std::map<uid_t, std::string> in_use_;
+  std::set<uid_t> inherited_;
   std::set<uid_t> quarantined_;
   bool shared_ = false;
 };

@@ -46,11 +46,17 @@ struct LifecycleFixture {
       : killer(custom_killer != nullptr ? custom_killer : &real_killer),
         reaper(*killer, base),
         uids({base, 8}, state.path(), reaper),
+        cgroups({}, cgroup_group(base)),
         roots(*fdpass::ImageRoots::open({guest_dir()})),
         launcher(make_config(run.path()), uids, cgroups, roots) {
     become_subreaper();
     uids.load();
   }
+  ~LifecycleFixture() { cgroups.remove_base_if_empty(); }
+
+  // A cgroup subtree per uid range, as qbrokerd has: a sweep of one test's broker at its start
+  // must never reach the cgroup another test is about to start a QEMU in.
+  static std::string cgroup_group(uid_t base) { return "qbroker-" + std::to_string(base); }
 
   static broker::lifecycle::LauncherConfig make_config(const std::string& run_dir) {
     broker::lifecycle::LauncherConfig c;

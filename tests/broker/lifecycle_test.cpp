@@ -57,6 +57,7 @@ constexpr uid_t kHolderBase = 3'106'020;
 constexpr uid_t kMountsBase = 3'106'000;
 constexpr uid_t kCapsBase = 3'106'010;
 constexpr uid_t kProberBase = 3'106'040;  // the QEMU at +1, the prober at +9
+constexpr uid_t kReclaimBesideBase = 3'106'050;
 
 std::string proc_field(pid_t pid, const std::string& key) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/status");
@@ -595,7 +596,7 @@ TEST_CASE("shared-uid mode runs every QEMU as one uid and tears one down without
   ForkingUidKiller killer;
   Reaper reaper(killer, kSharedBase);
   UidPool pool = UidPool::shared(kSharedBase + 1, state.path(), reaper);
-  CgroupManager cgroups;
+  CgroupManager cgroups({}, qbtest::LifecycleFixture::cgroup_group(kSharedBase));
   auto roots = fdpass::ImageRoots::open({qbtest::guest_dir()});
   REQUIRE(roots);
   Launcher launcher(qbtest::LifecycleFixture::make_config(run.path()), pool, cgroups, *roots);
@@ -993,4 +994,41 @@ TEST_CASE("a prober in a domain's jail, under QEMU's own seccomp filter, can wri
   auto destroyed = fx.launcher.destroy(*inst);
   REQUIRE(destroyed);
   CHECK(destroyed->survivors == 0);
+}
+
+TEST_CASE("a reclaim beside a start takes what an earlier broker left, never the start's uid or "
+          "cgroup",
+          "[lifecycle][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::FdLeakCheck leaks;
+  qbtest::LifecycleFixture fx(kReclaimBesideBase);
+  // What a broker that died left: a uid recorded for a start no record finished, and a cgroup.
+  const uid_t left_uid = kReclaimBesideBase + 5;
+  {
+    qbtest::write_file(fx.state.path() + "/uids/" + std::to_string(left_uid), "gone");
+    fx.uids.load();
+  }
+  std::optional<broker::lifecycle::Cgroup> left_cgroup;
+  if (fx.cgroups.available()) {
+    // Made by another manager of the same base, as an earlier broker's would be.
+    CgroupManager earlier({}, fs::path(fx.cgroups.base()).filename());
+    auto cg = earlier.create("dom-left-1", {});
+    REQUIRE(cg);
+    left_cgroup = std::move(*cg);
+  }
+  // A start of this broker, not yet in any list of live domains the reclaim is given.
+  auto inst = fx.launcher.start(qbtest::LifecycleFixture::guest_spec("beside"));
+  REQUIRE(inst);
+  const auto released = fx.launcher.reclaim_uids({});
+  fx.launcher.sweep_cgroups({});
+  CHECK(released == std::vector<uid_t>{left_uid});
+  CHECK(fx.uids.in_use().contains(inst->uid));
+  CHECK(live_processes_of_uid("/proc", inst->uid) >= 1);
+  if (left_cgroup) {
+    CHECK(fs::exists(inst->cgroup.path()));
+    CHECK_FALSE(fs::exists(left_cgroup->path()));
+  }
+  auto report = fx.launcher.destroy(*inst);
+  REQUIRE(report);
+  CHECK(report->survivors == 0);
 }

@@ -56,6 +56,7 @@ struct Stack {
         broker::BrokerConfig config = {}, const std::string& images = {})
       : reaper(killer, base),
         uids({base, 8}, state, reaper),
+        cgroups({}, qbtest::LifecycleFixture::cgroup_group(base)),
         roots(*fdpass::ImageRoots::open(images.empty() ? std::vector<std::string>{qbtest::guest_dir()}
                                                        : std::vector<std::string>{qbtest::guest_dir(), images})),
         launcher(qbtest::LifecycleFixture::make_config(run), uids, cgroups, roots) {
@@ -66,6 +67,7 @@ struct Stack {
   }
   ~Stack() {
     broker.reset();
+    cgroups.remove_base_if_empty();
   }
   template <class T>
   T run(boost::asio::awaitable<T> t) {

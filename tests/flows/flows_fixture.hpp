@@ -55,12 +55,14 @@ struct FlowsFixture {
                         const std::string& ovmf_dir = broker::lifecycle::FirmwareConfig{}.ovmf_dir)
       : reaper(killer, base),
         uids({base, 8}, state.path(), reaper),
+        cgroups({}, "qbroker-" + std::to_string(base)),  // a subtree per range, as qbrokerd has
         roots(*fdpass::ImageRoots::open({guest_dir(), images.path(), "/dev"})),
         launcher(launcher_config(run_dir.path(), ovmf_dir), uids, cgroups, roots),
         broker(io.get_executor(), with_state(std::move(config)), launcher, roots) {
     become_subreaper();
     uids.load();
   }
+  ~FlowsFixture() { cgroups.remove_base_if_empty(); }
 
   static broker::lifecycle::LauncherConfig launcher_config(
       const std::string& dir,
