@@ -74,7 +74,10 @@ awaitable<Result<qmp::reply::MigrationInfo>> follow_live(Context& ctx, Domain& d
       if (auto ok = co_await call(ctx, d, std::move(c)); !ok) log::warn(ok.error().describe());
     }
     const auto now = Clock::now();
-    if (now - last_event >= std::chrono::milliseconds(250) || !migration_busy(info->status)) {
+    // In "setup" QEMU has no byte counts yet: nothing to report.
+    const bool reportable = info->status != "setup";
+    if (reportable &&
+        (now - last_event >= std::chrono::milliseconds(250) || !migration_busy(info->status))) {
       last_event = now;
       const Follow what{job, true, 0};
       publish_progress(ctx, d, what, info->transferred, *info, now - start);
