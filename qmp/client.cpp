@@ -337,7 +337,16 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void on_message(Greeting& g) {
-    if (greeting_) return close(Error{errc::unexpected_message, "a second QMP greeting"});
+    if (greeting_) {
+      // QEMU 10 was seen to greet a client twice when it connected while QEMU was still closing
+      // the previous client's session. The same greeting again says nothing new; another one
+      // would be a second session on one socket.
+      if (g.version.to_string() == greeting_->version.to_string() &&
+          g.capabilities == greeting_->capabilities) {
+        return;
+      }
+      return close(Error{errc::unexpected_message, "a second, different QMP greeting"});
+    }
     greeting_ = std::move(g);
     if (greeting_wake_ != nullptr) greeting_wake_->cancel();
   }

@@ -728,3 +728,33 @@ TEST_CASE("connect refuses what is not a connected Unix stream socket", "[qmp][c
   fdpass::UniqueFd unconnected(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
   CHECK(connect_err(io, std::move(unconnected), after(1s)).is(errc::bad_socket));
 }
+
+TEST_CASE("a repeated greeting is ignored, a different second one closes the connection",
+          "[qmp][client][hostile]") {
+  qbtest::FdLeakCheck leaks;
+  {
+    asio::io_context io;
+    Script s;
+    s.greeting().greeting().expect("qmp_capabilities").reply().expect("query-status")
+        .reply(json::object{{"status", "running"}, {"running", true}})
+        .wait_for_close();
+    FakeQmpPeer peer(std::move(s));
+    auto c = connect_ok(io, peer);
+    CHECK(exec(io, *c, cmd::query_status()).has_value());
+    c.reset();
+    CHECK(peer.join().client_closed);
+  }
+  {
+    asio::io_context io;
+    Script s;
+    s.handshake()
+        .raw(R"({"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 10}, "package": ""}, "capabilities": []}})"
+             "\n")
+        .wait_for_close();
+    FakeQmpPeer peer(std::move(s));
+    auto c = connect_ok(io, peer);
+    CHECK(is(exec(io, *c, cmd::query_status()), errc::disconnected));
+    REQUIRE(c->close_reason());
+    CHECK(c->close_reason()->is(errc::unexpected_message));
+  }
+}
