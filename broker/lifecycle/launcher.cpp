@@ -103,13 +103,22 @@ Accel Launcher::detect_accel(Accel wanted) const {
   return kvm ? Accel::kvm : Accel::tcg;
 }
 
+namespace {
+
+std::string machine_arg(const DomainSpec& spec, Accel accel) {
+  if (spec.xen) return spec.xen->pv ? "xenpv" : "xenfv";  // both imply accel=xen
+  return std::string(to_string(spec.machine)) + ",accel=" + std::string(to_string(accel));
+}
+
+}  // namespace
+
 std::vector<std::string> Launcher::command_line(const DomainSpec& spec, Accel accel,
                                                 const FdHandover* cold,
                                                 const std::vector<std::string>& extra) const {
   std::vector<std::string> a = {
       config_.qemu.binary,
       "-name", "guest=" + spec.name + ",debug-threads=on",
-      "-machine", std::string(to_string(spec.machine)) + ",accel=" + std::string(to_string(accel)),
+      "-machine", machine_arg(spec, accel),
       "-m", std::to_string(spec.memory_mib),
       "-smp", std::to_string(spec.vcpus),
       "-nodefaults", "-no-user-config", "-display", "none",
@@ -119,6 +128,11 @@ std::vector<std::string> Launcher::command_line(const DomainSpec& spec, Accel ac
       // Start paused: the broker hands over fds and then sends `cont`.
       "-S",
   };
+  if (spec.xen) {
+    // The hypervisor runs the guest; QEMU emulates its devices, restricted to its domid.
+    a.insert(a.end(), {"-xen-domid", std::to_string(spec.xen->domid), "-xen-domid-restrict"});
+    if (spec.xen->pv) a.push_back("-xen-attach");
+  }
   auto monitor = monitor_args(config_.qemu, "qmp");
   a.insert(a.end(), monitor.begin(), monitor.end());
   for (const auto& dir : config_.qemu.data_dirs) a.insert(a.end(), {"-L", dir});
@@ -133,7 +147,8 @@ std::vector<std::string> Launcher::command_line(const DomainSpec& spec, Accel ac
     if (!spec.append.empty()) a.insert(a.end(), {"-append", spec.append});
     // The devices of boot_order carry their bootindex; strict: none other is booted from.
     if (!spec.boot_order.empty()) a.insert(a.end(), {"-boot", "strict=on"});
-    for (std::uint32_t i = 1; i <= spec.pci_slots; ++i) {
+    // A Xen machine (xenfv, xenpv) has no PCIe root complex to hang ports on.
+    for (std::uint32_t i = 1; !spec.xen && i <= spec.pci_slots; ++i) {
       a.insert(a.end(), {"-device", "pcie-root-port,id=rp" + std::to_string(i) +
                                         ",chassis=" + std::to_string(i) + ",bus=pcie.0"});
     }
@@ -312,7 +327,8 @@ Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
   Instance inst;
   Rollback undo;
   inst.name = spec.name;
-  inst.accel = detect_accel(spec.accel);
+  // Under Xen the hypervisor runs the guest: no KVM device in the jail.
+  inst.accel = spec.xen ? Accel::tcg : detect_accel(spec.accel);
   if (auto ok = make_run_dirs(config_.run_dir); !ok) return ok.error();
 
   // Step 1: the firmware, before a uid is taken: a missing OVMF or a bad store costs nothing.
@@ -326,7 +342,8 @@ Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
   }
 
   // Step 2: a uid, swept and recorded before anything runs under it.
-  auto uid = uids_.allocate(spec.name);
+  // A Xen device model's uid is fixed by its domid; the sweep is its kill before reuse.
+  auto uid = uids_.allocate(spec.name, spec.xen ? std::optional<uid_t>(spec.xen->uid) : std::nullopt);
   if (!uid) return uid.error();
   inst.uid = *uid;
   undo.push([this, u = *uid] { (void)uids_.release(u); });
@@ -337,6 +354,7 @@ Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
   auto install = jail_binds_of(config_.qemu);
   layout.ro_dirs.insert(layout.ro_dirs.end(), install.exec_dirs.begin(), install.exec_dirs.end());
   layout.ro_data_dirs = std::move(install.data_dirs);
+  if (spec.xen) layout.device_binds = spec.xen->device_nodes;
   if (auto ok = mount_boot_files(spec, roots_, mounts, layout); !ok) return ok.error();
   inst.qmp_path = config_.run_dir + "/qmp/" + spec.name + ".sock";
   inst.console_path = config_.run_dir + "/console/" + spec.name + ".sock";

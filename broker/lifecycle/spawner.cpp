@@ -90,6 +90,11 @@ std::vector<RootOp> plan_root(const JailLayout& j) {
     ops.push_back({RootOp::touch, mp + dev, {}, -1});
     ops.push_back({RootOp::bind_dev, mp + dev, dev, -1});
   }
+  for (const auto& [host, in_jail] : j.device_binds) {
+    add_parents(ops, mp, in_jail);
+    ops.push_back({RootOp::touch, mp + in_jail, {}, -1});
+    ops.push_back({RootOp::bind_dev, mp + in_jail, host, -1});
+  }
   for (const auto& [link, target] : j.symlinks) {
     add_parents(ops, mp, link);
     ops.push_back({RootOp::symlink_, mp + link, target, -1});

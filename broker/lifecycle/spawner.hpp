@@ -51,6 +51,9 @@ struct JailLayout {
   std::vector<std::string> ro_files;  // host files bound at the same path (ro, nosuid, nodev, noexec)
   std::vector<std::string> devices;   // host device nodes bound (ro, nosuid, noexec; QEMU can
                                       // still write to the device itself)
+  // Device nodes bound at another path: {host node, jail path}. The broker's private copies of
+  // a node (Xen's, owned by the domain uid) are bound this way.
+  std::vector<std::pair<std::string, std::string>> device_binds;
   std::vector<std::pair<std::string, std::string>> symlinks;  // {jail path, target}
   // Detached read-only mounts (see detached_mount) and the jail path they appear at.
   std::vector<std::pair<fdpass::BorrowedFd, std::string>> fd_mounts;

@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include <boost/json/value.hpp>
@@ -20,6 +21,16 @@ enum class Accel { automatic, kvm, tcg };
 // How a q35 domain boots: SeaBIOS (from -kernel, or from a disk or CD) or UEFI (OVMF from a disk
 // or CD, its code and a per-domain variable store passed to QEMU as pflash fds).
 enum class Firmware { bios, uefi };
+
+// A Xen domain's device model (broker/xen, docs/xen.md): QEMU serves domain `domid` through the
+// hypervisor instead of running a guest of its own, under the uid libxl's convention gives it.
+struct XenPart {
+  std::uint32_t domid = 0;
+  bool pv = false;  // a PV domain's backends (xenpv, -xen-attach); else an HVM domain (xenfv)
+  unsigned uid = 0;  // base + domid, chosen by broker/xen before the start
+  // Private copies of the Xen device nodes, owned by `uid`: {host node, path in the jail}.
+  std::vector<std::pair<std::string, std::string>> device_nodes;
+};
 
 struct DomainSpec {
   std::string name;
@@ -38,6 +49,7 @@ struct DomainSpec {
   // firmware's own order over every device.
   std::vector<std::string> boot_order;
   std::string nvram;                   // UEFI variable store, a host path; empty: the broker's own
+  std::optional<XenPart> xen;          // set only by the Xen mode, never parsed from a request
 };
 
 // Checks a name for a domain, disk, CD, NIC: [A-Za-z0-9][A-Za-z0-9_.-]{0,63}. Such names go on
