@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fails when a layer includes a header from a layer above it. Layers, bottom to top, are the
 # top-level libraries and the sub-libraries of broker/:
-#   fdpass <- qmp <- broker/core <- broker/lifecycle <- broker/domain <- broker/flows
+#   fdpass <- qmp <- broker/core <- broker/lifecycle <- broker/domain <- broker/xen <- broker/flows
 #          <- broker/control <- broker/api <- broker/daemon
 # A file belongs to the longest layer path that contains it, and so does an include's target.
 # Relative includes are resolved before they are judged.
@@ -9,7 +9,7 @@
 set -euo pipefail
 root=$(cd "${1:-.}" && pwd)
 # "broker" holds files directly in broker/; each sub-library of broker/ must be listed.
-layers=(fdpass qmp broker broker/core broker/lifecycle broker/domain broker/flows broker/control
+layers=(fdpass qmp broker broker/core broker/lifecycle broker/domain broker/xen broker/flows broker/control
         broker/api broker/daemon)
 
 # rank PATH: the index of the layer holding PATH (relative to the root), or -1 for none.

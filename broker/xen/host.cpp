@@ -1,0 +1,145 @@
+#include "broker/xen/host.hpp"
+
+#include <sys/stat.h>
+
+#include <cerrno>
+
+namespace broker::xen {
+
+Host::Host(Store& xs, DomainList& domains, lifecycle::Launcher& launcher, lifecycle::UidPool& uids,
+           const UserDb& users, HostConfig config)
+    : xs_(xs), domains_(domains), launcher_(launcher), uids_(uids), users_(users),
+      config_(std::move(config)), watcher_(xs, domains) {}
+
+std::string Host::node_dir(std::uint32_t domid) const {
+  return config_.node_dir + "/" + std::to_string(domid);
+}
+
+bool Host::in_range(uid_t uid) const {
+  const auto& r = uids_.range();
+  return uid > r.base && uid < r.base + r.count;
+}
+
+Result<const DeviceModel*> Host::start(lifecycle::DomainSpec spec, std::uint32_t domid,
+                                       GuestType type, lifecycle::FdHandover* cold,
+                                       const std::vector<std::string>& extra_args) {
+  if (models_.contains(domid)) {
+    Error e(std::make_error_code(std::errc::file_exists),
+            "domid " + std::to_string(domid) + " already has a device model");
+    e.field = "xen.domid";
+    return e;
+  }
+  auto uid = device_model_uid(users_, domid, config_.allow_shared);
+  if (!uid) return uid.error();
+  if (uid->shared != uids_.is_shared() || (!uid->shared && !in_range(uid->uid))) {
+    return Error(std::make_error_code(std::errc::invalid_argument),
+                 "the device-model uid " + std::to_string(uid->uid) + " of domid " +
+                     std::to_string(domid) + " is not in this broker's uid range");
+  }
+  // The kill uid first: from here on, whoever finds the record kills by it.
+  DeviceModelRecord record{domid, type, uid->shared ? std::nullopt : std::optional<uid_t>(uid->uid)};
+  if (auto ok = record_device_model(xs_, record); !ok) return ok.error();
+  auto undo_record = [&] { (void)remove_record(xs_, domid); };
+
+  if (::mkdir(config_.node_dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    undo_record();
+    return make_error({errno, std::system_category()}, "creating " + config_.node_dir);
+  }
+  auto nodes = make_device_nodes(config_.dev_dir, node_dir(domid), uid->uid);
+  if (!nodes) {
+    undo_record();
+    return nodes.error();
+  }
+  spec.kernel.clear();
+  spec.initrd.clear();
+  spec.xen = lifecycle::XenPart{domid, type == GuestType::pv, uid->uid, std::move(*nodes)};
+  auto inst = launcher_.start(spec, cold, extra_args);
+  if (!inst) {
+    remove_device_nodes(node_dir(domid));
+    undo_record();
+    return inst.error();
+  }
+  if (auto ok = record_pid(xs_, domid, inst->pid); !ok) {
+    (void)launcher_.destroy(*inst);
+    remove_device_nodes(node_dir(domid));
+    undo_record();
+    return ok.error();
+  }
+  DeviceModel dm{domid, type, uid->uid, uid->shared, std::move(*inst)};
+  return &models_.insert_or_assign(domid, std::move(dm)).first->second;
+}
+
+Result<lifecycle::KillReport> Host::stop(std::uint32_t domid) {
+  auto it = models_.find(domid);
+  if (it == models_.end()) {
+    return Error(std::make_error_code(std::errc::no_such_process),
+                 "domid " + std::to_string(domid) + " has no device model here");
+  }
+  DeviceModel& dm = it->second;
+  Result<lifecycle::KillReport> killed = lifecycle::KillReport{};
+  if (dm.instance) {
+    killed = launcher_.destroy(*dm.instance);  // releases the uid once nothing runs under it
+  } else {
+    killed = uids_.reaper().kill_uid(dm.uid);
+    if (killed) (void)uids_.release(dm.uid);
+  }
+  if (!killed) return killed.error();
+  remove_device_nodes(node_dir(domid));
+  if (auto ok = remove_record(xs_, domid); !ok) return ok.error();
+  models_.erase(it);
+  return killed;
+}
+
+Result<std::vector<std::uint32_t>> Host::on_events(std::vector<Error>* failed) {
+  std::vector<std::uint32_t> tracked;
+  for (const auto& [domid, dm] : models_) tracked.push_back(domid);
+  auto dead = watcher_.poll(tracked);
+  if (!dead) return dead.error();
+  std::vector<std::uint32_t> stopped;
+  for (auto domid : *dead) {
+    auto r = stop(domid);
+    if (r) {
+      stopped.push_back(domid);
+    } else if (failed != nullptr) {
+      failed->push_back(r.error());
+    }
+  }
+  return stopped;
+}
+
+Result<std::vector<std::uint32_t>> Host::recover(std::vector<Error>* failed) {
+  auto recorded = recorded_domids(xs_);
+  if (!recorded) return recorded.error();
+  auto now = domains_.list();
+  if (!now) return now.error();
+  for (auto domid : *recorded) {
+    if (models_.contains(domid)) continue;
+    auto r = read_record(xs_, domid);
+    if (!r) {
+      if (failed != nullptr) failed->push_back(r.error());
+      continue;
+    }
+    // Only what this broker's convention would have started: a kill uid in its range.
+    if (!r->kill_uid || !in_range(*r->kill_uid)) continue;
+    DeviceModel dm;
+    dm.domid = domid;
+    dm.uid = *r->kill_uid;
+    models_.emplace(domid, std::move(dm));
+  }
+  std::vector<std::uint32_t> tracked;
+  for (const auto& [domid, dm] : models_) {
+    if (!dm.instance) tracked.push_back(domid);
+  }
+  std::vector<std::uint32_t> reaped;
+  for (auto domid : released(tracked, *now)) {
+    auto r = stop(domid);
+    if (r) {
+      reaped.push_back(domid);
+    } else if (failed != nullptr) {
+      failed->push_back(r.error());
+    }
+  }
+  return reaped;
+}
+
+}  // namespace broker::xen

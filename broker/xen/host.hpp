@@ -1,0 +1,85 @@
+// The Xen mode's device models: what libxl's spawn and teardown do for a qemu-xen device model,
+// with the broker's jail (docs/xen.md).
+//
+// start(domid): the uid by libxl's convention → the xenstore record with the kill uid, before
+// anything runs → private Xen device nodes owned by the uid → the launcher's start, whose uid
+// sweep is the kill before reuse → image/device-model-pid.
+// release: @releaseDomain → the domain list → each dead domain's device model killed by uid, its
+// record, nodes and uid released.
+// recover(): a restarted broker reads every /libxl/<domid> record with a kill uid in its range,
+// kills by uid those whose domain is gone, and tracks the rest so their release is seen.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "broker/core/error.hpp"
+#include "broker/lifecycle/launcher.hpp"
+#include "broker/xen/device_model.hpp"
+#include "broker/xen/domains.hpp"
+#include "broker/xen/release_watcher.hpp"
+#include "broker/xen/store.hpp"
+#include "broker/xen/uids.hpp"
+
+namespace broker::xen {
+
+struct HostConfig {
+  std::string dev_dir = "/dev/xen";  // the host's Xen device nodes
+  std::string node_dir;              // where the per-domain copies go (RUN/xen)
+  bool allow_shared = false;         // --xen-shared-uid
+};
+
+struct DeviceModel {
+  std::uint32_t domid = 0;
+  GuestType type = GuestType::hvm;
+  uid_t uid = 0;
+  bool shared = false;
+  // The running instance; nullopt for a device model adopted from xenstore after a restart,
+  // which is killed by uid alone.
+  std::optional<lifecycle::Instance> instance;
+};
+
+class Host {
+ public:
+  Host(Store& xs, DomainList& domains, lifecycle::Launcher& launcher, lifecycle::UidPool& uids,
+       const UserDb& users, HostConfig config);
+
+  // Starts the device model of `domid` from `spec` (its name, memory, devices); spec.xen is
+  // filled here. Everything done is undone when a step fails.
+  Result<const DeviceModel*> start(lifecycle::DomainSpec spec, std::uint32_t domid, GuestType type,
+                                   lifecycle::FdHandover* cold = nullptr,
+                                   const std::vector<std::string>& extra_args = {});
+  // Kills `domid`'s device model by uid and removes its record, nodes and uid.
+  Result<lifecycle::KillReport> stop(std::uint32_t domid);
+
+  // Registers the @releaseDomain watch.
+  Result<void> watch() { return watcher_.start(); }
+  int fileno() const { return watcher_.fileno(); }
+  // Takes the queued events and stops the device model of each domain that is gone or dying.
+  // Returns the domids stopped; one failed stop does not hold up the others (reported in `failed`).
+  Result<std::vector<std::uint32_t>> on_events(std::vector<Error>* failed = nullptr);
+
+  // After a restart: adopts or reaps every device model recorded in xenstore with a kill uid in
+  // this broker's range. Returns the domids reaped.
+  Result<std::vector<std::uint32_t>> recover(std::vector<Error>* failed = nullptr);
+
+  const std::map<std::uint32_t, DeviceModel>& models() const { return models_; }
+
+ private:
+  std::string node_dir(std::uint32_t domid) const;
+  bool in_range(uid_t uid) const;
+
+  Store& xs_;
+  DomainList& domains_;
+  lifecycle::Launcher& launcher_;
+  lifecycle::UidPool& uids_;
+  const UserDb& users_;
+  HostConfig config_;
+  ReleaseWatcher watcher_;
+  std::map<std::uint32_t, DeviceModel> models_;
+};
+
+}  // namespace broker::xen
