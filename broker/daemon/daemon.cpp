@@ -12,6 +12,7 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -34,6 +35,10 @@
 #include "broker/lifecycle/launcher.hpp"
 #include "broker/lifecycle/reaper.hpp"
 #include "broker/lifecycle/uid_pool.hpp"
+#include "broker/xen/domains.hpp"
+#include "broker/xen/host.hpp"
+#include "broker/xen/store.hpp"
+#include "broker/xen/uids.hpp"
 #include "fdpass/devices.hpp"
 #include "fdpass/opener.hpp"
 
@@ -63,6 +68,7 @@ lifecycle::LauncherConfig launcher_config(const DaemonConfig& o, lifecycle::Qemu
   // they belong with the durable state, not on /run.
   c.firmware.nvram_dir = o.state_dir + "/nvram";
   c.pdeathsig = 0;
+  c.xen_only = o.xen;
   return c;
 }
 
@@ -98,6 +104,15 @@ struct Listening {
 };
 
 // What the daemon takes from the host before it builds anything.
+// What the Xen mode opened at start: xenstore, the hypervisor's domain list, and the uids
+// libxl's convention gives the device models and the reaper.
+struct XenParts {
+  xen::Store store;
+  std::unique_ptr<xen::DomainList> domains;
+  uid_t reaper = 0;
+  std::optional<uid_t> shared_uid;  // set when only xen-qemuuser-shared exists and it is allowed
+};
+
 struct Host {
   lifecycle::UidRange uids;
   std::optional<gid_t> admin_gid;
@@ -105,6 +120,7 @@ struct Host {
   lifecycle::QemuInstall qemu;
   fdpass::UniqueFd listener;
   std::optional<SocketFile> socket_file;
+  std::optional<XenParts> xen;
 };
 
 // Be the reaper of everything this daemon starts (see orphan_reaper.hpp); a peer that goes
@@ -259,24 +275,58 @@ Result<lifecycle::QemuInstall> qemu_install(const DaemonConfig& o) {
   auto var = (expr);      \
   if (!var) return var.error()
 
+// The Xen mode's prerequisites, in the order a missing one is best explained: the hypervisor's
+// device nodes, its control interface, xenstored, then libxl's users. The uid range becomes
+// libxl's: the range base user's uid, one uid per possible domid.
+Result<XenParts> open_xen(const DaemonConfig& o, lifecycle::UidRange& range) {
+  struct stat st {};
+  if (::stat(o.xen_dev.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return startup_error("--xen: " + o.xen_dev + " does not exist: this host runs no Xen "
+                         "hypervisor (or its xen modules are not loaded); run without --xen on a "
+                         "KVM (or TCG) host");
+  }
+  auto domains = xen::XcDomainList::open();
+  if (!domains) return startup_error("--xen: " + domains.error().describe());
+  auto store = xen::Store::open();
+  if (!store) return startup_error("--xen: " + store.error().describe());
+  xen::UserDb users;
+  XenParts parts{std::move(*store), std::move(*domains), 0, std::nullopt};
+  if (auto base = xen::range_base(users)) {
+    range = lifecycle::UidRange{*base, xen::kFirstReservedDomid};
+  } else if (auto shared = users.uid_of(xen::kSharedUser); shared && o.xen_shared_uid) {
+    parts.shared_uid = *shared;
+    range = lifecycle::UidRange{*shared, 2};
+  } else {
+    auto why = xen::device_model_uid(users, 1, o.xen_shared_uid);
+    return startup_error("--xen: " + (why ? std::string("no uid range") : why.error().message));
+  }
+  auto reaper = xen::reaper_uid(users);
+  if (!reaper && !parts.shared_uid) return startup_error("--xen: " + reaper.error().message);
+  parts.reaper = reaper ? *reaper : 0;
+  return parts;
+}
+
 // The host checks, in order; the first that fails ends the start-up.
 Result<Host> prepare_host(const DaemonConfig& o) {
+  std::optional<XenParts> xen_parts;
+  lifecycle::UidRange xen_range;
   if (o.xen) {
-    return startup_error(
-        "--xen: Xen dom0 mode is not built yet; run without --xen on a KVM (or TCG) host");
+    auto parts = open_xen(o, xen_range);
+    if (!parts) return parts.error();
+    xen_parts = std::move(*parts);
   }
   if (::geteuid() != 0) {
     log::warn("not running as root: domains cannot be jailed or started, only the API is served");
   }
   set_up_process();
-  QB_TRY(range, uid_range(o));
+  QB_TRY(range, xen_parts ? Result<lifecycle::UidRange>(xen_range) : uid_range(o));
   QB_TRY(gid, admin_gid(o));
   QB_TRY(dirs, make_directories(o));
   QB_TRY(roots, image_roots(o, *gid));
   QB_TRY(qemu, qemu_install(o));
   QB_TRY(listening, listener(o, *gid));
   return Host{*range, *gid, std::move(*roots), std::move(*qemu), std::move(listening->fd),
-              std::move(listening->file)};
+              std::move(listening->file), std::move(xen_parts)};
 }
 
 #undef QB_TRY
@@ -347,6 +397,43 @@ asio::awaitable<void> reap_orphans(Broker& broker, asio::steady_timer& timer,
   }
 }
 
+// The Xen mode's teardown: a device model recorded in xenstore whose domain is gone or dying is
+// killed by uid, first at start (a domain may have died while no broker watched), then after
+// each @releaseDomain.
+void reap_released(xen::Host& host) {
+  std::vector<Error> failed;
+  auto stopped = host.recover(&failed);
+  if (!stopped) {
+    log::error("Xen: " + stopped.error().describe());
+    return;
+  }
+  for (auto domid : *stopped) {
+    log::info("Xen domain " + std::to_string(domid) + " released: its device model was killed by uid");
+  }
+  for (const auto& e : failed) log::error("Xen: " + e.describe());
+}
+
+asio::awaitable<void> watch_xen(xen::Host& host, asio::posix::stream_descriptor& events,
+                                const Lifetime& life) {
+  reap_released(host);
+  if (auto ok = host.watch(); !ok) {
+    log::error("Xen: " + ok.error().describe() + ": released domains are not seen");
+    co_return;
+  }
+  while (!life.stopping) {
+    auto [ec] = co_await events.async_wait(asio::posix::stream_descriptor::wait_read,
+                                           asio::as_tuple(asio::use_awaitable));
+    if (ec) co_return;
+    std::vector<Error> failed;
+    auto stopped = host.on_events(&failed);
+    if (!stopped) log::error("Xen: " + stopped.error().describe());
+    for (auto domid : stopped ? *stopped : std::vector<std::uint32_t>()) {
+      log::info("Xen domain " + std::to_string(domid) + " released: its device model was killed by uid");
+    }
+    for (const auto& e : failed) log::error("Xen: " + e.describe());
+  }
+}
+
 // SIGTERM and SIGINT stop serving; SIGHUP is answered in the log and otherwise ignored.
 asio::awaitable<void> watch_signals(asio::signal_set& signals, api::Server& server,
                                     Lifetime& life) {
@@ -381,9 +468,15 @@ void drain(asio::io_context& io, api::Server& server, std::chrono::milliseconds 
 int serve(const DaemonConfig& o, Host host) {
   // The objects, in dependency order; destroyed in reverse.
   asio::io_context io(1);
-  lifecycle::ForkingUidKiller killer;
-  lifecycle::Reaper reaper(killer, host.uids.base);
-  lifecycle::UidPool uids(host.uids, o.state_dir, reaper);
+  lifecycle::ForkingUidKiller forking;
+  // Under Xen each kill round takes libxl's reaper lock, so the broker and libxl's own reapers
+  // never kill as one uid at once; the reaper uid is libxl's.
+  xen::LockingUidKiller xen_killer(forking, o.xen_reaper_lock);
+  lifecycle::UidKiller& killer = host.xen ? static_cast<lifecycle::UidKiller&>(xen_killer) : forking;
+  lifecycle::Reaper reaper(killer, host.xen ? host.xen->reaper : host.uids.base);
+  lifecycle::UidPool uids = host.xen && host.xen->shared_uid
+                                ? lifecycle::UidPool::shared(*host.xen->shared_uid, o.state_dir, reaper)
+                                : lifecycle::UidPool(host.uids, o.state_dir, reaper);
   uids.load();
   // One cgroup subtree per broker, named after its uid range (stable across restarts, distinct
   // for brokers side by side, which never share a range): cgroup.kill must never reach another
@@ -405,6 +498,15 @@ int serve(const DaemonConfig& o, Host host) {
   asio::steady_timer retry_timer(io);
   asio::co_spawn(io, retry_stuck(broker, retry_timer, life), asio::detached);
   asio::co_spawn(io, start_serving(broker, server, std::move(host.listener), life), asio::detached);
+  xen::UserDb users;
+  std::optional<xen::Host> xen_host;
+  std::optional<asio::posix::stream_descriptor> xen_events;
+  if (host.xen) {
+    xen_host.emplace(host.xen->store, *host.xen->domains, launcher, uids, users,
+                     xen::HostConfig{o.xen_dev, o.run_dir + "/xen", o.xen_shared_uid});
+    xen_events.emplace(io, ::dup(xen_host->fileno()));
+    asio::co_spawn(io, watch_xen(*xen_host, *xen_events, life), asio::detached);
+  }
 
   log::info("qbrokerd " + std::string(api::kBrokerVersion) + ": uids " +
             std::to_string(host.uids.base + 1) + "-" +
@@ -414,6 +516,7 @@ int serve(const DaemonConfig& o, Host host) {
 
   orphan_timer.cancel();
   retry_timer.cancel();
+  if (xen_events) xen_events->close();
   drain(io, server, o.shutdown_grace);
   remove_socket_file(host.socket_file);
   cgroups.remove_base_if_empty();

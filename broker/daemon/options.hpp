@@ -50,6 +50,9 @@ struct DaemonConfig {
   std::vector<std::string> qemu_data_dirs;  // -L for QEMU, bound read-only into its jail
   std::string admin_group;  // empty: root and the daemon's own uid only
   bool xen = false;
+  bool xen_shared_uid = false;
+  std::string xen_dev = "/dev/xen";
+  std::string xen_reaper_lock = "/var/run/xen/dm-reaper-lock";
   log::Level log_level = log::Level::info;
   std::optional<log::Format> log_format;  // unset: the journal when stderr is the journal
 

@@ -323,6 +323,13 @@ Result<SpawnedChild> Launcher::spawn(const DomainSpec& spec, Instance& inst, con
 Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
                                  const std::vector<std::string>& extra_args) {
   if (auto ok = validate(spec); !ok) return ok.error();
+  if (config_.xen_only && !spec.xen) {
+    Error e(make_error_code(errc::invalid_spec),
+            "this broker runs in Xen mode (--xen): its uids belong to Xen domids, so only a Xen "
+            "domain's device model can start");
+    e.field = "xen";
+    return e;
+  }
   // The undo steps refer to `inst`, so it is declared first and outlives them on every return.
   Instance inst;
   Rollback undo;

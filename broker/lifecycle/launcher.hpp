@@ -45,6 +45,8 @@ struct LauncherConfig {
   std::string kvm_device = "/dev/kvm";
   bool use_cgroup = true;
   FirmwareConfig firmware;  // OVMF and the UEFI variable stores
+  // The Xen mode: the uid range is libxl's, one uid per domid, so only Xen device models start.
+  bool xen_only = false;
 };
 
 struct Instance {

@@ -9,8 +9,8 @@ namespace broker::xen {
 Result<std::unique_ptr<XcDomainList>> XcDomainList::open() {
   qb_xc* xc = qb_xc_open();
   if (xc == nullptr) {
-    return make_error({errno, std::system_category()},
-                      "opening the Xen control interface (libxenctrl, /dev/xen/privcmd)");
+    return Error({errno, std::system_category()},
+                 "cannot open the Xen control interface (libxenctrl, /dev/xen/privcmd)");
   }
   return std::unique_ptr<XcDomainList>(new XcDomainList(xc));
 }

@@ -9,7 +9,7 @@ namespace broker::xen {
 Host::Host(Store& xs, DomainList& domains, lifecycle::Launcher& launcher, lifecycle::UidPool& uids,
            const UserDb& users, HostConfig config)
     : xs_(xs), domains_(domains), launcher_(launcher), uids_(uids), users_(users),
-      config_(std::move(config)), watcher_(xs, domains) {}
+      config_(std::move(config)) {}
 
 std::string Host::node_dir(std::uint32_t domid) const {
   return config_.node_dir + "/" + std::to_string(domid);
@@ -91,20 +91,14 @@ Result<lifecycle::KillReport> Host::stop(std::uint32_t domid) {
 }
 
 Result<std::vector<std::uint32_t>> Host::on_events(std::vector<Error>* failed) {
-  std::vector<std::uint32_t> tracked;
-  for (const auto& [domid, dm] : models_) tracked.push_back(domid);
-  auto dead = watcher_.poll(tracked);
-  if (!dead) return dead.error();
-  std::vector<std::uint32_t> stopped;
-  for (auto domid : *dead) {
-    auto r = stop(domid);
-    if (r) {
-      stopped.push_back(domid);
-    } else if (failed != nullptr) {
-      failed->push_back(r.error());
-    }
+  auto events = xs_.take_events();
+  if (!events) return events.error();
+  bool released_any = false;
+  for (const auto& ev : *events) {
+    released_any = released_any || (ev.token == kReleaseToken && ev.path == "@releaseDomain");
   }
-  return stopped;
+  if (!released_any) return std::vector<std::uint32_t>();
+  return recover(failed);
 }
 
 Result<std::vector<std::uint32_t>> Host::recover(std::vector<Error>* failed) {
@@ -127,9 +121,7 @@ Result<std::vector<std::uint32_t>> Host::recover(std::vector<Error>* failed) {
     models_.emplace(domid, std::move(dm));
   }
   std::vector<std::uint32_t> tracked;
-  for (const auto& [domid, dm] : models_) {
-    if (!dm.instance) tracked.push_back(domid);
-  }
+  for (const auto& [domid, dm] : models_) tracked.push_back(domid);
   std::vector<std::uint32_t> reaped;
   for (auto domid : released(tracked, *now)) {
     auto r = stop(domid);

@@ -20,11 +20,14 @@
 #include "broker/lifecycle/launcher.hpp"
 #include "broker/xen/device_model.hpp"
 #include "broker/xen/domains.hpp"
-#include "broker/xen/release_watcher.hpp"
 #include "broker/xen/store.hpp"
 #include "broker/xen/uids.hpp"
 
 namespace broker::xen {
+
+// Domain death, as libxl notices it: one watch on @releaseDomain, whose events name no domain in
+// Xen 4.17, and on each event the domain list read again.
+inline constexpr const char* kReleaseToken = "qbroker-release";
 
 struct HostConfig {
   std::string dev_dir = "/dev/xen";  // the host's Xen device nodes
@@ -55,15 +58,16 @@ class Host {
   // Kills `domid`'s device model by uid and removes its record, nodes and uid.
   Result<lifecycle::KillReport> stop(std::uint32_t domid);
 
-  // Registers the @releaseDomain watch.
-  Result<void> watch() { return watcher_.start(); }
-  int fileno() const { return watcher_.fileno(); }
-  // Takes the queued events and stops the device model of each domain that is gone or dying.
-  // Returns the domids stopped; one failed stop does not hold up the others (reported in `failed`).
+  // Registers the @releaseDomain watch (xenstored fires it once at once).
+  Result<void> watch() { return xs_.watch("@releaseDomain", kReleaseToken); }
+  int fileno() const { return xs_.fileno(); }
+  // Takes the queued watch events; after a @releaseDomain, runs recover().
   Result<std::vector<std::uint32_t>> on_events(std::vector<Error>* failed = nullptr);
 
-  // After a restart: adopts or reaps every device model recorded in xenstore with a kill uid in
-  // this broker's range. Returns the domids reaped.
+  // Adopts every device model recorded in xenstore with a kill uid in this broker's range that it
+  // does not track yet (an earlier broker's, or one libxl started under the same convention),
+  // then lists the domains and stops the device model of each that is gone or dying. Returns the
+  // domids stopped; one failed stop does not hold up the others (each is added to `failed`).
   Result<std::vector<std::uint32_t>> recover(std::vector<Error>* failed = nullptr);
 
   const std::map<std::uint32_t, DeviceModel>& models() const { return models_; }
@@ -78,7 +82,6 @@ class Host {
   lifecycle::UidPool& uids_;
   const UserDb& users_;
   HostConfig config_;
-  ReleaseWatcher watcher_;
   std::map<std::uint32_t, DeviceModel> models_;
 };
 

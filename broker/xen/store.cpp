@@ -56,9 +56,9 @@ Result<Store> Store::open() {
   xs_handle* h = ::xs_open(0);
   if (h == nullptr) {
     const char* env = std::getenv("XENSTORED_PATH");
-    return make_error(last_error(), std::string("connecting to xenstored (") +
-                                        (env != nullptr ? env : "/var/run/xenstored/socket") +
-                                        ", /dev/xen/xenbus)");
+    return Error(last_error(), std::string("cannot connect to xenstored (") +
+                                   (env != nullptr ? env : "/var/run/xenstored/socket") +
+                                   ", /dev/xen/xenbus)");
   }
   return Store(h);
 }

@@ -11,6 +11,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+
 #include <boost/json.hpp>
 #include <filesystem>
 #include <fstream>
@@ -43,11 +45,16 @@ constexpr uid_t kSocketFile = 3'107'080;
 
 }  // namespace
 
-TEST_CASE("qbrokerd refuses --xen and bad flags clearly", "[api][daemon]") {
+TEST_CASE("qbrokerd refuses --xen without a hypervisor, and bad flags, clearly", "[api][daemon]") {
   qbtest::TempDir dir;
-  Child d{spawn({QBROKERD, "--xen", "--socket", dir / "s.sock"}, dir / "log")};
+  Child d{spawn({QBROKERD, "--xen", "--xen-dev", dir / "xen", "--socket", dir / "s.sock"}, dir / "log")};
   CHECK(d.wait(10s) == 1);
-  CHECK(slurp(dir / "log").find("not built yet") != std::string::npos);
+  const std::string said = slurp(dir / "log");
+  CHECK(said.find("--xen: " + (dir / "xen") + " does not exist: this host runs no Xen hypervisor") !=
+        std::string::npos);
+  // One message, and nothing was started or bound.
+  CHECK(std::count(said.begin(), said.end(), '\n') == 1);
+  CHECK(::access((dir / "s.sock").c_str(), F_OK) != 0);
   Child bad{spawn({QBROKERD, "--max-connections", "0"}, dir / "log2")};
   CHECK(bad.wait(10s) == 2);
   CHECK(slurp(dir / "log2").find("--max-connections") != std::string::npos);
