@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -613,6 +614,8 @@ std::optional<std::string> FakeXenstored::Impl::read(const std::string& path) co
 
 void FakeXenstored::Impl::write(const std::string& path, const std::string& value) {
   check_path(path);
+  // No client could have written it, and no READ reply could carry it.
+  if (path.size() + 1 + value.size() > xs::payload_max) throw std::length_error("value too long");
   const std::lock_guard lock(mu_);
   fire_change(live_.write(path, value));
   wake();
