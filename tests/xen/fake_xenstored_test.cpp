@@ -5,11 +5,13 @@
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <thread>
 #include <utility>
 
@@ -119,12 +121,14 @@ std::optional<xs::Message> raw_receive(const fdpass::UniqueFd& fd, xs::Decoder& 
   return m;
 }
 
-// The server closed `fd`: end of stream, with nothing before it.
+// The server closed `fd`: end of stream, with nothing before it (ECONNRESET: it closed with our
+// bytes unread).
 bool dropped(const fdpass::UniqueFd& fd) {
   pollfd p{fd.get(), POLLIN, 0};
   if (::poll(&p, 1, wait_ms) != 1) return false;
   char c;
-  return ::recv(fd.get(), &c, 1, 0) == 0;
+  const ssize_t n = ::recv(fd.get(), &c, 1, 0);
+  return n == 0 || (n < 0 && errno == ECONNRESET);
 }
 
 std::string words(std::initializer_list<std::string> w) {
@@ -395,6 +399,41 @@ TEST_CASE("fake xenstored: an aborted transaction leaves nothing", "[xen]") {
   errno = 0;
   CHECK_FALSE(xs_get(c.h, "/keep", t));  // the transaction is gone
   CHECK(errno == ENOENT);
+}
+
+TEST_CASE("fake xenstored: a connection's watches end with it", "[xen]") {
+  Server s;
+  Client stays;
+  xs_handle* leaves = xs_open(0);
+  REQUIRE(leaves != nullptr);
+  REQUIRE(xs_watch(leaves, "/x", "t"));
+  REQUIRE(xs_watch(stays.h, "/y", "t"));
+  CHECK(s.xsd.watched() == std::vector<std::string>{"/x", "/y"});
+  xs_close(leaves);
+  // The close is on the server's side before this request is, and a poll round takes both.
+  REQUIRE(xs_get(stays.h, "/").has_value());
+  CHECK(s.xsd.watched() == std::vector<std::string>{"/y"});
+}
+
+TEST_CASE("fake xenstored: stopping closes every connection and removes the socket", "[xen]") {
+  TempDir dir;
+  const std::string path = dir / "socket";
+  {
+    qbtest::FdLeakCheck no_leak;
+    std::optional<FakeXenstored> xsd(std::in_place, path);
+    ::setenv("XENSTORED_PATH", path.c_str(), 1);
+    Client c;
+    REQUIRE(xs_watch(c.h, "/", "t"));
+    const auto raw = raw_connect(path);
+    xs::Decoder d;
+    send_all(raw, xs::encode(xs::read, 1, 0, std::string("/\0", 2)));
+    REQUIRE(raw_receive(raw, d));  // accepted and served
+    xsd.reset();
+    CHECK(dropped(raw));
+    CHECK(::access(path.c_str(), F_OK) != 0);
+  }
+  CHECK(xs_open(0) == nullptr);
+  CHECK_THROWS_AS(FakeXenstored(dir / std::string(200, 'x')), std::invalid_argument);
 }
 
 // ---------------------------------------------------------------- strictness

@@ -1,13 +1,12 @@
 // The xenstore wire codec (tests/fakes/xs_wire) with byte strings: no socket, no server.
 #include "xs_wire.hpp"
 
+#include <catch2/catch.hpp>
 #include <cstdint>
 #include <cstring>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <catch2/catch.hpp>
 
 namespace xs = qbtest::xs;
 
