@@ -64,7 +64,8 @@ class FakeXenstored {
   std::vector<std::string> directory(const std::string& path) const;  // sorted child names
   // The permission words joined by ',' ("n0,r5"); nullopt when the node is absent.
   std::optional<std::string> perms(const std::string& path) const;
-  // Sends an event to every watch on `special` ("@releaseDomain", "@introduceDomain").
+  // Sends an event to every watch on `special` ("@releaseDomain", "@introduceDomain"); a name
+  // without the leading '@' throws.
   void fire(const std::string& special);
   void fail_next_commits(int n);            // the next n TRANSACTION_END "T" answer EAGAIN
   std::size_t commits() const;              // successful commits so far
