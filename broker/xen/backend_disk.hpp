@@ -6,9 +6,11 @@
 //   - a block device is named by st_rdev and its disk sequence number (BLKGETDISKSEQ), which the
 //     kernel never reuses while the system runs;
 //   - `physical-device` (major:minor, hex), `params` and a hex `diskseq` go to the backend's
-//     xenstore directory, and blkback refuses a device whose diskseq differs;
-//   - the broker holds its fd until the backend reports Connected (state 4): until blkback holds
-//     the device itself, it cannot be detached or swapped.
+//     xenstore directory. A blkback that checks diskseq (seed 004's proposal; mainline Linux
+//     reads physical-device alone) refuses a device whose sequence differs;
+//   - what protects the disk with any blkback: the broker holds its fd until the backend reports
+//     Connected (state 4). Until blkback holds the device itself, the device cannot be detached,
+//     so its number cannot be reused for another.
 #pragma once
 
 #include <sys/types.h>

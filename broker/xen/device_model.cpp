@@ -143,6 +143,19 @@ Result<std::vector<std::pair<std::string, std::string>>> make_device_nodes(
   return out;
 }
 
+Result<void> seal_device_nodes(const std::string& dir) {
+  for (const char* name : kDeviceNodes) {
+    const std::string node = dir + "/" + name;
+    struct stat st {};
+    if (::lstat(node.c_str(), &st) != 0) continue;
+    // Mode first: between the two calls the node is open to nobody rather than to the old owner.
+    if (::chmod(node.c_str(), 0) != 0 || ::chown(node.c_str(), 0, 0) != 0) {
+      return make_error({errno, std::system_category()}, "sealing the device node " + node);
+    }
+  }
+  return {};
+}
+
 void remove_device_nodes(const std::string& dir) {
   for (const char* name : kDeviceNodes) ::unlink((dir + "/" + name).c_str());
   ::rmdir(dir.c_str());

@@ -70,6 +70,10 @@ inline constexpr const char* kDeviceNodes[] = {"privcmd", "hypercall", "evtchn",
 // uid, and no other domain's uid can open this copy. Returns {host copy, jail path} pairs.
 Result<std::vector<std::pair<std::string, std::string>>> make_device_nodes(
     const std::string& host_dir, const std::string& dir, uid_t uid);
+// Takes the copies in `dir` away from the domain uid (root's, mode 0). Call once QEMU has
+// restricted its handles to its domid (it does so before it answers on QMP): QEMU keeps the
+// handles it holds, and can open no new, unrestricted one. The jail's binds follow the inodes.
+Result<void> seal_device_nodes(const std::string& dir);
 // Removes the copies and `dir`.
 void remove_device_nodes(const std::string& dir);
 

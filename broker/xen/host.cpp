@@ -69,6 +69,14 @@ Result<const DeviceModel*> Host::start(lifecycle::DomainSpec spec, std::uint32_t
   return &models_.insert_or_assign(domid, std::move(dm)).first->second;
 }
 
+Result<void> Host::seal(std::uint32_t domid) {
+  if (!models_.contains(domid)) {
+    return Error(std::make_error_code(std::errc::no_such_process),
+                 "domid " + std::to_string(domid) + " has no device model here");
+  }
+  return seal_device_nodes(node_dir(domid));
+}
+
 Result<lifecycle::KillReport> Host::stop(std::uint32_t domid) {
   auto it = models_.find(domid);
   if (it == models_.end()) {

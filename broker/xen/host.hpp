@@ -55,6 +55,9 @@ class Host {
   Result<const DeviceModel*> start(lifecycle::DomainSpec spec, std::uint32_t domid, GuestType type,
                                    lifecycle::FdHandover* cold = nullptr,
                                    const std::vector<std::string>& extra_args = {});
+  // Takes the Xen device nodes away from `domid`'s device model (seal_device_nodes). Call once
+  // QEMU answered on QMP: it restricted its handles to the domid before that.
+  Result<void> seal(std::uint32_t domid);
   // Kills `domid`'s device model by uid and removes its record, nodes and uid.
   Result<lifecycle::KillReport> stop(std::uint32_t domid);
 
