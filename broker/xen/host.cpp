@@ -2,6 +2,7 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cerrno>
 
 namespace broker::xen {
@@ -89,11 +90,15 @@ Result<lifecycle::KillReport> Host::stop(std::uint32_t domid) {
     killed = launcher_.destroy(*dm.instance);  // releases the uid once nothing runs under it
   } else {
     killed = uids_.reaper().kill_uid(dm.uid);
-    if (killed) (void)uids_.release(dm.uid);
+    if (killed && dm.ours) (void)uids_.release(dm.uid);
   }
   if (!killed) return killed.error();
   remove_device_nodes(node_dir(domid));
-  if (auto ok = remove_record(xs_, domid); !ok) return ok.error();
+  if (dm.ours) {
+    if (auto ok = remove_record(xs_, domid); !ok) return ok.error();
+  } else {
+    reaped_for_libxl_[domid] = dm.recorded_pid;
+  }
   models_.erase(it);
   return killed;
 }
@@ -114,6 +119,9 @@ Result<std::vector<std::uint32_t>> Host::recover(std::vector<Error>* failed) {
   if (!recorded) return recorded.error();
   auto now = domains_.list();
   if (!now) return now.error();
+  std::erase_if(reaped_for_libxl_, [&](const auto& reaped) {
+    return std::find(recorded->begin(), recorded->end(), reaped.first) == recorded->end();
+  });
   for (auto domid : *recorded) {
     if (models_.contains(domid)) continue;
     auto r = read_record(xs_, domid);
@@ -121,11 +129,17 @@ Result<std::vector<std::uint32_t>> Host::recover(std::vector<Error>* failed) {
       if (failed != nullptr) failed->push_back(r.error());
       continue;
     }
+    if (auto it = reaped_for_libxl_.find(domid); it != reaped_for_libxl_.end()) {
+      if (it->second == r->pid) continue;  // the one already killed
+      reaped_for_libxl_.erase(it);
+    }
     // Only what this broker's convention would have started: a kill uid in its range.
     if (!r->kill_uid || !in_range(*r->kill_uid)) continue;
     DeviceModel dm;
     dm.domid = domid;
     dm.uid = *r->kill_uid;
+    dm.ours = uids_.in_use().contains(dm.uid);
+    dm.recorded_pid = r->pid;
     models_.emplace(domid, std::move(dm));
   }
   std::vector<std::uint32_t> tracked;

@@ -43,6 +43,10 @@ struct DeviceModel {
   // The running instance; nullopt for a device model adopted from xenstore after a restart,
   // which is killed by uid alone.
   std::optional<lifecycle::Instance> instance;
+  // Started by this broker or an earlier one with the same state (its uid is recorded there),
+  // rather than by libxl: only then is the xenstore record the broker's to remove.
+  bool ours = true;
+  std::optional<pid_t> recorded_pid;  // image/device-model-pid, for one adopted from xenstore
 };
 
 class Host {
@@ -58,7 +62,8 @@ class Host {
   // Takes the Xen device nodes away from `domid`'s device model (seal_device_nodes). Call once
   // QEMU answered on QMP: it restricted its handles to the domid before that.
   Result<void> seal(std::uint32_t domid);
-  // Kills `domid`'s device model by uid and removes its record, nodes and uid.
+  // Kills `domid`'s device model by uid and removes its nodes, its uid and, when it is ours, its
+  // xenstore record (libxl's destroy reads libxl's own record while it tears the domain down).
   Result<lifecycle::KillReport> stop(std::uint32_t domid);
 
   // Registers the @releaseDomain watch (xenstored fires it once at once).
@@ -86,6 +91,10 @@ class Host {
   const UserDb& users_;
   HostConfig config_;
   std::map<std::uint32_t, DeviceModel> models_;
+  // libxl's device models this broker killed whose record libxl has not removed yet, with the
+  // pid the record names: not adopted again while that record stays. A new device model of the
+  // domid has a record with another pid.
+  std::map<std::uint32_t, std::optional<pid_t>> reaped_for_libxl_;
 };
 
 }  // namespace broker::xen

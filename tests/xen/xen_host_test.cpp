@@ -496,16 +496,30 @@ TEST_CASE("a restarted broker kills by uid from xenstore, and tracks what still 
   // Something libxl recorded with a kill uid outside this broker's range is not its to kill.
   fx.xs.server.write("/libxl/40/dm-version", "qemu_xen");
   fx.xs.server.write("/local/domain/40/image/device-model-kill-uid", "4000040");
+  // A device model libxl started under the same convention (kill uid = base + domid), whose
+  // domain has died: the broker kills it by uid, and leaves libxl's record to libxl's destroy.
+  const pid_t libxl_dm = qbtest::fork_as_uid(kBase + 11);
+  REQUIRE(libxl_dm > 0);
+  qbtest::ChildGuard libxl_guard(libxl_dm);
+  fx.xs.server.write("/libxl/11/dm-version", "qemu_xen");
+  fx.xs.server.write("/local/domain/11/image/device-model-kill-uid", std::to_string(kBase + 11));
+  fx.xs.server.write("/local/domain/11/image/device-model-pid", std::to_string(libxl_dm));
 
   auto second = fx.broker();
   std::vector<Error> failed;
   auto reaped = second->host.recover(&failed);
   REQUIRE(reaped.has_value());
   CHECK(failed.empty());
-  CHECK(*reaped == std::vector<std::uint32_t>{2});
+  CHECK(*reaped == std::vector<std::uint32_t>{2, 11});
   CHECK(alive(kBase + 2) == 0);
   CHECK(fx.xs.server.read("/libxl/2") == std::nullopt);
   reap(pid2);
+  CHECK(alive(kBase + 11) == 0);
+  reap(libxl_dm);
+  libxl_guard.reaped();
+  CHECK(fx.xs.server.read("/libxl/11/dm-version") == std::optional<std::string>("qemu_xen"));
+  CHECK(fx.xs.server.read("/local/domain/11/image/device-model-kill-uid") ==
+        std::optional<std::string>(std::to_string(kBase + 11)));
   // Domain 3 still runs: adopted, with no instance, killed by uid once it is released.
   REQUIRE(second->host.models().contains(3));
   CHECK_FALSE(second->host.models().at(3).instance.has_value());
@@ -521,6 +535,21 @@ TEST_CASE("a restarted broker kills by uid from xenstore, and tracks what still 
   CHECK(alive(kBase + 3) == 0);
   CHECK(fx.xs.server.read("/libxl/3") == std::nullopt);
   CHECK(fx.xs.server.read("/libxl/40/dm-version") == std::optional<std::string>("qemu_xen"));
+  // A second release: the record libxl has not removed yet is not killed again.
+  fx.xs.server.fire("@releaseDomain");
+  REQUIRE(readable(second->host.fileno()));
+  CHECK(second->host.on_events().value().empty());
+  // libxl's destroy removes its record and a new domain 11 gets a new device model (another
+  // pid) before the broker looks again: that one is adopted.
+  fx.xs.server.rm("/libxl/11");
+  fx.xs.server.write("/libxl/11/dm-version", "qemu_xen");
+  fx.xs.server.write("/local/domain/11/image/device-model-pid", "999999");
+  fx.domains.now = {{0, false, false}, {11, false, false}};
+  fx.xs.server.fire("@releaseDomain");
+  REQUIRE(readable(second->host.fileno()));
+  CHECK(second->host.on_events().value().empty());
+  CHECK(second->host.models().contains(11));
+  CHECK_FALSE(second->host.models().at(11).ours);
   reap(pid3);
   CHECK(::access((fx.run / "xen/2").c_str(), F_OK) != 0);
   CHECK(::access((fx.run / "xen/3").c_str(), F_OK) != 0);
