@@ -87,11 +87,21 @@ std::string backend_path(std::uint32_t domid, std::uint32_t devid) {
   return "/local/domain/0/backend/vbd/" + std::to_string(domid) + "/" + std::to_string(devid);
 }
 
-Result<void> publish_backend_disk(Store& xs, const BackendDisk& disk, const std::string& backend) {
+std::string physical_device(dev_t rdev) {
   char number[32];
-  std::snprintf(number, sizeof number, "%x:%x", major(disk.rdev), minor(disk.rdev));
+  std::snprintf(number, sizeof number, "%x:%x", major(rdev), minor(rdev));
+  return number;
+}
+
+std::string diskseq_hex(std::uint64_t diskseq) {
   char seq[17];
-  std::snprintf(seq, sizeof seq, "%016llx", static_cast<unsigned long long>(disk.diskseq));
+  std::snprintf(seq, sizeof seq, "%016llx", static_cast<unsigned long long>(diskseq));
+  return seq;
+}
+
+Result<void> publish_backend_disk(Store& xs, const BackendDisk& disk, const std::string& backend) {
+  const std::string number = physical_device(disk.rdev);
+  const std::string seq = diskseq_hex(disk.diskseq);
   auto written = xs.transact([&](Tx tx) -> Result<void> {
     if (auto ok = xs.write(backend + "/params", disk.node, tx); !ok) return ok;
     if (auto ok = xs.write(backend + "/physical-device", number, tx); !ok) return ok;

@@ -40,6 +40,10 @@ Result<BackendDisk> open_backend_disk(fdpass::BorrowedFd image, const std::strin
 // /local/domain/0/backend/vbd/<domid>/<devid>
 std::string backend_path(std::uint32_t domid, std::uint32_t devid);
 
+// blkback's names for a device: "major:minor" and the diskseq, in hex as xenstore holds them.
+std::string physical_device(dev_t rdev);
+std::string diskseq_hex(std::uint64_t diskseq);
+
 // Writes params, physical-device and diskseq (16 hex digits) in one transaction.
 Result<void> publish_backend_disk(Store& xs, const BackendDisk& disk, const std::string& backend);
 

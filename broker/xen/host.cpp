@@ -2,6 +2,8 @@
 
 #include <sys/stat.h>
 
+#include <boost/json/array.hpp>
+
 #include <algorithm>
 #include <cerrno>
 
@@ -75,7 +77,36 @@ Result<void> Host::seal(std::uint32_t domid) {
     return Error(std::make_error_code(std::errc::no_such_process),
                  "domid " + std::to_string(domid) + " has no device model here");
   }
-  return seal_device_nodes(node_dir(domid));
+  if (auto ok = seal_device_nodes(node_dir(domid)); !ok) return ok;
+  models_.at(domid).sealed = true;
+  return {};
+}
+
+boost::json::object to_json(const DeviceModel& dm) {
+  boost::json::object o{{"domid", dm.domid},
+                        {"type", to_string(dm.type)},
+                        {"uid", dm.uid},
+                        {"shared_uid", dm.shared},
+                        {"started_by", dm.ours ? "qbroker" : "libxl"},
+                        {"sealed", dm.sealed}};
+  if (dm.instance) {
+    o["pid"] = dm.instance->pid;
+  } else if (dm.recorded_pid) {
+    o["pid"] = *dm.recorded_pid;
+  }
+  boost::json::array backends;
+  for (const auto& b : dm.backends) {
+    backends.push_back(boost::json::object{
+        {"devid", b.devid},
+        {"path", b.path},
+        {"node", b.disk.node},
+        {"physical_device", physical_device(b.disk.rdev)},
+        {"diskseq", diskseq_hex(b.disk.diskseq)},
+        {"state", b.state},
+        {"held", b.held()}});
+  }
+  o["backends"] = std::move(backends);
+  return o;
 }
 
 Result<lifecycle::KillReport> Host::stop(std::uint32_t domid) {
@@ -93,6 +124,7 @@ Result<lifecycle::KillReport> Host::stop(std::uint32_t domid) {
     if (killed && dm.ours) (void)uids_.release(dm.uid);
   }
   if (!killed) return killed.error();
+  detach_backends(dm);
   remove_device_nodes(node_dir(domid));
   if (dm.ours) {
     if (auto ok = remove_record(xs_, domid); !ok) return ok.error();
@@ -103,12 +135,65 @@ Result<lifecycle::KillReport> Host::stop(std::uint32_t domid) {
   return killed;
 }
 
+Result<const Backend*> Host::attach_disk(std::uint32_t domid, std::uint32_t devid,
+                                         fdpass::BorrowedFd image, const std::string& path,
+                                         bool read_only) {
+  auto it = models_.find(domid);
+  if (it == models_.end()) {
+    return Error(std::make_error_code(std::errc::no_such_process),
+                 "domid " + std::to_string(domid) + " has no device model here");
+  }
+  for (const auto& b : it->second.backends) {
+    if (b.devid == devid) {
+      Error e(std::make_error_code(std::errc::file_exists),
+              "domid " + std::to_string(domid) + " has a disk " + std::to_string(devid) + " already");
+      e.field = "devid";
+      return e;
+    }
+  }
+  Backend b;
+  b.devid = devid;
+  b.path = backend_path(domid, devid);
+  auto disk = open_backend_disk(image, path, read_only);
+  if (!disk) return disk.error();
+  b.disk = std::move(*disk);
+  if (auto ok = publish_backend_disk(xs_, b.disk, b.path); !ok) return ok.error();
+  if (auto ok = xs_.watch(b.path + "/state", kBackendToken); !ok) {
+    (void)xs_.rm(b.path);
+    return ok.error();
+  }
+  it->second.backends.push_back(std::move(b));
+  return &it->second.backends.back();
+}
+
+void Host::backend_changed(const std::string& path) {
+  for (auto& [domid, dm] : models_) {
+    for (auto& b : dm.backends) {
+      if (path != b.path + "/state") continue;
+      auto state = xs_.read(path);
+      if (!state) continue;  // read again at the next event
+      b.state = state->value_or("");
+      // blkback holds the device now: the broker's hold has done its work.
+      if (b.state == kConnected) b.disk.fd.reset();
+    }
+  }
+}
+
+void Host::detach_backends(DeviceModel& dm) {
+  for (auto& b : dm.backends) {
+    (void)xs_.unwatch(b.path + "/state", kBackendToken);
+    if (dm.ours) (void)xs_.rm(b.path);
+  }
+  dm.backends.clear();  // closes every fd still held
+}
+
 Result<std::vector<std::uint32_t>> Host::on_events(std::vector<Error>* failed) {
   auto events = xs_.take_events();
   if (!events) return events.error();
   bool released_any = false;
   for (const auto& ev : *events) {
     released_any = released_any || (ev.token == kReleaseToken && ev.path == "@releaseDomain");
+    if (ev.token == kBackendToken) backend_changed(ev.path);
   }
   if (!released_any) return std::vector<std::uint32_t>();
   return recover(failed);

@@ -554,3 +554,124 @@ TEST_CASE("a restarted broker kills by uid from xenstore, and tracks what still 
   CHECK(::access((fx.run / "xen/2").c_str(), F_OK) != 0);
   CHECK(::access((fx.run / "xen/3").c_str(), F_OK) != 0);
 }
+
+namespace {
+
+std::string first_line(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "r");
+  if (f == nullptr) return {};
+  char buf[512] = {};
+  const bool got = std::fgets(buf, sizeof buf, f) != nullptr;
+  std::fclose(f);
+  std::string s = got ? buf : "";
+  if (!s.empty() && s.back() == '\n') s.pop_back();
+  return s;
+}
+
+// Where the kernel shows what a loop device is bound to; absent once it is detached.
+std::string backing_file_of(const Backend& b) {
+  return "/sys/dev/block/" + std::to_string(major(b.disk.rdev)) + ":" +
+         std::to_string(minor(b.disk.rdev)) + "/loop/backing_file";
+}
+
+bool gone(const std::string& path) {
+  for (int i = 0; i < 200; ++i) {
+    if (::access(path.c_str(), F_OK) != 0) return true;
+    ::usleep(5000);
+  }
+  return false;
+}
+
+}  // namespace
+
+TEST_CASE("a backend disk is held until its backend is Connected, then left to blkback",
+          "[xen][privileged]") {
+  QB_REQUIRE_ROOT();
+  Fixture fx;
+  auto b = fx.broker();
+  fx.domains.now = {{0, false, false}, {12, false, false}};
+  auto dm = b->host.start(dm_spec("xen12"), 12, GuestType::hvm);
+  REQUIRE(dm.has_value());
+  const pid_t pid = (*dm)->instance->pid;
+  const std::string image = fx.run / "disk.img";
+  qbtest::write_file(image, std::string(1 << 20, 'd'));
+  fdpass::UniqueFd file(::open(image.c_str(), O_RDWR | O_CLOEXEC));
+  REQUIRE(file.valid());
+  REQUIRE(b->host.watch().has_value());
+
+  auto attached = b->host.attach_disk(12, 51712, file, image, false);
+  REQUIRE(attached.has_value());
+  const Backend& disk = **attached;
+  const std::string be = "/local/domain/0/backend/vbd/12/51712";
+  CHECK(disk.path == be);
+  CHECK(fx.xs.server.read(be + "/physical-device") == std::optional<std::string>(physical_device(disk.disk.rdev)));
+  CHECK(fx.xs.server.read(be + "/diskseq") == std::optional<std::string>(diskseq_hex(disk.disk.diskseq)));
+  CHECK(fx.xs.server.read(be + "/params") == std::optional<std::string>(disk.disk.node));
+  const std::string backing = backing_file_of(disk);
+  file.reset();  // the caller's fd goes: the loop device is the broker's alone to hold
+  CHECK(first_line(backing) == image);
+  // A second disk with the same devid is refused by field.
+  fdpass::UniqueFd again(::open(image.c_str(), O_RDONLY | O_CLOEXEC));
+  auto twice = b->host.attach_disk(12, 51712, again, image, true);
+  REQUIRE(twice.has_error());
+  CHECK(twice.error().field == "devid");
+  again.reset();
+
+  // Initialising, then InitWait: still held.
+  REQUIRE(readable(b->host.fileno()));
+  (void)b->host.on_events();
+  fx.xs.server.write(be + "/state", "2");
+  REQUIRE(readable(b->host.fileno()));
+  CHECK(b->host.on_events().value().empty());
+  CHECK(b->host.models().at(12).backends.at(0).state == "2");
+  CHECK(b->host.models().at(12).backends.at(0).held());
+  CHECK(first_line(backing) == image);
+  auto view = to_json(b->host.models().at(12));
+  CHECK(view.at("domid") == 12);
+  CHECK(view.at("uid") == kBase + 12);
+  CHECK(view.at("pid") == pid);
+  CHECK(view.at("started_by") == "qbroker");
+  CHECK(view.at("sealed") == false);
+  const auto& bv = view.at("backends").as_array().at(0).as_object();
+  CHECK(bv.at("state") == "2");
+  CHECK(bv.at("held") == true);
+  CHECK(bv.at("diskseq").as_string() == diskseq_hex(disk.disk.diskseq).c_str());
+
+  // Connected: blkback holds the device (here nobody does, so autoclear detaches it).
+  fx.xs.server.write(be + "/state", "4");
+  REQUIRE(readable(b->host.fileno()));
+  CHECK(b->host.on_events().value().empty());
+  CHECK_FALSE(b->host.models().at(12).backends.at(0).held());
+  CHECK(gone(backing));
+
+  fx.domains.now = {{0, false, false}};
+  fx.xs.server.fire("@releaseDomain");
+  REQUIRE(readable(b->host.fileno()));
+  CHECK(b->host.on_events().value() == std::vector<std::uint32_t>{12});
+  CHECK(fx.xs.server.read(be + "/params") == std::nullopt);
+  CHECK(fx.xs.server.watched() == std::vector<std::string>{"@releaseDomain"});
+  reap(pid);
+}
+
+TEST_CASE("a disk of a domain whose device model dies is let go with it", "[xen][privileged]") {
+  QB_REQUIRE_ROOT();
+  Fixture fx;
+  auto b = fx.broker();
+  fx.domains.now = {{0, false, false}, {13, false, false}};
+  auto dm = b->host.start(dm_spec("xen13"), 13, GuestType::hvm);
+  REQUIRE(dm.has_value());
+  const pid_t pid = (*dm)->instance->pid;
+  const std::string image = fx.run / "disk13.img";
+  qbtest::write_file(image, std::string(1 << 16, 'e'));
+  fdpass::UniqueFd file(::open(image.c_str(), O_RDONLY | O_CLOEXEC));
+  auto attached = b->host.attach_disk(13, 768, file, image, true);
+  REQUIRE(attached.has_value());
+  const std::string backing = backing_file_of(**attached);
+  file.reset();
+  CHECK(first_line(backing) == image);
+  // Never Connected: stopping the device model lets the loop device go.
+  REQUIRE(b->host.stop(13).has_value());
+  CHECK(gone(backing));
+  CHECK(fx.xs.server.read("/local/domain/0/backend/vbd/13/768") == std::nullopt);
+  reap(pid);
+}
