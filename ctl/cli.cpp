@@ -76,6 +76,8 @@ constexpr std::array kCommands{
     CommandInfo{"events", "[--domain NAME] [--count N]", "GET", "/v1/events",
                 "follow broker and QEMU events (one JSON per line with --json)"},
     CommandInfo{"metrics", "", "GET", "/metrics", "the daemon's metrics, in Prometheus text"},
+    CommandInfo{"xen", "", "GET", "/v1/xen",
+                "the Xen mode's device models: domid, uid, pid, backend disks and their states"},
     CommandInfo{"top", "[--interval SECONDS] [--count N]", "GET", "/v1/domains",
                 "a live table of domains: state, uid, CPU, memory, job and progress (q quits)"},
 };
@@ -319,6 +321,10 @@ Out version(const Args&) {
 
 Out metrics(const Args&) {
   return Invocation{.method = "GET", .target = "/metrics", .view = View::text};
+}
+
+Out xen(const Args&) {
+  return Invocation{.method = "GET", .target = "/v1/xen", .view = View::xen};
 }
 
 Out top(const Args& a) {
@@ -685,6 +691,7 @@ const std::vector<Syntax>& syntaxes() {
       {"qmp", {}, {"NAME", "JSON"}, 0, false, qmp},
       {"events", {{"--domain", true}, {"--count", true}}, {}, 0, false, events},
       {"metrics", {}, {}, 0, false, metrics},
+      {"xen", {}, {}, 0, false, xen},
       {"top", {{"--interval", true}, {"--count", true}}, {}, 0, false, top},
   };
   return kSyntax;

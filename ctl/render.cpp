@@ -118,6 +118,33 @@ std::string killed_text(const json::value& body) {
   return out + table(rows);
 }
 
+// One row per device model, then one per backend disk.
+std::string xen_text(const json::value& body) {
+  std::string out = "device-model uids " + text(at(body, "uid_base")) + " + domid, reaper uid " +
+                    text(at(body, "reaper_uid")) + "\n";
+  std::vector<std::vector<std::string>> models{
+      {"DOMID", "TYPE", "UID", "PID", "STARTED BY", "SEALED", "DISKS"}};
+  std::vector<std::vector<std::string>> disks{
+      {"DOMID", "DEVID", "NODE", "DEVICE", "DISKSEQ", "STATE", "HELD"}};
+  const auto& list = at(body, "device_models");
+  for (const auto& m : list.is_array() ? list.get_array() : json::array()) {
+    const auto& backends = at(m, "backends");
+    const std::size_t n = backends.is_array() ? backends.get_array().size() : 0;
+    models.push_back({text(at(m, "domid")), text(at(m, "type")), text(at(m, "uid")),
+                      text(at(m, "pid")), text(at(m, "started_by")), text(at(m, "sealed")),
+                      std::to_string(n)});
+    for (const auto& b : backends.is_array() ? backends.get_array() : json::array()) {
+      disks.push_back({text(at(m, "domid")), text(at(b, "devid")), text(at(b, "node")),
+                       text(at(b, "physical_device")), text(at(b, "diskseq")),
+                       text(at(b, "state")), text(at(b, "held"))});
+    }
+  }
+  if (models.size() == 1) return out + "no device models\n";
+  out += "\n" + table(models);
+  if (disks.size() > 1) out += "\n" + table(disks);
+  return out;
+}
+
 }  // namespace
 
 std::string table(const std::vector<std::vector<std::string>>& rows) {
@@ -155,6 +182,8 @@ std::string render(const Invocation& inv, const json::value& body) {
     }
     case View::qmp:
       return json::serialize(at(body, "return")) + "\n";
+    case View::xen:
+      return xen_text(body);
     case View::message:
     case View::events:
     case View::text:

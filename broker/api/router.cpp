@@ -64,6 +64,7 @@ constexpr std::array kRoutes{
     RouteInfo{verb::get, "/v1/events", "watchEvents",
               "Server-sent events, all domains or ?domain="},
     RouteInfo{verb::get, "/metrics", "getMetrics", "Prometheus metrics"},
+    RouteInfo{verb::get, "/v1/xen", "getXen", "The Xen mode's device models"},
 };
 
 Error make(api::errc code, std::string message, std::string field = {}) {
@@ -252,6 +253,11 @@ Result<Command> get_metrics(const Request& r) {
   return Command{GetMetrics{}};
 }
 
+Result<Command> get_xen(const Request& r) {
+  QB_TRY(empty, r.empty_body());
+  return Command{GetXen{}};
+}
+
 Result<Command> get_version(const Request& r) {
   QB_TRY(empty, r.empty_body());
   return Command{GetVersion{}};
@@ -404,6 +410,7 @@ constexpr std::array kHandlers{
     Handler{"qmpPassthrough", {}, qmp_passthrough},
     Handler{"watchEvents", {"domain"}, watch_events},
     Handler{"getMetrics", {}, get_metrics},
+    Handler{"getXen", {}, get_xen},
 };
 
 // What route() reads of a request. The Content-Type is checked only when given: the

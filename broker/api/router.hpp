@@ -117,12 +117,13 @@ struct WatchEvents {
   std::string domain;  // empty: every domain
 };
 struct GetMetrics {};
+struct GetXen {};
 
 using Command = std::variant<GetVersion, ListDomains, CreateDomainCmd, GetDomain, DestroyDomain,
                              RunStateCmd, InsertMediumCmd, EjectMediumCmd, AddDiskCmd,
                              RemoveDiskCmd, AddNicCmd, RemoveNicCmd, SetVncCmd, RemoveVncCmd,
                              SaveCmd, RestoreCmd, MigrateCmd, IncomingCmd, CancelJobCmd, QmpCmd,
-                             WatchEvents, GetMetrics>;
+                             WatchEvents, GetMetrics, GetXen>;
 
 struct RouteInfo {
   http::verb method;

@@ -219,6 +219,16 @@ awaitable<Outcome> Service::run(GetMetrics&) {
   co_return metrics_outcome(broker_.metrics(), broker_.metrics_live());
 }
 
+awaitable<Outcome> Service::run(GetXen&) {
+  if (!config_.xen_view) {
+    co_return failure(Error(make_error_code(errc::not_found),
+                            "this broker does not run in Xen mode (qbrokerd --xen)"));
+  }
+  Outcome o;
+  o.body = config_.xen_view();
+  co_return o;
+}
+
 awaitable<Outcome> Service::run(WatchEvents&) {
   co_return failure(
       Error(make_error_code(errc::internal), "the event stream is served by the server"));

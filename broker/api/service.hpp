@@ -15,6 +15,8 @@ namespace broker::api {
 
 struct ServiceConfig {
   std::string qemu_binary = "/usr/bin/qemu-system-x86_64";
+  // The Xen mode's device models as GET /v1/xen shows them; unset outside the Xen mode.
+  std::function<boost::json::value()> xen_view;
 };
 
 class Service {
@@ -49,6 +51,7 @@ class Service {
   boost::asio::awaitable<Outcome> run(QmpCmd& c);
   boost::asio::awaitable<Outcome> run(WatchEvents& c);
   boost::asio::awaitable<Outcome> run(GetMetrics& c);
+  boost::asio::awaitable<Outcome> run(GetXen& c);
 
   // The domain as it is now (no QMP round trip), after a command changed it.
   boost::asio::awaitable<Outcome> current(const std::string& name,

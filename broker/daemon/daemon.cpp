@@ -397,6 +397,17 @@ asio::awaitable<void> reap_orphans(Broker& broker, asio::steady_timer& timer,
   }
 }
 
+// GET /v1/xen: the uids the Xen mode runs under, and every device model it tracks.
+boost::json::value xen_view(const xen::Host& xen_host, const Host& host) {
+  boost::json::array models;
+  for (const auto& [domid, dm] : xen_host.models()) models.push_back(xen::to_json(dm));
+  boost::json::object view{{"uid_base", host.uids.base},
+                           {"reaper_uid", host.xen->reaper},
+                           {"device_models", std::move(models)}};
+  if (host.xen->shared_uid) view["shared_uid"] = *host.xen->shared_uid;
+  return view;
+}
+
 // The Xen mode's teardown: a device model recorded in xenstore whose domain is gone or dying is
 // killed by uid, first at start (a domain may have died while no broker watched), then after
 // each @releaseDomain.
@@ -486,7 +497,15 @@ int serve(const DaemonConfig& o, Host host) {
   lifecycle::Launcher launcher(launcher_config(o, host.qemu), uids, cgroups, host.roots);
   Broker broker(io.get_executor(), broker_config(o), launcher, host.roots);
   broker.metrics().uid_pool_size.set(static_cast<std::int64_t>(host.uids.count) - 1);
-  api::Service service(broker, api::ServiceConfig{o.qemu});
+  xen::UserDb users;
+  std::optional<xen::Host> xen_host;
+  api::ServiceConfig service_config{o.qemu, {}};
+  if (host.xen) {
+    xen_host.emplace(host.xen->store, *host.xen->domains, launcher, uids, users,
+                     xen::HostConfig{o.xen_dev, o.run_dir + "/xen", o.xen_shared_uid});
+    service_config.xen_view = [&xen_host, &host] { return xen_view(*xen_host, host); };
+  }
+  api::Service service(broker, std::move(service_config));
   api::Server server(io.get_executor(), service, o.limits,
                      api::AccessPolicy{::geteuid(), host.admin_gid});
 
@@ -498,12 +517,8 @@ int serve(const DaemonConfig& o, Host host) {
   asio::steady_timer retry_timer(io);
   asio::co_spawn(io, retry_stuck(broker, retry_timer, life), asio::detached);
   asio::co_spawn(io, start_serving(broker, server, std::move(host.listener), life), asio::detached);
-  xen::UserDb users;
-  std::optional<xen::Host> xen_host;
   std::optional<asio::posix::stream_descriptor> xen_events;
-  if (host.xen) {
-    xen_host.emplace(host.xen->store, *host.xen->domains, launcher, uids, users,
-                     xen::HostConfig{o.xen_dev, o.run_dir + "/xen", o.xen_shared_uid});
+  if (xen_host) {
     xen_events.emplace(io, ::dup(xen_host->fileno()));
     asio::co_spawn(io, watch_xen(*xen_host, *xen_events, life), asio::detached);
   }

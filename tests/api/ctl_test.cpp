@@ -242,6 +242,28 @@ TEST_CASE("global options go anywhere and mistakes name the argument", "[api][ct
   CHECK(qbctl::flag_for_field("disks[0].path") == "--disk");
 }
 
+TEST_CASE("the Xen view renders its device models and their backend disks", "[api][ctl]") {
+  qbctl::Invocation xen{"GET", "/v1/xen", std::nullopt, qbctl::View::xen};
+  auto text = qbctl::render(xen, json::parse(R"({"uid_base":131072,"reaper_uid":131000,
+      "device_models":[
+        {"domid":5,"type":"hvm","uid":131077,"shared_uid":false,"started_by":"qbroker",
+         "sealed":true,"pid":4711,"backends":[{"devid":51712,"path":"/local/domain/0/backend/vbd/5/51712",
+         "node":"/dev/loop3","physical_device":"7:3","diskseq":"000000000000002a","state":"2",
+         "held":true}]},
+        {"domid":9,"type":"pv","uid":131081,"shared_uid":false,"started_by":"libxl",
+         "sealed":false,"backends":[]}]})"));
+  CHECK(text.find("device-model uids 131072 + domid, reaper uid 131000\n") == 0);
+  CHECK(text.find("5      hvm   131077  4711  qbroker     yes     1") != std::string::npos);
+  CHECK(text.find("9      pv    131081  -     libxl       no      0") != std::string::npos);
+  CHECK(text.find("5      51712  /dev/loop3  7:3     000000000000002a  2      yes") !=
+        std::string::npos);
+  auto none = qbctl::render(xen, json::parse(R"({"uid_base":1,"reaper_uid":1,"device_models":[]})"));
+  CHECK(none.find("no device models\n") != std::string::npos);
+  auto parsed = parse_ok({"xen"});
+  CHECK(parsed.target == "/v1/xen");
+  CHECK(parsed.view == qbctl::View::xen);
+}
+
 TEST_CASE("replies render as tables and exit codes follow the status", "[api][ctl]") {
   CHECK(qbctl::table({{"NAME", "STATE"}, {"vm1", "running"}, {"a-longer-name", "paused"}}) ==
         "NAME           STATE\nvm1            running\na-longer-name  paused\n");

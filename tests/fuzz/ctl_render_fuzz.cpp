@@ -30,7 +30,7 @@ void check(bool ok) {
 
 constexpr qbctl::View kViews[] = {qbctl::View::version, qbctl::View::domains, qbctl::View::domain,
                                   qbctl::View::killed,  qbctl::View::vnc,     qbctl::View::qmp,
-                                  qbctl::View::message, qbctl::View::events};
+                                  qbctl::View::message, qbctl::View::events,  qbctl::View::xen};
 constexpr unsigned kStatuses[] = {200, 201, 400, 403, 404, 405, 409, 413, 431, 500, 502, 503};
 
 // The progress bar reads a "job" event's data as ProgressBar::on_event in ctl/main.cpp does.
