@@ -17,17 +17,22 @@ Error invalid(std::string message) {
   return Error(std::make_error_code(std::errc::invalid_argument), std::move(message));
 }
 
-// A decimal number with no sign, space or leading zero, as libxl writes it.
 template <class T>
 std::optional<T> parse_decimal(std::string_view s) {
   T v{};
-  if (s.empty() || (s.size() > 1 && s[0] == '0')) return std::nullopt;
+  if (s.empty() || (s.size() > 1 && s[0] == '0') || s[0] == '-' || s[0] == '+') return std::nullopt;
   auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
   if (ec != std::errc() || end != s.data() + s.size()) return std::nullopt;
   return v;
 }
 
 }  // namespace
+
+std::optional<uid_t> parse_uid(std::string_view s) { return parse_decimal<uid_t>(s); }
+std::optional<pid_t> parse_pid(std::string_view s) { return parse_decimal<pid_t>(s); }
+std::optional<std::uint32_t> parse_domid(std::string_view s) {
+  return parse_decimal<std::uint32_t>(s);
+}
 
 std::string_view to_string(GuestType t) { return t == GuestType::pv ? "pv" : "hvm"; }
 
@@ -78,7 +83,7 @@ Result<Recorded> read_record(Store& xs, std::uint32_t domid) {
   auto uid = xs.read(paths::kill_uid(domid));
   if (!uid) return uid.error();
   if (*uid) {
-    auto v = parse_decimal<uid_t>(**uid);
+    auto v = parse_uid(**uid);
     if (!v || *v == 0) {
       return invalid(paths::kill_uid(domid) + " holds \"" + **uid + "\", not a uid above 0");
     }
@@ -86,7 +91,7 @@ Result<Recorded> read_record(Store& xs, std::uint32_t domid) {
   }
   auto pid = xs.read(paths::dm_pid(domid));
   if (!pid) return pid.error();
-  if (*pid) out.pid = parse_decimal<pid_t>(**pid);
+  if (*pid) out.pid = parse_pid(**pid);
   auto version = xs.read(paths::dm_version(domid));
   if (!version) return version.error();
   out.dm_version = *version;
@@ -98,7 +103,7 @@ Result<std::vector<std::uint32_t>> recorded_domids(Store& xs) {
   if (!names) return names.error();
   std::vector<std::uint32_t> out;
   for (const auto& n : *names) {
-    if (auto d = parse_decimal<std::uint32_t>(n)) out.push_back(*d);
+    if (auto d = parse_domid(n)) out.push_back(*d);
   }
   return out;
 }
