@@ -119,6 +119,9 @@ int main(int argc, char** argv) {
   auto argv_jailed = launcher.command_line(spec, launcher.detect_accel(Accel::automatic), {}, {});
 
   std::vector<double> raw_start, raw_destroy, start, destroy;
+  // The broker's start, step by step: the launcher's steps, then the QMP handshake and cont.
+  std::vector<std::string> step_names;
+  std::vector<std::vector<double>> step_ms;
   for (int i = 0; i < rounds; ++i) {
     auto raw = raw_round(raw_argv(argv_jailed), dir);
     raw_start.push_back(raw.start_ms);
@@ -131,8 +134,18 @@ int main(int argc, char** argv) {
       return 1;
     }
     auto qmp = qbtest::connect_retry(inst->qmp_path, 10s);
-    if (!qmp || !qbtest::qmp_handshake(qmp.get(), 10s) || !running(qmp.get())) return 1;
+    if (!qmp || !qbtest::qmp_handshake(qmp.get(), 10s)) return 1;
+    inst->trace.mark("qmp greeting+capabilities");
+    if (!running(qmp.get())) return 1;
+    inst->trace.mark("cont+query-status");
     auto t1 = Clock::now();
+    for (std::size_t k = 0; k < inst->trace.steps().size(); ++k) {
+      if (step_names.size() <= k) {
+        step_names.push_back(inst->trace.steps()[k].name);
+        step_ms.emplace_back();
+      }
+      step_ms[k].push_back(inst->trace.steps()[k].took.count() / 1000.0);
+    }
     qmp.reset();
     auto report = launcher.destroy(*inst);
     auto t2 = Clock::now();
@@ -175,6 +188,10 @@ int main(int argc, char** argv) {
               median(raw_start), median(start), median(start) / median(raw_start));
   std::printf("  destroy raw %8.1f ms   broker %8.1f ms   ratio %.2f (target <= 2.00)\n",
               median(raw_destroy), median(destroy), median(destroy) / median(raw_destroy));
+  std::printf("  broker start, step by step (medians):\n");
+  for (std::size_t k = 0; k < step_names.size(); ++k) {
+    std::printf("    %-28s %8.2f ms\n", step_names[k].c_str(), median(step_ms[k]));
+  }
   if (!storm.empty()) {
     std::printf("  fork storm of %zu processes killed by uid in %.1f ms (median; target <= 250)\n",
                 storm_sizes[storm_sizes.size() / 2], median(storm));

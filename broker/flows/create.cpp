@@ -3,10 +3,13 @@
 // jailed QEMU paused (-S), connect QMP, plug the NICs and VNC over QMP while the guest has not
 // run, then cont. A failure before the spawn frees the name; one after it tears the whole domain
 // down by uid.
+#include <chrono>
+#include <cstdio>
 #include <memory>
 
 #include <boost/asio/awaitable.hpp>
 
+#include "broker/core/log.hpp"
 #include "broker/flows/common.hpp"
 #include "broker/flows/flows.hpp"
 
@@ -56,13 +59,17 @@ awaitable<Result<void>> plug_network(Context& ctx, Domain& d, CreateDomain& requ
 // Everything after the spawn: QMP, network devices, cont.
 awaitable<Result<void>> bring_up(Context& ctx, Domains& domains, std::shared_ptr<Domain> d,
                                  CreateDomain& request) {
+  auto& trace = d->instance().trace;
   if (auto ok = co_await domains.attach(d); !ok) co_return ok.error();
+  trace.mark("qmp greeting+capabilities");
   d->set_state(RunState::paused);
   if (auto ok = co_await plug_network(ctx, *d, request); !ok) co_return ok.error();
+  if (!request.nics.empty() || request.vnc) trace.mark("nics+vnc");
   if (!request.spec.paused) {
     qmp::Command cont = qmp::cmd::cont();
     if (auto ok = co_await call(ctx, *d, std::move(cont)); !ok) co_return ok.error();
     d->set_state(RunState::running);
+    trace.mark("cont");
   }
   co_return Result<void>{};
 }
@@ -71,6 +78,7 @@ awaitable<Result<void>> bring_up(Context& ctx, Domains& domains, std::shared_ptr
 
 awaitable<Result<std::shared_ptr<Domain>>> create(Context& ctx, Domains& domains,
                                                   CreateDomain request) {
+  const auto started = std::chrono::steady_clock::now();
   auto reserved = domains.reserve(request.spec);
   if (!reserved) co_return reserved.error();
   auto d = *reserved;
@@ -81,6 +89,7 @@ awaitable<Result<std::shared_ptr<Domain>>> create(Context& ctx, Domains& domains
     domains.unreserve(d);
     co_return ok.error();
   }
+  const auto planned = std::chrono::steady_clock::now();
   std::unique_ptr<ColdPlan> plan = std::move(d->cold_plan);
   if (auto ok = co_await domains.launch(d, plan.get()); !ok) co_return ok.error();
   plan.reset();
@@ -95,6 +104,14 @@ awaitable<Result<std::shared_ptr<Domain>>> create(Context& ctx, Domains& domains
     ctx.events.publish(name, "domain", "failed", {{"error", ok.error().describe()}});
     co_return ok.error();
   }
+  auto& trace = d->instance().trace;
+  trace.mark("record");
+  char plan_ms[32];
+  std::snprintf(plan_ms, sizeof plan_ms, "%.1f ms",
+                std::chrono::duration<double, std::milli>(planned - started).count());
+  log::debug("domain " + name + " started: devices planned " + plan_ms + ", then " +
+                 trace.describe(),
+             {{"DOMAIN", name}});
   ctx.events.publish(name, "domain", "created",
                      {{"uid", d->instance().uid}, {"pid", d->instance().pid}});
   co_return d;

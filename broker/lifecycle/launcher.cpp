@@ -1,5 +1,7 @@
 #include "broker/lifecycle/launcher.hpp"
 
+#include <cstdio>
+
 #include <fcntl.h>
 #include <grp.h>
 #include <signal.h>
@@ -320,6 +322,29 @@ Result<SpawnedChild> Launcher::spawn(const DomainSpec& spec, Instance& inst, con
   return child;
 }
 
+void StartTrace::mark(std::string name) {
+  const auto now = Clock::now();
+  steps_.push_back({std::move(name), std::chrono::duration_cast<std::chrono::microseconds>(now - last_)});
+  last_ = now;
+}
+
+std::chrono::microseconds StartTrace::total() const {
+  std::chrono::microseconds sum{0};
+  for (const auto& s : steps_) sum += s.took;
+  return sum;
+}
+
+std::string StartTrace::describe() const {
+  std::string out;
+  char ms[32];
+  for (const auto& s : steps_) {
+    std::snprintf(ms, sizeof ms, " %.1f ms, ", static_cast<double>(s.took.count()) / 1000);
+    out += s.name + ms;
+  }
+  std::snprintf(ms, sizeof ms, "total %.1f ms", static_cast<double>(total().count()) / 1000);
+  return out + ms;
+}
+
 Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
                                  const std::vector<std::string>& extra_args) {
   if (auto ok = validate(spec); !ok) return ok.error();
@@ -332,6 +357,7 @@ Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
   }
   // The undo steps refer to `inst`, so it is declared first and outlives them on every return.
   Instance inst;
+  inst.trace.begin();
   Rollback undo;
   inst.name = spec.name;
   // Under Xen the hypervisor runs the guest: no KVM device in the jail.
@@ -346,6 +372,7 @@ Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
     auto uefi = hand_over_uefi(spec, config_.firmware, roots_, *fds);
     if (!uefi) return uefi.error();
     args.insert(args.end(), uefi->begin(), uefi->end());
+    inst.trace.mark("firmware");
   }
 
   // Step 2: a uid, swept and recorded before anything runs under it.
@@ -354,6 +381,7 @@ Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
   if (!uid) return uid.error();
   inst.uid = *uid;
   undo.push([this, u = *uid] { (void)uids_.release(u); });
+  inst.trace.mark("uid sweep+record");
 
   // Step 3: open everything with the broker's credentials.
   std::vector<fdpass::UniqueFd> mounts;
@@ -363,6 +391,7 @@ Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
   layout.ro_data_dirs = std::move(install.data_dirs);
   if (spec.xen) layout.device_binds = spec.xen->device_nodes;
   if (auto ok = mount_boot_files(spec, roots_, mounts, layout); !ok) return ok.error();
+  inst.trace.mark("boot files");
   inst.qmp_path = config_.run_dir + "/qmp/" + spec.name + ".sock";
   inst.console_path = config_.run_dir + "/console/" + spec.name + ".sock";
   inst.log_path = config_.run_dir + "/log/" + spec.name + ".log";
@@ -372,8 +401,10 @@ Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
   struct stat pipe_st {};
   if (::fstat(io->log_read.get(), &pipe_st) == 0) inst.log_pipe_inode = pipe_st.st_ino;
   inst.log_pipe = std::move(io->log_read);
+  inst.trace.mark("listeners");
   if (auto ok = make_cgroup(spec, inst); !ok) return ok.error();
   if (inst.cgroup.valid()) undo.push([this, &inst] { cgroups_.retire(inst.cgroup); });
+  inst.trace.mark("cgroup");
 
   // Step 4: spawn.
   FdHandover* spawn_fds = fds->entries().empty() ? nullptr : fds;
@@ -381,6 +412,7 @@ Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
   if (!child) return child.error();
   inst.pid = child->pid;
   inst.pidfd = std::move(child->pidfd);
+  inst.trace.mark("clone+jail+exec");
   inst.start_time = process_start_time(config_.proc_root, inst.pid);
   if (spawn_fds != nullptr) spawn_fds->spawned();
   undo.disarm();
