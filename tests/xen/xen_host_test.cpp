@@ -334,6 +334,10 @@ TEST_CASE("a device model runs jailed under base + domid, with its own Xen nodes
   CHECK(fx.xs.server.read("/local/domain/7/image/device-model-pid") ==
         std::optional<std::string>(std::to_string(pid)));
   CHECK(fx.xs.server.read("/libxl/7/dm-version") == std::optional<std::string>("qemu_xen"));
+  std::vector<std::string> steps;
+  for (const auto& step : inst.trace.steps()) steps.push_back(step.name);
+  CHECK(steps == std::vector<std::string>{"uid sweep+record", "boot files", "listeners", "cgroup",
+                                          "clone+jail+exec"});
   // QEMU's Xen words reached the command line.
   CHECK(std::find(inst.argv.begin(), inst.argv.end(), "-xen-domid-restrict") != inst.argv.end());
 
