@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <signal.h>
+#include <poll.h>
 #include <sys/stat.h>
 #include <sys/random.h>
 #include <sys/syscall.h>
@@ -47,6 +48,15 @@ std::string fresh_cgroup_name(const std::string& domain) {
 }
 
 // Reaps a child through its pidfd, if it has exited or once it does.
+// Waits until the process behind `pidfd` has exited (a pidfd turns readable then), at most
+// `limit`; it is not reaped.
+void wait_exit(const fdpass::UniqueFd& pidfd, std::chrono::milliseconds limit) {
+  if (!pidfd) return;
+  pollfd p{pidfd.get(), POLLIN, 0};
+  while (::poll(&p, 1, static_cast<int>(limit.count())) < 0 && errno == EINTR) {
+  }
+}
+
 void reap(const fdpass::UniqueFd& pidfd) {
   if (!pidfd) return;
   siginfo_t info{};
@@ -452,6 +462,10 @@ Result<KillReport> Launcher::destroy(Instance& inst) {
     report.rounds = 0;
     method += "shared-uid";
   } else {
+    // The init's exit ends the namespace, and the kernel lets it exit only once every other
+    // process in it has: waiting for that on the pidfd (bounded) wakes exactly when QEMU is
+    // gone, where the scan below would poll /proc for it.
+    wait_exit(inst.pidfd, std::chrono::milliseconds(2000));
     // 3. By uid, for anything that escaped both (never skipped when the uid is known). It
     //    returns only once its last /proc scan saw no live process of the uid: that scan is
     //    the check.
