@@ -63,6 +63,7 @@ DomainsConfig domains_config(const BrokerConfig& c) {
       .qmp_timeout = c.timeouts.qmp,
       .log = c.log,
       .log_retention = c.log_retention,
+      .parallel_lifecycle = c.parallel_lifecycle,
   };
 }
 

@@ -7,7 +7,7 @@
 //
 // Threads: one io_context runs the Broker, every domain, every QMP client and the API. Each domain
 // has one job slot: a second mutating request while a job runs gets errc::busy (409), while
-// queries go through (docs/concurrency.md). Blocking work runs on the Domains' lifecycle thread.
+// queries go through (docs/concurrency.md). Blocking work runs on the Domains' lifecycle pool.
 #pragma once
 
 #include <chrono>
@@ -47,6 +47,7 @@ struct BrokerConfig {
   LogLimits log;                                   // each QEMU's log file and error ring
   std::chrono::milliseconds log_retention{std::chrono::hours(24)};  // logs of gone domains
   std::string save_root;  // save files are written beneath it and restored from it; empty: off
+  std::size_t parallel_lifecycle = 4;  // starts and destroys of different domains at once
 };
 
 struct DomainInfo {

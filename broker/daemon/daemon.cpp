@@ -82,6 +82,7 @@ BrokerConfig broker_config(const DaemonConfig& o) {
   c.log.file_bytes = o.log_max_bytes;
   c.log_retention = o.log_retention;
   c.save_root = o.save_root;
+  c.parallel_lifecycle = o.parallel_starts;
   return c;
 }
 

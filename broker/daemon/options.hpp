@@ -62,6 +62,7 @@ struct DaemonConfig {
   std::chrono::milliseconds quit_timeout{3000};
   std::chrono::milliseconds shutdown_grace{2000};  // SIGTERM: time for answers in flight
   std::size_t log_max_bytes = 1u << 20;             // a QEMU log rotates past this
+  std::size_t parallel_starts = 4;                  // starts and destroys at once
   std::chrono::milliseconds log_retention{86'400'000};  // logs of gone domains
   api::ServerLimits limits;
 

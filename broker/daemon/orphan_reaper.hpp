@@ -4,7 +4,7 @@
 //
 // It must not steal children that others wait for by pid: the Launcher reaps each QEMU through
 // its pidfd (it tolerates ECHILD) and ForkingUidKiller waits for its reaper child with
-// waitpid(child) on the lifecycle thread, where an ECHILD would turn into kill_failed. So this
+// waitpid(child) on a lifecycle thread, where an ECHILD would turn into kill_failed. So this
 // reaper never calls waitpid(-1). Each sweep lists this process's zombie children in /proc and
 // reaps, by pid, only those that were already zombies at the previous sweep and are not in
 // `keep` (the live domains' QEMU pids). A child someone waits for is reaped by its waiter within

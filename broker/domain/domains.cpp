@@ -28,7 +28,8 @@ Domains::Domains(asio::any_io_executor ex, DomainsConfig config, lifecycle::Laun
       config_(std::move(config)),
       launcher_(launcher),
       events_(events),
-      records_(ex, config_.records_dir) {}
+      records_(ex, config_.records_dir),
+      lifecycle_(std::max<std::size_t>(1, config_.parallel_lifecycle)) {}
 
 Domains::~Domains() { lifecycle_.join(); }
 

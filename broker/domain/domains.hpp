@@ -1,10 +1,11 @@
-// The table of domains and the start and stop of their QEMUs: spawning on the lifecycle thread,
+// The table of domains and the start and stop of their QEMUs: spawning on the lifecycle pool,
 // the QMP session, the watch that tears a domain down by uid when its QEMU exits unasked, and
 // teardown itself. It knows nothing of flows or jobs; the flows and the Broker above use it.
 //
 // Threads: everything here runs on the broker's io_context. Work that blocks (spawning, kill by
-// uid, which polls /proc) runs on one lifecycle thread, one operation at a time, so the
-// io_context never waits on it; records are written on the RecordStore's own thread.
+// uid, which polls /proc) runs on the lifecycle pool, the starts and destroys of different
+// domains side by side (DomainsConfig::parallel_lifecycle), so the io_context never waits on it;
+// records are written on the RecordStore's own thread.
 #pragma once
 
 #include <chrono>
@@ -42,6 +43,9 @@ struct DomainsConfig {
   LogLimits log;  // each QEMU's log: file size before rotation, lines kept for errors
   // The log of a domain that is gone is removed once it is this old (retry_stuck does it).
   std::chrono::milliseconds log_retention{std::chrono::hours(24)};
+  // How many starts and destroys of different domains run at once (threads of the lifecycle
+  // pool). A domain's own start and destroy never overlap: its job slot orders them.
+  std::size_t parallel_lifecycle = 4;
 };
 
 class Domains {
@@ -129,7 +133,7 @@ class Domains {
   lifecycle::Launcher& launcher_;
   EventBus& events_;
   RecordStore records_;
-  boost::asio::thread_pool lifecycle_{1};
+  boost::asio::thread_pool lifecycle_;
   std::map<std::string, std::shared_ptr<Domain>> table_;
   metrics::Registry metrics_;
 };

@@ -8,6 +8,7 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <mutex>
 #include <thread>
 
 #include "broker/lifecycle/errc.hpp"
@@ -37,6 +38,11 @@ int kill_child(void* arg) {
 
 std::error_code ForkingUidKiller::kill_all(uid_t reaper_uid, uid_t uid) {
   if (uid == 0 || reaper_uid == 0 || reaper_uid == uid) return make_error_code(errc::kill_failed);
+  // One reaper child at a time: every one runs with the reaper's real uid, and kill(-1) reaches
+  // every process whose real uid is the sender's real or effective uid, so two children at once
+  // would kill each other (libxl's reaper lock exists for the same reason).
+  static std::mutex one_at_a_time;
+  std::lock_guard lock(one_at_a_time);
   KillArgs args{reaper_uid, uid};
   alignas(16) static thread_local char stack[16 * 1024];
   pid_t child = ::clone(kill_child, stack + sizeof(stack), CLONE_VM | CLONE_VFORK | SIGCHLD, &args);

@@ -81,7 +81,7 @@ struct SpawnRequest {
   int pdeathsig = 0;                      // 0: none (the daemon wants QEMU to outlive a restart)
   fdpass::BorrowedFd cgroup;              // invalid: no cgroup
   // From clone to exec. A child that has neither exec'd nor reported a failed step by then is
-  // killed by pidfd and reaped, so one stuck jail set-up cannot hold the lifecycle thread.
+  // killed by pidfd and reaped, so one stuck jail set-up cannot hold a lifecycle thread.
   std::chrono::milliseconds exec_deadline{10'000};
 };
 

@@ -88,6 +88,7 @@ UidPool UidPool::shared(uid_t uid, std::string state_dir, Reaper& reaper) {
 
 std::map<uid_t, std::string> UidPool::load() {
   make_dirs(dir_);
+  std::lock_guard lock(*mutex_);
   in_use_.clear();
   inherited_.clear();
   for (const auto& name : list_dir(dir_)) {
@@ -105,9 +106,25 @@ std::map<uid_t, std::string> UidPool::load() {
   return in_use_;
 }
 
+std::set<uid_t> UidPool::quarantined() const {
+  std::lock_guard lock(*mutex_);
+  return quarantined_;
+}
+
+std::map<uid_t, std::string> UidPool::in_use() const {
+  std::lock_guard lock(*mutex_);
+  return in_use_;
+}
+
+std::set<uid_t> UidPool::inherited() const {
+  std::lock_guard lock(*mutex_);
+  return inherited_;
+}
+
 Result<void> UidPool::sweep(uid_t uid) {
   auto report = reaper_.kill_uid(uid);
   if (!report) {
+    std::lock_guard lock(*mutex_);
     quarantined_.insert(uid);
     log::error("uid " + std::to_string(uid) + " quarantined: " + report.error().describe());
     Error e(make_error_code(errc::uid_quarantined), report.error().message);
@@ -122,19 +139,51 @@ Result<void> UidPool::sweep(uid_t uid) {
 
 std::vector<uid_t> UidPool::retry_quarantined() {
   std::vector<uid_t> freed;
-  for (uid_t uid : std::set<uid_t>(quarantined_)) {
+  for (uid_t uid : quarantined()) {
     auto report = reaper_.kill_uid(uid);
     if (!report) {
       log::debug("uid " + std::to_string(uid) + " stays quarantined: " + report.error().describe());
       continue;
     }
-    quarantined_.erase(uid);
+    {
+      std::lock_guard lock(*mutex_);
+      quarantined_.erase(uid);
+    }
     freed.push_back(uid);
     log::info("uid " + std::to_string(uid) + " is free again: nothing holds it any more" +
               (report->found > 0 ? " (killed " + std::to_string(report->found) + " processes)"
                                  : std::string()));
   }
   return freed;
+}
+
+std::optional<uid_t> UidPool::reserve_lowest(const std::string& domain,
+                                             const std::set<uid_t>& skip) {
+  std::lock_guard lock(*mutex_);
+  for (uid_t uid = range_.base + 1; uid < range_.base + range_.count; ++uid) {
+    if (in_use_.contains(uid) || quarantined_.contains(uid) || skip.contains(uid)) continue;
+    in_use_[uid] = domain;
+    return uid;
+  }
+  return std::nullopt;
+}
+
+Result<uid_t> UidPool::take(uid_t uid, const std::string& domain) {
+  auto unreserve = [&] {
+    std::lock_guard lock(*mutex_);
+    in_use_.erase(uid);
+  };
+  if (auto swept = sweep(uid); !swept) {
+    unreserve();
+    return swept.error();
+  }
+  // Sync::process: the record must outlive this process, not the host. A host crash takes
+  // every QEMU of the uid with it, so a record lost that way leaves nothing to kill.
+  if (auto ec = write_file_atomic(dir_, std::to_string(uid), domain, 0600, Sync::process)) {
+    unreserve();
+    return make_error(ec, "recording uid " + std::to_string(uid));
+  }
+  return uid;
 }
 
 Result<uid_t> UidPool::allocate(const std::string& domain, std::optional<uid_t> wanted) {
@@ -144,32 +193,27 @@ Result<uid_t> UidPool::allocate(const std::string& domain, std::optional<uid_t> 
     return range_.base;
   }
   if (auto ec = make_dirs(dir_)) return make_error(ec, "creating " + dir_);
-  auto try_uid = [&](uid_t uid) -> Result<uid_t> {
-    if (auto swept = sweep(uid); !swept) return swept.error();
-    // Sync::process: the record must outlive this process, not the host. A host crash takes
-    // every QEMU of the uid with it, so a record lost that way leaves nothing to kill.
-    if (auto ec = write_file_atomic(dir_, std::to_string(uid), domain, 0600, Sync::process)) {
-      return make_error(ec, "recording uid " + std::to_string(uid));
-    }
-    in_use_[uid] = domain;
-    return uid;
-  };
   if (wanted) {
     if (*wanted <= range_.base || *wanted >= range_.base + range_.count) {
       return range_error("uid " + std::to_string(*wanted) + " is outside the range");
     }
-    if (in_use_.contains(*wanted) || quarantined_.contains(*wanted)) {
-      Error e(make_error_code(errc::uid_exhausted),
-              "uid " + std::to_string(*wanted) + " is in use or quarantined");
-      return e;
+    {
+      std::lock_guard lock(*mutex_);
+      if (in_use_.contains(*wanted) || quarantined_.contains(*wanted)) {
+        Error e(make_error_code(errc::uid_exhausted),
+                "uid " + std::to_string(*wanted) + " is in use or quarantined");
+        return e;
+      }
+      in_use_[*wanted] = domain;
     }
-    return try_uid(*wanted);
+    return take(*wanted, domain);
   }
-  for (uid_t uid = range_.base + 1; uid < range_.base + range_.count; ++uid) {
-    if (in_use_.contains(uid) || quarantined_.contains(uid)) continue;
-    auto r = try_uid(uid);
+  std::set<uid_t> tried;
+  while (auto uid = reserve_lowest(domain, tried)) {
+    auto r = take(*uid, domain);
     if (r) return r;
     if (r.error().code != errc::uid_quarantined) return r;
+    tried.insert(*uid);
   }
   Error e(make_error_code(errc::uid_exhausted),
           "all " + std::to_string(range_.count - 1) + " uids of the range are in use or quarantined");
@@ -184,6 +228,7 @@ Result<void> UidPool::release(uid_t uid) {
     std::error_code ec(errno, std::system_category());
     return make_error(ec, "forgetting uid " + std::to_string(uid));
   }
+  std::lock_guard lock(*mutex_);
   in_use_.erase(uid);
   inherited_.erase(uid);
   return {};

@@ -9,11 +9,14 @@
 //      survive a crash of the broker, and the page cache does; a crash of the host ends every
 //      process of the uid as well, so a record lost with it leaves nothing behind to kill.
 // A uid is released only after its teardown verified that no process runs under it.
+// Thread-safe: independent domains start and stop on several threads at once.
 #pragma once
 
 #include <sys/types.h>
 
 #include <map>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <set>
 #include <string>
@@ -62,20 +65,32 @@ class UidPool {
   // or was killed by other means). Returns the uids freed.
   std::vector<uid_t> retry_quarantined();
 
-  const std::set<uid_t>& quarantined() const { return quarantined_; }
-  const std::map<uid_t, std::string>& in_use() const { return in_use_; }
+  // Copies: starts and destroys of different domains run on several threads at once.
+  std::set<uid_t> quarantined() const;
+  std::map<uid_t, std::string> in_use() const;
   // The uids load() found recorded by an earlier broker and not released since: the only ones a
   // reclaim may take. A uid this broker allocated belongs to a start or a domain of its own.
-  const std::set<uid_t>& inherited() const { return inherited_; }
+  std::set<uid_t> inherited() const;
   const UidRange& range() const { return range_; }
   Reaper& reaper() { return reaper_; }
 
  private:
   Result<void> sweep(uid_t uid);
 
+  // Reserves the lowest uid that is neither in use, quarantined nor in `skip` (under the lock);
+  // nullopt when none is left.
+  std::optional<uid_t> reserve_lowest(const std::string& domain, const std::set<uid_t>& skip);
+  // Sweeps and records a reserved uid; on failure the reservation goes (and a uid the sweep
+  // could not clear is quarantined).
+  Result<uid_t> take(uid_t uid, const std::string& domain);
+
   UidRange range_;
   std::string dir_;
   Reaper& reaper_;
+  // Guards the three sets below. The sweep (a kill by uid) runs outside it: a uid is reserved in
+  // in_use_ first, so no other start can pick it meanwhile.
+  // (Behind a pointer: a pool is movable, as UidPool::shared returns one.)
+  std::unique_ptr<std::mutex> mutex_ = std::make_unique<std::mutex>();
   std::map<uid_t, std::string> in_use_;
   std::set<uid_t> inherited_;
   std::set<uid_t> quarantined_;

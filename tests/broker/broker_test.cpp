@@ -5,12 +5,18 @@
 #include <sys/mount.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <filesystem>
+#include <set>
+#include <vector>
+
+#include <boost/asio/co_spawn.hpp>
 
 #include <boost/json.hpp>
 
 #include "broker/core/atomic_file.hpp"
 #include "broker/core/errc.hpp"
+#include "broker/lifecycle/errc.hpp"
 #include "broker/lifecycle/proc.hpp"
 #include "broker_fixture.hpp"
 
@@ -205,4 +211,69 @@ TEST_CASE("a teardown the sweep cannot finish is retried, by DELETE and in the b
   CHECK(fx.uids.in_use().empty());
   CHECK(broker::lifecycle::live_processes_of_uid("/proc", uid) == 0);
   CHECK_FALSE(fs::exists(fx.state / "domains/stuck.json"));
+}
+
+TEST_CASE("independent domains start and stop at once, each under its own swept uid",
+          "[broker][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  constexpr uid_t kParallelBase = 3'150'000;
+  qbtest::FdLeakCheck leaks;
+  qbtest::BrokerFixture fx(kParallelBase);
+  // Something left under one uid of the range: whichever start gets that uid kills it first.
+  const pid_t planted = qbtest::fork_as_uid(kParallelBase + 3);
+  REQUIRE(planted > 0);
+  qbtest::ChildGuard guard(planted);
+
+  constexpr int kDomains = 7;  // every uid of the range
+  std::vector<std::optional<broker::Result<broker::DomainInfo>>> created(kDomains);
+  for (int i = 0; i < kDomains; ++i) {
+    broker::CreateDomain c;
+    c.spec = qbtest::LifecycleFixture::tiny_spec("p" + std::to_string(i));
+    boost::asio::co_spawn(fx.io, fx.broker.create(std::move(c)),
+                          [&created, i](std::exception_ptr, broker::Result<broker::DomainInfo> r) {
+                            created[i].emplace(std::move(r));
+                          });
+  }
+  auto all_done = [](const auto& results) {
+    return std::all_of(results.begin(), results.end(), [](const auto& r) { return r.has_value(); });
+  };
+  while (!all_done(created)) fx.io.run_one();
+  std::set<uid_t> uids;
+  for (const auto& r : created) {
+    REQUIRE(*r);
+    CHECK((**r).state == broker::RunState::running);
+    uids.insert((**r).uid);
+  }
+  CHECK(uids.size() == kDomains);
+  CHECK(*uids.begin() == kParallelBase + 1);
+  CHECK(*uids.rbegin() == kParallelBase + kDomains);
+  int status = 0;
+  REQUIRE(::waitpid(planted, &status, 0) == planted);
+  guard.reaped();
+  CHECK(WIFSIGNALED(status));
+  // The range is full: one more start is refused, not given a uid in use.
+  auto more = fx.run(fx.broker.create([] {
+    broker::CreateDomain c;
+    c.spec = qbtest::LifecycleFixture::tiny_spec("p-more");
+    return c;
+  }()));
+  REQUIRE_FALSE(more);
+  CHECK(more.error().code == broker::lifecycle::errc::uid_exhausted);
+
+  std::vector<std::optional<broker::Result<broker::lifecycle::KillReport>>> destroyed(kDomains);
+  for (int i = 0; i < kDomains; ++i) {
+    boost::asio::co_spawn(
+        fx.io, fx.broker.destroy("p" + std::to_string(i)),
+        [&destroyed, i](std::exception_ptr, broker::Result<broker::lifecycle::KillReport> r) {
+          destroyed[i].emplace(std::move(r));
+        });
+  }
+  while (!all_done(destroyed)) fx.io.run_one();
+  for (const auto& r : destroyed) {
+    REQUIRE(*r);
+    CHECK((**r).survivors == 0);
+  }
+  for (uid_t uid : uids) CHECK(broker::lifecycle::live_processes_of_uid("/proc", uid) == 0);
+  CHECK(fx.uids.in_use().empty());
+  CHECK(fx.broker.list().empty());
 }
