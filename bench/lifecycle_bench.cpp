@@ -65,20 +65,10 @@ RawResult raw_round(const std::vector<std::string>& argv, const std::string& dir
   auto listener = fdpass::listen_unix(sock, 0600, 0, 0);
   if (!listener) std::abort();
   auto t0 = Clock::now();
-  pid_t pid = ::fork();
-  if (pid == 0) {
-    // fd 3: the QMP listener, as in the jail.
-    ::dup2(listener->get(), 3);
-    std::vector<char*> args;
-    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    int null = ::open("/dev/null", O_RDWR);
-    ::dup2(null, 1);
-    ::dup2(null, 2);
-    ::execv(args[0], args.data());
-    ::_exit(127);
-  }
+  // fd 3: the QMP listener, as in the jail.
+  pid_t pid = qbtest::spawn_with_listener(argv, listener->get());
   listener->reset();
+  if (pid < 0) std::abort();
   auto qmp = qbtest::connect_retry(sock, 10s);
   if (!qmp || !qbtest::qmp_handshake(qmp.get(), 10s) || !running(qmp.get())) std::abort();
   auto t1 = Clock::now();

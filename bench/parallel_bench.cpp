@@ -66,19 +66,9 @@ struct Batch {
 pid_t raw_start(const std::vector<std::string>& argv, const std::string& sock) {
   auto listener = fdpass::listen_unix(sock, 0600, 0, 0);
   if (!listener) return -1;
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    ::dup2(listener->get(), 3);
-    std::vector<char*> args;
-    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    const int null = ::open("/dev/null", O_RDWR);
-    ::dup2(null, 1);
-    ::dup2(null, 2);
-    ::execv(args[0], args.data());
-    ::_exit(127);
-  }
+  const pid_t pid = qbtest::spawn_with_listener(argv, listener->get());
   listener->reset();
+  if (pid < 0) return -1;
   auto qmp = qbtest::connect_retry(sock, 30s);
   if (!qmp || !qbtest::qmp_handshake(qmp.get(), 30s)) return -1;
   auto cont = qbtest::qmp_command(qmp.get(), R"({"execute":"cont"})", 30s);

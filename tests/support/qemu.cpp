@@ -4,6 +4,7 @@
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -114,6 +115,20 @@ std::optional<std::string> qmp_command(int fd, const std::string& json,
     if (!line) return std::nullopt;
     if (line->find("\"event\"") == std::string::npos) return line;
   }
+}
+
+pid_t spawn_with_listener(const std::vector<std::string>& argv, int listener) {
+  std::vector<char*> args;
+  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  const pid_t pid = ::fork();
+  if (pid != 0) return pid;
+  ::dup2(listener, 3);
+  const int null = ::open("/dev/null", O_RDWR);
+  ::dup2(null, 1);
+  ::dup2(null, 2);
+  ::execv(args[0], args.data());
+  ::_exit(127);
 }
 
 void become_subreaper() { ::prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); }
