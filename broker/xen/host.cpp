@@ -8,6 +8,14 @@
 #include <cerrno>
 
 namespace broker::xen {
+namespace {
+
+Error not_tracked(std::uint32_t domid) {
+  return Error(std::make_error_code(std::errc::no_such_process),
+               "domid " + std::to_string(domid) + " has no device model here");
+}
+
+}  // namespace
 
 Host::Host(Store& xs, DomainList& domains, lifecycle::Launcher& launcher, lifecycle::UidPool& uids,
            const UserDb& users, HostConfig config)
@@ -74,8 +82,7 @@ Result<const DeviceModel*> Host::start(lifecycle::DomainSpec spec, std::uint32_t
 
 Result<void> Host::seal(std::uint32_t domid) {
   if (!models_.contains(domid)) {
-    return Error(std::make_error_code(std::errc::no_such_process),
-                 "domid " + std::to_string(domid) + " has no device model here");
+    return not_tracked(domid);
   }
   if (auto ok = seal_device_nodes(node_dir(domid)); !ok) return ok;
   models_.at(domid).sealed = true;
@@ -112,8 +119,7 @@ boost::json::object to_json(const DeviceModel& dm) {
 Result<lifecycle::KillReport> Host::stop(std::uint32_t domid) {
   auto it = models_.find(domid);
   if (it == models_.end()) {
-    return Error(std::make_error_code(std::errc::no_such_process),
-                 "domid " + std::to_string(domid) + " has no device model here");
+    return not_tracked(domid);
   }
   DeviceModel& dm = it->second;
   Result<lifecycle::KillReport> killed = lifecycle::KillReport{};
@@ -140,8 +146,7 @@ Result<const Backend*> Host::attach_disk(std::uint32_t domid, std::uint32_t devi
                                          bool read_only) {
   auto it = models_.find(domid);
   if (it == models_.end()) {
-    return Error(std::make_error_code(std::errc::no_such_process),
-                 "domid " + std::to_string(domid) + " has no device model here");
+    return not_tracked(domid);
   }
   for (const auto& b : it->second.backends) {
     if (b.devid == devid) {
