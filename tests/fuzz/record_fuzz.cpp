@@ -52,12 +52,15 @@ const fs::path& scratch() {
     if (::mkdtemp(tmpl.data()) == nullptr) std::abort();
     fs::create_directories(fs::path(tmpl) / "domains");
     fs::create_directories(fs::path(tmpl) / "state" / "uids");
-    std::atexit([] {
-      std::error_code ec;
-      fs::remove_all(scratch(), ec);
-    });
     return fs::path(tmpl);
   }();
+  // Registered once `dir` is made, so that it runs before `dir` is destroyed: handlers and
+  // static destructors run in the reverse of the order they were registered.
+  static const bool cleanup = std::atexit([] {
+    std::error_code ec;
+    fs::remove_all(scratch(), ec);
+  }) == 0;
+  check(cleanup);
   return dir;
 }
 
