@@ -5,6 +5,8 @@
 #   qmp_reply   QMP replies and events: typed reply views, capability detection, event predicates
 #   record      domain and uid records as a restarted broker reloads them
 #   ctl_render  API replies as qbrokerctl shows them
+#   save_file   save files as a restore reads them: preamble, header, trailer, checksum
+#   migration   the bodies of POST /v1/migrations and POST /v1/domains/NAME/migrate
 # Builds tests/fuzz on its own with clang (-fsanitize=fuzzer,address,undefined) in
 # FUZZ_BUILD_DIR (default build-fuzz/), seeds a working corpus there (corpus-TARGET/) from
 # tests/fuzz/corpus/TARGET, and runs. Extra arguments go to libFuzzer (e.g. -jobs=2, -runs=N).
@@ -13,10 +15,10 @@
 #        scripts/fuzz.sh --build-only [TARGET...]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-targets=(wire http qmp_reply record ctl_render)
+targets=(wire http qmp_reply record ctl_render save_file migration)
 
 usage() {
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 is_target() {
@@ -70,7 +72,7 @@ cp -n "$root"/tests/fuzz/corpus/"$target"/* "$corpus"/
 dict=()
 case $target in
   http) dict=(-dict="$root/tests/fuzz/http.dict") ;;
-  qmp_reply|record|ctl_render) dict=(-dict="$root/tests/fuzz/json.dict") ;;
+  qmp_reply|record|ctl_render|save_file|migration) dict=(-dict="$root/tests/fuzz/json.dict") ;;
 esac
 # Inputs are kept short so the fuzzer mutates structure, not bulk; the replay in ctest runs the
 # full-size seeds (the QEMU schema) whole.
