@@ -7,6 +7,7 @@
 #   ctl_render  API replies as qbrokerctl shows them
 #   save_file   save files as a restore reads them: preamble, header, trailer, checksum
 #   migration   the bodies of POST /v1/migrations and POST /v1/domains/NAME/migrate
+#   xenstore    xenstore's wire format (the fake xenstored's decoder) and the broker's xenstore values
 # Builds tests/fuzz on its own with clang (-fsanitize=fuzzer,address,undefined) in
 # FUZZ_BUILD_DIR (default build-fuzz/), seeds a working corpus there (corpus-TARGET/) from
 # tests/fuzz/corpus/TARGET, and runs. Extra arguments go to libFuzzer (e.g. -jobs=2, -runs=N).
@@ -15,10 +16,10 @@
 #        scripts/fuzz.sh --build-only [TARGET...]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-targets=(wire http qmp_reply record ctl_render save_file migration)
+targets=(wire http qmp_reply record ctl_render save_file migration xenstore)
 
 usage() {
-  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 is_target() {

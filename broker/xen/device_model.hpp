@@ -16,12 +16,10 @@
 
 #include "broker/core/error.hpp"
 #include "broker/xen/store.hpp"
+#include "broker/xen/values.hpp"
 
 namespace broker::xen {
 
-enum class GuestType { hvm, pv };
-std::string_view to_string(GuestType t);
-Result<GuestType> parse_guest_type(std::string_view s);
 
 namespace paths {
 std::string domain(std::uint32_t domid);            // /local/domain/<domid>
@@ -45,13 +43,6 @@ struct DeviceModelRecord {
 Result<void> record_device_model(Store& xs, const DeviceModelRecord& r);
 // Once QEMU runs: image/device-model-pid.
 Result<void> record_pid(Store& xs, std::uint32_t domid, pid_t pid);
-
-// The broker's parsers of what it reads from xenstore: a decimal number with no sign, space or
-// leading zero, as libxl writes it, that fits the type; nullopt for anything else. A value that
-// parses prints back as itself (std::to_string).
-std::optional<uid_t> parse_uid(std::string_view s);
-std::optional<pid_t> parse_pid(std::string_view s);
-std::optional<std::uint32_t> parse_domid(std::string_view s);
 
 // What an earlier broker (or libxl) recorded for `domid`. kill_uid is nullopt when none was
 // written; a value that is not a decimal uid above 0 is an error, never a guess.
