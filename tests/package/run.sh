@@ -22,6 +22,7 @@ src=$1
 build=$2
 cache=${QB_DEBROOT_CACHE:-/var/cache/qbroker/debroot}
 mirror=${QB_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+security_mirror=${QB_DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 # qbrokerd's uid range in the root: its own, so that no other test's kill by uid meets it.
 uid_range=${QB_PACKAGE_UID_RANGE:-3111500:8}
 
@@ -113,6 +114,13 @@ in_root() {
 
 install_package() {
   cp "$deb" "$root/tmp/"
+  # The suites a Debian install has: the build host's libraries may come from a point or
+  # security update (libxen is one), and the package's Depends ask for at least that version.
+  cat >"$root/etc/apt/sources.list" <<EOF
+deb $mirror bookworm main
+deb $mirror bookworm-updates main
+deb $security_mirror bookworm-security main
+EOF
   in_root apt-get update -qq
   in_root apt-get install -y -qq --no-install-recommends "/tmp/$(basename "$deb")" >/dev/null
 }
