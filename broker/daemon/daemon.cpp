@@ -409,25 +409,23 @@ boost::json::value xen_view(const xen::Host& xen_host, const Host& host) {
   return view;
 }
 
-// The Xen mode's teardown: a device model recorded in xenstore whose domain is gone or dying is
-// killed by uid, first at start (a domain may have died while no broker watched), then after
-// each @releaseDomain.
-void reap_released(xen::Host& host) {
-  std::vector<Error> failed;
-  auto stopped = host.recover(&failed);
-  if (!stopped) {
-    log::error("Xen: " + stopped.error().describe());
-    return;
-  }
-  for (auto domid : *stopped) {
+// Logs what a pass over the released domains did.
+void log_released(const Result<std::vector<std::uint32_t>>& stopped, const std::vector<Error>& failed) {
+  if (!stopped) log::error("Xen: " + stopped.error().describe());
+  for (auto domid : stopped ? *stopped : std::vector<std::uint32_t>()) {
     log::info("Xen domain " + std::to_string(domid) + " released: its device model was killed by uid");
   }
   for (const auto& e : failed) log::error("Xen: " + e.describe());
 }
 
+// The Xen mode's teardown: a device model recorded in xenstore whose domain is gone or dying is
+// killed by uid, first at start (a domain may have died while no broker watched), then after
+// each @releaseDomain.
 asio::awaitable<void> watch_xen(xen::Host& host, asio::posix::stream_descriptor& events,
                                 const Lifetime& life) {
-  reap_released(host);
+  std::vector<Error> failed;
+  auto stopped = host.recover(&failed);
+  log_released(stopped, failed);
   if (auto ok = host.watch(); !ok) {
     log::error("Xen: " + ok.error().describe() + ": released domains are not seen");
     co_return;
@@ -436,13 +434,9 @@ asio::awaitable<void> watch_xen(xen::Host& host, asio::posix::stream_descriptor&
     auto [ec] = co_await events.async_wait(asio::posix::stream_descriptor::wait_read,
                                            asio::as_tuple(asio::use_awaitable));
     if (ec) co_return;
-    std::vector<Error> failed;
-    auto stopped = host.on_events(&failed);
-    if (!stopped) log::error("Xen: " + stopped.error().describe());
-    for (auto domid : stopped ? *stopped : std::vector<std::uint32_t>()) {
-      log::info("Xen domain " + std::to_string(domid) + " released: its device model was killed by uid");
-    }
-    for (const auto& e : failed) log::error("Xen: " + e.describe());
+    failed.clear();
+    stopped = host.on_events(&failed);
+    log_released(stopped, failed);
   }
 }
 
