@@ -8,6 +8,7 @@
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
@@ -16,9 +17,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <fstream>
+#include <iterator>
+#include <new>
+#include <string>
 
 #include "broker/lifecycle/errc.hpp"
 #include "fdpass/devices.hpp"
@@ -50,6 +56,9 @@ struct ChildPlan {
   std::vector<int> keep;         // every fd the child holds while it closes the rest
   int report_fd = -1;
   int lifted_out = -1;  // the log, lifted; -1: stdout and stderr go to /dev/null
+  // The index of the step the child is in, in memory it shares with the parent: a child that
+  // hangs is reported with the step it hung in.
+  std::atomic<int>* progress = nullptr;
 };
 
 // Sends {step, errno} to the parent and exits. The report is one small pipe write, so it arrives
@@ -375,24 +384,34 @@ void no_new_privs(ChildPlan& p) {
 
 }  // namespace steps
 
+// child_main's steps, in order, by the names docs/lifecycle.md uses.
+constexpr const char* kStepNames[] = {
+    "lift_fds",      "close_fds",   "stdio",           "place_fds",    "reset_signals",
+    "mount_private", "mount_tmpfs", "populate_root",   "seal_root",    "pivot_root",
+    "jail_stdio",    "rlimits",     "cgroup_namespace", "capabilities", "credentials",
+    "no_new_privs",  "exec"};
+
 [[noreturn]] void child_main(ChildPlan& p) {
-  steps::lift_fds(p);
-  steps::close_fds(p);
-  steps::stdio(p);
-  steps::place_fds(p);
-  steps::reset_signals();
-  steps::mount_private(p);
-  steps::mount_tmpfs(p);
-  steps::populate_root(p);
-  steps::seal_root(p);
-  steps::pivot_root(p);
-  steps::jail_stdio(p);
-  steps::rlimits(p);
-  steps::cgroup_namespace(p);
-  steps::capabilities(p);
-  steps::credentials(p);
-  steps::no_new_privs(p);
-  steps::exec(p);
+  int step = 0;
+  // A plain store into shared memory: async-signal-safe, and no syscall.
+  auto at = [&p, &step] { p.progress->store(step++, std::memory_order_relaxed); };
+  at(), steps::lift_fds(p);
+  at(), steps::close_fds(p);
+  at(), steps::stdio(p);
+  at(), steps::place_fds(p);
+  at(), steps::reset_signals();
+  at(), steps::mount_private(p);
+  at(), steps::mount_tmpfs(p);
+  at(), steps::populate_root(p);
+  at(), steps::seal_root(p);
+  at(), steps::pivot_root(p);
+  at(), steps::jail_stdio(p);
+  at(), steps::rlimits(p);
+  at(), steps::cgroup_namespace(p);
+  at(), steps::capabilities(p);
+  at(), steps::credentials(p);
+  at(), steps::no_new_privs(p);
+  at(), steps::exec(p);
 }
 
 // A failed step as an Error whose code is the step's and whose message names the step, the
@@ -480,6 +499,43 @@ bool wait_readable(int fd, std::chrono::milliseconds deadline) {
   }
 }
 
+// The page the child's progress goes to: shared, so the child's stores reach the parent.
+class SharedProgress {
+ public:
+  SharedProgress() {
+    void* page = ::mmap(nullptr, sizeof(std::atomic<int>), PROT_READ | PROT_WRITE,
+                        MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (page != MAP_FAILED) value_ = new (page) std::atomic<int>(-1);
+  }
+  ~SharedProgress() {
+    if (value_ != nullptr) ::munmap(value_, sizeof(std::atomic<int>));
+  }
+  SharedProgress(const SharedProgress&) = delete;
+  SharedProgress& operator=(const SharedProgress&) = delete;
+  std::atomic<int>* get() { return value_; }
+
+ private:
+  std::atomic<int>* value_ = nullptr;
+};
+
+// What a child that ran out of time was doing: its step, and as /proc sees it, its state and
+// the kernel function it sleeps in. Read before the kill, so a stuck spawn names its cause.
+std::string describe_stuck(pid_t pid, int step) {
+  std::string out = step >= 0 && step < static_cast<int>(std::size(kStepNames))
+                        ? std::string("in step '") + kStepNames[step] + "'"
+                        : std::string("before its first step");
+  const std::string proc = "/proc/" + std::to_string(pid);
+  std::string stat, wchan;
+  std::getline(std::ifstream(proc + "/stat"), stat);
+  std::getline(std::ifstream(proc + "/wchan"), wchan);
+  // The state follows the command's closing parenthesis: "pid (comm) S ...".
+  if (auto close = stat.rfind(") "); close != std::string::npos && close + 2 < stat.size()) {
+    out += ", state " + stat.substr(close + 2, 1);
+  }
+  if (!wchan.empty() && wchan != "0") out += ", waiting in " + wchan;
+  return out;
+}
+
 }  // namespace
 
 Result<SpawnedChild> spawn_jailed(const SpawnRequest& req) {
@@ -492,14 +548,20 @@ Result<SpawnedChild> spawn_jailed(const SpawnRequest& req) {
   }
   auto report = fdpass::make_pipe();
   if (!report) return make_error(report.error(), "spawn: report pipe");
+  SharedProgress progress;
+  if (progress.get() == nullptr) {
+    return make_error({errno, std::system_category()}, "spawn: progress page");
+  }
   // Everything the child touches is built here, before the clone.
   ChildPlan plan = make_plan(req, report->second.get());
+  plan.progress = progress.get();
   auto child = steps::clone(plan, report->first);
   if (!child) return child;
   report->second.reset();
 
   StepReport r{};
   ssize_t n = -1;
+  std::string stuck;
   const bool answered = wait_readable(report->first.get(), req.exec_deadline);
   if (answered) {
     do {
@@ -507,6 +569,7 @@ Result<SpawnedChild> spawn_jailed(const SpawnRequest& req) {
     } while (n < 0 && errno == EINTR);
     if (n == 0) return child;  // the exec closed the pipe: the child is QEMU now
   } else {
+    stuck = describe_stuck(child->pid, progress.get()->load(std::memory_order_relaxed));
     ::syscall(SYS_pidfd_send_signal, child->pidfd.get(), SIGKILL, nullptr, 0);
   }
 
@@ -516,7 +579,8 @@ Result<SpawnedChild> spawn_jailed(const SpawnRequest& req) {
   if (!answered) {
     return Error(make_error_code(errc::child_died),
                  "spawn: the child neither exec'd nor reported a step within " +
-                     std::to_string(req.exec_deadline.count()) + " ms, and was killed");
+                     std::to_string(req.exec_deadline.count()) + " ms (" + stuck +
+                     "), and was killed");
   }
   if (n != sizeof(r)) {
     return Error(make_error_code(errc::child_died), "spawn: child died before exec");

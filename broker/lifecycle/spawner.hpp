@@ -81,8 +81,10 @@ struct SpawnRequest {
   int pdeathsig = 0;                      // 0: none (the daemon wants QEMU to outlive a restart)
   fdpass::BorrowedFd cgroup;              // invalid: no cgroup
   // From clone to exec. A child that has neither exec'd nor reported a failed step by then is
-  // killed by pidfd and reaped, so one stuck jail set-up cannot hold a lifecycle thread.
-  std::chrono::milliseconds exec_deadline{10'000};
+  // killed by pidfd and reaped, so one stuck jail set-up cannot hold a lifecycle thread. The
+  // error names the step it was in and where /proc saw it wait. Generous: the set-up takes
+  // milliseconds, but a loaded host can hold mount-namespace work up for seconds.
+  std::chrono::milliseconds exec_deadline{30'000};
 };
 
 struct SpawnedChild {
