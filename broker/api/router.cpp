@@ -65,6 +65,7 @@ constexpr std::array kRoutes{
               "Server-sent events, all domains or ?domain="},
     RouteInfo{verb::get, "/metrics", "getMetrics", "Prometheus metrics"},
     RouteInfo{verb::get, "/v1/xen", "getXen", "The Xen mode's device models"},
+    RouteInfo{verb::get, "/v1/pool", "getPool", "The warm pool: shapes and ready QEMUs"},
 };
 
 Error make(api::errc code, std::string message, std::string field = {}) {
@@ -258,6 +259,11 @@ Result<Command> get_xen(const Request& r) {
   return Command{GetXen{}};
 }
 
+Result<Command> get_pool(const Request& r) {
+  QB_TRY(empty, r.empty_body());
+  return Command{GetPool{}};
+}
+
 Result<Command> get_version(const Request& r) {
   QB_TRY(empty, r.empty_body());
   return Command{GetVersion{}};
@@ -411,6 +417,7 @@ constexpr std::array kHandlers{
     Handler{"watchEvents", {"domain"}, watch_events},
     Handler{"getMetrics", {}, get_metrics},
     Handler{"getXen", {}, get_xen},
+    Handler{"getPool", {}, get_pool},
 };
 
 // What route() reads of a request. The Content-Type is checked only when given: the

@@ -118,12 +118,13 @@ struct WatchEvents {
 };
 struct GetMetrics {};
 struct GetXen {};
+struct GetPool {};
 
 using Command = std::variant<GetVersion, ListDomains, CreateDomainCmd, GetDomain, DestroyDomain,
                              RunStateCmd, InsertMediumCmd, EjectMediumCmd, AddDiskCmd,
                              RemoveDiskCmd, AddNicCmd, RemoveNicCmd, SetVncCmd, RemoveVncCmd,
                              SaveCmd, RestoreCmd, MigrateCmd, IncomingCmd, CancelJobCmd, QmpCmd,
-                             WatchEvents, GetMetrics, GetXen>;
+                             WatchEvents, GetMetrics, GetXen, GetPool>;
 
 struct RouteInfo {
   http::verb method;

@@ -229,6 +229,14 @@ awaitable<Outcome> Service::run(GetXen&) {
   co_return o;
 }
 
+awaitable<Outcome> Service::run(GetPool&) {
+  Outcome o;
+  json::object body = broker_.pool().to_json();
+  body["enabled"] = broker_.pool().enabled();
+  o.body = std::move(body);
+  co_return o;
+}
+
 awaitable<Outcome> Service::run(WatchEvents&) {
   co_return failure(
       Error(make_error_code(errc::internal), "the event stream is served by the server"));

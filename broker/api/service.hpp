@@ -52,6 +52,7 @@ class Service {
   boost::asio::awaitable<Outcome> run(WatchEvents& c);
   boost::asio::awaitable<Outcome> run(GetMetrics& c);
   boost::asio::awaitable<Outcome> run(GetXen& c);
+  boost::asio::awaitable<Outcome> run(GetPool& c);
 
   // The domain as it is now (no QMP round trip), after a command changed it.
   boost::asio::awaitable<Outcome> current(const std::string& name,

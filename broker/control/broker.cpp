@@ -36,6 +36,7 @@ json::object DomainInfo::to_json() const {
   o["accel"] = accel;
   o["job"] = job.empty() ? json::value(nullptr) : json::value(job);
   o["console"] = console;
+  o["pooled"] = pooled;
   o["memory_mib"] = spec.memory_mib;
   o["vcpus"] = spec.vcpus;
   o["machine"] = lifecycle::to_string(spec.machine);
@@ -64,6 +65,7 @@ DomainsConfig domains_config(const BrokerConfig& c) {
       .log = c.log,
       .log_retention = c.log_retention,
       .parallel_lifecycle = c.parallel_lifecycle,
+      .pool = c.pool,
   };
 }
 
@@ -201,6 +203,7 @@ DomainInfo Broker::describe(const Domain& d) const {
   i.accel = lifecycle::to_string(d.instance().accel);
   i.job = d.job();
   i.console = d.instance().console_path;
+  i.pooled = d.instance().pooled;
   i.spec = d.spec();
   i.devices = d.devices_json();
   if (auto p = progress_.find(d.name()); p != progress_.end() && !d.job().empty()) {
@@ -678,7 +681,9 @@ awaitable<void> Broker::resume_removal(flows::RecoveryReport::Removal removal) {
 }
 
 awaitable<Broker::RecoveryReport> Broker::recover() {
-  co_return co_await flows::recover(flow_ctx_, domains_, resume_);
+  auto report = co_await flows::recover(flow_ctx_, domains_, resume_);
+  domains_.pool().start();
+  co_return report;
 }
 
 std::size_t Broker::load_records() {
@@ -687,7 +692,9 @@ std::size_t Broker::load_records() {
 }
 
 awaitable<Broker::RecoveryReport> Broker::adopt_loaded() {
-  co_return co_await flows::adopt_all(flow_ctx_, domains_, std::exchange(loaded_, {}), resume_);
+  auto report = co_await flows::adopt_all(flow_ctx_, domains_, std::exchange(loaded_, {}), resume_);
+  domains_.pool().start();
+  co_return report;
 }
 
 }  // namespace broker

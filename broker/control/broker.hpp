@@ -48,6 +48,7 @@ struct BrokerConfig {
   std::chrono::milliseconds log_retention{std::chrono::hours(24)};  // logs of gone domains
   std::string save_root;  // save files are written beneath it and restored from it; empty: off
   std::size_t parallel_lifecycle = 4;  // starts and destroys of different domains at once
+  std::vector<PoolShape> pool;          // the warm pool's shapes (docs/pool.md)
 };
 
 struct DomainInfo {
@@ -59,6 +60,7 @@ struct DomainInfo {
   std::string accel;
   std::string job;
   std::string console;  // serial console socket
+  bool pooled = false;  // its QEMU came from the warm pool
   lifecycle::DomainSpec spec;
   boost::json::object devices;
   // What the domain's QEMU uses, from its cgroup, when asked for (GET with live=true, or the
@@ -105,6 +107,8 @@ class Broker {
   // seconds.
   boost::asio::awaitable<Domains::RetryReport> retry_stuck() { return domains_.retry_stuck(); }
   boost::asio::awaitable<RecoveryReport> adopt_loaded();
+  // The warm pool (docs/pool.md). It starts filling when recover() or adopt_loaded() is done.
+  WarmPool& pool() { return domains_.pool(); }
 
   // Queries: allowed while a job runs.
   boost::asio::awaitable<Result<DomainInfo>> info(std::string name, bool live = true);

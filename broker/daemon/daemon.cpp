@@ -83,6 +83,7 @@ BrokerConfig broker_config(const DaemonConfig& o) {
   c.log_retention = o.log_retention;
   c.save_root = o.save_root;
   c.parallel_lifecycle = o.parallel_starts;
+  c.pool = o.pool;
   return c;
 }
 
@@ -147,6 +148,14 @@ Result<lifecycle::UidRange> uid_range(const DaemonConfig& o) {
   auto range = configured_range(o);
   if (!range) return startup_error("uid range: " + range.error().describe());
   if (auto ok = range->validate(); !ok) return startup_error("uid range: " + ok.error().describe());
+  // Pooled QEMUs hold uids of the range: at least one must be left for a create no shape serves.
+  std::uint64_t pooled = 0;
+  for (const auto& shape : o.pool) pooled += shape.count;
+  if (pooled > 0 && pooled + 1 >= range->count) {
+    return startup_error("--pool: the shapes keep " + std::to_string(pooled) +
+                         " QEMUs, but the uid range has only " + std::to_string(range->count - 1) +
+                         " uids; leave some for creates no shape serves");
+  }
   return range;
 }
 
@@ -459,6 +468,12 @@ asio::awaitable<void> watch_signals(asio::signal_set& signals, api::Server& serv
   }
 }
 
+// The warm pool's QEMUs go with the daemon: the next one would only reclaim them.
+asio::awaitable<void> stop_pool(Broker& broker, bool& done) {
+  co_await broker.pool().stop();
+  done = true;
+}
+
 // Answers in flight get a bounded grace; then the io_context stops with the domains running.
 void drain(asio::io_context& io, api::Server& server, std::chrono::milliseconds grace) {
   server.stop();
@@ -527,6 +542,11 @@ int serve(const DaemonConfig& o, Host host) {
   orphan_timer.cancel();
   retry_timer.cancel();
   if (xen_events) xen_events->close();
+  if (broker.pool().enabled()) {
+    bool pool_stopped = false;
+    asio::co_spawn(io, stop_pool(broker, pool_stopped), asio::detached);
+    while (!pool_stopped && !io.stopped()) io.run_one();
+  }
   drain(io, server, o.shutdown_grace);
   remove_socket_file(host.socket_file);
   cgroups.remove_base_if_empty();

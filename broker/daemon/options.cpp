@@ -132,6 +132,22 @@ Complaint add_image_root(DaemonConfig& c, std::string_view v) {
   return std::nullopt;
 }
 
+Complaint add_pool_shape(DaemonConfig& c, std::string_view v) {
+  auto shape = parse_pool_shape(v);
+  if (!shape) {
+    std::string why = shape.error().message;
+    if (why.starts_with("pool: ")) why.erase(0, 6);
+    return why;
+  }
+  for (const auto& other : c.pool) {
+    PoolShape same = *shape;
+    same.count = other.count;
+    if (same == other) return "names the shape of an earlier --pool again; give one count";
+  }
+  c.pool.push_back(*shape);
+  return std::nullopt;
+}
+
 Complaint add_qemu_data_dir(DaemonConfig& c, std::string_view v) {
   if (v.empty() || v.front() != '/') return "must be an absolute path";
   c.qemu_data_dirs.emplace_back(v);
@@ -240,6 +256,11 @@ const std::vector<Option>& options() {
        millis(member(&DaemonConfig::start_timeout))},
       {"quit-timeout-ms", Kind::value, "MS", "graceful quit before the kill (default 3000)",
        millis(member(&DaemonConfig::quit_timeout))},
+      {"pool", Kind::list, "SHAPE",
+       "keep COUNT jailed QEMUs of a shape spawned ahead, for creates of that shape that boot "
+       "through firmware with a boot order: machine=q35,memory_mib=128,vcpus=1,firmware=bios,"
+       "pci_slots=4,count=2 (repeatable; docs/pool.md)",
+       add_pool_shape},
       {"parallel-starts", Kind::value, "N",
        "starts and destroys of different domains that run at once (default 4)",
        count(member(&DaemonConfig::parallel_starts), 1, 256)},
@@ -439,6 +460,10 @@ Result<DaemonConfig> validate(const Settings& settings) {
     for (const auto& v : it->second.values) {
       if (auto complaint = opt.set(c, v)) return invalid(it->second, *complaint);
     }
+  }
+  if (c.xen && !c.pool.empty()) {
+    return invalid(settings.at("pool"), "--pool does not apply with --xen: a Xen device model's "
+                                        "uid is fixed by its domid");
   }
   if (settings.contains("uid-range") && settings.contains("uid-range-user")) {
     return invalid(settings.at("uid-range-user"),

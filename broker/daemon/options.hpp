@@ -18,6 +18,7 @@
 #include "broker/api/server.hpp"
 #include "broker/core/error.hpp"
 #include "broker/core/log.hpp"
+#include "broker/domain/warm_pool.hpp"
 #include "broker/lifecycle/uid_pool.hpp"
 
 namespace broker::daemon {
@@ -63,6 +64,7 @@ struct DaemonConfig {
   std::chrono::milliseconds shutdown_grace{2000};  // SIGTERM: time for answers in flight
   std::size_t log_max_bytes = 1u << 20;             // a QEMU log rotates past this
   std::size_t parallel_starts = 4;                  // starts and destroys at once
+  std::vector<PoolShape> pool;                      // --pool, the warm pool's shapes
   std::chrono::milliseconds log_retention{86'400'000};  // logs of gone domains
   api::ServerLimits limits;
 

@@ -29,7 +29,8 @@ Domains::Domains(asio::any_io_executor ex, DomainsConfig config, lifecycle::Laun
       launcher_(launcher),
       events_(events),
       records_(ex, config_.records_dir),
-      lifecycle_(std::max<std::size_t>(1, config_.parallel_lifecycle)) {}
+      lifecycle_(std::max<std::size_t>(1, config_.parallel_lifecycle)),
+      pool_(std::make_unique<WarmPool>(ex, *this, config_.pool)) {}
 
 Domains::~Domains() { lifecycle_.join(); }
 
@@ -81,6 +82,32 @@ awaitable<Result<void>> Domains::launch(std::shared_ptr<Domain> d, ColdPlan* pla
     co_return ok.error();
   }
   co_return Result<void>{};
+}
+
+awaitable<Result<bool>> Domains::launch_pooled(std::shared_ptr<Domain> d) {
+  if (!pool_->enabled()) co_return false;
+  auto inst = pool_->take(d->spec());
+  if (!inst) co_return false;
+  lifecycle::Instance* raw = &*inst;
+  const std::string name = d->name();
+  const std::string* n = &name;
+  auto& launcher = launcher_;
+  auto handed = co_await run_blocking(ex_, lifecycle_, [&launcher, raw, n] { return launcher.hand_over(*raw, *n); });
+  d->instance() = std::move(*inst);
+  if (!handed) {
+    Error e = handed.error();
+    co_await teardown(d, false, true);
+    table_.erase(name);
+    co_return e;
+  }
+  d->instance().trace.begin();
+  d->instance().trace.mark("pool handover");
+  start_log(*d, std::move(d->instance().log_pipe));
+  if (auto ok = co_await records_.persist(*d); !ok) {
+    co_await teardown(d, false, true);
+    co_return ok.error();
+  }
+  co_return true;
 }
 
 awaitable<Result<void>> Domains::spawn_beside(std::shared_ptr<Domain> next,
@@ -261,6 +288,7 @@ metrics::Live Domains::metrics_live() const {
     ++counts[static_cast<std::size_t>(d->state())];
     if (d->instance().uid != 0) ++live.uids_in_use;
   }
+  live.uids_in_use += pool_->size();
   for (auto s : kStates) live.domains_by_state.emplace_back(to_string(s), counts[static_cast<std::size_t>(s)]);
   return live;
 }

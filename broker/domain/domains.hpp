@@ -24,6 +24,7 @@
 #include "broker/domain/event_bus.hpp"
 #include "broker/domain/record_store.hpp"
 #include "broker/domain/session.hpp"
+#include "broker/domain/warm_pool.hpp"
 #include "broker/lifecycle/launcher.hpp"
 
 namespace broker {
@@ -46,6 +47,8 @@ struct DomainsConfig {
   // How many starts and destroys of different domains run at once (threads of the lifecycle
   // pool). A domain's own start and destroy never overlap: its job slot orders them.
   std::size_t parallel_lifecycle = 4;
+  // The warm pool's shapes (docs/pool.md); empty: no pool.
+  std::vector<PoolShape> pool;
 };
 
 class Domains {
@@ -73,6 +76,10 @@ class Domains {
   // name is free again.
   boost::asio::awaitable<Result<void>> launch(std::shared_ptr<Domain> d, ColdPlan* plan = nullptr,
                                               std::vector<std::string> extra_args = {});
+  // Gives the domain a QEMU from the warm pool when one of its shape is ready, renamed for it,
+  // and writes its record: true. False when the pool has none (the caller launches); an error
+  // when the handover or the record failed, after which the QEMU is gone and the name free.
+  boost::asio::awaitable<Result<bool>> launch_pooled(std::shared_ptr<Domain> d);
   // For a live update: spawns a second QEMU for `next`, a domain of the same name that is not in
   // the table (yet), with `extra_args`; neither the table nor the record changes. Its uid is
   // recorded as always, so a broker that dies before replace() reclaims it as an orphan.
@@ -114,6 +121,8 @@ class Domains {
   boost::asio::awaitable<void> close_held_fdsets(std::shared_ptr<Domain> d);
 
   RecordStore& records() { return records_; }
+  WarmPool& pool() { return *pool_; }
+  boost::asio::thread_pool& lifecycle_pool() { return lifecycle_; }
   EventBus& events() { return events_; }
   lifecycle::Launcher& launcher() { return launcher_; }
   const DomainsConfig& config() const { return config_; }
@@ -136,6 +145,7 @@ class Domains {
   boost::asio::thread_pool lifecycle_;
   std::map<std::string, std::shared_ptr<Domain>> table_;
   metrics::Registry metrics_;
+  std::unique_ptr<WarmPool> pool_;
 };
 
 }  // namespace broker

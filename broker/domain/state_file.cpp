@@ -84,7 +84,8 @@ json::object instance_json(const lifecycle::Instance& i) {
           {"console", i.console_path},
           {"log", i.log_path},
           {"log_pipe_inode", i.log_pipe_inode},
-          {"cgroup", i.cgroup_name}};
+          {"cgroup", i.cgroup_name},
+          {"pooled", i.pooled}};
 }
 
 void instance_from(const json::object& ji, lifecycle::Instance& inst) {
@@ -99,6 +100,9 @@ void instance_from(const json::object& ji, lifecycle::Instance& inst) {
     inst.log_pipe_inode = ino->to_number<unsigned long long>();
   }
   inst.cgroup_name = ji.contains("cgroup") ? str(ji, "cgroup") : std::string();
+  if (const auto* pooled = ji.if_contains("pooled"); pooled != nullptr && pooled->is_bool()) {
+    inst.pooled = pooled->as_bool();
+  }
 }
 
 json::object cdrom_json(const CdromState& cd) {

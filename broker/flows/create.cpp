@@ -2,7 +2,8 @@
 // checked by the broker, handed to QEMU on its command line with their bootindex), spawn the
 // jailed QEMU paused (-S), connect QMP, plug the NICs and VNC over QMP while the guest has not
 // run, then cont. A failure before the spawn frees the name; one after it tears the whole domain
-// down by uid.
+// down by uid. A create that matches a warm-pool shape (docs/pool.md) takes a QEMU already
+// spawned instead, and plugs its disks and CDs over QMP too, followed by a system_reset.
 #include <chrono>
 #include <cstdio>
 #include <memory>
@@ -56,13 +57,31 @@ awaitable<Result<void>> plug_network(Context& ctx, Domain& d, CreateDomain& requ
   co_return Result<void>{};
 }
 
-// Everything after the spawn: QMP, network devices, cont.
+// The CDs and disks of a create that took a pooled QEMU, plugged over QMP while the guest has
+// not run. The firmware builds its boot list from the bootindexes at reset, so one follows.
+awaitable<Result<void>> plug_block_devices(Context& ctx, Domain& d, CreateDomain& request) {
+  for (auto& cd : request.cdroms) {
+    if (auto ok = co_await plug_cdrom(ctx, d, std::move(cd)); !ok) co_return ok.error();
+  }
+  for (auto& disk : request.disks) {
+    if (auto ok = co_await add_disk(ctx, d, std::move(disk)); !ok) co_return ok.error();
+  }
+  qmp::Command reset = qmp::cmd::system_reset();
+  if (auto ok = co_await call(ctx, d, std::move(reset)); !ok) co_return ok.error();
+  co_return Result<void>{};
+}
+
+// Everything after the spawn: QMP, the block devices of a pooled QEMU, network devices, cont.
 awaitable<Result<void>> bring_up(Context& ctx, Domains& domains, std::shared_ptr<Domain> d,
                                  CreateDomain& request) {
   auto& trace = d->instance().trace;
   if (auto ok = co_await domains.attach(d); !ok) co_return ok.error();
   trace.mark("qmp greeting+capabilities");
   d->set_state(RunState::paused);
+  if (d->instance().pooled) {
+    if (auto ok = co_await plug_block_devices(ctx, *d, request); !ok) co_return ok.error();
+    trace.mark("disks+cds+reset");
+  }
   if (auto ok = co_await plug_network(ctx, *d, request); !ok) co_return ok.error();
   if (!request.nics.empty() || request.vnc) trace.mark("nics+vnc");
   if (!request.spec.paused) {
@@ -85,14 +104,25 @@ awaitable<Result<std::shared_ptr<Domain>>> create(Context& ctx, Domains& domains
   const std::string name = d->name();
   auto job = d->begin_job("create");
   ctx.events.publish(name, "domain", "starting");
-  if (auto ok = co_await plan_block_devices(ctx, *d, request); !ok) {
-    domains.unreserve(d);
-    co_return ok.error();
+  // The pool's refill waits while a create runs, so it never competes with one.
+  domains.pool().create_started();
+  struct Finished {
+    WarmPool& pool;
+    ~Finished() { pool.create_finished(); }
+  } finished{domains.pool()};
+  auto pooled = co_await domains.launch_pooled(d);
+  if (!pooled) co_return pooled.error();
+  if (!*pooled) {
+    if (auto ok = co_await plan_block_devices(ctx, *d, request); !ok) {
+      domains.unreserve(d);
+      co_return ok.error();
+    }
   }
   const auto planned = std::chrono::steady_clock::now();
-  std::unique_ptr<ColdPlan> plan = std::move(d->cold_plan);
-  if (auto ok = co_await domains.launch(d, plan.get()); !ok) co_return ok.error();
-  plan.reset();
+  if (!*pooled) {
+    std::unique_ptr<ColdPlan> plan = std::move(d->cold_plan);
+    if (auto ok = co_await domains.launch(d, plan.get()); !ok) co_return ok.error();
+  }
   if (auto ok = co_await bring_up(ctx, domains, d, request); !ok) {
     co_await domains.teardown(d, false);
     ctx.events.publish(name, "domain", "failed", {{"error", ok.error().describe()}});
@@ -113,7 +143,9 @@ awaitable<Result<std::shared_ptr<Domain>>> create(Context& ctx, Domains& domains
                  trace.describe(),
              {{"DOMAIN", name}});
   ctx.events.publish(name, "domain", "created",
-                     {{"uid", d->instance().uid}, {"pid", d->instance().pid}});
+                     {{"uid", d->instance().uid},
+                      {"pid", d->instance().pid},
+                      {"pooled", d->instance().pooled}});
   co_return d;
 }
 

@@ -357,6 +357,47 @@ std::string StartTrace::describe() const {
 
 Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
                                  const std::vector<std::string>& extra_args) {
+  return start_as(spec, spec.name, cold, extra_args);
+}
+
+Result<Instance> Launcher::start_pooled(const DomainSpec& spec, const std::string& pool_name) {
+  if (!pool_name.starts_with(kPoolPrefix) || !valid_name(pool_name.substr(1))) {
+    return Error(make_error_code(errc::invalid_spec), "'" + pool_name + "' is not a pool name");
+  }
+  return start_as(spec, pool_name, nullptr, {});
+}
+
+Result<void> Launcher::hand_over(Instance& inst, const std::string& name) {
+  if (!valid_name(name)) {
+    return Error(make_error_code(errc::invalid_spec), "'" + name + "' is not a domain name");
+  }
+  // The uid first: from here on a restarted broker that finds no record of the domain reclaims
+  // the uid, kills the QEMU and removes the files of either name.
+  if (auto ok = uids_.reassign(inst.uid, name); !ok) return ok.error();
+  const std::string qmp = config_.run_dir + "/qmp/" + name + ".sock";
+  const std::string console = config_.run_dir + "/console/" + name + ".sock";
+  const std::string log = config_.run_dir + "/log/" + name + ".log";
+  // rename replaces what a gone domain of the name left, as listen_unix does for a new one. A
+  // failure puts back what was renamed, so the instance is the pool's whole again.
+  const std::pair<const std::string*, const std::string*> moves[] = {
+      {&inst.qmp_path, &qmp}, {&inst.console_path, &console}, {&inst.log_path, &log}};
+  for (std::size_t i = 0; i < std::size(moves); ++i) {
+    if (::rename(moves[i].first->c_str(), moves[i].second->c_str()) == 0) continue;
+    Error e = make_error(errno_code(), "renaming " + *moves[i].first + " to " + *moves[i].second);
+    while (i-- > 0) ::rename(moves[i].second->c_str(), moves[i].first->c_str());
+    (void)uids_.reassign(inst.uid, inst.name);
+    return e;
+  }
+  ::unlink((log + ".1").c_str());
+  inst.name = name;
+  inst.qmp_path = qmp;
+  inst.console_path = console;
+  inst.log_path = log;
+  return {};
+}
+
+Result<Instance> Launcher::start_as(const DomainSpec& spec, const std::string& file_name,
+                                    FdHandover* cold, const std::vector<std::string>& extra_args) {
   if (auto ok = validate(spec); !ok) return ok.error();
   if (config_.xen_only && !spec.xen) {
     Error e(make_error_code(errc::invalid_spec),
@@ -369,7 +410,7 @@ Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
   Instance inst;
   inst.trace.begin();
   Rollback undo;
-  inst.name = spec.name;
+  inst.name = file_name;
   // Under Xen the hypervisor runs the guest: no KVM device in the jail.
   inst.accel = spec.xen ? Accel::tcg : detect_accel(spec.accel);
   if (auto ok = make_run_dirs(config_.run_dir); !ok) return ok.error();
@@ -387,7 +428,7 @@ Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
 
   // Step 2: a uid, swept and recorded before anything runs under it.
   // A Xen device model's uid is fixed by its domid; the sweep is its kill before reuse.
-  auto uid = uids_.allocate(spec.name, spec.xen ? std::optional<uid_t>(spec.xen->uid) : std::nullopt);
+  auto uid = uids_.allocate(file_name, spec.xen ? std::optional<uid_t>(spec.xen->uid) : std::nullopt);
   if (!uid) return uid.error();
   inst.uid = *uid;
   undo.push([this, u = *uid] { (void)uids_.release(u); });
@@ -402,10 +443,10 @@ Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
   if (spec.xen) layout.device_binds = spec.xen->device_nodes;
   if (auto ok = mount_boot_files(spec, roots_, mounts, layout); !ok) return ok.error();
   inst.trace.mark("boot files");
-  inst.qmp_path = config_.run_dir + "/qmp/" + spec.name + ".sock";
-  inst.console_path = config_.run_dir + "/console/" + spec.name + ".sock";
-  inst.log_path = config_.run_dir + "/log/" + spec.name + ".log";
-  undo.push([this, name = spec.name] { remove_files(name); });
+  inst.qmp_path = config_.run_dir + "/qmp/" + file_name + ".sock";
+  inst.console_path = config_.run_dir + "/console/" + file_name + ".sock";
+  inst.log_path = config_.run_dir + "/log/" + file_name + ".log";
+  undo.push([this, name = file_name] { remove_files(name); });
   auto io = open_endpoints(inst);
   if (!io) return io.error();
   struct stat pipe_st {};

@@ -21,6 +21,7 @@
 #include <optional>
 #include <set>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "broker/core/error.hpp"
@@ -87,6 +88,7 @@ struct Instance {
   fdpass::UniqueFd log_pipe;  // the read end of QEMU's stdout/stderr, until the broker takes it
   unsigned long long log_pipe_inode = 0;  // recorded: a restarted broker re-opens this pipe
   std::vector<std::string> argv;
+  bool pooled = false;  // spawned by the warm pool before its domain asked for it
   StartTrace trace;  // from the call to start() until the domain runs
 };
 
@@ -106,6 +108,17 @@ class Launcher {
   // words built by the device layers (never host paths).
   Result<Instance> start(const DomainSpec& spec, FdHandover* cold = nullptr,
                          const std::vector<std::string>& extra_args = {});
+
+  // A warm-pool QEMU (docs/pool.md): `spec` started as start() would, with no devices, its
+  // uid, sockets and log under `pool_name`, which must begin with kPoolPrefix. A domain name
+  // never does (valid_name), so the two cannot meet in the run directory.
+  static constexpr std::string_view kPoolPrefix = "_pool-";
+  Result<Instance> start_pooled(const DomainSpec& spec, const std::string& pool_name);
+
+  // Gives a pooled instance to domain `name`: the uid is recorded for it, and the QMP and
+  // console sockets and the log take its name. QEMU notices nothing: it holds the listeners by
+  // fd, not by path.
+  Result<void> hand_over(Instance& instance, const std::string& name);
 
   // Kills everything of the instance's uid, reaps, verifies and releases the uid and the files.
   Result<KillReport> destroy(Instance& instance);
@@ -142,6 +155,9 @@ class Launcher {
 
  private:
   void remove_files(const std::string& name);
+  // start() under `file_name` (the domain's name, or a pool name).
+  Result<Instance> start_as(const DomainSpec& spec, const std::string& file_name, FdHandover* cold,
+                            const std::vector<std::string>& extra_args);
   // The instance's own cgroup, when cgroups are in use and available.
   Result<void> make_cgroup(const DomainSpec& spec, Instance& inst);
   // Clones the jailed child and execs QEMU with the QMP and console listeners at fds 3 and 4,

@@ -220,6 +220,22 @@ Result<uid_t> UidPool::allocate(const std::string& domain, std::optional<uid_t> 
   return e;
 }
 
+Result<void> UidPool::reassign(uid_t uid, const std::string& domain) {
+  if (shared_) return {};
+  {
+    std::lock_guard lock(*mutex_);
+    if (!in_use_.contains(uid)) {
+      return range_error("uid " + std::to_string(uid) + " is not allocated");
+    }
+  }
+  if (auto ec = write_file_atomic(dir_, std::to_string(uid), domain, 0600, Sync::process)) {
+    return make_error(ec, "recording uid " + std::to_string(uid));
+  }
+  std::lock_guard lock(*mutex_);
+  in_use_[uid] = domain;
+  return {};
+}
+
 Result<void> UidPool::release(uid_t uid) {
   if (shared_) return {};
   // No fsync: if the removal is lost in a crash, the restarted broker finds a record with no

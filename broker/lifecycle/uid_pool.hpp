@@ -58,6 +58,10 @@ class UidPool {
   // Sweeps and records a uid for `domain`. On Xen the caller names the uid (base + domid).
   Result<uid_t> allocate(const std::string& domain, std::optional<uid_t> wanted = std::nullopt);
 
+  // Records `domain` as the owner of `uid`, which this pool allocated: a warm-pool QEMU becomes a
+  // domain's. Nothing is swept: the uid's one QEMU keeps running.
+  Result<void> reassign(uid_t uid, const std::string& domain);
+
   // Forgets the record. Call only after the uid's teardown verified that nothing runs under it.
   Result<void> release(uid_t uid);
 

@@ -1,0 +1,311 @@
+#include "broker/domain/warm_pool.hpp"
+
+#include <poll.h>
+
+#include <charconv>
+#include <utility>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/json/array.hpp>
+
+#include "broker/core/errc.hpp"
+#include "broker/core/log.hpp"
+#include "broker/domain/blocking.hpp"
+#include "broker/domain/domains.hpp"
+
+namespace broker {
+namespace asio = boost::asio;
+namespace json = boost::json;
+using asio::awaitable;
+using namespace std::chrono_literals;
+
+namespace {
+
+Error pool_error(std::string message) {
+  Error e(make_error_code(errc::invalid_argument), "pool: " + std::move(message));
+  e.field = "pool";
+  return e;
+}
+
+Result<std::uint32_t> number(std::string_view key, std::string_view value, std::uint32_t min,
+                             std::uint32_t max) {
+  std::uint32_t n = 0;
+  auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), n);
+  if (ec != std::errc() || end != value.data() + value.size() || n < min || n > max) {
+    return pool_error(std::string(key) + " must be a number from " + std::to_string(min) + " to " +
+                      std::to_string(max) + ", got '" + std::string(value) + "'");
+  }
+  return n;
+}
+
+// The spec a pooled QEMU of `shape` is spawned with: what a matching create would give, minus
+// its name and devices. A boot order makes the command line strict (-boot strict=on), which no
+// QMP command can change later; the create's own devices carry the bootindexes.
+lifecycle::DomainSpec spec_for(const PoolShape& shape) {
+  lifecycle::DomainSpec spec;
+  spec.name = "pool";
+  spec.machine = shape.machine;
+  spec.memory_mib = shape.memory_mib;
+  spec.vcpus = shape.vcpus;
+  spec.firmware = shape.firmware;
+  spec.pci_slots = shape.pci_slots;
+  spec.boot_order = {"pooled"};
+  return spec;
+}
+
+// True while the QEMU behind `pidfd` runs (a pidfd turns readable when its process exits).
+bool running(const lifecycle::Instance& inst) {
+  if (!inst.pidfd) return false;
+  pollfd p{inst.pidfd.get(), POLLIN, 0};
+  return ::poll(&p, 1, 0) == 0;
+}
+
+std::string iso8601(std::chrono::system_clock::time_point t) {
+  const std::time_t secs = std::chrono::system_clock::to_time_t(t);
+  std::tm tm{};
+  ::gmtime_r(&secs, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+}  // namespace
+
+Result<PoolShape> parse_pool_shape(std::string_view text) {
+  PoolShape shape;
+  bool seen_count = false;
+  std::vector<std::string_view> seen;
+  while (!text.empty()) {
+    const auto comma = text.find(',');
+    const std::string_view item = text.substr(0, comma);
+    text = comma == std::string_view::npos ? std::string_view() : text.substr(comma + 1);
+    const auto eq = item.find('=');
+    if (eq == std::string_view::npos) {
+      return pool_error("'" + std::string(item) + "' is not KEY=VALUE");
+    }
+    const std::string_view key = item.substr(0, eq);
+    const std::string_view value = item.substr(eq + 1);
+    if (std::find(seen.begin(), seen.end(), key) != seen.end()) {
+      return pool_error(std::string(key) + " is given twice");
+    }
+    seen.push_back(key);
+    if (key == "machine") {
+      if (value != "q35") return pool_error("machine must be q35: only a machine that boots can be pooled");
+    } else if (key == "memory_mib") {
+      auto n = number(key, value, 16, 1u << 20);
+      if (!n) return n.error();
+      shape.memory_mib = *n;
+    } else if (key == "vcpus") {
+      auto n = number(key, value, 1, 255);
+      if (!n) return n.error();
+      shape.vcpus = *n;
+    } else if (key == "pci_slots") {
+      auto n = number(key, value, 0, 32);
+      if (!n) return n.error();
+      shape.pci_slots = *n;
+    } else if (key == "firmware") {
+      if (value == "uefi") {
+        return pool_error("firmware uefi cannot be pooled: a UEFI domain's variable store is its "
+                          "own from the spawn on");
+      }
+      if (value != "bios") return pool_error("firmware must be bios, got '" + std::string(value) + "'");
+    } else if (key == "count") {
+      auto n = number(key, value, 1, 64);
+      if (!n) return n.error();
+      shape.count = *n;
+      seen_count = true;
+    } else {
+      return pool_error("unknown key '" + std::string(key) +
+                        "' (machine, memory_mib, vcpus, firmware, pci_slots, count)");
+    }
+  }
+  if (!seen_count) return pool_error("count is needed: how many QEMUs of the shape to keep");
+  // The same bounds a create's spec has.
+  lifecycle::DomainSpec spec = spec_for(shape);
+  if (auto ok = lifecycle::validate(spec); !ok) return pool_error(ok.error().message);
+  return shape;
+}
+
+std::string to_string(const PoolShape& s) {
+  return "machine=" + std::string(lifecycle::to_string(s.machine)) +
+         ",memory_mib=" + std::to_string(s.memory_mib) + ",vcpus=" + std::to_string(s.vcpus) +
+         ",firmware=" + std::string(lifecycle::to_string(s.firmware)) +
+         ",pci_slots=" + std::to_string(s.pci_slots) + ",count=" + std::to_string(s.count);
+}
+
+bool matches(const PoolShape& shape, const lifecycle::DomainSpec& spec) {
+  return spec.machine == shape.machine && spec.memory_mib == shape.memory_mib &&
+         spec.vcpus == shape.vcpus && spec.firmware == shape.firmware &&
+         spec.pci_slots == shape.pci_slots && spec.accel == lifecycle::Accel::automatic &&
+         spec.kernel.empty() && spec.initrd.empty() && spec.append.empty() &&
+         !spec.boot_order.empty() && !spec.secure_boot && spec.nvram.empty() && !spec.xen;
+}
+
+WarmPool::WarmPool(asio::any_io_executor ex, Domains& domains, std::vector<PoolShape> shapes)
+    : ex_(ex), domains_(domains), shapes_(std::move(shapes)), wake_(ex) {}
+
+void WarmPool::start() {
+  if (shapes_.empty() || running_ || stopping_) return;
+  running_ = true;
+  asio::co_spawn(ex_, refill(), asio::detached);
+}
+
+void WarmPool::wake() { wake_.cancel(); }
+
+void WarmPool::create_finished() {
+  if (creating_ > 0 && --creating_ == 0) wake();
+}
+
+std::optional<lifecycle::Instance> WarmPool::take(const lifecycle::DomainSpec& spec) {
+  bool shaped = false;
+  for (auto it = entries_.begin(); it != entries_.end();) {
+    if (!matches(shapes_[it->shape], spec)) {
+      ++it;
+      continue;
+    }
+    shaped = true;
+    if (!running(it->instance)) {
+      ++it;  // discard_dead takes it out
+      continue;
+    }
+    lifecycle::Instance inst = std::move(it->instance);
+    entries_.erase(it);
+    ++hits_;
+    wake();
+    return inst;
+  }
+  if (shaped || std::any_of(shapes_.begin(), shapes_.end(),
+                            [&spec](const PoolShape& s) { return matches(s, spec); })) {
+    ++misses_;
+  }
+  wake();
+  return std::nullopt;
+}
+
+std::optional<std::size_t> WarmPool::wanting() const {
+  for (std::size_t i = 0; i < shapes_.size(); ++i) {
+    std::size_t have = 0;
+    for (const auto& e : entries_) have += e.shape == i ? 1 : 0;
+    if (have < shapes_[i].count) return i;
+  }
+  return std::nullopt;
+}
+
+awaitable<void> WarmPool::discard(lifecycle::Instance instance) {
+  const std::string name = instance.name;
+  auto& launcher = domains_.launcher();
+  lifecycle::Instance* inst = &instance;
+  auto killed = co_await run_blocking(ex_, domains_.lifecycle_pool(),
+                                      [&launcher, inst] { return launcher.destroy(*inst); });
+  if (!killed) {
+    // The uid stays recorded and in use: the uid pool's quarantine sweeps take it from here, and
+    // a restarted broker reclaims it.
+    log::error("pool: discarding " + name + " (uid " + std::to_string(instance.uid) +
+               "): " + killed.error().describe());
+    co_return;
+  }
+  launcher.remove_log(name);
+  ++discarded_;
+}
+
+awaitable<std::size_t> WarmPool::discard_dead() {
+  std::vector<lifecycle::Instance> dead;
+  for (auto it = entries_.begin(); it != entries_.end();) {
+    if (running(it->instance)) {
+      ++it;
+      continue;
+    }
+    log::warn("pool: " + it->instance.name + " (uid " + std::to_string(it->instance.uid) +
+              ") exited while pooled; discarding it");
+    dead.push_back(std::move(it->instance));
+    it = entries_.erase(it);
+  }
+  for (auto& inst : dead) co_await discard(std::move(inst));
+  co_return dead.size();
+}
+
+awaitable<void> WarmPool::refill() {
+  while (!stopping_) {
+    co_await discard_dead();
+    const auto shape = wanting();
+    auto pause = 1000ms;
+    if (shape && creating_ == 0) {
+      const lifecycle::DomainSpec spec = spec_for(shapes_[*shape]);
+      const std::string name = std::string(lifecycle::Launcher::kPoolPrefix) + std::to_string(next_name_++);
+      auto& launcher = domains_.launcher();
+      const lifecycle::DomainSpec* s = &spec;
+      const std::string* n = &name;
+      auto inst = co_await run_blocking(ex_, domains_.lifecycle_pool(),
+                                        [&launcher, s, n] { return launcher.start_pooled(*s, *n); });
+      if (inst && !stopping_) {
+        inst->pooled = true;
+        entries_.push_back(Entry{*shape, std::move(*inst), std::chrono::system_clock::now()});
+        last_error_.clear();
+        continue;
+      }
+      if (inst) {
+        co_await discard(std::move(*inst));
+        break;
+      }
+      // Said once per distinct error; the refill tries again after a pause.
+      if (inst.error().describe() != last_error_) {
+        last_error_ = inst.error().describe();
+        log::error("pool: cannot start a QEMU of shape " + to_string(shapes_[*shape]) + ": " +
+                   last_error_);
+      }
+      pause = 5000ms;
+    }
+    wake_.expires_after(pause);
+    co_await wake_.async_wait(asio::as_tuple(asio::use_awaitable));
+  }
+  running_ = false;
+}
+
+awaitable<void> WarmPool::stop() {
+  stopping_ = true;
+  wake();
+  // The refill ends at its next wake; a spawn in flight finishes first and is discarded.
+  asio::steady_timer tick(ex_);
+  while (running_) {
+    tick.expires_after(5ms);
+    co_await tick.async_wait(asio::as_tuple(asio::use_awaitable));
+  }
+  std::vector<Entry> all = std::move(entries_);
+  entries_.clear();
+  for (auto& e : all) co_await discard(std::move(e.instance));
+}
+
+json::object WarmPool::to_json() const {
+  json::array shapes;
+  for (std::size_t i = 0; i < shapes_.size(); ++i) {
+    json::array ready;
+    for (const auto& e : entries_) {
+      if (e.shape != i) continue;
+      ready.push_back(json::object{{"uid", e.instance.uid},
+                                   {"pid", e.instance.pid},
+                                   {"accel", lifecycle::to_string(e.instance.accel)},
+                                   {"since", iso8601(e.ready_since)}});
+    }
+    const auto& s = shapes_[i];
+    shapes.push_back(json::object{{"shape", to_string(s)},
+                                  {"machine", lifecycle::to_string(s.machine)},
+                                  {"memory_mib", s.memory_mib},
+                                  {"vcpus", s.vcpus},
+                                  {"firmware", lifecycle::to_string(s.firmware)},
+                                  {"pci_slots", s.pci_slots},
+                                  {"count", s.count},
+                                  {"ready", std::move(ready)}});
+  }
+  json::object o{{"shapes", std::move(shapes)},
+                 {"hits", hits_},
+                 {"misses", misses_},
+                 {"discarded", discarded_},
+                 {"refill_held", creating_ > 0}};
+  o["last_error"] = last_error_.empty() ? json::value(nullptr) : json::value(last_error_);
+  return o;
+}
+
+}  // namespace broker

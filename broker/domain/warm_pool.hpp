@@ -1,0 +1,106 @@
+// The warm pool (docs/pool.md): jailed QEMUs of configured shapes, spawned paused (-S) with no
+// devices, each under its own uid, before any create asks for them. A create whose spec matches
+// a shape and boots through firmware takes one instead of spawning; its devices are then plugged
+// over QMP and a system_reset gives the firmware their boot order.
+//
+// Crash consistency: a pooled QEMU has a uid record (owner "_pool-N") and no domain record, so a
+// broker that dies with entries in the pool has them killed by uid and their files removed by
+// the next one's reclaim, as any uid recorded without a domain.
+//
+// Threads: everything here runs on the broker's io_context; spawns and kills run on the Domains'
+// lifecycle pool.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/json/object.hpp>
+
+#include "broker/core/error.hpp"
+#include "broker/lifecycle/launcher.hpp"
+
+namespace broker {
+
+class Domains;
+
+// One shape: "machine=q35,memory_mib=128,vcpus=1,firmware=bios,count=2" (--pool).
+struct PoolShape {
+  lifecycle::Machine machine = lifecycle::Machine::q35;
+  std::uint32_t memory_mib = 128;
+  std::uint32_t vcpus = 1;
+  lifecycle::Firmware firmware = lifecycle::Firmware::bios;
+  std::uint32_t pci_slots = 4;
+  std::uint32_t count = 1;
+  bool operator==(const PoolShape&) const = default;
+};
+
+// Parses a shape; the error names the key ("pool: memory_mib must be ...").
+Result<PoolShape> parse_pool_shape(std::string_view text);
+// The shape as parse_pool_shape reads it.
+std::string to_string(const PoolShape& shape);
+// True when a create of `spec` may take a QEMU of `shape`: same machine, memory, vcpus, firmware
+// and PCIe slots, booted through firmware with a boot order (pooled QEMUs boot strictly from the
+// devices a create names), no kernel, no own variable store, no Xen.
+bool matches(const PoolShape& shape, const lifecycle::DomainSpec& spec);
+
+class WarmPool {
+ public:
+  WarmPool(boost::asio::any_io_executor ex, Domains& domains, std::vector<PoolShape> shapes);
+  WarmPool(const WarmPool&) = delete;
+  WarmPool& operator=(const WarmPool&) = delete;
+
+  bool enabled() const { return !shapes_.empty(); }
+  // Starts filling in the background. Call once the broker has recovered: the pool's uids must
+  // not race the reclaim of an earlier broker's.
+  void start();
+  // A ready QEMU for `spec`, or nullopt when no shape matches or none of it is ready. A QEMU
+  // found dead is discarded on the way. The refill is woken either way.
+  std::optional<lifecycle::Instance> take(const lifecycle::DomainSpec& spec);
+  // Creates in flight hold the refill back: it spawns only when no create runs.
+  void create_started() { ++creating_; }
+  void create_finished();
+  // Stops the refill and kills every pooled QEMU by uid.
+  boost::asio::awaitable<void> stop();
+  // GET /v1/pool.
+  boost::json::object to_json() const;
+  // Pooled QEMUs now, for the metrics' uids in use.
+  std::size_t size() const { return entries_.size(); }
+
+ private:
+  struct Entry {
+    std::size_t shape;
+    lifecycle::Instance instance;
+    std::chrono::system_clock::time_point ready_since;
+  };
+  boost::asio::awaitable<void> refill();
+  // Discards the entries whose QEMU is gone; returns how many.
+  boost::asio::awaitable<std::size_t> discard_dead();
+  boost::asio::awaitable<void> discard(lifecycle::Instance instance);
+  std::optional<std::size_t> wanting() const;
+  void wake();
+
+  boost::asio::any_io_executor ex_;
+  Domains& domains_;
+  std::vector<PoolShape> shapes_;
+  std::vector<Entry> entries_;
+  boost::asio::steady_timer wake_;
+  std::size_t creating_ = 0;
+  std::uint64_t next_name_ = 1;
+  bool running_ = false;
+  bool stopping_ = false;
+  bool stopped_ = false;
+  // Counters for GET /v1/pool.
+  std::uint64_t hits_ = 0;
+  std::uint64_t misses_ = 0;
+  std::uint64_t discarded_ = 0;
+  std::string last_error_;
+};
+
+}  // namespace broker

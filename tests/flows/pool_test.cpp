@@ -1,0 +1,189 @@
+// The warm pool against a real QEMU (TCG): a create of a pooled shape takes a QEMU the pool
+// spawned before it was asked, plugs the disk and CD over QMP and boots from them in the order
+// asked for; the pool refills; a create the pool cannot serve (direct kernel boot, another shape)
+// spawns its own; a pooled QEMU that dies is discarded, its uid swept of what it left; and a
+// stopped pool leaves no process, uid record or file.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+
+#include <boost/json.hpp>
+
+#include "broker/domain/warm_pool.hpp"
+#include "broker/lifecycle/proc.hpp"
+#include "flows_fixture.hpp"
+
+using namespace std::chrono_literals;
+namespace fs = std::filesystem;
+namespace json = boost::json;
+using broker::DiskBus;
+using broker::DiskFormat;
+using broker::lifecycle::Firmware;
+using broker::lifecycle::processes_of_uid;
+using qbtest::FlowsFixture;
+
+namespace {
+
+constexpr uid_t kHitBase = 3'170'000;
+constexpr uid_t kDeadBase = 3'170'100;
+
+broker::BrokerConfig pooled(std::uint32_t memory_mib, std::uint32_t count) {
+  broker::BrokerConfig c;
+  broker::PoolShape shape;
+  shape.memory_mib = memory_mib;
+  shape.count = count;
+  c.pool = {shape};
+  return c;
+}
+
+// The test guest's boot disk (d0) and CD (cd0), booted by SeaBIOS in `order`.
+broker::CreateDomain firmware_domain(const std::string& name, std::vector<std::string> order) {
+  broker::CreateDomain c;
+  c.spec.name = name;
+  c.spec.memory_mib = 256;
+  c.spec.firmware = Firmware::bios;
+  c.spec.boot_order = order;
+  c.cdroms.push_back(broker::CdromSpec{"cd0", qbtest::guest_boot_iso(), std::nullopt});
+  c.disks.push_back(qbtest::disk("d0", qbtest::guest_boot_disk(), DiskFormat::raw, DiskBus::scsi, true));
+  for (std::uint32_t i = 0; i < order.size(); ++i) {
+    if (order[i] == "cd0") c.cdroms[0].bootindex = i + 1;
+    if (order[i] == "d0") c.disks[0].bootindex = i + 1;
+  }
+  return c;
+}
+
+// Runs the broker's io_context until `pred` holds or `timeout` passes.
+bool run_until(FlowsFixture& fx, auto pred, std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    fx.io.restart();
+    fx.io.run_for(20ms);
+  }
+  return true;
+}
+
+// The pool's ready QEMUs of its one shape.
+json::array ready(FlowsFixture& fx) {
+  return fx.broker.pool().to_json().at("shapes").as_array().at(0).at("ready").as_array();
+}
+
+// Stops the pool (as qbrokerd does on SIGTERM).
+boost::asio::awaitable<bool> stop_pool(broker::WarmPool& pool) {
+  co_await pool.stop();
+  co_return true;
+}
+
+std::string guest_says(qbtest::GuestConsole& con, const std::string& cmd) {
+  auto out = con.run(cmd, 30s);
+  INFO("guest: " << cmd);
+  REQUIRE(out);
+  return out->text;
+}
+
+}  // namespace
+
+TEST_CASE("a create of a pooled shape boots a QEMU the pool spawned, in the order asked, and the pool refills",
+          "[flows][pool][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  FlowsFixture fx(kHitBase, pooled(256, 1));
+  fx.run(fx.broker.recover());  // the pool starts filling once recovery is done
+  REQUIRE(run_until(fx, [&] { return ready(fx).size() == 1; }, 60s));
+  const auto first = ready(fx).at(0).as_object();
+  const auto pool_pid = first.at("pid").to_number<pid_t>();
+  const auto pool_uid = first.at("uid").to_number<uid_t>();
+  // Spawned ahead: paused, under its own uid, before any create.
+  CHECK(broker::lifecycle::process_state("/proc", pool_pid) != 0);
+  CHECK_FALSE(processes_of_uid("/proc", pool_uid).empty());
+
+  // A hit: the same QEMU, now the domain's, boots from the disk the create named first.
+  {
+    auto console = fx.boot(firmware_domain("p1", {"d0", "cd0"}));
+    auto info = fx.run(fx.broker.info("p1", false));
+    REQUIRE(info);
+    CHECK(info->pooled);
+    CHECK(info->pid == pool_pid);
+    CHECK(info->uid == pool_uid);
+    CHECK(guest_says(*console, "cat /proc/cmdline").find("qb_boot=disk") != std::string::npos);
+    // Its sockets and log carry the domain's name now; none of the pool's is left.
+    CHECK(fs::exists(fx.run_dir / "qmp/p1.sock"));
+    CHECK(fs::exists(fx.run_dir / "console/p1.sock"));
+    CHECK_FALSE(fs::exists(fx.run_dir / "qmp/_pool-1.sock"));
+    CHECK_FALSE(fs::exists(fx.run_dir / "console/_pool-1.sock"));
+    CHECK_FALSE(fs::exists(fx.run_dir / "log/_pool-1.log"));
+    CHECK(fs::exists(fx.run_dir / "log/p1.log"));
+    CHECK(fx.broker.pool().to_json().at("hits").to_number<int>() == 1);
+  }
+
+  // The pool refilled behind it, under another uid; the next hit boots from the CD first.
+  REQUIRE(run_until(fx, [&] { return ready(fx).size() == 1; }, 60s));
+  const auto second_uid = ready(fx).at(0).at("uid").to_number<uid_t>();
+  CHECK(second_uid != pool_uid);
+  {
+    auto console = fx.boot(firmware_domain("p2", {"cd0", "d0"}));
+    auto info = fx.run(fx.broker.info("p2", false));
+    REQUIRE(info);
+    CHECK(info->pooled);
+    CHECK(info->uid == second_uid);
+    CHECK(guest_says(*console, "cat /proc/cmdline").find("qb_boot=cd") != std::string::npos);
+  }
+
+  // What the pool cannot serve spawns its own: a direct kernel boot, and another memory size.
+  REQUIRE(run_until(fx, [&] { return ready(fx).size() == 1; }, 60s));
+  {
+    auto console = fx.boot(FlowsFixture::guest("k1"));
+    auto info = fx.run(fx.broker.info("k1", false));
+    REQUIRE(info);
+    CHECK_FALSE(info->pooled);
+    auto other = firmware_domain("p3", {"d0"});
+    other.spec.memory_mib = 192;
+    auto c3 = fx.boot(std::move(other));
+    auto info3 = fx.run(fx.broker.info("p3", false));
+    REQUIRE(info3);
+    CHECK_FALSE(info3->pooled);
+    CHECK(guest_says(*c3, "cat /proc/cmdline").find("qb_boot=disk") != std::string::npos);
+  }
+  CHECK(ready(fx).size() == 1);
+  const auto left_uid = ready(fx).at(0).at("uid").to_number<uid_t>();
+
+  for (const char* name : {"p1", "p2", "k1", "p3"}) REQUIRE(fx.run(fx.broker.destroy(name)));
+  // Stopped, the pool kills its QEMU by uid and leaves nothing of it.
+  REQUIRE(fx.run(stop_pool(fx.broker.pool())));
+  qbtest::reap_exited_children();
+  CHECK(processes_of_uid("/proc", left_uid).empty());
+  CHECK(fs::is_empty(fx.state / "uids"));
+  CHECK(fs::is_empty(fx.run_dir / "qmp"));
+  CHECK(fs::is_empty(fx.run_dir / "console"));
+  CHECK(fx.broker.pool().size() == 0);
+}
+
+TEST_CASE("a pooled QEMU that dies is discarded, its uid swept of what it left, and replaced",
+          "[flows][pool][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  FlowsFixture fx(kDeadBase, pooled(128, 1));
+  fx.run(fx.broker.recover());
+  REQUIRE(run_until(fx, [&] { return ready(fx).size() == 1; }, 60s));
+  const auto pid = ready(fx).at(0).at("pid").to_number<pid_t>();
+  const auto uid = ready(fx).at(0).at("uid").to_number<uid_t>();
+  // Something the QEMU left under its uid, as if it had forked before it died.
+  pid_t straggler = qbtest::fork_as_uid(uid);
+  REQUIRE(straggler > 0);
+  qbtest::ChildGuard guard(straggler);
+  REQUIRE(::kill(pid, SIGKILL) == 0);
+
+  auto discarded = [&] { return fx.broker.pool().to_json().at("discarded").to_number<int>() == 1; };
+  REQUIRE(run_until(fx, discarded, 30s));
+  int status = 0;
+  REQUIRE(::waitpid(straggler, &status, 0) == straggler);
+  guard.reaped();
+  CHECK(WIFSIGNALED(status));
+  REQUIRE(run_until(fx, [&] { return ready(fx).size() == 1; }, 60s));
+  CHECK(ready(fx).at(0).at("pid").to_number<pid_t>() != pid);
+
+  REQUIRE(fx.run(stop_pool(fx.broker.pool())));
+  qbtest::reap_exited_children();
+  CHECK(processes_of_uid("/proc", uid).empty());
+  CHECK(fs::is_empty(fx.state / "uids"));
+}
