@@ -399,8 +399,8 @@ struct Env {
   TempDir state, run_dir, raw_dir;
   TempDir broker_state{"/dev/shm"};  // domain records on a tmpfs, as qbrokerd keeps them on /run
   broker::lifecycle::ForkingUidKiller killer;
-  broker::lifecycle::Reaper reaper{killer, kBase};
-  broker::lifecycle::UidPool uids{{kBase, 8}, state.path, reaper};
+  broker::lifecycle::Reaper reaper;
+  broker::lifecycle::UidPool uids;
   broker::lifecycle::CgroupManager cgroups;
   fdpass::ImageRoots roots;
   broker::lifecycle::Launcher launcher;
@@ -408,10 +408,14 @@ struct Env {
   std::vector<Line> lines;  // the broker's QMP transcript since the last clear
   broker::Broker broker;
 
-  Env()
-      : roots(open_roots()),
+  // `pool`: the broker's warm-pool shapes; a broker with a pool has a uid range of its own.
+  explicit Env(uid_t base = kBase, std::vector<broker::PoolShape> pool = {})
+      : reaper(killer, base),
+        uids({base, 8}, state.path, reaper),
+        cgroups({}, "qbroker-" + std::to_string(base)),
+        roots(open_roots()),
         launcher(launcher_config(run_dir.path), uids, cgroups, roots),
-        broker(io.get_executor(), broker_config(), launcher, roots) {
+        broker(io.get_executor(), broker_config(std::move(pool)), launcher, roots) {
     qbtest::become_subreaper();
     uids.load();
   }
@@ -426,8 +430,9 @@ struct Env {
     c.firmware.nvram_dir = dir + "/nvram";
     return c;
   }
-  broker::BrokerConfig broker_config() {
+  broker::BrokerConfig broker_config(std::vector<broker::PoolShape> pool) {
     broker::BrokerConfig c;
+    c.pool = std::move(pool);
     c.records_dir = broker_state.path + "/domains";
     c.transcript = [this](qmp::Direction d, std::string_view line, bool) {
       lines.push_back(Line{Clock::now(), d, std::string(line)});
@@ -716,6 +721,96 @@ void report_phases(const std::vector<Row>& rows) {
   }
 }
 
+// A pool hit: the BIOS+disk shape again, created through a broker that keeps one QEMU of the
+// shape spawned ahead (--pool memory_mib=256,count=1), so the create takes it instead of spawning.
+struct PoolRow {
+  std::vector<double> create, prompt;
+  std::vector<Phases> phases;
+};
+
+std::vector<broker::PoolShape> bios_disk_pool() {
+  broker::PoolShape shape;
+  shape.memory_mib = 256;  // request_for's firmware shapes
+  shape.count = 1;
+  return {shape};
+}
+
+// Runs the pool broker until a QEMU is ready, and half a second more: a pooled QEMU waits for
+// its create much longer than its machine set-up takes, which is not what is measured.
+void wait_pooled(Env& env) {
+  const auto deadline = Clock::now() + 60s;
+  while (env.broker.pool().size() == 0) {
+    if (Clock::now() > deadline) {
+      die("the pool never filled: " + json::serialize(env.broker.pool().to_json()));
+    }
+    env.io.restart();
+    env.io.run_for(10ms);
+  }
+  env.io.restart();
+  env.io.run_for(500ms);
+}
+
+asio::awaitable<bool> stop_pool(broker::WarmPool& pool) {
+  co_await pool.stop();
+  co_return true;
+}
+
+void pool_create(Env& env, PoolRow& r, const Shape& s) {
+  wait_pooled(env);
+  env.lines.clear();
+  const auto t0 = Clock::now();
+  auto info = env.run(env.broker.create(request_for(s, false)));
+  const auto t1 = Clock::now();
+  if (!info) die("pool hit " + s.label + ": " + info.error().describe());
+  if (!info->pooled) die("pool hit " + s.label + ": the create did not take the pooled QEMU");
+  if (info->state != broker::RunState::running) die("pool hit: created, but not running");
+  r.create.push_back(ms(t1 - t0));
+  r.phases.push_back(broker_phases(pair_up(env.lines), t0, t1));
+  destroy(env, s);
+}
+
+void pool_prompt(Env& env, PoolRow& r, const Shape& s) {
+  wait_pooled(env);
+  const auto t0 = Clock::now();
+  auto info = env.run(env.broker.create(request_for(s, true)));
+  if (!info || !info->pooled) die("pool hit " + s.label + ": no pooled create");
+  qbtest::GuestConsole con(qbtest::connect_retry(info->console, 10s));
+  if (auto ok = env.run(env.broker.resume(s.name)); !ok) die("resume: " + ok.error().describe());
+  if (!con.wait_ready(kPromptTimeout)) die("pool hit " + s.label + ": no prompt");
+  r.prompt.push_back(ms(Clock::now() - t0));
+  check_booted(con, s, "pool hit");
+  destroy(env, s);
+}
+
+void report_pool(const PoolRow& p, const std::vector<Row>& rows) {
+  const Row* cold = nullptr;
+  for (const auto& r : rows) {
+    if (r.shape.label == "BIOS+disk") cold = &r;
+  }
+  const double hit = median(p.create), prompt = median(p.prompt);
+  std::printf("\npool hit, BIOS+disk (medians, ms): create -> running %.1f (%s), to prompt %.0f (%s)\n",
+              hit, range(p.create).c_str(), prompt, range(p.prompt).c_str());
+  if (cold != nullptr) {
+    const double raw = median(cold->raw_create), cold_create = median(cold->broker_create);
+    std::printf("  against the same run's raw spawn %.1f ms: %.3fx; against a cold create %.1f ms: "
+                "%.3fx (%.1fx faster)\n",
+                raw, hit / raw, cold_create, hit / cold_create, cold_create / hit);
+    std::printf("  to prompt against raw %.0f ms: %.2fx; against a cold create %.0f ms: %.2fx\n",
+                median(cold->raw_prompt), prompt / median(cold->raw_prompt),
+                median(cold->broker_prompt), prompt / median(cold->broker_prompt));
+  }
+  std::printf("  pool hit <= 20 ms: %s\n", hit <= 20 ? "met" : "NOT met");
+  const auto& b = p.phases;
+  std::printf("  phases: launch (handover + QMP connect) %.2f, caps %.2f, plug %.2f, reset %.2f, "
+              "cont %.2f, rest %.2f\n",
+              median(field(b, [](const Phases& x) { return x.launch; })),
+              median(field(b, [](const Phases& x) { return x.caps; })),
+              median(field(b, [](const Phases& x) { return x.plug; })),
+              median(field(b, [](const Phases& x) { return x.reset; })),
+              median(field(b, [](const Phases& x) { return x.cont; })),
+              median(field(b, [](const Phases& x) { return x.rest; })));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -755,6 +850,22 @@ int main(int argc, char** argv) {
     }
     report_ratios(rows);
     report_phases(rows);
+    if (std::string("BIOS+disk pool").find(only) != std::string::npos) {
+      Env pooled(kBase + 100, bios_disk_pool());
+      (void)pooled.run(pooled.broker.recover());  // the pool fills once recovery is done
+      Owned pooled_owned{pooled};
+      const Shape& shape = shapes.front();
+      PoolRow pool;
+      for (int round = 0; round < rounds; ++round) {
+        pool_create(pooled, pool, shape);
+        pool_prompt(pooled, pool, shape);
+        std::printf("round %d pool hit      create %7.1f ms   prompt %8.1f ms\n", round + 1,
+                    pool.create.back(), pool.prompt.back());
+        std::fflush(stdout);
+      }
+      (void)pooled.run(stop_pool(pooled.broker.pool()));
+      report_pool(pool, rows);
+    }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "firmware_bench: %s\n", e.what());
     return 1;

@@ -78,6 +78,8 @@ constexpr std::array kCommands{
     CommandInfo{"metrics", "", "GET", "/metrics", "the daemon's metrics, in Prometheus text"},
     CommandInfo{"xen", "", "GET", "/v1/xen",
                 "the Xen mode's device models: domid, uid, pid, backend disks and their states"},
+    CommandInfo{"pool", "", "GET", "/v1/pool",
+                "the warm pool: each shape, its QEMUs ready (uid, pid, since), hits and misses"},
     CommandInfo{"top", "[--interval SECONDS] [--count N]", "GET", "/v1/domains",
                 "a live table of domains: state, uid, CPU, memory, job and progress (q quits)"},
 };
@@ -325,6 +327,10 @@ Out metrics(const Args&) {
 
 Out xen(const Args&) {
   return Invocation{.method = "GET", .target = "/v1/xen", .view = View::xen};
+}
+
+Out pool(const Args&) {
+  return Invocation{.method = "GET", .target = "/v1/pool", .view = View::pool};
 }
 
 Out top(const Args& a) {
@@ -692,6 +698,7 @@ const std::vector<Syntax>& syntaxes() {
       {"events", {{"--domain", true}, {"--count", true}}, {}, 0, false, events},
       {"metrics", {}, {}, 0, false, metrics},
       {"xen", {}, {}, 0, false, xen},
+      {"pool", {}, {}, 0, false, pool},
       {"top", {{"--interval", true}, {"--count", true}}, {}, 0, false, top},
   };
   return kSyntax;

@@ -21,7 +21,7 @@ namespace qbctl {
 
 // How a successful reply is shown to a person.
 // `text`: the reply is not JSON and is printed as it came (metrics). `top`: a refreshing table.
-enum class View { version, domains, domain, killed, vnc, qmp, message, events, text, top, xen };
+enum class View { version, domains, domain, killed, vnc, qmp, message, events, text, top, xen, pool };
 
 struct Invocation {
   std::string method;  // "GET", "POST", "PUT", "DELETE"

@@ -33,6 +33,7 @@ std::string domain_text(const json::value& d) {
         std::pair{"vcpus", "vcpus"}, std::pair{"job", "job"}, std::pair{"console", "console"}}) {
     rows.push_back({label, text(at(d, key))});
   }
+  if (at(d, "pooled").is_bool() && at(d, "pooled").get_bool()) rows.push_back({"from", "the warm pool"});
   std::string out;
   for (auto& r : rows) {
     std::string l = r[0] + ":";
@@ -145,6 +146,31 @@ std::string xen_text(const json::value& body) {
   return out;
 }
 
+// One row per ready QEMU of each shape, then the counters.
+std::string pool_text(const json::value& body) {
+  const auto& shapes = at(body, "shapes");
+  if (!shapes.is_array() || shapes.get_array().empty()) {
+    return "no warm pool (qbrokerd --pool SHAPE keeps QEMUs of a shape spawned ahead)\n";
+  }
+  std::string out;
+  for (const auto& s : shapes.get_array()) {
+    const auto& ready = at(s, "ready");
+    const std::size_t n = ready.is_array() ? ready.get_array().size() : 0;
+    out += text(at(s, "shape")) + ": " + std::to_string(n) + " of " + text(at(s, "count")) +
+           " ready\n";
+    std::vector<std::vector<std::string>> rows{{"UID", "PID", "ACCEL", "SINCE"}};
+    for (const auto& r : ready.is_array() ? ready.get_array() : json::array()) {
+      rows.push_back({text(at(r, "uid")), text(at(r, "pid")), text(at(r, "accel")),
+                      text(at(r, "since"))});
+    }
+    if (rows.size() > 1) out += table(rows);
+  }
+  out += "hits " + text(at(body, "hits")) + ", misses " + text(at(body, "misses")) +
+         ", discarded " + text(at(body, "discarded")) + "\n";
+  if (!at(body, "last_error").is_null()) out += "last error: " + text(at(body, "last_error")) + "\n";
+  return out;
+}
+
 }  // namespace
 
 std::string table(const std::vector<std::vector<std::string>>& rows) {
@@ -184,6 +210,8 @@ std::string render(const Invocation& inv, const json::value& body) {
       return json::serialize(at(body, "return")) + "\n";
     case View::xen:
       return xen_text(body);
+    case View::pool:
+      return pool_text(body);
     case View::message:
     case View::events:
     case View::text:

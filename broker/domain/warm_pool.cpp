@@ -150,6 +150,7 @@ WarmPool::WarmPool(asio::any_io_executor ex, Domains& domains, std::vector<PoolS
 void WarmPool::start() {
   if (shapes_.empty() || running_ || stopping_) return;
   running_ = true;
+  for (const auto& shape : shapes_) log::info("pool: keeping " + to_string(shape));
   asio::co_spawn(ex_, refill(), asio::detached);
 }
 
@@ -276,6 +277,7 @@ awaitable<void> WarmPool::stop() {
   std::vector<Entry> all = std::move(entries_);
   entries_.clear();
   for (auto& e : all) co_await discard(std::move(e.instance));
+  if (!all.empty()) log::info("pool: stopped; killed " + std::to_string(all.size()) + " pooled QEMU(s) by uid");
 }
 
 json::object WarmPool::to_json() const {

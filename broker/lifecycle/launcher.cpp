@@ -577,6 +577,14 @@ std::vector<uid_t> Launcher::reclaim_uids(const std::vector<const Instance*>& li
               " process(es) and released it");
     released.push_back(uid);
   }
+  // The sockets and logs of warm-pool QEMUs: no pool outlives its broker, and a crash between a
+  // pooled QEMU's uid record naming its domain and the renames leaves them under the pool name.
+  for (const char* sub : {"/qmp", "/console", "/log"}) {
+    const std::string dir = config_.run_dir + sub;
+    for (const auto& file : list_dir(dir)) {
+      if (file.starts_with(kPoolPrefix)) ::unlink((dir + "/" + file).c_str());
+    }
+  }
   return released;
 }
 

@@ -218,3 +218,81 @@ TEST_CASE("usage lists every option", "[api][daemon][options]") {
     CHECK(text.find(flag) != std::string::npos);
   }
 }
+
+TEST_CASE("qbrokerd's --pool takes shapes, from flags or a config file, and names what is wrong",
+          "[api][daemon][options][pool]") {
+  auto o = parse({"--pool", "machine=q35,memory_mib=256,vcpus=2,firmware=bios,count=2",
+                  "--pool", "memory_mib=128,count=1"});
+  REQUIRE(o);
+  REQUIRE(o->pool.size() == 2);
+  CHECK(o->pool[0].memory_mib == 256);
+  CHECK(o->pool[0].vcpus == 2);
+  CHECK(o->pool[0].count == 2);
+  CHECK(o->pool[0].pci_slots == 4);
+  CHECK(o->pool[1].memory_mib == 128);
+  CHECK(o->pool[1].vcpus == 1);
+  CHECK(broker::to_string(o->pool[0]) ==
+        "machine=q35,memory_mib=256,vcpus=2,firmware=bios,pci_slots=4,count=2");
+  // What is printed reads back as the same shape.
+  auto again = broker::parse_pool_shape(broker::to_string(o->pool[0]));
+  REQUIRE(again);
+  CHECK(*again == o->pool[0]);
+
+  qbtest::TempDir dir;
+  qbtest::write_file(dir / "pool.json", R"({"pool": ["memory_mib=512,count=3"]})");
+  auto file = parse({"--config", dir / "pool.json"});
+  REQUIRE(file);
+  REQUIRE(file->pool.size() == 1);
+  CHECK(file->pool[0].count == 3);
+
+  struct Bad {
+    std::string_view value;
+    std::string_view says;
+  };
+  for (const Bad& bad : {Bad{"memory_mib=128", "count is needed"},
+                         Bad{"count=0", "count must be a number from 1"},
+                         Bad{"count=2,count=3", "count is given twice"},
+                         Bad{"firmware=uefi,count=1", "variable store"},
+                         Bad{"machine=none,count=1", "machine must be q35"},
+                         Bad{"memory_mib=lots,count=1", "memory_mib must be a number"},
+                         Bad{"vcpus=0,count=1", "vcpus must be a number"},
+                         Bad{"colour=blue,count=1", "unknown key 'colour'"},
+                         Bad{"count", "is not KEY=VALUE"}}) {
+    INFO(bad.value);
+    auto r = parse({"--pool", bad.value});
+    REQUIRE_FALSE(r);
+    CHECK(r.error().field == "--pool");
+    CHECK(r.error().message.find(bad.says) != std::string::npos);
+  }
+  auto twice = parse({"--pool", "memory_mib=128,count=1", "--pool", "count=2,memory_mib=128"});
+  REQUIRE_FALSE(twice);
+  CHECK(twice.error().message.find("earlier --pool") != std::string::npos);
+  auto xen = parse({"--xen", "--pool", "count=1"});
+  REQUIRE_FALSE(xen);
+  CHECK(xen.error().field == "--pool");
+}
+
+TEST_CASE("a create matches a pool shape only when it boots through firmware with a boot order",
+          "[api][daemon][options][pool]") {
+  broker::PoolShape shape;  // q35, 128 MiB, 1 vcpu, bios, 4 slots
+  broker::lifecycle::DomainSpec spec;
+  spec.name = "web";
+  spec.boot_order = {"d0"};
+  CHECK(broker::matches(shape, spec));
+  auto differs = [&](auto change) {
+    broker::lifecycle::DomainSpec s = spec;
+    change(s);
+    return !broker::matches(shape, s);
+  };
+  CHECK(differs([](auto& s) { s.boot_order.clear(); }));
+  CHECK(differs([](auto& s) { s.kernel = "/boot/vmlinuz"; }));
+  CHECK(differs([](auto& s) { s.memory_mib = 256; }));
+  CHECK(differs([](auto& s) { s.vcpus = 2; }));
+  CHECK(differs([](auto& s) { s.pci_slots = 8; }));
+  CHECK(differs([](auto& s) { s.accel = broker::lifecycle::Accel::tcg; }));
+  CHECK(differs([](auto& s) { s.firmware = broker::lifecycle::Firmware::uefi; }));
+  CHECK(differs([](auto& s) { s.nvram = "/var/lib/vars.fd"; }));
+  CHECK(differs([](auto& s) { s.xen = broker::lifecycle::XenPart{}; }));
+  // Paused or not, both take from the pool.
+  CHECK_FALSE(differs([](auto& s) { s.paused = true; }));
+}

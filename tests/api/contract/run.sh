@@ -71,7 +71,7 @@ dredd() {
   # uids 3107160-3107167: this test's own range, distinct from every other test's.
   "$qbrokerd" --state-dir "$work/state" --run-dir "$work/run" --socket "$sock" \
     --uid-range 3107160:8 --image-root "$guest" --image-root "$work/images" \
-    --log-level debug >"$work/qbrokerd.log" 2>&1 &
+    --pool memory_mib=64,count=1 --log-level debug >"$work/qbrokerd.log" 2>&1 &
   daemon_pid=$!
   for ((i = 0; i < 200; i++)); do
     curl -sf --unix-socket "$sock" http://localhost/v1/version >/dev/null && break

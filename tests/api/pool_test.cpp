@@ -1,0 +1,164 @@
+// qbrokerd --pool as an operator meets it: GET /v1/pool and qbrokerctl pool show the QEMUs
+// spawned ahead; a create of the shape through the API takes one and says so; SIGTERM kills what
+// is pooled; and after a SIGKILL, the next qbrokerd (without --pool) kills the pooled QEMUs by uid
+// and removes their records and files, since no domain speaks for them.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+
+#include <boost/json.hpp>
+
+#include "broker/lifecycle/proc.hpp"
+#include "daemon_support.hpp"
+#include "http_client.hpp"
+#include "support/qemu.hpp"
+#include "support/support.hpp"
+
+using namespace std::chrono_literals;
+namespace fs = std::filesystem;
+namespace json = boost::json;
+using broker::lifecycle::live_processes_of_uid;
+using namespace qbtest::daemon;
+
+namespace {
+
+constexpr uid_t kServed = 3'170'200;
+constexpr uid_t kKilled = 3'170'300;
+
+// GET /v1/pool's ready QEMUs of its first shape; empty when the call fails.
+json::array ready(const std::string& sock) {
+  auto r = qbtest::http::call(sock, "GET", "/v1/pool");
+  if (!r || r->status != 200) return {};
+  const auto& shapes = r->json.at("shapes").as_array();
+  return shapes.empty() ? json::array() : shapes.at(0).at("ready").as_array();
+}
+
+bool files_named(const std::string& dir, const std::string& needle) {
+  std::error_code ec;
+  for (const auto& e : fs::recursive_directory_iterator(dir, ec)) {
+    if (e.path().filename().string().find(needle) != std::string::npos) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+TEST_CASE("qbrokerd --pool serves a create of its shape through the API, and SIGTERM kills what is pooled",
+          "[api][daemon][pool][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::become_subreaper();
+  qbtest::TempDir dir;
+  const std::string sock = dir / "qbroker.sock";
+  auto plain = daemon_args(dir, kServed);
+  plain.insert(plain.end(), {"--socket", sock});
+  auto args = plain;
+  args.insert(args.end(), {"--pool", "memory_mib=256,count=1"});
+  Child d{spawn(args, dir / "log")};
+  REQUIRE(wait_for_socket(sock, 20s));
+  INFO(slurp(dir / "log"));
+  REQUIRE(wait_for([&] { return ready(sock).size() == 1; }, 60s));
+  auto pool = qbtest::http::call(sock, "GET", "/v1/pool");
+  REQUIRE(pool);
+  CHECK(pool->json.at("enabled") == true);
+  CHECK(pool->json.at("shapes").at(0).at("shape") ==
+        "machine=q35,memory_mib=256,vcpus=1,firmware=bios,pci_slots=4,count=1");
+  const auto pooled_pid = ready(sock).at(0).at("pid").to_number<pid_t>();
+  const auto pooled_uid = ready(sock).at(0).at("uid").to_number<uid_t>();
+  auto shown = ctl(sock, {"pool"});
+  CHECK(shown.status == 0);
+  CHECK(shown.out.find("1 of 1 ready") != std::string::npos);
+  CHECK(shown.out.find(std::to_string(pooled_pid)) != std::string::npos);
+
+  // A create of the shape, booting through SeaBIOS from the test guest's boot disk.
+  const std::string name = "pool" + std::to_string(::getpid());
+  const std::string body = R"({"name":")" + name +
+                           R"(","memory_mib":256,"boot_order":["d0"],"disks":[{"id":"d0","path":")" +
+                           qbtest::guest_boot_disk() + R"(","bus":"scsi","read_only":true}]})";
+  auto created = qbtest::http::call(sock, "POST", "/v1/domains", body, 60s);
+  REQUIRE(created);
+  INFO(created->body);
+  REQUIRE(created->status == 201);
+  CHECK(created->json.at("pooled") == true);
+  CHECK(created->json.at("pid").to_number<pid_t>() == pooled_pid);
+  CHECK(created->json.at("uid").to_number<uid_t>() == pooled_uid);
+  auto show = ctl(sock, {"show", name});
+  CHECK(show.out.find("the warm pool") != std::string::npos);
+  auto status = qmp_over_http(sock, name, "query-status");
+  CHECK(status.at("status") == "running");
+
+  // The pool refills under another uid.
+  REQUIRE(wait_for([&] { return ready(sock).size() == 1; }, 60s));
+  const auto refill_uid = ready(sock).at(0).at("uid").to_number<uid_t>();
+  CHECK(refill_uid != pooled_uid);
+
+  // SIGTERM: the domain keeps running, the pooled QEMU goes with the daemon.
+  ::kill(d.pid, SIGTERM);
+  CHECK(d.wait(20s) == 0);
+  qbtest::reap_exited_children();
+  CHECK(::kill(pooled_pid, 0) == 0);
+  CHECK(live_processes_of_uid("/proc", refill_uid) == 0);
+  CHECK_FALSE(fs::exists(dir / ("state/uids/" + std::to_string(refill_uid))));
+  CHECK_FALSE(files_named(dir / "run", "_pool-"));
+
+  // A daemon without --pool adopts the domain; nothing pooled is left to reclaim.
+  Child again{spawn(plain, dir / "log2")};
+  REQUIRE(wait_for_socket(sock, 20s));
+  REQUIRE(wait_adopted(sock, 10s));
+  auto destroyed = qbtest::http::call(sock, "DELETE", "/v1/domains/" + name, {}, 30s);
+  REQUIRE(destroyed);
+  CHECK(destroyed->status == 200);
+  ::kill(again.pid, SIGTERM);
+  CHECK(again.wait(20s) == 0);
+  remove_cgroup_base(kServed);
+}
+
+TEST_CASE("after a SIGKILL the next qbrokerd kills the pooled QEMUs by uid and leaves nothing of them",
+          "[api][daemon][pool][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::become_subreaper();
+  qbtest::TempDir dir;
+  const std::string sock = dir / "qbroker.sock";
+  auto args = daemon_args(dir, kKilled);
+  args.insert(args.end(), {"--socket", sock});
+  auto pooled_args = args;
+  pooled_args.insert(pooled_args.end(), {"--pool", "memory_mib=128,count=2"});
+  std::vector<uid_t> uids;
+  std::vector<pid_t> pids;
+  {
+    Child d{spawn(pooled_args, dir / "log")};
+    REQUIRE(wait_for_socket(sock, 20s));
+    INFO(slurp(dir / "log"));
+    REQUIRE(wait_for([&] { return ready(sock).size() == 2; }, 90s));
+    for (const auto& r : ready(sock)) {
+      uids.push_back(r.at("uid").to_number<uid_t>());
+      pids.push_back(r.at("pid").to_number<pid_t>());
+    }
+    ::kill(d.pid, SIGKILL);
+    CHECK(d.wait(10s) == 128 + SIGKILL);
+  }
+  // The pooled QEMUs outlived their daemon, with their uid records.
+  for (std::size_t i = 0; i < pids.size(); ++i) {
+    CHECK(::kill(pids[i], 0) == 0);
+    CHECK(fs::exists(dir / ("state/uids/" + std::to_string(uids[i]))));
+  }
+  CHECK(files_named(dir / "run", "_pool-"));
+
+  Child again{spawn(args, dir / "log2")};
+  REQUIRE(wait_for_socket(sock, 20s));
+  REQUIRE(wait_adopted(sock, 10s));
+  INFO(slurp(dir / "log2"));
+  CHECK(wait_for([&] {
+    qbtest::reap_exited_children();
+    return live_processes_of_uid("/proc", uids[0]) == 0 && live_processes_of_uid("/proc", uids[1]) == 0;
+  }, 20s));
+  for (auto uid : uids) CHECK_FALSE(fs::exists(dir / ("state/uids/" + std::to_string(uid))));
+  CHECK_FALSE(files_named(dir / "run", "_pool-"));
+  auto pool = qbtest::http::call(sock, "GET", "/v1/pool");
+  REQUIRE(pool);
+  CHECK(pool->json.at("enabled") == false);
+  ::kill(again.pid, SIGTERM);
+  CHECK(again.wait(20s) == 0);
+  remove_cgroup_base(kKilled);
+}
