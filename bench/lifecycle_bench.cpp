@@ -174,9 +174,9 @@ int main(int argc, char** argv) {
 
   std::printf("lifecycle benchmark (%d rounds, accel %s, medians)\n", rounds,
               std::string(to_string(launcher.detect_accel(Accel::automatic))).c_str());
-  std::printf("  start   raw %8.1f ms   broker %8.1f ms   ratio %.2f (target <= 1.25)\n",
+  std::printf("  start   raw %8.1f ms   broker %8.1f ms   ratio %.2f (target <= 1.10)\n",
               median(raw_start), median(start), median(start) / median(raw_start));
-  std::printf("  destroy raw %8.1f ms   broker %8.1f ms   ratio %.2f (target <= 2.00)\n",
+  std::printf("  destroy raw %8.1f ms   broker %8.1f ms   ratio %.2f (target <= 1.50)\n",
               median(raw_destroy), median(destroy), median(destroy) / median(raw_destroy));
   std::printf("  broker start, step by step (medians):\n");
   for (std::size_t k = 0; k < step_names.size(); ++k) {

@@ -503,14 +503,16 @@ Result<KillReport> Launcher::destroy(Instance& inst) {
     report.rounds = 0;
     method += "shared-uid";
   } else {
+    // 3. By uid, for anything that escaped both (never skipped when the uid is known): the
+    //    first round goes out now, while QEMU is still dying.
+    const bool round_sent = !uids_.reaper().send_round(inst.uid);
     // The init's exit ends the namespace, and the kernel lets it exit only once every other
     // process in it has: waiting for that on the pidfd (bounded) wakes exactly when QEMU is
     // gone, where the scan below would poll /proc for it.
     wait_exit(inst.pidfd, std::chrono::milliseconds(2000));
-    // 3. By uid, for anything that escaped both (never skipped when the uid is known). It
-    //    returns only once its last /proc scan saw no live process of the uid: that scan is
-    //    the check.
-    auto killed = uids_.reaper().kill_uid(inst.uid);
+    // kill_uid returns only once its last /proc scan saw no live process of the uid: that scan
+    // is the check. A first round that failed is sent again there, and its error reported.
+    auto killed = uids_.reaper().kill_uid(inst.uid, round_sent);
     if (!killed) return killed.error();
     report = *killed;
     // 4. Reap our child, so not even a zombie of the uid remains.

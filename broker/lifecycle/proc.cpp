@@ -3,6 +3,7 @@
 #include <dirent.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -52,14 +53,50 @@ std::optional<ProcInfo> read_status(const std::string& proc_root, const char* na
 
 }  // namespace
 
+std::vector<pid_t> kernel_threads(const std::string& proc_root) {
+  std::vector<pid_t> out;
+  auto comm = read_small_file(proc_root + "/2/comm", 64);
+  if (!comm || *comm != "kthreadd\n") return out;
+  auto children = read_small_file(proc_root + "/2/task/2/children", 1 << 20);
+  if (!children) return out;
+  out.push_back(2);
+  const char* p = children->c_str();
+  for (;;) {
+    char* end = nullptr;
+    const long pid = std::strtol(p, &end, 10);
+    if (end == p) break;
+    if (pid > 0) out.push_back(static_cast<pid_t>(pid));
+    p = end;
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
 std::vector<ProcInfo> processes_of_uid(const std::string& proc_root, uid_t uid) {
   std::vector<ProcInfo> out;
+  // Read before the listing: a kernel thread that starts meanwhile is read like any process.
+  const std::vector<pid_t> before = kernel_threads(proc_root);
+  std::vector<pid_t> passed;  // kernel threads the listing passed over, unread
   DIR* d = ::opendir(proc_root.c_str());
   if (d == nullptr) return out;
   while (dirent* e = ::readdir(d)) {
+    char* end = nullptr;
+    const long pid = std::strtol(e->d_name, &end, 10);
+    if (pid > 0 && *end == '\0' &&
+        std::binary_search(before.begin(), before.end(), static_cast<pid_t>(pid))) {
+      passed.push_back(static_cast<pid_t>(pid));
+      continue;
+    }
     if (auto info = read_status(proc_root, e->d_name, uid)) out.push_back(std::move(*info));
   }
   ::closedir(d);
+  // A pid passed over must have been kthreadd's child before and after the listing; one that
+  // was not (a kernel thread exited and its pid went to a process) is read now.
+  const std::vector<pid_t> after = kernel_threads(proc_root);
+  for (pid_t pid : passed) {
+    if (std::binary_search(after.begin(), after.end(), pid)) continue;
+    if (auto info = read_status(proc_root, std::to_string(pid).c_str(), uid)) out.push_back(std::move(*info));
+  }
   return out;
 }
 

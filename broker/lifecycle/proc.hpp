@@ -18,8 +18,15 @@ struct ProcInfo {
   std::string uids;           // real, effective, saved and filesystem uid, as /proc shows them
 };
 
-// Processes with `uid` as any of their real, effective, saved or filesystem uids.
+// Processes with `uid` as any of their real, effective, saved or filesystem uids. Kernel threads
+// are skipped unread (kernel_threads below); on a quiet host they are most of /proc.
 std::vector<ProcInfo> processes_of_uid(const std::string& proc_root, uid_t uid);
+
+// The pids of kthreadd (pid 2, when its comm says so) and of its children, every kernel thread:
+// they run as root and never hold a domain's uid, and no user process can become a child of
+// kthreadd (an orphan is reparented to init or a subreaper). Empty when `proc_root` shows no
+// kthreadd or no children list (CONFIG_PROC_CHILDREN), and then nothing is skipped.
+std::vector<pid_t> kernel_threads(const std::string& proc_root);
 
 // Process `pid`, if it exists and holds `uid` as any of its four uids.
 std::optional<ProcInfo> process_of_uid(const std::string& proc_root, pid_t pid, uid_t uid);

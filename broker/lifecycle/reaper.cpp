@@ -94,13 +94,14 @@ std::string describe(const ProcInfo& p) {
 
 }  // namespace
 
-Result<KillReport> Reaper::kill_uid(uid_t uid) {
+Result<KillReport> Reaper::kill_uid(uid_t uid, bool round_sent) {
   const auto start = std::chrono::steady_clock::now();
   KillReport report;
   report.uid = uid;
   report.method = "uid";
+  report.rounds = round_sent ? 1 : 0;
   const auto deadline = start + settle_;
-  bool kill_again = true;
+  bool kill_again = !round_sent;
   for (;;) {
     if (kill_again) {
       ++report.rounds;

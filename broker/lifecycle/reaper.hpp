@@ -59,7 +59,13 @@ class Reaper {
 
   // Kills every process of `uid` and waits (bounded by `settle`) until /proc shows none alive.
   // Zombies do not count as alive; their parents reap them (the daemon is a subreaper).
-  Result<KillReport> kill_uid(uid_t uid);
+  Result<KillReport> kill_uid(uid_t uid) { return kill_uid(uid, false); }
+  // The same after a first round of kill(-1) as `uid` went out earlier (send_round), so that the
+  // round overlaps with something else (a destroy waiting for QEMU to exit): the scans and any
+  // further rounds follow as in kill_uid, and the report counts that first round.
+  Result<KillReport> kill_uid(uid_t uid, bool round_sent);
+  // One round of kill(-1) as `uid`, nothing more.
+  std::error_code send_round(uid_t uid) { return killer_.kill_all(reaper_uid_, uid); }
 
   uid_t reaper_uid() const { return reaper_uid_; }
   const std::string& proc_root() const { return proc_root_; }

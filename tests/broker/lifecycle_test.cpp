@@ -1037,3 +1037,35 @@ TEST_CASE("a reclaim beside a start takes what an earlier broker left, never the
   REQUIRE(report);
   CHECK(report->survivors == 0);
 }
+
+TEST_CASE("a scan by uid skips kthreadd's children unread, and reads every other process",
+          "[lifecycle][proc]") {
+  qbtest::TempDir proc;
+  // Every process of the fake /proc holds uid 4242 as its real uid.
+  auto process = [&](int pid) {
+    fs::create_directories(proc / std::to_string(pid));
+    qbtest::write_file(proc / (std::to_string(pid) + "/status"),
+                       "Name:\tp\nState:\tS (sleeping)\nUid:\t4242\t4242\t4242\t4242\n"
+                       "SigPnd:\t0000000000000000\nShdPnd:\t0000000000000000\n");
+  };
+  for (int pid : {1, 2, 3, 4, 5, 40}) process(pid);
+  auto pids = [&] {
+    std::set<pid_t> out;
+    for (const auto& p : processes_of_uid(proc.path(), 4242)) out.insert(p.pid);
+    return out;
+  };
+  // No kthreadd: nothing is skipped.
+  CHECK(broker::lifecycle::kernel_threads(proc.path()).empty());
+  CHECK(pids() == std::set<pid_t>{1, 2, 3, 4, 5, 40});
+  // kthreadd without a children list (CONFIG_PROC_CHILDREN off): nothing is skipped either.
+  qbtest::write_file(proc / "2/comm", "kthreadd\n");
+  CHECK(pids() == std::set<pid_t>{1, 2, 3, 4, 5, 40});
+  // kthreadd and its children are skipped; pid 4 and init are read.
+  fs::create_directories(proc / "2/task/2");
+  qbtest::write_file(proc / "2/task/2/children", "3 5 40 ");
+  CHECK(broker::lifecycle::kernel_threads(proc.path()) == std::vector<pid_t>{2, 3, 5, 40});
+  CHECK(pids() == std::set<pid_t>{1, 4});
+  // Pid 2 that is not kthreadd (another pid namespace's /proc): its children are processes.
+  qbtest::write_file(proc / "2/comm", "sh\n");
+  CHECK(pids() == std::set<pid_t>{1, 2, 3, 4, 5, 40});
+}
