@@ -76,7 +76,14 @@ case $target in
   qmp_reply|record|ctl_render|save_file|migration) dict=(-dict="$root/tests/fuzz/json.dict") ;;
 esac
 # Inputs are kept short so the fuzzer mutates structure, not bulk; the replay in ctest runs the
-# full-size seeds (the QEMU schema) whole.
-"$build/$(binary "$target")" -max_total_time="$seconds" -max_len=16384 -rss_limit_mb=2048 \
+# full-size seeds (the QEMU schema) whole. A xenstore message is at most 4 112 bytes (a 16-byte
+# header and a 4 096-byte payload) and a domain or uid record 1 to 2 KiB: longer inputs only
+# cost time. A -max_len among the extra arguments comes later and wins.
+max_len=16384
+case $target in
+  xenstore) max_len=4112 ;;
+  record) max_len=4096 ;;
+esac
+"$build/$(binary "$target")" -max_total_time="$seconds" -max_len="$max_len" -rss_limit_mb=2048 \
   -artifact_prefix="$build/" -print_final_stats=1 "${dict[@]}" "$@" "$corpus"
 echo "fuzz: corpus in $corpus; crashes (if any) in $build/crash-*"

@@ -145,7 +145,21 @@ bool matches(const PoolShape& shape, const lifecycle::DomainSpec& spec) {
 }
 
 WarmPool::WarmPool(asio::any_io_executor ex, Domains& domains, std::vector<PoolShape> shapes)
-    : ex_(ex), domains_(domains), shapes_(std::move(shapes)), wake_(ex) {}
+    : ex_(ex),
+      domains_(domains),
+      shapes_(std::move(shapes)),
+      wake_(ex),
+      refill_state_(std::make_shared<RefillState>()) {
+  refill_state_->pool = this;
+}
+
+WarmPool::~WarmPool() { refill_state_->pool = nullptr; }
+
+WarmPool::RefillHold::RefillHold(WarmPool& pool) : state_(pool.refill_state_) { ++state_->creating; }
+
+WarmPool::RefillHold::~RefillHold() {
+  if (--state_->creating == 0 && state_->pool != nullptr) state_->pool->wake();
+}
 
 void WarmPool::start() {
   if (shapes_.empty() || running_ || stopping_) return;
@@ -155,10 +169,6 @@ void WarmPool::start() {
 }
 
 void WarmPool::wake() { wake_.cancel(); }
-
-void WarmPool::create_finished() {
-  if (creating_ > 0 && --creating_ == 0) wake();
-}
 
 std::optional<lifecycle::Instance> WarmPool::take(const lifecycle::DomainSpec& spec) {
   bool shaped = false;
@@ -233,7 +243,7 @@ awaitable<void> WarmPool::refill() {
     co_await discard_dead();
     const auto shape = wanting();
     auto pause = 1000ms;
-    if (shape && creating_ == 0) {
+    if (shape && refill_state_->creating == 0) {
       const lifecycle::DomainSpec spec = spec_for(shapes_[*shape]);
       const std::string name = std::string(lifecycle::Launcher::kPoolPrefix) + std::to_string(next_name_++);
       auto& launcher = domains_.launcher();
@@ -305,7 +315,7 @@ json::object WarmPool::to_json() const {
                  {"hits", hits_},
                  {"misses", misses_},
                  {"discarded", discarded_},
-                 {"refill_held", creating_ > 0}};
+                 {"refill_held", refill_state_->creating > 0}};
   o["last_error"] = last_error_.empty() ? json::value(nullptr) : json::value(last_error_);
   return o;
 }

@@ -13,6 +13,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -29,6 +30,13 @@
 namespace broker {
 
 class Domains;
+class WarmPool;
+
+// What a RefillHold shares with its pool: the creates in flight, and the pool while it lives.
+struct RefillState {
+  std::size_t creating = 0;
+  WarmPool* pool = nullptr;
+};
 
 // One shape: "machine=q35,memory_mib=128,vcpus=1,firmware=bios,count=2" (--pool).
 struct PoolShape {
@@ -63,9 +71,21 @@ class WarmPool {
   // A ready QEMU for `spec`, or nullopt when no shape matches or none of it is ready. A QEMU
   // found dead is discarded on the way. The refill is woken either way.
   std::optional<lifecycle::Instance> take(const lifecycle::DomainSpec& spec);
-  // Creates in flight hold the refill back: it spawns only when no create runs.
-  void create_started() { ++creating_; }
-  void create_finished();
+  // Creates in flight hold the refill back: it spawns only when no create runs. A create holds
+  // a RefillHold for its whole run; it may outlive the pool (a coroutine frame destroyed with
+  // its io_context), and then only the count it shares with the pool goes.
+  class RefillHold {
+   public:
+    explicit RefillHold(WarmPool& pool);
+    ~RefillHold();
+    RefillHold(const RefillHold&) = delete;
+    RefillHold& operator=(const RefillHold&) = delete;
+
+   private:
+    std::shared_ptr<struct RefillState> state_;
+  };
+  RefillHold hold_refill() { return RefillHold(*this); }
+  ~WarmPool();
   // Stops the refill and kills every pooled QEMU by uid.
   boost::asio::awaitable<void> stop();
   // GET /v1/pool.
@@ -91,7 +111,7 @@ class WarmPool {
   std::vector<PoolShape> shapes_;
   std::vector<Entry> entries_;
   boost::asio::steady_timer wake_;
-  std::size_t creating_ = 0;
+  std::shared_ptr<RefillState> refill_state_;
   std::uint64_t next_name_ = 1;
   bool running_ = false;
   bool stopping_ = false;

@@ -105,11 +105,7 @@ awaitable<Result<std::shared_ptr<Domain>>> create(Context& ctx, Domains& domains
   auto job = d->begin_job("create");
   ctx.events.publish(name, "domain", "starting");
   // The pool's refill waits while a create runs, so it never competes with one.
-  domains.pool().create_started();
-  struct Finished {
-    WarmPool& pool;
-    ~Finished() { pool.create_finished(); }
-  } finished{domains.pool()};
+  auto refill_held = domains.pool().hold_refill();
   auto pooled = co_await domains.launch_pooled(d);
   if (!pooled) co_return pooled.error();
   if (!*pooled) {
