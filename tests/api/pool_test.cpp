@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <optional>
+#include <thread>
 
 #include <boost/json.hpp>
 
@@ -161,4 +163,85 @@ TEST_CASE("after a SIGKILL the next qbrokerd kills the pooled QEMUs by uid and l
   ::kill(again.pid, SIGTERM);
   CHECK(again.wait(20s) == 0);
   remove_cgroup_base(kKilled);
+}
+
+TEST_CASE("a qbrokerd SIGKILLed while a create takes a pooled QEMU leaves the domain whole or nothing of it",
+          "[api][daemon][pool][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::become_subreaper();
+  constexpr uid_t kBase = 3'170'400;
+  qbtest::TempDir dir;
+  const std::string sock = dir / "qbroker.sock";
+  auto plain = daemon_args(dir, kBase);
+  plain.insert(plain.end(), {"--socket", sock});
+  auto pooled = plain;
+  pooled.insert(pooled.end(), {"--pool", "memory_mib=256,count=1"});
+  // From before the handover to after the answer: the kill lands in each of its steps in turn.
+  int whole = 0, none = 0;
+  for (int delay_us : {0, 1000, 2000, 2500, 3000, 3500, 4000, 4500, 5000, 6000, 8000, 12000, 20000, 300000}) {
+    INFO("killed " << delay_us << " us into the create");
+    const std::string name = "pk" + std::to_string(delay_us);
+    std::vector<uid_t> uids;
+    {
+      Child d{spawn(pooled, dir / "log")};
+      REQUIRE(wait_for_socket(sock, 20s));
+      REQUIRE(wait_for([&] { return ready(sock).size() == 1; }, 60s));
+      uids.push_back(ready(sock).at(0).at("uid").to_number<uid_t>());
+      const std::string body =
+          R"({"name":")" + name + R"(","memory_mib":256,"boot_order":["d0"],"disks":[{"id":"d0","path":")" +
+          qbtest::guest_boot_disk() + R"(","bus":"virtio","read_only":true}]})";
+      auto conn = qbtest::http::connect(sock);
+      REQUIRE(conn);
+      REQUIRE(qbtest::http::send_all(conn.get(), qbtest::http::request_text("POST", "/v1/domains", body)));
+      std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
+      ::kill(d.pid, SIGKILL);
+      CHECK(d.wait(10s) == 128 + SIGKILL);
+    }
+    Child again{spawn(plain, dir / "log2")};
+    REQUIRE(wait_for_socket(sock, 20s));
+    REQUIRE(wait_adopted(sock, 10s));
+    INFO(slurp(dir / "log2"));
+    // Either the create finished and the domain runs under the pooled uid, or it is gone: a
+    // create the kill interrupted is undone by the restarted daemon, in the background.
+    std::optional<qbtest::http::Reply> shown;
+    CHECK(wait_for([&] {
+      shown = qbtest::http::call(sock, "GET", "/v1/domains/" + name);
+      if (!shown) return false;
+      if (shown->status == 404) return true;
+      return shown->status == 200 && shown->json.at("job").is_null() &&
+             shown->json.at("state") == "running";
+    }, 20s));
+    REQUIRE(shown);
+    if (shown->status == 200) {
+      ++whole;
+      CHECK(shown->json.at("pooled") == true);
+      CHECK(shown->json.at("uid").to_number<uid_t>() == uids[0]);
+      CHECK(qmp_over_http(sock, name, "query-status").at("status") == "running");
+      auto gone = qbtest::http::call(sock, "DELETE", "/v1/domains/" + name, {}, 30s);
+      REQUIRE(gone);
+      CHECK(gone->status == 200);
+    } else {
+      ++none;
+      CHECK(shown->status == 404);
+    }
+    // Nothing is left of the pool or the domain: no process in the range, no uid record, no
+    // socket or log under either name.
+    CHECK(wait_for([&] {
+      qbtest::reap_exited_children();
+      for (uid_t u = kBase + 1; u < kBase + 8; ++u) {
+        if (live_processes_of_uid("/proc", u) != 0) return false;
+      }
+      return true;
+    }, 20s));
+    CHECK(fs::is_empty(dir / "state/uids"));
+    CHECK_FALSE(files_named(dir / "run/qmp", ".sock"));
+    CHECK_FALSE(files_named(dir / "run/console", ".sock"));
+    CHECK_FALSE(files_named(dir / "run", "_pool-"));
+    ::kill(again.pid, SIGTERM);
+    CHECK(again.wait(20s) == 0);
+  }
+  // The kills before the first step and after the answer: both outcomes were met.
+  CHECK(whole > 0);
+  CHECK(none > 0);
+  remove_cgroup_base(kBase);
 }
