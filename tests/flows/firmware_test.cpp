@@ -28,31 +28,6 @@ constexpr uid_t kRefusedBase = 3'102'950;
 constexpr uid_t kNoOvmfBase = 3'102'960;
 constexpr uid_t kSecureBootBase = 3'102'970;
 
-// A domain booting through `firmware` from the test guest's boot disk (d0, read-only) and CD
-// (cd0), in `order`.
-broker::CreateDomain firmware_domain(const std::string& name, Firmware firmware,
-                                     std::vector<std::string> order, DiskBus bus = DiskBus::scsi) {
-  broker::CreateDomain c;
-  c.spec.name = name;
-  c.spec.memory_mib = 256;
-  c.spec.firmware = firmware;
-  c.spec.boot_order = order;
-  c.cdroms.push_back(broker::CdromSpec{"cd0", qbtest::guest_boot_iso(), std::nullopt});
-  c.disks.push_back(qbtest::disk("d0", qbtest::guest_boot_disk(), DiskFormat::raw, bus, true));
-  for (std::uint32_t i = 0; i < order.size(); ++i) {
-    if (order[i] == "cd0") c.cdroms[0].bootindex = i + 1;
-    if (order[i] == "d0") c.disks[0].bootindex = i + 1;
-  }
-  return c;
-}
-
-std::string guest_says(qbtest::GuestConsole& con, const std::string& cmd) {
-  auto out = con.run(cmd, 30s);
-  INFO("guest: " << cmd);
-  REQUIRE(out);
-  return out->text;
-}
-
 std::string read_text(const std::string& path) {
   std::ifstream f(path);
   std::stringstream ss;
@@ -107,12 +82,12 @@ TEST_CASE("SeaBIOS and OVMF boot the guest from a disk and from a CD in the orde
     const std::string name = "fw" + std::to_string(n++);
     INFO(name << ": " << broker::lifecycle::to_string(c.firmware) << " from " << c.booted);
     const auto start = std::chrono::steady_clock::now();
-    auto console = fx.boot(firmware_domain(name, c.firmware, c.order, c.bus));
+    auto console = fx.boot(qbtest::firmware_domain(name, c.firmware, c.order, c.bus));
     const auto took = std::chrono::steady_clock::now() - start;
     WARN(name << ": " << broker::lifecycle::to_string(c.firmware) << " from " << c.booted << " to the prompt in "
               << std::chrono::duration_cast<std::chrono::milliseconds>(took).count() << " ms");
-    CHECK(guest_says(*console, "cat /proc/cmdline").find("qb_boot=" + c.booted) != std::string::npos);
-    const bool efi = guest_says(*console, "[ -d /sys/firmware/efi ] && echo efi || echo bios") == "efi";
+    CHECK(qbtest::guest_says(*console, "cat /proc/cmdline").find("qb_boot=" + c.booted) != std::string::npos);
+    const bool efi = qbtest::guest_says(*console, "[ -d /sys/firmware/efi ] && echo efi || echo bios") == "efi";
     CHECK(efi == (c.firmware == Firmware::uefi));
     REQUIRE(fx.run(fx.broker.destroy(name)));
   }
@@ -127,7 +102,7 @@ TEST_CASE("a UEFI variable the guest writes outlives its domain, and QEMU holds 
   // A vendor GUID of the test's own: the kernel refuses unknown names under the global one.
   const std::string var = "/sys/firmware/efi/efivars/QbTest-3f6c5c1e-2b7a-4e0e-9d55-6a1f0c8b7d21";
   {
-    auto console = fx.boot(firmware_domain("vars", Firmware::uefi, {"d0"}));
+    auto console = fx.boot(qbtest::firmware_domain("vars", Firmware::uefi, {"d0"}));
     auto info = fx.run(fx.broker.info("vars", false));
     REQUIRE(info);
     // QEMU reads the firmware, the store and the media through fds; no path of theirs reaches
@@ -144,14 +119,14 @@ TEST_CASE("a UEFI variable the guest writes outlives its domain, and QEMU holds 
     }
     CHECK(argv.find("pflash0=qb-fw-code,pflash1=qb-fw-vars") != std::string::npos);
     // Attributes NV+BS+RT (7), then the value.
-    guest_says(*console, "printf \"\\007\\000\\000\\000qbroker\" > " + var);
-    CHECK(guest_says(*console, "tail -c 7 " + var) == "qbroker");
+    qbtest::guest_says(*console, "printf \"\\007\\000\\000\\000qbroker\" > " + var);
+    CHECK(qbtest::guest_says(*console, "tail -c 7 " + var) == "qbroker");
     REQUIRE(fx.run(fx.broker.destroy("vars")));
   }
   REQUIRE(fs::exists(store));  // kept for the next domain of the name
   {
-    auto console = fx.boot(firmware_domain("vars", Firmware::uefi, {"d0"}));
-    CHECK(guest_says(*console, "tail -c 7 " + var) == "qbroker");
+    auto console = fx.boot(qbtest::firmware_domain("vars", Firmware::uefi, {"d0"}));
+    CHECK(qbtest::guest_says(*console, "tail -c 7 " + var) == "qbroker");
     REQUIRE(fx.run(fx.broker.destroy("vars", false, true)));
   }
   CHECK_FALSE(fs::exists(store));
@@ -173,7 +148,7 @@ TEST_CASE("firmware requests that cannot boot are refused naming the field, with
   // A variable store that is a symlink, or outside the image roots.
   qbtest::write_file(fx.images / "vars.fd", std::string(540672, '\0'));
   fs::create_symlink(fx.images / "vars.fd", fx.images / "link.fd");
-  auto c = firmware_domain("bad", Firmware::uefi, {"d0"});
+  auto c = qbtest::firmware_domain("bad", Firmware::uefi, {"d0"});
   c.spec.nvram = fx.images / "link.fd";
   CHECK(refused(c) == "nvram");
   c.spec.nvram = "/etc/passwd";
@@ -202,7 +177,7 @@ TEST_CASE("secure boot runs OVMF's secure-boot build with Microsoft's keys, whic
     return;
   }
   FlowsFixture fx(kSecureBootBase);
-  auto c = firmware_domain("sb", Firmware::uefi, {"d0"});
+  auto c = qbtest::firmware_domain("sb", Firmware::uefi, {"d0"});
   c.spec.secure_boot = true;
   c.spec.paused = true;
   auto info = fx.run(fx.broker.create(std::move(c)));

@@ -271,4 +271,31 @@ inline bool host_eventually(const std::function<bool()>& pred,
   return pred();
 }
 
+// A domain booting through `firmware` from the test guest's boot disk (d0, read-only) and CD
+// (cd0), in `order`.
+inline broker::CreateDomain firmware_domain(const std::string& name, broker::lifecycle::Firmware firmware,
+                                            std::vector<std::string> order,
+                                            broker::DiskBus bus = broker::DiskBus::scsi) {
+  broker::CreateDomain c;
+  c.spec.name = name;
+  c.spec.memory_mib = 256;
+  c.spec.firmware = firmware;
+  c.spec.boot_order = order;
+  c.cdroms.push_back(broker::CdromSpec{"cd0", guest_boot_iso(), std::nullopt});
+  c.disks.push_back(disk("d0", guest_boot_disk(), broker::DiskFormat::raw, bus, true));
+  for (std::uint32_t i = 0; i < order.size(); ++i) {
+    if (order[i] == "cd0") c.cdroms[0].bootindex = i + 1;
+    if (order[i] == "d0") c.disks[0].bootindex = i + 1;
+  }
+  return c;
+}
+
+// What the guest prints for `cmd` on its console; the test fails when it does not answer.
+inline std::string guest_says(GuestConsole& con, const std::string& cmd) {
+  auto out = con.run(cmd, 30s);
+  INFO("guest: " << cmd);
+  REQUIRE(out);
+  return out->text;
+}
+
 }  // namespace qbtest

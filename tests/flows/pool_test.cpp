@@ -18,8 +18,6 @@
 using namespace std::chrono_literals;
 namespace fs = std::filesystem;
 namespace json = boost::json;
-using broker::DiskBus;
-using broker::DiskFormat;
 using broker::lifecycle::Firmware;
 using broker::lifecycle::processes_of_uid;
 using qbtest::FlowsFixture;
@@ -35,22 +33,6 @@ broker::BrokerConfig pooled(std::uint32_t memory_mib, std::uint32_t count) {
   shape.memory_mib = memory_mib;
   shape.count = count;
   c.pool = {shape};
-  return c;
-}
-
-// The test guest's boot disk (d0) and CD (cd0), booted by SeaBIOS in `order`.
-broker::CreateDomain firmware_domain(const std::string& name, std::vector<std::string> order) {
-  broker::CreateDomain c;
-  c.spec.name = name;
-  c.spec.memory_mib = 256;
-  c.spec.firmware = Firmware::bios;
-  c.spec.boot_order = order;
-  c.cdroms.push_back(broker::CdromSpec{"cd0", qbtest::guest_boot_iso(), std::nullopt});
-  c.disks.push_back(qbtest::disk("d0", qbtest::guest_boot_disk(), DiskFormat::raw, DiskBus::scsi, true));
-  for (std::uint32_t i = 0; i < order.size(); ++i) {
-    if (order[i] == "cd0") c.cdroms[0].bootindex = i + 1;
-    if (order[i] == "d0") c.disks[0].bootindex = i + 1;
-  }
   return c;
 }
 
@@ -76,13 +58,6 @@ boost::asio::awaitable<bool> stop_pool(broker::WarmPool& pool) {
   co_return true;
 }
 
-std::string guest_says(qbtest::GuestConsole& con, const std::string& cmd) {
-  auto out = con.run(cmd, 30s);
-  INFO("guest: " << cmd);
-  REQUIRE(out);
-  return out->text;
-}
-
 }  // namespace
 
 TEST_CASE("a create of a pooled shape boots a QEMU the pool spawned, in the order asked, and the pool refills",
@@ -100,13 +75,13 @@ TEST_CASE("a create of a pooled shape boots a QEMU the pool spawned, in the orde
 
   // A hit: the same QEMU, now the domain's, boots from the disk the create named first.
   {
-    auto console = fx.boot(firmware_domain("p1", {"d0", "cd0"}));
+    auto console = fx.boot(qbtest::firmware_domain("p1", Firmware::bios, {"d0", "cd0"}));
     auto info = fx.run(fx.broker.info("p1", false));
     REQUIRE(info);
     CHECK(info->pooled);
     CHECK(info->pid == pool_pid);
     CHECK(info->uid == pool_uid);
-    CHECK(guest_says(*console, "cat /proc/cmdline").find("qb_boot=disk") != std::string::npos);
+    CHECK(qbtest::guest_says(*console, "cat /proc/cmdline").find("qb_boot=disk") != std::string::npos);
     // Its sockets and log carry the domain's name now; none of the pool's is left.
     CHECK(fs::exists(fx.run_dir / "qmp/p1.sock"));
     CHECK(fs::exists(fx.run_dir / "console/p1.sock"));
@@ -122,12 +97,12 @@ TEST_CASE("a create of a pooled shape boots a QEMU the pool spawned, in the orde
   const auto second_uid = ready(fx).at(0).at("uid").to_number<uid_t>();
   CHECK(second_uid != pool_uid);
   {
-    auto console = fx.boot(firmware_domain("p2", {"cd0", "d0"}));
+    auto console = fx.boot(qbtest::firmware_domain("p2", Firmware::bios, {"cd0", "d0"}));
     auto info = fx.run(fx.broker.info("p2", false));
     REQUIRE(info);
     CHECK(info->pooled);
     CHECK(info->uid == second_uid);
-    CHECK(guest_says(*console, "cat /proc/cmdline").find("qb_boot=cd") != std::string::npos);
+    CHECK(qbtest::guest_says(*console, "cat /proc/cmdline").find("qb_boot=cd") != std::string::npos);
   }
 
   // What the pool cannot serve spawns its own: a direct kernel boot, and another memory size.
@@ -137,13 +112,13 @@ TEST_CASE("a create of a pooled shape boots a QEMU the pool spawned, in the orde
     auto info = fx.run(fx.broker.info("k1", false));
     REQUIRE(info);
     CHECK_FALSE(info->pooled);
-    auto other = firmware_domain("p3", {"d0"});
+    auto other = qbtest::firmware_domain("p3", Firmware::bios, {"d0"});
     other.spec.memory_mib = 192;
     auto c3 = fx.boot(std::move(other));
     auto info3 = fx.run(fx.broker.info("p3", false));
     REQUIRE(info3);
     CHECK_FALSE(info3->pooled);
-    CHECK(guest_says(*c3, "cat /proc/cmdline").find("qb_boot=disk") != std::string::npos);
+    CHECK(qbtest::guest_says(*c3, "cat /proc/cmdline").find("qb_boot=disk") != std::string::npos);
   }
   CHECK(ready(fx).size() == 1);
   const auto left_uid = ready(fx).at(0).at("uid").to_number<uid_t>();
