@@ -223,8 +223,10 @@ std::string Registry::render(const Live& live) const {
   render_kills(out);
   header(out, "qbroker_uid_pool_size", "gauge", "Uids that can run a QEMU.");
   sample(out, "qbroker_uid_pool_size", "", uid_pool_size.value());
-  header(out, "qbroker_uid_pool_in_use", "gauge", "Uids held by a domain.");
+  header(out, "qbroker_uid_pool_in_use", "gauge", "Uids held by a domain or a pooled QEMU.");
   sample(out, "qbroker_uid_pool_in_use", "", static_cast<std::uint64_t>(live.uids_in_use));
+  header(out, "qbroker_pool_ready", "gauge", "Warm-pool QEMUs spawned and waiting for a create.");
+  sample(out, "qbroker_pool_ready", "", static_cast<std::uint64_t>(live.pool_ready));
   if (live.proc_self.empty()) return out;
   header(out, "process_resident_memory_bytes", "gauge", "Resident memory of qbrokerd.");
   sample(out, "process_resident_memory_bytes", "", resident_bytes(live.proc_self));

@@ -84,6 +84,7 @@ std::optional<Flow> flow_of(std::string_view job_kind);
 struct Live {
   std::vector<std::pair<std::string_view, std::size_t>> domains_by_state;
   std::size_t uids_in_use = 0;
+  std::size_t pool_ready = 0;  // warm-pool QEMUs spawned and waiting (docs/pool.md)
   // "METHOD PATH" of each route, by route index, for the API request labels.
   std::span<const std::pair<std::string_view, std::string_view>> routes;
   // /proc of the daemon itself, for its RSS and open fds; empty: not reported.

@@ -289,6 +289,7 @@ metrics::Live Domains::metrics_live() const {
     if (d->instance().uid != 0) ++live.uids_in_use;
   }
   live.uids_in_use += pool_->size();
+  live.pool_ready = pool_->size();
   for (auto s : kStates) live.domains_by_state.emplace_back(to_string(s), counts[static_cast<std::size_t>(s)]);
   return live;
 }

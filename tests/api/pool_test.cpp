@@ -68,6 +68,11 @@ TEST_CASE("qbrokerd --pool serves a create of its shape through the API, and SIG
         "machine=q35,memory_mib=256,vcpus=1,firmware=bios,pci_slots=4,count=1");
   const auto pooled_pid = ready(sock).at(0).at("pid").to_number<pid_t>();
   const auto pooled_uid = ready(sock).at(0).at("uid").to_number<uid_t>();
+  // /metrics counts the pooled QEMU among the uids in use, and as ready.
+  auto metrics = qbtest::http::call(sock, "GET", "/metrics");
+  REQUIRE(metrics);
+  CHECK(metrics->body.find("\nqbroker_pool_ready 1\n") != std::string::npos);
+  CHECK(metrics->body.find("\nqbroker_uid_pool_in_use 1\n") != std::string::npos);
   auto shown = ctl(sock, {"pool"});
   CHECK(shown.status == 0);
   CHECK(shown.out.find("1 of 1 ready") != std::string::npos);

@@ -77,6 +77,7 @@ TEST_CASE("the text is the exposition format: HELP and TYPE, cumulative buckets,
   live.routes = routes;
   live.domains_by_state = {{"running", 3}, {"paused", 1}};
   live.uids_in_use = 4;
+  live.pool_ready = 2;
   auto text = m.render(live);
   INFO(text);
   CHECK(text.find("# TYPE qbroker_flow_duration_seconds histogram\n") != std::string::npos);
@@ -95,6 +96,7 @@ TEST_CASE("the text is the exposition format: HELP and TYPE, cumulative buckets,
   CHECK(sample(text, "qbroker_kill_rounds_total") == 3);
   CHECK(sample(text, "qbroker_api_connections_open") == 1);
   CHECK(sample(text, "qbroker_uid_pool_in_use") == 4);
+  CHECK(sample(text, "qbroker_pool_ready") == 2);
   CHECK(text.find("process_open_fds") == std::string::npos);  // no /proc asked for
   CHECK(text.back() == '\n');
 }
