@@ -257,9 +257,10 @@ const std::vector<Option>& options() {
       {"quit-timeout-ms", Kind::value, "MS", "graceful quit before the kill (default 3000)",
        millis(member(&DaemonConfig::quit_timeout))},
       {"pool", Kind::list, "SHAPE",
-       "keep COUNT jailed QEMUs of a shape spawned ahead, for creates of that shape that boot "
-       "through firmware with a boot order: machine=q35,memory_mib=128,vcpus=1,firmware=bios,"
-       "pci_slots=4,count=2 (repeatable; docs/pool.md)",
+       "keep QEMUs of a shape spawned ahead, for creates of that shape that boot through "
+       "firmware with a boot order: KEY=VALUE pairs, comma-separated, of machine (q35), "
+       "memory_mib, vcpus, firmware (bios), pci_slots and count, e.g. memory_mib=256,count=2 "
+       "(repeatable; docs/pool.md)",
        add_pool_shape},
       {"parallel-starts", Kind::value, "N",
        "starts and destroys of different domains that run at once (default 4)",
