@@ -355,13 +355,19 @@ void capabilities(ChildPlan& p) {
 }
 
 // Every object above was made with the broker's credentials; the domain's are applied last.
+// Raw syscalls, not glibc's wrappers: in a threaded process those broadcast the change to every
+// thread glibc knows of, and this child's copy of that list names the broker's threads, which
+// are not here. A thread the broker was just starting at the clone is one glibc waits for, on a
+// futex nothing will ever wake: the child hung in this step until the spawn deadline killed it.
 void credentials(ChildPlan& p) {
   // Groups first: setgroups needs CAP_SETGID, which the uid change drops.
-  if (::setgroups(p.req.groups.size(), p.req.groups.data()) != 0) fail(p, errc::step_setgroups);
+  if (::syscall(SYS_setgroups, p.req.groups.size(), p.req.groups.data()) != 0) {
+    fail(p, errc::step_setgroups);
+  }
   // All three gids, so none can be switched back to.
-  if (::setresgid(p.req.gid, p.req.gid, p.req.gid) != 0) fail(p, errc::step_setresgid);
+  if (::syscall(SYS_setresgid, p.req.gid, p.req.gid, p.req.gid) != 0) fail(p, errc::step_setresgid);
   // Last: after this the child has no capability left.
-  if (::setresuid(p.req.uid, p.req.uid, p.req.uid) != 0) fail(p, errc::step_setresuid);
+  if (::syscall(SYS_setresuid, p.req.uid, p.req.uid, p.req.uid) != 0) fail(p, errc::step_setresuid);
 }
 
 void no_new_privs(ChildPlan& p) {

@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstring>
 #include <filesystem>
@@ -209,6 +210,38 @@ TEST_CASE("a failed spawn step comes back as its own code, naming the step and e
   CHECK(processes_of_uid("/proc", kStepUid).empty());
   // The tmpfs and everything mounted in it lived only in the child's mount namespace.
   CHECK(fs::is_empty(mountpoint.path()));
+}
+
+TEST_CASE("a spawn while the broker starts and ends threads still reaches its exec",
+          "[lifecycle][privileged]") {
+  QB_REQUIRE_ROOT();
+  qbtest::TempDir mountpoint;
+  // Threads start and end all the time in the broker (its pools, Asio's resolver): a clone that
+  // lands while one is being created must not leave the child waiting for it. glibc's set*id
+  // wrappers did, in the credentials step, until the spawn deadline killed the child.
+  struct Churn {
+    std::atomic<bool> stop{false};
+    std::thread thread{[this] {
+      while (!stop.load()) std::thread([] {}).join();
+    }};
+    ~Churn() {
+      stop = true;
+      thread.join();
+    }
+  } churn;
+  int reached_exec = 0;
+  for (int i = 0; i < 200; ++i) {
+    SpawnRequest req = failing_request(mountpoint.path());
+    req.groups = {kStepUid};
+    req.exec_deadline = std::chrono::milliseconds(5000);
+    auto child = spawn_jailed(req);
+    REQUIRE_FALSE(child);
+    INFO(child.error().describe());
+    REQUIRE(child.error().code == errc::step_exec);  // the missing binary, past every other step
+    ++reached_exec;
+  }
+  CHECK(reached_exec == 200);
+  CHECK(processes_of_uid("/proc", kStepUid).empty());
 }
 
 TEST_CASE("a child that has not exec'd by its deadline is killed by pid and reaped",
