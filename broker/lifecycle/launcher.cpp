@@ -183,7 +183,8 @@ std::vector<std::string> Launcher::expire_logs(const std::set<std::string>& live
     if (name.ends_with(".1")) name.resize(name.size() - 2);
     if (!name.ends_with(".log")) continue;
     name.resize(name.size() - 4);
-    if (live.contains(name)) continue;
+    // A pooled QEMU's log is the pool's: it goes when the QEMU is discarded or taken.
+    if (live.contains(name) || name.starts_with(kPoolPrefix)) continue;
     const std::string path = dir + "/" + file;
     struct stat st {};
     if (::lstat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
@@ -383,6 +384,8 @@ Result<void> Launcher::hand_over(Instance& inst, const std::string& name) {
       {&inst.qmp_path, &qmp}, {&inst.console_path, &console}, {&inst.log_path, &log}};
   for (std::size_t i = 0; i < std::size(moves); ++i) {
     if (::rename(moves[i].first->c_str(), moves[i].second->c_str()) == 0) continue;
+    // A log removed by hand is made again by the domain's log, which opens it with O_CREAT.
+    if (errno == ENOENT && moves[i].first == &inst.log_path) continue;
     Error e = make_error(errno_code(), "renaming " + *moves[i].first + " to " + *moves[i].second);
     while (i-- > 0) ::rename(moves[i].second->c_str(), moves[i].first->c_str());
     (void)uids_.reassign(inst.uid, inst.name);

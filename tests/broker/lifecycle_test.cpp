@@ -711,7 +711,7 @@ TEST_CASE("the logs of gone domains are removed once past their retention, and n
   qbtest::LifecycleFixture fx(kLogRetentionBase);
   fs::create_directories(fx.run / "log");
   const auto old = fs::file_time_type::clock::now() - std::chrono::hours(2);
-  for (const char* f : {"gone.log", "gone.log.1", "live.log", "recent.log", "notes.txt"}) {
+  for (const char* f : {"gone.log", "gone.log.1", "live.log", "recent.log", "notes.txt", "_pool-3.log"}) {
     std::ofstream(fx.run / (std::string("log/") + f)) << "x\n";
     if (std::string(f) != "recent.log") fs::last_write_time(fx.run / (std::string("log/") + f), old);
   }
@@ -722,6 +722,7 @@ TEST_CASE("the logs of gone domains are removed once past their retention, and n
   CHECK(fs::exists(fx.run / "log/live.log"));     // its domain still exists
   CHECK(fs::exists(fx.run / "log/recent.log"));   // within the retention
   CHECK(fs::exists(fx.run / "log/notes.txt"));    // not a log
+  CHECK(fs::exists(fx.run / "log/_pool-3.log"));  // a pooled QEMU's, however long it waits
   CHECK(fx.launcher.expire_logs({"live"}, std::chrono::hours(1)).empty());
 }
 
