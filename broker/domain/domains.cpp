@@ -88,6 +88,7 @@ awaitable<Result<bool>> Domains::launch_pooled(std::shared_ptr<Domain> d) {
   if (!pool_->enabled()) co_return false;
   auto inst = pool_->take(d->spec());
   if (!inst) co_return false;
+  inst->trace.begin();
   lifecycle::Instance* raw = &*inst;
   const std::string name = d->name();
   const std::string* n = &name;
@@ -95,12 +96,12 @@ awaitable<Result<bool>> Domains::launch_pooled(std::shared_ptr<Domain> d) {
   auto handed = co_await run_blocking(ex_, lifecycle_, [&launcher, raw, n] { return launcher.hand_over(*raw, *n); });
   d->instance() = std::move(*inst);
   if (!handed) {
+    // As a failed launch: the QEMU goes by uid, and with it the name (or, should the kill
+    // fail, the domain stays, stopping, for the retries).
     Error e = handed.error();
     co_await teardown(d, false, true);
-    table_.erase(name);
     co_return e;
   }
-  d->instance().trace.begin();
   d->instance().trace.mark("pool handover");
   start_log(*d, std::move(d->instance().log_pipe));
   if (auto ok = co_await records_.persist(*d); !ok) {
@@ -288,7 +289,7 @@ metrics::Live Domains::metrics_live() const {
     ++counts[static_cast<std::size_t>(d->state())];
     if (d->instance().uid != 0) ++live.uids_in_use;
   }
-  live.uids_in_use += pool_->size();
+  live.uids_in_use += pool_->uids_held();
   live.pool_ready = pool_->size();
   for (auto s : kStates) live.domains_by_state.emplace_back(to_string(s), counts[static_cast<std::size_t>(s)]);
   return live;

@@ -205,17 +205,20 @@ std::optional<std::size_t> WarmPool::wanting() const {
   return std::nullopt;
 }
 
-awaitable<void> WarmPool::discard(lifecycle::Instance instance) {
+awaitable<void> WarmPool::discard(lifecycle::Instance instance, bool retry) {
   const std::string name = instance.name;
   auto& launcher = domains_.launcher();
   lifecycle::Instance* inst = &instance;
   auto killed = co_await run_blocking(ex_, domains_.lifecycle_pool(),
                                       [&launcher, inst] { return launcher.destroy(*inst); });
   if (!killed) {
-    // The uid stays recorded and in use: the uid pool's quarantine sweeps take it from here, and
-    // a restarted broker reclaims it.
-    log::error("pool: discarding " + name + " (uid " + std::to_string(instance.uid) +
-               "): " + killed.error().describe());
+    // The uid stays recorded and in use; the refill tries again each pass (and a restarted
+    // broker would reclaim it). Said once.
+    if (!retry) {
+      log::error("pool: discarding " + name + " (uid " + std::to_string(instance.uid) +
+                 "): " + killed.error().describe() + "; retrying");
+    }
+    doomed_.push_back(std::move(instance));
     co_return;
   }
   launcher.remove_log(name);
@@ -234,7 +237,11 @@ awaitable<std::size_t> WarmPool::discard_dead() {
     dead.push_back(std::move(it->instance));
     it = entries_.erase(it);
   }
-  for (auto& inst : dead) co_await discard(std::move(inst));
+  for (auto& inst : dead) co_await discard(std::move(inst), false);
+  // Those whose kill failed before, once more.
+  std::vector<lifecycle::Instance> again = std::move(doomed_);
+  doomed_.clear();
+  for (auto& inst : again) co_await discard(std::move(inst), true);
   co_return dead.size();
 }
 
@@ -258,7 +265,7 @@ awaitable<void> WarmPool::refill() {
         continue;
       }
       if (inst) {
-        co_await discard(std::move(*inst));
+        co_await discard(std::move(*inst), false);
         break;
       }
       // Said once per distinct error; the refill tries again after a pause.
@@ -286,7 +293,10 @@ awaitable<void> WarmPool::stop() {
   }
   std::vector<Entry> all = std::move(entries_);
   entries_.clear();
-  for (auto& e : all) co_await discard(std::move(e.instance));
+  for (auto& e : all) co_await discard(std::move(e.instance), false);
+  std::vector<lifecycle::Instance> again = std::move(doomed_);
+  doomed_.clear();
+  for (auto& inst : again) co_await discard(std::move(inst), true);
   if (!all.empty()) log::info("pool: stopped; killed " + std::to_string(all.size()) + " pooled QEMU(s) by uid");
 }
 

@@ -90,8 +90,10 @@ class WarmPool {
   boost::asio::awaitable<void> stop();
   // GET /v1/pool.
   boost::json::object to_json() const;
-  // Pooled QEMUs now, for the metrics' uids in use.
+  // Pooled QEMUs ready now, for the metrics.
   std::size_t size() const { return entries_.size(); }
+  // Uids the pool holds: its ready QEMUs and those whose kill has yet to succeed.
+  std::size_t uids_held() const { return entries_.size() + doomed_.size(); }
 
  private:
   struct Entry {
@@ -102,7 +104,9 @@ class WarmPool {
   boost::asio::awaitable<void> refill();
   // Discards the entries whose QEMU is gone; returns how many.
   boost::asio::awaitable<std::size_t> discard_dead();
-  boost::asio::awaitable<void> discard(lifecycle::Instance instance);
+  // Kills `instance` by uid and removes its log; one whose kill fails waits in doomed_ for the
+  // next pass. `retry`: it came from doomed_ (its failure was logged already).
+  boost::asio::awaitable<void> discard(lifecycle::Instance instance, bool retry);
   std::optional<std::size_t> wanting() const;
   void wake();
 
@@ -110,6 +114,7 @@ class WarmPool {
   Domains& domains_;
   std::vector<PoolShape> shapes_;
   std::vector<Entry> entries_;
+  std::vector<lifecycle::Instance> doomed_;  // discarded, but their kill failed
   boost::asio::steady_timer wake_;
   std::shared_ptr<RefillState> refill_state_;
   std::uint64_t next_name_ = 1;
