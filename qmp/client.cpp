@@ -329,8 +329,15 @@ class Session : public std::enable_shared_from_this<Session> {
     if (opts_.transcript) opts_.transcript(Direction::from_qemu, line, false);
     auto msg = parser_.parse(line);
     if (!msg) return close(msg.error());
-    if (!greeting_ && !std::holds_alternative<Greeting>(*msg)) {
-      return close(Error{errc::no_greeting, "the first message was not a QMP greeting"});
+    // QEMU 7.2 was seen to send RESUME ahead of the greeting to a client that connected while
+    // it started: the monitor thread accepts the client and a main-thread event reaches the
+    // session before the greeting does. An event is harmless there; a reply is not.
+    if (!greeting_ && !std::holds_alternative<Greeting>(*msg) &&
+        !std::holds_alternative<Event>(*msg)) {
+      constexpr std::size_t kShown = 200;
+      std::string shown(line.substr(0, kShown));
+      if (line.size() > kShown) shown += "...";
+      return close(Error{errc::no_greeting, "the first message was not a QMP greeting: " + shown});
     }
     std::visit([this](auto& m) { on_message(m); }, *msg);
     if (!closed_ && outbox_.writable()) flush();

@@ -704,6 +704,21 @@ TEST_CASE("hostile: anything but a greeting first", "[qmp][client][hostile]") {
   CHECK(connect_err(io, peer.client_end(), after(5s)).is(errc::no_greeting));
 }
 
+TEST_CASE("an event ahead of the greeting is let through", "[qmp][client]") {
+  // QEMU sends RESUME first to a client that connected while it was starting.
+  qbtest::FdLeakCheck leaks;
+  asio::io_context io;
+  Script s;
+  s.event("RESUME").handshake().expect("query-status").reply({{"status", "running"}, {"running", true}, {"singlestep", false}});
+  s.wait_for_close();
+  FakeQmpPeer peer(std::move(s));
+  auto c = connect_ok(io, peer);
+  CHECK(c->stats().events == 1);
+  auto r = exec(io, *c, cmd::query_status());
+  REQUIRE(r.has_value());
+  CHECK(reply::status(*r).has_value());
+}
+
 TEST_CASE("refused capabilities negotiation", "[qmp][client]") {
   qbtest::FdLeakCheck leaks;
   asio::io_context io;
