@@ -57,6 +57,7 @@
 #include "fdpass/devices.hpp"
 #include "fdpass/opener.hpp"
 #include "qmp/commands.hpp"
+#include "raw_qmp.hpp"
 #include "support/asio_run.hpp"
 #include "http_client.hpp"
 #include "support/qemu.hpp"
@@ -64,6 +65,9 @@
 using Clock = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 namespace asio = boost::asio;
+
+using qbbench::RawQmp;
+using qbbench::wait_migration;
 
 namespace {
 
@@ -98,55 +102,6 @@ struct TempDir {
   std::string operator/(const std::string& n) const { return path + "/" + n; }
 };
 
-// The floor: one blocking QMP socket, commands as text, fds with SCM_RIGHTS.
-class RawQmp {
- public:
-  explicit RawQmp(fdpass::UniqueFd fd) : fd_(std::move(fd)) {}
-  std::string cmd(const std::string& json, int pass = -1) {
-    std::string line = json + "\n";
-    msghdr msg{};
-    iovec iov{line.data(), line.size()};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
-    if (pass >= 0) {
-      msg.msg_control = control;
-      msg.msg_controllen = sizeof(control);
-      cmsghdr* c = CMSG_FIRSTHDR(&msg);
-      c->cmsg_level = SOL_SOCKET;
-      c->cmsg_type = SCM_RIGHTS;
-      c->cmsg_len = CMSG_LEN(sizeof(int));
-      std::memcpy(CMSG_DATA(c), &pass, sizeof(int));
-    }
-    if (::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL) != static_cast<ssize_t>(line.size()))
-      die("sendmsg");
-    for (;;) {
-      std::string l = line_();
-      if (l.find("\"event\"") != std::string::npos) continue;
-      if (l.find("\"error\"") != std::string::npos) die("raw QMP: " + json + " -> " + l);
-      return l;
-    }
-  }
-
- private:
-  std::string line_() {
-    for (;;) {
-      auto nl = buf_.find('\n');
-      if (nl != std::string::npos) {
-        std::string l = buf_.substr(0, nl);
-        buf_.erase(0, nl + 1);
-        return l;
-      }
-      char b[4096];
-      ssize_t n = ::read(fd_.get(), b, sizeof(b));
-      if (n <= 0) die("raw QMP: connection lost");
-      buf_.append(b, static_cast<std::size_t>(n));
-    }
-  }
-  fdpass::UniqueFd fd_;
-  std::string buf_;
-};
-
 // Copies `in` to `out` until EOF with read and write, 1 MiB at a time.
 void copy_all(int in, int out) {
   std::vector<char> buf(1 << 20);
@@ -159,15 +114,6 @@ void copy_all(int in, int out) {
       if (w <= 0) return;
       off += w;
     }
-  }
-}
-
-void wait_migration(RawQmp& q) {
-  for (;;) {
-    std::string r = q.cmd(R"({"execute":"query-migrate"})");
-    if (r.find("\"completed\"") != std::string::npos) return;
-    if (r.find("\"failed\"") != std::string::npos) die("raw migration failed: " + r);
-    std::this_thread::sleep_for(2ms);
   }
 }
 

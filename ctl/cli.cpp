@@ -65,7 +65,8 @@ constexpr std::array kCommands{
     CommandInfo{"restore", "NAME PATH [--paused]", "POST", "/v1/domains/restore",
                 "start domain NAME from a state saved at PATH"},
     CommandInfo{"migrate", "NAME TO", "POST", "/v1/domains/{name}/migrate",
-                "live-migrate to another broker's endpoint TO, or to a fresh QEMU here (TO local)"},
+                "live-migrate to another broker: TO its API socket, tcp://HOST:PORT on another "
+                "host, or local (a fresh QEMU here)"},
     CommandInfo{"incoming", "FILE [--paused]", "POST", "/v1/migrations",
                 "prepare to receive the domain FILE describes (- for stdin), as a migrating broker "
                 "asks; prints the one-time token and endpoint"},

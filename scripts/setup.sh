@@ -7,7 +7,7 @@ packages=(
   g++ cmake ninja-build pkg-config
   libboost1.81-dev libboost-json1.81-dev libboost-url1.81-dev libboost-program-options1.81-dev
   catch2
-  libxen-dev libsystemd-dev libyaml-dev
+  libxen-dev libsystemd-dev libyaml-dev libssl-dev openssl
   qemu-system-x86 qemu-utils busybox-static cpio kmod
   ovmf seabios
   syslinux syslinux-common isolinux systemd-boot-efi binutils xorriso mtools dosfstools fdisk

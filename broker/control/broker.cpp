@@ -1,5 +1,6 @@
 #include "broker/control/broker.hpp"
 
+#include <sys/socket.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -102,6 +103,56 @@ void count_job(metrics::Registry& m, std::string_view kind, metrics::JobOutcome 
   m.job_done(kind, outcome,
              std::chrono::duration_cast<std::chrono::microseconds>(
                  std::chrono::steady_clock::now() - start));
+}
+
+// A destination's answer to "prepare this domain", an error unless it is 201 with a body.
+std::optional<Error> refusal(const std::string& to, const PeerReply& prepared) {
+  if (prepared.status == 201 && prepared.body.is_object()) return std::nullopt;
+  // Its own words when it gave an error body, else what it sent.
+  std::string why = json::serialize(prepared.body);
+  if (const auto* err = prepared.body.is_object() ? prepared.body.as_object().if_contains("error") : nullptr;
+      err != nullptr && err->is_object() && err->as_object().contains("message") &&
+      err->as_object().at("message").is_string()) {
+    why = std::string(err->as_object().at("message").get_string());
+  }
+  Error e(make_error_code(prepared.status == 409 ? errc::already_exists : errc::invalid_argument),
+          "the broker at " + to + " refused the domain (HTTP " + std::to_string(prepared.status) +
+              "): " + why);
+  e.field = "to";
+  return e;
+}
+
+// A message of a MigrationLink as the HTTP reply it stands for: {"status": N, "body": ...}.
+PeerReply peer_reply_of(const json::value& message) {
+  PeerReply r;
+  const auto& o = message.as_object();
+  if (const auto* st = o.if_contains("status"); st != nullptr && st->is_int64() &&
+                                                 st->get_int64() >= 100 && st->get_int64() < 600) {
+    r.status = static_cast<unsigned>(st->get_int64());
+  }
+  if (const auto* body = o.if_contains("body")) r.body = *body;
+  return r;
+}
+
+constexpr std::size_t kMaxLinkMessage = 1 << 20;  // a described domain is a few KiB
+
+// The source's relay, from its QEMU's socketpair to the link, watched by `done`.
+struct RelayWatch {
+  explicit RelayWatch(asio::any_io_executor ex) : wake(ex, asio::steady_timer::time_point::max()) {}
+  std::optional<Result<RelayStats>> result;
+  asio::steady_timer wake;
+};
+
+awaitable<void> run_relay_from(std::shared_ptr<MigrationLink> link, fdpass::UniqueFd local,
+                               std::shared_ptr<RelayWatch> done) {
+  done->result = co_await link->relay_from(std::move(local));
+  done->wake.cancel();
+}
+
+awaitable<void> wait_relay(RelayWatch& w, std::chrono::milliseconds timeout) {
+  if (w.result) co_return;
+  w.wake.expires_after(timeout);
+  co_await w.wake.async_wait(asio::as_tuple(asio::use_awaitable));
 }
 
 }  // namespace
@@ -443,8 +494,15 @@ awaitable<Result<void>> Broker::migrate(std::string name, std::string to, Progre
   auto found = find(name);
   if (!found) co_return found.error();
   if (to == "local") co_return co_await live_update(std::move(name));
-  if (to.empty() || to.front() != '/') {
-    co_return field_error("to", "must be \"local\" or the absolute path of another broker's API socket");
+  if (to.starts_with("tcp://")) {
+    if (auto target = parse_tcp_target(to); !target) co_return target.error();
+    if (!config_.migration.usable()) {
+      co_return field_error("to", "a migration to another host needs qbrokerd's --migration-cert, "
+                                  "--migration-key and --migration-ca, or --insecure-migration");
+    }
+  } else if (to.empty() || to.front() != '/') {
+    co_return field_error("to", "must be \"local\", the absolute path of another broker's API "
+                                "socket, or tcp://HOST:PORT");
   }
   auto d = *found;
   if (d->state() != RunState::running && d->state() != RunState::paused) {
@@ -487,6 +545,7 @@ awaitable<Result<void>> Broker::migrate(std::string name, std::string to, Progre
 
 awaitable<Result<void>> Broker::migrate_out(std::shared_ptr<Domain> d, std::string to,
                                             flows::CancelFlag cancel) {
+  if (to.starts_with("tcp://")) co_return co_await migrate_remote(std::move(d), std::move(to), cancel);
   const bool was_running = d->state() == RunState::running;
   json::object ask{{"domain", flows::described_domain_of(*d)}, {"paused", !was_running}};
   std::string ask_text = json::serialize(ask);
@@ -498,20 +557,7 @@ awaitable<Result<void>> Broker::migrate_out(std::shared_ptr<Domain> d, std::stri
     e.field = "to";
     co_return e;
   }
-  if (prepared->status != 201 || !prepared->body.is_object()) {
-    // Its own words when it gave an error body, else what it sent.
-    std::string why = json::serialize(prepared->body);
-    if (const auto* err = prepared->body.is_object() ? prepared->body.as_object().if_contains("error") : nullptr;
-        err != nullptr && err->is_object() && err->as_object().contains("message") &&
-        err->as_object().at("message").is_string()) {
-      why = std::string(err->as_object().at("message").get_string());
-    }
-    Error e(make_error_code(prepared->status == 409 ? errc::already_exists : errc::invalid_argument),
-            "the broker at " + to + " refused the domain (HTTP " +
-                std::to_string(prepared->status) + "): " + why);
-    e.field = "to";
-    co_return e;
-  }
+  if (auto refused = refusal(to, *prepared)) co_return *refused;
   const auto& ticket = prepared->body.as_object();
   const auto* token = ticket.if_contains("token");
   const auto* endpoint = ticket.if_contains("endpoint");
@@ -524,11 +570,16 @@ awaitable<Result<void>> Broker::migrate_out(std::shared_ptr<Domain> d, std::stri
                                          std::move(token_text), cancel);
   if (!sent) co_return sent.error();
   auto there = co_await arrived(to, d->name(), !was_running);
+  co_return co_await settle_arrival(*d, to, was_running, std::move(there));
+}
+
+awaitable<Result<void>> Broker::settle_arrival(Domain& d, const std::string& to, bool was_running,
+                                               Result<bool> there) {
   if (there && *there) co_return Result<void>{};
   if (there) {
     // The destination gave the domain up: the guest is still whole here.
     if (was_running) {
-      if (auto ok = co_await flows::resume_here(flow_ctx_, *d); !ok) co_return ok.error();
+      if (auto ok = co_await flows::resume_here(flow_ctx_, d); !ok) co_return ok.error();
     }
     co_return Error(make_error_code(errc::qemu_error),
                     "the broker at " + to + " did not take the domain; it runs here again");
@@ -538,6 +589,64 @@ awaitable<Result<void>> Broker::migrate_out(std::shared_ptr<Domain> d, std::stri
             ", which cannot say whether it runs the guest: the domain stays paused here, so that "
             "it never runs twice; destroy it here once it runs there, or resume it");
   co_return e;
+}
+
+awaitable<Result<void>> Broker::migrate_remote(std::shared_ptr<Domain> d, std::string to,
+                                               flows::CancelFlag cancel) {
+  auto target = parse_tcp_target(to);
+  if (!target) co_return target.error();
+  const bool was_running = d->state() == RunState::running;
+  auto connected = co_await MigrationLink::connect(ex_, config_.migration_tls_client, *target,
+                                                   config_.start_timeout);
+  if (!connected) co_return connected.error();
+  std::shared_ptr<MigrationLink> link = std::move(*connected);
+  json::object ask{{"domain", flows::described_domain_of(*d)}, {"paused", !was_running}};
+  if (auto ok = co_await link->write_message(ask); !ok) co_return ok.error();
+  // The destination spawns and plugs the domain before it answers.
+  auto answer = co_await link->read_message(kMaxLinkMessage, config_.start_timeout);
+  if (!answer) co_return answer.error();
+  if (auto refused = refusal(to, peer_reply_of(*answer))) co_return *refused;
+
+  int sv[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
+    co_return Error(std::error_code(errno, std::system_category()), "migration: socketpair");
+  }
+  fdpass::UniqueFd relay_end(sv[0]);
+  fdpass::UniqueFd qemu_end(sv[1]);
+  auto relayed = std::make_shared<RelayWatch>(ex_);
+  asio::co_spawn(ex_, run_relay_from(link, std::move(relay_end), relayed), asio::detached);
+  auto sent = co_await flows::send_state_fd(flow_ctx_, *d, std::move(qemu_end), cancel);
+  if (!sent) {
+    // The destination sees the connection end and tears its half down by uid.
+    link->close();
+    co_await wait_relay(*relayed, config_.timeouts.qmp);
+    co_return sent.error();
+  }
+  // QEMU closes its end once it has written the last byte; the relay then has sent it all.
+  co_await wait_relay(*relayed, config_.timeouts.migrate_settle);
+  Result<bool> there = Error(make_error_code(errc::qemu_timeout),
+                             "the relay to " + to + " did not finish sending the state");
+  if (relayed->result && !*relayed->result) there = relayed->result->error();
+  if (relayed->result && *relayed->result) {
+    auto last = co_await link->read_message(kMaxLinkMessage, config_.timeouts.migrate_settle);
+    if (!last) {
+      there = last.error();
+    } else {
+      PeerReply r = peer_reply_of(*last);
+      const auto* state = r.body.is_object() ? r.body.as_object().if_contains("state") : nullptr;
+      const std::string want = was_running ? "running" : "paused";
+      if (r.status == 200 && state != nullptr && state->is_string() && state->get_string() == want) {
+        there = true;
+      } else if (r.status >= 400) {
+        there = false;
+      } else {
+        there = Error(make_error_code(errc::qemu_error),
+                      "the broker at " + to + " answered " + json::serialize(*last));
+      }
+    }
+  }
+  link->close();
+  co_return co_await settle_arrival(*d, to, was_running, std::move(there));
 }
 
 awaitable<Result<bool>> Broker::arrived(std::string to, std::string name, bool paused) {
@@ -570,7 +679,8 @@ awaitable<Result<bool>> Broker::arrived(std::string to, std::string name, bool p
   }
 }
 
-awaitable<Result<Broker::IncomingTicket>> Broker::incoming(json::value domain, bool paused) {
+awaitable<Result<Broker::IncomingTicket>> Broker::incoming(json::value domain, bool paused,
+                                                          std::shared_ptr<IncomingWatch> watch) {
   const std::string dir = launcher_.config().run_dir + "/migrate";
   if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
     co_return Error(std::error_code(errno, std::system_category()), "cannot make " + dir);
@@ -580,11 +690,12 @@ awaitable<Result<Broker::IncomingTicket>> Broker::incoming(json::value domain, b
   if (!in) co_return in.error();
   IncomingTicket ticket{in->domain->name(), in->token, in->endpoint};
   flows::CancelFlag cancel = enter_cancel(ticket.name);
-  asio::co_spawn(ex_, finish_incoming(std::move(*in), cancel), asio::detached);
+  asio::co_spawn(ex_, finish_incoming(std::move(*in), cancel, std::move(watch)), asio::detached);
   co_return ticket;
 }
 
-awaitable<void> Broker::finish_incoming(flows::Incoming in, flows::CancelFlag cancel) {
+awaitable<void> Broker::finish_incoming(flows::Incoming in, flows::CancelFlag cancel,
+                                        std::shared_ptr<IncomingWatch> watch) {
   const std::string name = in.domain->name();
   const auto start = std::chrono::steady_clock::now();
   auto done = co_await flows::receive_incoming(flow_ctx_, domains_, std::move(in),
@@ -593,6 +704,10 @@ awaitable<void> Broker::finish_incoming(flows::Incoming in, flows::CancelFlag ca
   forget_cancel(name, cancel);
   progress_.erase(name);
   if (!done) log::warn("domain " + name + ": incoming migration: " + done.error().describe());
+  if (watch) {
+    watch->result = std::move(done);
+    watch->wake.cancel();
+  }
 }
 
 awaitable<Result<void>> Broker::live_update(std::string name) {

@@ -19,9 +19,11 @@
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/json/object.hpp>
 #include <boost/json/value.hpp>
 
+#include "broker/control/migration_link.hpp"
 #include "broker/core/error.hpp"
 #include "broker/domain/domain.hpp"
 #include "broker/domain/domains.hpp"
@@ -49,6 +51,19 @@ struct BrokerConfig {
   std::string save_root;  // save files are written beneath it and restored from it; empty: off
   std::size_t parallel_lifecycle = 4;  // starts and destroys of different domains at once
   std::vector<PoolShape> pool;          // the warm pool's shapes (docs/pool.md)
+  // Migrations to brokers on other hosts (`to` tcp://HOST:PORT): TLS with these certificates, or
+  // plain TCP when `insecure`; neither configured refuses them. The client context is made from
+  // `migration` when the broker starts.
+  MigrationTransport migration;
+  std::shared_ptr<boost::asio::ssl::context> migration_tls_client;
+};
+
+// How a broker on another host hears that the domain it sent arrived (MigrationGateway).
+struct IncomingWatch {
+  explicit IncomingWatch(boost::asio::any_io_executor ex)
+      : wake(ex, boost::asio::steady_timer::time_point::max()) {}
+  std::optional<Result<void>> result;  // set once the incoming job ended
+  boost::asio::steady_timer wake;      // cancelled then
 };
 
 struct DomainInfo {
@@ -144,6 +159,8 @@ class Broker {
   boost::asio::awaitable<Result<std::string>> cancel_job(std::string name);
   // Live update (`to` "local"): the domain moves to a fresh QEMU under this broker while its
   // guest runs (flows::live_update), as a job named "live-update" that can be cancelled.
+  // `to` tcp://HOST:PORT is a broker on another host, reached through its --migration-listen
+  // address over TLS (MigrationLink); both QEMUs get socketpairs their brokers relay.
   // Otherwise `to` is the API socket of another broker on this host: a job named "migrate"
   // (cancellable) asks it to prepare the domain (POST /v1/migrations), streams the state to the
   // endpoint it names, waits until the domain runs there, and only then tears the domain down
@@ -159,7 +176,9 @@ class Broker {
     std::string token;
     std::string endpoint;
   };
-  boost::asio::awaitable<Result<IncomingTicket>> incoming(boost::json::value domain, bool paused);
+  // `watch`, when given, hears how the incoming job ended.
+  boost::asio::awaitable<Result<IncomingTicket>> incoming(
+      boost::json::value domain, bool paused, std::shared_ptr<IncomingWatch> watch = nullptr);
 
   // Administrators' QMP passthrough: {"execute": NAME, "arguments": {...}}. Commands that move
   // fds are refused (errc::forbidden).
@@ -229,7 +248,15 @@ class Broker {
   // After the state went: true once the destination runs the domain, false once it has given it
   // up; an error when it cannot tell.
   boost::asio::awaitable<Result<bool>> arrived(std::string to, std::string name, bool paused);
-  boost::asio::awaitable<void> finish_incoming(flows::Incoming in, flows::CancelFlag cancel);
+  // migrate_out to a broker on another host.
+  boost::asio::awaitable<Result<void>> migrate_remote(std::shared_ptr<Domain> d, std::string to,
+                                                      flows::CancelFlag cancel);
+  // After arrived(): the domain runs there (done), or it did not go and runs here again, or the
+  // guest stays paused here with the error saying why.
+  boost::asio::awaitable<Result<void>> settle_arrival(Domain& d, const std::string& to,
+                                                      bool was_running, Result<bool> there);
+  boost::asio::awaitable<void> finish_incoming(flows::Incoming in, flows::CancelFlag cancel,
+                                               std::shared_ptr<IncomingWatch> watch);
   // The cancel flag of the job running for `name`, entered for its duration.
   flows::CancelFlag enter_cancel(const std::string& name);
   void forget_cancel(const std::string& name, const flows::CancelFlag& flag);

@@ -14,6 +14,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/signal_set.hpp>
+#include <boost/asio/ssl/context.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <cerrno>
@@ -24,6 +25,7 @@
 #include <variant>
 
 #include "broker/api/server.hpp"
+#include "broker/daemon/migration_gateway.hpp"
 #include "broker/api/service.hpp"
 #include "broker/core/atomic_file.hpp"
 #include "broker/core/errc.hpp"
@@ -84,6 +86,7 @@ BrokerConfig broker_config(const DaemonConfig& o) {
   c.save_root = o.save_root;
   c.parallel_lifecycle = o.parallel_starts;
   c.pool = o.pool;
+  c.migration = o.migration;
   return c;
 }
 
@@ -123,7 +126,22 @@ struct Host {
   fdpass::UniqueFd listener;
   std::optional<SocketFile> socket_file;
   std::optional<XenParts> xen;
+  // Migrations between hosts, with TLS: the contexts as destination and as source.
+  std::shared_ptr<asio::ssl::context> migration_server;
+  std::shared_ptr<asio::ssl::context> migration_client;
 };
+
+// The TLS contexts, certificates loaded: a bad file stops the start, naming its option.
+Result<void> migration_tls(const DaemonConfig& o, Host& h) {
+  if (!o.migration.tls()) return {};
+  auto server = make_tls_context(o.migration, true);
+  if (!server) return startup_error("--" + server.error().field + ": " + server.error().message);
+  auto client = make_tls_context(o.migration, false);
+  if (!client) return startup_error("--" + client.error().field + ": " + client.error().message);
+  h.migration_server = std::move(*server);
+  h.migration_client = std::move(*client);
+  return {};
+}
 
 // Be the reaper of everything this daemon starts (see orphan_reaper.hpp); a peer that goes
 // away must not kill the daemon with SIGPIPE; every domain costs fds.
@@ -335,8 +353,10 @@ Result<Host> prepare_host(const DaemonConfig& o) {
   QB_TRY(roots, image_roots(o, *gid));
   QB_TRY(qemu, qemu_install(o));
   QB_TRY(listening, listener(o, *gid));
-  return Host{*range, *gid, std::move(*roots), std::move(*qemu), std::move(listening->fd),
-              std::move(listening->file), std::move(xen_parts)};
+  Host h{*range, *gid, std::move(*roots), std::move(*qemu), std::move(listening->fd),
+         std::move(listening->file), std::move(xen_parts), nullptr, nullptr};
+  if (auto ok = migration_tls(o, h); !ok) return ok.error();
+  return h;
 }
 
 #undef QB_TRY
@@ -505,7 +525,9 @@ int serve(const DaemonConfig& o, Host host) {
   lifecycle::CgroupManager cgroups({}, "qbroker-" + std::to_string(host.uids.base));
   if (!cgroups.available()) log::info("cgroup v2: " + cgroups.why_unavailable());
   lifecycle::Launcher launcher(launcher_config(o, host.qemu), uids, cgroups, host.roots);
-  Broker broker(io.get_executor(), broker_config(o), launcher, host.roots);
+  BrokerConfig bc = broker_config(o);
+  bc.migration_tls_client = host.migration_client;
+  Broker broker(io.get_executor(), std::move(bc), launcher, host.roots);
   broker.metrics().uid_pool_size.set(static_cast<std::int64_t>(host.uids.count) - 1);
   xen::UserDb users;
   std::optional<xen::Host> xen_host;
@@ -519,6 +541,19 @@ int serve(const DaemonConfig& o, Host host) {
   api::Server server(io.get_executor(), service, o.limits,
                      api::AccessPolicy{::geteuid(), host.admin_gid});
 
+  std::optional<MigrationGateway> gateway;
+  if (!o.migration_listen.empty()) {
+    auto at = parse_listen_address(o.migration_listen);
+    gateway.emplace(io.get_executor(), broker, host.migration_server);
+    if (auto ok = at ? gateway->listen(*at) : Result<void>(at.error()); !ok) {
+      remove_socket_file(host.socket_file);
+      return fail(ok.error().message);
+    }
+    const auto ep = gateway->local_endpoint();
+    log::info("taking migrations from other hosts on " + ep.address().to_string() + " port " +
+              std::to_string(ep.port()) + (host.migration_server ? " (TLS)" : " (plain TCP)"));
+  }
+
   Lifetime life;
   asio::signal_set signals(io, SIGTERM, SIGINT, SIGHUP);
   asio::steady_timer orphan_timer(io);
@@ -527,6 +562,7 @@ int serve(const DaemonConfig& o, Host host) {
   asio::steady_timer retry_timer(io);
   asio::co_spawn(io, retry_stuck(broker, retry_timer, life), asio::detached);
   asio::co_spawn(io, start_serving(broker, server, std::move(host.listener), life), asio::detached);
+  if (gateway) gateway->start();
   std::optional<asio::posix::stream_descriptor> xen_events;
   if (xen_host) {
     xen_events.emplace(io, ::dup(xen_host->fileno()));
@@ -541,6 +577,7 @@ int serve(const DaemonConfig& o, Host host) {
 
   orphan_timer.cancel();
   retry_timer.cancel();
+  if (gateway) gateway->stop();
   if (xen_events) xen_events->close();
   if (broker.pool().enabled()) {
     bool pool_stopped = false;

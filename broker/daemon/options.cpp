@@ -160,6 +160,19 @@ Complaint add_image_owner(DaemonConfig& c, std::string_view v) {
   return std::nullopt;
 }
 
+Complaint set_migration_listen(DaemonConfig& c, std::string_view v) {
+  auto at = parse_listen_address(v);
+  if (!at) return at.error().message;
+  c.migration_listen = std::string(v);
+  return std::nullopt;
+}
+
+// A member of DaemonConfig::migration, for path() and boolean().
+template <class T>
+auto member_of_migration(T MigrationTransport::*m) {
+  return [m](DaemonConfig& c) -> T& { return c.migration.*m; };
+}
+
 template <class Place>
 Setter boolean(Place place) {
   return [place](DaemonConfig& c, std::string_view v) -> Complaint {
@@ -262,6 +275,23 @@ const std::vector<Option>& options() {
        "memory_mib, vcpus, firmware (bios), pci_slots and count, e.g. memory_mib=256,count=2 "
        "(repeatable; docs/pool.md)",
        add_pool_shape},
+      {"migration-listen", Kind::value, "ADDRESS:PORT",
+       "take live migrations from brokers on other hosts here ([IPV6]:PORT; *:PORT for every "
+       "address); needs the three --migration-* files or --insecure-migration",
+       set_migration_listen},
+      {"migration-cert", Kind::value, "FILE",
+       "PEM certificate chain this broker shows other brokers, as destination and as source",
+       path(member_of_migration(&MigrationTransport::cert))},
+      {"migration-key", Kind::value, "FILE", "the private key of --migration-cert (PEM)",
+       path(member_of_migration(&MigrationTransport::key))},
+      {"migration-ca", Kind::value, "FILE",
+       "PEM CA bundle another broker's certificate must chain to, both ways",
+       path(member_of_migration(&MigrationTransport::ca))},
+      {"insecure-migration", Kind::flag, "",
+       "migrate to and from other hosts over plain TCP, with no certificates: anyone who can "
+       "reach --migration-listen can hand this broker a guest, and the stream is readable on "
+       "the wire",
+       boolean(member_of_migration(&MigrationTransport::insecure))},
       {"parallel-starts", Kind::value, "N",
        "starts and destroys of different domains that run at once (default 4)",
        count(member(&DaemonConfig::parallel_starts), 1, 256)},
@@ -465,6 +495,31 @@ Result<DaemonConfig> validate(const Settings& settings) {
   if (c.xen && !c.pool.empty()) {
     return invalid(settings.at("pool"), "--pool does not apply with --xen: a Xen device model's "
                                         "uid is fixed by its domid");
+  }
+  const bool any_file = !c.migration.cert.empty() || !c.migration.key.empty() || !c.migration.ca.empty();
+  const bool all_files = !c.migration.cert.empty() && !c.migration.key.empty() && !c.migration.ca.empty();
+  if (any_file && !all_files) {
+    const char* missing = c.migration.cert.empty() ? "migration-cert"
+                          : c.migration.key.empty() ? "migration-key"
+                                                    : "migration-ca";
+    const char* given = !c.migration.cert.empty() ? "migration-cert"
+                        : !c.migration.key.empty() ? "migration-key"
+                                                   : "migration-ca";
+    return invalid(settings.at(given), std::string("TLS between brokers needs --") + missing +
+                                           " as well: --migration-cert, --migration-key and "
+                                           "--migration-ca go together");
+  }
+  if (all_files && c.migration.insecure) {
+    return invalid(settings.at("insecure-migration"),
+                   "--insecure-migration and the --migration-* certificates exclude each other");
+  }
+  if (!c.migration_listen.empty() && !c.migration.usable()) {
+    return invalid(settings.at("migration-listen"),
+                   "needs --migration-cert, --migration-key and --migration-ca, or "
+                   "--insecure-migration to take plain TCP");
+  }
+  if (!c.migration_listen.empty() && c.xen) {
+    return invalid(settings.at("migration-listen"), "does not apply with --xen");
   }
   if (settings.contains("uid-range") && settings.contains("uid-range-user")) {
     return invalid(settings.at("uid-range-user"),

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "broker/api/server.hpp"
+#include "broker/control/migration_link.hpp"
 #include "broker/core/error.hpp"
 #include "broker/core/log.hpp"
 #include "broker/domain/warm_pool.hpp"
@@ -65,6 +66,8 @@ struct DaemonConfig {
   std::size_t log_max_bytes = 1u << 20;             // a QEMU log rotates past this
   std::size_t parallel_starts = 4;                  // starts and destroys at once
   std::vector<PoolShape> pool;                      // --pool, the warm pool's shapes
+  std::string migration_listen;      // ADDRESS:PORT taking migrations from other hosts; empty: none
+  MigrationTransport migration;      // --migration-cert/-key/-ca, --insecure-migration
   std::chrono::milliseconds log_retention{86'400'000};  // logs of gone domains
   api::ServerLimits limits;
 

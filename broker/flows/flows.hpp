@@ -127,6 +127,9 @@ awaitable<Result<void>> receive_incoming(Context& ctx, Domains& domains, Incomin
 // Failure or cancel: the guest runs here again as it did.
 awaitable<Result<void>> send_state(Context& ctx, Domain& d, std::string endpoint,
                                    std::string token, CancelFlag cancel);
+// The same over a connected stream the caller made (a socketpair whose other end it relays).
+awaitable<Result<void>> send_state_fd(Context& ctx, Domain& d, fdpass::UniqueFd peer,
+                                      CancelFlag cancel);
 // cont, when the guest is not running: a source whose destination gave the domain up.
 awaitable<Result<void>> resume_here(Context& ctx, Domain& d);
 // After a restart: winds down a migration an earlier broker left (journal `args`). A migration

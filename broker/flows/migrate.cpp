@@ -251,7 +251,20 @@ awaitable<Result<void>> stream_in(Context& ctx, Domain& d, fdpass::UniqueFd peer
   co_return Result<void>{};
 }
 
-// Connect, token, getfd, migrate fd:, then follow until QEMU's side ends.
+// getfd, migrate fd: (unthrottled), then follow until QEMU's side ends.
+awaitable<Result<qmp::reply::MigrationInfo>> stream_out_fd(Context& ctx, Domain& d,
+                                                           fdpass::UniqueFd peer, CancelFlag cancel) {
+  qmp::Command speed = qmp::cmd::migrate_set_max_bandwidth(qmp::cmd::kUnlimitedBandwidth);
+  if (auto ok = co_await call(ctx, d, std::move(speed)); !ok) co_return ok.error();
+  const std::string fd_name(kStreamFd);
+  if (auto ok = co_await getfd(ctx, d, peer, fd_name); !ok) co_return ok.error();
+  peer.reset();
+  qmp::Command migrate = qmp::cmd::migrate_to_fd(fd_name);
+  if (auto ok = co_await call(ctx, d, std::move(migrate)); !ok) co_return ok.error();
+  co_return co_await follow_live(ctx, d, "migrate", cancel);
+}
+
+// Connect, token, then the stream.
 awaitable<Result<qmp::reply::MigrationInfo>> stream_out(Context& ctx, Domain& d, std::string endpoint,
                                                         std::string token, CancelFlag cancel) {
   auto peer = fdpass::connect_unix(endpoint);
@@ -260,14 +273,25 @@ awaitable<Result<qmp::reply::MigrationInfo>> stream_out(Context& ctx, Domain& d,
   if (::send(peer->get(), line.data(), line.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(line.size())) {
     co_return errno_error(errno, "migration: sending the token to " + endpoint, "to");
   }
-  qmp::Command speed = qmp::cmd::migrate_set_max_bandwidth(qmp::cmd::kUnlimitedBandwidth);
-  if (auto ok = co_await call(ctx, d, std::move(speed)); !ok) co_return ok.error();
-  const std::string fd_name(kStreamFd);
-  if (auto ok = co_await getfd(ctx, d, *peer, fd_name); !ok) co_return ok.error();
-  peer->reset();
-  qmp::Command migrate = qmp::cmd::migrate_to_fd(fd_name);
-  if (auto ok = co_await call(ctx, d, std::move(migrate)); !ok) co_return ok.error();
-  co_return co_await follow_live(ctx, d, "migrate", cancel);
+  co_return co_await stream_out_fd(ctx, d, std::move(*peer), cancel);
+}
+
+// What a source makes of its QEMU's side of the migration: done, or the guest resumed here.
+awaitable<Result<void>> settle_out(Context& ctx, Domain& d, bool was_running,
+                                   Result<qmp::reply::MigrationInfo> info, CancelFlag cancel) {
+  if (info && info->status == "completed") {
+    d.set_state(RunState::paused);
+    co_return Result<void>{};
+  }
+  // QEMU resumes a guest whose migration failed or was cancelled; the destination tears its
+  // half down once the connection ends.
+  if (was_running) {
+    if (auto ok = co_await ensure_running(ctx, d); !ok) log::warn(ok.error().describe());
+  }
+  if (cancel && *cancel) co_return cancelled("the migration of " + d.name());
+  if (!info) co_return info.error();
+  co_return Error(make_error_code(errc::qemu_error),
+                  "the migration " + info->status + ": " + info->error_desc.value_or("no reason given"));
 }
 
 }  // namespace
@@ -338,19 +362,14 @@ awaitable<Result<void>> send_state(Context& ctx, Domain& d, std::string endpoint
                                    std::string token, CancelFlag cancel) {
   const bool was_running = d.state() == RunState::running;
   auto info = co_await stream_out(ctx, d, std::move(endpoint), std::move(token), cancel);
-  if (info && info->status == "completed") {
-    d.set_state(RunState::paused);
-    co_return Result<void>{};
-  }
-  // QEMU resumes a guest whose migration failed or was cancelled; the destination tears its
-  // half down once the connection ends.
-  if (was_running) {
-    if (auto ok = co_await ensure_running(ctx, d); !ok) log::warn(ok.error().describe());
-  }
-  if (cancel && *cancel) co_return cancelled("the migration of " + d.name());
-  if (!info) co_return info.error();
-  co_return Error(make_error_code(errc::qemu_error),
-                  "the migration " + info->status + ": " + info->error_desc.value_or("no reason given"));
+  co_return co_await settle_out(ctx, d, was_running, std::move(info), cancel);
+}
+
+awaitable<Result<void>> send_state_fd(Context& ctx, Domain& d, fdpass::UniqueFd peer,
+                                      CancelFlag cancel) {
+  const bool was_running = d.state() == RunState::running;
+  auto info = co_await stream_out_fd(ctx, d, std::move(peer), cancel);
+  co_return co_await settle_out(ctx, d, was_running, std::move(info), cancel);
 }
 
 awaitable<Result<void>> resume_here(Context& ctx, Domain& d) { return ensure_running(ctx, d); }

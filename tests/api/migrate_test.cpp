@@ -1,16 +1,22 @@
 // Live migration between two qbrokerd on one host, over their API sockets and a one-time Unix
 // listener of the destination's ([privileged][qemu]): the guest moves with its memory and disk,
 // and whatever fails, the guest runs in exactly one place.
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 
 #include <boost/json.hpp>
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <optional>
+#include <set>
+#include <sstream>
 #include <thread>
 
 #include "broker/lifecycle/proc.hpp"
+#include "fdpass/unique_fd.hpp"
 #include "daemon_support.hpp"
 #include "http_client.hpp"
 #include "support/qemu.hpp"
@@ -28,6 +34,9 @@ constexpr uid_t kRefusedBase = 3'109'200;
 constexpr uid_t kDyingBase = 3'109'300;
 constexpr uid_t kKilledSourceBase = 3'109'400;
 constexpr uid_t kKilledDestinationBase = 3'109'500;
+constexpr uid_t kTlsBase = 3'109'600;
+constexpr uid_t kRogueBase = 3'109'700;
+constexpr uid_t kPlainBase = 3'109'800;
 
 // A running qbrokerd with the test's image root beside the guest's directory.
 struct Broker {
@@ -37,8 +46,10 @@ struct Broker {
   std::vector<std::string> args;
   Child daemon;
 
-  Broker(uid_t uid_base, const std::string& images) : base(uid_base), args(daemon_args(dir, base)) {
+  Broker(uid_t uid_base, const std::string& images, const std::vector<std::string>& extra = {})
+      : base(uid_base), args(daemon_args(dir, base)) {
     args.insert(args.end(), {"--socket", sock, "--image-root", images});
+    args.insert(args.end(), extra.begin(), extra.end());
     start();
   }
   void start() {
@@ -134,9 +145,9 @@ void make_images(const std::string& images) {
   std::filesystem::resize_file(images + "/d0.img", 1 << 20);
 }
 
-http::Reply migrate(const Broker& from, const std::string& name, const Broker& to) {
+http::Reply migrate(const Broker& from, const std::string& name, const std::string& to) {
   auto r = http::call(from.sock, "POST", "/v1/domains/" + name + "/migrate",
-                      R"({"to":")" + to.sock + R"("})", 120s);
+                      R"({"to":")" + to + R"("})", 120s);
   REQUIRE(r);
   return *r;
 }
@@ -149,11 +160,13 @@ struct Pair {
   std::string name;
   Guest guest;
 
-  Pair(uid_t base, const std::string& prefix) : name(prefix + std::to_string(::getpid())) {
+  Pair(uid_t base, const std::string& prefix, const std::vector<std::string>& source_args = {},
+       const std::vector<std::string>& destination_args = {})
+      : name(prefix + std::to_string(::getpid())) {
     qbtest::become_subreaper();
     make_images(images);
-    source = std::make_unique<Broker>(base, images);
-    destination = std::make_unique<Broker>(base + 50, images);
+    source = std::make_unique<Broker>(base, images, source_args);
+    destination = std::make_unique<Broker>(base + 50, images, destination_args);
     guest = boot(*source, name, images);
     start_counter(*guest.console);
   }
@@ -188,7 +201,7 @@ TEST_CASE("a running guest migrates to another broker with its memory and disk, 
   run_in(con, "echo QB-WRITTEN-AT-SOURCE | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
   const long before = counter(con);
 
-  auto moved = migrate(*p.source, p.name, *p.destination);
+  auto moved = migrate(*p.source, p.name, p.destination->sock);
   INFO(moved.body);
   REQUIRE(moved.status == 200);
   CHECK(moved.json.at("migrated_to").as_string() == p.destination->sock);
@@ -233,7 +246,7 @@ TEST_CASE("a destination that refuses the domain leaves it running at the source
   REQUIRE(taken);
   REQUIRE(taken->status == 201);
 
-  auto refused = migrate(*p.source, p.name, *p.destination);
+  auto refused = migrate(*p.source, p.name, p.destination->sock);
   INFO(refused.body);
   CHECK(refused.status == 409);
   CHECK(refused.json.at("error").at("field").as_string() == "to");
@@ -247,6 +260,14 @@ TEST_CASE("a destination that refuses the domain leaves it running at the source
   REQUIRE(nowhere);
   CHECK(nowhere->status >= 400);
   CHECK(nowhere->json.at("error").at("field").as_string() == "to");
+  // Another host, from a broker with no certificates and no --insecure-migration.
+  auto unconfigured = http::call(p.source->sock, "POST", "/v1/domains/" + p.name + "/migrate",
+                                 R"({"to":"tcp://127.0.0.1:1"})");
+  REQUIRE(unconfigured);
+  CHECK(unconfigured->status == 400);
+  CHECK(unconfigured->json.at("error").at("field").as_string() == "to");
+  CHECK(unconfigured->json.at("error").at("message").as_string().find("--insecure-migration") !=
+        std::string::npos);
   auto bad = http::call(p.source->sock, "POST", "/v1/domains/" + p.name + "/migrate",
                         R"({"to":"b.sock"})");
   REQUIRE(bad);
@@ -271,7 +292,7 @@ TEST_CASE("a destination QEMU that dies during the migration leaves the guest ru
         },
         60s);
   });
-  auto failed = migrate(*p.source, p.name, *p.destination);
+  auto failed = migrate(*p.source, p.name, p.destination->sock);
   killer.join();
   INFO(failed.body);
   CHECK(failed.status >= 400);
@@ -348,4 +369,181 @@ TEST_CASE("qbrokerd SIGKILLed mid-migration at the destination: the guest runs o
   // The destination buried the half-arrived domain by uid; the source resumed its guest.
   p.check_nothing_at_destination();
   p.check_runs_at_source();
+}
+
+// ---- Between hosts: TCP between the brokers, TLS unless both say --insecure-migration --------
+
+namespace {
+
+void sh(const std::string& cmd) {
+  INFO(cmd);
+  REQUIRE(std::system((cmd + " >/dev/null 2>&1").c_str()) == 0);
+}
+
+// A CA and a certificate it signed for 127.0.0.1, as the files qbrokerd takes.
+struct Certs {
+  std::string ca, cert, key;
+  Certs(const qbtest::TempDir& dir, const std::string& tag) {
+    const std::string d = dir.path() + "/" + tag;
+    std::filesystem::create_directory(d);
+    ca = d + "/ca.pem";
+    cert = d + "/broker.pem";
+    key = d + "/broker.key";
+    const std::string ec = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+    sh("openssl req -x509 " + ec + " -days 2 -subj /CN=" + tag + "-ca -keyout " + d +
+       "/ca.key -out " + ca);
+    sh("openssl req " + ec + " -subj /CN=localhost -keyout " + key + " -out " + d + "/broker.csr");
+    qbtest::write_file(d + "/ext", "subjectAltName=IP:127.0.0.1,DNS:localhost\n");
+    sh("openssl x509 -req -in " + d + "/broker.csr -CA " + ca + " -CAkey " + d +
+       "/ca.key -CAcreateserial -days 2 -extfile " + d + "/ext -out " + cert);
+  }
+  std::vector<std::string> args() const {
+    return {"--migration-cert", cert, "--migration-key", key, "--migration-ca", ca};
+  }
+};
+
+// A port nothing listens on now.
+int free_port() {
+  fdpass::UniqueFd s(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::bind(s.get(), reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0);
+  socklen_t len = sizeof(a);
+  REQUIRE(::getsockname(s.get(), reinterpret_cast<sockaddr*>(&a), &len) == 0);
+  return ntohs(a.sin_port);
+}
+
+std::vector<std::string> plus(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+// The inodes of every TCP socket on the host.
+std::set<std::string> tcp_socket_inodes() {
+  std::set<std::string> out;
+  for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
+    std::istringstream in(slurp(table));
+    std::string line;
+    std::getline(in, line);  // the header
+    while (std::getline(in, line)) {
+      std::istringstream f(line);
+      std::string field;
+      for (int i = 0; i < 10 && f >> field; ++i) {
+      }
+      if (!field.empty()) out.insert(field);
+    }
+  }
+  return out;
+}
+
+// How many TCP sockets the process holds.
+int tcp_fds(pid_t pid) {
+  const auto tcp = tcp_socket_inodes();
+  int n = 0;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd")) {
+    std::error_code ec;
+    auto target = std::filesystem::read_symlink(e.path(), ec).string();
+    if (!ec && target.starts_with("socket:[") &&
+        tcp.contains(target.substr(8, target.size() - 9))) {
+      ++n;
+    }
+  }
+  return n;
+}
+
+// The guest went from the pair's source to its destination, whole.
+void check_moved(Pair& p, const std::string& to, const http::Reply& moved, long before) {
+  INFO(moved.body);
+  REQUIRE(moved.status == 200);
+  CHECK(moved.json.at("migrated_to").as_string() == to);
+  CHECK(p.source->domain(p.name).is_null());
+  CHECK(broker::lifecycle::live_processes_of_uid("/proc", p.guest.uid) == 0);
+  auto there = p.destination->domain(p.name);
+  REQUIRE(there.is_object());
+  CHECK(there.at("state").as_string() == "running");
+  const pid_t pid = static_cast<pid_t>(there.at("pid").to_number<int>());
+  auto fd = qbtest::connect_retry(std::string(there.at("console").as_string()), 10s);
+  REQUIRE(fd);
+  qbtest::GuestConsole moved_con(std::move(fd));
+  const long after = counter(moved_con);
+  CHECK(after >= before);
+  CHECK(wait_for([&] { return counter(moved_con) > after; }, 10s));
+  CHECK(run_in(moved_con, "dd if=/dev/vda bs=512 skip=8 count=1 2>/dev/null | head -c 20") ==
+        "QB-WRITTEN-AT-SOURCE");
+  // The brokers held the TCP connection; QEMU had a socketpair and holds no TCP socket.
+  CHECK(tcp_fds(pid) == 0);
+  CHECK(fds_naming(pid, p.destination->dir.path()) == 0);
+}
+
+}  // namespace
+
+TEST_CASE("a running guest migrates to a broker on another host over TLS with certificates on "
+          "both ends",
+          "[api][migrate][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::TempDir pki;
+  Certs certs(pki, "site");
+  const int port = free_port();
+  const std::string to = "tcp://127.0.0.1:" + std::to_string(port);
+  Pair p(kTlsBase, "tls", certs.args(),
+         plus(certs.args(), {"--migration-listen", "127.0.0.1:" + std::to_string(port)}));
+  auto& con = *p.guest.console;
+  run_in(con, "echo QB-WRITTEN-AT-SOURCE | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
+  const long before = counter(con);
+  auto moved = migrate(*p.source, p.name, to);
+  check_moved(p, to, moved, before);
+  CHECK(slurp(p.destination->dir / "log").find("over TLS") != std::string::npos);
+}
+
+TEST_CASE("a broker on another host refuses a source whose certificate its CA did not sign",
+          "[api][migrate][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::TempDir pki;
+  Certs site(pki, "site");
+  Certs rogue(pki, "rogue");
+  const int port = free_port();
+  const std::string to = "tcp://127.0.0.1:" + std::to_string(port);
+  // The source trusts the destination's CA, but its own certificate is of another.
+  Pair p(kRogueBase, "rog",
+         {"--migration-cert", rogue.cert, "--migration-key", rogue.key, "--migration-ca", site.ca},
+         plus(site.args(), {"--migration-listen", "127.0.0.1:" + std::to_string(port)}));
+  auto refused = migrate(*p.source, p.name, to);
+  INFO(refused.body);
+  CHECK(refused.status >= 400);
+  CHECK(refused.json.at("error").at("field").as_string() == "to");
+  CHECK(refused.json.at("error").at("message").as_string().find("refused this broker's certificate") !=
+        std::string::npos);
+  p.check_runs_at_source();
+  p.check_nothing_at_destination();
+  CHECK(slurp(p.destination->dir / "log").find("certificate") != std::string::npos);
+
+  // A destination whose certificate the source's CA did not sign is refused by the source.
+  const std::string other_port = std::to_string(free_port());
+  Broker other(kRogueBase + 20, p.images,
+               plus(rogue.args(), {"--migration-listen", "127.0.0.1:" + other_port}));
+  auto unverified = migrate(*p.source, p.name, "tcp://127.0.0.1:" + other_port);
+  INFO(unverified.body);
+  CHECK(unverified.status >= 400);
+  CHECK(unverified.json.at("error").at("field").as_string() == "to");
+  CHECK(unverified.json.at("error").at("message").as_string().find("certificate verify failed") !=
+        std::string::npos);
+  p.check_runs_at_source();
+  CHECK(other.domain(p.name).is_null());
+}
+
+TEST_CASE("between hosts, plain TCP needs --insecure-migration on both brokers, and then the "
+          "brokers relay the stream with splice",
+          "[api][migrate][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  const int port = free_port();
+  const std::string to = "tcp://127.0.0.1:" + std::to_string(port);
+  Pair p(kPlainBase, "pln", {"--insecure-migration"},
+         {"--insecure-migration", "--migration-listen", "127.0.0.1:" + std::to_string(port)});
+  auto& con = *p.guest.console;
+  run_in(con, "echo QB-WRITTEN-AT-SOURCE | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
+  const long before = counter(con);
+  auto moved = migrate(*p.source, p.name, to);
+  check_moved(p, to, moved, before);
+  CHECK(slurp(p.destination->dir / "log").find("over plain TCP") != std::string::npos);
 }

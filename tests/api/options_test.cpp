@@ -272,6 +272,52 @@ TEST_CASE("qbrokerd's --pool takes shapes, from flags or a config file, and name
   CHECK(xen.error().field == "--pool");
 }
 
+TEST_CASE("migrations between hosts take TLS files together, or --insecure-migration",
+          "[api][daemon][options][migrate]") {
+  auto tls = parse({"--migration-listen", "127.0.0.1:4711", "--migration-cert", "/etc/qb/c.pem",
+                    "--migration-key", "/etc/qb/k.pem", "--migration-ca", "/etc/qb/ca.pem"});
+  REQUIRE(tls);
+  CHECK(tls->migration_listen == "127.0.0.1:4711");
+  CHECK(tls->migration.tls());
+  CHECK_FALSE(tls->migration.insecure);
+  auto plain = parse({"--migration-listen", "[::1]:4711", "--insecure-migration"});
+  REQUIRE(plain);
+  CHECK(plain->migration.usable());
+  CHECK_FALSE(plain->migration.tls());
+  CHECK(parse({"--migration-listen", "*:4711", "--insecure-migration"}));
+  CHECK(parse({})->migration_listen.empty());
+  CHECK_FALSE(parse({})->migration.usable());
+
+  struct Bad {
+    std::initializer_list<std::string_view> args;
+    std::string_view field;
+    std::string_view says;
+  };
+  for (const Bad& bad :
+       {Bad{{"--migration-listen", "127.0.0.1:4711"}, "--migration-listen", "--insecure-migration"},
+        Bad{{"--migration-listen", "4711", "--insecure-migration"}, "--migration-listen", "ADDRESS:PORT"},
+        Bad{{"--migration-listen", "host:0", "--insecure-migration"}, "--migration-listen", "PORT 1 to 65535"},
+        Bad{{"--migration-listen", "example.org:80", "--insecure-migration"}, "--migration-listen",
+            "not an IP address"},
+        Bad{{"--migration-listen", "::1:80", "--insecure-migration"}, "--migration-listen", "[IPV6]"},
+        Bad{{"--migration-cert", "/c.pem"}, "--migration-cert", "--migration-key as well"},
+        Bad{{"--migration-cert", "/c.pem", "--migration-key", "/k.pem"}, "--migration-cert",
+            "--migration-ca as well"},
+        Bad{{"--migration-cert", "c.pem"}, "--migration-cert", "absolute path"},
+        Bad{{"--migration-cert", "/c.pem", "--migration-key", "/k.pem", "--migration-ca", "/ca.pem",
+             "--insecure-migration"},
+            "--insecure-migration", "exclude each other"},
+        Bad{{"--xen", "--migration-listen", "127.0.0.1:1", "--insecure-migration"}, "--migration-listen",
+            "--xen"}}) {
+    std::vector<std::string_view> v(bad.args);
+    auto r = parse_config(v);
+    INFO(bad.says);
+    REQUIRE_FALSE(r);
+    CHECK(r.error().field == bad.field);
+    CHECK(r.error().message.find(bad.says) != std::string::npos);
+  }
+}
+
 TEST_CASE("a create matches a pool shape only when it boots through firmware with a boot order",
           "[api][daemon][options][pool]") {
   broker::PoolShape shape;  // q35, 128 MiB, 1 vcpu, bios, 4 slots

@@ -1,0 +1,78 @@
+// The benchmarks' floor for QMP: one blocking socket, commands as text, fds with SCM_RIGHTS,
+// no parser beyond finding the reply line.
+#pragma once
+
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <thread>
+
+#include "fdpass/unique_fd.hpp"
+
+namespace qbbench {
+
+// The floor: one blocking QMP socket, commands as text, fds with SCM_RIGHTS.
+class RawQmp {
+ public:
+  explicit RawQmp(fdpass::UniqueFd fd) : fd_(std::move(fd)) {}
+  std::string cmd(const std::string& json, int pass = -1) {
+    std::string line = json + "\n";
+    msghdr msg{};
+    iovec iov{line.data(), line.size()};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
+    if (pass >= 0) {
+      msg.msg_control = control;
+      msg.msg_controllen = sizeof(control);
+      cmsghdr* c = CMSG_FIRSTHDR(&msg);
+      c->cmsg_level = SOL_SOCKET;
+      c->cmsg_type = SCM_RIGHTS;
+      c->cmsg_len = CMSG_LEN(sizeof(int));
+      std::memcpy(CMSG_DATA(c), &pass, sizeof(int));
+    }
+    if (::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL) != static_cast<ssize_t>(line.size()))
+      throw std::runtime_error("sendmsg");
+    for (;;) {
+      std::string l = line_();
+      if (l.find("\"event\"") != std::string::npos) continue;
+      if (l.find("\"error\"") != std::string::npos) throw std::runtime_error("raw QMP: " + json + " -> " + l);
+      return l;
+    }
+  }
+
+ private:
+  std::string line_() {
+    for (;;) {
+      auto nl = buf_.find('\n');
+      if (nl != std::string::npos) {
+        std::string l = buf_.substr(0, nl);
+        buf_.erase(0, nl + 1);
+        return l;
+      }
+      char b[4096];
+      ssize_t n = ::read(fd_.get(), b, sizeof(b));
+      if (n <= 0) throw std::runtime_error("raw QMP: connection lost");
+      buf_.append(b, static_cast<std::size_t>(n));
+    }
+  }
+  fdpass::UniqueFd fd_;
+  std::string buf_;
+};
+
+// Polls query-migrate every 2 ms until it reports completed.
+inline void wait_migration(RawQmp& q) {
+  for (;;) {
+    std::string r = q.cmd(R"({"execute":"query-migrate"})");
+    if (r.find("\"completed\"") != std::string::npos) return;
+    if (r.find("\"failed\"") != std::string::npos) throw std::runtime_error("raw migration failed: " + r);
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+}
+
+
+}  // namespace qbbench

@@ -1,0 +1,105 @@
+// A migration between brokers on different hosts (docs/api.md, "POST
+// /v1/domains/{name}/migrate"): one TCP connection from the source broker to the destination
+// broker's --migration-listen address, TLS with certificates on both ends unless the brokers were
+// started with --insecure-migration. QEMU never sees it: each broker hands its QEMU one end of a
+// socketpair and relays between the other end and the connection.
+//
+//   source -> destination   one line: {"domain": described domain, "paused": bool}
+//   destination -> source   one line: {"name": NAME} | {"error": {code, message, field?}}
+//   source -> destination   the migration stream, relayed from the source QEMU's socketpair
+//   destination -> source   one line once the domain runs there (or gave up): {"state": "running" |
+//                           "paused"} | {"error": {...}}
+//
+// The stream goes one way only (QEMU's return path is off), so the destination's last line needs
+// no framing: nothing else flows towards the source.
+#pragma once
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/json/value.hpp>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "broker/core/error.hpp"
+#include "fdpass/unique_fd.hpp"
+
+namespace boost::asio::ssl {
+class context;
+}
+
+namespace broker {
+
+// qbrokerd's --migration-cert, --migration-key, --migration-ca and --insecure-migration.
+struct MigrationTransport {
+  std::string cert;  // PEM chain this broker presents, as server and as client
+  std::string key;   // its private key
+  std::string ca;    // PEM bundle a peer's certificate must chain to
+  bool insecure = false;  // plain TCP, no certificates, no authentication of the peer
+
+  bool tls() const { return !cert.empty(); }
+  bool usable() const { return tls() || insecure; }
+};
+
+// "tcp://HOST:PORT", HOST a name, an IPv4 address or a bracketed IPv6 address. Errors name `to`.
+struct TcpTarget {
+  std::string host;
+  std::string port;
+};
+Result<TcpTarget> parse_tcp_target(std::string_view to);
+
+// "HOST:PORT" for --migration-listen; an empty HOST or "*" listens on every address.
+Result<boost::asio::ip::tcp::endpoint> parse_listen_address(std::string_view text);
+
+// The TLS context of one side, certificates loaded and checked; TLS 1.3 only. Errors name the
+// option whose file is at fault.
+Result<std::shared_ptr<boost::asio::ssl::context>> make_tls_context(const MigrationTransport& t,
+                                                                   bool server);
+
+struct RelayStats {
+  std::uint64_t bytes = 0;
+};
+
+// One connection between two brokers, TLS or plain. One read and one write may be in flight at
+// once; close() ends both.
+class MigrationLink {
+ public:
+  ~MigrationLink();
+  MigrationLink(const MigrationLink&) = delete;
+  MigrationLink& operator=(const MigrationLink&) = delete;
+
+  // Connects, and with TLS shakes hands and checks the destination's certificate against the CA
+  // and the target's host name. `tls` null: plain TCP.
+  static boost::asio::awaitable<Result<std::unique_ptr<MigrationLink>>> connect(
+      boost::asio::any_io_executor ex, std::shared_ptr<boost::asio::ssl::context> tls,
+      TcpTarget target, std::chrono::milliseconds timeout);
+  // Takes an accepted connection; with TLS shakes hands and requires a certificate of the CA.
+  static boost::asio::awaitable<Result<std::unique_ptr<MigrationLink>>> accept(
+      boost::asio::ip::tcp::socket sock, std::shared_ptr<boost::asio::ssl::context> tls,
+      std::chrono::milliseconds timeout);
+
+  // A JSON object on one line, at most `max` bytes, within `timeout`.
+  boost::asio::awaitable<Result<boost::json::value>> read_message(std::size_t max,
+                                                                  std::chrono::milliseconds timeout);
+  boost::asio::awaitable<Result<void>> write_message(const boost::json::value& v);
+
+  // Copies `local` to the link until `local` reads EOF (the source QEMU closed its end).
+  boost::asio::awaitable<Result<RelayStats>> relay_from(fdpass::UniqueFd local);
+  // Copies the link to `local` until the link ends or close(); shuts down `local`'s write side.
+  boost::asio::awaitable<Result<RelayStats>> relay_to(fdpass::UniqueFd local);
+
+  bool tls() const;
+  std::string peer() const;  // "ADDRESS:PORT"
+  void close();
+
+  struct Impl;
+
+ private:
+  explicit MigrationLink(std::shared_ptr<Impl> impl);
+  std::shared_ptr<Impl> impl_;  // shared with a watchdog timer's weak reference
+};
+
+}  // namespace broker
