@@ -8,13 +8,16 @@
 // completed; the throughput is the source's ram.transferred over that time.
 //
 //   direct  socketpair; one end to each QEMU (getfd), migrate fd: / migrate-incoming fd:.
+//   tcp     the same with the two ends of a TCP connection on the loopback: what TCP itself
+//           costs here, the ceiling of any relay over it.
 //   plain   a socketpair per QEMU; the brokers' ends relayed over one TCP connection, splice
 //           through a pipe on each side (MigrationLink, --insecure-migration).
 //   tls     the same over TLS 1.3 with certificates on both ends (openssl makes them).
 //
-// Usage: relay_bench [--rounds N] [--mib M]   (the relays run on one io_context thread, as in
-// qbrokerd; build optimized)
+// Usage: relay_bench [--rounds N] [--mib M]   (each relay runs on an io_context thread of its own,
+// as in two qbrokerd; build optimized)
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -71,7 +74,7 @@ broker::MigrationTransport make_certs(const std::string& d) {
   const std::string ec = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
   sh("openssl req -x509 " + ec + " -days 1 -subj /CN=bench-ca -keyout " + d + "/ca.key -out " + d + "/ca.pem");
   sh("openssl req " + ec + " -subj /CN=localhost -keyout " + d + "/b.key -out " + d + "/b.csr");
-  sh("printf 'subjectAltName=IP:127.0.0.1\\n' > " + d + "/ext");
+  sh("echo subjectAltName=IP:127.0.0.1 | dd of=" + d + "/ext");
   sh("openssl x509 -req -in " + d + "/b.csr -CA " + d + "/ca.pem -CAkey " + d +
      "/ca.key -CAcreateserial -days 1 -extfile " + d + "/ext -out " + d + "/b.pem");
   return broker::MigrationTransport{d + "/b.pem", d + "/b.key", d + "/ca.pem", false};
@@ -97,7 +100,18 @@ Qemu start(const std::string& mem_object, unsigned mib, bool incoming) {
 std::pair<fdpass::UniqueFd, fdpass::UniqueFd> socketpair() {
   int sv[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) die("socketpair");
+
   return {fdpass::UniqueFd(sv[0]), fdpass::UniqueFd(sv[1])};
+}
+
+// A TCP connection on the loopback, both ends.
+std::pair<fdpass::UniqueFd, fdpass::UniqueFd> tcp_pair() {
+  asio::io_context io;
+  tcp::acceptor acceptor(io, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0));
+  tcp::socket client(io);
+  client.connect(acceptor.local_endpoint());
+  tcp::socket server = acceptor.accept();
+  return {fdpass::UniqueFd(client.release()), fdpass::UniqueFd(server.release())};
 }
 
 std::uint64_t transferred(RawQmp& q) {
@@ -109,19 +123,19 @@ std::uint64_t transferred(RawQmp& q) {
   return std::stoull(r.substr(at));
 }
 
-// The relays of both brokers, on one io_context thread: the destination's side accepts, the
-// source's connects, and each relays its QEMU's socketpair end.
+// The relays of both brokers, each on its own io_context thread as in two qbrokerd: the
+// destination's side accepts, the source's connects, and each relays its QEMU's socketpair end.
 struct Relays {
-  asio::io_context io;
-  std::thread thread;
+  asio::io_context source_io, destination_io;
+  std::thread source_thread, destination_thread;
   std::shared_ptr<broker::MigrationLink> out, in;
 
   Relays(std::shared_ptr<asio::ssl::context> server, std::shared_ptr<asio::ssl::context> client,
          fdpass::UniqueFd from_source, fdpass::UniqueFd to_destination) {
-    tcp::acceptor acceptor(io, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0));
+    tcp::acceptor acceptor(destination_io, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0));
     const auto port = std::to_string(acceptor.local_endpoint().port());
     auto accepted = asio::co_spawn(
-        io,
+        destination_io,
         [&]() -> asio::awaitable<broker::Result<std::unique_ptr<broker::MigrationLink>>> {
           auto sock = co_await acceptor.async_accept(asio::use_awaitable);
           co_return co_await broker::MigrationLink::accept(std::move(sock), server,
@@ -129,31 +143,37 @@ struct Relays {
         },
         asio::use_future);
     auto connected = asio::co_spawn(
-        io, broker::MigrationLink::connect(io.get_executor(), client, {"127.0.0.1", port},
-                                           std::chrono::seconds(10)),
+        source_io,
+        broker::MigrationLink::connect(source_io.get_executor(), client, {"127.0.0.1", port},
+                                       std::chrono::seconds(10)),
         asio::use_future);
-    io.run();
-    io.restart();
+    std::thread handshake([this] { destination_io.run(); });
+    source_io.run();
+    handshake.join();
+    source_io.restart();
+    destination_io.restart();
     auto a = accepted.get();
     auto c = connected.get();
     if (!a || !c) die("relay link: " + (a ? c.error() : a.error()).describe());
     in = std::move(*a);
     out = std::move(*c);
-    asio::co_spawn(io, relay_out(out, std::move(from_source)), asio::detached);
-    asio::co_spawn(io, relay_in(in, std::move(to_destination)), asio::detached);
-    thread = std::thread([this] { io.run(); });
+    asio::co_spawn(source_io, relay_out(out, std::move(from_source)), asio::detached);
+    asio::co_spawn(destination_io, relay_in(in, std::move(to_destination)), asio::detached);
+    source_thread = std::thread([this] { source_io.run(); });
+    destination_thread = std::thread([this] { destination_io.run(); });
   }
   static asio::awaitable<void> relay_out(std::shared_ptr<broker::MigrationLink> l, fdpass::UniqueFd fd) {
     auto r = co_await l->relay_from(std::move(fd));
     if (!r) std::fprintf(stderr, "relay out: %s\n", r.error().describe().c_str());
-    l->close();  // the destination's relay sees the end
+    l->shutdown_send();  // the destination's relay sees the end
   }
   static asio::awaitable<void> relay_in(std::shared_ptr<broker::MigrationLink> l, fdpass::UniqueFd fd) {
     auto r = co_await l->relay_to(std::move(fd));
     if (!r) std::fprintf(stderr, "relay in: %s\n", r.error().describe().c_str());
   }
   ~Relays() {
-    if (thread.joinable()) thread.join();
+    if (source_thread.joinable()) source_thread.join();
+    if (destination_thread.joinable()) destination_thread.join();
   }
 };
 
@@ -167,13 +187,17 @@ double run(const std::string& mode, const std::string& ram_file, unsigned mib,
   src.qmp->cmd(R"({"execute":"migrate-set-parameters","arguments":{"max-bandwidth":)" +
                std::to_string(1ull << 40) + "}}");
   std::optional<Relays> relays;
-  if (mode == "direct") {
-    auto [a, b] = socketpair();
+  if (mode == "direct" || mode == "tcp") {
+    auto [a, b] = mode == "direct" ? socketpair() : tcp_pair();
     src.qmp->cmd(R"({"execute":"getfd","arguments":{"fdname":"m"}})", a.get());
     dst.qmp->cmd(R"({"execute":"getfd","arguments":{"fdname":"m"}})", b.get());
   } else {
+    // As the brokers make them (Broker::migrate_remote, MigrationGateway).
     auto [s_qemu, s_broker] = socketpair();
     auto [d_qemu, d_broker] = socketpair();
+    for (int fd : {s_qemu.get(), s_broker.get(), d_qemu.get(), d_broker.get()}) {
+      broker::widen_relay_buffers(fd);
+    }
     std::shared_ptr<asio::ssl::context> server, client;
     if (mode == "tls") {
       auto sc = broker::make_tls_context(certs, true);
@@ -203,6 +227,7 @@ double run(const std::string& mode, const std::string& ram_file, unsigned mib,
 }  // namespace
 
 int main(int argc, char** argv) {
+  ::signal(SIGPIPE, SIG_IGN);  // as qbrokerd: a relay whose peer went gets EPIPE
   int rounds = 3;
   unsigned mib = 256;
   for (int i = 1; i < argc; ++i) {
@@ -217,9 +242,9 @@ int main(int argc, char** argv) {
   try {
     Dir dir;
     const std::string ram = dir.path + "/ram";
-    sh("head -c " + std::to_string(mib) + "M /dev/urandom > " + ram);
+    sh("dd if=/dev/urandom of=" + ram + " bs=1M count=" + std::to_string(mib));
     auto certs = make_certs(dir.path);
-    const std::vector<std::string> modes = {"direct", "plain", "tls"};
+    const std::vector<std::string> modes = {"direct", "tcp", "plain", "tls"};
     std::map<std::string, std::vector<double>> rate;
     for (int r = 0; r < rounds; ++r) {
       for (const auto& m : modes) rate[m].push_back(run(m, ram, mib, certs));

@@ -613,6 +613,8 @@ awaitable<Result<void>> Broker::migrate_remote(std::shared_ptr<Domain> d, std::s
   }
   fdpass::UniqueFd relay_end(sv[0]);
   fdpass::UniqueFd qemu_end(sv[1]);
+  widen_relay_buffers(relay_end.get());
+  widen_relay_buffers(qemu_end.get());
   auto relayed = std::make_shared<RelayWatch>(ex_);
   asio::co_spawn(ex_, run_relay_from(link, std::move(relay_end), relayed), asio::detached);
   auto sent = co_await flows::send_state_fd(flow_ctx_, *d, std::move(qemu_end), cancel);

@@ -11,6 +11,7 @@
 #include <boost/asio/ip/address.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/ssl.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -18,6 +19,7 @@
 #include <boost/json.hpp>
 #include <charconv>
 #include <optional>
+#include <thread>
 #include <vector>
 
 #include "broker/core/errc.hpp"
@@ -131,6 +133,16 @@ Result<std::shared_ptr<ssl::context>> make_tls_context(const MigrationTransport&
   return ctx;
 }
 
+void widen_relay_buffers(int fd) {
+  constexpr int kBytes = 4 << 20;
+  for (int opt : {SO_SNDBUFFORCE, SO_RCVBUFFORCE}) {
+    if (::setsockopt(fd, SOL_SOCKET, opt, &kBytes, sizeof kBytes) != 0) {
+      ::setsockopt(fd, SOL_SOCKET, opt == SO_SNDBUFFORCE ? SO_SNDBUF : SO_RCVBUF, &kBytes,
+                   sizeof kBytes);
+    }
+  }
+}
+
 struct MigrationLink::Impl {
   asio::any_io_executor ex;
   std::shared_ptr<ssl::context> ctx;
@@ -157,6 +169,8 @@ struct MigrationLink::Impl {
   void close() {
     closed = true;
     boost::system::error_code ignored;
+    // Wakes a relay thread blocked on its duplicate of the socket (splice_all).
+    socket().shutdown(tcp::socket::shutdown_both, ignored);
     socket().close(ignored);
   }
 };
@@ -195,6 +209,10 @@ MigrationLink::~MigrationLink() {
 bool MigrationLink::tls() const { return impl_->secure.has_value(); }
 std::string MigrationLink::peer() const { return impl_->peer; }
 void MigrationLink::close() { impl_->close(); }
+void MigrationLink::shutdown_send() {
+  boost::system::error_code ignored;
+  impl_->socket().shutdown(tcp::socket::shutdown_send, ignored);
+}
 
 awaitable<Result<std::unique_ptr<MigrationLink>>> MigrationLink::connect(
     asio::any_io_executor ex, std::shared_ptr<ssl::context> tls, TcpTarget target,
@@ -316,37 +334,81 @@ Result<Pipe> make_pipe() {
   return pipe;
 }
 
-// Moves what `from` has (up to a pipe's worth) to `to` through `pipe` with splice, waiting on
-// `from_obj`/`to_obj` (the Asio objects of the two fds) whenever a side cannot move. Returns the
-// bytes moved, 0 at EOF.
-template <class From, class FromWait, class To, class ToWait>
-awaitable<Result<std::size_t>> splice_once(From& from_obj, FromWait from_wait, To& to_obj,
-                                           ToWait to_wait, const Pipe& pipe) {
-  constexpr unsigned kFlags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK;
-  const int from = from_obj.native_handle();
-  const int to = to_obj.native_handle();
-  ssize_t in;
+// The plain relay's copy: on a thread of its own, blocking, from `from` into the pipe and on to
+// `to` until EOF, an error, or a shutdown of the link's socket (MigrationLink::close). Blocking
+// splice on a thread moves the stream with no event loop round trip per chunk; the bytes never
+// enter user space.
+struct SpliceJob {
+  explicit SpliceJob(asio::any_io_executor e) : ex(e), wake(e, asio::steady_timer::time_point::max()) {}
+  asio::any_io_executor ex;
+  fdpass::UniqueFd from, to;
+  Pipe pipe;
+  std::uint64_t bytes = 0;
+  int error = 0;
+  const char* failed_at = "";
+  bool done = false;
+  asio::steady_timer wake;
+};
+
+void splice_all(SpliceJob& j) {
   for (;;) {
-    in = ::splice(from, nullptr, pipe.w.get(), nullptr, kSpliceChunk, kFlags);
-    if (in >= 0) break;
-    if (errno != EAGAIN && errno != EINTR) co_return sys_error(errno, "migration: relay read");
-    auto [ec] = co_await from_obj.async_wait(from_wait, kAwait);
-    if (ec) co_return link_error("migration: relay", ec);
-  }
-  std::size_t left = static_cast<std::size_t>(in);
-  while (left > 0) {
-    ssize_t out = ::splice(pipe.r.get(), nullptr, to, nullptr, left, kFlags | SPLICE_F_MORE);
-    if (out > 0) {
+    ssize_t in = ::splice(j.from.get(), nullptr, j.pipe.w.get(), nullptr, kSpliceChunk, SPLICE_F_MOVE);
+    if (in == 0) return;
+    if (in < 0) {
+      if (errno == EINTR) continue;
+      j.error = errno;
+      j.failed_at = "read";
+      return;
+    }
+    for (auto left = static_cast<std::size_t>(in); left > 0;) {
+      ssize_t out = ::splice(j.pipe.r.get(), nullptr, j.to.get(), nullptr, left,
+                             SPLICE_F_MOVE | SPLICE_F_MORE);
+      if (out < 0 && errno == EINTR) continue;
+      if (out <= 0) {
+        j.error = out < 0 ? errno : EPIPE;
+        j.failed_at = "write";
+        return;
+      }
       left -= static_cast<std::size_t>(out);
-      continue;
+      j.bytes += static_cast<std::uint64_t>(out);
     }
-    if (out < 0 && errno != EAGAIN && errno != EINTR) {
-      co_return sys_error(errno, "migration: relay write");
-    }
-    auto [ec] = co_await to_obj.async_wait(to_wait, kAwait);
-    if (ec) co_return link_error("migration: relay", ec);
   }
-  co_return static_cast<std::size_t>(in);
+}
+
+void start_splice_thread(std::shared_ptr<SpliceJob> job) {
+  std::thread([job] {
+    splice_all(*job);
+    asio::post(job->ex, [job] {
+      job->done = true;
+      job->wake.cancel();
+    });
+  }).detach();
+}
+
+// Runs the blocking copy from `from` to `to` on its thread and waits for it. Both fds are made
+// blocking for it (a duplicate of the link's socket shares its flags: they are put back after).
+awaitable<Result<std::uint64_t>> splice_on_thread(asio::any_io_executor ex, int from, int to) {
+  auto job = std::make_shared<SpliceJob>(ex);
+  auto pipe = make_pipe();
+  if (!pipe) co_return pipe.error();
+  job->pipe = std::move(*pipe);
+  job->from.reset(::fcntl(from, F_DUPFD_CLOEXEC, 0));
+  job->to.reset(::fcntl(to, F_DUPFD_CLOEXEC, 0));
+  if (!job->from || !job->to) co_return sys_error(errno, "migration: relay: dup");
+  const int from_flags = ::fcntl(from, F_GETFL);
+  const int to_flags = ::fcntl(to, F_GETFL);
+  ::fcntl(from, F_SETFL, from_flags & ~O_NONBLOCK);
+  ::fcntl(to, F_SETFL, to_flags & ~O_NONBLOCK);
+  ::fcntl(job->pipe.r.get(), F_SETFL, 0);
+  ::fcntl(job->pipe.w.get(), F_SETFL, 0);
+  start_splice_thread(job);
+  if (!job->done) co_await job->wake.async_wait(kAwait);
+  ::fcntl(from, F_SETFL, from_flags);
+  ::fcntl(to, F_SETFL, to_flags);
+  if (job->error != 0) {
+    co_return sys_error(job->error, std::string("migration: relay ") + job->failed_at);
+  }
+  co_return job->bytes;
 }
 
 // The link ended: QEMU sees EOF on its socketpair after the last byte.
@@ -372,17 +434,11 @@ awaitable<Result<RelayStats>> MigrationLink::relay_from(fdpass::UniqueFd local_f
       stats.bytes += n;
     }
   }
-  auto pipe = make_pipe();
-  if (!pipe) co_return pipe.error();
-  tcp::socket& net = *impl_->plain;
-  net.non_blocking(true);
-  for (;;) {
-    auto moved = co_await splice_once(local, asio::posix::descriptor_base::wait_read, net,
-                                      tcp::socket::wait_write, *pipe);
-    if (!moved) co_return moved.error();
-    if (*moved == 0) co_return stats;
-    stats.bytes += *moved;
-  }
+  auto moved = co_await splice_on_thread(impl_->ex, local.native_handle(),
+                                         impl_->plain->native_handle());
+  if (!moved) co_return moved.error();
+  stats.bytes = *moved;
+  co_return stats;
 }
 
 awaitable<Result<RelayStats>> MigrationLink::relay_to(fdpass::UniqueFd local_fd) {
@@ -408,19 +464,11 @@ awaitable<Result<RelayStats>> MigrationLink::relay_to(fdpass::UniqueFd local_fd)
       stats.bytes += n;
     }
   }
-  auto pipe = make_pipe();
-  if (!pipe) co_return pipe.error();
-  tcp::socket& net = *impl_->plain;
-  net.non_blocking(true);
-  for (;;) {
-    if (impl_->closed) co_return ended(local.native_handle(), stats);
-    auto moved = co_await splice_once(net, tcp::socket::wait_read, local,
-                                      asio::posix::descriptor_base::wait_write, *pipe);
-    if (!moved && impl_->closed) co_return ended(local.native_handle(), stats);
-    if (!moved) co_return moved.error();
-    if (*moved == 0) co_return ended(local.native_handle(), stats);
-    stats.bytes += *moved;
-  }
+  auto moved = co_await splice_on_thread(impl_->ex, impl_->plain->native_handle(),
+                                         local.native_handle());
+  if (!moved && !impl_->closed) co_return moved.error();
+  stats.bytes += moved ? *moved : 0;
+  co_return ended(local.native_handle(), stats);
 }
 
 }  // namespace broker

@@ -148,6 +148,7 @@ awaitable<void> MigrationGateway::serve(tcp::socket sock) {
   // The one-time listener takes the token first; the stream follows on the same connection.
   auto local = fdpass::connect_unix(ticket->endpoint);
   if (answered && local) {
+    widen_relay_buffers(local->get());
     const std::string line = ticket->token + "\n";
     if (::send(local->get(), line.data(), line.size(), MSG_NOSIGNAL) ==
         static_cast<ssize_t>(line.size())) {

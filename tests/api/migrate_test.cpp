@@ -37,6 +37,7 @@ constexpr uid_t kKilledDestinationBase = 3'109'500;
 constexpr uid_t kTlsBase = 3'109'600;
 constexpr uid_t kRogueBase = 3'109'700;
 constexpr uid_t kPlainBase = 3'109'800;
+constexpr uid_t kTlsDyingBase = 3'109'900;
 
 // A running qbrokerd with the test's image root beside the guest's directory.
 struct Broker {
@@ -532,7 +533,7 @@ TEST_CASE("a broker on another host refuses a source whose certificate its CA di
   CHECK(other.domain(p.name).is_null());
 }
 
-TEST_CASE("between hosts, plain TCP needs --insecure-migration on both brokers, and then the "
+TEST_CASE("between hosts plain TCP needs --insecure-migration on both brokers and then the "
           "brokers relay the stream with splice",
           "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
@@ -546,4 +547,31 @@ TEST_CASE("between hosts, plain TCP needs --insecure-migration on both brokers, 
   auto moved = migrate(*p.source, p.name, to);
   check_moved(p, to, moved, before);
   CHECK(slurp(p.destination->dir / "log").find("over plain TCP") != std::string::npos);
+}
+
+TEST_CASE("a destination QEMU on another host that dies during the migration leaves the guest "
+          "running at the source",
+          "[api][migrate][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::TempDir pki;
+  Certs certs(pki, "site");
+  const int port = free_port();
+  Pair p(kTlsDyingBase, "tdie", certs.args(),
+         plus(certs.args(), {"--migration-listen", "127.0.0.1:" + std::to_string(port)}));
+  std::thread killer([&] {
+    wait_for(
+        [&] {
+          auto d = p.destination->domain(p.name);
+          if (!d.is_object() || !d.at("pid").is_number()) return false;
+          const auto pid = d.at("pid").to_number<int>();
+          return pid > 0 && ::kill(pid, SIGKILL) == 0;
+        },
+        60s);
+  });
+  auto failed = migrate(*p.source, p.name, "tcp://127.0.0.1:" + std::to_string(port));
+  killer.join();
+  INFO(failed.body);
+  CHECK(failed.status >= 400);
+  p.check_runs_at_source();
+  p.check_nothing_at_destination();
 }
