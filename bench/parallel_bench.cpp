@@ -121,6 +121,7 @@ struct Env {
         broker(io.get_executor(), broker_config(d, parallel), launcher, roots) {
     uids.load();
   }
+  ~Env() { cgroups.remove_base_if_empty(); }
   static broker::lifecycle::LauncherConfig config(const std::string& d) {
     broker::lifecycle::LauncherConfig c;
     c.run_dir = d + "/run";

@@ -1,6 +1,8 @@
 #include "broker/control/migration_link.hpp"
 
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <openssl/ssl.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -191,6 +193,19 @@ void arm(asio::steady_timer& dog, std::chrono::milliseconds timeout,
   });
 }
 
+// A peer host that goes away without a word (power, network) ends the connection within a
+// minute: the destination's incoming QEMU then sees its stream end and is torn down, where it
+// would otherwise wait for ever.
+void keep_alive(tcp::socket& s) {
+  boost::system::error_code ignored;
+  s.set_option(tcp::socket::keep_alive(true), ignored);
+  const int fd = s.native_handle();
+  const int idle = 30, interval = 5, count = 6;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
+  ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof interval);
+  ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof count);
+}
+
 std::string endpoint_text(const tcp::socket& s) {
   boost::system::error_code ec;
   auto ep = s.remote_endpoint(ec);
@@ -236,6 +251,7 @@ awaitable<Result<std::unique_ptr<MigrationLink>>> MigrationLink::connect(
     co_return link_error("migration: connecting to " + where + (*fired ? " timed out" : ""), cec);
   }
   shared->socket().set_option(tcp::no_delay(true));
+  keep_alive(shared->socket());
   shared->peer = endpoint_text(shared->socket());
   if (tls) {
     shared->secure->set_verify_callback(ssl::host_name_verification(target.host));
@@ -258,6 +274,7 @@ awaitable<Result<std::unique_ptr<MigrationLink>>> MigrationLink::accept(
   shared->peer = endpoint_text(sock);
   boost::system::error_code ignored;
   sock.set_option(tcp::no_delay(true), ignored);
+  keep_alive(sock);
   if (tls) shared->secure.emplace(std::move(sock), *tls);
   else shared->plain.emplace(std::move(sock));
   if (tls) {

@@ -260,7 +260,12 @@ awaitable<Result<qmp::reply::MigrationInfo>> stream_out_fd(Context& ctx, Domain&
   if (auto ok = co_await getfd(ctx, d, peer, fd_name); !ok) co_return ok.error();
   peer.reset();
   qmp::Command migrate = qmp::cmd::migrate_to_fd(fd_name);
-  if (auto ok = co_await call(ctx, d, std::move(migrate)); !ok) co_return ok.error();
+  if (auto ok = co_await call(ctx, d, std::move(migrate)); !ok) {
+    // QEMU still holds the connection: closed, the destination sees the stream end.
+    qmp::Command close = qmp::cmd::closefd(fd_name);
+    co_await call(ctx, d, std::move(close));
+    co_return ok.error();
+  }
   co_return co_await follow_live(ctx, d, "migrate", cancel);
 }
 

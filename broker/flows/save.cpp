@@ -363,6 +363,10 @@ awaitable<void> recover_save(Context& ctx, Domain& d, json::object args) {
     asio::steady_timer t(ctx.ex, std::chrono::milliseconds(20));
     co_await t.async_wait(asio::as_tuple(asio::use_awaitable));
   }
+  // A stream handed over (getfd) before the migrate command ran is still in QEMU's fd list:
+  // closed, its peer sees the end (an incoming migration stops waiting). None is no error.
+  qmp::Command close = qmp::cmd::closefd(std::string(kStreamFd));
+  co_await call(ctx, d, std::move(close));
   if (path != nullptr && path->is_string()) {
     const std::string p(path->get_string());
     auto target = open_target(ctx.save_root, p, d.name());

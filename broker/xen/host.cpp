@@ -130,6 +130,15 @@ Result<lifecycle::KillReport> Host::stop(std::uint32_t domid) {
     if (killed && dm.ours) (void)uids_.release(dm.uid);
   }
   if (!killed) return killed.error();
+  if (!dm.instance) {
+    // An adopted device model's cgroup is known to no Instance: it goes with every other domain
+    // cgroup no live instance holds (the launcher never sweeps one a start is making).
+    std::vector<const lifecycle::Instance*> live;
+    for (const auto& [id, model] : models_) {
+      if (model.instance) live.push_back(&*model.instance);
+    }
+    launcher_.sweep_cgroups(live);
+  }
   detach_backends(dm);
   remove_device_nodes(node_dir(domid));
   if (dm.ours) {

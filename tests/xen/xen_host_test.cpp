@@ -10,7 +10,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
+#include <filesystem>
 #include <map>
 #include <string>
 #include <vector>
@@ -305,6 +307,10 @@ struct Fixture {
       REQUIRE(::mknod((dev / name).c_str(), S_IFCHR | 0600, null_st.st_rdev) == 0);
     }
   }
+  // The brokers' cgroup subtree goes with the test once nothing is left in it.
+  ~Fixture() {
+    lifecycle::CgroupManager({}, "qbroker-" + std::to_string(kBase)).remove_base_if_empty();
+  }
   std::unique_ptr<Broker> broker() {
     return std::make_unique<Broker>(xs.open(), state.path(), run.path(), dev.path(), domains);
   }
@@ -557,6 +563,18 @@ TEST_CASE("a restarted broker kills by uid from xenstore, and tracks what still 
   reap(pid3);
   CHECK(::access((fx.run / "xen/2").c_str(), F_OK) != 0);
   CHECK(::access((fx.run / "xen/3").c_str(), F_OK) != 0);
+  // The adopted device model's cgroup went with it, or waits as retired for its last zombie.
+  if (second->cgroups.available()) {
+    const auto retired = second->cgroups.retired();
+    for (const auto& e : std::filesystem::directory_iterator(second->cgroups.base())) {
+      const std::string name = e.path().filename().string();
+      if (!name.starts_with("dom-xen3-")) continue;
+      INFO(name);
+      CHECK(std::find(retired.begin(), retired.end(), name) != retired.end());
+    }
+    second->launcher.sweep_cgroups({});
+    CHECK(second->cgroups.retired().empty());
+  }
 }
 
 namespace {
