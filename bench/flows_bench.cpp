@@ -34,6 +34,7 @@
 
 #include <boost/asio/io_context.hpp>
 
+#include "raw_qmp.hpp"
 #include "broker/core/log.hpp"
 #include "broker/control/broker.hpp"
 #include "broker/flows/flows.hpp"
@@ -102,22 +103,9 @@ class RawQmp {
   explicit RawQmp(fdpass::UniqueFd fd) : fd_(std::move(fd)) {}
 
   std::string cmd(const std::string& json, int pass = -1) {
-    std::string line = json.substr(0, json.size() - 1) + ",\"id\":" + std::to_string(++id_) + "}\n";
-    msghdr msg{};
-    iovec iov{line.data(), line.size()};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
-    if (pass >= 0) {
-      msg.msg_control = control;
-      msg.msg_controllen = sizeof(control);
-      cmsghdr* c = CMSG_FIRSTHDR(&msg);
-      c->cmsg_level = SOL_SOCKET;
-      c->cmsg_type = SCM_RIGHTS;
-      c->cmsg_len = CMSG_LEN(sizeof(int));
-      std::memcpy(CMSG_DATA(c), &pass, sizeof(int));
-    }
-    if (::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL) != static_cast<ssize_t>(line.size())) die("sendmsg");
+    const std::string line =
+        json.substr(0, json.size() - 1) + ",\"id\":" + std::to_string(++id_) + "}\n";
+    qbbench::send_line(fd_.get(), line, pass);
     for (;;) {
       std::string l = line_();
       if (l.find("\"event\"") != std::string::npos) {

@@ -15,32 +15,39 @@
 
 namespace qbbench {
 
+// One line in one sendmsg, with `pass` (when not -1) as its SCM_RIGHTS fd.
+inline void send_line(int sock, const std::string& line, int pass = -1) {
+  msghdr msg{};
+  iovec iov{const_cast<char*>(line.data()), line.size()};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
+  if (pass >= 0) {
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof(control);
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    std::memcpy(CMSG_DATA(c), &pass, sizeof(int));
+  }
+  if (::sendmsg(sock, &msg, MSG_NOSIGNAL) != static_cast<ssize_t>(line.size())) {
+    throw std::runtime_error("sendmsg");
+  }
+}
+
 // The floor: one blocking QMP socket, commands as text, fds with SCM_RIGHTS.
 class RawQmp {
  public:
   explicit RawQmp(fdpass::UniqueFd fd) : fd_(std::move(fd)) {}
   std::string cmd(const std::string& json, int pass = -1) {
-    std::string line = json + "\n";
-    msghdr msg{};
-    iovec iov{line.data(), line.size()};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
-    if (pass >= 0) {
-      msg.msg_control = control;
-      msg.msg_controllen = sizeof(control);
-      cmsghdr* c = CMSG_FIRSTHDR(&msg);
-      c->cmsg_level = SOL_SOCKET;
-      c->cmsg_type = SCM_RIGHTS;
-      c->cmsg_len = CMSG_LEN(sizeof(int));
-      std::memcpy(CMSG_DATA(c), &pass, sizeof(int));
-    }
-    if (::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL) != static_cast<ssize_t>(line.size()))
-      throw std::runtime_error("sendmsg");
+    send_line(fd_.get(), json + "\n", pass);
     for (;;) {
       std::string l = line_();
       if (l.find("\"event\"") != std::string::npos) continue;
-      if (l.find("\"error\"") != std::string::npos) throw std::runtime_error("raw QMP: " + json + " -> " + l);
+      if (l.find("\"error\"") != std::string::npos) {
+        throw std::runtime_error("raw QMP: " + json + " -> " + l);
+      }
       return l;
     }
   }
@@ -69,10 +76,11 @@ inline void wait_migration(RawQmp& q) {
   for (;;) {
     std::string r = q.cmd(R"({"execute":"query-migrate"})");
     if (r.find("\"completed\"") != std::string::npos) return;
-    if (r.find("\"failed\"") != std::string::npos) throw std::runtime_error("raw migration failed: " + r);
+    if (r.find("\"failed\"") != std::string::npos) {
+      throw std::runtime_error("raw migration failed: " + r);
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
 }
-
 
 }  // namespace qbbench

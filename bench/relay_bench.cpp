@@ -48,7 +48,9 @@ using qbbench::RawQmp;
 
 namespace {
 
-[[noreturn]] void die(const std::string& what) { throw std::runtime_error(what); }
+[[noreturn]] void die(const std::string& what) {
+  throw std::runtime_error(what);
+}
 
 void sh(const std::string& cmd) {
   if (std::system((cmd + " >/dev/null 2>&1").c_str()) != 0) die("failed: " + cmd);
@@ -72,7 +74,8 @@ struct Dir {
 // A CA and one certificate for 127.0.0.1 both brokers present.
 broker::MigrationTransport make_certs(const std::string& d) {
   const std::string ec = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
-  sh("openssl req -x509 " + ec + " -days 1 -subj /CN=bench-ca -keyout " + d + "/ca.key -out " + d + "/ca.pem");
+  sh("openssl req -x509 " + ec + " -days 1 -subj /CN=bench-ca -keyout " + d + "/ca.key -out " + d +
+     "/ca.pem");
   sh("openssl req " + ec + " -subj /CN=localhost -keyout " + d + "/b.key -out " + d + "/b.csr");
   sh("echo subjectAltName=IP:127.0.0.1 | dd of=" + d + "/ext");
   sh("openssl x509 -req -in " + d + "/b.csr -CA " + d + "/ca.pem -CAkey " + d +
@@ -86,8 +89,8 @@ struct Qemu {
 };
 
 Qemu start(const std::string& mem_object, unsigned mib, bool incoming) {
-  std::vector<std::string> extra = {"-object", mem_object, "-machine", "memory-backend=m",
-                                    "-m", std::to_string(mib) + "M", "-S"};
+  std::vector<std::string> extra = {
+      "-object", mem_object, "-machine", "memory-backend=m", "-m", std::to_string(mib) + "M", "-S"};
   if (incoming) extra.insert(extra.end(), {"-incoming", "defer"});
   Qemu q;
   q.proc = qbtest::QemuProcess::start(1, extra);
@@ -162,12 +165,14 @@ struct Relays {
     source_thread = std::thread([this] { source_io.run(); });
     destination_thread = std::thread([this] { destination_io.run(); });
   }
-  static asio::awaitable<void> relay_out(std::shared_ptr<broker::MigrationLink> l, fdpass::UniqueFd fd) {
+  static asio::awaitable<void> relay_out(std::shared_ptr<broker::MigrationLink> l,
+                                         fdpass::UniqueFd fd) {
     auto r = co_await l->relay_from(std::move(fd));
     if (!r) std::fprintf(stderr, "relay out: %s\n", r.error().describe().c_str());
     l->shutdown_send();  // the destination's relay sees the end
   }
-  static asio::awaitable<void> relay_in(std::shared_ptr<broker::MigrationLink> l, fdpass::UniqueFd fd) {
+  static asio::awaitable<void> relay_in(std::shared_ptr<broker::MigrationLink> l,
+                                        fdpass::UniqueFd fd) {
     auto r = co_await l->relay_to(std::move(fd));
     if (!r) std::fprintf(stderr, "relay in: %s\n", r.error().describe().c_str());
   }
@@ -232,8 +237,10 @@ int main(int argc, char** argv) {
   unsigned mib = 256;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
-    if (a == "--rounds" && i + 1 < argc) rounds = std::atoi(argv[++i]);
-    else if (a == "--mib" && i + 1 < argc) mib = static_cast<unsigned>(std::atoi(argv[++i]));
+    if (a == "--rounds" && i + 1 < argc)
+      rounds = std::atoi(argv[++i]);
+    else if (a == "--mib" && i + 1 < argc)
+      mib = static_cast<unsigned>(std::atoi(argv[++i]));
     else {
       std::fprintf(stderr, "usage: relay_bench [--rounds N] [--mib M]\n");
       return 2;

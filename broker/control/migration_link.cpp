@@ -87,8 +87,8 @@ Result<TcpTarget> parse_tcp_target(std::string_view to) {
   auto hp = split_host_port(to.substr(kScheme.size()));
   if (!hp || hp->first.empty()) return bad("a remote broker is tcp://HOST:PORT, PORT 1 to 65535");
   for (char c : hp->first) {
-    const bool ok = std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' ||
-                    c == ':' || c == '_';
+    const bool ok =
+        std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' || c == ':' || c == '_';
     if (!ok) return bad("the host '" + hp->first + "' is not a host name or an address");
   }
   return TcpTarget{hp->first, hp->second};
@@ -111,7 +111,8 @@ Result<tcp::endpoint> parse_listen_address(std::string_view text) {
 }
 
 Result<std::shared_ptr<ssl::context>> make_tls_context(const MigrationTransport& t, bool server) {
-  auto ctx = std::make_shared<ssl::context>(server ? ssl::context::tls_server : ssl::context::tls_client);
+  auto ctx =
+      std::make_shared<ssl::context>(server ? ssl::context::tls_server : ssl::context::tls_client);
   ::SSL_CTX_set_min_proto_version(ctx->native_handle(), TLS1_3_VERSION);
   auto fail = [](std::string field, std::string what, const boost::system::error_code& ec) {
     Error e(make_error_code(errc::invalid_argument), what + ": " + ec.message());
@@ -221,9 +222,15 @@ MigrationLink::~MigrationLink() {
   if (impl_) impl_->close();
 }
 
-bool MigrationLink::tls() const { return impl_->secure.has_value(); }
-std::string MigrationLink::peer() const { return impl_->peer; }
-void MigrationLink::close() { impl_->close(); }
+bool MigrationLink::tls() const {
+  return impl_->secure.has_value();
+}
+std::string MigrationLink::peer() const {
+  return impl_->peer;
+}
+void MigrationLink::close() {
+  impl_->close();
+}
 void MigrationLink::shutdown_send() {
   boost::system::error_code ignored;
   impl_->socket().shutdown(tcp::socket::shutdown_send, ignored);
@@ -240,8 +247,10 @@ awaitable<Result<std::unique_ptr<MigrationLink>>> MigrationLink::connect(
   auto shared = std::make_shared<Impl>();
   shared->ex = ex;
   shared->ctx = tls;
-  if (tls) shared->secure.emplace(ex, *tls);
-  else shared->plain.emplace(ex);
+  if (tls)
+    shared->secure.emplace(ex, *tls);
+  else
+    shared->plain.emplace(ex);
   asio::steady_timer dog(ex);
   auto fired = std::make_shared<bool>(false);
   arm(dog, timeout, shared, fired);
@@ -275,8 +284,10 @@ awaitable<Result<std::unique_ptr<MigrationLink>>> MigrationLink::accept(
   boost::system::error_code ignored;
   sock.set_option(tcp::no_delay(true), ignored);
   keep_alive(sock);
-  if (tls) shared->secure.emplace(std::move(sock), *tls);
-  else shared->plain.emplace(std::move(sock));
+  if (tls)
+    shared->secure.emplace(std::move(sock), *tls);
+  else
+    shared->plain.emplace(std::move(sock));
   if (tls) {
     asio::steady_timer dog(ex);
     auto fired = std::make_shared<bool>(false);
@@ -284,7 +295,8 @@ awaitable<Result<std::unique_ptr<MigrationLink>>> MigrationLink::accept(
     auto [hec] = co_await shared->secure->async_handshake(ssl::stream_base::server, kAwait);
     dog.cancel();
     if (hec) {
-      co_return link_error("migration: TLS with " + shared->peer + (*fired ? " timed out" : ""), hec);
+      co_return link_error("migration: TLS with " + shared->peer + (*fired ? " timed out" : ""),
+                           hec);
     }
   }
   co_return std::unique_ptr<MigrationLink>(new MigrationLink(std::move(shared)));
@@ -300,9 +312,9 @@ awaitable<Result<json::value>> MigrationLink::read_message(std::size_t max,
   while ((nl = impl_->pending.find('\n')) == std::string::npos) {
     if (impl_->pending.size() > max) {
       dog.cancel();
-      co_return link_error("migration: " + impl_->peer + " sent a message over " +
-                               std::to_string(max) + " bytes",
-                           {});
+      co_return link_error(
+          "migration: " + impl_->peer + " sent a message over " + std::to_string(max) + " bytes",
+          {});
     }
     auto [ec, n] = co_await impl_->read_some(asio::buffer(chunk));
     if (ec) {
@@ -310,11 +322,12 @@ awaitable<Result<json::value>> MigrationLink::read_message(std::size_t max,
       // TLS 1.3 ends the client's handshake before the server has judged its certificate: a
       // refusal arrives as an alert on the first read.
       const bool alert = impl_->secure && ec.category() == asio::error::get_ssl_category();
-      co_return link_error("migration: " +
-                               (alert ? impl_->peer + " refused this broker's certificate or ended TLS"
-                                      : "reading from " + impl_->peer) +
-                               (*fired ? ": no message in time" : ""),
-                           ec);
+      co_return link_error(
+          "migration: " +
+              (alert ? impl_->peer + " refused this broker's certificate or ended TLS"
+                     : "reading from " + impl_->peer) +
+              (*fired ? ": no message in time" : ""),
+          ec);
     }
     impl_->pending.append(chunk.data(), n);
   }
@@ -356,7 +369,8 @@ Result<Pipe> make_pipe() {
 // splice on a thread moves the stream with no event loop round trip per chunk; the bytes never
 // enter user space.
 struct SpliceJob {
-  explicit SpliceJob(asio::any_io_executor e) : ex(e), wake(e, asio::steady_timer::time_point::max()) {}
+  explicit SpliceJob(asio::any_io_executor e)
+      : ex(e), wake(e, asio::steady_timer::time_point::max()) {}
   asio::any_io_executor ex;
   fdpass::UniqueFd from, to;
   Pipe pipe;
@@ -369,7 +383,8 @@ struct SpliceJob {
 
 void splice_all(SpliceJob& j) {
   for (;;) {
-    ssize_t in = ::splice(j.from.get(), nullptr, j.pipe.w.get(), nullptr, kSpliceChunk, SPLICE_F_MOVE);
+    ssize_t in =
+        ::splice(j.from.get(), nullptr, j.pipe.w.get(), nullptr, kSpliceChunk, SPLICE_F_MOVE);
     if (in == 0) return;
     if (in < 0) {
       if (errno == EINTR) continue;
@@ -451,8 +466,8 @@ awaitable<Result<RelayStats>> MigrationLink::relay_from(fdpass::UniqueFd local_f
       stats.bytes += n;
     }
   }
-  auto moved = co_await splice_on_thread(impl_->ex, local.native_handle(),
-                                         impl_->plain->native_handle());
+  auto moved =
+      co_await splice_on_thread(impl_->ex, local.native_handle(), impl_->plain->native_handle());
   if (!moved) co_return moved.error();
   stats.bytes = *moved;
   co_return stats;
@@ -481,8 +496,8 @@ awaitable<Result<RelayStats>> MigrationLink::relay_to(fdpass::UniqueFd local_fd)
       stats.bytes += n;
     }
   }
-  auto moved = co_await splice_on_thread(impl_->ex, impl_->plain->native_handle(),
-                                         local.native_handle());
+  auto moved =
+      co_await splice_on_thread(impl_->ex, impl_->plain->native_handle(), local.native_handle());
   if (!moved && !impl_->closed) co_return moved.error();
   stats.bytes += moved ? *moved : 0;
   co_return ended(local.native_handle(), stats);

@@ -35,9 +35,9 @@ namespace broker {
 
 // qbrokerd's --migration-cert, --migration-key, --migration-ca and --insecure-migration.
 struct MigrationTransport {
-  std::string cert;  // PEM chain this broker presents, as server and as client
-  std::string key;   // its private key
-  std::string ca;    // PEM bundle a peer's certificate must chain to
+  std::string cert;       // PEM chain this broker presents, as server and as client
+  std::string key;        // its private key
+  std::string ca;         // PEM bundle a peer's certificate must chain to
   bool insecure = false;  // plain TCP, no certificates, no authentication of the peer
 
   bool tls() const { return !cert.empty(); }
@@ -57,7 +57,7 @@ Result<boost::asio::ip::tcp::endpoint> parse_listen_address(std::string_view tex
 // The TLS context of one side, certificates loaded and checked; TLS 1.3 only. Errors name the
 // option whose file is at fault.
 Result<std::shared_ptr<boost::asio::ssl::context>> make_tls_context(const MigrationTransport& t,
-                                                                   bool server);
+                                                                    bool server);
 
 // Gives the AF_UNIX socket between a QEMU and its broker's relay 4 MiB of send and receive
 // buffer: the relay then wakes once per few MiB rather than per 200 KiB, which measurably raises
@@ -87,8 +87,8 @@ class MigrationLink {
       std::chrono::milliseconds timeout);
 
   // A JSON object on one line, at most `max` bytes, within `timeout`.
-  boost::asio::awaitable<Result<boost::json::value>> read_message(std::size_t max,
-                                                                  std::chrono::milliseconds timeout);
+  boost::asio::awaitable<Result<boost::json::value>> read_message(
+      std::size_t max, std::chrono::milliseconds timeout);
   boost::asio::awaitable<Result<void>> write_message(const boost::json::value& v);
 
   // Copies `local` to the link until `local` reads EOF (the source QEMU closed its end).

@@ -64,7 +64,9 @@ MigrationGateway::MigrationGateway(asio::any_io_executor ex, Broker& broker,
                                    std::shared_ptr<asio::ssl::context> tls)
     : ex_(ex), broker_(broker), tls_(std::move(tls)), acceptor_(ex) {}
 
-MigrationGateway::~MigrationGateway() { stop(); }
+MigrationGateway::~MigrationGateway() {
+  stop();
+}
 
 Result<void> MigrationGateway::listen(const tcp::endpoint& at) {
   boost::system::error_code ec;
@@ -92,7 +94,9 @@ tcp::endpoint MigrationGateway::local_endpoint() const {
   return acceptor_.local_endpoint(ec);
 }
 
-void MigrationGateway::start() { asio::co_spawn(ex_, accept_loop(), asio::detached); }
+void MigrationGateway::start() {
+  asio::co_spawn(ex_, accept_loop(), asio::detached);
+}
 
 void MigrationGateway::stop() {
   stopped_ = true;
@@ -123,8 +127,8 @@ awaitable<void> MigrationGateway::serve(tcp::socket sock) {
   links_.insert(link);
   const std::string peer = link->peer();
   auto request = co_await link->read_message(kMaxRequest, kHandshake);
-  Result<std::pair<json::value, bool>> asked = request ? parse_request(*request)
-                                                        : Result<std::pair<json::value, bool>>(request.error());
+  Result<std::pair<json::value, bool>> asked =
+      request ? parse_request(*request) : Result<std::pair<json::value, bool>>(request.error());
   if (!asked) {
     log::warn("migration from " + peer + ": " + asked.error().describe());
     auto told = co_await link->write_message(error_message(asked.error()));
@@ -158,13 +162,15 @@ awaitable<void> MigrationGateway::serve(tcp::socket sock) {
   // Whatever failed above, the incoming job ends by itself (no connection, a wrong token or an
   // ended stream) and tears its domain down.
   if (!watch->result) co_await watch->wake.async_wait(kAwait);
-  Result<void> done = watch->result ? std::move(*watch->result)
-                                    : Result<void>(Error(make_error_code(errc::internal),
-                                                         "the incoming job did not report"));
-  json::object outcome = done ? json::object{{"status", 200},
-                                             {"body", json::object{{"name", ticket->name},
-                                                                   {"state", paused ? "paused" : "running"}}}}
-                              : error_message(done.error());
+  Result<void> done =
+      watch->result
+          ? std::move(*watch->result)
+          : Result<void>(Error(make_error_code(errc::internal), "the incoming job did not report"));
+  json::object outcome =
+      done ? json::object{{"status", 200},
+                          {"body", json::object{{"name", ticket->name},
+                                                {"state", paused ? "paused" : "running"}}}}
+           : error_message(done.error());
   auto told = co_await link->write_message(outcome);
   if (!told) log::warn("domain " + ticket->name + ": " + told.error().describe());
   link->close();

@@ -190,6 +190,93 @@ struct Pair {
   }
 };
 
+// The inodes of every TCP socket on the host.
+std::set<std::string> tcp_socket_inodes() {
+  std::set<std::string> out;
+  for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
+    std::istringstream in(slurp(table));
+    std::string line;
+    std::getline(in, line);  // the header
+    while (std::getline(in, line)) {
+      std::istringstream f(line);
+      std::string field;
+      for (int i = 0; i < 10 && f >> field; ++i) {
+      }
+      if (!field.empty()) out.insert(field);
+    }
+  }
+  return out;
+}
+
+// How many TCP sockets the process holds.
+int tcp_fds(pid_t pid) {
+  const auto tcp = tcp_socket_inodes();
+  int n = 0;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd")) {
+    std::error_code ec;
+    auto target = std::filesystem::read_symlink(e.path(), ec).string();
+    if (!ec && target.starts_with("socket:[") &&
+        tcp.contains(target.substr(8, target.size() - 9))) {
+      ++n;
+    }
+  }
+  return n;
+}
+
+// The guest went from the pair's source to its destination, whole.
+void check_moved(Pair& p, const std::string& to, const http::Reply& moved, long before) {
+  INFO(moved.body);
+  REQUIRE(moved.status == 200);
+  CHECK(moved.json.at("migrated_to").as_string() == to);
+  CHECK(p.source->domain(p.name).is_null());
+  CHECK(broker::lifecycle::live_processes_of_uid("/proc", p.guest.uid) == 0);
+  CHECK_FALSE(std::filesystem::exists(p.source->dir / ("run/domains/" + p.name + ".json")));
+  auto there = p.destination->domain(p.name);
+  REQUIRE(there.is_object());
+  CHECK(there.at("state").as_string() == "running");
+  // Under a uid of the destination's own range.
+  const auto uid = there.at("uid").to_number<uid_t>();
+  CHECK(uid > p.destination->base);
+  CHECK(uid < p.destination->base + 8);
+  const pid_t pid = static_cast<pid_t>(there.at("pid").to_number<int>());
+  auto fd = qbtest::connect_retry(std::string(there.at("console").as_string()), 10s);
+  REQUIRE(fd);
+  qbtest::GuestConsole moved_con(std::move(fd));
+  const long after = counter(moved_con);
+  CHECK(after >= before);
+  CHECK(wait_for([&] { return counter(moved_con) > after; }, 10s));
+  CHECK(run_in(moved_con, "dd if=/dev/vda bs=512 skip=8 count=1 2>/dev/null | head -c 20") ==
+        "QB-WRITTEN-AT-SOURCE");
+  // QEMU got the stream as an fd: a socketpair's end or an accepted Unix connection, never a
+  // TCP socket (between hosts the brokers hold it) or a socket it reached by path; and the
+  // one-time listener is gone.
+  CHECK(tcp_fds(pid) == 0);
+  CHECK(fds_naming(pid, p.destination->dir.path()) == 0);
+  CHECK(std::filesystem::is_empty(p.destination->dir / "run/migrate"));
+}
+
+// Migrates to `to` while the destination's QEMU is killed as soon as it exists (during the
+// prepare, or while the state streams in, whichever the timing gives): the guest stays whole at
+// the source and nothing of it at the destination.
+void migrate_while_destination_dies(Pair& p, const std::string& to) {
+  std::thread killer([&] {
+    wait_for(
+        [&] {
+          auto d = p.destination->domain(p.name);
+          if (!d.is_object() || !d.at("pid").is_number()) return false;
+          const auto pid = d.at("pid").to_number<int>();
+          return pid > 0 && ::kill(pid, SIGKILL) == 0;
+        },
+        60s);
+  });
+  auto failed = migrate(*p.source, p.name, to);
+  killer.join();
+  INFO(failed.body);
+  CHECK(failed.status >= 400);
+  p.check_runs_at_source();
+  p.check_nothing_at_destination();
+}
+
 }  // namespace
 
 TEST_CASE("a running guest migrates to another broker with its memory and disk, and nothing of it "
@@ -203,34 +290,7 @@ TEST_CASE("a running guest migrates to another broker with its memory and disk, 
   const long before = counter(con);
 
   auto moved = migrate(*p.source, p.name, p.destination->sock);
-  INFO(moved.body);
-  REQUIRE(moved.status == 200);
-  CHECK(moved.json.at("migrated_to").as_string() == p.destination->sock);
-
-  // The source keeps nothing: no domain, no process under the uid, no record.
-  CHECK(p.source->domain(p.name).is_null());
-  CHECK(broker::lifecycle::live_processes_of_uid("/proc", p.guest.uid) == 0);
-  CHECK_FALSE(std::filesystem::exists(p.source->dir / ("run/domains/" + p.name + ".json")));
-  // The destination runs it under a uid of its own range, and the guest went on counting.
-  auto there = p.destination->domain(p.name);
-  REQUIRE(there.is_object());
-  CHECK(there.at("state").as_string() == "running");
-  const auto uid = there.at("uid").to_number<uid_t>();
-  CHECK(uid > p.destination->base);
-  CHECK(uid < p.destination->base + 8);
-  const pid_t pid = static_cast<pid_t>(there.at("pid").to_number<int>());
-  auto fd = qbtest::connect_retry(std::string(there.at("console").as_string()), 10s);
-  REQUIRE(fd);
-  qbtest::GuestConsole moved_con(std::move(fd));
-  const long after = counter(moved_con);
-  CHECK(after >= before);
-  CHECK(wait_for([&] { return counter(moved_con) > after; }, 10s));
-  CHECK(run_in(moved_con, "dd if=/dev/vda bs=512 skip=8 count=1 2>/dev/null | head -c 20") ==
-        "QB-WRITTEN-AT-SOURCE");
-  // The destination's QEMU got the stream as an fd: it holds no socket by path, and the
-  // one-time listener is gone.
-  CHECK(fds_naming(pid, p.destination->dir.path()) == 0);
-  CHECK(std::filesystem::is_empty(p.destination->dir / "run/migrate"));
+  check_moved(p, p.destination->sock, moved, before);
 
   auto gone = http::call(p.destination->sock, "DELETE", "/v1/domains/" + p.name);
   REQUIRE(gone);
@@ -281,24 +341,7 @@ TEST_CASE("a destination QEMU that dies during the migration leaves the guest ru
           "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
   Pair p(kDyingBase, "die");
-  // The destination's QEMU is killed as soon as it exists: during the prepare, or while the
-  // state streams in, whichever the timing gives.
-  std::thread killer([&] {
-    wait_for(
-        [&] {
-          auto d = p.destination->domain(p.name);
-          if (!d.is_object() || !d.at("pid").is_number()) return false;
-          const auto pid = d.at("pid").to_number<int>();
-          return pid > 0 && ::kill(pid, SIGKILL) == 0;
-        },
-        60s);
-  });
-  auto failed = migrate(*p.source, p.name, p.destination->sock);
-  killer.join();
-  INFO(failed.body);
-  CHECK(failed.status >= 400);
-  p.check_runs_at_source();
-  p.check_nothing_at_destination();
+  migrate_while_destination_dies(p, p.destination->sock);
 }
 
 namespace {
@@ -420,63 +463,6 @@ std::vector<std::string> plus(std::vector<std::string> a, const std::vector<std:
   return a;
 }
 
-// The inodes of every TCP socket on the host.
-std::set<std::string> tcp_socket_inodes() {
-  std::set<std::string> out;
-  for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
-    std::istringstream in(slurp(table));
-    std::string line;
-    std::getline(in, line);  // the header
-    while (std::getline(in, line)) {
-      std::istringstream f(line);
-      std::string field;
-      for (int i = 0; i < 10 && f >> field; ++i) {
-      }
-      if (!field.empty()) out.insert(field);
-    }
-  }
-  return out;
-}
-
-// How many TCP sockets the process holds.
-int tcp_fds(pid_t pid) {
-  const auto tcp = tcp_socket_inodes();
-  int n = 0;
-  for (const auto& e : std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd")) {
-    std::error_code ec;
-    auto target = std::filesystem::read_symlink(e.path(), ec).string();
-    if (!ec && target.starts_with("socket:[") &&
-        tcp.contains(target.substr(8, target.size() - 9))) {
-      ++n;
-    }
-  }
-  return n;
-}
-
-// The guest went from the pair's source to its destination, whole.
-void check_moved(Pair& p, const std::string& to, const http::Reply& moved, long before) {
-  INFO(moved.body);
-  REQUIRE(moved.status == 200);
-  CHECK(moved.json.at("migrated_to").as_string() == to);
-  CHECK(p.source->domain(p.name).is_null());
-  CHECK(broker::lifecycle::live_processes_of_uid("/proc", p.guest.uid) == 0);
-  auto there = p.destination->domain(p.name);
-  REQUIRE(there.is_object());
-  CHECK(there.at("state").as_string() == "running");
-  const pid_t pid = static_cast<pid_t>(there.at("pid").to_number<int>());
-  auto fd = qbtest::connect_retry(std::string(there.at("console").as_string()), 10s);
-  REQUIRE(fd);
-  qbtest::GuestConsole moved_con(std::move(fd));
-  const long after = counter(moved_con);
-  CHECK(after >= before);
-  CHECK(wait_for([&] { return counter(moved_con) > after; }, 10s));
-  CHECK(run_in(moved_con, "dd if=/dev/vda bs=512 skip=8 count=1 2>/dev/null | head -c 20") ==
-        "QB-WRITTEN-AT-SOURCE");
-  // The brokers held the TCP connection; QEMU had a socketpair and holds no TCP socket.
-  CHECK(tcp_fds(pid) == 0);
-  CHECK(fds_naming(pid, p.destination->dir.path()) == 0);
-}
-
 }  // namespace
 
 TEST_CASE("a running guest migrates to a broker on another host over TLS with certificates on "
@@ -558,20 +544,5 @@ TEST_CASE("a destination QEMU on another host that dies during the migration lea
   const int port = free_port();
   Pair p(kTlsDyingBase, "tdie", certs.args(),
          plus(certs.args(), {"--migration-listen", "127.0.0.1:" + std::to_string(port)}));
-  std::thread killer([&] {
-    wait_for(
-        [&] {
-          auto d = p.destination->domain(p.name);
-          if (!d.is_object() || !d.at("pid").is_number()) return false;
-          const auto pid = d.at("pid").to_number<int>();
-          return pid > 0 && ::kill(pid, SIGKILL) == 0;
-        },
-        60s);
-  });
-  auto failed = migrate(*p.source, p.name, "tcp://127.0.0.1:" + std::to_string(port));
-  killer.join();
-  INFO(failed.body);
-  CHECK(failed.status >= 400);
-  p.check_runs_at_source();
-  p.check_nothing_at_destination();
+  migrate_while_destination_dies(p, "tcp://127.0.0.1:" + std::to_string(port));
 }
