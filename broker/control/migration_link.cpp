@@ -435,8 +435,10 @@ awaitable<Result<std::uint64_t>> splice_on_thread(asio::any_io_executor ex, int 
   ::fcntl(job->pipe.w.get(), F_SETFL, 0);
   start_splice_thread(job);
   if (!job->done) co_await job->wake.async_wait(kAwait);
-  ::fcntl(from, F_SETFL, from_flags);
-  ::fcntl(to, F_SETFL, to_flags);
+  // Through the duplicates: the numbers `from` and `to` may have been closed meanwhile (the link
+  // closed) and reused; the flags belong to the open file, which the duplicates still hold.
+  ::fcntl(job->from.get(), F_SETFL, from_flags);
+  ::fcntl(job->to.get(), F_SETFL, to_flags);
   if (job->error != 0) {
     co_return sys_error(job->error, std::string("migration: relay ") + job->failed_at);
   }
