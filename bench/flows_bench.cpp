@@ -136,20 +136,7 @@ class RawQmp {
   void drop_events() { events_.clear(); }
 
  private:
-  std::string line_() {
-    for (;;) {
-      auto nl = buf_.find('\n');
-      if (nl != std::string::npos) {
-        std::string l = buf_.substr(0, nl);
-        buf_.erase(0, nl + 1);
-        return l;
-      }
-      char b[4096];
-      ssize_t n = ::read(fd_.get(), b, sizeof(b));
-      if (n <= 0) die("raw QMP: connection lost");
-      buf_.append(b, static_cast<std::size_t>(n));
-    }
-  }
+  std::string line_() { return qbbench::read_line(fd_.get(), buf_); }
   fdpass::UniqueFd fd_;
   std::string buf_;
   std::deque<std::string> events_;

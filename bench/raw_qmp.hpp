@@ -15,6 +15,22 @@
 
 namespace qbbench {
 
+// The next line from `sock`, `buf` holding what was read past the last one.
+inline std::string read_line(int sock, std::string& buf) {
+  for (;;) {
+    auto nl = buf.find('\n');
+    if (nl != std::string::npos) {
+      std::string l = buf.substr(0, nl);
+      buf.erase(0, nl + 1);
+      return l;
+    }
+    char b[4096];
+    ssize_t n = ::read(sock, b, sizeof(b));
+    if (n <= 0) throw std::runtime_error("raw QMP: connection lost");
+    buf.append(b, static_cast<std::size_t>(n));
+  }
+}
+
 // One line in one sendmsg, with `pass` (when not -1) as its SCM_RIGHTS fd.
 inline void send_line(int sock, const std::string& line, int pass = -1) {
   msghdr msg{};
@@ -53,20 +69,7 @@ class RawQmp {
   }
 
  private:
-  std::string line_() {
-    for (;;) {
-      auto nl = buf_.find('\n');
-      if (nl != std::string::npos) {
-        std::string l = buf_.substr(0, nl);
-        buf_.erase(0, nl + 1);
-        return l;
-      }
-      char b[4096];
-      ssize_t n = ::read(fd_.get(), b, sizeof(b));
-      if (n <= 0) throw std::runtime_error("raw QMP: connection lost");
-      buf_.append(b, static_cast<std::size_t>(n));
-    }
-  }
+  std::string line_() { return read_line(fd_.get(), buf_); }
   fdpass::UniqueFd fd_;
   std::string buf_;
 };
