@@ -411,7 +411,7 @@ int main(int argc, char** argv) {
       };
       auto api_update = [&] {
         auto t0 = Clock::now();
-        must(env.run(env.broker.migrate("qbs-api", "local")), "broker live update");
+        must(env.run(env.broker.migrate("qbs-api", {"local"})), "broker live update");
         update_api.push_back(ms(Clock::now() - t0));
       };
       auto raw_update_once = [&] {

@@ -64,9 +64,11 @@ constexpr std::array kCommands{
                 "save the domain's state to PATH, then destroy it unless --keep-running"},
     CommandInfo{"restore", "NAME PATH [--paused]", "POST", "/v1/domains/restore",
                 "start domain NAME from a state saved at PATH"},
-    CommandInfo{"migrate", "NAME TO", "POST", "/v1/domains/{name}/migrate",
+    CommandInfo{"migrate", "NAME TO [--copy-storage] [--disk-path ID=PATH]...", "POST",
+                "/v1/domains/{name}/migrate",
                 "live-migrate to another broker: TO its API socket, tcp://HOST:PORT on another "
-                "host, or local (a fresh QEMU here)"},
+                "host, or local (a fresh QEMU here); --copy-storage mirrors the writable disks "
+                "into the destination's own images, at PATH for disk ID"},
     CommandInfo{"incoming", "FILE [--paused]", "POST", "/v1/migrations",
                 "prepare to receive the domain FILE describes (- for stdin), as a migrating broker "
                 "asks; prints the one-time token and endpoint"},
@@ -557,9 +559,22 @@ Out save(const Args& a) {
 }
 
 Out migrate(const Args& a) {
+  json::object body{{"to", a.pos[1]}};
+  if (a.has("--copy-storage")) body["copy_storage"] = true;
+  if (auto it = a.flags.find("--disk-path"); it != a.flags.end()) {
+    json::object paths;
+    for (const auto& v : it->second) {
+      const auto eq = v.find('=');
+      if (eq == std::string::npos || eq == 0 || eq + 1 == v.size()) {
+        return CliError{"--disk-path takes ID=PATH, not '" + v + "'", "--disk-path"};
+      }
+      paths[v.substr(0, eq)] = v.substr(eq + 1);
+    }
+    body["disk_paths"] = std::move(paths);
+  }
   return Invocation{.method = "POST",
                     .target = domain_target(a.pos[0]).segment("migrate").str(),
-                    .body = json::value(json::object{{"to", a.pos[1]}}),
+                    .body = json::value(std::move(body)),
                     .view = View::message,
                     .domain = a.pos[0],
                     .progress_job = a.pos[1] == "local" ? "live-update" : "migrate",
@@ -692,7 +707,7 @@ const std::vector<Syntax>& syntaxes() {
       {"vnc remove", {}, {"NAME"}, 0, false, vnc_remove},
       {"save", {{"--keep-running", false}}, {"NAME", "PATH"}, 0, false, save},
       {"restore", {{"--paused", false}}, {"NAME", "PATH"}, 0, false, restore},
-      {"migrate", {}, {"NAME", "TO"}, 0, false, migrate},
+      {"migrate", {{"--copy-storage", false}, {"--disk-path", true}}, {"NAME", "TO"}, 0, false, migrate},
       {"incoming", {{"--paused", false}}, {"FILE"}, 0, false, incoming},
       {"cancel", {}, {"NAME"}, 0, false, cancel},
       {"qmp", {}, {"NAME", "JSON"}, 0, false, qmp},

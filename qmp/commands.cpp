@@ -168,6 +168,48 @@ Command blockdev_del(std::string_view node_name) {
   return make("blockdev-del", {{"node-name", node_name}});
 }
 
+Command nbd_server_start_fd(std::string_view fdname, std::uint32_t max_connections) {
+  // nbd-server-start takes the legacy SocketAddress: the fd's name under "data".
+  json::object addr{{"type", "fd"}, {"data", json::object{{"str", fdname}}}};
+  return make("nbd-server-start", {{"addr", std::move(addr)}, {"max-connections", max_connections}});
+}
+Command nbd_server_stop() {
+  return make("nbd-server-stop");
+}
+Command block_export_add_nbd(std::string_view id, std::string_view node_name,
+                             std::string_view export_name) {
+  return make("block-export-add", {{"type", "nbd"},
+                                   {"id", id},
+                                   {"node-name", node_name},
+                                   {"name", export_name},
+                                   {"writable", true}});
+}
+Command blockdev_add(const NbdNode& n) {
+  return make("blockdev-add", {{"driver", "nbd"},
+                               {"node-name", n.node_name},
+                               {"server", json::object{{"type", "fd"}, {"str", n.fdname}}},
+                               {"export", n.export_name}});
+}
+Command blockdev_mirror(std::string_view job_id, std::string_view device, std::string_view target) {
+  return make("blockdev-mirror", {{"job-id", job_id},
+                                  {"device", device},
+                                  {"target", target},
+                                  {"sync", "full"},
+                                  {"auto-dismiss", false}});
+}
+Command block_job_cancel(std::string_view job_id, bool force) {
+  return make("block-job-cancel", {{"device", job_id}, {"force", force}});
+}
+Command job_dismiss(std::string_view job_id) {
+  return make("job-dismiss", {{"id", job_id}});
+}
+Command query_block_jobs() {
+  return make("query-block-jobs");
+}
+Command migrate_continue_pre_switchover() {
+  return make("migrate-continue", {{"state", "pre-switchover"}});
+}
+
 Command blockdev_change_medium(const ChangeMedium& m) {
   std::string filename = fdset_path(m.fdset_id);
   if (!m.protocol.empty()) {
@@ -319,6 +361,18 @@ std::optional<std::string> get_string(const json::object& o, std::string_view ke
   return std::string(v->get_string());
 }
 
+// A byte count as QEMU sends it; negative, absent or not a number reads as 0, and one past 2^64
+// (a hostile QEMU) as the largest count, never as a cast out of range.
+std::uint64_t get_count(const json::object& o, std::string_view key) {
+  const auto* n = o.if_contains(key);
+  if (n == nullptr) return 0;
+  if (n->is_uint64()) return n->get_uint64();
+  if (n->is_int64()) return n->get_int64() < 0 ? 0 : static_cast<std::uint64_t>(n->get_int64());
+  if (!n->is_double() || !(n->get_double() > 0)) return 0;
+  constexpr double kTwo64 = 18446744073709551616.0;
+  return n->get_double() >= kTwo64 ? UINT64_MAX : static_cast<std::uint64_t>(n->get_double());
+}
+
 std::optional<bool> get_bool(const json::object& o, std::string_view key) {
   const json::value* v = o.if_contains(key);
   if (v == nullptr || !v->is_bool()) return std::nullopt;
@@ -399,24 +453,34 @@ Result<MigrationInfo> migration(const json::value& v) {
   m.error_desc = get_string(*o, "error-desc");
   if (const auto* ram = o->if_contains("ram"); ram != nullptr && ram->is_object()) {
     const auto& r = ram->get_object();
-    // A byte count as QEMU sends it; negative, absent or not a number reads as 0, and one past
-    // 2^64 (a hostile QEMU) as the largest count, never as a cast out of range.
-    auto count = [&r](std::string_view k) -> std::uint64_t {
-      const auto* n = r.if_contains(k);
-      if (n == nullptr) return 0;
-      if (n->is_uint64()) return n->get_uint64();
-      if (n->is_int64()) return n->get_int64() < 0 ? 0 : static_cast<std::uint64_t>(n->get_int64());
-      if (!n->is_double() || !(n->get_double() > 0)) return 0;
-      constexpr double kTwo64 = 18446744073709551616.0;
-      return n->get_double() >= kTwo64 ? UINT64_MAX : static_cast<std::uint64_t>(n->get_double());
-    };
-    m.transferred = count("transferred");
-    m.total = count("total");
-    m.remaining = count("remaining");
+    m.transferred = get_count(r, "transferred");
+    m.total = get_count(r, "total");
+    m.remaining = get_count(r, "remaining");
     const auto* mbps = r.if_contains("mbps");
     m.mbps = mbps != nullptr && mbps->is_number() ? mbps->to_number<double>() : 0.0;
   }
   return m;
+}
+
+Result<std::vector<BlockJobInfo>> block_jobs(const json::value& v) {
+  const json::array* a = v.if_array();
+  if (a == nullptr) return bad("query-block-jobs: reply is not an array");
+  std::vector<BlockJobInfo> out;
+  for (const auto& j : *a) {
+    const json::object* o = j.if_object();
+    if (o == nullptr) return bad("query-block-jobs: a job is not an object");
+    auto id = get_string(*o, "device");
+    if (!id) return bad("query-block-jobs: a job without a device");
+    BlockJobInfo info;
+    info.id = std::move(*id);
+    info.status = get_string(*o, "status").value_or("");
+    info.ready = get_bool(*o, "ready").value_or(false);
+    info.len = get_count(*o, "len");
+    info.offset = get_count(*o, "offset");
+    info.error = get_string(*o, "error");
+    out.push_back(std::move(info));
+  }
+  return out;
 }
 
 Result<VncInfo> vnc(const json::value& v) {

@@ -91,6 +91,29 @@ Command blockdev_add(const RawNode& node);
 Command blockdev_add(const Qcow2Node& node);
 Command blockdev_del(std::string_view node_name);
 
+// Storage migration. The destination's NBD server listens on a socket the broker made and passed
+// with getfd, and exports the format nodes of its disks; the source mirrors each disk into an NBD
+// client node over a connected socket passed the same way. Neither QEMU opens a path.
+Command nbd_server_start_fd(std::string_view fdname, std::uint32_t max_connections);
+Command nbd_server_stop();
+Command block_export_add_nbd(std::string_view id, std::string_view node_name,
+                             std::string_view export_name);
+struct NbdNode {
+  std::string node_name;
+  std::string fdname;  // a connected socket, passed with getfd
+  std::string export_name;
+};
+Command blockdev_add(const NbdNode& node);
+// A full copy of `device` into the node `target`; the job stays after it ends (auto-dismiss off)
+// so that its error can be read, and goes with job_dismiss.
+Command blockdev_mirror(std::string_view job_id, std::string_view device, std::string_view target);
+// force false on a ready mirror: the target is brought level with the source, then the job ends.
+Command block_job_cancel(std::string_view job_id, bool force);
+Command job_dismiss(std::string_view job_id);
+Command query_block_jobs();
+// Lets a migration paused in "pre-switchover" (capability pause_before_switchover) complete.
+Command migrate_continue_pre_switchover();
+
 // Removable media (CD-ROM); `id` is the qdev id of the drive device.
 enum class ReadOnlyMode { retain, read_only, read_write };
 struct ChangeMedium {
@@ -223,6 +246,15 @@ Result<StatusInfo> status(const boost::json::value& v);
 Result<std::vector<FdsetInfo>> fdsets(const boost::json::value& v);
 Result<std::vector<BlockInfo>> block(const boost::json::value& v);
 Result<MigrationInfo> migration(const boost::json::value& v);
+struct BlockJobInfo {
+  std::string id;      // "device" in the reply: the job id
+  std::string status;  // "created", "running", "ready", "concluded", ...
+  bool ready = false;
+  std::uint64_t len = 0;     // bytes to copy, as QEMU last estimated them
+  std::uint64_t offset = 0;  // bytes copied
+  std::optional<std::string> error;
+};
+Result<std::vector<BlockJobInfo>> block_jobs(const boost::json::value& v);
 Result<VncInfo> vnc(const boost::json::value& v);
 Result<Version> version(const boost::json::value& v);
 Result<std::vector<std::string>> command_names(const boost::json::value& v);

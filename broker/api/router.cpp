@@ -366,8 +366,8 @@ Result<Command> restore_domain(const Request& r) {
 
 Result<Command> migrate_domain(const Request& r) {
   QB_TRY(body, r.body());
-  QB_TRY(to, parse_migrate(*body));
-  return Command{MigrateCmd{r.name(), std::move(*to)}};
+  QB_TRY(req, parse_migrate(*body));
+  return Command{MigrateCmd{r.name(), std::move(*req)}};
 }
 
 Result<Command> prepare_incoming(const Request& r) {

@@ -104,7 +104,7 @@ struct RestoreCmd {
 };
 struct MigrateCmd {
   std::string name;
-  std::string to;
+  MigrateRequest request;
 };
 struct IncomingCmd {
   IncomingDomain request;

@@ -192,20 +192,23 @@ awaitable<Outcome> Service::run(CancelJobCmd& c) {
 }
 
 awaitable<Outcome> Service::run(MigrateCmd& c) {
-  auto r = co_await broker_.migrate(c.name, c.to,
+  const std::string to = c.request.to;
+  auto r = co_await broker_.migrate(c.name, std::move(c.request),
                                     progress_to_bus(&broker_, &c.name, "migrate"));
   if (!r) co_return failure(r.error());
   Outcome o;
-  o.body = json::object{{"name", c.name}, {"migrated_to", c.to}};
+  o.body = json::object{{"name", c.name}, {"migrated_to", to}};
   co_return o;
 }
 
 awaitable<Outcome> Service::run(IncomingCmd& c) {
-  auto r = co_await broker_.incoming(std::move(c.request.domain), c.request.paused);
+  auto r = co_await broker_.incoming(std::move(c.request.domain), c.request.paused,
+                                     c.request.copy_storage, true);
   if (!r) co_return failure(r.error());
   Outcome o;
   o.status = http::status::created;
   o.body = json::object{{"name", r->name}, {"token", r->token}, {"endpoint", r->endpoint}};
+  if (!r->nbd.empty()) o.body.as_object()["nbd"] = r->nbd;
   co_return o;
 }
 

@@ -110,15 +110,23 @@ std::optional<Error> refusal(const std::string& to, const PeerReply& prepared) {
   if (prepared.status == 201 && prepared.body.is_object()) return std::nullopt;
   // Its own words when it gave an error body, else what it sent.
   std::string why = json::serialize(prepared.body);
+  std::string field = "to";
   if (const auto* err = prepared.body.is_object() ? prepared.body.as_object().if_contains("error") : nullptr;
-      err != nullptr && err->is_object() && err->as_object().contains("message") &&
-      err->as_object().at("message").is_string()) {
-    why = std::string(err->as_object().at("message").get_string());
+      err != nullptr && err->is_object()) {
+    const auto& eo = err->as_object();
+    if (const auto* m = eo.if_contains("message"); m != nullptr && m->is_string()) {
+      why = std::string(m->get_string());
+    }
+    // A destination image copy_storage cannot use is the request's disk_paths entry.
+    if (const auto* f = eo.if_contains("field");
+        f != nullptr && f->is_string() && f->get_string().starts_with("disk_paths.")) {
+      field = std::string(f->get_string());
+    }
   }
   Error e(make_error_code(prepared.status == 409 ? errc::already_exists : errc::invalid_argument),
           "the broker at " + to + " refused the domain (HTTP " + std::to_string(prepared.status) +
               "): " + why);
-  e.field = "to";
+  e.field = std::move(field);
   return e;
 }
 
@@ -490,9 +498,38 @@ awaitable<Result<std::string>> Broker::cancel_job(std::string name) {
   co_return job;
 }
 
-awaitable<Result<void>> Broker::migrate(std::string name, std::string to, ProgressFn) {
+namespace {
+
+// What copy_storage asks of the domain: a migration to another broker on this host, and
+// disk_paths naming only writable disks (flows::mirrored_disks).
+Result<void> check_storage_copy(const Domain& d, const MigrateRequest& request) {
+  if (!request.copy_storage) return {};
+  if (request.to == "local") {
+    return field_error("copy_storage", "a live update keeps the domain's disks; copy_storage is "
+                                       "for a migration to another broker");
+  }
+  if (request.to.starts_with("tcp://")) {
+    return field_error("copy_storage", "is not supported for a migration to another host "
+                                       "(tcp://): the disks must be shared, or the migration "
+                                       "made to a broker on this host");
+  }
+  const auto mirrored = flows::mirrored_disks(d);
+  for (const auto& [id, path] : request.disk_paths) {
+    if (std::find(mirrored.begin(), mirrored.end(), id) == mirrored.end()) {
+      return field_error("disk_paths." + id,
+                         "domain " + d.name() + " has no writable disk " + id + " to copy");
+    }
+  }
+  return {};
+}
+
+}  // namespace
+
+awaitable<Result<void>> Broker::migrate(std::string name, MigrateRequest request, ProgressFn) {
   auto found = find(name);
   if (!found) co_return found.error();
+  if (auto ok = check_storage_copy(**found, request); !ok) co_return ok.error();
+  const std::string to = request.to;
   if (to == "local") co_return co_await live_update(std::move(name));
   if (to.starts_with("tcp://")) {
     if (auto target = parse_tcp_target(to); !target) co_return target.error();
@@ -512,13 +549,14 @@ awaitable<Result<void>> Broker::migrate(std::string name, std::string to, Progre
   // Journaled: a restarted broker cancels QEMU's side and resumes the guest, unless the state
   // had all gone (flows::recover_migrate).
   const bool was_running = d->state() == RunState::running;
-  auto guard = d->begin_job("migrate", {}, {{"to", to}, {"was_running", was_running}});
+  auto guard = d->begin_job("migrate", {}, {{"to", to}, {"was_running", was_running},
+                                            {"copy_storage", request.copy_storage}});
   if (!guard) co_return guard.error();
   if (auto ok = co_await domains_.records().persist(*d); !ok) co_return ok.error();
   events_.publish(name, "job", "started", {{"job", "migrate"}, {"target", to}});
   flows::CancelFlag cancel = enter_cancel(name);
   const auto start = std::chrono::steady_clock::now();
-  auto moved = co_await migrate_out(d, to, cancel);
+  auto moved = co_await migrate_out(d, std::move(request), cancel);
   count_job(metrics(), "migrate", outcome_of(moved), start);
   forget_cancel(name, cancel);
   progress_.erase(name);
@@ -543,11 +581,14 @@ awaitable<Result<void>> Broker::migrate(std::string name, std::string to, Progre
   co_return Result<void>{};
 }
 
-awaitable<Result<void>> Broker::migrate_out(std::shared_ptr<Domain> d, std::string to,
+awaitable<Result<void>> Broker::migrate_out(std::shared_ptr<Domain> d, MigrateRequest request,
                                             flows::CancelFlag cancel) {
+  std::string to = std::move(request.to);
   if (to.starts_with("tcp://")) co_return co_await migrate_remote(std::move(d), std::move(to), cancel);
   const bool was_running = d->state() == RunState::running;
-  json::object ask{{"domain", flows::described_domain_of(*d)}, {"paused", !was_running}};
+  json::object ask{{"domain", flows::described_domain_of(*d, request.disk_paths)},
+                   {"paused", !was_running}};
+  if (request.copy_storage) ask["copy_storage"] = true;
   std::string ask_text = json::serialize(ask);
   std::string route = "/v1/migrations";
   std::string post = "POST";
@@ -566,8 +607,17 @@ awaitable<Result<void>> Broker::migrate_out(std::shared_ptr<Domain> d, std::stri
   }
   std::string endpoint_path(endpoint->get_string());
   std::string token_text(token->get_string());
+  flows::StorageCopy storage;
+  if (request.copy_storage) {
+    const auto* nbd = ticket.if_contains("nbd");
+    storage.disks = flows::mirrored_disks(*d);
+    if (!storage.disks.empty() && (nbd == nullptr || !nbd->is_string())) {
+      co_return field_error("to", "the broker at " + to + " answered no NBD listener for copy_storage");
+    }
+    if (nbd != nullptr && nbd->is_string()) storage.nbd_endpoint = std::string(nbd->get_string());
+  }
   auto sent = co_await flows::send_state(flow_ctx_, *d, std::move(endpoint_path),
-                                         std::move(token_text), cancel);
+                                         std::move(token_text), cancel, std::move(storage));
   if (!sent) co_return sent.error();
   auto there = co_await arrived(to, d->name(), !was_running);
   co_return co_await settle_arrival(*d, to, was_running, std::move(there));
@@ -682,15 +732,16 @@ awaitable<Result<bool>> Broker::arrived(std::string to, std::string name, bool p
 }
 
 awaitable<Result<Broker::IncomingTicket>> Broker::incoming(json::value domain, bool paused,
+                                                          bool copy_storage, bool same_host,
                                                           std::shared_ptr<IncomingWatch> watch) {
   const std::string dir = launcher_.config().run_dir + "/migrate";
   if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
     co_return Error(std::error_code(errno, std::system_category()), "cannot make " + dir);
   }
-  flows::IncomingRequest request{std::move(domain), paused, dir};
+  flows::IncomingRequest request{std::move(domain), paused, dir, copy_storage, same_host};
   auto in = co_await flows::prepare_incoming(flow_ctx_, domains_, std::move(request));
   if (!in) co_return in.error();
-  IncomingTicket ticket{in->domain->name(), in->token, in->endpoint};
+  IncomingTicket ticket{in->domain->name(), in->token, in->endpoint, in->nbd_endpoint};
   flows::CancelFlag cancel = enter_cancel(ticket.name);
   asio::co_spawn(ex_, finish_incoming(std::move(*in), cancel, std::move(watch)), asio::detached);
   co_return ticket;

@@ -166,7 +166,9 @@ class Broker {
   // endpoint it names, waits until the domain runs there, and only then tears the domain down
   // here. A migration that fails leaves the guest running here; when the destination cannot say
   // whether it took the guest, the guest stays paused here so that it never runs twice.
-  Awaitable migrate(std::string name, std::string to, ProgressFn progress = {});
+  // `copy_storage` mirrors the writable disks into the destination's own images first
+  // (flows::StorageCopy), at the paths in `disk_paths` or, for a disk not named, its path here.
+  Awaitable migrate(std::string name, MigrateRequest request, ProgressFn progress = {});
   Awaitable live_update(std::string name);
   // The destination's half: the domain another broker describes, spawned and waiting for its
   // state on a one-time listener. Answers at once; the domain arrives (or is torn down) in the
@@ -175,10 +177,13 @@ class Broker {
     std::string name;
     std::string token;
     std::string endpoint;
+    std::string nbd;  // copy_storage: the NBD listener the source mirrors the disks into
   };
-  // `watch`, when given, hears how the incoming job ended.
+  // `watch`, when given, hears how the incoming job ended. `same_host`: the source is a broker on
+  // this host (POST /v1/migrations), whose images copy_storage must not take as its own.
   boost::asio::awaitable<Result<IncomingTicket>> incoming(
-      boost::json::value domain, bool paused, std::shared_ptr<IncomingWatch> watch = nullptr);
+      boost::json::value domain, bool paused, bool copy_storage, bool same_host,
+      std::shared_ptr<IncomingWatch> watch = nullptr);
 
   // Administrators' QMP passthrough: {"execute": NAME, "arguments": {...}}. Commands that move
   // fds are refused (errc::forbidden).
@@ -243,7 +248,7 @@ class Broker {
   boost::asio::awaitable<void> resume_removal(flows::RecoveryReport::Removal removal);
   // The save flow, then (unless kept) the domain's destroy, inside the save job.
   boost::asio::awaitable<Result<void>> save_step(Domain& d, SaveRequest request, flows::CancelFlag cancel);
-  boost::asio::awaitable<Result<void>> migrate_out(std::shared_ptr<Domain> d, std::string to,
+  boost::asio::awaitable<Result<void>> migrate_out(std::shared_ptr<Domain> d, MigrateRequest request,
                                                    flows::CancelFlag cancel);
   // After the state went: true once the destination runs the domain, false once it has given it
   // up; an error when it cannot tell.

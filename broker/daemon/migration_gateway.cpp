@@ -38,24 +38,14 @@ awaitable<void> run_relay_to(std::shared_ptr<MigrationLink> link, fdpass::Unique
 }
 
 // The request line: {"domain": {...}, "paused": bool}.
-Result<std::pair<json::value, bool>> parse_request(const json::value& v) {
-  const auto& o = v.as_object();
-  const auto* domain = o.if_contains("domain");
-  if (domain == nullptr || !domain->is_object()) {
-    Error e(make_error_code(errc::invalid_argument), "domain: must be an object");
-    e.field = "domain";
-    return e;
+// What the source asks, as POST /v1/migrations takes it; copy_storage needs the NBD connections
+// a link does not carry.
+Result<IncomingDomain> parse_request(const json::value& v) {
+  auto asked = parse_incoming(v);
+  if (asked && asked->copy_storage) {
+    return field_error("copy_storage", "is not supported for a migration between hosts");
   }
-  bool paused = false;
-  if (const auto* p = o.if_contains("paused")) {
-    if (!p->is_bool()) {
-      Error e(make_error_code(errc::invalid_argument), "paused: must be true or false");
-      e.field = "paused";
-      return e;
-    }
-    paused = p->get_bool();
-  }
-  return std::make_pair(*domain, paused);
+  return asked;
 }
 
 }  // namespace
@@ -127,8 +117,8 @@ awaitable<void> MigrationGateway::serve(tcp::socket sock) {
   links_.insert(link);
   const std::string peer = link->peer();
   auto request = co_await link->read_message(kMaxRequest, kHandshake);
-  Result<std::pair<json::value, bool>> asked =
-      request ? parse_request(*request) : Result<std::pair<json::value, bool>>(request.error());
+  Result<IncomingDomain> asked =
+      request ? parse_request(*request) : Result<IncomingDomain>(request.error());
   if (!asked) {
     log::warn("migration from " + peer + ": " + asked.error().describe());
     auto told = co_await link->write_message(error_message(asked.error()));
@@ -137,8 +127,8 @@ awaitable<void> MigrationGateway::serve(tcp::socket sock) {
     co_return;
   }
   auto watch = std::make_shared<IncomingWatch>(ex_);
-  const bool paused = asked->second;
-  auto ticket = co_await broker_.incoming(std::move(asked->first), paused, watch);
+  const bool paused = asked->paused;
+  auto ticket = co_await broker_.incoming(std::move(asked->domain), paused, false, false, watch);
   if (!ticket) {
     auto told = co_await link->write_message(error_message(ticket.error()));
     (void)told;

@@ -5,6 +5,8 @@
 //   netdevs       qb-net-<id>          getfd names  qb-tap-<id>, qb-vnc, qb-vnc-client
 //   fdset opaque  qb:<id>              SCSI         controller "qb-scsi0" on its own root port
 //   root ports    rp1 .. rpN (lifecycle::DomainSpec::pci_slots)
+//   copy_storage  source: NBD client node and its getfd name qb-<id>-nbd, mirror job
+//                 qb-<id>-mirror; destination: listener getfd name qb-nbd, export qb-<id>-export
 #pragma once
 
 #include <array>
@@ -32,6 +34,10 @@ inline std::string medium_drive(std::string_view id) { return "qb-" + std::strin
 inline std::string netdev_id(std::string_view id) { return "qb-net-" + std::string(id); }
 inline std::string tap_fd_name(std::string_view id) { return "qb-tap-" + std::string(id); }
 inline std::string fdset_opaque(std::string_view id) { return "qb:" + std::string(id); }
+inline constexpr std::string_view kNbdListenerFd = "qb-nbd";
+inline std::string mirror_node(std::string_view id) { return "qb-" + std::string(id) + "-nbd"; }
+inline std::string mirror_job(std::string_view id) { return "qb-" + std::string(id) + "-mirror"; }
+inline std::string export_id(std::string_view id) { return "qb-" + std::string(id) + "-export"; }
 inline std::string root_port(unsigned n) { return "rp" + std::to_string(n); }
 
 // Every block node a disk or CD `id` may own, top (format) first: the order they are deleted in.

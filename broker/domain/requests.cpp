@@ -427,23 +427,40 @@ Result<RestoreRequest> parse_restore(const json::value& body) {
 Result<IncomingDomain> parse_incoming(const json::value& body) {
   auto o = as_object(body, "body");
   if (!o) return o.error();
-  if (auto ok = only_known(**o, {"domain", "paused"}); !ok) return ok.error();
+  if (auto ok = only_known(**o, {"domain", "paused", "copy_storage"}); !ok) return ok.error();
   const auto* domain = (*o)->if_contains("domain");
   if (domain == nullptr) return field_error("domain", "is required");
   if (!domain->is_object()) return field_error("domain", "must be an object");
   auto paused = boolean(**o, "paused", false);
   if (!paused) return paused.error();
-  return IncomingDomain{*domain, *paused};
+  auto copy = boolean(**o, "copy_storage", false);
+  if (!copy) return copy.error();
+  return IncomingDomain{*domain, *paused, *copy};
 }
 
-Result<std::string> parse_migrate(const json::value& body) {
+Result<MigrateRequest> parse_migrate(const json::value& body) {
   auto o = as_object(body, "body");
   if (!o) return o.error();
-  if (auto ok = only_known(**o, {"to"}); !ok) return ok.error();
+  if (auto ok = only_known(**o, {"to", "copy_storage", "disk_paths"}); !ok) return ok.error();
   auto to = str(**o, "to", true);
   if (!to) return to.error();
   if (to->empty()) return field_error("to", "must name another broker's endpoint");
-  return *to;
+  auto copy = boolean(**o, "copy_storage", false);
+  if (!copy) return copy.error();
+  MigrateRequest req{std::move(*to), *copy, {}};
+  const auto* paths = (*o)->if_contains("disk_paths");
+  if (paths == nullptr) return req;
+  if (!req.copy_storage) return field_error("disk_paths", "needs copy_storage: true");
+  if (!paths->is_object()) return field_error("disk_paths", "must be an object of disk id to path");
+  for (const auto& kv : paths->get_object()) {
+    const std::string field = "disk_paths." + std::string(kv.key());
+    if (auto ok = check_id(std::string(kv.key()), field); !ok) return ok.error();
+    if (!kv.value().is_string()) return field_error(field, "must be a string");
+    std::string path(kv.value().get_string());
+    if (auto ok = check_path(path, field); !ok) return ok.error();
+    req.disk_paths.emplace(std::string(kv.key()), std::move(path));
+  }
+  return req;
 }
 
 }  // namespace broker

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -100,11 +101,19 @@ struct RestoreRequest {
   bool paused = false;
 };
 Result<RestoreRequest> parse_restore(const boost::json::value& body);
-Result<std::string> parse_migrate(const boost::json::value& body);  // {"to": "..."}
+// POST /v1/domains/NAME/migrate: {"to", "copy_storage"?, "disk_paths"?}.
+struct MigrateRequest {
+  std::string to;
+  bool copy_storage = false;  // mirror the writable disks to the destination's own images
+  // copy_storage: the destination's image of a disk, by disk id; a disk not named keeps its path
+  std::map<std::string, std::string> disk_paths;
+};
+Result<MigrateRequest> parse_migrate(const boost::json::value& body);
 // What a source broker sends its destination (POST /v1/migrations).
 struct IncomingDomain {
   boost::json::value domain;  // the domain as the source describes it; checked by the flow
   bool paused = false;
+  bool copy_storage = false;  // the writable disks come by NBD: export them, do not share them
 };
 Result<IncomingDomain> parse_incoming(const boost::json::value& body);
 

@@ -8,8 +8,10 @@
 #pragma once
 
 #include <chrono>
+#include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
@@ -105,6 +107,10 @@ struct IncomingRequest {
   boost::json::value domain;  // as the source describes it (described_domain_of)
   bool paused = false;        // stays paused once it has arrived
   std::string listen_dir;     // where the one-time listener is made (RUN/migrate)
+  // The writable disks come by NBD (mirrored_disks): each is opened here at the path the source
+  // describes, must not be the source's own image when `same_host`, and is exported writable.
+  bool copy_storage = false;
+  bool same_host = false;
 };
 struct Incoming {
   std::shared_ptr<Domain> domain;  // spawned with -incoming defer, its devices plugged
@@ -112,6 +118,16 @@ struct Incoming {
   std::string endpoint;            // the listener's path
   fdpass::UniqueFd listener;
   JobGuard job;                    // "incoming", until the state has arrived
+  std::string nbd_endpoint;        // copy_storage: QEMU's NBD listener, removed once the state arrived
+};
+// The disks copy_storage mirrors: every writable one. Read-only disks and CDs are shared as for
+// a migration without it.
+std::vector<std::string> mirrored_disks(const Domain& d);
+// copy_storage, at the source: the disks to mirror into the destination's exports (each named
+// as its disk) on the NBD listener at `nbd_endpoint`, before the switch-over.
+struct StorageCopy {
+  std::string nbd_endpoint;
+  std::vector<std::string> disks;
 };
 // Destination, first half: the described domain's disks and media checked as a restore checks
 // them, the name reserved, QEMU spawned and its devices plugged, a one-time listener made. Any
@@ -125,8 +141,11 @@ awaitable<Result<void>> receive_incoming(Context& ctx, Domains& domains, Incomin
 // Source: connects to `endpoint`, sends `token`, hands the connection to QEMU (migrate fd:) and
 // follows the migration until it ends. Success: all the state went, the guest is paused here.
 // Failure or cancel: the guest runs here again as it did.
+// With `storage`, the disks are mirrored first (job progress phase "storage") until every copy is
+// level; the migration then pauses before its switch-over, the copies are brought level with
+// the stopped guest and closed, and only then does the switch-over happen.
 awaitable<Result<void>> send_state(Context& ctx, Domain& d, std::string endpoint,
-                                   std::string token, CancelFlag cancel);
+                                   std::string token, CancelFlag cancel, StorageCopy storage = {});
 // The same over a connected stream the caller made (a socketpair whose other end it relays).
 awaitable<Result<void>> send_state_fd(Context& ctx, Domain& d, fdpass::UniqueFd peer,
                                       CancelFlag cancel);
@@ -137,7 +156,9 @@ awaitable<Result<void>> resume_here(Context& ctx, Domain& d);
 // leaves the guest paused, since the destination may run it.
 awaitable<void> recover_migrate(Context& ctx, Domain& d, boost::json::object args);
 // What the source sends of a domain: its spec and devices, as a save file's header holds them.
-boost::json::value described_domain_of(const Domain& d);
+// copy_storage: `disk_paths` puts disks at the destination's own paths.
+boost::json::value described_domain_of(const Domain& d,
+                                       const std::map<std::string, std::string>& disk_paths = {});
 
 // After a restart: winds down a save an earlier broker left (journal `args`): cancels QEMU's
 // migration, removes the temp file and resumes a guest the save had running.

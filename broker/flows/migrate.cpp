@@ -10,6 +10,14 @@
 //   read within a deadline and compared -> listener removed -> getfd -> migrate-incoming fd: ->
 //   query-migrate until completed -> cont unless paused -> record.
 //   source: connect -> token -> getfd -> migrate fd: (unthrottled) -> query-migrate until it ends.
+// copy_storage adds, at the destination after the plug: the writable disks opened at the paths
+// the source names (refused when they are the source's own images) -> NBD listener (0600,
+// RUN/migrate/RANDOM.nbd) -> getfd -> nbd-server-start fd: (one connection per disk) ->
+// block-export-add of each disk's format node, writable; once the state arrived, nbd-server-stop.
+// At the source, after the token: per disk, connect -> getfd -> blockdev-add nbd over the fd ->
+// blockdev-mirror sync full -> query-block-jobs until every mirror is ready; then the migration,
+// with pause-before-switchover: in "pre-switchover" (the guest stopped) each mirror is cancelled
+// softly, which brings it level and ends it, its NBD node deleted, and migrate-continue.
 // A destination that fails at any step tears its domain down by uid; a source whose migration
 // fails or is cancelled keeps its guest, which QEMU resumes.
 #include <fcntl.h>
@@ -47,14 +55,20 @@ bool migration_busy(const std::string& st) {
          st == "cancelling" || st == "wait-unplug";
 }
 
+awaitable<Result<void>> finish_mirrors(Context& ctx, Domain& d,
+                                       const std::vector<std::string>& disks);
+
 // Follows the old QEMU's migration until it ends, publishing progress; a cancel is a
 // migrate_cancel.
 awaitable<Result<qmp::reply::MigrationInfo>> follow_live(Context& ctx, Domain& d,
-                                                         std::string job, CancelFlag cancel) {
+                                                         std::string job, CancelFlag cancel,
+                                                         const std::vector<std::string>& mirrors) {
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
   auto last_event = start - std::chrono::hours(1);
   bool cancel_sent = false;
+  bool switched = false;
+  std::optional<Error> failure;  // the mirrors could not be finished: the migration is cancelled
   asio::steady_timer tick(ctx.ex);
   for (;;) {
     // An eighth of the time so far, between 2 ms and migrate_poll: a short migration is seen
@@ -68,7 +82,16 @@ awaitable<Result<qmp::reply::MigrationInfo>> follow_live(Context& ctx, Domain& d
     if (!r) co_return r.error();
     auto info = qmp::reply::migration(*r);
     if (!info) co_return from_qmp(info.error(), "query-migrate");
-    if (cancel && *cancel && !cancel_sent) {
+    if (info->status == "pre-switchover" && !switched && !cancel_sent) {
+      switched = true;
+      auto level = co_await finish_mirrors(ctx, d, mirrors);
+      if (level) {
+        qmp::Command go_on = qmp::cmd::migrate_continue_pre_switchover();
+        if (auto went = co_await call(ctx, d, std::move(go_on)); !went) level = went.error();
+      }
+      if (!level) failure = level.error();
+    }
+    if (((cancel && *cancel) || failure) && !cancel_sent) {
       cancel_sent = true;
       qmp::Command c = qmp::cmd::migrate_cancel();
       if (auto ok = co_await call(ctx, d, std::move(c)); !ok) log::warn(ok.error().describe());
@@ -82,7 +105,10 @@ awaitable<Result<qmp::reply::MigrationInfo>> follow_live(Context& ctx, Domain& d
       const Follow what{job, true, 0};
       publish_progress(ctx, d, what, info->transferred, *info, now - start);
     }
-    if (!migration_busy(info->status)) co_return *info;
+    if (!migration_busy(info->status)) {
+      if (failure) co_return *failure;
+      co_return *info;
+    }
   }
 }
 
@@ -204,6 +230,236 @@ awaitable<Result<void>> check_token(Context& ctx, const fdpass::UniqueFd& peer, 
   co_return Result<void>{};
 }
 
+// copy_storage, at the destination: the disks the source names must not be its own images.
+// Checked before the spawn (a clear refusal rather than QEMU's image lock) and again on what
+// was plugged.
+Result<void> not_the_source(const std::string& id, const std::string& path,
+                            const fdpass::Identity& here, const fdpass::Identity& source) {
+  if (!here.same_object(source)) return {};
+  return field_error("disk_paths." + id,
+                     path + " is the source's own image of disk " + id +
+                         ": copy_storage needs an image of its own at the destination; name it "
+                         "in disk_paths");
+}
+
+Result<void> check_own_images(Context& ctx, const Domain& described,
+                              const std::vector<std::string>& fresh) {
+  for (const auto& id : fresh) {
+    const DiskState& disk = described.disks.at(id);
+    auto opened = ctx.roots.open(disk.spec.path, {.access = fdpass::Access::read_only});
+    if (!opened) return from_open(opened.error(), "disk_paths." + id, disk.spec.path);
+    if (auto ok = not_the_source(id, disk.spec.path, opened->identity, disk.identity); !ok) return ok;
+  }
+  return {};
+}
+
+Result<void> check_plugged_own(const Domain& d, const Domain& described,
+                               const std::vector<std::string>& fresh) {
+  for (const auto& id : fresh) {
+    const DiskState& source = described.disks.at(id);
+    auto it = d.disks.find(id);
+    if (it == d.disks.end()) continue;
+    if (auto ok = not_the_source(id, source.spec.path, it->second.identity, source.identity); !ok)
+      return ok;
+  }
+  return {};
+}
+
+// The destination's NBD server: a listener only root can connect to, handed to QEMU, which
+// takes one connection per disk; each disk's format node exported writable under its id.
+awaitable<Result<void>> export_disks(Context& ctx, Domain& d, const std::vector<std::string>& disks,
+                                     const std::string& path) {
+  auto listener = listen_at(path);
+  if (!listener) co_return listener.error();
+  const std::string fd_name(kNbdListenerFd);
+  Result<void> ok = co_await getfd(ctx, d, *listener, fd_name);
+  listener->reset();  // QEMU holds it now
+  if (ok) {
+    qmp::Command start =
+        qmp::cmd::nbd_server_start_fd(fd_name, static_cast<std::uint32_t>(disks.size()));
+    if (auto r = co_await call(ctx, d, std::move(start)); !r) ok = r.error();
+  }
+  for (const auto& id : disks) {
+    if (!ok) break;
+    qmp::Command add = qmp::cmd::block_export_add_nbd(export_id(id), format_node(id), id);
+    if (auto r = co_await call(ctx, d, std::move(add)); !r) ok = r.error();
+  }
+  if (!ok) ::unlink(path.c_str());
+  co_return ok;
+}
+
+// copy_storage, at the source: QEMU's mirror jobs among its block jobs.
+awaitable<Result<std::vector<qmp::reply::BlockJobInfo>>> mirror_jobs(
+    Context& ctx, Domain& d, const std::vector<std::string>& disks) {
+  qmp::Command q = qmp::cmd::query_block_jobs();
+  auto r = co_await call(ctx, d, std::move(q));
+  if (!r) co_return r.error();
+  auto jobs = qmp::reply::block_jobs(*r);
+  if (!jobs) co_return from_qmp(jobs.error(), "query-block-jobs");
+  std::vector<qmp::reply::BlockJobInfo> ours;
+  for (auto& j : *jobs) {
+    for (const auto& id : disks) {
+      if (j.id == mirror_job(id)) ours.push_back(std::move(j));
+    }
+  }
+  co_return ours;
+}
+
+// A mirror job that failed, named by its disk: the destination's image is the likely cause.
+Error copy_failed(const qmp::reply::BlockJobInfo& job, const std::vector<std::string>& disks) {
+  std::string id = job.id;
+  for (const auto& disk : disks) {
+    if (mirror_job(disk) == job.id) id = disk;
+  }
+  Error e(make_error_code(errc::qemu_error),
+          "copy_storage: the copy of disk " + id + " into the destination's image failed: " +
+              job.error.value_or("the job ended " + job.status));
+  e.field = "disk_paths." + id;
+  return e;
+}
+
+// Best effort, for a copy that failed, was cancelled or was left by an earlier broker: every
+// mirror job cancelled outright and dismissed, every NBD node and its fd name gone.
+awaitable<void> drop_mirrors(Context& ctx, Domain& d, const std::vector<std::string>& disks) {
+  const auto deadline = std::chrono::steady_clock::now() + ctx.timeouts.qmp;
+  std::vector<std::string> cancelled_jobs;
+  for (;;) {
+    auto jobs = co_await mirror_jobs(ctx, d, disks);
+    if (!jobs || jobs->empty()) break;
+    for (const auto& j : *jobs) {
+      if (j.status == "concluded") {
+        qmp::Command dismiss = qmp::cmd::job_dismiss(j.id);
+        if (auto r = co_await call(ctx, d, std::move(dismiss)); !r) log::warn(r.error().describe());
+      } else if (std::find(cancelled_jobs.begin(), cancelled_jobs.end(), j.id) == cancelled_jobs.end()) {
+        cancelled_jobs.push_back(j.id);
+        qmp::Command stop = qmp::cmd::block_job_cancel(j.id, true);
+        if (auto r = co_await call(ctx, d, std::move(stop)); !r) log::warn(r.error().describe());
+      }
+    }
+    if (passed(deadline)) {
+      log::warn("domain " + d.name() + ": its storage copy's jobs did not end");
+      break;
+    }
+    co_await tick(ctx);
+  }
+  for (const auto& id : disks) {
+    qmp::Command del = qmp::cmd::blockdev_del(mirror_node(id));
+    co_await call(ctx, d, std::move(del));  // absent unless the copy got that far
+    qmp::Command close = qmp::cmd::closefd(mirror_node(id));
+    co_await call(ctx, d, std::move(close));
+  }
+}
+
+void publish_storage(Context& ctx, const Domain& d, std::uint64_t bytes, std::uint64_t total,
+                     std::chrono::steady_clock::duration took) {
+  const double secs = std::chrono::duration<double>(took).count();
+  ctx.events.publish(d.name(), "job", "progress",
+                     {{"job", "migrate"},
+                      {"phase", "storage"},
+                      {"bytes", bytes},
+                      {"total", total},
+                      {"rate", secs > 0 ? static_cast<double>(bytes) / secs : 0.0},
+                      {"fraction", total != 0 ? static_cast<double>(bytes) / static_cast<double>(total) : 0.0}});
+}
+
+// Each disk mirrored into its export on the destination's NBD listener, until every copy is
+// level (ready). The guest runs meanwhile; its writes go on being copied.
+awaitable<Result<void>> mirror_storage(Context& ctx, Domain& d, const StorageCopy& storage,
+                                       CancelFlag cancel) {
+  for (const auto& id : storage.disks) {
+    auto sock = fdpass::connect_unix(storage.nbd_endpoint);
+    if (!sock) {
+      co_return errno_error(sock.error().value(),
+                            "copy_storage: connecting to the destination's NBD listener " +
+                                storage.nbd_endpoint,
+                            "to");
+    }
+    const std::string node = mirror_node(id);
+    if (auto ok = co_await getfd(ctx, d, *sock, node); !ok) co_return ok.error();
+    sock->reset();
+    qmp::Command add = qmp::cmd::blockdev_add(qmp::cmd::NbdNode{node, node, id});
+    if (auto r = co_await call(ctx, d, std::move(add)); !r) co_return r.error();
+    qmp::Command mirror = qmp::cmd::blockdev_mirror(mirror_job(id), format_node(id), node);
+    if (auto r = co_await call(ctx, d, std::move(mirror)); !r) co_return r.error();
+  }
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
+  auto last_event = start - std::chrono::hours(1);
+  asio::steady_timer t(ctx.ex);
+  for (;;) {
+    if (cancel && *cancel) co_return cancelled("the migration of " + d.name());
+    auto jobs = co_await mirror_jobs(ctx, d, storage.disks);
+    if (!jobs) co_return jobs.error();
+    std::uint64_t bytes = 0;
+    std::uint64_t total = 0;
+    bool level = jobs->size() == storage.disks.size();
+    for (const auto& j : *jobs) {
+      if (j.status == "concluded" || j.error) co_return copy_failed(j, storage.disks);
+      bytes += j.offset;
+      total += j.len;
+      level = level && j.ready;
+    }
+    const auto now = Clock::now();
+    if (level || now - last_event >= std::chrono::milliseconds(250)) {
+      last_event = now;
+      publish_storage(ctx, d, bytes, total, now - start);
+    }
+    if (level) co_return Result<void>{};
+    const auto so_far = std::chrono::duration_cast<std::chrono::milliseconds>(now - start);
+    t.expires_after(std::clamp(so_far / 8, kTick,
+                               std::max(ctx.timeouts.migrate_poll, kTick)));
+    co_await t.async_wait(asio::as_tuple(asio::use_awaitable));
+  }
+}
+
+}  // namespace
+
+namespace detail {
+
+// In "pre-switchover" the guest is stopped: each mirror, cancelled softly, copies what is left
+// and ends, its target then level with the source; its NBD node goes, which closes the
+// connection, so the destination's exports are idle when it runs the guest.
+awaitable<Result<void>> finish_mirrors(Context& ctx, Domain& d, const std::vector<std::string>& disks) {
+  for (const auto& id : disks) {
+    qmp::Command c = qmp::cmd::block_job_cancel(mirror_job(id), false);
+    if (auto r = co_await call(ctx, d, std::move(c)); !r) co_return r.error();
+  }
+  const auto deadline = std::chrono::steady_clock::now() + ctx.timeouts.migrate_settle;
+  for (;;) {
+    auto jobs = co_await mirror_jobs(ctx, d, disks);
+    if (!jobs) co_return jobs.error();
+    const bool ended = std::all_of(jobs->begin(), jobs->end(),
+                                   [](const auto& j) { return j.status == "concluded"; });
+    if (ended) {
+      std::optional<Error> failed;
+      if (jobs->size() != disks.size()) {
+        failed = Error(make_error_code(errc::qemu_error), "copy_storage: a mirror job is gone");
+      }
+      for (const auto& j : *jobs) {
+        if (j.error && !failed) failed = copy_failed(j, disks);
+        qmp::Command dismiss = qmp::cmd::job_dismiss(j.id);
+        if (auto r = co_await call(ctx, d, std::move(dismiss)); !r) co_return r.error();
+      }
+      if (failed) co_return *failed;
+      break;
+    }
+    if (passed(deadline)) {
+      co_return Error(make_error_code(errc::qemu_timeout),
+                      "copy_storage: the disks' copies did not come level with the stopped guest");
+    }
+    co_await tick(ctx);
+  }
+  for (const auto& id : disks) {
+    qmp::Command del = qmp::cmd::blockdev_del(mirror_node(id));
+    if (auto r = co_await call(ctx, d, std::move(del)); !r) co_return r.error();
+  }
+  co_return Result<void>{};
+}
+
+}  // namespace detail
+
+namespace {
+
 // Waits for the incoming QEMU to take the whole state, publishing progress.
 awaitable<Result<void>> incoming_completed(Context& ctx, Domain& d, CancelFlag cancel) {
   using Clock = std::chrono::steady_clock;
@@ -236,13 +492,19 @@ awaitable<Result<void>> incoming_completed(Context& ctx, Domain& d, CancelFlag c
 }
 
 awaitable<Result<void>> stream_in(Context& ctx, Domain& d, fdpass::UniqueFd peer, bool paused,
-                                  CancelFlag cancel) {
+                                  bool exporting, CancelFlag cancel) {
   const std::string fd_name(kStreamFd);
   if (auto sent = co_await getfd(ctx, d, peer, fd_name); !sent) co_return sent.error();
   peer.reset();  // QEMU holds it now
   qmp::Command incoming = qmp::cmd::migrate_incoming_fd(fd_name);
   if (auto ok = co_await call(ctx, d, std::move(incoming)); !ok) co_return ok.error();
   if (auto ok = co_await incoming_completed(ctx, d, cancel); !ok) co_return ok.error();
+  if (exporting) {
+    // The source closed its NBD connections before the switch-over; the exports go before the
+    // guest runs here.
+    qmp::Command stop = qmp::cmd::nbd_server_stop();
+    if (auto ok = co_await call(ctx, d, std::move(stop)); !ok) co_return ok.error();
+  }
   if (!paused) {
     qmp::Command cont = qmp::cmd::cont();
     if (auto ok = co_await call(ctx, d, std::move(cont)); !ok) co_return ok.error();
@@ -251,14 +513,16 @@ awaitable<Result<void>> stream_in(Context& ctx, Domain& d, fdpass::UniqueFd peer
   co_return Result<void>{};
 }
 
-// getfd, migrate fd: (unthrottled), then follow until QEMU's side ends.
-awaitable<Result<qmp::reply::MigrationInfo>> stream_out_fd(Context& ctx, Domain& d,
-                                                           fdpass::UniqueFd peer, CancelFlag cancel) {
-  qmp::Command speed = qmp::cmd::migrate_set_max_bandwidth(qmp::cmd::kUnlimitedBandwidth);
-  if (auto ok = co_await call(ctx, d, std::move(speed)); !ok) co_return ok.error();
-  const std::string fd_name(kStreamFd);
-  if (auto ok = co_await getfd(ctx, d, peer, fd_name); !ok) co_return ok.error();
-  peer.reset();
+awaitable<Result<void>> pause_before_switchover(Context& ctx, Domain& d, bool on) {
+  using qmp::cmd::MigrationCapability;
+  qmp::Command c = qmp::cmd::migrate_set_capabilities({{MigrationCapability::pause_before_switchover, on}});
+  if (auto ok = co_await call(ctx, d, std::move(c)); !ok) co_return ok.error();
+  co_return Result<void>{};
+}
+
+awaitable<Result<qmp::reply::MigrationInfo>> follow_out(Context& ctx, Domain& d,
+                                                        const std::string& fd_name, CancelFlag cancel,
+                                                        const std::vector<std::string>& mirrors) {
   qmp::Command migrate = qmp::cmd::migrate_to_fd(fd_name);
   if (auto ok = co_await call(ctx, d, std::move(migrate)); !ok) {
     // QEMU still holds the connection: closed, the destination sees the stream end.
@@ -266,19 +530,52 @@ awaitable<Result<qmp::reply::MigrationInfo>> stream_out_fd(Context& ctx, Domain&
     co_await call(ctx, d, std::move(close));
     co_return ok.error();
   }
-  co_return co_await follow_live(ctx, d, "migrate", cancel);
+  co_return co_await follow_live(ctx, d, "migrate", cancel, mirrors);
 }
 
-// Connect, token, then the stream.
+// getfd, migrate fd: (unthrottled), then follow until QEMU's side ends. With mirrors, the
+// migration stops before its switch-over for them (follow_live), and only for this migration.
+awaitable<Result<qmp::reply::MigrationInfo>> stream_out_fd(Context& ctx, Domain& d,
+                                                           fdpass::UniqueFd peer, CancelFlag cancel,
+                                                           const std::vector<std::string>& mirrors = {}) {
+  qmp::Command speed = qmp::cmd::migrate_set_max_bandwidth(qmp::cmd::kUnlimitedBandwidth);
+  if (auto ok = co_await call(ctx, d, std::move(speed)); !ok) co_return ok.error();
+  if (!mirrors.empty()) {
+    if (auto ok = co_await pause_before_switchover(ctx, d, true); !ok) co_return ok.error();
+  }
+  const std::string fd_name(kStreamFd);
+  if (auto ok = co_await getfd(ctx, d, peer, fd_name); !ok) co_return ok.error();
+  peer.reset();
+  auto info = co_await follow_out(ctx, d, fd_name, cancel, mirrors);
+  if (!mirrors.empty()) {
+    if (auto ok = co_await pause_before_switchover(ctx, d, false); !ok) log::warn(ok.error().describe());
+  }
+  co_return info;
+}
+
+// Connect, token, [the disks' copies], then the stream.
 awaitable<Result<qmp::reply::MigrationInfo>> stream_out(Context& ctx, Domain& d, std::string endpoint,
-                                                        std::string token, CancelFlag cancel) {
+                                                        std::string token, CancelFlag cancel,
+                                                        const StorageCopy& storage) {
   auto peer = fdpass::connect_unix(endpoint);
   if (!peer) co_return errno_error(peer.error().value(), "migration: connecting to " + endpoint, "to");
   const std::string line = token + "\n";
   if (::send(peer->get(), line.data(), line.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(line.size())) {
     co_return errno_error(errno, "migration: sending the token to " + endpoint, "to");
   }
-  co_return co_await stream_out_fd(ctx, d, std::move(*peer), cancel);
+  // The destination waits on this connection while the disks are copied: a source that dies
+  // closes it, and the destination tears its half down.
+  if (!storage.disks.empty()) {
+    if (auto copied = co_await mirror_storage(ctx, d, storage, cancel); !copied) {
+      co_await drop_mirrors(ctx, d, storage.disks);
+      co_return copied.error();
+    }
+  }
+  auto info = co_await stream_out_fd(ctx, d, std::move(*peer), cancel, storage.disks);
+  if (!storage.disks.empty() && (!info || info->status != "completed")) {
+    co_await drop_mirrors(ctx, d, storage.disks);
+  }
+  co_return info;
 }
 
 // What a source makes of its QEMU's side of the migration: done, or the guest resumed here.
@@ -301,10 +598,22 @@ awaitable<Result<void>> settle_out(Context& ctx, Domain& d, bool was_running,
 
 }  // namespace
 
+std::vector<std::string> mirrored_disks(const Domain& d) {
+  std::vector<std::string> out;
+  for (const auto& [id, disk] : d.disks) {
+    if (!disk.spec.read_only) out.push_back(id);
+  }
+  return out;
+}
+
 awaitable<Result<Incoming>> prepare_incoming(Context& ctx, Domains& domains, IncomingRequest request) {
   auto described = described_domain(request.domain);
   if (!described) co_return described.error();
-  if (auto ok = check_identities(ctx, **described); !ok) co_return ok.error();
+  const auto fresh = request.copy_storage ? mirrored_disks(**described) : std::vector<std::string>{};
+  if (auto ok = check_identities(ctx, **described, fresh); !ok) co_return ok.error();
+  if (request.same_host) {
+    if (auto ok = check_own_images(ctx, **described, fresh); !ok) co_return ok.error();
+  }
   lifecycle::DomainSpec spec = (*described)->spec();
   spec.paused = request.paused;
   auto reserved = domains.reserve(std::move(spec));
@@ -324,7 +633,13 @@ awaitable<Result<Incoming>> prepare_incoming(Context& ctx, Domains& domains, Inc
   Result<void> ready = co_await domains.attach(d);
   if (ready) {
     d->set_state(RunState::paused);
-    ready = co_await replug(ctx, *d, **described);
+    ready = co_await replug(ctx, *d, **described, fresh);
+  }
+  if (ready && request.same_host) ready = check_plugged_own(*d, **described, fresh);
+  if (ready && !fresh.empty()) {
+    in.nbd_endpoint = request.listen_dir + "/" + new_token().substr(0, 32) + ".nbd";
+    ready = co_await export_disks(ctx, *d, fresh, in.nbd_endpoint);
+    if (!ready) in.nbd_endpoint.clear();
   }
   if (ready) {
     auto listener = listen_at(in.endpoint);
@@ -332,6 +647,7 @@ awaitable<Result<Incoming>> prepare_incoming(Context& ctx, Domains& domains, Inc
     else ready = listener.error();
   }
   if (!ready) {
+    if (!in.nbd_endpoint.empty()) ::unlink(in.nbd_endpoint.c_str());
     in.job.release();
     co_await domains.teardown(d, false);
     ctx.events.publish(name, "domain", "failed", {{"error", ready.error().describe()}});
@@ -350,7 +666,9 @@ awaitable<Result<void>> receive_incoming(Context& ctx, Domains& domains, Incomin
   ::unlink(in.endpoint.c_str());  // one connection, once
   Result<void> done = peer ? Result<void>{} : Result<void>(peer.error());
   if (done) done = co_await check_token(ctx, *peer, in.token);
-  if (done) done = co_await stream_in(ctx, *d, std::move(*peer), d->spec().paused, cancel);
+  const bool exporting = !in.nbd_endpoint.empty();
+  if (done) done = co_await stream_in(ctx, *d, std::move(*peer), d->spec().paused, exporting, cancel);
+  if (exporting) ::unlink(in.nbd_endpoint.c_str());
   in.job.release();
   if (done) done = co_await domains.records().persist(*d);
   if (!done) {
@@ -364,9 +682,9 @@ awaitable<Result<void>> receive_incoming(Context& ctx, Domains& domains, Incomin
 }
 
 awaitable<Result<void>> send_state(Context& ctx, Domain& d, std::string endpoint,
-                                   std::string token, CancelFlag cancel) {
+                                   std::string token, CancelFlag cancel, StorageCopy storage) {
   const bool was_running = d.state() == RunState::running;
-  auto info = co_await stream_out(ctx, d, std::move(endpoint), std::move(token), cancel);
+  auto info = co_await stream_out(ctx, d, std::move(endpoint), std::move(token), cancel, storage);
   co_return co_await settle_out(ctx, d, was_running, std::move(info), cancel);
 }
 
@@ -379,7 +697,17 @@ awaitable<Result<void>> send_state_fd(Context& ctx, Domain& d, fdpass::UniqueFd 
 
 awaitable<Result<void>> resume_here(Context& ctx, Domain& d) { return ensure_running(ctx, d); }
 
-json::value described_domain_of(const Domain& d) { return saved_domain(d); }
+json::value described_domain_of(const Domain& d, const std::map<std::string, std::string>& disk_paths) {
+  json::value v = saved_domain(d);
+  if (disk_paths.empty()) return v;
+  for (auto& disk : v.as_object()["disks"].as_array()) {
+    auto& o = disk.as_object();
+    if (auto it = disk_paths.find(std::string(o["id"].as_string())); it != disk_paths.end()) {
+      o["path"] = it->second;
+    }
+  }
+  return v;
+}
 
 awaitable<void> recover_migrate(Context& ctx, Domain& d, json::object args) {
   qmp::Command query = qmp::cmd::query_migrate();
@@ -395,6 +723,18 @@ awaitable<void> recover_migrate(Context& ctx, Domain& d, json::object args) {
                " had sent all of its state; the guest stays paused here so that it never runs "
                "twice: destroy it here if it runs there, or resume it");
     co_return;
+  }
+  if (const auto* copy = args.if_contains("copy_storage"); copy != nullptr && copy->is_bool() &&
+                                                          copy->get_bool()) {
+    // Cancelled before its switch-over, the migration leaves the mirrors to go.
+    if (status == "pre-switchover" || migration_busy(status)) {
+      qmp::Command c = qmp::cmd::migrate_cancel();
+      if (auto ok = co_await call(ctx, d, std::move(c)); !ok) log::warn(ok.error().describe());
+    }
+    std::vector<std::string> disks;
+    for (const auto& [id, disk] : d.disks) disks.push_back(id);
+    co_await drop_mirrors(ctx, d, disks);
+    if (auto ok = co_await pause_before_switchover(ctx, d, false); !ok) log::warn(ok.error().describe());
   }
   co_await recover_save(ctx, d, std::move(args));
 }

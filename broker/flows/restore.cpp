@@ -82,8 +82,10 @@ Result<void> check_same(Context& ctx, const std::string& path, const fdpass::Ide
 
 namespace detail {
 
-Result<void> check_identities(Context& ctx, const Domain& saved) {
+Result<void> check_identities(Context& ctx, const Domain& saved,
+                              const std::vector<std::string>& fresh) {
   for (const auto& [id, disk] : saved.disks) {
+    if (std::find(fresh.begin(), fresh.end(), id) != fresh.end()) continue;
     if (auto ok = check_same(ctx, disk.spec.path, disk.identity, "disks." + id); !ok) return ok;
   }
   for (const auto& [id, cd] : saved.cdroms) {
@@ -100,8 +102,10 @@ namespace {
 
 // The same check on what the flows opened and handed to QEMU, so a file swapped between the
 // first check and the plug is still caught.
-Result<void> check_plugged(const Domain& d, const Domain& saved) {
+Result<void> check_plugged(const Domain& d, const Domain& saved,
+                           const std::vector<std::string>& fresh) {
   for (const auto& [id, disk] : saved.disks) {
+    if (std::find(fresh.begin(), fresh.end(), id) != fresh.end()) continue;
     auto it = d.disks.find(id);
     if (it != d.disks.end() && it->second.identity.same_object(disk.identity)) continue;
     Error e(make_error_code(fdpass::errc::identity_changed),
@@ -186,7 +190,8 @@ awaitable<Result<void>> plug_on_port(Context& ctx, Domain& d, const Domain& save
 
 namespace detail {
 
-awaitable<Result<void>> replug(Context& ctx, Domain& d, const Domain& saved) {
+awaitable<Result<void>> replug(Context& ctx, Domain& d, const Domain& saved,
+                               const std::vector<std::string>& fresh) {
   for (const auto& dev : port_devices(saved)) {
     if (auto ok = co_await plug_on_port(ctx, d, saved, dev); !ok) co_return ok.error();
   }
@@ -203,7 +208,7 @@ awaitable<Result<void>> replug(Context& ctx, Domain& d, const Domain& saved) {
     if (disk.spec.bus != DiskBus::scsi) continue;
     if (auto ok = co_await add_disk(ctx, d, disk_spec(saved, id)); !ok) co_return ok.error();
   }
-  co_return check_plugged(d, saved);
+  co_return check_plugged(d, saved, fresh);
 }
 
 }  // namespace detail

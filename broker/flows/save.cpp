@@ -354,7 +354,7 @@ awaitable<void> recover_save(Context& ctx, Domain& d, json::object args) {
     auto info = qmp::reply::migration(*r);
     if (!info) break;
     const std::string& st = info->status;
-    if (st != "setup" && st != "active" && st != "device" && st != "cancelling") break;
+    if (!migration_busy(st)) break;
     if (!cancel_sent) {
       cancel_sent = true;
       qmp::Command c = qmp::cmd::migrate_cancel();

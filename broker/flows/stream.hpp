@@ -55,25 +55,31 @@ boost::asio::awaitable<Result<qmp::reply::MigrationInfo>> follow(
 // Every device of `saved` plugged into `d` (paused, before any migrate-incoming) where it was:
 // root-port devices in port order, each on its old port, then on the SCSI bus the CD drives and
 // SCSI disks (each in id order, as a create plugs them); then each disk's identity compared with
-// the saved one (identity_changed).
-boost::asio::awaitable<Result<void>> replug(Context& ctx, Domain& d, const Domain& saved);
+// the saved one (identity_changed), except for the disks named in `fresh` (copy_storage: the
+// destination's own images).
+boost::asio::awaitable<Result<void>> replug(Context& ctx, Domain& d, const Domain& saved,
+                                            const std::vector<std::string>& fresh = {});
 
 // The domain as a save file's header or a migration keeps it: its spec and devices with their
 // paths and identities, not the instance that ran it.
 boost::json::value saved_domain(const Domain& d);
 
 // Every disk and medium of `saved` opened again as hotplug opens it; identity_changed when one is
-// no longer the object it was, naming the field (disks.ID, cdroms.ID).
-Result<void> check_identities(Context& ctx, const Domain& saved);
+// no longer the object it was, naming the field (disks.ID, cdroms.ID). The disks named in
+// `fresh` are left to the plug.
+Result<void> check_identities(Context& ctx, const Domain& saved,
+                              const std::vector<std::string>& fresh = {});
 
 // True while QEMU's migration status says it still runs.
 bool migration_busy(const std::string& status);
 
 // Follows an outgoing migration until it ends, polling query-migrate and publishing the job's
-// progress; a cancel is a migrate_cancel. Returns QEMU's last migration state.
-boost::asio::awaitable<Result<qmp::reply::MigrationInfo>> follow_live(Context& ctx, Domain& d,
-                                                                      std::string job,
-                                                                      CancelFlag cancel);
+// progress; a cancel is a migrate_cancel. Returns QEMU's last migration state. With `mirrors`
+// (disk ids, copy_storage), a migration paused in "pre-switchover" has its mirrors brought level
+// and closed (finish_mirrors) before it is let go on; one that fails cancels the migration.
+boost::asio::awaitable<Result<qmp::reply::MigrationInfo>> follow_live(
+    Context& ctx, Domain& d, std::string job, CancelFlag cancel,
+    const std::vector<std::string>& mirrors = {});
 
 // cont, when the guest is not running (QEMU leaves it stopped after a completed migration).
 boost::asio::awaitable<Result<void>> ensure_running(Context& ctx, Domain& d);

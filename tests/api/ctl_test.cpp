@@ -146,6 +146,13 @@ TEST_CASE("subcommands build the request of their route", "[api][ctl]") {
   CHECK(parse_ok({"save", "vm1", "/srv/s"}).body->at("path") == "/srv/s");
   CHECK_FALSE(parse_ok({"save", "vm1", "/srv/s"}).body->as_object().contains("keep_running"));
   CHECK(parse_ok({"save", "vm1", "/srv/s", "--keep-running"}).body->at("keep_running") == true);
+  CHECK(*parse_ok({"migrate", "vm1", "/run/b.sock"}).body == json::parse(R"({"to":"/run/b.sock"})"));
+  CHECK(*parse_ok({"migrate", "vm1", "/run/b.sock", "--copy-storage", "--disk-path", "d0=/srv/b/d0.img",
+                   "--disk-path", "d1=/srv/b/d=1.img"})
+             .body == json::parse(R"({"to":"/run/b.sock","copy_storage":true,)"
+                                  R"("disk_paths":{"d0":"/srv/b/d0.img","d1":"/srv/b/d=1.img"}})"));
+  CHECK(parse_bad({"migrate", "vm1", "/run/b.sock", "--disk-path", "d0"}).field == "--disk-path");
+  CHECK(parse_bad({"migrate", "vm1", "/run/b.sock", "--disk-path", "=/x"}).field == "--disk-path");
   auto cancel = parse_ok({"cancel", "vm1"});
   CHECK(cancel.method == "DELETE");
   CHECK(cancel.target == "/v1/domains/vm1/job");

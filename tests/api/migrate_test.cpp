@@ -38,6 +38,9 @@ constexpr uid_t kTlsBase = 3'109'600;
 constexpr uid_t kRogueBase = 3'109'700;
 constexpr uid_t kPlainBase = 3'109'800;
 constexpr uid_t kTlsDyingBase = 3'109'900;
+constexpr uid_t kCopyBase = 3'113'000;
+constexpr uid_t kCopyRefusedBase = 3'113'100;
+constexpr uid_t kCopyKilledBase = 3'113'200;
 
 // A running qbrokerd with the test's image root beside the guest's directory.
 struct Broker {
@@ -356,6 +359,28 @@ std::pair<std::string, std::string> placements(const Broker& a, const Broker& b,
   return {state(a), state(b)};
 }
 
+// The source broker, SIGKILLed mid-migration, is started again. Its QEMU may have finished
+// sending on its own: the destination then runs the guest and the source keeps it paused; or it
+// had not, and the source runs it again. Never both running, never neither, and no job left.
+void check_one_place_after_restart(Pair& p) {
+  p.source->start();
+  REQUIRE(wait_adopted(p.source->sock, 60s));
+  std::pair<std::string, std::string> where;
+  CHECK(wait_for(
+      [&] {
+        where = placements(*p.source, *p.destination, p.name);
+        return (where.first == "running") != (where.second == "running") &&
+               where.second != "starting" && where.second != "paused";
+      },
+      60s));
+  INFO("source: " << where.first << ", destination: " << where.second);
+  CHECK((where.first == "running" || where.first == "paused" || where.first.empty()));
+  for (auto* b : {p.source.get(), p.destination.get()}) {
+    auto d = b->domain(p.name);
+    if (d.is_object()) CHECK(d.at("job").is_null());
+  }
+}
+
 }  // namespace
 
 TEST_CASE("qbrokerd SIGKILLed mid-migration at the source: the guest runs in exactly one place",
@@ -372,25 +397,7 @@ TEST_CASE("qbrokerd SIGKILLed mid-migration at the source: the guest runs in exa
     p.source->kill_during(p.name, "migrate");
   }
   asker.join();
-  p.source->start();
-  REQUIRE(wait_adopted(p.source->sock, 60s));
-  // The source's QEMU may have finished sending on its own: the destination then runs the guest
-  // and the source keeps it paused; or it had not, and the source runs it again. Never both
-  // running, never neither.
-  std::pair<std::string, std::string> where;
-  CHECK(wait_for(
-      [&] {
-        where = placements(*p.source, *p.destination, p.name);
-        return (where.first == "running") != (where.second == "running") &&
-               where.second != "starting" && where.second != "paused";
-      },
-      60s));
-  INFO("source: " << where.first << ", destination: " << where.second);
-  CHECK((where.first == "running" || where.first == "paused" || where.first.empty()));
-  for (auto* b : {p.source.get(), p.destination.get()}) {
-    auto d = b->domain(p.name);
-    if (d.is_object()) CHECK(d.at("job").is_null());
-  }
+  check_one_place_after_restart(p);
 }
 
 TEST_CASE("qbrokerd SIGKILLed mid-migration at the destination: the guest runs on at the source and "
@@ -413,6 +420,166 @@ TEST_CASE("qbrokerd SIGKILLed mid-migration at the destination: the guest runs o
   // The destination buried the half-arrived domain by uid; the source resumed its guest.
   p.check_nothing_at_destination();
   p.check_runs_at_source();
+}
+
+// ---- copy_storage: the disk mirrored into the destination's own image ------------------------
+
+namespace {
+
+constexpr int kWriterFirstSector = 100;
+constexpr int kWriterCount = 1900;  // sectors 101 .. 2000 of the 2048 in d0
+
+// A guest process that writes 1, 2, 3 ... each to a sector of its own (101, 102, ...) through the
+// cache to the disk, and only then records it in /tmp/written: every count /tmp/written names is
+// on the disk, wherever the guest runs by then.
+void start_writer(qbtest::GuestConsole& con) {
+  run_in(con, "(i=0; while [ $i -lt " + std::to_string(kWriterCount) +
+                  " ]; do i=$((i+1)); printf '%08d' $i | dd of=/dev/vda bs=512 seek=$((" +
+                  std::to_string(kWriterFirstSector) +
+                  "+i)) conv=notrunc,fsync 2>/dev/null; echo $i > /tmp/written; done) & "
+                  "echo $! > /tmp/writer");
+}
+
+long written(qbtest::GuestConsole& con) {
+  return std::stol("0" + run_in(con, "cat /tmp/written 2>/dev/null"));
+}
+
+// An image file of `bytes` zeros beside the source's.
+std::string blank_image(const Pair& p, const std::string& file, std::uintmax_t bytes) {
+  const std::string path = p.images + "/" + file;
+  qbtest::write_file(path, "");
+  std::filesystem::resize_file(path, bytes);
+  return path;
+}
+
+http::Reply migrate_copying(const Pair& p, const std::string& extra) {
+  auto r = http::call(p.source->sock, "POST", "/v1/domains/" + p.name + "/migrate",
+                      R"({"to":")" + p.destination->sock + R"(","copy_storage":true)" + extra + "}",
+                      120s);
+  REQUIRE(r);
+  return *r;
+}
+
+}  // namespace
+
+TEST_CASE("with copy_storage the disk is mirrored into the destination's own image while the "
+          "guest writes to it",
+          "[api][migrate][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  Pair p(kCopyBase, "cps");
+  const std::string copy = blank_image(p, "d0-copy.img", 1 << 20);
+  auto& con = *p.guest.console;
+  run_in(con, "echo QB-WRITTEN-AT-SOURCE | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
+  start_writer(con);
+  REQUIRE(wait_for([&] { return written(con) > 0; }, 30s));
+  const long before = counter(con);
+  const long written_before = written(con);
+
+  auto moved = migrate_copying(p, R"(,"disk_paths":{"d0":")" + copy + R"("})");
+  check_moved(p, p.destination->sock, moved, before);
+
+  // The destination's QEMU holds the copy, and not the source's image.
+  auto there = p.destination->domain(p.name);
+  const pid_t pid = static_cast<pid_t>(there.at("pid").to_number<int>());
+  CHECK(fds_naming(pid, copy) > 0);
+  CHECK(fds_naming(pid, p.images + "/d0.img") == 0);
+  const auto disks = there.at("devices").at("disks").as_array();
+  REQUIRE(disks.size() == 1);
+  CHECK(disks[0].at("path").as_string() == copy);
+
+  // Every count the guest wrote, before the copy, during it and after the switch-over, is in
+  // the copy: none written at the source while the mirror ran was lost.
+  auto fd = qbtest::connect_retry(std::string(there.at("console").as_string()), 10s);
+  REQUIRE(fd);
+  qbtest::GuestConsole moved_con(std::move(fd));
+  run_in(moved_con, "kill $(cat /tmp/writer) 2>/dev/null; sync");
+  const long last = written(moved_con);
+  INFO("written before the migration: " << written_before << ", in all: " << last);
+  CHECK(last > written_before);
+  const std::string bytes = slurp(copy);
+  REQUIRE(bytes.size() == 1 << 20);
+  CHECK(bytes.substr(8 * 512, 20) == "QB-WRITTEN-AT-SOURCE");
+  long missing = 0;
+  for (long i = 1; i <= last; ++i) {
+    char want[24];
+    std::snprintf(want, sizeof(want), "%08ld", i);
+    if (bytes.compare(static_cast<std::size_t>(kWriterFirstSector + i) * 512, 8, want) != 0) ++missing;
+  }
+  CHECK(missing == 0);
+  // No NBD listener is left at the destination.
+  CHECK(std::filesystem::is_empty(p.destination->dir / "run/migrate"));
+}
+
+TEST_CASE("copy_storage refuses a destination image that is the source's own or does not fit "
+          "and the guest runs on at the source",
+          "[api][migrate][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  Pair p(kCopyRefusedBase, "cpr");
+  // On one host, the same path is the same image.
+  auto same = migrate_copying(p, "");
+  INFO(same.body);
+  CHECK(same.status == 400);
+  CHECK(same.json.at("error").at("field").as_string() == "disk_paths.d0");
+  p.check_nothing_at_destination();
+  // A disk the domain does not have.
+  auto unknown = migrate_copying(p, R"(,"disk_paths":{"zz":"/nowhere.img"})");
+  CHECK(unknown.status == 400);
+  CHECK(unknown.json.at("error").at("field").as_string() == "disk_paths.zz");
+  // A live update keeps its disks.
+  auto local = http::call(p.source->sock, "POST", "/v1/domains/" + p.name + "/migrate",
+                          R"({"to":"local","copy_storage":true})");
+  REQUIRE(local);
+  CHECK(local->status == 400);
+  CHECK(local->json.at("error").at("field").as_string() == "copy_storage");
+  // An image smaller than the disk: QEMU's mirror refuses it, and everything is undone.
+  const std::string small = blank_image(p, "d0-small.img", 1 << 19);
+  auto misfit = migrate_copying(p, R"(,"disk_paths":{"d0":")" + small + R"("})");
+  INFO(misfit.body);
+  CHECK(misfit.status >= 400);
+  CHECK(misfit.json.at("error").at("field").as_string() == "disk_paths.d0");
+  CHECK(misfit.json.at("error").at("message").as_string().find("different sizes") != std::string::npos);
+  p.check_runs_at_source();
+  p.check_nothing_at_destination();
+  CHECK(std::filesystem::is_empty(p.destination->dir / "run/migrate"));
+  // And the guest can still migrate with its disk copied.
+  const std::string copy = blank_image(p, "d0-copy.img", 1 << 20);
+  const long before = counter(*p.guest.console);
+  run_in(*p.guest.console,
+         "echo QB-WRITTEN-AT-SOURCE | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
+  auto moved = migrate_copying(p, R"(,"disk_paths":{"d0":")" + copy + R"("})");
+  check_moved(p, p.destination->sock, moved, before);
+}
+
+TEST_CASE("qbrokerd SIGKILLed mid-copy at the source: the guest runs in exactly one place",
+          "[api][migrate][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  Pair p(kCopyKilledBase, "cpk");
+  const std::string copy = blank_image(p, "d0-copy.img", 1 << 20);
+  start_writer(*p.guest.console);
+  std::thread asker([&] {
+    http::call(p.source->sock, "POST", "/v1/domains/" + p.name + "/migrate",
+               R"({"to":")" + p.destination->sock + R"(","copy_storage":true,"disk_paths":{"d0":")" +
+                   copy + R"("}})",
+               120s);
+  });
+  // The destination answers once both its listeners exist; the one-time listener goes when the
+  // source has connected to it, the NBD listener only once the state has arrived. The source
+  // copies the disk from then on.
+  const auto dir = p.destination->dir / "run/migrate";
+  auto has = [&](const std::string& ext) {
+    std::error_code ec;
+    for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+      if (e.path().extension() == ext) return true;
+    }
+    return false;
+  };
+  REQUIRE(wait_for([&] { return slurp(p.destination->dir / "log").find("POST /v1/migrations 201") !=
+                                std::string::npos; },
+                   60s));
+  REQUIRE(wait_for([&] { return !has(".sock"); }, 60s));
+  p.source->kill_during(p.name, "migrate");
+  asker.join();
+  check_one_place_after_restart(p);
 }
 
 // ---- Between hosts: TCP between the brokers, TLS unless both say --insecure-migration --------

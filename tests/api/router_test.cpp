@@ -221,6 +221,35 @@ TEST_CASE("malformed JSON and wrong types are 400 naming the field", "[api][rout
   CHECK(uefi_kernel.field == "firmware");
 }
 
+TEST_CASE("a migration's copy_storage and disk_paths are checked by field", "[api][router][bad-input]") {
+  const std::string route = "/v1/domains/vm1/migrate";
+  auto copy = std::get<api::MigrateCmd>(
+      ok(verb::post, route, R"({"to":"/run/b2.sock","copy_storage":true,"disk_paths":{"d0":"/srv/b/d0.img"}})"));
+  CHECK(copy.request.to == "/run/b2.sock");
+  CHECK(copy.request.copy_storage);
+  CHECK(copy.request.disk_paths == std::map<std::string, std::string>{{"d0", "/srv/b/d0.img"}});
+  auto plain = std::get<api::MigrateCmd>(ok(verb::post, route, R"({"to":"/run/b2.sock"})"));
+  CHECK_FALSE(plain.request.copy_storage);
+  CHECK(plain.request.disk_paths.empty());
+
+  CHECK(refused(verb::post, route, R"({"to":"/b.sock","copy_storage":"yes"})").field == "copy_storage");
+  // disk_paths only with copy_storage, an object of disk ids to absolute paths.
+  CHECK(refused(verb::post, route, R"({"to":"/b.sock","disk_paths":{"d0":"/x"}})").field == "disk_paths");
+  CHECK(refused(verb::post, route, R"({"to":"/b.sock","copy_storage":true,"disk_paths":["/x"]})").field ==
+        "disk_paths");
+  CHECK(refused(verb::post, route, R"({"to":"/b.sock","copy_storage":true,"disk_paths":{"d0":"x.img"}})")
+            .field == "disk_paths.d0");
+  CHECK(refused(verb::post, route, R"({"to":"/b.sock","copy_storage":true,"disk_paths":{"d0":7}})")
+            .field == "disk_paths.d0");
+  CHECK(refused(verb::post, route, R"({"to":"/b.sock","copy_storage":true,"disk_paths":{"../d":"/x"}})")
+            .field == "disk_paths.../d");
+  // The destination's side takes copy_storage as a flag.
+  auto in = std::get<api::IncomingCmd>(
+      ok(verb::post, "/v1/migrations", R"({"domain":{},"copy_storage":true})"));
+  CHECK(in.request.copy_storage);
+  CHECK(refused(verb::post, "/v1/migrations", R"({"domain":{},"copy_storage":1})").field == "copy_storage");
+}
+
 TEST_CASE("a key twice in one JSON object is 400 naming it, at any depth",
           "[api][router][bad-input]") {
   auto top =

@@ -380,7 +380,7 @@ TEST_CASE("a live update moves the running guest to a fresh QEMU under a new uid
     const int image_fds = qbtest::fds_on(was->pid, im / "u.img");
     CHECK(image_fds > 0);
     auto events = fx.broker.events().subscribe("up1");
-    auto r = fx.run(fx.broker.migrate("up1", "local"));
+    auto r = fx.run(fx.broker.migrate("up1", {"local"}));
     INFO((r ? "" : r.error().describe()));
     REQUIRE(r);
     CHECK(progress_events(fx, *events, "live-update") > 0);
@@ -414,11 +414,11 @@ TEST_CASE("a live update moves the running guest to a fresh QEMU under a new uid
   }
   // Another broker is named by the absolute path of its API socket; no such broker: refused,
   // naming "to", and the domain runs on.
-  auto other = fx.run(fx.broker.migrate("up1", "unix:/run/elsewhere.sock"));
+  auto other = fx.run(fx.broker.migrate("up1", {"unix:/run/elsewhere.sock"}));
   REQUIRE_FALSE(other);
   CHECK(other.error().code == broker::errc::invalid_argument);
   CHECK(other.error().field == "to");
-  auto nobody = fx.run(fx.broker.migrate("up1", fx.run_dir / "no-broker.sock"));
+  auto nobody = fx.run(fx.broker.migrate("up1", {fx.run_dir / "no-broker.sock"}));
   REQUIRE_FALSE(nobody);
   CHECK(nobody.error().field == "to");
   CHECK(fx.run(fx.broker.info("up1", false))->state == broker::RunState::running);
@@ -441,7 +441,7 @@ TEST_CASE("a live update whose new QEMU dies, or that is cancelled, leaves the o
   auto interrupted = [&](const std::function<void()>& act) {
     const auto sent = fx.transcript.size();
     auto pending =
-        boost::asio::co_spawn(fx.io, fx.broker.migrate("uf1", "local"), boost::asio::use_future);
+        boost::asio::co_spawn(fx.io, fx.broker.migrate("uf1", {"local"}), boost::asio::use_future);
     auto streaming = [&] {
       for (std::size_t i = sent; i < fx.transcript.size(); ++i) {
         if (fx.transcript[i].find("\"migrate\"") != std::string::npos) return true;

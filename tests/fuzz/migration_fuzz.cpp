@@ -10,11 +10,13 @@
 //  - nothing throws;
 //  - a body that is not JSON is malformed_json naming "body", a repeated key is duplicate_key;
 //  - every refusal of the parsers is invalid_argument naming a field of the request's schema
-//    (docs/api.yaml: domain and paused, or to; "body" for a body that is not an object), or,
-//    for an unknown field, a key the body has and the schema does not;
+//    (docs/api.yaml: domain, paused and copy_storage, or to, copy_storage, disk_paths and
+//    disk_paths.ID for an ID the body names; "body" for a body that is not an object), or, for
+//    an unknown field, a key the body has and the schema does not;
 //  - an accepted IncomingDomain, rendered as the source broker renders it (broker/control/
-//    broker.cpp, migrate_out) and read again, gives the same domain and paused; an accepted
-//    destination, rendered as {"to": ...}, gives the same destination;
+//    broker.cpp, migrate_out) and read again, gives the same domain, paused and copy_storage;
+//    an accepted MigrateRequest, rendered again, gives the same request, and disk_paths only
+//    comes with copy_storage;
 //  - a described domain the destination can take (as broker/flows/migrate.cpp checks it:
 //    domain_from_json with an empty instance), described again by described_domain_of, sent and
 //    taken again, is described the same way: a domain moves on unchanged from broker to broker.
@@ -63,8 +65,10 @@ void check_refusal(const broker::Error& e, const json::value& body,
 }
 
 // What the source sends, read as the destination reads it.
-broker::IncomingDomain sent(const json::value& domain, bool paused) {
-  const std::string text = json::serialize(json::object{{"domain", domain}, {"paused", paused}});
+broker::IncomingDomain sent(const json::value& domain, bool paused, bool copy_storage) {
+  json::object ask{{"domain", domain}, {"paused", paused}};
+  if (copy_storage) ask["copy_storage"] = true;
+  const std::string text = json::serialize(ask);
   auto body = api::parse_json_body(text);
   check(body.has_value());
   auto req = broker::parse_incoming(*body);
@@ -83,33 +87,53 @@ broker::Result<std::shared_ptr<broker::Domain>> taken(const json::value& describ
 void check_incoming(const json::value& body) {
   auto req = broker::parse_incoming(body);
   if (!req) {
-    check_refusal(req.error(), body, {"domain", "paused"});
+    check_refusal(req.error(), body, {"domain", "paused", "copy_storage"});
     return;
   }
   check(req->domain.is_object());
   if (!qb_fuzz::all_finite(req->domain)) return;
-  auto again = sent(req->domain, req->paused);
-  check(qb_fuzz::same_json(again.domain, req->domain) && again.paused == req->paused);
+  auto again = sent(req->domain, req->paused, req->copy_storage);
+  check(qb_fuzz::same_json(again.domain, req->domain) && again.paused == req->paused &&
+        again.copy_storage == req->copy_storage);
   auto d = taken(req->domain);
   if (!d) return;
   const json::value described = broker::flows::described_domain_of(**d);
-  auto next = sent(described, req->paused);
+  auto next = sent(described, req->paused, req->copy_storage);
   auto d2 = taken(next.domain);
   check(d2.has_value());
   check(qb_fuzz::same_json(broker::flows::described_domain_of(**d2), described));
 }
 
+// A refusal naming disk_paths.ID names an ID the body's disk_paths holds.
+bool names_a_disk_path(const broker::Error& e, const json::value& body) {
+  constexpr std::string_view kPrefix = "disk_paths.";
+  if (!e.field.starts_with(kPrefix) || !body.is_object()) return false;
+  const auto* paths = body.as_object().if_contains("disk_paths");
+  return paths != nullptr && paths->is_object() &&
+         paths->as_object().contains(std::string_view(e.field).substr(kPrefix.size()));
+}
+
 void check_migrate(const json::value& body) {
-  auto to = broker::parse_migrate(body);
-  if (!to) {
-    check_refusal(to.error(), body, {"to"});
+  auto req = broker::parse_migrate(body);
+  if (!req) {
+    if (names_a_disk_path(req.error(), body)) {
+      check(req.error().code == broker::errc::invalid_argument);
+      return;
+    }
+    check_refusal(req.error(), body, {"to", "copy_storage", "disk_paths"});
     return;
   }
-  check(!to->empty());
-  auto again = api::parse_json_body(json::serialize(json::object{{"to", *to}}));
+  check(!req->to.empty());
+  check(req->copy_storage || req->disk_paths.empty());
+  json::object paths;
+  for (const auto& [id, path] : req->disk_paths) paths[id] = path;
+  json::object rendered{{"to", req->to}, {"copy_storage", req->copy_storage}};
+  if (!paths.empty()) rendered["disk_paths"] = std::move(paths);
+  auto again = api::parse_json_body(json::serialize(rendered));
   check(again.has_value());
-  auto to2 = broker::parse_migrate(*again);
-  check(to2.has_value() && *to2 == *to);
+  auto req2 = broker::parse_migrate(*again);
+  check(req2.has_value() && req2->to == req->to && req2->copy_storage == req->copy_storage &&
+        req2->disk_paths == req->disk_paths);
 }
 
 }  // namespace
