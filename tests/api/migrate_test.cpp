@@ -10,6 +10,7 @@
 #include <boost/json.hpp>
 #include <catch2/catch.hpp>
 #include <filesystem>
+#include <fstream>
 #include <optional>
 #include <set>
 #include <sstream>
@@ -41,6 +42,7 @@ constexpr uid_t kTlsDyingBase = 3'109'900;
 constexpr uid_t kCopyBase = 3'113'000;
 constexpr uid_t kCopyRefusedBase = 3'113'100;
 constexpr uid_t kCopyKilledBase = 3'113'200;
+constexpr uid_t kCopyCancelBase = 3'113'300;
 
 // A running qbrokerd with the test's image root beside the guest's directory.
 struct Broker {
@@ -548,6 +550,65 @@ TEST_CASE("copy_storage refuses a destination image that is the source's own or 
          "echo QB-WRITTEN-AT-SOURCE | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
   auto moved = migrate_copying(p, R"(,"disk_paths":{"d0":")" + copy + R"("})");
   check_moved(p, p.destination->sock, moved, before);
+}
+
+TEST_CASE("a migration cancelled while it copies the disks leaves the guest running at the source "
+          "with no mirror left",
+          "[api][migrate][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  Pair p(kCopyCancelBase, "cpc");
+  // A second disk large enough that its copy is still running when the cancel comes.
+  const std::string big = p.images + "/d1.img";
+  {
+    std::ofstream out(big, std::ios::binary);
+    std::string chunk(1 << 20, '\0');
+    for (int i = 0; i < 256; ++i) {
+      for (std::size_t j = 0; j < chunk.size(); j += 4096) chunk[j] = static_cast<char>(i + j / 4096 + 1);
+      out.write(chunk.data(), static_cast<std::streamsize>(chunk.size()));
+    }
+  }
+  auto added = http::call(p.source->sock, "POST", "/v1/domains/" + p.name + "/disks",
+                          R"({"id":"d1","path":")" + big + R"(","bus":"virtio"})", 60s);
+  REQUIRE(added);
+  INFO(added->body);
+  REQUIRE(added->status == 201);
+  const std::string copy0 = blank_image(p, "d0-copy.img", 1 << 20);
+  const std::string copy1 = blank_image(p, "d1-copy.img", 256 << 20);
+  std::optional<http::Reply> answer;
+  std::thread asker([&] {
+    answer = http::call(p.source->sock, "POST", "/v1/domains/" + p.name + "/migrate",
+                        R"({"to":")" + p.destination->sock +
+                            R"(","copy_storage":true,"disk_paths":{"d0":")" + copy0 +
+                            R"(","d1":")" + copy1 + R"("}})",
+                        120s);
+  });
+  // The mirrors are QEMU's block jobs: cancel once they run.
+  const bool copying = wait_for(
+      [&] { return !qmp_over_http(p.source->sock, p.name, "query-block-jobs").as_array().empty(); },
+      60s);
+  auto cancelled = http::call(p.source->sock, "DELETE", "/v1/domains/" + p.name + "/job");
+  asker.join();
+  REQUIRE(copying);
+  REQUIRE(cancelled);
+  CHECK(cancelled->status == 202);
+  REQUIRE(answer);
+  INFO(answer->body);
+  CHECK(answer->status >= 400);
+  CHECK(answer->json.at("error").at("code").as_string() == "cancelled");
+  p.check_runs_at_source();
+  p.check_nothing_at_destination();
+  CHECK(std::filesystem::is_empty(p.destination->dir / "run/migrate"));
+  // Nothing of the copy is left in the source's QEMU: no job, no NBD node, and its next
+  // migration switches over without pausing for mirrors.
+  CHECK(qmp_over_http(p.source->sock, p.name, "query-block-jobs").as_array().empty());
+  const auto nodes = qmp_over_http(p.source->sock, p.name, "query-named-block-nodes");
+  for (const auto& node : nodes.as_array()) {
+    CHECK_FALSE(std::string(node.at("node-name").as_string()).ends_with("-nbd"));
+  }
+  const auto caps = qmp_over_http(p.source->sock, p.name, "query-migrate-capabilities");
+  for (const auto& cap : caps.as_array()) {
+    if (cap.at("capability").as_string() == "pause-before-switchover") CHECK_FALSE(cap.at("state").as_bool());
+  }
 }
 
 TEST_CASE("qbrokerd SIGKILLed mid-copy at the source: the guest runs in exactly one place",
