@@ -43,6 +43,24 @@ TEST_CASE("argument-less commands", "[qmp][commands]") {
   check(cmd::qom_list("/machine"), "qom-list", R"({"path":"/machine"})");
 }
 
+TEST_CASE("storage migration commands name fds and nodes and never a path", "[qmp][commands]") {
+  qbtest::FdLeakCheck leaks;
+  check(cmd::nbd_server_start_fd("qb-nbd", 2), "nbd-server-start",
+        R"({"addr":{"type":"fd","data":{"str":"qb-nbd"}},"max-connections":2})");
+  check(cmd::nbd_server_stop(), "nbd-server-stop", "{}");
+  check(cmd::block_export_add_nbd("qb-d0-export", "qb-d0-fmt", "d0"), "block-export-add",
+        R"({"type":"nbd","id":"qb-d0-export","node-name":"qb-d0-fmt","name":"d0","writable":true})");
+  check(cmd::blockdev_add(cmd::NbdNode{"qb-d0-nbd", "qb-d0-nbd", "d0"}), "blockdev-add",
+        R"({"driver":"nbd","node-name":"qb-d0-nbd","server":{"type":"fd","str":"qb-d0-nbd"},"export":"d0"})");
+  check(cmd::blockdev_mirror("qb-d0-mirror", "qb-d0-fmt", "qb-d0-nbd"), "blockdev-mirror",
+        R"({"job-id":"qb-d0-mirror","device":"qb-d0-fmt","target":"qb-d0-nbd","sync":"full","auto-dismiss":false})");
+  check(cmd::block_job_cancel("qb-d0-mirror", false), "block-job-cancel",
+        R"({"device":"qb-d0-mirror","force":false})");
+  check(cmd::job_dismiss("qb-d0-mirror"), "job-dismiss", R"({"id":"qb-d0-mirror"})");
+  check(cmd::query_block_jobs(), "query-block-jobs", "{}");
+  check(cmd::migrate_continue_pre_switchover(), "migrate-continue", R"({"state":"pre-switchover"})");
+}
+
 TEST_CASE("fd commands say they consume an fd", "[qmp][commands]") {
   qbtest::FdLeakCheck leaks;
   check(cmd::add_fd(), "add-fd", "{}", true);
@@ -176,6 +194,28 @@ TEST_CASE("reply decoders", "[qmp][commands]") {
   CHECK(mig->status == "none");
   mig = reply::migration(json::parse(R"({"status": "failed", "error-desc": "boom"})"));
   CHECK(mig->error_desc == std::optional<std::string>("boom"));
+
+  // query-block-jobs as QEMU 7.2 answers it; a concluded job keeps its error.
+  auto jobs = reply::block_jobs(json::parse(
+      R"([{"auto-finalize": true, "io-status": "ok", "device": "qb-d0-mirror", "auto-dismiss": false,
+           "busy": false, "len": 8388608, "offset": 8388608, "status": "ready", "paused": false,
+           "speed": 0, "ready": true, "type": "mirror"},
+          {"device": "qb-d1-mirror", "status": "concluded", "ready": false, "len": -1, "offset": 1e30,
+           "error": "Source and target image have different sizes", "type": "mirror"}])"));
+  REQUIRE(jobs.has_value());
+  REQUIRE(jobs->size() == 2);
+  CHECK(jobs->at(0).id == "qb-d0-mirror");
+  CHECK(jobs->at(0).ready);
+  CHECK(jobs->at(0).len == 8388608);
+  CHECK(jobs->at(0).offset == 8388608);
+  CHECK_FALSE(jobs->at(0).error);
+  CHECK(jobs->at(1).status == "concluded");
+  CHECK(jobs->at(1).len == 0);                // negative reads as 0
+  CHECK(jobs->at(1).offset == UINT64_MAX);    // past 2^64 reads as the largest count
+  CHECK(jobs->at(1).error == std::optional<std::string>("Source and target image have different sizes"));
+  CHECK(reply::block_jobs(json::parse(R"({})")).has_error());
+  CHECK(reply::block_jobs(json::parse(R"([1])")).has_error());
+  CHECK(reply::block_jobs(json::parse(R"([{"status": "ready"}])")).has_error());
 
   auto ver = reply::version(
       json::parse(R"({"qemu": {"micro": 1, "minor": 1, "major": 9}, "package": "v9.1.1"})"));
