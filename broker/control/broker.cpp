@@ -157,6 +157,16 @@ awaitable<void> run_relay_from(std::shared_ptr<MigrationLink> link, fdpass::Uniq
   done->wake.cancel();
 }
 
+awaitable<void> run_relay_both_ways(std::shared_ptr<MigrationLink> link, fdpass::UniqueFd local) {
+  auto r = co_await relay_both_ways(std::move(link), std::move(local));
+  if (!r) log::warn(r.error().describe());
+}
+
+void close_links(std::vector<std::shared_ptr<MigrationLink>>& links) {
+  for (auto& link : links) link->close();
+  links.clear();
+}
+
 awaitable<void> wait_relay(RelayWatch& w, std::chrono::milliseconds timeout) {
   if (w.result) co_return;
   w.wake.expires_after(timeout);
@@ -508,11 +518,6 @@ Result<void> check_storage_copy(const Domain& d, const MigrateRequest& request) 
     return field_error("copy_storage", "a live update keeps the domain's disks; copy_storage is "
                                        "for a migration to another broker");
   }
-  if (request.to.starts_with("tcp://")) {
-    return field_error("copy_storage", "is not supported for a migration to another host "
-                                       "(tcp://): the disks must be shared, or the migration "
-                                       "made to a broker on this host");
-  }
   const auto mirrored = flows::mirrored_disks(d);
   for (const auto& [id, path] : request.disk_paths) {
     if (std::find(mirrored.begin(), mirrored.end(), id) == mirrored.end()) {
@@ -583,8 +588,10 @@ awaitable<Result<void>> Broker::migrate(std::string name, MigrateRequest request
 
 awaitable<Result<void>> Broker::migrate_out(std::shared_ptr<Domain> d, MigrateRequest request,
                                             flows::CancelFlag cancel) {
+  if (request.to.starts_with("tcp://")) {
+    co_return co_await migrate_remote(std::move(d), std::move(request), cancel);
+  }
   std::string to = std::move(request.to);
-  if (to.starts_with("tcp://")) co_return co_await migrate_remote(std::move(d), std::move(to), cancel);
   const bool was_running = d->state() == RunState::running;
   json::object ask{{"domain", flows::described_domain_of(*d, request.disk_paths)},
                    {"paused", !was_running}};
@@ -641,8 +648,43 @@ awaitable<Result<void>> Broker::settle_arrival(Domain& d, const std::string& to,
   co_return e;
 }
 
-awaitable<Result<void>> Broker::migrate_remote(std::shared_ptr<Domain> d, std::string to,
+awaitable<Result<fdpass::UniqueFd>> Broker::open_nbd_link(const TcpTarget& target,
+                                                          const std::string& token,
+                                                          std::vector<std::shared_ptr<MigrationLink>>& links) {
+  auto connected = co_await MigrationLink::connect(ex_, config_.migration_tls_client, target,
+                                                   config_.start_timeout);
+  if (!connected) co_return connected.error();
+  std::shared_ptr<MigrationLink> link = std::move(*connected);
+  const json::object ask{{"nbd", token}};
+  if (auto sent = co_await link->write_message(ask); !sent) {
+    link->close();
+    co_return sent.error();
+  }
+  auto line = co_await link->read_message(kMaxLinkMessage, config_.start_timeout);
+  if (!line) {
+    link->close();
+    co_return line.error();
+  }
+  if (PeerReply r = peer_reply_of(*line); r.status != 200) {
+    link->close();
+    co_return Error(make_error_code(errc::qemu_error),
+                    "copy_storage: the destination refused an NBD connection: " + json::serialize(*line));
+  }
+  int sv[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
+    link->close();
+    co_return Error(std::error_code(errno, std::system_category()), "copy_storage: socketpair");
+  }
+  fdpass::UniqueFd relay_end(sv[0]);
+  fdpass::UniqueFd qemu_end(sv[1]);
+  links.push_back(link);
+  asio::co_spawn(ex_, run_relay_both_ways(link, std::move(relay_end)), asio::detached);
+  co_return qemu_end;
+}
+
+awaitable<Result<void>> Broker::migrate_remote(std::shared_ptr<Domain> d, MigrateRequest request,
                                                flows::CancelFlag cancel) {
+  const std::string to = request.to;
   auto target = parse_tcp_target(to);
   if (!target) co_return target.error();
   const bool was_running = d->state() == RunState::running;
@@ -650,12 +692,33 @@ awaitable<Result<void>> Broker::migrate_remote(std::shared_ptr<Domain> d, std::s
                                                    config_.start_timeout);
   if (!connected) co_return connected.error();
   std::shared_ptr<MigrationLink> link = std::move(*connected);
-  json::object ask{{"domain", flows::described_domain_of(*d)}, {"paused", !was_running}};
+  json::object ask{{"domain", flows::described_domain_of(*d, request.disk_paths)},
+                   {"paused", !was_running}};
+  if (request.copy_storage) ask["copy_storage"] = true;
   if (auto ok = co_await link->write_message(ask); !ok) co_return ok.error();
   // The destination spawns and plugs the domain before it answers.
   auto answer = co_await link->read_message(kMaxLinkMessage, config_.start_timeout);
   if (!answer) co_return answer.error();
-  if (auto refused = refusal(to, peer_reply_of(*answer))) co_return *refused;
+  PeerReply prepared = peer_reply_of(*answer);
+  if (auto refused = refusal(to, prepared)) co_return *refused;
+  flows::StorageCopy storage;
+  if (request.copy_storage) storage.disks = flows::mirrored_disks(*d);
+  const auto* nbd = prepared.body.as_object().if_contains("nbd");
+  if (!storage.disks.empty() && (nbd == nullptr || !nbd->is_string())) {
+    link->close();
+    co_return field_error("to", "the broker at " + to + " answered no NBD token for copy_storage");
+  }
+  std::vector<std::shared_ptr<MigrationLink>> nbd_links;
+  for (const auto& id : storage.disks) {
+    auto opened = co_await open_nbd_link(*target, std::string(nbd->get_string()), nbd_links);
+    if (!opened) {
+      // The destination tears its half down once the main connection ends.
+      link->close();
+      close_links(nbd_links);
+      co_return opened.error();
+    }
+    storage.connected.emplace(id, std::move(*opened));
+  }
 
   int sv[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
@@ -667,7 +730,10 @@ awaitable<Result<void>> Broker::migrate_remote(std::shared_ptr<Domain> d, std::s
   widen_relay_buffers(qemu_end.get());
   auto relayed = std::make_shared<RelayWatch>(ex_);
   asio::co_spawn(ex_, run_relay_from(link, std::move(relay_end), relayed), asio::detached);
-  auto sent = co_await flows::send_state_fd(flow_ctx_, *d, std::move(qemu_end), cancel);
+  auto sent = co_await flows::send_state_fd(flow_ctx_, *d, std::move(qemu_end), cancel,
+                                            std::move(storage));
+  // The NBD connections ended with their nodes (or will with QEMU): nothing more goes over them.
+  close_links(nbd_links);
   if (!sent) {
     // The destination sees the connection end and tears its half down by uid.
     link->close();

@@ -254,8 +254,13 @@ class Broker {
   // up; an error when it cannot tell.
   boost::asio::awaitable<Result<bool>> arrived(std::string to, std::string name, bool paused);
   // migrate_out to a broker on another host.
-  boost::asio::awaitable<Result<void>> migrate_remote(std::shared_ptr<Domain> d, std::string to,
+  boost::asio::awaitable<Result<void>> migrate_remote(std::shared_ptr<Domain> d, MigrateRequest request,
                                                       flows::CancelFlag cancel);
+  // copy_storage between hosts: one more link to the destination, carrying `token`, relayed both
+  // ways to a socketpair; returns the end for QEMU, and keeps the link in `links`.
+  boost::asio::awaitable<Result<fdpass::UniqueFd>> open_nbd_link(
+      const TcpTarget& target, const std::string& token,
+      std::vector<std::shared_ptr<MigrationLink>>& links);
   // After arrived(): the domain runs there (done), or it did not go and runs here again, or the
   // guest stays paused here with the error saying why.
   boost::asio::awaitable<Result<void>> settle_arrival(Domain& d, const std::string& to,

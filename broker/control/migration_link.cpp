@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <netinet/tcp.h>
 #include <openssl/ssl.h>
 #include <sys/socket.h>
@@ -9,13 +10,16 @@
 
 #include <array>
 #include <boost/asio/as_tuple.hpp>
+#include <boost/asio/co_spawn.hpp>
 #include <boost/asio/connect.hpp>
+#include <boost/asio/detached.hpp>
 #include <boost/asio/ip/address.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/ssl.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
 #include <boost/json.hpp>
@@ -381,13 +385,21 @@ struct SpliceJob {
   asio::steady_timer wake;
 };
 
+// A copy in the other direction over the same socket (an NBD connection) may put its flags back
+// to non-blocking first: EAGAIN then waits for the fd instead of ending the copy.
+bool wait_ready(int fd, short events) {
+  if (errno != EAGAIN && errno != EWOULDBLOCK) return errno == EINTR;
+  pollfd p{fd, events, 0};
+  return ::poll(&p, 1, -1) >= 0 || errno == EINTR;
+}
+
 void splice_all(SpliceJob& j) {
   for (;;) {
     ssize_t in =
         ::splice(j.from.get(), nullptr, j.pipe.w.get(), nullptr, kSpliceChunk, SPLICE_F_MOVE);
     if (in == 0) return;
     if (in < 0) {
-      if (errno == EINTR) continue;
+      if (wait_ready(j.from.get(), POLLIN)) continue;
       j.error = errno;
       j.failed_at = "read";
       return;
@@ -395,7 +407,7 @@ void splice_all(SpliceJob& j) {
     for (auto left = static_cast<std::size_t>(in); left > 0;) {
       ssize_t out = ::splice(j.pipe.r.get(), nullptr, j.to.get(), nullptr, left,
                              SPLICE_F_MOVE | SPLICE_F_MORE);
-      if (out < 0 && errno == EINTR) continue;
+      if (out < 0 && wait_ready(j.to.get(), POLLOUT)) continue;
       if (out <= 0) {
         j.error = out < 0 ? errno : EPIPE;
         j.failed_at = "write";
@@ -503,6 +515,38 @@ awaitable<Result<RelayStats>> MigrationLink::relay_to(fdpass::UniqueFd local_fd)
   if (!moved && !impl_->closed) co_return moved.error();
   stats.bytes += moved ? *moved : 0;
   co_return ended(local.native_handle(), stats);
+}
+
+namespace {
+
+struct RelayDone {
+  explicit RelayDone(asio::any_io_executor ex) : wake(ex, asio::steady_timer::time_point::max()) {}
+  std::optional<Result<RelayStats>> result;
+  asio::steady_timer wake;
+};
+
+awaitable<void> relay_back(std::shared_ptr<MigrationLink> link, fdpass::UniqueFd local,
+                           std::shared_ptr<RelayDone> done) {
+  done->result = co_await link->relay_to(std::move(local));
+  done->wake.cancel();
+}
+
+}  // namespace
+
+awaitable<Result<void>> relay_both_ways(std::shared_ptr<MigrationLink> link, fdpass::UniqueFd local) {
+  fdpass::UniqueFd back(::fcntl(local.get(), F_DUPFD_CLOEXEC, 0));
+  if (!back) co_return sys_error(errno, "migration: relay: dup");
+  auto ex = co_await asio::this_coro::executor;
+  auto done = std::make_shared<RelayDone>(ex);
+  asio::co_spawn(ex, relay_back(link, std::move(back), done), asio::detached);
+  auto sent = co_await link->relay_from(std::move(local));
+  if (sent) link->shutdown_send();  // the peer reads the end of this direction
+  else link->close();
+  if (!done->result) co_await done->wake.async_wait(kAwait);
+  link->close();
+  if (!sent) co_return sent.error();
+  if (!*done->result) co_return done->result->error();
+  co_return Result<void>{};
 }
 
 }  // namespace broker

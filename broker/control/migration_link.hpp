@@ -10,6 +10,14 @@
 //   destination -> source   one line once the domain runs there (or gave up): {"state": "running" |
 //                           "paused"} | {"error": {...}}
 //
+// copy_storage adds one more connection per writable disk, made once the destination answered
+// 201 with an "nbd" token in its body:
+//
+//   source -> destination   one line: {"nbd": that token}
+//   destination -> source   one line: {"status": 200} | {"status": N, "body": error}
+//   both ways               NBD, between the source QEMU's socketpair and the destination
+//                           QEMU's NBD listener, until each side has half-closed
+//
 // The stream goes one way only (QEMU's return path is off), so the destination's last line needs
 // no framing: nothing else flows towards the source.
 #pragma once
@@ -110,5 +118,10 @@ class MigrationLink {
   explicit MigrationLink(std::shared_ptr<Impl> impl);
   std::shared_ptr<Impl> impl_;  // shared with a watchdog timer's weak reference
 };
+
+// An NBD connection (copy_storage between hosts): `local` to the link and the link to `local` at
+// once, until both directions have ended; each end is passed on as a half-close. Closes the link.
+boost::asio::awaitable<Result<void>> relay_both_ways(std::shared_ptr<MigrationLink> link,
+                                                     fdpass::UniqueFd local);
 
 }  // namespace broker

@@ -38,14 +38,9 @@ awaitable<void> run_relay_to(std::shared_ptr<MigrationLink> link, fdpass::Unique
 }
 
 // The request line: {"domain": {...}, "paused": bool}.
-// What the source asks, as POST /v1/migrations takes it; copy_storage needs the NBD connections
-// a link does not carry.
-Result<IncomingDomain> parse_request(const json::value& v) {
-  auto asked = parse_incoming(v);
-  if (asked && asked->copy_storage) {
-    return field_error("copy_storage", "is not supported for a migration between hosts");
-  }
-  return asked;
+awaitable<void> run_relay_both_ways(std::shared_ptr<MigrationLink> link, fdpass::UniqueFd local) {
+  auto r = co_await relay_both_ways(std::move(link), std::move(local));
+  if (!r) log::warn(r.error().describe());
 }
 
 }  // namespace
@@ -117,8 +112,13 @@ awaitable<void> MigrationGateway::serve(tcp::socket sock) {
   links_.insert(link);
   const std::string peer = link->peer();
   auto request = co_await link->read_message(kMaxRequest, kHandshake);
+  if (request && request->as_object().contains("nbd")) {
+    co_await serve_nbd(link, *request);
+    links_.erase(link);
+    co_return;
+  }
   Result<IncomingDomain> asked =
-      request ? parse_request(*request) : Result<IncomingDomain>(request.error());
+      request ? parse_incoming(*request) : Result<IncomingDomain>(request.error());
   if (!asked) {
     log::warn("migration from " + peer + ": " + asked.error().describe());
     auto told = co_await link->write_message(error_message(asked.error()));
@@ -128,7 +128,8 @@ awaitable<void> MigrationGateway::serve(tcp::socket sock) {
   }
   auto watch = std::make_shared<IncomingWatch>(ex_);
   const bool paused = asked->paused;
-  auto ticket = co_await broker_.incoming(std::move(asked->domain), paused, false, false, watch);
+  auto ticket = co_await broker_.incoming(std::move(asked->domain), paused, asked->copy_storage,
+                                          false, watch);
   if (!ticket) {
     auto told = co_await link->write_message(error_message(ticket.error()));
     (void)told;
@@ -137,7 +138,14 @@ awaitable<void> MigrationGateway::serve(tcp::socket sock) {
   }
   log::info("domain " + ticket->name + ": migrating in from " + peer +
             (link->tls() ? " over TLS" : " over plain TCP"));
-  json::object ready{{"status", 201}, {"body", json::object{{"name", ticket->name}}}};
+  json::object body{{"name", ticket->name}};
+  // copy_storage: the source opens one more connection per disk with this token (serve_nbd).
+  // The incoming's token serves: nothing else sends it over the network.
+  if (!ticket->nbd.empty()) {
+    nbd_listeners_[ticket->token] = ticket->nbd;
+    body["nbd"] = ticket->token;
+  }
+  json::object ready{{"status", 201}, {"body", std::move(body)}};
   auto answered = co_await link->write_message(ready);
   // The one-time listener takes the token first; the stream follows on the same connection.
   auto local = fdpass::connect_unix(ticket->endpoint);
@@ -156,6 +164,7 @@ awaitable<void> MigrationGateway::serve(tcp::socket sock) {
       watch->result
           ? std::move(*watch->result)
           : Result<void>(Error(make_error_code(errc::internal), "the incoming job did not report"));
+  nbd_listeners_.erase(ticket->token);
   json::object outcome =
       done ? json::object{{"status", 200},
                           {"body", json::object{{"name", ticket->name},
@@ -165,6 +174,36 @@ awaitable<void> MigrationGateway::serve(tcp::socket sock) {
   if (!told) log::warn("domain " + ticket->name + ": " + told.error().describe());
   link->close();
   links_.erase(link);
+}
+
+namespace {
+
+// The connection to the NBD listener the request's token names.
+Result<fdpass::UniqueFd> nbd_listener_for(const std::map<std::string, std::string>& listeners,
+                                          const json::value& request) {
+  const auto* token = request.as_object().if_contains("nbd");
+  auto it = token != nullptr && token->is_string() ? listeners.find(std::string(token->get_string()))
+                                                   : listeners.end();
+  if (it == listeners.end()) {
+    return Error(make_error_code(errc::forbidden), "nbd: no incoming migration has that token");
+  }
+  auto connected = fdpass::connect_unix(it->second);
+  if (!connected) return Error(connected.error(), "nbd: connecting to " + it->second);
+  return std::move(*connected);
+}
+
+}  // namespace
+
+awaitable<void> MigrationGateway::serve_nbd(std::shared_ptr<MigrationLink> link, json::value request) {
+  auto local = nbd_listener_for(nbd_listeners_, request);
+  const json::object answer = local ? json::object{{"status", 200}} : error_message(local.error());
+  auto told = co_await link->write_message(answer);
+  if (!local || !told) {
+    if (!local) log::warn("migration from " + link->peer() + ": " + local.error().describe());
+    link->close();
+    co_return;
+  }
+  co_await run_relay_both_ways(link, std::move(*local));
 }
 
 }  // namespace broker::daemon

@@ -9,8 +9,11 @@
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/json/value.hpp>
+#include <map>
 #include <memory>
 #include <set>
+#include <string>
 
 #include "broker/control/broker.hpp"
 #include "broker/core/error.hpp"
@@ -34,12 +37,17 @@ class MigrationGateway {
  private:
   boost::asio::awaitable<void> accept_loop();
   boost::asio::awaitable<void> serve(boost::asio::ip::tcp::socket sock);
+  // One NBD connection of a copy_storage migration: relayed both ways to the incoming QEMU's NBD
+  // listener that the token names.
+  boost::asio::awaitable<void> serve_nbd(std::shared_ptr<MigrationLink> link,
+                                         boost::json::value request);
 
   boost::asio::any_io_executor ex_;
   Broker& broker_;
   std::shared_ptr<boost::asio::ssl::context> tls_;
   boost::asio::ip::tcp::acceptor acceptor_;
   std::set<std::shared_ptr<MigrationLink>> links_;
+  std::map<std::string, std::string> nbd_listeners_;  // token -> path, while the domain migrates in
   bool stopped_ = false;
 };
 

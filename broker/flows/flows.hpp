@@ -124,10 +124,13 @@ struct Incoming {
 // a migration without it.
 std::vector<std::string> mirrored_disks(const Domain& d);
 // copy_storage, at the source: the disks to mirror into the destination's exports (each named
-// as its disk) on the NBD listener at `nbd_endpoint`, before the switch-over.
+// as its disk) on the NBD listener at `nbd_endpoint`, before the switch-over. Between hosts the
+// caller makes the connections itself (each a socketpair end it relays) and gives them in
+// `connected`, by disk id.
 struct StorageCopy {
   std::string nbd_endpoint;
   std::vector<std::string> disks;
+  std::map<std::string, fdpass::UniqueFd> connected;
 };
 // Destination, first half: the described domain's disks and media checked as a restore checks
 // them, the name reserved, QEMU spawned and its devices plugged, a one-time listener made. Any
@@ -148,7 +151,7 @@ awaitable<Result<void>> send_state(Context& ctx, Domain& d, std::string endpoint
                                    std::string token, CancelFlag cancel, StorageCopy storage = {});
 // The same over a connected stream the caller made (a socketpair whose other end it relays).
 awaitable<Result<void>> send_state_fd(Context& ctx, Domain& d, fdpass::UniqueFd peer,
-                                      CancelFlag cancel);
+                                      CancelFlag cancel, StorageCopy storage = {});
 // cont, when the guest is not running: a source whose destination gave the domain up.
 awaitable<Result<void>> resume_here(Context& ctx, Domain& d);
 // After a restart: winds down a migration an earlier broker left (journal `args`). A migration

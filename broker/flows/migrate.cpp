@@ -364,16 +364,27 @@ void publish_storage(Context& ctx, const Domain& d, std::uint64_t bytes, std::ui
 
 // Each disk mirrored into its export on the destination's NBD listener, until every copy is
 // level (ready). The guest runs meanwhile; its writes go on being copied.
-awaitable<Result<void>> mirror_storage(Context& ctx, Domain& d, const StorageCopy& storage,
+Result<fdpass::UniqueFd> nbd_connection(StorageCopy& storage, const std::string& id) {
+  if (auto it = storage.connected.find(id); it != storage.connected.end()) {
+    fdpass::UniqueFd fd = std::move(it->second);
+    storage.connected.erase(it);
+    return fd;
+  }
+  auto sock = fdpass::connect_unix(storage.nbd_endpoint);
+  if (!sock) {
+    return errno_error(sock.error().value(),
+                       "copy_storage: connecting to the destination's NBD listener " +
+                           storage.nbd_endpoint,
+                       "to");
+  }
+  return std::move(*sock);
+}
+
+awaitable<Result<void>> mirror_storage(Context& ctx, Domain& d, StorageCopy& storage,
                                        CancelFlag cancel) {
   for (const auto& id : storage.disks) {
-    auto sock = fdpass::connect_unix(storage.nbd_endpoint);
-    if (!sock) {
-      co_return errno_error(sock.error().value(),
-                            "copy_storage: connecting to the destination's NBD listener " +
-                                storage.nbd_endpoint,
-                            "to");
-    }
+    auto sock = nbd_connection(storage, id);
+    if (!sock) co_return sock.error();
     const std::string node = mirror_node(id);
     if (auto ok = co_await getfd(ctx, d, *sock, node); !ok) co_return ok.error();
     sock->reset();
@@ -553,29 +564,35 @@ awaitable<Result<qmp::reply::MigrationInfo>> stream_out_fd(Context& ctx, Domain&
   co_return info;
 }
 
-// Connect, token, [the disks' copies], then the stream.
-awaitable<Result<qmp::reply::MigrationInfo>> stream_out(Context& ctx, Domain& d, std::string endpoint,
-                                                        std::string token, CancelFlag cancel,
-                                                        const StorageCopy& storage) {
-  auto peer = fdpass::connect_unix(endpoint);
-  if (!peer) co_return errno_error(peer.error().value(), "migration: connecting to " + endpoint, "to");
-  const std::string line = token + "\n";
-  if (::send(peer->get(), line.data(), line.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(line.size())) {
-    co_return errno_error(errno, "migration: sending the token to " + endpoint, "to");
-  }
-  // The destination waits on this connection while the disks are copied: a source that dies
-  // closes it, and the destination tears its half down.
+// [The disks' copies], then the stream. The destination waits on `peer` while the disks are
+// copied: a source that dies closes it, and the destination tears its half down.
+awaitable<Result<qmp::reply::MigrationInfo>> copy_then_stream(Context& ctx, Domain& d,
+                                                              fdpass::UniqueFd peer,
+                                                              CancelFlag cancel, StorageCopy& storage) {
   if (!storage.disks.empty()) {
     if (auto copied = co_await mirror_storage(ctx, d, storage, cancel); !copied) {
       co_await drop_mirrors(ctx, d, storage.disks);
       co_return copied.error();
     }
   }
-  auto info = co_await stream_out_fd(ctx, d, std::move(*peer), cancel, storage.disks);
+  auto info = co_await stream_out_fd(ctx, d, std::move(peer), cancel, storage.disks);
   if (!storage.disks.empty() && (!info || info->status != "completed")) {
     co_await drop_mirrors(ctx, d, storage.disks);
   }
   co_return info;
+}
+
+// Connect, token, [the disks' copies], then the stream.
+awaitable<Result<qmp::reply::MigrationInfo>> stream_out(Context& ctx, Domain& d, std::string endpoint,
+                                                        std::string token, CancelFlag cancel,
+                                                        StorageCopy& storage) {
+  auto peer = fdpass::connect_unix(endpoint);
+  if (!peer) co_return errno_error(peer.error().value(), "migration: connecting to " + endpoint, "to");
+  const std::string line = token + "\n";
+  if (::send(peer->get(), line.data(), line.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(line.size())) {
+    co_return errno_error(errno, "migration: sending the token to " + endpoint, "to");
+  }
+  co_return co_await copy_then_stream(ctx, d, std::move(*peer), cancel, storage);
 }
 
 // What a source makes of its QEMU's side of the migration: done, or the guest resumed here.
@@ -689,9 +706,9 @@ awaitable<Result<void>> send_state(Context& ctx, Domain& d, std::string endpoint
 }
 
 awaitable<Result<void>> send_state_fd(Context& ctx, Domain& d, fdpass::UniqueFd peer,
-                                      CancelFlag cancel) {
+                                      CancelFlag cancel, StorageCopy storage) {
   const bool was_running = d.state() == RunState::running;
-  auto info = co_await stream_out_fd(ctx, d, std::move(peer), cancel);
+  auto info = co_await copy_then_stream(ctx, d, std::move(peer), cancel, storage);
   co_return co_await settle_out(ctx, d, was_running, std::move(info), cancel);
 }
 

@@ -43,6 +43,8 @@ constexpr uid_t kCopyBase = 3'113'000;
 constexpr uid_t kCopyRefusedBase = 3'113'100;
 constexpr uid_t kCopyKilledBase = 3'113'200;
 constexpr uid_t kCopyCancelBase = 3'113'300;
+constexpr uid_t kCopyTlsBase = 3'113'400;
+constexpr uid_t kCopyPlainBase = 3'113'500;
 
 // A running qbrokerd with the test's image root beside the guest's directory.
 struct Broker {
@@ -462,25 +464,11 @@ http::Reply migrate_copying(const Pair& p, const std::string& extra) {
   return *r;
 }
 
-}  // namespace
-
-TEST_CASE("with copy_storage the disk is mirrored into the destination's own image while the "
-          "guest writes to it",
-          "[api][migrate][privileged][qemu]") {
-  QB_REQUIRE_ROOT();
-  Pair p(kCopyBase, "cps");
-  const std::string copy = blank_image(p, "d0-copy.img", 1 << 20);
-  auto& con = *p.guest.console;
-  run_in(con, "echo QB-WRITTEN-AT-SOURCE | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
-  start_writer(con);
-  REQUIRE(wait_for([&] { return written(con) > 0; }, 30s));
-  const long before = counter(con);
-  const long written_before = written(con);
-
-  auto moved = migrate_copying(p, R"(,"disk_paths":{"d0":")" + copy + R"("})");
-  check_moved(p, p.destination->sock, moved, before);
-
-  // The destination's QEMU holds the copy, and not the source's image.
+// The guest moved with its disk copied to `copy`: the destination's QEMU holds the copy and not
+// the source's image, and every count the writer wrote (start_writer), before the copy, during it
+// and after the switch-over, is in the copy, so none written at the source while the mirror ran
+// was lost.
+void check_copied(Pair& p, const std::string& copy, long written_before) {
   auto there = p.destination->domain(p.name);
   const pid_t pid = static_cast<pid_t>(there.at("pid").to_number<int>());
   CHECK(fds_naming(pid, copy) > 0);
@@ -488,9 +476,6 @@ TEST_CASE("with copy_storage the disk is mirrored into the destination's own ima
   const auto disks = there.at("devices").at("disks").as_array();
   REQUIRE(disks.size() == 1);
   CHECK(disks[0].at("path").as_string() == copy);
-
-  // Every count the guest wrote, before the copy, during it and after the switch-over, is in
-  // the copy: none written at the source while the mirror ran was lost.
   auto fd = qbtest::connect_retry(std::string(there.at("console").as_string()), 10s);
   REQUIRE(fd);
   qbtest::GuestConsole moved_con(std::move(fd));
@@ -510,6 +495,26 @@ TEST_CASE("with copy_storage the disk is mirrored into the destination's own ima
   CHECK(missing == 0);
   // No NBD listener is left at the destination.
   CHECK(std::filesystem::is_empty(p.destination->dir / "run/migrate"));
+}
+
+}  // namespace
+
+TEST_CASE("with copy_storage the disk is mirrored into the destination's own image while the "
+          "guest writes to it",
+          "[api][migrate][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  Pair p(kCopyBase, "cps");
+  const std::string copy = blank_image(p, "d0-copy.img", 1 << 20);
+  auto& con = *p.guest.console;
+  run_in(con, "echo QB-WRITTEN-AT-SOURCE | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
+  start_writer(con);
+  REQUIRE(wait_for([&] { return written(con) > 0; }, 30s));
+  const long before = counter(con);
+  const long written_before = written(con);
+
+  auto moved = migrate_copying(p, R"(,"disk_paths":{"d0":")" + copy + R"("})");
+  check_moved(p, p.destination->sock, moved, before);
+  check_copied(p, copy, written_before);
 }
 
 TEST_CASE("copy_storage refuses a destination image that is the source's own or does not fit "
@@ -773,4 +778,43 @@ TEST_CASE("a destination QEMU on another host that dies during the migration lea
   Pair p(kTlsDyingBase, "tdie", certs.args(),
          plus(certs.args(), {"--migration-listen", "127.0.0.1:" + std::to_string(port)}));
   migrate_while_destination_dies(p, "tcp://127.0.0.1:" + std::to_string(port));
+}
+
+TEST_CASE("between hosts copy_storage mirrors the disk over links of its own while the guest "
+          "writes to it",
+          "[api][migrate][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::TempDir pki;
+  Certs certs(pki, "site");
+  const int port = free_port();
+  const std::string to = "tcp://127.0.0.1:" + std::to_string(port);
+  const std::string listen = "127.0.0.1:" + std::to_string(port);
+  std::unique_ptr<Pair> pair;
+  std::string over;
+  SECTION("over TLS") {
+    pair = std::make_unique<Pair>(kCopyTlsBase, "cpt", certs.args(),
+                                  plus(certs.args(), {"--migration-listen", listen}));
+    over = "over TLS";
+  }
+  SECTION("over plain TCP") {
+    pair = std::make_unique<Pair>(kCopyPlainBase, "cpp", std::vector<std::string>{"--insecure-migration"},
+                                  std::vector<std::string>{"--insecure-migration", "--migration-listen", listen});
+    over = "over plain TCP";
+  }
+  Pair& p = *pair;
+  const std::string copy = blank_image(p, "d0-copy.img", 1 << 20);
+  auto& con = *p.guest.console;
+  run_in(con, "echo QB-WRITTEN-AT-SOURCE | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
+  start_writer(con);
+  REQUIRE(wait_for([&] { return written(con) > 0; }, 30s));
+  const long before = counter(con);
+  const long written_before = written(con);
+  auto moved = http::call(p.source->sock, "POST", "/v1/domains/" + p.name + "/migrate",
+                          R"({"to":")" + to + R"(","copy_storage":true,"disk_paths":{"d0":")" + copy +
+                              R"("}})",
+                          120s);
+  REQUIRE(moved);
+  check_moved(p, to, *moved, before);
+  check_copied(p, copy, written_before);
+  CHECK(slurp(p.destination->dir / "log").find(over) != std::string::npos);
 }
