@@ -574,8 +574,14 @@ awaitable<Result<void>> Broker::migrate(std::string name, MigrateRequest request
     co_return moved.error();
   }
   events_.publish(name, "job", "finished", std::move(data));
+  co_await depart(d, to);
+  co_return Result<void>{};
+}
+
+awaitable<void> Broker::depart(std::shared_ptr<Domain> d, std::string to) {
   // The domain runs at the destination: this QEMU and everything under its uid go, recorded
   // first as a destroy is, so a broker killed halfway leaves the next one the destroy to finish.
+  const std::string name = d->name();
   d->destroying = true;
   if (auto ok = co_await domains_.records().persist(*d); !ok) log::warn(ok.error().describe());
   if (auto gone = co_await domains_.teardown(d, false, true); !gone) {
@@ -583,7 +589,53 @@ awaitable<Result<void>> Broker::migrate(std::string name, MigrateRequest request
                ", but the QEMU it left could not be torn down: " + gone.error().describe());
   }
   events_.publish(name, "domain", "migrated", {{"to", to}});
-  co_return Result<void>{};
+}
+
+awaitable<void> Broker::settle_interrupted_migration(std::string name, json::object args) {
+  auto found = find(name);
+  if (!found) co_return;
+  auto d = *found;
+  const auto* to_value = args.if_contains("to");
+  const auto* ran = args.if_contains("was_running");
+  if (to_value == nullptr || !to_value->is_string()) co_return;
+  const std::string to(to_value->get_string());
+  const bool was_running = ran == nullptr || !ran->is_bool() || ran->get_bool();
+  // Journaled again: a broker killed while it asks leaves the next one the same question.
+  auto guard = d->begin_job("migrate", {}, std::move(args));
+  if (!guard) {
+    log::error("domain " + name + ": " + guard.error().describe());
+    co_return;
+  }
+  if (auto ok = co_await domains_.records().persist(*d); !ok) log::warn(ok.error().describe());
+  auto there = co_await arrived(to, name, !was_running);
+  auto settled = co_await settle_arrival(*d, to, was_running, std::move(there));
+  guard->release();
+  if (!settled) {
+    log::error("domain " + name + ": " + settled.error().describe());
+    if (auto ok = co_await domains_.records().persist(*d); !ok) log::warn(ok.error().describe());
+    co_return;
+  }
+  log::info("domain " + name + ": its interrupted migration to " + to + " had arrived there");
+  co_await depart(d, to);
+}
+
+awaitable<Result<PeerReply>> Broker::query_remote(std::string to, std::string name) {
+  auto target = parse_tcp_target(to);
+  if (!target) co_return target.error();
+  auto connected = co_await MigrationLink::connect(ex_, config_.migration_tls_client, *target,
+                                                   config_.timeouts.qmp);
+  if (!connected) co_return connected.error();
+  std::shared_ptr<MigrationLink> link = std::move(*connected);
+  const json::object ask{{"query", name}};
+  auto sent = co_await link->write_message(ask);
+  if (!sent) {
+    link->close();
+    co_return sent.error();
+  }
+  auto line = co_await link->read_message(kMaxLinkMessage, config_.timeouts.qmp);
+  link->close();
+  if (!line) co_return line.error();
+  co_return peer_reply_of(*line);
 }
 
 awaitable<Result<void>> Broker::migrate_out(std::shared_ptr<Domain> d, MigrateRequest request,
@@ -773,7 +825,12 @@ awaitable<Result<bool>> Broker::arrived(std::string to, std::string name, bool p
   std::string get = "GET";
   asio::steady_timer tick(ex_);
   for (;;) {
-    auto r = co_await peer_request(ex_, to, get, route, {}, config_.timeouts.qmp);
+    Result<PeerReply> r = Error(make_error_code(errc::internal), "no answer");
+    if (to.starts_with("tcp://")) {
+      r = co_await query_remote(to, name);
+    } else {
+      r = co_await peer_request(ex_, to, get, route, {}, config_.timeouts.qmp);
+    }
     if (r && r->status == 404) co_return false;
     if (r && r->status == 200 && r->body.is_object()) {
       const auto& o = r->body.as_object();
@@ -904,6 +961,10 @@ awaitable<void> Broker::resume_removal(flows::RecoveryReport::Removal removal) {
   const auto& [name, job] = removal;
   ProgressFn none;
   Result<void> r = Error(make_error_code(errc::internal), "not a removal: " + job.kind);
+  if (job.kind == "migrate") {
+    co_await settle_interrupted_migration(name, job.args);
+    co_return;
+  }
   if (job.kind == "disk-remove") r = co_await remove_disk(name, job.target, none);
   if (job.kind == "nic-remove") r = co_await remove_nic(name, job.target, none);
   if (r) {

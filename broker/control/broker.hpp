@@ -24,6 +24,7 @@
 #include <boost/json/value.hpp>
 
 #include "broker/control/migration_link.hpp"
+#include "broker/control/peer.hpp"
 #include "broker/core/error.hpp"
 #include "broker/domain/domain.hpp"
 #include "broker/domain/domains.hpp"
@@ -252,7 +253,16 @@ class Broker {
                                                    flows::CancelFlag cancel);
   // After the state went: true once the destination runs the domain, false once it has given it
   // up; an error when it cannot tell.
+  // Between hosts, through a link of its own to the destination's gateway ({"query": name}).
   boost::asio::awaitable<Result<bool>> arrived(std::string to, std::string name, bool paused);
+  boost::asio::awaitable<Result<PeerReply>> query_remote(std::string to, std::string name);
+  // The domain went to `to`: torn down here by uid, recorded as a destroy first.
+  boost::asio::awaitable<void> depart(std::shared_ptr<Domain> d, std::string to);
+  // After a restart, a migration whose state had all gone (flows::recover_migrate): the
+  // destination is asked, and the domain departs, or runs here again, or stays paused when the
+  // destination cannot say.
+  boost::asio::awaitable<void> settle_interrupted_migration(std::string name,
+                                                            boost::json::object args);
   // migrate_out to a broker on another host.
   boost::asio::awaitable<Result<void>> migrate_remote(std::shared_ptr<Domain> d, MigrateRequest request,
                                                       flows::CancelFlag cancel);

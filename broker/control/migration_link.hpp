@@ -18,6 +18,12 @@
 //   both ways               NBD, between the source QEMU's socketpair and the destination
 //                           QEMU's NBD listener, until each side has half-closed
 //
+// A source restarted after its state had all gone asks on a link of its own:
+//
+//   source -> destination   one line: {"query": NAME}
+//   destination -> source   one line: {"status": 200, "body": the domain as GET /v1/domains/NAME
+//                           shows it} | {"status": 404, "body": error}
+//
 // The stream goes one way only (QEMU's return path is off), so the destination's last line needs
 // no framing: nothing else flows towards the source.
 #pragma once

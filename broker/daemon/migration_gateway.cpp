@@ -117,6 +117,11 @@ awaitable<void> MigrationGateway::serve(tcp::socket sock) {
     links_.erase(link);
     co_return;
   }
+  if (request && request->as_object().contains("query")) {
+    co_await serve_query(link, *request);
+    links_.erase(link);
+    co_return;
+  }
   Result<IncomingDomain> asked =
       request ? parse_incoming(*request) : Result<IncomingDomain>(request.error());
   if (!asked) {
@@ -193,6 +198,18 @@ Result<fdpass::UniqueFd> nbd_listener_for(const std::map<std::string, std::strin
 }
 
 }  // namespace
+
+awaitable<void> MigrationGateway::serve_query(std::shared_ptr<MigrationLink> link,
+                                             json::value request) {
+  const auto* name = request.as_object().if_contains("query");
+  Result<DomainInfo> info = field_error("query", "must name a domain");
+  if (name != nullptr && name->is_string()) info = co_await broker_.info(std::string(name->get_string()), false);
+  const json::object answer = info ? json::object{{"status", 200}, {"body", info->to_json()}}
+                                   : error_message(info.error());
+  auto told = co_await link->write_message(answer);
+  if (!told) log::warn("migration query from " + link->peer() + ": " + told.error().describe());
+  link->close();
+}
 
 awaitable<void> MigrationGateway::serve_nbd(std::shared_ptr<MigrationLink> link, json::value request) {
   auto local = nbd_listener_for(nbd_listeners_, request);

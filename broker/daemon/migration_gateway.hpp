@@ -41,6 +41,10 @@ class MigrationGateway {
   // listener that the token names.
   boost::asio::awaitable<void> serve_nbd(std::shared_ptr<MigrationLink> link,
                                          boost::json::value request);
+  // {"query": NAME}: the domain as GET /v1/domains/NAME shows it, for a source restarted after
+  // its state had all gone (Broker::settle_interrupted_migration).
+  boost::asio::awaitable<void> serve_query(std::shared_ptr<MigrationLink> link,
+                                           boost::json::value request);
 
   boost::asio::any_io_executor ex_;
   Broker& broker_;

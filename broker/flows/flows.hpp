@@ -155,9 +155,10 @@ awaitable<Result<void>> send_state_fd(Context& ctx, Domain& d, fdpass::UniqueFd 
 // cont, when the guest is not running: a source whose destination gave the domain up.
 awaitable<Result<void>> resume_here(Context& ctx, Domain& d);
 // After a restart: winds down a migration an earlier broker left (journal `args`). A migration
-// still going is cancelled and the guest resumed, as for a save; one QEMU reports completed
-// leaves the guest paused, since the destination may run it.
-awaitable<void> recover_migrate(Context& ctx, Domain& d, boost::json::object args);
+// still going is cancelled and the guest resumed, as for a save. One QEMU reports completed
+// leaves the guest paused, since the destination may run it, and returns true: the caller asks
+// the destination (Broker::settle_interrupted_migration).
+awaitable<bool> recover_migrate(Context& ctx, Domain& d, boost::json::object args);
 // What the source sends of a domain: its spec and devices, as a save file's header holds them.
 // copy_storage: `disk_paths` puts disks at the destination's own paths.
 boost::json::value described_domain_of(const Domain& d,

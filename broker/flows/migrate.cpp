@@ -726,7 +726,7 @@ json::value described_domain_of(const Domain& d, const std::map<std::string, std
   return v;
 }
 
-awaitable<void> recover_migrate(Context& ctx, Domain& d, json::object args) {
+awaitable<bool> recover_migrate(Context& ctx, Domain& d, json::object args) {
   qmp::Command query = qmp::cmd::query_migrate();
   auto r = co_await call(ctx, d, std::move(query));
   std::string status;
@@ -735,11 +735,11 @@ awaitable<void> recover_migrate(Context& ctx, Domain& d, json::object args) {
   }
   if (status == "completed") {
     const auto* to = args.if_contains("to");
-    log::error("domain " + d.name() + ": its interrupted migration" +
-               (to != nullptr && to->is_string() ? " to " + std::string(to->get_string()) : "") +
-               " had sent all of its state; the guest stays paused here so that it never runs "
-               "twice: destroy it here if it runs there, or resume it");
-    co_return;
+    log::warn("domain " + d.name() + ": its interrupted migration" +
+              (to != nullptr && to->is_string() ? " to " + std::string(to->get_string()) : "") +
+              " had sent all of its state; the guest stays paused here until the destination "
+              "says whether it runs it");
+    co_return true;
   }
   if (const auto* copy = args.if_contains("copy_storage"); copy != nullptr && copy->is_bool() &&
                                                           copy->get_bool()) {
@@ -754,6 +754,7 @@ awaitable<void> recover_migrate(Context& ctx, Domain& d, json::object args) {
     if (auto ok = co_await pause_before_switchover(ctx, d, false); !ok) log::warn(ok.error().describe());
   }
   co_await recover_save(ctx, d, std::move(args));
+  co_return false;
 }
 
 }  // namespace broker::flows

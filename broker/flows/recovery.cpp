@@ -280,7 +280,8 @@ awaitable<void> adopt_scsi_controller(Context& ctx, Domain& d) {
 
 // Finishes or undoes a job an earlier broker left half done. True for a removal: it is resumed as
 // a job of its own once the domain is adopted (device_del again, wait for the guest, then the
-// nodes and fds), so a device QEMU is still finalizing is never taken for gone.
+// nodes and fds), so a device QEMU is still finalizing is never taken for gone. True too for a
+// migration whose state had all gone: the destination is asked once the domain is adopted.
 awaitable<bool> reconcile(Context& ctx, Domain& d, Domain::PendingJob job) {
   const std::string& id = job.target;
   log::warn("domain " + d.name() + ": finishing interrupted job " + job.kind + " " + id);
@@ -296,10 +297,7 @@ awaitable<bool> reconcile(Context& ctx, Domain& d, Domain::PendingJob job) {
     co_await recover_save(ctx, d, job.args);
     co_return false;
   }
-  if (job.kind == "migrate") {
-    co_await recover_migrate(ctx, d, job.args);
-    co_return false;
-  }
+  if (job.kind == "migrate") co_return co_await recover_migrate(ctx, d, job.args);
   if (job.kind == "live-update") {
     // The new QEMU, whose uid no record names, was reclaimed; the old one keeps running.
     put_back(d);

@@ -27,7 +27,9 @@ struct RecoveryReport {
   std::vector<std::string> unresponsive;  // alive, not answering yet: retried in the background
   std::vector<uid_t> reclaimed_uids;  // recorded without a domain: killed and released
   // A removal that got past device_del before the broker died: the caller resumes it as a job
-  // (device_del again, wait for the guest, free what is left).
+  // (device_del again, wait for the guest, free what is left). Or a migration whose state had
+  // all gone: the caller asks the destination whether it runs the guest, then tears the domain
+  // down here or resumes it.
   struct Removal {
     std::string domain;
     Domain::PendingJob job;

@@ -45,6 +45,8 @@ constexpr uid_t kCopyKilledBase = 3'113'200;
 constexpr uid_t kCopyCancelBase = 3'113'300;
 constexpr uid_t kCopyTlsBase = 3'113'400;
 constexpr uid_t kCopyPlainBase = 3'113'500;
+constexpr uid_t kWentBase = 3'113'600;
+constexpr uid_t kWentTlsBase = 3'113'700;
 
 // A running qbrokerd with the test's image root beside the guest's directory.
 struct Broker {
@@ -817,4 +819,71 @@ TEST_CASE("between hosts copy_storage mirrors the disk over links of its own whi
   check_moved(p, to, *moved, before);
   check_copied(p, copy, written_before);
   CHECK(slurp(p.destination->dir / "log").find(over) != std::string::npos);
+}
+
+namespace {
+
+std::string migration_status(const Broker& b, const std::string& name) {
+  auto r = http::call(b.sock, "POST", "/v1/domains/" + name + "/qmp", R"({"execute":"query-migrate"})");
+  if (!r || r->status != 200) return {};
+  const auto* st = r->json.at("return").as_object().if_contains("status");
+  return st != nullptr && st->is_string() ? std::string(st->as_string()) : std::string();
+}
+
+}  // namespace
+
+TEST_CASE("qbrokerd SIGKILLed after its QEMU sent all the state: restarted it asks the destination "
+          "and the guest runs only there",
+          "[api][migrate][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  qbtest::TempDir pki;
+  Certs certs(pki, "site");
+  const int port = free_port();
+  std::unique_ptr<Pair> pair;
+  std::string to;
+  // The destination broker stops before it can say that the guest runs there, and the source
+  // dies waiting for its word. On one host the QEMUs stream to each other: the destination
+  // broker stops as soon as it has the domain, and the source dies once its QEMU has sent all.
+  // Between hosts the brokers relay the stream: the destination broker stops once its QEMU has
+  // it all, which may be after it said so (the source then leaves as it would have).
+  bool relayed = false;
+  SECTION("on one host") {
+    pair = std::make_unique<Pair>(kWentBase, "wnt");
+    to = pair->destination->sock;
+  }
+  SECTION("between hosts") {
+    relayed = true;
+    const std::string listen = "127.0.0.1:" + std::to_string(port);
+    pair = std::make_unique<Pair>(kWentTlsBase, "wnh", certs.args(),
+                                  plus(certs.args(), {"--migration-listen", listen}));
+    to = "tcp://" + listen;
+  }
+  Pair& p = *pair;
+  std::thread asker([&] {
+    http::call(p.source->sock, "POST", "/v1/domains/" + p.name + "/migrate", R"({"to":")" + to + R"("})",
+               120s);
+  });
+  if (relayed) {
+    CHECK(wait_for([&] { return migration_status(*p.destination, p.name) == "completed"; }, 60s));
+  } else {
+    CHECK(wait_for([&] { return p.destination->domain(p.name).is_object(); }, 60s));
+  }
+  ::kill(p.destination->daemon.pid, SIGSTOP);
+  if (!relayed) CHECK(wait_for([&] { return migration_status(*p.source, p.name) == "completed"; }, 60s));
+  ::kill(p.source->daemon.pid, SIGKILL);
+  CHECK(p.source->daemon.wait(10s) == 128 + SIGKILL);
+  p.source->daemon.pid = -1;
+  ::kill(p.destination->daemon.pid, SIGCONT);
+  asker.join();
+  p.source->start();
+  REQUIRE(wait_adopted(p.source->sock, 60s));
+  // Exactly once, running: the restarted source asked, and tore its paused copy down by uid.
+  CHECK(wait_for([&] { return p.source->domain(p.name).is_null(); }, 60s));
+  CHECK(wait_for([&] { return broker::lifecycle::live_processes_of_uid("/proc", p.guest.uid) == 0; }, 10s));
+  auto there = p.destination->domain(p.name);
+  REQUIRE(there.is_object());
+  CHECK(there.at("state").as_string() == "running");
+  const bool asked = slurp(p.source->dir / "log").find("had arrived there") != std::string::npos;
+  if (!relayed) CHECK(asked);
+  INFO("the restarted source asked the destination: " << asked);
 }
