@@ -16,7 +16,6 @@
 //  - split_words then join_words gives the payload back, when the payload splits;
 //  - a value the parsers accept prints back as itself (no sign, space or leading zero slips in),
 //    and parse_guest_type accepts "hvm" and "pv" alone.
-#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -43,6 +42,33 @@ void check_values(std::string_view v) {
   check(type.has_value() == (v == "hvm" || v == "pv"));
   if (!type) check(type.error().field == "xen.type");
 }
+
+// The words of one input already given to the value parsers, which depend on the word alone: a
+// payload of 4 096 NULs is 4 096 empty words, and parse_guest_type refuses each with a new error
+// message. A table slot per hash of the word's bytes; a word whose slot another word took is
+// parsed again, so no word goes unparsed.
+class SeenWords {
+ public:
+  void next_input() { ++input_; }
+  // True when `w` was not seen in this input (and is now).
+  bool insert(std::string_view w) {
+    std::uint32_t h = 2166136261u;  // FNV-1a
+    for (const char c : w) h = (h ^ static_cast<unsigned char>(c)) * 16777619u;
+    Slot& slot = slots_[h % kSlots];
+    if (slot.input == input_ && slot.word == w) return false;
+    slot = {input_, w};
+    return true;
+  }
+
+ private:
+  static constexpr std::size_t kSlots = 1024;
+  struct Slot {
+    std::uint64_t input = 0;
+    std::string_view word;
+  };
+  std::uint64_t input_ = 1;
+  Slot slots_[kSlots];
+};
 
 struct Decoded {
   std::vector<xs::Message> messages;
@@ -88,8 +114,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   check(chunked.end == whole.end && chunked.messages.size() == whole.messages.size());
   // Kept between inputs so that their storage is reused.
   static std::vector<std::string> copies;
-  static std::vector<std::string_view> values;
-  values.clear();
+  static SeenWords seen;
+  seen.next_input();
   std::size_t offset = 0;
   for (std::size_t i = 0; i < chunked.messages.size(); ++i) {
     const auto& m = chunked.messages[i];
@@ -100,13 +126,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     if (auto words = xs::split_words(m.payload)) {
       copies.assign(words->begin(), words->end());
       check(xs::join_words(copies) == m.payload);
-      values.insert(values.end(), words->begin(), words->end());
+      for (auto w : *words) {
+        if (seen.insert(w)) check_values(w);
+      }
     }
   }
-  // Each distinct word once: the value parsers depend on the word alone, and a payload of 4 096
-  // NULs is 4 096 empty words, each of which parse_guest_type refused with a new error message.
-  std::sort(values.begin(), values.end());
-  values.erase(std::unique(values.begin(), values.end()), values.end());
-  for (auto w : values) check_values(w);
   return 0;
 }
