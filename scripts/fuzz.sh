@@ -86,10 +86,11 @@ case $target in
 esac
 # ASan records the call stack of every allocation and free in a table, looked up on each one, and
 # the JSON targets allocate for every value they parse: the lookups' cache misses took a third to
-# a half of their time (perf), more than the targets themselves. Fuzzing runs keep no such
-# stacks. A report still shows the bad access, its stack and the kind of error, and detection
-# does not depend on them; for the allocation and free stacks, run the fuzzer binary on the crash
-# file alone (or the replay test). ASAN_OPTIONS from the caller come after these and win.
+# a half of their time (perf), more than the targets themselves. Fuzzing runs keep only the
+# allocator's own frame. A report still shows the bad access, its stack and the kind of error,
+# and detection does not depend on them; for whole allocation and free stacks, run the fuzzer
+# binary on the crash file alone (or the replay test). ASAN_OPTIONS from the caller come after
+# these and win.
 export ASAN_OPTIONS="malloc_context_size=0${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
 "$build/$(binary "$target")" -max_total_time="$seconds" -max_len="$max_len" -rss_limit_mb=2048 \
   -artifact_prefix="$build/" -print_final_stats=1 "${dict[@]}" "$@" "$corpus"
