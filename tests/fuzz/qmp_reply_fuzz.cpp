@@ -58,6 +58,7 @@ void views(const json::value& v, const qmp::Limits& limits) {
   (void)qmp::reply::fdsets(v);
   (void)qmp::reply::block(v);
   (void)qmp::reply::migration(v);
+  (void)qmp::reply::block_jobs(v);
   (void)qmp::reply::command_names(v);
   (void)qmp::reply::qom_list(v);
   auto version = qmp::reply::version(v);
