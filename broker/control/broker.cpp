@@ -144,19 +144,6 @@ PeerReply peer_reply_of(const json::value& message) {
 
 constexpr std::size_t kMaxLinkMessage = 1 << 20;  // a described domain is a few KiB
 
-// The source's relay, from its QEMU's socketpair to the link, watched by `done`.
-struct RelayWatch {
-  explicit RelayWatch(asio::any_io_executor ex) : wake(ex, asio::steady_timer::time_point::max()) {}
-  std::optional<Result<RelayStats>> result;
-  asio::steady_timer wake;
-};
-
-awaitable<void> run_relay_from(std::shared_ptr<MigrationLink> link, fdpass::UniqueFd local,
-                               std::shared_ptr<RelayWatch> done) {
-  done->result = co_await link->relay_from(std::move(local));
-  done->wake.cancel();
-}
-
 awaitable<void> run_relay_both_ways(std::shared_ptr<MigrationLink> link, fdpass::UniqueFd local) {
   auto r = co_await relay_both_ways(std::move(link), std::move(local));
   if (!r) log::warn(r.error().describe());
@@ -167,11 +154,6 @@ void close_links(std::vector<std::shared_ptr<MigrationLink>>& links) {
   links.clear();
 }
 
-awaitable<void> wait_relay(RelayWatch& w, std::chrono::milliseconds timeout) {
-  if (w.result) co_return;
-  w.wake.expires_after(timeout);
-  co_await w.wake.async_wait(asio::as_tuple(asio::use_awaitable));
-}
 
 }  // namespace
 
@@ -781,7 +763,8 @@ awaitable<Result<void>> Broker::migrate_remote(std::shared_ptr<Domain> d, Migrat
   widen_relay_buffers(relay_end.get());
   widen_relay_buffers(qemu_end.get());
   auto relayed = std::make_shared<RelayWatch>(ex_);
-  asio::co_spawn(ex_, run_relay_from(link, std::move(relay_end), relayed), asio::detached);
+  asio::co_spawn(ex_, watch_relay(link, std::move(relay_end), RelayDirection::from_local, relayed),
+                 asio::detached);
   auto sent = co_await flows::send_state_fd(flow_ctx_, *d, std::move(qemu_end), cancel,
                                             std::move(storage));
   // The NBD connections ended with their nodes (or will with QEMU): nothing more goes over them.

@@ -517,28 +517,31 @@ awaitable<Result<RelayStats>> MigrationLink::relay_to(fdpass::UniqueFd local_fd)
   co_return ended(local.native_handle(), stats);
 }
 
-namespace {
+RelayWatch::RelayWatch(asio::any_io_executor ex) : wake(ex, asio::steady_timer::time_point::max()) {}
 
-struct RelayDone {
-  explicit RelayDone(asio::any_io_executor ex) : wake(ex, asio::steady_timer::time_point::max()) {}
-  std::optional<Result<RelayStats>> result;
-  asio::steady_timer wake;
-};
-
-awaitable<void> relay_back(std::shared_ptr<MigrationLink> link, fdpass::UniqueFd local,
-                           std::shared_ptr<RelayDone> done) {
-  done->result = co_await link->relay_to(std::move(local));
+awaitable<void> watch_relay(std::shared_ptr<MigrationLink> link, fdpass::UniqueFd local,
+                            RelayDirection direction, std::shared_ptr<RelayWatch> done) {
+  if (direction == RelayDirection::from_local) {
+    done->result = co_await link->relay_from(std::move(local));
+  } else {
+    done->result = co_await link->relay_to(std::move(local));
+  }
   done->wake.cancel();
 }
 
-}  // namespace
+awaitable<void> wait_relay(RelayWatch& done, std::chrono::milliseconds timeout) {
+  if (done.result) co_return;
+  done.wake.expires_after(timeout);
+  co_await done.wake.async_wait(kAwait);
+}
 
 awaitable<Result<void>> relay_both_ways(std::shared_ptr<MigrationLink> link, fdpass::UniqueFd local) {
   fdpass::UniqueFd back(::fcntl(local.get(), F_DUPFD_CLOEXEC, 0));
   if (!back) co_return sys_error(errno, "migration: relay: dup");
   auto ex = co_await asio::this_coro::executor;
-  auto done = std::make_shared<RelayDone>(ex);
-  asio::co_spawn(ex, relay_back(link, std::move(back), done), asio::detached);
+  auto done = std::make_shared<RelayWatch>(ex);
+  asio::co_spawn(ex, watch_relay(link, std::move(back), RelayDirection::to_local, done),
+                 asio::detached);
   auto sent = co_await link->relay_from(std::move(local));
   if (sent) link->shutdown_send();  // the peer reads the end of this direction
   else link->close();

@@ -31,10 +31,12 @@
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/json/value.hpp>
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -124,6 +126,19 @@ class MigrationLink {
   explicit MigrationLink(std::shared_ptr<Impl> impl);
   std::shared_ptr<Impl> impl_;  // shared with a watchdog timer's weak reference
 };
+
+// A relay run on its own (co_spawn): its result once it ended, and a timer cancelled then.
+struct RelayWatch {
+  explicit RelayWatch(boost::asio::any_io_executor ex);
+  std::optional<Result<RelayStats>> result;
+  boost::asio::steady_timer wake;
+};
+enum class RelayDirection { from_local, to_local };
+// Runs link->relay_from(local) or link->relay_to(local) into `done`.
+boost::asio::awaitable<void> watch_relay(std::shared_ptr<MigrationLink> link, fdpass::UniqueFd local,
+                                         RelayDirection direction, std::shared_ptr<RelayWatch> done);
+// Until `done` has a result, or `timeout`.
+boost::asio::awaitable<void> wait_relay(RelayWatch& done, std::chrono::milliseconds timeout);
 
 // An NBD connection (copy_storage between hosts): `local` to the link and the link to `local` at
 // once, until both directions have ended; each end is passed on as a half-close. Closes the link.

@@ -458,9 +458,11 @@ std::string blank_image(const Pair& p, const std::string& file, std::uintmax_t b
   return path;
 }
 
-http::Reply migrate_copying(const Pair& p, const std::string& extra) {
+http::Reply migrate_copying(const Pair& p, const std::string& extra,
+                            const std::string& to = {}) {
   auto r = http::call(p.source->sock, "POST", "/v1/domains/" + p.name + "/migrate",
-                      R"({"to":")" + p.destination->sock + R"(","copy_storage":true)" + extra + "}",
+                      R"({"to":")" + (to.empty() ? p.destination->sock : to) +
+                          R"(","copy_storage":true)" + extra + "}",
                       120s);
   REQUIRE(r);
   return *r;
@@ -499,13 +501,9 @@ void check_copied(Pair& p, const std::string& copy, long written_before) {
   CHECK(std::filesystem::is_empty(p.destination->dir / "run/migrate"));
 }
 
-}  // namespace
-
-TEST_CASE("with copy_storage the disk is mirrored into the destination's own image while the "
-          "guest writes to it",
-          "[api][migrate][privileged][qemu]") {
-  QB_REQUIRE_ROOT();
-  Pair p(kCopyBase, "cps");
+// Marks sector 8, starts the writer, and migrates to `to` with d0 copied into a blank image of
+// its own; then checks that the guest moved and that every count it wrote is in the copy.
+void migrate_while_writing(Pair& p, const std::string& to) {
   const std::string copy = blank_image(p, "d0-copy.img", 1 << 20);
   auto& con = *p.guest.console;
   run_in(con, "echo QB-WRITTEN-AT-SOURCE | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
@@ -513,10 +511,19 @@ TEST_CASE("with copy_storage the disk is mirrored into the destination's own ima
   REQUIRE(wait_for([&] { return written(con) > 0; }, 30s));
   const long before = counter(con);
   const long written_before = written(con);
-
-  auto moved = migrate_copying(p, R"(,"disk_paths":{"d0":")" + copy + R"("})");
-  check_moved(p, p.destination->sock, moved, before);
+  auto moved = migrate_copying(p, R"(,"disk_paths":{"d0":")" + copy + R"("})", to);
+  check_moved(p, to, moved, before);
   check_copied(p, copy, written_before);
+}
+
+}  // namespace
+
+TEST_CASE("with copy_storage the disk is mirrored into the destination's own image while the "
+          "guest writes to it",
+          "[api][migrate][privileged][qemu]") {
+  QB_REQUIRE_ROOT();
+  Pair p(kCopyBase, "cps");
+  migrate_while_writing(p, p.destination->sock);
 }
 
 TEST_CASE("copy_storage refuses a destination image that is the source's own or does not fit "
@@ -804,20 +811,7 @@ TEST_CASE("between hosts copy_storage mirrors the disk over links of its own whi
     over = "over plain TCP";
   }
   Pair& p = *pair;
-  const std::string copy = blank_image(p, "d0-copy.img", 1 << 20);
-  auto& con = *p.guest.console;
-  run_in(con, "echo QB-WRITTEN-AT-SOURCE | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
-  start_writer(con);
-  REQUIRE(wait_for([&] { return written(con) > 0; }, 30s));
-  const long before = counter(con);
-  const long written_before = written(con);
-  auto moved = http::call(p.source->sock, "POST", "/v1/domains/" + p.name + "/migrate",
-                          R"({"to":")" + to + R"(","copy_storage":true,"disk_paths":{"d0":")" + copy +
-                              R"("}})",
-                          120s);
-  REQUIRE(moved);
-  check_moved(p, to, *moved, before);
-  check_copied(p, copy, written_before);
+  migrate_while_writing(p, to);
   CHECK(slurp(p.destination->dir / "log").find(over) != std::string::npos);
 }
 
