@@ -733,7 +733,13 @@ awaitable<bool> recover_migrate(Context& ctx, Domain& d, json::object args) {
   if (r) {
     if (auto info = qmp::reply::migration(*r)) status = info->status;
   }
+  const auto* copy = args.if_contains("copy_storage");
+  const bool copied = copy != nullptr && copy->is_bool() && copy->get_bool();
   if (status == "completed") {
+    // The guest may run here again: a later migration or save must not stop for mirrors.
+    if (copied) {
+      if (auto ok = co_await pause_before_switchover(ctx, d, false); !ok) log::warn(ok.error().describe());
+    }
     const auto* to = args.if_contains("to");
     log::warn("domain " + d.name() + ": its interrupted migration" +
               (to != nullptr && to->is_string() ? " to " + std::string(to->get_string()) : "") +
@@ -741,19 +747,21 @@ awaitable<bool> recover_migrate(Context& ctx, Domain& d, json::object args) {
               "says whether it runs it");
     co_return true;
   }
-  if (const auto* copy = args.if_contains("copy_storage"); copy != nullptr && copy->is_bool() &&
-                                                          copy->get_bool()) {
-    // Cancelled before its switch-over, the migration leaves the mirrors to go.
-    if (status == "pre-switchover" || migration_busy(status)) {
+  if (copied) {
+    // Cancelled (even in "pre-switchover"), the migration leaves the mirrors to go.
+    if (migration_busy(status)) {
       qmp::Command c = qmp::cmd::migrate_cancel();
       if (auto ok = co_await call(ctx, d, std::move(c)); !ok) log::warn(ok.error().describe());
     }
     std::vector<std::string> disks;
     for (const auto& [id, disk] : d.disks) disks.push_back(id);
     co_await drop_mirrors(ctx, d, disks);
-    if (auto ok = co_await pause_before_switchover(ctx, d, false); !ok) log::warn(ok.error().describe());
   }
   co_await recover_save(ctx, d, std::move(args));
+  // Once the cancelled migration has ended: QEMU refuses capabilities while one runs.
+  if (copied) {
+    if (auto ok = co_await pause_before_switchover(ctx, d, false); !ok) log::warn(ok.error().describe());
+  }
   co_return false;
 }
 
