@@ -24,11 +24,14 @@
 //            source sees it running there and kills its QEMU by uid. raw: the update's steps by
 //            hand, which are what a migration between two QEMUs on one host needs at the least.
 //
-// Usage: save_bench [--rounds N] [--dir DIR] [--verbose]   (root and the test guest; build
-// optimized. DIR holds both save files, /var/tmp by default.)
+// Usage: save_bench [--rounds N] [--dir DIR] [--memory-mib M] [--verbose]   (root and the test
+// guest; build optimized. DIR holds both save files, /var/tmp by default; M is the guests' memory,
+// 128 MiB by default.)
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -44,9 +47,6 @@
 #include <thread>
 #include <vector>
 
-#include <signal.h>
-#include <sys/wait.h>
-
 #include "broker/control/broker.hpp"
 #include "broker/core/log.hpp"
 #include "broker/lifecycle/cgroup.hpp"
@@ -56,10 +56,10 @@
 #include "broker/lifecycle/uid_pool.hpp"
 #include "fdpass/devices.hpp"
 #include "fdpass/opener.hpp"
+#include "http_client.hpp"
 #include "qmp/commands.hpp"
 #include "raw_qmp.hpp"
 #include "support/asio_run.hpp"
-#include "http_client.hpp"
 #include "support/qemu.hpp"
 
 using Clock = std::chrono::steady_clock;
@@ -117,13 +117,15 @@ void copy_all(int in, int out) {
   }
 }
 
+int g_memory_mib = 128;
+
 broker::lifecycle::DomainSpec guest_spec(const std::string& name) {
   broker::lifecycle::DomainSpec s;
   s.name = name;
   s.kernel = qbtest::guest_kernel();
   s.initrd = qbtest::guest_initrd();
   s.append = qbtest::kGuestAppend;
-  s.memory_mib = 128;
+  s.memory_mib = static_cast<std::uint32_t>(g_memory_mib);
   return s;
 }
 
@@ -279,9 +281,11 @@ struct Daemon {
 
   explicit Daemon(uid_t uid_base) : base(uid_base) {
     const std::vector<std::string> args = {
-        QBROKERD,    "--socket",    sock,          "--state-dir", dir / "state", "--run-dir",
-        dir / "run", "--uid-range", std::to_string(base) + ":8", "--image-root",
-        qbtest::guest_dir(),        "--log-level", "warn"};
+        QBROKERD,       "--socket",          sock,
+        "--state-dir",  dir / "state",       "--run-dir",
+        dir / "run",    "--uid-range",       std::to_string(base) + ":8",
+        "--image-root", qbtest::guest_dir(), "--log-level",
+        "warn"};
     pid = ::fork();
     if (pid == 0) {
       std::vector<char*> argv;
@@ -313,9 +317,10 @@ struct Daemon {
 // Live migrations of one booted guest between two qbrokerd, there and back, timed per request.
 std::vector<double> broker_migrations(int rounds) {
   Daemon a(kBase + 10), b(kBase + 20);
-  const std::string body = R"({"name":"qbs-mig","memory_mib":128,"kernel":")" +
-                           qbtest::guest_kernel() + R"(","initrd":")" + qbtest::guest_initrd() +
-                           R"(","append":")" + qbtest::kGuestAppend + R"("})";
+  const std::string body = R"({"name":"qbs-mig","memory_mib":)" + std::to_string(g_memory_mib) +
+                           R"(,"kernel":")" + qbtest::guest_kernel() + R"(","initrd":")" +
+                           qbtest::guest_initrd() + R"(","append":")" + qbtest::kGuestAppend +
+                           R"("})";
   auto created = qbtest::http::call(a.sock, "POST", "/v1/domains", body, 60s);
   if (!created || created->status != 201) die("migrate: create on the first qbrokerd");
   std::this_thread::sleep_for(4s);  // booted, then idle
@@ -345,6 +350,7 @@ int main(int argc, char** argv) {
     if (std::string(argv[i]) == "--rounds" && i + 1 < argc) rounds = std::atoi(argv[++i]);
     if (std::string(argv[i]) == "--dir" && i + 1 < argc) dir = argv[++i];
     if (std::string(argv[i]) == "--verbose") verbose = true;
+    if (std::string(argv[i]) == "--memory-mib" && i + 1 < argc) g_memory_mib = std::atoi(argv[++i]);
     if (std::string(argv[i]) == "--poll-ms" && i + 1 < argc) poll_ms = std::atoi(argv[++i]);
   }
   if (::geteuid() != 0) {
@@ -372,8 +378,8 @@ int main(int argc, char** argv) {
     raw->qmp->cmd(R"({"execute":"cont"})");
     if (!api_console.wait_ready(120s) || !raw_console.wait_ready(120s)) die("a guest did not boot");
     std::this_thread::sleep_for(2s);  // idle
-    std::printf("2 idle guests up (-m 128, TCG); %d rounds; save files in %s\n", rounds,
-                env.saves.path.c_str());
+    std::printf("2 idle guests up (-m %d, TCG); %d rounds; save files in %s\n", g_memory_mib,
+                rounds, env.saves.path.c_str());
 
     const std::string api_file = env.saves / "api.state";
     const std::string raw_file = env.saves / "raw.state";

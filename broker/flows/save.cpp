@@ -16,6 +16,7 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/json.hpp>
 #include <chrono>
+#include <thread>
 
 #include "broker/core/errc.hpp"
 #include "broker/core/log.hpp"
@@ -218,19 +219,23 @@ json::value saved_domain(const Domain& d) {
 
 namespace {
 
-
 // Trailer, fsync, rename over the target, fsync of the directory: the file is whole under its
-// name or not there.
+// name or not there. A file the rename replaces is held (O_PATH) and released on a thread of its
+// own: freeing a large file's blocks is the filesystem's work at its last reference, and took about
+// 20 ms of a 90 MiB save on ext4 when it ran inside the rename.
 Result<void> commit_file(int file, const SaveTarget& target, const save_file::StreamCopy& copy,
                          const std::string& path) {
   const std::string tail = save_file::trailer(copy.bytes(), copy.crc());
   if (auto ok = write_all(file, tail, "writing the save file's trailer " + path); !ok) return ok;
   if (::fsync(file) != 0) return errno_error(errno, "path: fsync of " + path, "path");
+  fdpass::UniqueFd replaced(
+      ::openat(target.dir.get(), target.name.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC));
   if (::renameat(target.dir.get(), target.temp.c_str(), target.dir.get(), target.name.c_str()) !=
       0) {
     return errno_error(errno, "path: renaming the save file to " + path, "path");
   }
   if (::fsync(target.dir.get()) != 0) log::warn("fsync of the directory of " + path + " failed");
+  if (replaced) std::thread([old = std::move(replaced)] {}).detach();
   return {};
 }
 
@@ -267,6 +272,7 @@ awaitable<Result<void>> stream_into(Context& ctx, Domain& d, int file, std::uint
   save_file::StreamCopy::Options how{.src_offset = std::nullopt,
                                      .limit = std::nullopt,
                                      .crc = head_crc,
+                                     .write_behind = true,
                                      .own_src = std::move(pipe->first),
                                      .own_dst = {}};
   copy = std::make_unique<save_file::StreamCopy>(ctx.ex, wake, fdpass::BorrowedFd(),

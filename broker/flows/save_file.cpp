@@ -1,5 +1,6 @@
 #include "broker/flows/save_file.hpp"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/stat.h>
@@ -26,6 +27,7 @@ constexpr std::string_view kMagic{"QBSAVE\r\n", 8};
 constexpr std::string_view kTrailerMagic{"QBSVEND\n", 8};
 constexpr std::string_view kFormat = "qbroker-save";
 constexpr std::size_t kChunk = 1u << 20;
+constexpr std::uint64_t kWriteBehind = 4u << 20;  // Options::write_behind: bytes between starts
 
 void put_le(std::string& out, std::uint64_t v, int bytes) {
   for (int i = 0; i < bytes; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
@@ -136,7 +138,7 @@ StreamCopy::StreamCopy(boost::asio::any_io_executor ex,
                        fdpass::BorrowedFd dst, Options options)
     : src_(src.get() >= 0 ? src : fdpass::BorrowedFd(options.own_src)),
       dst_(dst.get() >= 0 ? dst : fdpass::BorrowedFd(options.own_dst)),
-      options_{options.src_offset, options.limit, options.crc, {}, {}},
+      options_{options.src_offset, options.limit, options.crc, options.write_behind, {}, {}},
       own_src_(std::move(options.own_src)),
       own_dst_(std::move(options.own_dst)),
       crc_(options.crc) {
@@ -177,6 +179,7 @@ void StreamCopy::run(boost::asio::any_io_executor ex,
   pthread_sigmask(SIG_BLOCK, &pipe_sig, nullptr);
   std::vector<char> buf(kChunk);
   std::uint64_t offset = options_.src_offset.value_or(0);
+  std::uint64_t started_at = 0;  // bytes_ when writeback was last started
   for (;;) {
     std::size_t want = buf.size();
     if (options_.limit) {
@@ -209,6 +212,11 @@ void StreamCopy::run(boost::asio::any_io_executor ex,
     }
     offset += static_cast<std::uint64_t>(n);
     bytes_ += static_cast<std::uint64_t>(n);
+    if (options_.write_behind && bytes_ - started_at >= kWriteBehind) {
+      // Pages already on their way are skipped; the whole file is a cheap walk of dirty pages.
+      ::sync_file_range(dst_.get(), 0, 0, SYNC_FILE_RANGE_WRITE);
+      started_at = bytes_;
+    }
   }
   if (stop_ && error_ == 0 && (!options_.limit || bytes_ < *options_.limit)) stopped_ = true;
   own_src_.reset();

@@ -63,6 +63,10 @@ class StreamCopy {
     std::optional<std::uint64_t> src_offset;
     std::optional<std::uint64_t> limit;
     std::uint32_t crc = 0;  // the sum so far
+    // `dst` is a file that will be fsynced: start its writeback every few MiB as the copy goes,
+    // so that the disk writes alongside QEMU's stream and the final fsync waits only for the
+    // tail.
+    bool write_behind = false;
     // The pipe end that faces QEMU, held by the copy and closed as it ends, however it ends:
     // QEMU then reads EOF, or fails its next write with EPIPE instead of blocking on a pipe no
     // one drains. Used in place of an empty `src` or `dst`.

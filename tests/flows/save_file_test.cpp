@@ -91,16 +91,20 @@ TEST_CASE("a foreign, newer, truncated, grown or corrupt save file is refused", 
 
 TEST_CASE("the copy sums a pipe into a file up to EOF and closes the pipe end it holds",
           "[flows][save]") {
+  // With write-behind (a save file), writeback is started every few MiB as the copy goes.
+  const bool write_behind = GENERATE(false, true);
   boost::asio::io_context io;
   auto pipe = fdpass::make_pipe();
   REQUIRE(pipe);
   auto out = file_with("");
-  const std::string data(3u << 20, 'x');
+  std::string data(9u << 20, 'x');
+  for (std::size_t i = 0; i < data.size(); i += 4093) data[i] = static_cast<char>(i / 4093);
   auto wake =
       std::make_shared<boost::asio::steady_timer>(io, boost::asio::steady_timer::time_point::max());
   sf::StreamCopy::Options how{.src_offset = std::nullopt,
                               .limit = std::nullopt,
                               .crc = 7,
+                              .write_behind = write_behind,
                               .own_src = std::move(pipe->first),
                               .own_dst = {}};
   sf::StreamCopy copy(io.get_executor(), wake, fdpass::BorrowedFd(), out, std::move(how));
@@ -113,6 +117,9 @@ TEST_CASE("the copy sums a pipe into a file up to EOF and closes the pipe end it
   CHECK(copy.bytes() == data.size());
   CHECK(copy.crc() == sf::checksum(7, data.data(), data.size()));
   CHECK(::lseek(out.get(), 0, SEEK_END) == static_cast<off_t>(data.size()));
+  std::string back(data.size(), '\0');
+  CHECK(::pread(out.get(), back.data(), back.size(), 0) == static_cast<ssize_t>(back.size()));
+  CHECK(back == data);
 }
 
 TEST_CASE("the copy feeds a file's stream into a pipe, then closes it; a stop ends it early",

@@ -3,6 +3,7 @@
 // running and no file behind, and QEMU never holds the save file by path.
 #include <signal.h>
 #include <sys/mount.h>
+#include <sys/stat.h>
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/use_future.hpp>
@@ -175,6 +176,23 @@ TEST_CASE("a saved domain restores with its guest's counter and disks as they we
               .rc == 0);
   CHECK(qbtest::read_at(im / "v.img", 16 * 512, 16) == "QB-AFTER-RESTORE");
   CHECK(restored->devices.at("disks").as_array().size() == 2);
+
+  // A second save onto the same path replaces the file whole; the domain runs on.
+  struct stat first {};
+  REQUIRE(::stat(file.c_str(), &first) == 0);
+  auto again_saved = fx.run(fx.broker.save("sv2", {file, true}));
+  INFO((again_saved ? "" : again_saved.error().describe()));
+  REQUIRE(again_saved);
+  struct stat second {};
+  REQUIRE(::stat(file.c_str(), &second) == 0);
+  CHECK(second.st_ino != first.st_ino);
+  CHECK(fx.saved_files() == std::set<std::string>{"sv1.state"});
+  CHECK(counter_after(again, counter(again)) > after);
+  auto from_second = fx.run(fx.broker.restore({file, "sv3", true}));
+  INFO((from_second ? "" : from_second.error().describe()));
+  REQUIRE(from_second);
+  CHECK(from_second->state == broker::RunState::paused);
+  REQUIRE(fx.run(fx.broker.destroy("sv3")));
   fx.check_transcript();
   REQUIRE(fx.run(fx.broker.destroy("sv2")));
 }
