@@ -14,8 +14,8 @@
 //           through a pipe on each side (MigrationLink, --insecure-migration).
 //   tls     the same over TLS 1.3 with certificates on both ends (openssl makes them).
 //
-// Usage: relay_bench [--rounds N] [--mib M]   (each relay runs on an io_context thread of its own,
-// as in two qbrokerd; build optimized)
+// Usage: relay_bench [--rounds N] [--mib M] [--only MODE]   (each relay runs on an io_context
+// thread of its own, as in two qbrokerd; build optimized. --only runs one mode and the floor.)
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -235,14 +235,17 @@ int main(int argc, char** argv) {
   ::signal(SIGPIPE, SIG_IGN);  // as qbrokerd: a relay whose peer went gets EPIPE
   int rounds = 3;
   unsigned mib = 256;
+  std::string only;  // one mode and the floor, for a profile of that mode
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--rounds" && i + 1 < argc)
       rounds = std::atoi(argv[++i]);
     else if (a == "--mib" && i + 1 < argc)
       mib = static_cast<unsigned>(std::atoi(argv[++i]));
+    else if (a == "--only" && i + 1 < argc)
+      only = argv[++i];
     else {
-      std::fprintf(stderr, "usage: relay_bench [--rounds N] [--mib M]\n");
+      std::fprintf(stderr, "usage: relay_bench [--rounds N] [--mib M] [--only MODE]\n");
       return 2;
     }
   }
@@ -251,7 +254,12 @@ int main(int argc, char** argv) {
     const std::string ram = dir.path + "/ram";
     sh("dd if=/dev/urandom of=" + ram + " bs=1M count=" + std::to_string(mib));
     auto certs = make_certs(dir.path);
-    const std::vector<std::string> modes = {"direct", "tcp", "plain", "tls"};
+    std::vector<std::string> modes = {"direct", "tcp", "plain", "tls"};
+    if (!only.empty()) {
+      if (std::find(modes.begin(), modes.end(), only) == modes.end()) die("no mode " + only);
+      modes = {"direct", only};
+      if (only == "direct") modes.pop_back();
+    }
     std::map<std::string, std::vector<double>> rate;
     for (int r = 0; r < rounds; ++r) {
       for (const auto& m : modes) rate[m].push_back(run(m, ram, mib, certs));

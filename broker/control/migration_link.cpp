@@ -2,9 +2,9 @@
 
 #include <fcntl.h>
 #include <netinet/in.h>
-#include <poll.h>
 #include <netinet/tcp.h>
 #include <openssl/ssl.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -28,6 +28,7 @@
 #include <thread>
 #include <vector>
 
+#include "broker/control/tls_channel.hpp"
 #include "broker/core/errc.hpp"
 
 namespace broker {
@@ -153,24 +154,21 @@ void widen_relay_buffers(int fd) {
 struct MigrationLink::Impl {
   asio::any_io_executor ex;
   std::shared_ptr<ssl::context> ctx;
-  std::optional<ssl::stream<tcp::socket>> secure;
-  std::optional<tcp::socket> plain;
-  std::string pending;  // read past the end of the last line
+  std::optional<tcp::socket> sock;
+  std::unique_ptr<TlsChannel> secure;  // null: plain TCP
+  std::string pending;                 // read past the end of the last line
   std::string peer;
   bool closed = false;
 
-  tcp::socket& socket() { return secure ? secure->next_layer() : *plain; }
+  tcp::socket& socket() { return *sock; }
 
   awaitable<std::tuple<boost::system::error_code, std::size_t>> read_some(asio::mutable_buffer b) {
-    if (secure) co_return co_await secure->async_read_some(b, kAwait);
-    co_return co_await plain->async_read_some(b, kAwait);
+    if (secure) co_return co_await secure->read_some(*sock, b);
+    co_return co_await sock->async_read_some(b, kAwait);
   }
   awaitable<boost::system::error_code> write_all(asio::const_buffer b) {
-    if (secure) {
-      auto [ec, n] = co_await asio::async_write(*secure, b, kAwait);
-      co_return ec;
-    }
-    auto [ec, n] = co_await asio::async_write(*plain, b, kAwait);
+    if (secure) co_return co_await secure->write_all(*sock, b);
+    auto [ec, n] = co_await asio::async_write(*sock, b, kAwait);
     co_return ec;
   }
   void close() {
@@ -227,7 +225,7 @@ MigrationLink::~MigrationLink() {
 }
 
 bool MigrationLink::tls() const {
-  return impl_->secure.has_value();
+  return impl_->secure != nullptr;
 }
 std::string MigrationLink::peer() const {
   return impl_->peer;
@@ -251,10 +249,11 @@ awaitable<Result<std::unique_ptr<MigrationLink>>> MigrationLink::connect(
   auto shared = std::make_shared<Impl>();
   shared->ex = ex;
   shared->ctx = tls;
-  if (tls)
-    shared->secure.emplace(ex, *tls);
-  else
-    shared->plain.emplace(ex);
+  shared->sock.emplace(ex);
+  if (tls) {
+    shared->secure =
+        std::make_unique<TlsChannel>(tls->native_handle(), TlsChannel::Role::client, target.host);
+  }
   asio::steady_timer dog(ex);
   auto fired = std::make_shared<bool>(false);
   arm(dog, timeout, shared, fired);
@@ -267,8 +266,7 @@ awaitable<Result<std::unique_ptr<MigrationLink>>> MigrationLink::connect(
   keep_alive(shared->socket());
   shared->peer = endpoint_text(shared->socket());
   if (tls) {
-    shared->secure->set_verify_callback(ssl::host_name_verification(target.host));
-    auto [hec] = co_await shared->secure->async_handshake(ssl::stream_base::client, kAwait);
+    auto hec = co_await shared->secure->handshake(*shared->sock);
     if (hec) {
       dog.cancel();
       co_return link_error("migration: TLS with " + where + (*fired ? " timed out" : ""), hec);
@@ -288,15 +286,13 @@ awaitable<Result<std::unique_ptr<MigrationLink>>> MigrationLink::accept(
   boost::system::error_code ignored;
   sock.set_option(tcp::no_delay(true), ignored);
   keep_alive(sock);
-  if (tls)
-    shared->secure.emplace(std::move(sock), *tls);
-  else
-    shared->plain.emplace(std::move(sock));
+  shared->sock.emplace(std::move(sock));
   if (tls) {
+    shared->secure = std::make_unique<TlsChannel>(tls->native_handle(), TlsChannel::Role::server);
     asio::steady_timer dog(ex);
     auto fired = std::make_shared<bool>(false);
     arm(dog, timeout, shared, fired);
-    auto [hec] = co_await shared->secure->async_handshake(ssl::stream_base::server, kAwait);
+    auto hec = co_await shared->secure->handshake(*shared->sock);
     dog.cancel();
     if (hec) {
       co_return link_error("migration: TLS with " + shared->peer + (*fired ? " timed out" : ""),
@@ -481,7 +477,7 @@ awaitable<Result<RelayStats>> MigrationLink::relay_from(fdpass::UniqueFd local_f
     }
   }
   auto moved =
-      co_await splice_on_thread(impl_->ex, local.native_handle(), impl_->plain->native_handle());
+      co_await splice_on_thread(impl_->ex, local.native_handle(), impl_->sock->native_handle());
   if (!moved) co_return moved.error();
   stats.bytes = *moved;
   co_return stats;
@@ -511,13 +507,14 @@ awaitable<Result<RelayStats>> MigrationLink::relay_to(fdpass::UniqueFd local_fd)
     }
   }
   auto moved =
-      co_await splice_on_thread(impl_->ex, impl_->plain->native_handle(), local.native_handle());
+      co_await splice_on_thread(impl_->ex, impl_->sock->native_handle(), local.native_handle());
   if (!moved && !impl_->closed) co_return moved.error();
   stats.bytes += moved ? *moved : 0;
   co_return ended(local.native_handle(), stats);
 }
 
-RelayWatch::RelayWatch(asio::any_io_executor ex) : wake(ex, asio::steady_timer::time_point::max()) {}
+RelayWatch::RelayWatch(asio::any_io_executor ex)
+    : wake(ex, asio::steady_timer::time_point::max()) {}
 
 awaitable<void> watch_relay(std::shared_ptr<MigrationLink> link, fdpass::UniqueFd local,
                             RelayDirection direction, std::shared_ptr<RelayWatch> done) {
@@ -535,7 +532,8 @@ awaitable<void> wait_relay(RelayWatch& done, std::chrono::milliseconds timeout) 
   co_await done.wake.async_wait(kAwait);
 }
 
-awaitable<Result<void>> relay_both_ways(std::shared_ptr<MigrationLink> link, fdpass::UniqueFd local) {
+awaitable<Result<void>> relay_both_ways(std::shared_ptr<MigrationLink> link,
+                                        fdpass::UniqueFd local) {
   fdpass::UniqueFd back(::fcntl(local.get(), F_DUPFD_CLOEXEC, 0));
   if (!back) co_return sys_error(errno, "migration: relay: dup");
   auto ex = co_await asio::this_coro::executor;
@@ -543,8 +541,10 @@ awaitable<Result<void>> relay_both_ways(std::shared_ptr<MigrationLink> link, fdp
   asio::co_spawn(ex, watch_relay(link, std::move(back), RelayDirection::to_local, done),
                  asio::detached);
   auto sent = co_await link->relay_from(std::move(local));
-  if (sent) link->shutdown_send();  // the peer reads the end of this direction
-  else link->close();
+  if (sent)
+    link->shutdown_send();  // the peer reads the end of this direction
+  else
+    link->close();
   if (!done->result) co_await done->wake.async_wait(kAwait);
   link->close();
   if (!sent) co_return sent.error();

@@ -17,8 +17,8 @@
 #include <thread>
 
 #include "broker/lifecycle/proc.hpp"
-#include "fdpass/unique_fd.hpp"
 #include "daemon_support.hpp"
+#include "fdpass/unique_fd.hpp"
 #include "http_client.hpp"
 #include "support/qemu.hpp"
 #include "support/support.hpp"
@@ -82,7 +82,8 @@ struct Broker {
       auto list = http::call(sock, "GET", "/v1/domains");
       if (list && list->json.is_object()) {
         for (const auto& d : list->json.at("domains").as_array()) {
-          http::call(sock, "DELETE", "/v1/domains/" + std::string(d.at("name").as_string()), {}, 30s);
+          http::call(sock, "DELETE", "/v1/domains/" + std::string(d.at("name").as_string()), {},
+                     30s);
         }
       }
       ::kill(daemon.pid, SIGTERM);
@@ -91,13 +92,15 @@ struct Broker {
     for (uid_t u = base; u < base + 8; ++u) {
       for (const auto& p : broker::lifecycle::processes_of_uid("/proc", u)) ::kill(p.pid, SIGKILL);
     }
-    wait_for([&] {
-      qbtest::reap_exited_children();
-      for (uid_t u = base; u < base + 8; ++u) {
-        if (!broker::lifecycle::processes_of_uid("/proc", u).empty()) return false;
-      }
-      return true;
-    }, 10s);
+    wait_for(
+        [&] {
+          qbtest::reap_exited_children();
+          for (uid_t u = base; u < base + 8; ++u) {
+            if (!broker::lifecycle::processes_of_uid("/proc", u).empty()) return false;
+          }
+          return true;
+        },
+        10s);
     remove_cgroup_base(base);
   }
   json::value domain(const std::string& name) const {
@@ -115,10 +118,11 @@ struct Guest {
 
 // Creates the guest paused with disk d0, connects its console, resumes it, waits for its prompt.
 Guest boot(const Broker& b, const std::string& name, const std::string& images) {
-  const std::string body = R"({"name":")" + name + R"(","memory_mib":128,"pci_slots":2,"kernel":")" +
-                           qbtest::guest_kernel() + R"(","initrd":")" + qbtest::guest_initrd() +
-                           R"(","append":")" + qbtest::kGuestAppend + R"(","paused":true,)" +
-                           R"("disks":[{"id":"d0","path":")" + images + R"(/d0.img","bus":"virtio"}]})";
+  const std::string body =
+      R"({"name":")" + name + R"(","memory_mib":128,"pci_slots":2,"kernel":")" +
+      qbtest::guest_kernel() + R"(","initrd":")" + qbtest::guest_initrd() + R"(","append":")" +
+      qbtest::kGuestAppend + R"(","paused":true,)" + R"("disks":[{"id":"d0","path":")" + images +
+      R"(/d0.img","bus":"virtio"}]})";
   auto created = http::call(b.sock, "POST", "/v1/domains", body, 60s);
   REQUIRE(created);
   INFO(created->body);
@@ -147,7 +151,9 @@ void start_counter(qbtest::GuestConsole& con) {
   run_in(con, "(i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done) &");
 }
 
-long counter(qbtest::GuestConsole& con) { return std::stol("0" + run_in(con, "cat /tmp/counter")); }
+long counter(qbtest::GuestConsole& con) {
+  return std::stol("0" + run_in(con, "cat /tmp/counter"));
+}
 
 void make_images(const std::string& images) {
   std::filesystem::create_directory(images);
@@ -221,7 +227,8 @@ std::set<std::string> tcp_socket_inodes() {
 int tcp_fds(pid_t pid) {
   const auto tcp = tcp_socket_inodes();
   int n = 0;
-  for (const auto& e : std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd")) {
+  for (const auto& e :
+       std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd")) {
     std::error_code ec;
     auto target = std::filesystem::read_symlink(e.path(), ec).string();
     if (!ec && target.starts_with("socket:[") &&
@@ -288,14 +295,16 @@ void migrate_while_destination_dies(Pair& p, const std::string& to) {
 
 }  // namespace
 
-TEST_CASE("a running guest migrates to another broker with its memory and disk, and nothing of it "
-          "is left at the source",
-          "[api][migrate][privileged][qemu]") {
+TEST_CASE(
+    "a running guest migrates to another broker with its memory and disk, and nothing of it "
+    "is left at the source",
+    "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
   Pair p(kSourceBase, "mig");
   auto& con = *p.guest.console;
   // Memory: the counter the guest keeps in its RAM-backed /tmp. Disk: bytes written to d0.
-  run_in(con, "echo QB-WRITTEN-AT-SOURCE | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
+  run_in(con,
+         "echo QB-WRITTEN-AT-SOURCE | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
   const long before = counter(con);
 
   auto moved = migrate(*p.source, p.name, p.destination->sock);
@@ -346,8 +355,9 @@ TEST_CASE("a destination that refuses the domain leaves it running at the source
   p.check_runs_at_source();
 }
 
-TEST_CASE("a destination QEMU that dies during the migration leaves the guest running at the source",
-          "[api][migrate][privileged][qemu]") {
+TEST_CASE(
+    "a destination QEMU that dies during the migration leaves the guest running at the source",
+    "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
   Pair p(kDyingBase, "die");
   migrate_while_destination_dies(p, p.destination->sock);
@@ -357,7 +367,8 @@ namespace {
 
 // Where the guest runs once both brokers have settled: each broker's state for it ("" when it
 // does not list it).
-std::pair<std::string, std::string> placements(const Broker& a, const Broker& b, const std::string& name) {
+std::pair<std::string, std::string> placements(const Broker& a, const Broker& b,
+                                               const std::string& name) {
   auto state = [&](const Broker& x) {
     auto d = x.domain(name);
     return d.is_object() ? std::string(d.at("state").as_string()) : std::string();
@@ -397,7 +408,9 @@ TEST_CASE("qbrokerd SIGKILLed mid-migration at the source: the guest runs in exa
     http::call(p.source->sock, "POST", "/v1/domains/" + p.name + "/migrate",
                R"({"to":")" + p.destination->sock + R"("})", 120s);
   });
-  SECTION("as soon as the job is journaled") { p.source->kill_during(p.name, "migrate"); }
+  SECTION("as soon as the job is journaled") {
+    p.source->kill_during(p.name, "migrate");
+  }
   SECTION("once the destination has the domain") {
     REQUIRE(wait_for([&] { return p.destination->domain(p.name).is_object(); }, 60s));
     p.source->kill_during(p.name, "migrate");
@@ -406,9 +419,10 @@ TEST_CASE("qbrokerd SIGKILLed mid-migration at the source: the guest runs in exa
   check_one_place_after_restart(p);
 }
 
-TEST_CASE("qbrokerd SIGKILLed mid-migration at the destination: the guest runs on at the source and "
-          "the restarted destination leaves nothing",
-          "[api][migrate][privileged][qemu]") {
+TEST_CASE(
+    "qbrokerd SIGKILLed mid-migration at the destination: the guest runs on at the source and "
+    "the restarted destination leaves nothing",
+    "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
   Pair p(kKilledDestinationBase, "kd");
   std::optional<http::Reply> answer;
@@ -458,8 +472,7 @@ std::string blank_image(const Pair& p, const std::string& file, std::uintmax_t b
   return path;
 }
 
-http::Reply migrate_copying(const Pair& p, const std::string& extra,
-                            const std::string& to = {}) {
+http::Reply migrate_copying(const Pair& p, const std::string& extra, const std::string& to = {}) {
   auto r = http::call(p.source->sock, "POST", "/v1/domains/" + p.name + "/migrate",
                       R"({"to":")" + (to.empty() ? p.destination->sock : to) +
                           R"(","copy_storage":true)" + extra + "}",
@@ -494,7 +507,8 @@ void check_copied(Pair& p, const std::string& copy, long written_before) {
   for (long i = 1; i <= last; ++i) {
     char want[24];
     std::snprintf(want, sizeof(want), "%08ld", i);
-    if (bytes.compare(static_cast<std::size_t>(kWriterFirstSector + i) * 512, 8, want) != 0) ++missing;
+    if (bytes.compare(static_cast<std::size_t>(kWriterFirstSector + i) * 512, 8, want) != 0)
+      ++missing;
   }
   CHECK(missing == 0);
   // No NBD listener is left at the destination.
@@ -506,7 +520,8 @@ void check_copied(Pair& p, const std::string& copy, long written_before) {
 void migrate_while_writing(Pair& p, const std::string& to) {
   const std::string copy = blank_image(p, "d0-copy.img", 1 << 20);
   auto& con = *p.guest.console;
-  run_in(con, "echo QB-WRITTEN-AT-SOURCE | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
+  run_in(con,
+         "echo QB-WRITTEN-AT-SOURCE | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
   start_writer(con);
   REQUIRE(wait_for([&] { return written(con) > 0; }, 30s));
   const long before = counter(con);
@@ -518,17 +533,19 @@ void migrate_while_writing(Pair& p, const std::string& to) {
 
 }  // namespace
 
-TEST_CASE("with copy_storage the disk is mirrored into the destination's own image while the "
-          "guest writes to it",
-          "[api][migrate][privileged][qemu]") {
+TEST_CASE(
+    "with copy_storage the disk is mirrored into the destination's own image while the "
+    "guest writes to it",
+    "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
   Pair p(kCopyBase, "cps");
   migrate_while_writing(p, p.destination->sock);
 }
 
-TEST_CASE("copy_storage refuses a destination image that is the source's own or does not fit "
-          "and the guest runs on at the source",
-          "[api][migrate][privileged][qemu]") {
+TEST_CASE(
+    "copy_storage refuses a destination image that is the source's own or does not fit "
+    "and the guest runs on at the source",
+    "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
   Pair p(kCopyRefusedBase, "cpr");
   // On one host, the same path is the same image.
@@ -553,7 +570,8 @@ TEST_CASE("copy_storage refuses a destination image that is the source's own or 
   INFO(misfit.body);
   CHECK(misfit.status >= 400);
   CHECK(misfit.json.at("error").at("field").as_string() == "disk_paths.d0");
-  CHECK(misfit.json.at("error").at("message").as_string().find("different sizes") != std::string::npos);
+  CHECK(misfit.json.at("error").at("message").as_string().find("different sizes") !=
+        std::string::npos);
   p.check_runs_at_source();
   p.check_nothing_at_destination();
   CHECK(std::filesystem::is_empty(p.destination->dir / "run/migrate"));
@@ -566,9 +584,10 @@ TEST_CASE("copy_storage refuses a destination image that is the source's own or 
   check_moved(p, p.destination->sock, moved, before);
 }
 
-TEST_CASE("a migration cancelled while it copies the disks leaves the guest running at the source "
-          "with no mirror left",
-          "[api][migrate][privileged][qemu]") {
+TEST_CASE(
+    "a migration cancelled while it copies the disks leaves the guest running at the source "
+    "with no mirror left",
+    "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
   Pair p(kCopyCancelBase, "cpc");
   // A second disk large enough that its copy is still running when the cancel comes.
@@ -577,7 +596,8 @@ TEST_CASE("a migration cancelled while it copies the disks leaves the guest runn
     std::ofstream out(big, std::ios::binary);
     std::string chunk(1 << 20, '\0');
     for (int i = 0; i < 256; ++i) {
-      for (std::size_t j = 0; j < chunk.size(); j += 4096) chunk[j] = static_cast<char>(i + j / 4096 + 1);
+      for (std::size_t j = 0; j < chunk.size(); j += 4096)
+        chunk[j] = static_cast<char>(i + j / 4096 + 1);
       out.write(chunk.data(), static_cast<std::streamsize>(chunk.size()));
     }
   }
@@ -621,7 +641,8 @@ TEST_CASE("a migration cancelled while it copies the disks leaves the guest runn
   }
   const auto caps = qmp_over_http(p.source->sock, p.name, "query-migrate-capabilities");
   for (const auto& cap : caps.as_array()) {
-    if (cap.at("capability").as_string() == "pause-before-switchover") CHECK_FALSE(cap.at("state").as_bool());
+    if (cap.at("capability").as_string() == "pause-before-switchover")
+      CHECK_FALSE(cap.at("state").as_bool());
   }
 }
 
@@ -633,8 +654,8 @@ TEST_CASE("qbrokerd SIGKILLed mid-copy at the source: the guest runs in exactly 
   start_writer(*p.guest.console);
   std::thread asker([&] {
     http::call(p.source->sock, "POST", "/v1/domains/" + p.name + "/migrate",
-               R"({"to":")" + p.destination->sock + R"(","copy_storage":true,"disk_paths":{"d0":")" +
-                   copy + R"("}})",
+               R"({"to":")" + p.destination->sock +
+                   R"(","copy_storage":true,"disk_paths":{"d0":")" + copy + R"("}})",
                120s);
   });
   // The destination answers once both its listeners exist; the one-time listener goes when the
@@ -648,9 +669,12 @@ TEST_CASE("qbrokerd SIGKILLed mid-copy at the source: the guest runs in exactly 
     }
     return false;
   };
-  REQUIRE(wait_for([&] { return slurp(p.destination->dir / "log").find("POST /v1/migrations 201") !=
-                                std::string::npos; },
-                   60s));
+  REQUIRE(wait_for(
+      [&] {
+        return slurp(p.destination->dir / "log").find("POST /v1/migrations 201") !=
+               std::string::npos;
+      },
+      60s));
   REQUIRE(wait_for([&] { return !has(".sock"); }, 60s));
   p.source->kill_during(p.name, "migrate");
   asker.join();
@@ -661,32 +685,7 @@ TEST_CASE("qbrokerd SIGKILLed mid-copy at the source: the guest runs in exactly 
 
 namespace {
 
-void sh(const std::string& cmd) {
-  INFO(cmd);
-  REQUIRE(std::system((cmd + " >/dev/null 2>&1").c_str()) == 0);
-}
-
-// A CA and a certificate it signed for 127.0.0.1, as the files qbrokerd takes.
-struct Certs {
-  std::string ca, cert, key;
-  Certs(const qbtest::TempDir& dir, const std::string& tag) {
-    const std::string d = dir.path() + "/" + tag;
-    std::filesystem::create_directory(d);
-    ca = d + "/ca.pem";
-    cert = d + "/broker.pem";
-    key = d + "/broker.key";
-    const std::string ec = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
-    sh("openssl req -x509 " + ec + " -days 2 -subj /CN=" + tag + "-ca -keyout " + d +
-       "/ca.key -out " + ca);
-    sh("openssl req " + ec + " -subj /CN=localhost -keyout " + key + " -out " + d + "/broker.csr");
-    qbtest::write_file(d + "/ext", "subjectAltName=IP:127.0.0.1,DNS:localhost\n");
-    sh("openssl x509 -req -in " + d + "/broker.csr -CA " + ca + " -CAkey " + d +
-       "/ca.key -CAcreateserial -days 2 -extfile " + d + "/ext -out " + cert);
-  }
-  std::vector<std::string> args() const {
-    return {"--migration-cert", cert, "--migration-key", key, "--migration-ca", ca};
-  }
-};
+using Certs = qbtest::TestCerts;
 
 // A port nothing listens on now.
 int free_port() {
@@ -707,9 +706,10 @@ std::vector<std::string> plus(std::vector<std::string> a, const std::vector<std:
 
 }  // namespace
 
-TEST_CASE("a running guest migrates to a broker on another host over TLS with certificates on "
-          "both ends",
-          "[api][migrate][privileged][qemu]") {
+TEST_CASE(
+    "a running guest migrates to a broker on another host over TLS with certificates on "
+    "both ends",
+    "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
   qbtest::TempDir pki;
   Certs certs(pki, "site");
@@ -718,7 +718,8 @@ TEST_CASE("a running guest migrates to a broker on another host over TLS with ce
   Pair p(kTlsBase, "tls", certs.args(),
          plus(certs.args(), {"--migration-listen", "127.0.0.1:" + std::to_string(port)}));
   auto& con = *p.guest.console;
-  run_in(con, "echo QB-WRITTEN-AT-SOURCE | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
+  run_in(con,
+         "echo QB-WRITTEN-AT-SOURCE | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
   const long before = counter(con);
   auto moved = migrate(*p.source, p.name, to);
   check_moved(p, to, moved, before);
@@ -741,8 +742,8 @@ TEST_CASE("a broker on another host refuses a source whose certificate its CA di
   INFO(refused.body);
   CHECK(refused.status >= 400);
   CHECK(refused.json.at("error").at("field").as_string() == "to");
-  CHECK(refused.json.at("error").at("message").as_string().find("refused this broker's certificate") !=
-        std::string::npos);
+  CHECK(refused.json.at("error").at("message").as_string().find(
+            "refused this broker's certificate") != std::string::npos);
   p.check_runs_at_source();
   p.check_nothing_at_destination();
   CHECK(slurp(p.destination->dir / "log").find("certificate") != std::string::npos);
@@ -761,25 +762,28 @@ TEST_CASE("a broker on another host refuses a source whose certificate its CA di
   CHECK(other.domain(p.name).is_null());
 }
 
-TEST_CASE("between hosts plain TCP needs --insecure-migration on both brokers and then the "
-          "brokers relay the stream with splice",
-          "[api][migrate][privileged][qemu]") {
+TEST_CASE(
+    "between hosts plain TCP needs --insecure-migration on both brokers and then the "
+    "brokers relay the stream with splice",
+    "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
   const int port = free_port();
   const std::string to = "tcp://127.0.0.1:" + std::to_string(port);
   Pair p(kPlainBase, "pln", {"--insecure-migration"},
          {"--insecure-migration", "--migration-listen", "127.0.0.1:" + std::to_string(port)});
   auto& con = *p.guest.console;
-  run_in(con, "echo QB-WRITTEN-AT-SOURCE | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
+  run_in(con,
+         "echo QB-WRITTEN-AT-SOURCE | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
   const long before = counter(con);
   auto moved = migrate(*p.source, p.name, to);
   check_moved(p, to, moved, before);
   CHECK(slurp(p.destination->dir / "log").find("over plain TCP") != std::string::npos);
 }
 
-TEST_CASE("a destination QEMU on another host that dies during the migration leaves the guest "
-          "running at the source",
-          "[api][migrate][privileged][qemu]") {
+TEST_CASE(
+    "a destination QEMU on another host that dies during the migration leaves the guest "
+    "running at the source",
+    "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
   qbtest::TempDir pki;
   Certs certs(pki, "site");
@@ -789,9 +793,10 @@ TEST_CASE("a destination QEMU on another host that dies during the migration lea
   migrate_while_destination_dies(p, "tcp://127.0.0.1:" + std::to_string(port));
 }
 
-TEST_CASE("between hosts copy_storage mirrors the disk over links of its own while the guest "
-          "writes to it",
-          "[api][migrate][privileged][qemu]") {
+TEST_CASE(
+    "between hosts copy_storage mirrors the disk over links of its own while the guest "
+    "writes to it",
+    "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
   qbtest::TempDir pki;
   Certs certs(pki, "site");
@@ -806,8 +811,9 @@ TEST_CASE("between hosts copy_storage mirrors the disk over links of its own whi
     over = "over TLS";
   }
   SECTION("over plain TCP") {
-    pair = std::make_unique<Pair>(kCopyPlainBase, "cpp", std::vector<std::string>{"--insecure-migration"},
-                                  std::vector<std::string>{"--insecure-migration", "--migration-listen", listen});
+    pair = std::make_unique<Pair>(
+        kCopyPlainBase, "cpp", std::vector<std::string>{"--insecure-migration"},
+        std::vector<std::string>{"--insecure-migration", "--migration-listen", listen});
     over = "over plain TCP";
   }
   Pair& p = *pair;
@@ -818,7 +824,8 @@ TEST_CASE("between hosts copy_storage mirrors the disk over links of its own whi
 namespace {
 
 std::string migration_status(const Broker& b, const std::string& name) {
-  auto r = http::call(b.sock, "POST", "/v1/domains/" + name + "/qmp", R"({"execute":"query-migrate"})");
+  auto r =
+      http::call(b.sock, "POST", "/v1/domains/" + name + "/qmp", R"({"execute":"query-migrate"})");
   if (!r || r->status != 200) return {};
   const auto* st = r->json.at("return").as_object().if_contains("status");
   return st != nullptr && st->is_string() ? std::string(st->as_string()) : std::string();
@@ -826,9 +833,10 @@ std::string migration_status(const Broker& b, const std::string& name) {
 
 }  // namespace
 
-TEST_CASE("qbrokerd SIGKILLed after its QEMU sent all the state: restarted it asks the destination "
-          "and the guest runs only there",
-          "[api][migrate][privileged][qemu]") {
+TEST_CASE(
+    "qbrokerd SIGKILLed after its QEMU sent all the state: restarted it asks the destination "
+    "and the guest runs only there",
+    "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
   qbtest::TempDir pki;
   Certs certs(pki, "site");
@@ -855,18 +863,21 @@ TEST_CASE("qbrokerd SIGKILLed after its QEMU sent all the state: restarted it as
   }
   Pair& p = *pair;
   std::thread asker([&] {
-    http::call(p.source->sock, "POST", "/v1/domains/" + p.name + "/migrate", R"({"to":")" + to + R"("})",
-               120s);
+    http::call(p.source->sock, "POST", "/v1/domains/" + p.name + "/migrate",
+               R"({"to":")" + to + R"("})", 120s);
   });
   std::string status;
-  CHECK(wait_for([&] {
-    status = migration_status(*p.destination, p.name);
-    return status == "completed" || (!relayed && (status == "setup" || status == "active"));
-  }, 60s));
+  CHECK(wait_for(
+      [&] {
+        status = migration_status(*p.destination, p.name);
+        return status == "completed" || (!relayed && (status == "setup" || status == "active"));
+      },
+      60s));
   ::kill(p.destination->daemon.pid, SIGSTOP);
   const bool in_time = status != "completed";
   INFO("the destination's QEMU was " << status << " when its broker stopped");
-  if (in_time) CHECK(wait_for([&] { return migration_status(*p.source, p.name) == "completed"; }, 60s));
+  if (in_time)
+    CHECK(wait_for([&] { return migration_status(*p.source, p.name) == "completed"; }, 60s));
   ::kill(p.source->daemon.pid, SIGKILL);
   CHECK(p.source->daemon.wait(10s) == 128 + SIGKILL);
   p.source->daemon.pid = -1;
@@ -876,7 +887,8 @@ TEST_CASE("qbrokerd SIGKILLed after its QEMU sent all the state: restarted it as
   REQUIRE(wait_adopted(p.source->sock, 60s));
   // Exactly once, running: the restarted source asked, and tore its paused copy down by uid.
   CHECK(wait_for([&] { return p.source->domain(p.name).is_null(); }, 60s));
-  CHECK(wait_for([&] { return broker::lifecycle::live_processes_of_uid("/proc", p.guest.uid) == 0; }, 10s));
+  CHECK(wait_for(
+      [&] { return broker::lifecycle::live_processes_of_uid("/proc", p.guest.uid) == 0; }, 10s));
   auto there = p.destination->domain(p.name);
   REQUIRE(there.is_object());
   CHECK(there.at("state").as_string() == "running");

@@ -26,7 +26,8 @@ std::size_t open_fd_count() {
 int fds_on(pid_t pid, const std::string& path) {
   int n = 0;
   std::error_code ec;
-  for (const auto& e : std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec)) {
+  for (const auto& e :
+       std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/fd", ec)) {
     std::error_code lec;
     if (std::filesystem::read_symlink(e.path(), lec) == path) ++n;
   }
@@ -86,6 +87,35 @@ pid_t fork_as_uid(uid_t uid) {
     return -1;
   }
   return pid;
+}
+
+namespace {
+
+void openssl(const std::string& args) {
+  const std::string cmd = "openssl " + args + " >/dev/null 2>&1";
+  INFO(cmd);
+  REQUIRE(std::system(cmd.c_str()) == 0);
+}
+
+}  // namespace
+
+TestCerts::TestCerts(const TempDir& dir, const std::string& tag) {
+  const std::string d = dir.path() + "/" + tag;
+  std::filesystem::create_directory(d);
+  ca = d + "/ca.pem";
+  cert = d + "/broker.pem";
+  key = d + "/broker.key";
+  const std::string ec = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+  openssl("req -x509 " + ec + " -days 2 -subj /CN=" + tag + "-ca -keyout " + d + "/ca.key -out " +
+          ca);
+  openssl("req " + ec + " -subj /CN=localhost -keyout " + key + " -out " + d + "/broker.csr");
+  write_file(d + "/ext", "subjectAltName=IP:127.0.0.1,DNS:localhost\n");
+  openssl("x509 -req -in " + d + "/broker.csr -CA " + ca + " -CAkey " + d +
+          "/ca.key -CAcreateserial -days 2 -extfile " + d + "/ext -out " + cert);
+}
+
+std::vector<std::string> TestCerts::args() const {
+  return {"--migration-cert", cert, "--migration-key", key, "--migration-ca", ca};
 }
 
 }  // namespace qbtest

@@ -3,10 +3,10 @@
 
 #include <unistd.h>
 
+#include <catch2/catch.hpp>
 #include <cstddef>
 #include <string>
-
-#include <catch2/catch.hpp>
+#include <vector>
 
 namespace qbtest {
 
@@ -47,7 +47,9 @@ class FdLeakCheck {
   std::size_t before_;
 };
 
-inline bool is_root() { return ::geteuid() == 0; }
+inline bool is_root() {
+  return ::geteuid() == 0;
+}
 
 // A fresh, empty temporary directory removed (recursively) at scope exit.
 class TempDir {
@@ -66,13 +68,22 @@ class TempDir {
 // Writes `content` to `path` (created or truncated, mode 0644).
 void write_file(const std::string& path, const std::string& content);
 
+// A CA, and a certificate it signed for 127.0.0.1 and localhost, made with openssl beneath
+// `dir`/`tag`: the files qbrokerd takes for TLS between brokers.
+struct TestCerts {
+  std::string ca, cert, key;
+  TestCerts(const TempDir& dir, const std::string& tag);
+  // --migration-cert, --migration-key and --migration-ca with these files.
+  std::vector<std::string> args() const;
+};
+
 }  // namespace qbtest
 
 // Skips the rest of a [privileged] test when not running as root.
-#define QB_REQUIRE_ROOT()                                  \
-  do {                                                     \
-    if (!::qbtest::is_root()) {                            \
-      WARN("skipped: needs root ([privileged])");          \
-      return;                                              \
-    }                                                      \
+#define QB_REQUIRE_ROOT()                         \
+  do {                                            \
+    if (!::qbtest::is_root()) {                   \
+      WARN("skipped: needs root ([privileged])"); \
+      return;                                     \
+    }                                             \
   } while (0)
