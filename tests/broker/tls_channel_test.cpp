@@ -9,8 +9,8 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/ssl/context.hpp>
 #include <boost/asio/ssl/error.hpp>
-#include <boost/asio/write.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
 #include <catch2/catch.hpp>
 #include <memory>
 #include <optional>
@@ -57,6 +57,12 @@ struct Pair {
     io.run();
     io.restart();
   }
+  // A channel on each end, after their handshake; the client checks the server against `host`.
+  struct Channels {
+    std::unique_ptr<TlsChannel> server, client;
+    error_code server_shake, client_shake;
+  };
+  Channels shake_hands(const std::string& host);
 };
 
 std::string pattern(std::size_t n, unsigned seed) {
@@ -71,6 +77,15 @@ std::string pattern(std::size_t n, unsigned seed) {
 
 awaitable<void> shake(TlsChannel& ch, tcp::socket& s, error_code& out) {
   out = co_await ch.handshake(s);
+}
+
+Pair::Channels Pair::shake_hands(const std::string& host) {
+  Channels c;
+  c.server = std::make_unique<TlsChannel>(server_ctx->native_handle(), TlsChannel::Role::server);
+  c.client =
+      std::make_unique<TlsChannel>(client_ctx->native_handle(), TlsChannel::Role::client, host);
+  run(shake(*c.server, *server, c.server_shake), shake(*c.client, *client, c.client_shake));
+  return c;
 }
 
 awaitable<void> send(TlsChannel& ch, tcp::socket& s, const std::string& bytes, error_code& out) {
@@ -104,12 +119,11 @@ awaitable<void> send_then_receive(TlsChannel& ch, tcp::socket& s, const std::str
 TEST_CASE("a TLS channel carries bytes each way byte for byte, while both directions run",
           "[control][tls]") {
   Pair p;
-  TlsChannel server(p.server_ctx->native_handle(), TlsChannel::Role::server);
-  TlsChannel client(p.client_ctx->native_handle(), TlsChannel::Role::client, "127.0.0.1");
-  error_code server_shake, client_shake;
-  p.run(shake(server, *p.server, server_shake), shake(client, *p.client, client_shake));
-  REQUIRE_FALSE(server_shake);
-  REQUIRE_FALSE(client_shake);
+  auto c = p.shake_hands("127.0.0.1");
+  REQUIRE_FALSE(c.server_shake);
+  REQUIRE_FALSE(c.client_shake);
+  TlsChannel& server = *c.server;
+  TlsChannel& client = *c.client;
 
   // More than the receive buffer and than a write's chunk, each way at once.
   const std::string up = pattern((3u << 20) + 12345, 1);
@@ -128,34 +142,28 @@ TEST_CASE("a TLS channel carries bytes each way byte for byte, while both direct
 
 TEST_CASE("a TLS client refuses a server whose certificate is for another host", "[control][tls]") {
   Pair p;
-  TlsChannel server(p.server_ctx->native_handle(), TlsChannel::Role::server);
-  TlsChannel client(p.client_ctx->native_handle(), TlsChannel::Role::client, "192.0.2.1");
-  error_code server_shake, client_shake;
-  p.run(shake(server, *p.server, server_shake), shake(client, *p.client, client_shake));
-  REQUIRE(client_shake);
-  CHECK(client_shake.category() == asio::error::get_ssl_category());
-  CHECK(client_shake.message().find("certificate verify failed") != std::string::npos);
+  auto c = p.shake_hands("192.0.2.1");
+  REQUIRE(c.client_shake);
+  CHECK(c.client_shake.category() == asio::error::get_ssl_category());
+  CHECK(c.client_shake.message().find("certificate verify failed") != std::string::npos);
   // The server learns of it from the client's alert.
-  CHECK(server_shake);
+  CHECK(c.server_shake);
 }
 
 TEST_CASE("a TLS channel whose peer closes without a close_notify reads as truncated",
           "[control][tls]") {
   Pair p;
-  TlsChannel server(p.server_ctx->native_handle(), TlsChannel::Role::server);
-  TlsChannel client(p.client_ctx->native_handle(), TlsChannel::Role::client, "localhost");
-  error_code server_shake, client_shake;
-  p.run(shake(server, *p.server, server_shake), shake(client, *p.client, client_shake));
-  REQUIRE_FALSE(server_shake);
-  REQUIRE_FALSE(client_shake);
+  auto c = p.shake_hands("localhost");
+  REQUIRE_FALSE(c.server_shake);
+  REQUIRE_FALSE(c.client_shake);
   const std::string some = pattern(5000, 3);
   error_code sent;
-  p.run(send(client, *p.client, some, sent), [&]() -> awaitable<void> { co_return; }());
+  p.run(send(*c.client, *p.client, some, sent), [&]() -> awaitable<void> { co_return; }());
   REQUIRE_FALSE(sent);
   p.client->shutdown(tcp::socket::shutdown_send);
   std::string got;
   error_code ended;
-  p.run(receive(server, *p.server, some.size() + 1, got, ended),
+  p.run(receive(*c.server, *p.server, some.size() + 1, got, ended),
         [&]() -> awaitable<void> { co_return; }());
   CHECK(got == some);
   CHECK(ended == asio::ssl::error::stream_truncated);
