@@ -18,7 +18,7 @@
 //            QEMU: spawn with -incoming defer, QMP, socketpair, getfd into both, migrate, cont,
 //            the old QEMU killed by uid. raw: the same steps by hand on the raw guest.
 //   migrate  broker: POST /v1/domains/NAME/migrate between two qbrokerd on this host, there and
-//            back in turn, from the request to its answer: the destination prepares the domain
+//            back in turn, one per round beside the raw update, from the request to its answer: the destination prepares the domain
 //            (HTTP, disk checks, spawn with -incoming defer, QMP, listener), the source connects,
 //            sends the token, getfd, migrate; the destination takes the state and runs cont; the
 //            source sees it running there and kills its QEMU by uid. raw: the update's steps by
@@ -314,32 +314,37 @@ struct Daemon {
   }
 };
 
-// Live migrations of one booted guest between two qbrokerd, there and back, timed per request.
-std::vector<double> broker_migrations(int rounds) {
-  Daemon a(kBase + 10), b(kBase + 20);
-  const std::string body = R"({"name":"qbs-mig","memory_mib":)" + std::to_string(g_memory_mib) +
-                           R"(,"kernel":")" + qbtest::guest_kernel() + R"(","initrd":")" +
-                           qbtest::guest_initrd() + R"(","append":")" + qbtest::kGuestAppend +
-                           R"("})";
-  auto created = qbtest::http::call(a.sock, "POST", "/v1/domains", body, 60s);
-  if (!created || created->status != 201) die("migrate: create on the first qbrokerd");
-  std::this_thread::sleep_for(4s);  // booted, then idle
-  std::vector<double> times;
-  const Daemon* from = &a;
-  const Daemon* to = &b;
-  for (int r = 0; r < rounds; ++r) {
+// Live migrations of one booted guest between two qbrokerd, there and back, one per round, so
+// that each runs beside the raw update it is compared with.
+class BrokerMigrations {
+ public:
+  BrokerMigrations() : a_(kBase + 10), b_(kBase + 20) {
+    const std::string body = R"({"name":"qbs-mig","memory_mib":)" + std::to_string(g_memory_mib) +
+                             R"(,"kernel":")" + qbtest::guest_kernel() + R"(","initrd":")" +
+                             qbtest::guest_initrd() + R"(","append":")" + qbtest::kGuestAppend +
+                             R"("})";
+    auto created = qbtest::http::call(a_.sock, "POST", "/v1/domains", body, 60s);
+    if (!created || created->status != 201) die("migrate: create on the first qbrokerd");
+  }
+  ~BrokerMigrations() { qbtest::http::call(from_->sock, "DELETE", "/v1/domains/qbs-mig", {}, 30s); }
+  // One migration, from the request to its answer.
+  void once() {
     auto t0 = Clock::now();
-    auto moved = qbtest::http::call(from->sock, "POST", "/v1/domains/qbs-mig/migrate",
-                                    R"({"to":")" + to->sock + R"("})", 120s);
+    auto moved = qbtest::http::call(from_->sock, "POST", "/v1/domains/qbs-mig/migrate",
+                                    R"({"to":")" + to_->sock + R"("})", 120s);
     if (!moved || moved->status != 200) {
       die("migrate: " + (moved ? moved->body : std::string("no answer")));
     }
     times.push_back(ms(Clock::now() - t0));
-    std::swap(from, to);
+    std::swap(from_, to_);
   }
-  qbtest::http::call(from->sock, "DELETE", "/v1/domains/qbs-mig", {}, 30s);
-  return times;
-}
+  std::vector<double> times;
+
+ private:
+  Daemon a_, b_;
+  const Daemon* from_ = &a_;
+  const Daemon* to_ = &b_;
+};
 
 int main(int argc, char** argv) {
   int rounds = 5;
@@ -364,7 +369,9 @@ int main(int argc, char** argv) {
   bool api = false;
   int rc = 0;
   try {
-    // Two idle guests booted to their prompt: one the Broker's, one driven by hand.
+    // Two idle guests booted to their prompt: one the Broker's, one driven by hand; and a third
+    // under a pair of qbrokerd, which migrate it between them.
+    BrokerMigrations migrations;
     broker::CreateDomain c;
     c.spec = guest_spec("qbs-api");
     c.spec.paused = true;
@@ -377,7 +384,7 @@ int main(int argc, char** argv) {
     qbtest::GuestConsole raw_console(qbtest::connect_retry(raw->inst.console_path, 10s));
     raw->qmp->cmd(R"({"execute":"cont"})");
     if (!api_console.wait_ready(120s) || !raw_console.wait_ready(120s)) die("a guest did not boot");
-    std::this_thread::sleep_for(2s);  // idle
+    std::this_thread::sleep_for(2s);  // idle, the migrated guest too (created first)
     std::printf("2 idle guests up (-m %d, TCG); %d rounds; save files in %s\n", g_memory_mib,
                 rounds, env.saves.path.c_str());
 
@@ -434,11 +441,13 @@ int main(int argc, char** argv) {
         raw_restore_once();
         api_update();
         raw_update_once();
+        migrations.once();
       } else {
         raw_save_once();
         api_save();
         raw_restore_once();
         api_restore();
+        migrations.once();
         raw_update_once();
         api_update();
       }
@@ -456,8 +465,8 @@ int main(int argc, char** argv) {
     line("save", save_api, save_raw);
     line("restore", restore_api, restore_raw);
     line("update", update_api, update_raw);
-    // Between two brokers: the raw floor is the update's, measured above in the same run.
-    line("migrate", broker_migrations(rounds), update_raw);
+    // Between two brokers: the raw floor is the update's, measured beside it in each round.
+    line("migrate", migrations.times, update_raw);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "save_bench: %s\n", e.what());
     rc = 1;
