@@ -127,6 +127,9 @@ awaitable<error_code> TlsChannel::fill(tcp::socket& s) {
     in_end_ -= in_pos_;
     in_pos_ = 0;
   }
+  // OpenSSL asks for more only once it has taken all there was, and a record is far smaller than
+  // the buffer; a full buffer here would make the read below return nothing for ever.
+  if (in_end_ == in_.size()) co_return asio::error::no_buffer_space;
   auto [ec, n] =
       co_await s.async_read_some(asio::buffer(in_.data() + in_end_, in_.size() - in_end_), kAwait);
   in_end_ += n;
