@@ -24,14 +24,17 @@
 // launch is taken apart once more per round with Launcher::start alone, a uid allocation, the
 // uid's sweep alone and a cgroup creation, so a miss can be traced to a step of broker/.
 //
-// Usage: firmware_bench [--rounds N] [--only SUBSTRING] [--verbose]   (root, test guest and boot
-// media, OVMF; build optimized)
+// Usage: firmware_bench [--rounds N] [--creates C] [--only SUBSTRING] [--verbose]   (root, test
+// guest and boot media, OVMF; build optimized. C: create pairs per round, 1 by default; the
+// guest boots to its prompt once per round whatever C is.)
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <boost/asio/io_context.hpp>
+#include <boost/json.hpp>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -40,9 +43,6 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
-
-#include <boost/asio/io_context.hpp>
-#include <boost/json.hpp>
 
 #include "broker/control/broker.hpp"
 #include "broker/core/log.hpp"
@@ -69,9 +69,13 @@ constexpr uid_t kBase = 3'270'000;
 constexpr auto kPromptTimeout = 300s;  // OVMF under TCG on a loaded machine: up to ~16 s seen
 
 // Failures throw, so main() still tears every QEMU down.
-[[noreturn]] void die(const std::string& what) { throw std::runtime_error(what); }
+[[noreturn]] void die(const std::string& what) {
+  throw std::runtime_error(what);
+}
 
-double ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
+double ms(Clock::duration d) {
+  return std::chrono::duration<double, std::milli>(d).count();
+}
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -271,8 +275,10 @@ RawPlan plan_raw(std::vector<std::string> argv, const Transcript& t,
       // The medium a running drive gets, given to the drive at start-up instead.
       const std::string id(c.args.at("id").as_string());
       const std::string file = "qb-" + id + "-file", fmt = "qb-" + id + "-fmt";
-      blockdevs.push_back(json::serialize(json::object{
-          {"driver", "file"}, {"node-name", file}, {"filename", c.args.at("filename")}, {"read-only", true}}));
+      blockdevs.push_back(json::serialize(json::object{{"driver", "file"},
+                                                       {"node-name", file},
+                                                       {"filename", c.args.at("filename")},
+                                                       {"read-only", true}}));
       blockdevs.push_back(json::serialize(json::object{
           {"driver", "raw"}, {"node-name", fmt}, {"file", file}, {"read-only", true}}));
       bool found = false;
@@ -318,7 +324,8 @@ pid_t spawn_raw(const RawPlan& plan, const std::vector<int>& sources, int log) {
   // Every fd lifted above the targets first, so placing one never overwrites another.
   const int keep_log = ::fcntl(log, F_DUPFD, top + 1);
   const int keep_null = ::fcntl(null_fd, F_DUPFD, top + 1);
-  for (std::size_t i = 0; i < sources.size(); ++i) lifted[i] = ::fcntl(sources[i], F_DUPFD, top + 1);
+  for (std::size_t i = 0; i < sources.size(); ++i)
+    lifted[i] = ::fcntl(sources[i], F_DUPFD, top + 1);
   for (std::size_t i = 0; i < sources.size(); ++i) {
     if (lifted[i] < 0 || ::dup2(lifted[i], targets[i]) < 0) ::_exit(126);
   }
@@ -333,7 +340,8 @@ pid_t spawn_raw(const RawPlan& plan, const std::vector<int>& sources, int log) {
 
 // The raw floor: from opening the files to QEMU running (and, with `console`, its console
 // connected before the cont).
-RawQemu raw_start(const RawPlan& plan, const std::string& dir, bool console, std::vector<pid_t>& live) {
+RawQemu raw_start(const RawPlan& plan, const std::string& dir, bool console,
+                  std::vector<pid_t>& live) {
   RawQemu q;
   const std::string qmp_path = dir + "/raw-qmp.sock", console_path = dir + "/raw-console.sock";
   q.exec = Clock::now();
@@ -388,8 +396,8 @@ void check_booted(qbtest::GuestConsole& con, const Shape& s, const char* who) {
   auto out = con.run("cat /proc/cmdline; [ -d /sys/firmware/efi ] && echo efi || echo bios", 30s);
   if (!out) die(std::string(who) + " " + s.label + ": the guest does not answer");
   const std::string want_boot = s.direct_kernel ? "" : s.cd ? "qb_boot=cd" : "qb_boot=disk";
-  const bool efi = out->text.find("efi") != std::string::npos &&
-                   out->text.find("bios") == std::string::npos;
+  const bool efi =
+      out->text.find("efi") != std::string::npos && out->text.find("bios") == std::string::npos;
   if (out->text.find(want_boot) == std::string::npos || efi != (s.firmware == Firmware::uefi)) {
     die(std::string(who) + " " + s.label + " booted the wrong way: " + out->text);
   }
@@ -647,7 +655,18 @@ void launch_anatomy(Env& env, Row& r) {
 }
 
 // One round of a shape. Whoever goes first alternates, so neither always runs on a warmer cache.
-void measure_round(Env& env, Owned& owned, Row& r, int round) {
+// `creates`: create pairs per round. Each create is destroyed as soon as it runs, so pairs after
+// the first cost about 0.1 s, and more of them steady the create medians at little cost.
+void measure_round(Env& env, Owned& owned, Row& r, int round, int creates) {
+  for (int k = 1; k < creates; ++k) {
+    if ((round + k) % 2 == 0) {
+      broker_create(env, r);
+      raw_create(env, owned, r);
+    } else {
+      raw_create(env, owned, r);
+      broker_create(env, r);
+    }
+  }
   if (round % 2 == 0) {
     broker_create(env, r);
     raw_create(env, owned, r);
@@ -679,7 +698,8 @@ void report_ratios(const std::vector<Row>& rows) {
   std::printf("\nranges over the rounds (ms, min-max): create broker | raw, prompt broker | raw\n");
   for (const auto& r : rows) {
     std::printf("  %-13s %s | %s, %s | %s\n", r.shape.label.c_str(), range(r.broker_create).c_str(),
-                range(r.raw_create).c_str(), range(r.broker_prompt).c_str(), range(r.raw_prompt).c_str());
+                range(r.raw_create).c_str(), range(r.broker_prompt).c_str(),
+                range(r.raw_prompt).c_str());
   }
 }
 
@@ -690,8 +710,8 @@ void report_phases(const std::vector<Row>& rows) {
   for (const auto& r : rows) {
     const auto& b = r.broker_phases;
     const auto& w = r.raw_phases;
-    std::printf("%-14s %-6s %8.1f %8.2f %6.1f/%-3zu %8.2f %8.2f %8.2f\n", r.shape.label.c_str(), "broker",
-                median(field(b, [](const Phases& p) { return p.launch; })),
+    std::printf("%-14s %-6s %8.1f %8.2f %6.1f/%-3zu %8.2f %8.2f %8.2f\n", r.shape.label.c_str(),
+                "broker", median(field(b, [](const Phases& p) { return p.launch; })),
                 median(field(b, [](const Phases& p) { return p.caps; })),
                 median(field(b, [](const Phases& p) { return p.plug; })), r.plug_commands,
                 median(field(b, [](const Phases& p) { return p.reset; })),
@@ -702,15 +722,17 @@ void report_phases(const std::vector<Row>& rows) {
                 median(field(w, [](const Phases& p) { return p.caps; })), "-", "-",
                 median(field(w, [](const Phases& p) { return p.cont; })), "-");
   }
-  std::printf("launch: create call (raw: open + fork) -> QMP greeting; plug: the devices' QMP "
-              "commands in prelaunch (ms/commands); reset: system_reset; cont: cont (raw: cont + "
-              "query-status); rest: cont's reply -> create returns (domain record, events)\n");
+  std::printf(
+      "launch: create call (raw: open + fork) -> QMP greeting; plug: the devices' QMP "
+      "commands in prelaunch (ms/commands); reset: system_reset; cont: cont (raw: cont + "
+      "query-status); rest: cont's reply -> create returns (domain record, events)\n");
 
-  std::printf("\nthe broker's launch alone (medians, ms): Launcher::start up to the exec, then the "
-              "QEMU it started up to its greeting; steps of start on their own: a uid allocated "
-              "(sweep + record), the sweep alone, a cgroup\n");
-  std::printf("%-14s %10s %16s %12s %8s %10s\n", "", "start", "exec->greeting", "uid+record", "sweep",
-              "cgroup");
+  std::printf(
+      "\nthe broker's launch alone (medians, ms): Launcher::start up to the exec, then the "
+      "QEMU it started up to its greeting; steps of start on their own: a uid allocated "
+      "(sweep + record), the sweep alone, a cgroup\n");
+  std::printf("%-14s %10s %16s %12s %8s %10s\n", "", "start", "exec->greeting", "uid+record",
+              "sweep", "cgroup");
   for (const auto& r : rows) {
     const auto& a = r.anatomy;
     std::printf("%-14s %10.2f %16.1f %12.2f %8.2f %10.2f\n", r.shape.label.c_str(),
@@ -789,27 +811,30 @@ void report_pool(const PoolRow& p, const std::vector<Row>& rows) {
     if (r.shape.label == "BIOS+disk") cold = &r;
   }
   const double hit = median(p.create), prompt = median(p.prompt);
-  std::printf("\npool hit, BIOS+disk (medians, ms): create -> running %.1f (%s), to prompt %.0f (%s)\n",
-              hit, range(p.create).c_str(), prompt, range(p.prompt).c_str());
+  std::printf(
+      "\npool hit, BIOS+disk (medians, ms): create -> running %.1f (%s), to prompt %.0f (%s)\n",
+      hit, range(p.create).c_str(), prompt, range(p.prompt).c_str());
   if (cold != nullptr) {
     const double raw = median(cold->raw_create), cold_create = median(cold->broker_create);
-    std::printf("  against the same run's raw spawn %.1f ms: %.3fx; against a cold create %.1f ms: "
-                "%.3fx (%.1fx faster)\n",
-                raw, hit / raw, cold_create, hit / cold_create, cold_create / hit);
+    std::printf(
+        "  against the same run's raw spawn %.1f ms: %.3fx; against a cold create %.1f ms: "
+        "%.3fx (%.1fx faster)\n",
+        raw, hit / raw, cold_create, hit / cold_create, cold_create / hit);
     std::printf("  to prompt against raw %.0f ms: %.2fx; against a cold create %.0f ms: %.2fx\n",
                 median(cold->raw_prompt), prompt / median(cold->raw_prompt),
                 median(cold->broker_prompt), prompt / median(cold->broker_prompt));
   }
   std::printf("  pool hit <= 20 ms: %s\n", hit <= 20 ? "met" : "NOT met");
   const auto& b = p.phases;
-  std::printf("  phases: launch (handover + QMP connect) %.2f, caps %.2f, plug %.2f, reset %.2f, "
-              "cont %.2f, rest %.2f\n",
-              median(field(b, [](const Phases& x) { return x.launch; })),
-              median(field(b, [](const Phases& x) { return x.caps; })),
-              median(field(b, [](const Phases& x) { return x.plug; })),
-              median(field(b, [](const Phases& x) { return x.reset; })),
-              median(field(b, [](const Phases& x) { return x.cont; })),
-              median(field(b, [](const Phases& x) { return x.rest; })));
+  std::printf(
+      "  phases: launch (handover + QMP connect) %.2f, caps %.2f, plug %.2f, reset %.2f, "
+      "cont %.2f, rest %.2f\n",
+      median(field(b, [](const Phases& x) { return x.launch; })),
+      median(field(b, [](const Phases& x) { return x.caps; })),
+      median(field(b, [](const Phases& x) { return x.plug; })),
+      median(field(b, [](const Phases& x) { return x.reset; })),
+      median(field(b, [](const Phases& x) { return x.cont; })),
+      median(field(b, [](const Phases& x) { return x.rest; })));
 }
 
 }  // namespace
@@ -818,10 +843,12 @@ int main(int argc, char** argv) {
   int rounds = 3;
   std::string only;  // measure only the shapes whose label contains this
   bool verbose = false;
+  int creates = 1;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--rounds" && i + 1 < argc) rounds = std::atoi(argv[++i]);
     if (a == "--only" && i + 1 < argc) only = argv[++i];
+    if (a == "--creates" && i + 1 < argc) creates = std::max(1, std::atoi(argv[++i]));
     if (a == "--verbose") verbose = true;
   }
   if (::geteuid() != 0) {
@@ -839,15 +866,17 @@ int main(int argc, char** argv) {
         {"UEFI+CD", "fwb-uefi-cd", false, Firmware::uefi, true},
         {"direct kernel", "fwb-kernel", true, Firmware::bios, false},
     };
-    std::printf("accel %s, %d rounds; broker records in %s\n",
-                std::string(to_string(env.launcher.detect_accel(broker::lifecycle::Accel::automatic))).c_str(),
-                rounds, env.broker_state.path.c_str());
+    std::printf(
+        "accel %s, %d rounds of %d create pairs and a boot; broker records in %s\n",
+        std::string(to_string(env.launcher.detect_accel(broker::lifecycle::Accel::automatic)))
+            .c_str(),
+        rounds, creates, env.broker_state.path.c_str());
     std::vector<Row> rows;
     for (const auto& s : shapes) {
       if (s.label.find(only) != std::string::npos) rows.push_back(warm_up(env, owned, s, verbose));
     }
     for (int round = 0; round < rounds; ++round) {
-      for (auto& r : rows) measure_round(env, owned, r, round);
+      for (auto& r : rows) measure_round(env, owned, r, round, creates);
     }
     report_ratios(rows);
     report_phases(rows);
