@@ -2,14 +2,12 @@
 // from the caller's thread and on a disk from the store's writer thread.
 #include "broker/domain/record_store.hpp"
 
-#include <boost/asio/co_spawn.hpp>
-#include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
 #include <catch2/catch.hpp>
 #include <filesystem>
-#include <optional>
 #include <string>
 
+#include "support/asio_run.hpp"
 #include "support/support.hpp"
 
 namespace asio = boost::asio;
@@ -27,19 +25,6 @@ struct DirUnder {
   ~DirUnder() { std::filesystem::remove_all(path); }
 };
 
-template <class T>
-T run(asio::io_context& io, asio::awaitable<T> a) {
-  std::optional<T> out;
-  asio::co_spawn(io, std::move(a), [&](std::exception_ptr e, T v) {
-    if (e) std::rethrow_exception(e);
-    out.emplace(std::move(v));
-  });
-  io.run();
-  io.restart();
-  REQUIRE(out);
-  return std::move(*out);
-}
-
 }  // namespace
 
 TEST_CASE("a record store writes, reloads and removes a record on a tmpfs and on a disk",
@@ -55,7 +40,7 @@ TEST_CASE("a record store writes, reloads and removes a record on a tmpfs and on
   spec.name = "rec1";
   spec.memory_mib = 96;
   broker::Domain d(spec);
-  REQUIRE(run(io, store.persist(d)));
+  REQUIRE(qbtest::run(io, store.persist(d)));
   CHECK(std::filesystem::exists(dir.path + "/domains/rec1.json"));
   auto loaded = store.load();
   REQUIRE(loaded.size() == 1);
@@ -68,7 +53,7 @@ TEST_CASE("a record store writes, reloads and removes a record on a tmpfs and on
     ++files;
   CHECK(files == 1);
 
-  REQUIRE(run(io, store.remove("rec1")));
+  REQUIRE(qbtest::run(io, store.remove("rec1")));
   CHECK_FALSE(std::filesystem::exists(dir.path + "/domains/rec1.json"));
   CHECK(store.load().empty());
 }
