@@ -17,16 +17,16 @@
 
 #include <algorithm>
 #include <atomic>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/io_context.hpp>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <boost/asio/co_spawn.hpp>
-#include <boost/asio/io_context.hpp>
 
 #include "broker/control/broker.hpp"
 #include "broker/core/log.hpp"
@@ -47,7 +47,9 @@ constexpr uid_t kBase = 3'192'000;
   std::exit(1);
 }
 
-double ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
+double ms(Clock::duration d) {
+  return std::chrono::duration<double, std::milli>(d).count();
+}
 
 double percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0;
@@ -57,23 +59,39 @@ double percentile(std::vector<double> v, double p) {
 }
 
 struct Batch {
-  double wall_ms = 0;               // first request to last domain running
-  std::vector<double> each_ms;      // each start, from the batch's start
-  double destroy_wall_ms = 0;       // all destroyed at once
+  double wall_ms = 0;           // first request to last domain running
+  std::vector<double> each_ms;  // each start, from the batch's start
+  double destroy_wall_ms = 0;   // all destroyed at once
 };
 
 // One raw QEMU: spawned, handshaken, running. Returns its pid, or -1.
-pid_t raw_start(const std::vector<std::string>& argv, const std::string& sock) {
+// The QEMU's pid once it runs; else -1 and `why`, with a QEMU that was spawned killed and reaped.
+pid_t raw_start(const std::vector<std::string>& argv, const std::string& sock, std::string& why) {
   auto listener = fdpass::listen_unix(sock, 0600, 0, 0);
-  if (!listener) return -1;
+  if (!listener) {
+    why = "listening on " + sock + ": " + listener.error().message();
+    return -1;
+  }
   const pid_t pid = qbtest::spawn_with_listener(argv, listener->get());
   listener->reset();
-  if (pid < 0) return -1;
+  if (pid < 0) {
+    why = std::string("fork: ") + std::strerror(errno);
+    return -1;
+  }
+  auto failed = [&](const char* step) {
+    why = step;
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, nullptr, 0);
+    return -1;
+  };
   auto qmp = qbtest::connect_retry(sock, 30s);
-  if (!qmp || !qbtest::qmp_handshake(qmp.get(), 30s)) return -1;
+  if (!qmp) return failed("no QMP connection within 30 s");
+  if (!qbtest::qmp_handshake(qmp.get(), 30s)) return failed("no QMP handshake within 30 s");
   auto cont = qbtest::qmp_command(qmp.get(), R"({"execute":"cont"})", 30s);
   auto status = qbtest::qmp_command(qmp.get(), R"({"execute":"query-status"})", 30s);
-  if (!cont || !status || status->find("\"running\"") == std::string::npos) return -1;
+  if (!cont || !status || status->find("\"running\"") == std::string::npos) {
+    return failed("cont did not make it run");
+  }
   return pid;
 }
 
@@ -81,18 +99,28 @@ Batch raw_batch(const std::vector<std::string>& argv, const std::string& dir, in
   Batch b;
   b.each_ms.resize(static_cast<std::size_t>(n));
   std::vector<pid_t> pids(static_cast<std::size_t>(n), -1);
+  std::vector<std::string> why(static_cast<std::size_t>(n));
   std::vector<std::thread> threads;
   const auto t0 = Clock::now();
   for (int i = 0; i < n; ++i) {
     threads.emplace_back([&, i] {
-      pids[static_cast<std::size_t>(i)] = raw_start(argv, dir + "/raw" + std::to_string(i) + ".sock");
-      b.each_ms[static_cast<std::size_t>(i)] = ms(Clock::now() - t0);
+      const auto at = static_cast<std::size_t>(i);
+      pids[at] = raw_start(argv, dir + "/raw" + std::to_string(i) + ".sock", why[at]);
+      b.each_ms[at] = ms(Clock::now() - t0);
     });
   }
   for (auto& t : threads) t.join();
   b.wall_ms = ms(Clock::now() - t0);
-  for (pid_t p : pids) {
-    if (p < 0) die("a raw QEMU did not start");
+  for (std::size_t i = 0; i < pids.size(); ++i) {
+    if (pids[i] >= 0) continue;
+    // The ones that did start go before the benchmark does.
+    for (pid_t p : pids) {
+      if (p > 0) ::kill(p, SIGKILL);
+    }
+    for (pid_t p : pids) {
+      if (p > 0) ::waitpid(p, nullptr, 0);
+    }
+    die("raw QEMU " + std::to_string(i) + " did not start: " + why[i]);
   }
   const auto t1 = Clock::now();
   for (pid_t p : pids) ::kill(p, SIGKILL);
@@ -167,7 +195,8 @@ Batch broker_batch(Env& env, int n) {
                    [&, i](std::exception_ptr e, broker::Result<broker::DomainInfo> r) {
                      if (e || !r) {
                        failed = true;
-                       if (r.has_error()) std::fprintf(stderr, "create: %s\n", r.error().describe().c_str());
+                       if (r.has_error())
+                         std::fprintf(stderr, "create: %s\n", r.error().describe().c_str());
                      }
                      b.each_ms[static_cast<std::size_t>(i)] = ms(Clock::now() - t0);
                      ++done;
@@ -200,12 +229,17 @@ int main(int argc, char** argv) {
   int rounds = 3;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
-    if (a == "--domains") domains = std::atoi(argv[i + 1]);
-    else if (a == "--parallel") parallel = static_cast<std::size_t>(std::atoi(argv[i + 1]));
-    else if (a == "--rounds") rounds = std::atoi(argv[i + 1]);
-    else die("unknown argument " + a);
+    if (a == "--domains")
+      domains = std::atoi(argv[i + 1]);
+    else if (a == "--parallel")
+      parallel = static_cast<std::size_t>(std::atoi(argv[i + 1]));
+    else if (a == "--rounds")
+      rounds = std::atoi(argv[i + 1]);
+    else
+      die("unknown argument " + a);
   }
-  if (domains < 1 || rounds < 1 || parallel < 1) die("--domains, --parallel and --rounds must be positive");
+  if (domains < 1 || rounds < 1 || parallel < 1)
+    die("--domains, --parallel and --rounds must be positive");
   broker::log::set_level(broker::log::Level::warn);
   qbtest::become_subreaper();
   char tmpl[] = "/tmp/qbpar.XXXXXX";
@@ -215,7 +249,8 @@ int main(int argc, char** argv) {
     const auto accel = env.launcher.detect_accel(broker::lifecycle::Accel::automatic);
     const auto jailed = env.launcher.command_line(spec("raw"), accel, nullptr, {});
 
-    std::vector<double> raw_tput, broker_tput, raw_p50, raw_p99, broker_p50, broker_p99, raw_d, broker_d;
+    std::vector<double> raw_tput, broker_tput, raw_p50, raw_p99, broker_p50, broker_p99, raw_d,
+        broker_d;
     for (int r = 0; r < rounds; ++r) {
       auto raw = raw_batch(jailed, dir, domains);
       auto brk = broker_batch(env, domains);
@@ -229,10 +264,13 @@ int main(int argc, char** argv) {
       broker_d.push_back(brk.destroy_wall_ms);
     }
     auto med = [](std::vector<double> v) { return percentile(std::move(v), 0.5); };
-    std::printf("parallel benchmark: %d domains at once, lifecycle pool %zu, accel %s, %d rounds (medians)\n",
-                domains, parallel, std::string(broker::lifecycle::to_string(accel)).c_str(), rounds);
-    std::printf("  start throughput  raw %7.1f /s   broker %7.1f /s   ratio %.2f (target >= 0.80)\n",
-                med(raw_tput), med(broker_tput), med(broker_tput) / med(raw_tput));
+    std::printf(
+        "parallel benchmark: %d domains at once, lifecycle pool %zu, accel %s, %d rounds "
+        "(medians)\n",
+        domains, parallel, std::string(broker::lifecycle::to_string(accel)).c_str(), rounds);
+    std::printf(
+        "  start throughput  raw %7.1f /s   broker %7.1f /s   ratio %.2f (target >= 0.80)\n",
+        med(raw_tput), med(broker_tput), med(broker_tput) / med(raw_tput));
     std::printf("  start p50         raw %7.1f ms   broker %7.1f ms   ratio %.2f\n", med(raw_p50),
                 med(broker_p50), med(broker_p50) / med(raw_p50));
     std::printf("  start p99         raw %7.1f ms   broker %7.1f ms   ratio %.2f\n", med(raw_p99),
