@@ -704,6 +704,23 @@ std::vector<std::string> plus(std::vector<std::string> a, const std::vector<std:
   return a;
 }
 
+// Where a destination broker listens between hosts: a free loopback port, as --migration-listen
+// takes it and as a source's `to` names it.
+struct Listen {
+  std::string address = "127.0.0.1:" + std::to_string(free_port());
+  std::string to = "tcp://" + address;
+  // A destination broker's arguments: `args`, then --migration-listen.
+  std::vector<std::string> destination(std::vector<std::string> args) const {
+    return plus(std::move(args), {"--migration-listen", address});
+  }
+};
+
+// One site's certificates, which both brokers present.
+struct Site {
+  qbtest::TempDir pki;
+  Certs certs{pki, "site"};
+};
+
 }  // namespace
 
 TEST_CASE(
@@ -711,12 +728,10 @@ TEST_CASE(
     "both ends",
     "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
-  qbtest::TempDir pki;
-  Certs certs(pki, "site");
-  const int port = free_port();
-  const std::string to = "tcp://127.0.0.1:" + std::to_string(port);
-  Pair p(kTlsBase, "tls", certs.args(),
-         plus(certs.args(), {"--migration-listen", "127.0.0.1:" + std::to_string(port)}));
+  Site site;
+  const Listen at;
+  const std::string& to = at.to;
+  Pair p(kTlsBase, "tls", site.certs.args(), at.destination(site.certs.args()));
   auto& con = *p.guest.console;
   run_in(con,
          "echo QB-WRITTEN-AT-SOURCE | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
@@ -729,16 +744,15 @@ TEST_CASE(
 TEST_CASE("a broker on another host refuses a source whose certificate its CA did not sign",
           "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
-  qbtest::TempDir pki;
-  Certs site(pki, "site");
-  Certs rogue(pki, "rogue");
-  const int port = free_port();
-  const std::string to = "tcp://127.0.0.1:" + std::to_string(port);
+  Site sites;
+  const Certs& site = sites.certs;
+  Certs rogue(sites.pki, "rogue");
+  const Listen at;
   // The source trusts the destination's CA, but its own certificate is of another.
   Pair p(kRogueBase, "rog",
          {"--migration-cert", rogue.cert, "--migration-key", rogue.key, "--migration-ca", site.ca},
-         plus(site.args(), {"--migration-listen", "127.0.0.1:" + std::to_string(port)}));
-  auto refused = migrate(*p.source, p.name, to);
+         at.destination(site.args()));
+  auto refused = migrate(*p.source, p.name, at.to);
   INFO(refused.body);
   CHECK(refused.status >= 400);
   CHECK(refused.json.at("error").at("field").as_string() == "to");
@@ -749,10 +763,9 @@ TEST_CASE("a broker on another host refuses a source whose certificate its CA di
   CHECK(slurp(p.destination->dir / "log").find("certificate") != std::string::npos);
 
   // A destination whose certificate the source's CA did not sign is refused by the source.
-  const std::string other_port = std::to_string(free_port());
-  Broker other(kRogueBase + 20, p.images,
-               plus(rogue.args(), {"--migration-listen", "127.0.0.1:" + other_port}));
-  auto unverified = migrate(*p.source, p.name, "tcp://127.0.0.1:" + other_port);
+  const Listen other_at;
+  Broker other(kRogueBase + 20, p.images, other_at.destination(rogue.args()));
+  auto unverified = migrate(*p.source, p.name, other_at.to);
   INFO(unverified.body);
   CHECK(unverified.status >= 400);
   CHECK(unverified.json.at("error").at("field").as_string() == "to");
@@ -767,10 +780,9 @@ TEST_CASE(
     "brokers relay the stream with splice",
     "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
-  const int port = free_port();
-  const std::string to = "tcp://127.0.0.1:" + std::to_string(port);
-  Pair p(kPlainBase, "pln", {"--insecure-migration"},
-         {"--insecure-migration", "--migration-listen", "127.0.0.1:" + std::to_string(port)});
+  const Listen at;
+  const std::string& to = at.to;
+  Pair p(kPlainBase, "pln", {"--insecure-migration"}, at.destination({"--insecure-migration"}));
   auto& con = *p.guest.console;
   run_in(con,
          "echo QB-WRITTEN-AT-SOURCE | dd of=/dev/vda bs=512 seek=8 conv=notrunc,fsync 2>/dev/null");
@@ -785,12 +797,10 @@ TEST_CASE(
     "running at the source",
     "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
-  qbtest::TempDir pki;
-  Certs certs(pki, "site");
-  const int port = free_port();
-  Pair p(kTlsDyingBase, "tdie", certs.args(),
-         plus(certs.args(), {"--migration-listen", "127.0.0.1:" + std::to_string(port)}));
-  migrate_while_destination_dies(p, "tcp://127.0.0.1:" + std::to_string(port));
+  Site site;
+  const Listen at;
+  Pair p(kTlsDyingBase, "tdie", site.certs.args(), at.destination(site.certs.args()));
+  migrate_while_destination_dies(p, at.to);
 }
 
 TEST_CASE(
@@ -798,26 +808,23 @@ TEST_CASE(
     "writes to it",
     "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
-  qbtest::TempDir pki;
-  Certs certs(pki, "site");
-  const int port = free_port();
-  const std::string to = "tcp://127.0.0.1:" + std::to_string(port);
-  const std::string listen = "127.0.0.1:" + std::to_string(port);
+  Site site;
+  const Listen at;
   std::unique_ptr<Pair> pair;
   std::string over;
   SECTION("over TLS") {
-    pair = std::make_unique<Pair>(kCopyTlsBase, "cpt", certs.args(),
-                                  plus(certs.args(), {"--migration-listen", listen}));
+    pair = std::make_unique<Pair>(kCopyTlsBase, "cpt", site.certs.args(),
+                                  at.destination(site.certs.args()));
     over = "over TLS";
   }
   SECTION("over plain TCP") {
-    pair = std::make_unique<Pair>(
-        kCopyPlainBase, "cpp", std::vector<std::string>{"--insecure-migration"},
-        std::vector<std::string>{"--insecure-migration", "--migration-listen", listen});
+    pair = std::make_unique<Pair>(kCopyPlainBase, "cpp",
+                                  std::vector<std::string>{"--insecure-migration"},
+                                  at.destination({"--insecure-migration"}));
     over = "over plain TCP";
   }
   Pair& p = *pair;
-  migrate_while_writing(p, to);
+  migrate_while_writing(p, at.to);
   CHECK(slurp(p.destination->dir / "log").find(over) != std::string::npos);
 }
 
@@ -838,9 +845,8 @@ TEST_CASE(
     "and the guest runs only there",
     "[api][migrate][privileged][qemu]") {
   QB_REQUIRE_ROOT();
-  qbtest::TempDir pki;
-  Certs certs(pki, "site");
-  const int port = free_port();
+  Site site;
+  const Listen at;
   std::unique_ptr<Pair> pair;
   std::string to;
   // The destination broker stops before it can say that the guest runs there, and the source
@@ -856,10 +862,9 @@ TEST_CASE(
   }
   SECTION("between hosts") {
     relayed = true;
-    const std::string listen = "127.0.0.1:" + std::to_string(port);
-    pair = std::make_unique<Pair>(kWentTlsBase, "wnh", certs.args(),
-                                  plus(certs.args(), {"--migration-listen", listen}));
-    to = "tcp://" + listen;
+    pair = std::make_unique<Pair>(kWentTlsBase, "wnh", site.certs.args(),
+                                  at.destination(site.certs.args()));
+    to = at.to;
   }
   Pair& p = *pair;
   std::thread asker([&] {
