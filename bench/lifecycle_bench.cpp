@@ -62,12 +62,15 @@ struct RawResult {
 
 RawResult raw_round(const std::vector<std::string>& argv, const std::string& dir) {
   std::string sock = dir + "/raw-qmp.sock";
+  std::string console_sock = dir + "/raw-console.sock";
   auto listener = fdpass::listen_unix(sock, 0600, 0, 0);
-  if (!listener) std::abort();
+  auto console = fdpass::listen_unix(console_sock, 0600, 0, 0);
+  if (!listener || !console) std::abort();
   auto t0 = Clock::now();
-  // fd 3: the QMP listener, as in the jail.
-  pid_t pid = qbtest::spawn_with_listener(argv, listener->get());
+  // fds 3 and 4: the QMP and console listeners, as in the jail.
+  pid_t pid = qbtest::spawn_with_listeners(argv, listener->get(), console->get());
   listener->reset();
+  console->reset();
   if (pid < 0) std::abort();
   auto qmp = qbtest::connect_retry(sock, 10s);
   if (!qmp || !qbtest::qmp_handshake(qmp.get(), 10s) || !running(qmp.get())) std::abort();
@@ -76,6 +79,7 @@ RawResult raw_round(const std::vector<std::string>& argv, const std::string& dir
   ::waitpid(pid, nullptr, 0);
   auto t2 = Clock::now();
   ::unlink(sock.c_str());
+  ::unlink(console_sock.c_str());
   return {ms(t1 - t0), ms(t2 - t1)};
 }
 

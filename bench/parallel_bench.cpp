@@ -68,12 +68,15 @@ struct Batch {
 // The QEMU's pid once it runs; else -1 and `why`, with a QEMU that was spawned killed and reaped.
 pid_t raw_start(const std::vector<std::string>& argv, const std::string& sock, std::string& why) {
   auto listener = fdpass::listen_unix(sock, 0600, 0, 0);
-  if (!listener) {
-    why = "listening on " + sock + ": " + listener.error().message();
+  auto console = fdpass::listen_unix(sock + ".console", 0600, 0, 0);
+  if (!listener || !console) {
+    why = "listening on " + sock + "(.console): " +
+          (listener ? console.error() : listener.error()).message();
     return -1;
   }
-  const pid_t pid = qbtest::spawn_with_listener(argv, listener->get());
+  const pid_t pid = qbtest::spawn_with_listeners(argv, listener->get(), console->get());
   listener->reset();
+  console->reset();
   if (pid < 0) {
     why = std::string("fork: ") + std::strerror(errno);
     return -1;
@@ -126,7 +129,11 @@ Batch raw_batch(const std::vector<std::string>& argv, const std::string& dir, in
   for (pid_t p : pids) ::kill(p, SIGKILL);
   for (pid_t p : pids) ::waitpid(p, nullptr, 0);
   b.destroy_wall_ms = ms(Clock::now() - t1);
-  for (int i = 0; i < n; ++i) ::unlink((dir + "/raw" + std::to_string(i) + ".sock").c_str());
+  for (int i = 0; i < n; ++i) {
+    const std::string sock = dir + "/raw" + std::to_string(i) + ".sock";
+    ::unlink(sock.c_str());
+    ::unlink((sock + ".console").c_str());
+  }
   return b;
 }
 

@@ -117,13 +117,20 @@ std::optional<std::string> qmp_command(int fd, const std::string& json,
   }
 }
 
-pid_t spawn_with_listener(const std::vector<std::string>& argv, int listener) {
+pid_t spawn_with_listeners(const std::vector<std::string>& argv, int qmp, int console) {
   std::vector<char*> args;
   for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
   const pid_t pid = ::fork();
   if (pid != 0) return pid;
-  ::dup2(listener, 3);
+  // Both lifted above 4 first, so that placing one never overwrites the other; dup2 onto 3 and
+  // 4 clears close-on-exec there. Whatever else fd 4 was in this process (parallel_bench's
+  // threads open and close fds all the time) QEMU must not take for its console.
+  const int q = ::fcntl(qmp, F_DUPFD, 5);
+  const int c = ::fcntl(console, F_DUPFD, 5);
+  if (q < 0 || c < 0 || ::dup2(q, 3) != 3 || ::dup2(c, 4) != 4) ::_exit(126);
+  ::close(q);
+  ::close(c);
   const int null = ::open("/dev/null", O_RDWR);
   ::dup2(null, 1);
   ::dup2(null, 2);
