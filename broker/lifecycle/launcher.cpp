@@ -254,6 +254,17 @@ Result<Endpoints> open_endpoints(const Instance& inst) {
   if (!qmp) return make_error(qmp.error(), "QMP listener " + inst.qmp_path);
   auto console = fdpass::listen_unix(inst.console_path, 0600, 0, 0, 4);
   if (!console) return make_error(console.error(), "console listener " + inst.console_path);
+  // Non-blocking, as QEMU needs them. QEMU 7.2 moves the QMP chardev into its monitor thread
+  // while the main loop may already watch the listener: both can wake for one connection, and
+  // the one that loses the accept blocks in it when the listener blocks. When that is the main
+  // thread, QMP greets but never answers qmp_capabilities. parallel_bench hit it about once in
+  // 750 starts, raw QEMUs and jailed ones alike; with O_NONBLOCK the loser gets EAGAIN.
+  for (int fd : {qmp->get(), console->get()}) {
+    const int flags = ::fcntl(fd, F_GETFL);
+    if (flags < 0 || ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0) {
+      return make_error(errno_code(), "making the QMP and console listeners non-blocking");
+    }
+  }
   // The log file of an earlier QEMU of the name starts over; the broker appends to it.
   fdpass::UniqueFd file(::open(inst.log_path.c_str(),
                                O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600));

@@ -386,6 +386,19 @@ TEST_CASE("a started domain runs jailed: uid, groups, seccomp, namespaces, root,
     CHECK(link(dir + "/3").rfind("socket:", 0) == 0);  // QMP listener
     CHECK(link(dir + "/4").rfind("socket:", 0) == 0);  // console listener
     CHECK(sockets >= 3);                                // + the accepted QMP connection
+    // Both listeners non-blocking (launcher.cpp, open_endpoints): a QEMU thread that loses an
+    // accept to another one gets EAGAIN instead of blocking in it.
+    for (const char* fd : {"3", "4"}) {
+      INFO("fd " << fd);
+      std::ifstream info("/proc/" + std::to_string(pid) + "/fdinfo/" + fd);
+      std::string key;
+      unsigned long flags = 0;
+      while (info >> key && key != "flags:") {
+      }
+      info >> std::oct >> flags;
+      CHECK(key == "flags:");
+      CHECK((flags & O_NONBLOCK) != 0);
+    }
   }
   SECTION("no host path on the command line") {
     for (const auto& word : inst->argv) {

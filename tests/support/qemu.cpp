@@ -118,6 +118,8 @@ std::optional<std::string> qmp_command(int fd, const std::string& json,
 }
 
 pid_t spawn_with_listeners(const std::vector<std::string>& argv, int qmp, int console) {
+  // Non-blocking, as the launcher hands them over (see open_endpoints in launcher.cpp).
+  for (int fd : {qmp, console}) ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
   std::vector<char*> args;
   for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
