@@ -70,7 +70,7 @@ pid_t raw_start(const std::vector<std::string>& argv, const std::string& sock, s
   auto listener = fdpass::listen_unix(sock, 0600, 0, 0);
   auto console = fdpass::listen_unix(sock + ".console", 0600, 0, 0);
   if (!listener || !console) {
-    why = "listening on " + sock + "(.console): " +
+    why = "listening on " + sock + " or its .console: " +
           (listener ? console.error() : listener.error()).message();
     return -1;
   }

@@ -48,13 +48,13 @@ bool qmp_handshake(int fd, std::chrono::milliseconds timeout);
 std::optional<std::string> qmp_command(int fd, const std::string& json,
                                        std::chrono::milliseconds timeout);
 
-// Makes the calling process a child subreaper and reaps every exited child without blocking.
 // Forks and execs `argv` unjailed, as the benchmarks' raw floor does, with the fds the launcher's
 // command line names: `qmp` becomes fd 3 (QEMU's QMP chardev) and `console` fd 4 (its serial
 // console chardev), both made non-blocking as the launcher makes them; stdout and stderr go to
 // /dev/null. Returns the pid (-1 when fork fails).
 pid_t spawn_with_listeners(const std::vector<std::string>& argv, int qmp, int console);
 
+// Makes the calling process a child subreaper, and reaps every exited child without blocking.
 void become_subreaper();
 int reap_exited_children();
 
