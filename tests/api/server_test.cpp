@@ -712,7 +712,10 @@ TEST_CASE("events to an HTTP/1.0 client are sent without chunking, ended by the 
 TEST_CASE("a consumer that stops reading is sent a last dropped frame, then closed",
           "[api][server][events]") {
   auto limits = qbtest::ApiFixture::test_limits();  // write_timeout 1 s
-  limits.event_queue = 8;
+  // Room for 16 batches between two turns of the writer. With 8, on a loaded 2-core host two
+  // batches sometimes ran before the writer had a turn, and the stream ended on a full queue (a
+  // "dropped" frame without a reason) before it could stall.
+  limits.event_queue = 64;
   qbtest::ApiFixture fx(kStalled, limits);
   http::EventReader stalled(fx.socket, "/v1/events");
   REQUIRE(stalled.ok());
