@@ -272,8 +272,9 @@ const std::vector<Option>& options() {
       {"pool", Kind::list, "SHAPE",
        "keep QEMUs of a shape spawned ahead, for creates of that shape that boot through "
        "firmware with a boot order: KEY=VALUE pairs, comma-separated, of machine (q35), "
-       "memory_mib, vcpus, firmware (bios), pci_slots and count, e.g. memory_mib=256,count=2 "
-       "(repeatable; docs/pool.md)",
+       "memory_mib, vcpus, firmware (bios), pci_slots, count and for (create, or restore: "
+       "they wait with -incoming defer for restores of that shape), e.g. "
+       "memory_mib=256,count=2 (repeatable; docs/pool.md)",
        add_pool_shape},
       {"migration-listen", Kind::value, "ADDRESS:PORT",
        "take live migrations from brokers on other hosts here ([IPV6]:PORT; *:PORT for every "

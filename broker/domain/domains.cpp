@@ -84,9 +84,9 @@ awaitable<Result<void>> Domains::launch(std::shared_ptr<Domain> d, ColdPlan* pla
   co_return Result<void>{};
 }
 
-awaitable<Result<bool>> Domains::launch_pooled(std::shared_ptr<Domain> d) {
+awaitable<Result<bool>> Domains::launch_pooled(std::shared_ptr<Domain> d, PoolUse use) {
   if (!pool_->enabled()) co_return false;
-  auto inst = pool_->take(d->spec());
+  auto inst = pool_->take(d->spec(), use);
   if (!inst) co_return false;
   inst->trace.begin();
   lifecycle::Instance* raw = &*inst;

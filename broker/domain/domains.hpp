@@ -76,10 +76,12 @@ class Domains {
   // name is free again.
   boost::asio::awaitable<Result<void>> launch(std::shared_ptr<Domain> d, ColdPlan* plan = nullptr,
                                               std::vector<std::string> extra_args = {});
-  // Gives the domain a QEMU from the warm pool when one of its shape is ready, renamed for it,
-  // and writes its record: true. False when the pool has none (the caller launches); an error
-  // when the handover or the record failed, after which the QEMU is gone and the name free.
-  boost::asio::awaitable<Result<bool>> launch_pooled(std::shared_ptr<Domain> d);
+  // Gives the domain a QEMU from the warm pool when one of its shape (kept for `use`) is ready,
+  // renamed for it, and writes its record: true. False when the pool has none (the caller
+  // launches); an error when the handover or the record failed, after which the QEMU is gone and
+  // the name free.
+  boost::asio::awaitable<Result<bool>> launch_pooled(std::shared_ptr<Domain> d,
+                                                     PoolUse use = PoolUse::create);
   // For a live update: spawns a second QEMU for `next`, a domain of the same name that is not in
   // the table (yet), with `extra_args`; neither the table nor the record changes. Its uid is
   // recorded as always, so a broker that dies before replace() reclaims it as an orphan.

@@ -112,6 +112,12 @@ Result<PoolShape> parse_pool_shape(std::string_view text) {
                           "own from the spawn on");
       }
       if (value != "bios") return pool_error("firmware must be bios, got '" + std::string(value) + "'");
+    } else if (key == "for") {
+      if (value == "restore") {
+        shape.use = PoolUse::restore;
+      } else if (value != "create") {
+        return pool_error("for must be create or restore, got '" + std::string(value) + "'");
+      }
     } else if (key == "count") {
       auto n = number(key, value, 1, 64);
       if (!n) return n.error();
@@ -119,7 +125,7 @@ Result<PoolShape> parse_pool_shape(std::string_view text) {
       seen_count = true;
     } else {
       return pool_error("unknown key '" + std::string(key) +
-                        "' (machine, memory_mib, vcpus, firmware, pci_slots, count)");
+                        "' (machine, memory_mib, vcpus, firmware, pci_slots, count, for)");
     }
   }
   if (!seen_count) return pool_error("count is needed: how many QEMUs of the shape to keep");
@@ -129,15 +135,20 @@ Result<PoolShape> parse_pool_shape(std::string_view text) {
   return shape;
 }
 
+std::string_view to_string(PoolUse use) { return use == PoolUse::restore ? "restore" : "create"; }
+
 std::string to_string(const PoolShape& s) {
-  return "machine=" + std::string(lifecycle::to_string(s.machine)) +
-         ",memory_mib=" + std::to_string(s.memory_mib) + ",vcpus=" + std::to_string(s.vcpus) +
-         ",firmware=" + std::string(lifecycle::to_string(s.firmware)) +
-         ",pci_slots=" + std::to_string(s.pci_slots) + ",count=" + std::to_string(s.count);
+  std::string out = "machine=" + std::string(lifecycle::to_string(s.machine)) +
+                    ",memory_mib=" + std::to_string(s.memory_mib) +
+                    ",vcpus=" + std::to_string(s.vcpus) +
+                    ",firmware=" + std::string(lifecycle::to_string(s.firmware)) +
+                    ",pci_slots=" + std::to_string(s.pci_slots) + ",count=" + std::to_string(s.count);
+  if (s.use == PoolUse::restore) out += ",for=restore";
+  return out;
 }
 
-bool matches(const PoolShape& shape, const lifecycle::DomainSpec& spec) {
-  return spec.machine == shape.machine && spec.memory_mib == shape.memory_mib &&
+bool matches(const PoolShape& shape, const lifecycle::DomainSpec& spec, PoolUse use) {
+  return shape.use == use && spec.machine == shape.machine && spec.memory_mib == shape.memory_mib &&
          spec.vcpus == shape.vcpus && spec.firmware == shape.firmware &&
          spec.pci_slots == shape.pci_slots && spec.accel == lifecycle::Accel::automatic &&
          spec.kernel.empty() && spec.initrd.empty() && spec.append.empty() &&
@@ -170,10 +181,11 @@ void WarmPool::start() {
 
 void WarmPool::wake() { wake_.cancel(); }
 
-std::optional<lifecycle::Instance> WarmPool::take(const lifecycle::DomainSpec& spec) {
+std::optional<lifecycle::Instance> WarmPool::take(const lifecycle::DomainSpec& spec,
+                                                  PoolUse use) {
   bool shaped = false;
   for (auto it = entries_.begin(); it != entries_.end();) {
-    if (!matches(shapes_[it->shape], spec)) {
+    if (!matches(shapes_[it->shape], spec, use)) {
       ++it;
       continue;
     }
@@ -189,7 +201,7 @@ std::optional<lifecycle::Instance> WarmPool::take(const lifecycle::DomainSpec& s
     return inst;
   }
   if (shaped || std::any_of(shapes_.begin(), shapes_.end(),
-                            [&spec](const PoolShape& s) { return matches(s, spec); })) {
+                            [&spec, use](const PoolShape& s) { return matches(s, spec, use); })) {
     ++misses_;
   }
   wake();
@@ -256,8 +268,10 @@ awaitable<void> WarmPool::refill() {
       auto& launcher = domains_.launcher();
       const lifecycle::DomainSpec* s = &spec;
       const std::string* n = &name;
-      auto inst = co_await run_blocking(ex_, domains_.lifecycle_pool(),
-                                        [&launcher, s, n] { return launcher.start_pooled(*s, *n); });
+      const bool incoming = shapes_[*shape].use == PoolUse::restore;
+      auto inst = co_await run_blocking(ex_, domains_.lifecycle_pool(), [&launcher, s, n, incoming] {
+        return launcher.start_pooled(*s, *n, incoming);
+      });
       if (inst && !stopping_) {
         inst->pooled = true;
         entries_.push_back(Entry{*shape, std::move(*inst), std::chrono::system_clock::now()});
@@ -319,6 +333,7 @@ json::object WarmPool::to_json() const {
                                   {"firmware", lifecycle::to_string(s.firmware)},
                                   {"pci_slots", s.pci_slots},
                                   {"count", s.count},
+                                  {"for", to_string(s.use)},
                                   {"ready", std::move(ready)}});
   }
   json::object o{{"shapes", std::move(shapes)},

@@ -1,7 +1,9 @@
 // The warm pool (docs/pool.md): jailed QEMUs of configured shapes, spawned paused (-S) with no
 // devices, each under its own uid, before any create asks for them. A create whose spec matches
 // a shape and boots through firmware takes one instead of spawning; its devices are then plugged
-// over QMP and a system_reset gives the firmware their boot order.
+// over QMP and a system_reset gives the firmware their boot order. A shape kept for restores
+// (for=restore) is spawned with -incoming defer as well: a restore of a saved domain of that
+// shape takes one, plugs the devices and feeds it the saved state.
 //
 // Crash consistency: a pooled QEMU has a uid record (owner "_pool-N") and no domain record, so a
 // broker that dies with entries in the pool has them killed by uid and their files removed by
@@ -38,7 +40,13 @@ struct RefillState {
   WarmPool* pool = nullptr;
 };
 
-// One shape: "machine=q35,memory_mib=128,vcpus=1,firmware=bios,count=2" (--pool).
+// What a shape's QEMUs are kept for: creates, or restores (spawned with -incoming defer, which
+// only a migration stream can take out of its incoming state).
+enum class PoolUse { create, restore };
+std::string_view to_string(PoolUse use);
+
+// One shape: "machine=q35,memory_mib=128,vcpus=1,firmware=bios,count=2" (--pool), with
+// ",for=restore" for a shape kept for restores.
 struct PoolShape {
   lifecycle::Machine machine = lifecycle::Machine::q35;
   std::uint32_t memory_mib = 128;
@@ -46,6 +54,7 @@ struct PoolShape {
   lifecycle::Firmware firmware = lifecycle::Firmware::bios;
   std::uint32_t pci_slots = 4;
   std::uint32_t count = 1;
+  PoolUse use = PoolUse::create;
   bool operator==(const PoolShape&) const = default;
 };
 
@@ -53,10 +62,13 @@ struct PoolShape {
 Result<PoolShape> parse_pool_shape(std::string_view text);
 // The shape as parse_pool_shape reads it.
 std::string to_string(const PoolShape& shape);
-// True when a create of `spec` may take a QEMU of `shape`: same machine, memory, vcpus, firmware
-// and PCIe slots, booted through firmware with a boot order (pooled QEMUs boot strictly from the
-// devices a create names), no kernel, no own variable store, no Xen.
-bool matches(const PoolShape& shape, const lifecycle::DomainSpec& spec);
+// True when a create (or, with PoolUse::restore, a restore) of `spec` may take a QEMU of `shape`:
+// kept for that use, same machine, memory, vcpus, firmware and PCIe slots, booted through
+// firmware with a boot order (pooled QEMUs boot strictly from the devices a create names), no
+// kernel, no own variable store, no Xen. A restored guest of a direct kernel boot needs its kernel
+// again when it reboots, so it is never pooled either.
+bool matches(const PoolShape& shape, const lifecycle::DomainSpec& spec,
+             PoolUse use = PoolUse::create);
 
 class WarmPool {
  public:
@@ -68,9 +80,10 @@ class WarmPool {
   // Starts filling in the background. Call once the broker has recovered: the pool's uids must
   // not race the reclaim of an earlier broker's.
   void start();
-  // A ready QEMU for `spec`, or nullopt when no shape matches or none of it is ready. A QEMU
-  // found dead is discarded on the way. The refill is woken either way.
-  std::optional<lifecycle::Instance> take(const lifecycle::DomainSpec& spec);
+  // A ready QEMU for a create (or restore) of `spec`, or nullopt when no shape matches or none
+  // of it is ready. A QEMU found dead is discarded on the way. The refill is woken either way.
+  std::optional<lifecycle::Instance> take(const lifecycle::DomainSpec& spec,
+                                          PoolUse use = PoolUse::create);
   // Creates in flight hold the refill back: it spawns only when no create runs. A create holds
   // a RefillHold for its whole run; it may outlive the pool (a coroutine frame destroyed with
   // its io_context), and then only the count it shares with the pool goes.

@@ -2,7 +2,8 @@
 //
 //   open the file beneath the save root -> preamble, header, trailer checked -> every disk and
 //   medium reopened as hotplug opens it, refused when gone or no longer the same object ->
-//   reserve the name -> spawn (new uid) with -S -incoming defer -> QMP -> re-plug the devices on
+//   reserve the name -> spawn (new uid) with -S -incoming defer, or take a QEMU the warm pool
+//   spawned so for the domain's shape -> QMP -> re-plug the devices on
 //   the ports they had -> identities checked again on what QEMU was given -> pipe -> getfd (read
 //   end) -> migrate-incoming fd:qb-migrate -> copy thread file -> pipe -> follow -> checksum ->
 //   cont unless paused.
@@ -288,8 +289,15 @@ awaitable<Result<std::shared_ptr<Domain>>> restore(Context& ctx, Domains& domain
   const std::string name = d->name();
   auto job = d->begin_job("restore", {}, {{"path", request.path}});
   ctx.events.publish(name, "domain", "starting", {{"restoring", request.path}});
-  std::vector<std::string> incoming{"-incoming", "defer"};
-  if (auto ok = co_await domains.launch(d, nullptr, incoming); !ok) co_return ok.error();
+  // A QEMU of the domain's shape that the pool spawned with -incoming defer saves the spawn; the
+  // refill waits meanwhile, as it does for a create.
+  auto refill_held = domains.pool().hold_refill();
+  auto pooled = co_await domains.launch_pooled(d, PoolUse::restore);
+  if (!pooled) co_return pooled.error();
+  if (!*pooled) {
+    std::vector<std::string> incoming{"-incoming", "defer"};
+    if (auto ok = co_await domains.launch(d, nullptr, incoming); !ok) co_return ok.error();
+  }
   if (auto ok = co_await bring_up(ctx, domains, d, *saved, request, cancel); !ok) {
     co_await domains.teardown(d, false);
     ctx.events.publish(name, "domain", "failed", {{"error", ok.error().describe()}});
@@ -303,7 +311,10 @@ awaitable<Result<std::shared_ptr<Domain>>> restore(Context& ctx, Domains& domain
   }
   ctx.events.publish(
       name, "domain", "restored",
-      {{"uid", d->instance().uid}, {"pid", d->instance().pid}, {"from", request.path}});
+      {{"uid", d->instance().uid},
+       {"pid", d->instance().pid},
+       {"from", request.path},
+       {"pooled", d->instance().pooled}});
   co_return d;
 }
 

@@ -372,10 +372,12 @@ Result<Instance> Launcher::start(const DomainSpec& spec, FdHandover* cold,
   return start_as(spec, spec.name, cold, extra_args);
 }
 
-Result<Instance> Launcher::start_pooled(const DomainSpec& spec, const std::string& pool_name) {
+Result<Instance> Launcher::start_pooled(const DomainSpec& spec, const std::string& pool_name,
+                                        bool incoming) {
   if (!pool_name.starts_with(kPoolPrefix) || !valid_name(pool_name.substr(1))) {
     return Error(make_error_code(errc::invalid_spec), "'" + pool_name + "' is not a pool name");
   }
+  if (incoming) return start_as(spec, pool_name, nullptr, {"-incoming", "defer"});
   return start_as(spec, pool_name, nullptr, {});
 }
 

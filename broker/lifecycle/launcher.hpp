@@ -111,9 +111,11 @@ class Launcher {
 
   // A warm-pool QEMU (docs/pool.md): `spec` started as start() would, with no devices, its
   // uid, sockets and log under `pool_name`, which must begin with kPoolPrefix. A domain name
-  // never does (valid_name), so the two cannot meet in the run directory.
+  // never does (valid_name), so the two cannot meet in the run directory. `incoming`: it waits
+  // for a restore (-incoming defer).
   static constexpr std::string_view kPoolPrefix = "_pool-";
-  Result<Instance> start_pooled(const DomainSpec& spec, const std::string& pool_name);
+  Result<Instance> start_pooled(const DomainSpec& spec, const std::string& pool_name,
+                                bool incoming = false);
 
   // Gives a pooled instance to domain `name`: the uid is recorded for it, and the QMP and
   // console sockets and the log take its name. QEMU notices nothing: it holds the listeners by

@@ -341,4 +341,42 @@ TEST_CASE("a create matches a pool shape only when it boots through firmware wit
   CHECK(differs([](auto& s) { s.xen = broker::lifecycle::XenPart{}; }));
   // Paused or not, both take from the pool.
   CHECK_FALSE(differs([](auto& s) { s.paused = true; }));
+
+  // A shape kept for restores serves restores of the same specs, and no create; a create shape
+  // serves no restore.
+  broker::PoolShape for_restore = shape;
+  for_restore.use = broker::PoolUse::restore;
+  CHECK(broker::matches(for_restore, spec, broker::PoolUse::restore));
+  CHECK_FALSE(broker::matches(for_restore, spec));
+  CHECK_FALSE(broker::matches(shape, spec, broker::PoolUse::restore));
+  // A restored direct kernel boot needs its kernel again at its next reboot: never pooled.
+  broker::lifecycle::DomainSpec kernel = spec;
+  kernel.kernel = "/boot/vmlinuz";
+  CHECK_FALSE(broker::matches(for_restore, kernel, broker::PoolUse::restore));
+}
+
+TEST_CASE("a pool shape for restores reads and prints as for=restore, and beside a create shape",
+          "[api][daemon][options][pool]") {
+  auto o = parse({"--pool", "memory_mib=256,count=2", "--pool", "memory_mib=256,count=1,for=restore"});
+  REQUIRE(o);
+  REQUIRE(o->pool.size() == 2);
+  CHECK(o->pool[0].use == broker::PoolUse::create);
+  CHECK(o->pool[1].use == broker::PoolUse::restore);
+  CHECK(broker::to_string(o->pool[1]) ==
+        "machine=q35,memory_mib=256,vcpus=1,firmware=bios,pci_slots=4,count=1,for=restore");
+  auto again = broker::parse_pool_shape(broker::to_string(o->pool[1]));
+  REQUIRE(again);
+  CHECK(*again == o->pool[1]);
+  // for=create is the default, said or not.
+  auto said = broker::parse_pool_shape("count=1,for=create");
+  REQUIRE(said);
+  CHECK(said->use == broker::PoolUse::create);
+
+  auto bad = parse({"--pool", "count=1,for=migrate"});
+  REQUIRE_FALSE(bad);
+  CHECK(bad.error().field == "--pool");
+  CHECK(bad.error().message.find("for must be create or restore, got 'migrate'") != std::string::npos);
+  auto twice = parse({"--pool", "count=1,for=restore", "--pool", "count=3,for=restore"});
+  REQUIRE_FALSE(twice);
+  CHECK(twice.error().message.find("earlier --pool") != std::string::npos);
 }

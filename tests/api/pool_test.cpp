@@ -1,7 +1,8 @@
 // qbrokerd --pool as an operator meets it: GET /v1/pool and qbrokerctl pool show the QEMUs
 // spawned ahead; a create of the shape through the API takes one and says so; SIGTERM kills what
 // is pooled; and after a SIGKILL, the next qbrokerd (without --pool) kills the pooled QEMUs by uid
-// and removes their records and files, since no domain speaks for them.
+// and removes their records and files, since no domain speaks for them. A SIGKILL while a create
+// or a restore takes a pooled QEMU leaves the domain whole or nothing of it.
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -50,6 +51,41 @@ bool files_named(const std::string& dir, const std::string& needle) {
     if (e.path().filename().string().find(needle) != std::string::npos) return true;
   }
   return false;
+}
+
+// Waits until domain `name` is either running with no job, or gone (404), as a daemon restarted
+// after a kill leaves it once its recovery is done; its last answer.
+std::optional<qbtest::http::Reply> settled(const std::string& sock, const std::string& name) {
+  std::optional<qbtest::http::Reply> shown;
+  CHECK(wait_for([&] {
+    shown = qbtest::http::call(sock, "GET", "/v1/domains/" + name);
+    if (!shown) return false;
+    if (shown->status == 404) return true;
+    return shown->status == 200 && shown->json.at("job").is_null() &&
+           shown->json.at("state") == "running";
+  }, 20s));
+  return shown;
+}
+
+// Nothing is left of the pool or of a domain in the range above `base`: no process, no uid
+// record, no socket or log under either name. A teardown the recovery began goes on in the
+// background; it ends with the files.
+void check_nothing_left(const qbtest::TempDir& dir, uid_t base) {
+  CHECK(wait_for([&] {
+    qbtest::reap_exited_children();
+    for (uid_t u = base + 1; u < base + 8; ++u) {
+      if (live_processes_of_uid("/proc", u) != 0) return false;
+    }
+    return true;
+  }, 20s));
+  CHECK(wait_for([&] {
+    return fs::is_empty(dir / "state/uids") && !files_named(dir / "run/qmp", ".sock") &&
+           !files_named(dir / "run/console", ".sock") && !files_named(dir / "run", "_pool-");
+  }, 10s));
+  CHECK(fs::is_empty(dir / "state/uids"));
+  CHECK_FALSE(files_named(dir / "run/qmp", ".sock"));
+  CHECK_FALSE(files_named(dir / "run/console", ".sock"));
+  CHECK_FALSE(files_named(dir / "run", "_pool-"));
 }
 
 }  // namespace
@@ -216,14 +252,7 @@ TEST_CASE("a qbrokerd SIGKILLed while a create takes a pooled QEMU leaves the do
     INFO(slurp(log));
     // Either the create finished and the domain runs under the pooled uid, or it is gone: a
     // create the kill interrupted is undone by the restarted daemon, in the background.
-    std::optional<qbtest::http::Reply> shown;
-    CHECK(wait_for([&] {
-      shown = qbtest::http::call(sock, "GET", "/v1/domains/" + name);
-      if (!shown) return false;
-      if (shown->status == 404) return true;
-      return shown->status == 200 && shown->json.at("job").is_null() &&
-             shown->json.at("state") == "running";
-    }, 20s));
+    auto shown = settled(sock, name);
     REQUIRE(shown);
     if (shown->status == 200) {
       ++whole;
@@ -237,28 +266,96 @@ TEST_CASE("a qbrokerd SIGKILLed while a create takes a pooled QEMU leaves the do
       ++none;
       CHECK(shown->status == 404);
     }
-    // Nothing is left of the pool or the domain: no process in the range, no uid record, no
-    // socket or log under either name.
-    CHECK(wait_for([&] {
-      qbtest::reap_exited_children();
-      for (uid_t u = kBase + 1; u < kBase + 8; ++u) {
-        if (live_processes_of_uid("/proc", u) != 0) return false;
-      }
-      return true;
-    }, 20s));
-    // A teardown the recovery began goes on in the background; it ends with the files.
-    CHECK(wait_for([&] {
-      return fs::is_empty(dir / "state/uids") && !files_named(dir / "run/qmp", ".sock") &&
-             !files_named(dir / "run/console", ".sock") && !files_named(dir / "run", "_pool-");
-    }, 10s));
-    CHECK(fs::is_empty(dir / "state/uids"));
-    CHECK_FALSE(files_named(dir / "run/qmp", ".sock"));
-    CHECK_FALSE(files_named(dir / "run/console", ".sock"));
-    CHECK_FALSE(files_named(dir / "run", "_pool-"));
+    check_nothing_left(dir, kBase);
     ::kill(again.pid, SIGTERM);
     CHECK(again.wait(20s) == 0);
   }
   // The kills before the first step and after the answer: both outcomes were met.
+  CHECK(whole > 0);
+  CHECK(none > 0);
+  remove_cgroup_base(kBase);
+}
+
+TEST_CASE("a qbrokerd SIGKILLed while a restore takes a pooled QEMU leaves the domain whole or nothing of it",
+          "[api][daemon][pool][privileged][qemu][save]") {
+  QB_REQUIRE_ROOT();
+  qbtest::become_subreaper();
+  constexpr uid_t kBase = 3'170'600;
+  qbtest::TempDir dir;
+  qbtest::TempDir saves;
+  const std::string sock = dir / "qbroker.sock";
+  auto plain = daemon_args(dir, kBase);
+  plain.insert(plain.end(), {"--socket", sock, "--save-root", saves.path()});
+  auto pooled = plain;
+  pooled.insert(pooled.end(), {"--pool", "memory_mib=256,count=1,for=restore"});
+  // The saved domain: booted through SeaBIOS from the guest's boot disk, then saved, which ends it.
+  const std::string file = saves / "pr.state";
+  {
+    Child d{spawn(plain, dir / "log-save")};
+    REQUIRE(wait_for_socket(sock, 20s));
+    INFO(slurp(dir / "log-save"));
+    const std::string body =
+        R"({"name":"pr","memory_mib":256,"boot_order":["d0"],"disks":[{"id":"d0","path":")" +
+        qbtest::guest_boot_disk() + R"(","bus":"virtio","read_only":true}]})";
+    auto created = qbtest::http::call(sock, "POST", "/v1/domains", body, 60s);
+    REQUIRE(created);
+    REQUIRE(created->status == 201);
+    auto saved = qbtest::http::call(sock, "POST", "/v1/domains/pr/save",
+                                    R"({"path":")" + file + R"("})", 60s);
+    REQUIRE(saved);
+    INFO(saved->body);
+    REQUIRE(saved->status == 200);
+    ::kill(d.pid, SIGTERM);
+    CHECK(d.wait(20s) == 0);
+  }
+  REQUIRE(fs::exists(file));
+  // From before the handover to after the answer: the kill lands in each of its steps in turn,
+  // the stream's copy among them.
+  int whole = 0, none = 0;
+  for (int delay_us : {0, 1000, 2000, 3000, 4000, 6000, 10000, 20000, 60000, 150000, 1500000}) {
+    INFO("killed " << delay_us << " us into the restore");
+    const std::string name = "pr" + std::to_string(delay_us);
+    uid_t uid = 0;
+    {
+      Child d{spawn(pooled, dir / "log")};
+      REQUIRE(wait_for_socket(sock, 20s));
+      REQUIRE(wait_for([&] { return ready(sock).size() == 1; }, 60s));
+      uid = ready(sock).at(0).at("uid").to_number<uid_t>();
+      const std::string body = R"({"path":")" + file + R"(","name":")" + name + R"("})";
+      auto conn = qbtest::http::connect(sock);
+      REQUIRE(conn);
+      REQUIRE(qbtest::http::send_all(
+          conn.get(), qbtest::http::request_text("POST", "/v1/domains/restore", body)));
+      std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
+      ::kill(d.pid, SIGKILL);
+      CHECK(d.wait(10s) == 128 + SIGKILL);
+    }
+    const std::string log = dir / ("log-" + name);
+    Child again{spawn(plain, log)};
+    REQUIRE(wait_for_socket(sock, 20s));
+    REQUIRE(recovered(log));
+    INFO(slurp(log));
+    // Either the restore finished and the guest runs in the pooled QEMU, or nothing is left of it.
+    auto shown = settled(sock, name);
+    REQUIRE(shown);
+    if (shown->status == 200) {
+      ++whole;
+      CHECK(shown->json.at("pooled") == true);
+      CHECK(shown->json.at("uid").to_number<uid_t>() == uid);
+      CHECK(qmp_over_http(sock, name, "query-status").at("status") == "running");
+      auto gone = qbtest::http::call(sock, "DELETE", "/v1/domains/" + name, {}, 30s);
+      REQUIRE(gone);
+      CHECK(gone->status == 200);
+    } else {
+      ++none;
+      CHECK(shown->status == 404);
+    }
+    check_nothing_left(dir, kBase);
+    // The save file is the restore's input only: it is there, whole, for the next one.
+    CHECK(fs::exists(file));
+    ::kill(again.pid, SIGTERM);
+    CHECK(again.wait(20s) == 0);
+  }
   CHECK(whole > 0);
   CHECK(none > 0);
   remove_cgroup_base(kBase);

@@ -1,13 +1,16 @@
 // The warm pool against a real QEMU (TCG): a create of a pooled shape takes a QEMU the pool
 // spawned before it was asked, plugs the disk and CD over QMP and boots from them in the order
 // asked for; the pool refills; a create the pool cannot serve (direct kernel boot, another shape)
-// spawns its own; a pooled QEMU that dies is discarded, its uid swept of what it left; and a
-// stopped pool leaves no process, uid record or file.
+// spawns its own; a pooled QEMU that dies is discarded, its uid swept of what it left; a stopped
+// pool leaves no process, uid record or file; and a shape kept for restores serves a restore,
+// whose guest goes on where it was saved, and no create.
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 
 #include <boost/json.hpp>
 
@@ -26,6 +29,7 @@ namespace {
 
 constexpr uid_t kHitBase = 3'170'000;
 constexpr uid_t kDeadBase = 3'170'100;
+constexpr uid_t kRestoreBase = 3'170'500;
 
 broker::BrokerConfig pooled(std::uint32_t memory_mib, std::uint32_t count) {
   broker::BrokerConfig c;
@@ -34,6 +38,26 @@ broker::BrokerConfig pooled(std::uint32_t memory_mib, std::uint32_t count) {
   shape.count = count;
   c.pool = {shape};
   return c;
+}
+
+// The words of `pid`'s command line.
+std::vector<std::string> cmdline(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/cmdline", std::ios::binary);
+  const std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<std::string> words;
+  for (std::size_t at = 0; at < all.size();) {
+    const auto end = all.find('\0', at);
+    words.push_back(all.substr(at, end - at));
+    at = end == std::string::npos ? all.size() : end + 1;
+  }
+  return words;
+}
+
+bool has_words(const std::vector<std::string>& words, const std::string& a, const std::string& b) {
+  for (std::size_t i = 0; i + 1 < words.size(); ++i) {
+    if (words[i] == a && words[i + 1] == b) return true;
+  }
+  return false;
 }
 
 // Runs the broker's io_context until `pred` holds or `timeout` passes.
@@ -161,4 +185,89 @@ TEST_CASE("a pooled QEMU that dies is discarded, its uid swept of what it left, 
   qbtest::reap_exited_children();
   CHECK(processes_of_uid("/proc", uid).empty());
   CHECK(fs::is_empty(fx.state / "uids"));
+}
+
+namespace {
+
+// A save root, made before the broker that is configured with it, and a pool kept for restores.
+struct SaveRoot {
+  qbtest::TempDir saves;
+};
+
+struct RestorePoolFixture : SaveRoot, FlowsFixture {
+  RestorePoolFixture() : FlowsFixture(kRestoreBase, config(saves.path())) {}
+  static broker::BrokerConfig config(const std::string& saves) {
+    broker::BrokerConfig c = pooled(256, 1);
+    c.pool[0].use = broker::PoolUse::restore;
+    c.save_root = saves;
+    return c;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a shape kept for restores serves a restore of a saved firmware domain and no create",
+          "[flows][pool][privileged][qemu][save]") {
+  QB_REQUIRE_ROOT();
+  RestorePoolFixture fx;
+  fx.run(fx.broker.recover());
+  REQUIRE(run_until(fx, [&] { return ready(fx).size() == 1; }, 60s));
+  CHECK(fx.broker.pool().to_json().at("shapes").as_array().at(0).at("for") == "restore");
+  const auto pool_pid = ready(fx).at(0).at("pid").to_number<pid_t>();
+  const auto pool_uid = ready(fx).at(0).at("uid").to_number<uid_t>();
+  // It waits for a migration stream, which a create could never give it.
+  CHECK(has_words(cmdline(pool_pid), "-incoming", "defer"));
+
+  // A create of the same shape spawns its own.
+  auto console = fx.boot(qbtest::firmware_domain("r1", Firmware::bios, {"d0", "cd0"}));
+  auto created = fx.run(fx.broker.info("r1", false));
+  REQUIRE(created);
+  CHECK_FALSE(created->pooled);
+  CHECK(created->uid != pool_uid);
+  CHECK(fx.broker.pool().to_json().at("hits").to_number<int>() == 0);
+  REQUIRE(run_until(fx, [&] { return ready(fx).size() == 1; }, 60s));
+  CHECK(ready(fx).at(0).at("pid").to_number<pid_t>() == pool_pid);
+
+  // A mark in the guest's RAM (its root is a tmpfs), which a new boot would not have.
+  REQUIRE(qbtest::guest(*console, "echo QB-SAVED-$((40 + 2)) > /tmp/mark").rc == 0);
+  const std::string file = fx.saves / "r1.state";
+  auto saved = fx.run(fx.broker.save("r1", {file, false}));
+  INFO((saved ? "" : saved.error().describe()));
+  REQUIRE(saved);
+  console.reset();
+
+  // The restore takes the pooled QEMU: its pid and uid, now the domain's, running the guest
+  // where it was saved, booted from the disk it had.
+  auto restored = fx.run(fx.broker.restore({file, "r2", false}));
+  INFO((restored ? "" : restored.error().describe()));
+  REQUIRE(restored);
+  CHECK(restored->pooled);
+  CHECK(restored->pid == pool_pid);
+  CHECK(restored->uid == pool_uid);
+  CHECK(restored->state == broker::RunState::running);
+  CHECK(qbtest::fds_on(restored->pid, file) == 0);
+  CHECK(fx.broker.pool().to_json().at("hits").to_number<int>() == 1);
+  auto fd = qbtest::connect_retry(restored->console, 10s);
+  REQUIRE(fd);
+  qbtest::GuestConsole again(std::move(fd));
+  CHECK(qbtest::guest_says(again, "cat /tmp/mark").find("QB-SAVED-42") != std::string::npos);
+  CHECK(qbtest::guest_says(again, "cat /proc/cmdline").find("qb_boot=disk") != std::string::npos);
+  CHECK_FALSE(fs::exists(fx.run_dir / "qmp/_pool-1.sock"));
+  CHECK(fs::exists(fx.run_dir / "qmp/r2.sock"));
+  for (const auto& line : fx.transcript) {
+    INFO(line);
+    CHECK(line.find(fx.saves.path()) == std::string::npos);
+  }
+
+  // The pool refills under another uid; the domain goes, then the pool, and nothing is left.
+  REQUIRE(run_until(fx, [&] { return ready(fx).size() == 1; }, 60s));
+  const auto next_uid = ready(fx).at(0).at("uid").to_number<uid_t>();
+  CHECK(next_uid != pool_uid);
+  REQUIRE(fx.run(fx.broker.destroy("r2")));
+  REQUIRE(fx.run(stop_pool(fx.broker.pool())));
+  qbtest::reap_exited_children();
+  CHECK(processes_of_uid("/proc", pool_uid).empty());
+  CHECK(processes_of_uid("/proc", next_uid).empty());
+  CHECK(fs::is_empty(fx.state / "uids"));
+  CHECK(fs::is_empty(fx.run_dir / "qmp"));
 }
