@@ -17,6 +17,12 @@
 //   update   broker: Broker::migrate(name, "local"), a live update of the running guest to a fresh
 //            QEMU: spawn with -incoming defer, QMP, socketpair, getfd into both, migrate, cont,
 //            the old QEMU killed by uid. raw: the same steps by hand on the raw guest.
+//   pooled   broker: Broker::restore of a guest booted through SeaBIOS from a read-only virtio
+//            disk, by a broker that keeps a QEMU of its shape spawned ahead (--pool ...,
+//            for=restore), so that the restore takes it: handover, QMP, the disk plugged, pipe,
+//            getfd, migrate-incoming fd:, copy, completion, cont, record. raw: the cold floor
+//            for the same file, Launcher::start with -incoming defer, QMP handshake, the
+//            broker's own device commands replayed with fds of the same disk, then as restore.
 //   migrate  broker: POST /v1/domains/NAME/migrate between two qbrokerd on this host, there and
 //            back in turn, one per round beside the raw update, from the request to its answer: the destination prepares the domain
 //            (HTTP, disk checks, spawn with -incoming defer, QMP, listener), the source connects,
@@ -24,9 +30,9 @@
 //            source sees it running there and kills its QEMU by uid. raw: the update's steps by
 //            hand, which are what a migration between two QEMUs on one host needs at the least.
 //
-// Usage: save_bench [--rounds N] [--dir DIR] [--memory-mib M] [--verbose]   (root and the test
-// guest; build optimized. DIR holds both save files, /var/tmp by default; M is the guests' memory,
-// 128 MiB by default.)
+// Usage: save_bench [--rounds N] [--dir DIR] [--memory-mib M] [--verbose] [--no-pooled]   (root
+// and the test guest; build optimized. DIR holds the save files, /var/tmp by default; M is the
+// guests' memory, 128 MiB by default; --no-pooled leaves the pooled restores out.)
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -49,6 +55,7 @@
 
 #include "broker/control/broker.hpp"
 #include "broker/core/log.hpp"
+#include "broker/flows/save_file.hpp"
 #include "broker/lifecycle/cgroup.hpp"
 #include "broker/lifecycle/launcher.hpp"
 #include "broker/lifecycle/proc.hpp"
@@ -134,7 +141,10 @@ struct Transcript {
   bool on = false;
   Clock::time_point start = Clock::now();
   std::vector<std::string> lines;
+  bool capture = false;  // every command sent, whole, into `sent`
+  std::vector<std::string> sent;
   void add(qmp::Direction d, std::string_view line) {
+    if (capture && d == qmp::Direction::to_qemu) sent.emplace_back(line);
     if (!on) return;
     char at[32];
     std::snprintf(at, sizeof at, "%8.1f ms %s ", ms(Clock::now() - start),
@@ -144,23 +154,28 @@ struct Transcript {
 };
 
 struct Env {
+  uid_t base;
   Transcript transcript;
   TempDir run_dir, state, records{"/dev/shm"};
   TempDir saves;
   broker::lifecycle::ForkingUidKiller killer;
-  broker::lifecycle::Reaper reaper{killer, kBase};
-  broker::lifecycle::UidPool uids{{kBase, 8}, state.path, reaper};
-  broker::lifecycle::CgroupManager cgroups{{}, "qbroker-" + std::to_string(kBase)};
+  broker::lifecycle::Reaper reaper{killer, base};
+  broker::lifecycle::UidPool uids{{base, 8}, state.path, reaper};
+  broker::lifecycle::CgroupManager cgroups{{}, "qbroker-" + std::to_string(base)};
   fdpass::ImageRoots roots;
   broker::lifecycle::Launcher launcher;
   asio::io_context io;
   broker::Broker broker;
 
-  explicit Env(const std::string& save_base)
-      : saves(save_base),
+  // `pool`: the broker's warm-pool shapes.
+  explicit Env(const std::string& save_base, uid_t uid_base = kBase,
+               std::vector<broker::PoolShape> pool = {})
+      : base(uid_base),
+        saves(save_base),
         roots(open_roots()),
         launcher(launcher_config(run_dir.path), uids, cgroups, roots),
-        broker(io.get_executor(), broker_config(records.path, saves.path, &transcript), launcher,
+        broker(io.get_executor(),
+               broker_config(records.path, saves.path, &transcript, std::move(pool)), launcher,
                roots) {
     qbtest::become_subreaper();
     uids.load();
@@ -176,8 +191,9 @@ struct Env {
     return c;
   }
   static broker::BrokerConfig broker_config(const std::string& records, const std::string& saves,
-                                            Transcript* t) {
+                                            Transcript* t, std::vector<broker::PoolShape> pool) {
     broker::BrokerConfig c;
+    c.pool = std::move(pool);
     c.transcript = [t](qmp::Direction d, std::string_view line, bool) { t->add(d, line); };
     c.records_dir = records + "/domains";
     c.save_root = saves;
@@ -195,9 +211,10 @@ struct RawGuest {
   std::optional<RawQmp> qmp;
 };
 
-RawGuest start_raw(Env& env, const std::string& name, std::vector<std::string> extra) {
-  auto inst = env.launcher.start(guest_spec(name), nullptr, extra);
-  must(inst, "start " + name);
+RawGuest start_raw(Env& env, const broker::lifecycle::DomainSpec& spec,
+                   std::vector<std::string> extra) {
+  auto inst = env.launcher.start(spec, nullptr, extra);
+  must(inst, "start " + spec.name);
   RawGuest g{std::move(*inst), std::nullopt};
   auto sock = qbtest::connect_retry(g.inst.qmp_path, 10s);
   if (!sock || !qbtest::qmp_handshake(sock.get(), 30s)) die("raw QMP handshake");
@@ -225,7 +242,7 @@ void raw_save(RawGuest& g, const std::string& file) {
 
 // The hand-written restore, from spawn to a running guest.
 RawGuest raw_restore(Env& env, const std::string& name, const std::string& file) {
-  RawGuest g = start_raw(env, name, {"-incoming", "defer"});
+  RawGuest g = start_raw(env, guest_spec(name), {"-incoming", "defer"});
   fdpass::UniqueFd in(::open(file.c_str(), O_RDONLY | O_CLOEXEC));
   auto pipe = fdpass::make_pipe();
   if (!in || !pipe) die("raw restore: open");
@@ -246,7 +263,7 @@ RawGuest raw_restore(Env& env, const std::string& name, const std::string& file)
 // The hand-written live update: a second QEMU with -incoming defer, a socketpair, one end to each,
 // migrate, cont on the new one, the old one killed by its uid. Returns the new guest.
 RawGuest raw_update(Env& env, RawGuest& old, const std::string& name) {
-  RawGuest next = start_raw(env, name, {"-incoming", "defer"});
+  RawGuest next = start_raw(env, guest_spec(name), {"-incoming", "defer"});
   auto pair = fdpass::make_socketpair(SOCK_STREAM);
   if (!pair) die("raw update: socketpair");
   next.qmp->cmd(R"({"execute":"getfd","arguments":{"fdname":"qb-migrate"}})", pair->second.get());
@@ -268,6 +285,158 @@ RawGuest raw_update(Env& env, RawGuest& old, const std::string& name) {
 std::uint64_t size_of(const std::string& path) {
   struct stat st {};
   return ::stat(path.c_str(), &st) == 0 ? static_cast<std::uint64_t>(st.st_size) : 0;
+}
+
+// The test guest booted through SeaBIOS from its boot disk, read-only on virtio: a shape the
+// warm pool serves.
+broker::CreateDomain bios_guest(const std::string& name) {
+  broker::CreateDomain c;
+  c.spec.name = name;
+  c.spec.memory_mib = static_cast<std::uint32_t>(g_memory_mib);
+  c.spec.boot_order = {"d0"};
+  broker::DiskSpec d;
+  d.id = "d0";
+  d.path = qbtest::guest_boot_disk();
+  d.bus = broker::DiskBus::virtio;
+  d.read_only = true;
+  d.bootindex = 1;
+  c.disks.push_back(std::move(d));
+  return c;
+}
+
+// The commands a restore sent before its stream's getfd, minus the handshake: the devices.
+std::vector<std::string> device_commands(const std::vector<std::string>& sent) {
+  std::vector<std::string> out;
+  for (const auto& line : sent) {
+    if (line.find("qmp_capabilities") != std::string::npos) continue;
+    if (line.find("\"getfd\"") != std::string::npos &&
+        line.find("\"qb-migrate\"") != std::string::npos) {
+      return out;
+    }
+    out.push_back(line);
+  }
+  die("the restore's transcript has no getfd of its stream");
+}
+
+// The cold floor of a pooled restore: spawn with -incoming defer, the broker's device commands
+// replayed (each add-fd or getfd with an fd of `disk` opened here), then the stream of the
+// broker's `file` fed from its offset, completion, cont.
+RawGuest raw_restore_replayed(Env& env, const broker::CreateDomain& shape, const std::string& file,
+                              const std::vector<std::string>& devices, const std::string& disk) {
+  RawGuest g = start_raw(env, shape.spec, {"-incoming", "defer"});
+  for (const auto& line : devices) {
+    if (line.find("\"add-fd\"") == std::string::npos && line.find("\"getfd\"") == std::string::npos) {
+      g.qmp->cmd(line);
+      continue;
+    }
+    fdpass::UniqueFd fd(::open(disk.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd) die("raw restore: open " + disk);
+    g.qmp->cmd(line, fd.get());
+  }
+  fdpass::UniqueFd in(::open(file.c_str(), O_RDONLY | O_CLOEXEC));
+  auto layout = broker::flows::save_file::read_layout(in, "path");
+  auto pipe = fdpass::make_pipe();
+  if (!in || !layout || !pipe) die("raw restore: open " + file);
+  ::fcntl(pipe->second.get(), F_SETPIPE_SZ, 1 << 20);
+  g.qmp->cmd(R"({"execute":"getfd","arguments":{"fdname":"qb-migrate"}})", pipe->first.get());
+  pipe->first.reset();
+  g.qmp->cmd(R"({"execute":"migrate-incoming","arguments":{"uri":"fd:qb-migrate"}})");
+  std::thread feeder([&] {
+    std::vector<char> buf(1 << 20);
+    auto at = static_cast<off_t>(layout->stream_offset);
+    for (std::uint64_t left = layout->stream_length; left > 0;) {
+      ssize_t n = ::pread(in.get(), buf.data(), std::min<std::uint64_t>(left, buf.size()), at);
+      if (n <= 0) break;
+      for (ssize_t off = 0; off < n;) {
+        ssize_t w = ::write(pipe->second.get(), buf.data() + off, static_cast<std::size_t>(n - off));
+        if (w <= 0) return;
+        off += w;
+      }
+      at += n;
+      left -= static_cast<std::uint64_t>(n);
+    }
+    pipe->second.reset();
+  });
+  feeder.join();
+  wait_migration(*g.qmp);
+  g.qmp->cmd(R"({"execute":"cont"})");
+  return g;
+}
+
+// Runs `env`'s broker until its pool has a QEMU ready, and half a second more: a pooled QEMU
+// waits for its restore much longer than its set-up takes, which is not what is measured.
+void wait_pooled(Env& env) {
+  const auto deadline = Clock::now() + 60s;
+  while (env.broker.pool().size() == 0) {
+    if (Clock::now() > deadline) die("the pool never filled");
+    env.io.restart();
+    env.io.run_for(10ms);
+  }
+  env.io.restart();
+  env.io.run_for(500ms);
+}
+
+asio::awaitable<bool> stop_pool(broker::WarmPool& pool) {
+  co_await pool.stop();
+  co_return true;
+}
+
+// Restores from the warm pool against their cold raw floor, `rounds` of each in turn.
+void pooled_restores(const std::string& dir, int rounds, bool verbose) {
+  broker::PoolShape shape;
+  shape.memory_mib = static_cast<std::uint32_t>(g_memory_mib);
+  shape.count = 1;
+  shape.use = broker::PoolUse::restore;
+  Env env(dir, kBase + 50, {shape});
+  (void)env.run(env.broker.recover());  // the pool fills once recovery is done
+  const std::string file = env.saves / "bios.state";
+  {
+    auto info = env.run(env.broker.create(bios_guest("qbs-bios")));
+    must(info, "create the BIOS guest");
+    if (info->pooled) die("the BIOS guest took a QEMU kept for restores");
+    qbtest::GuestConsole con(qbtest::connect_retry(info->console, 10s));
+    if (!con.wait_ready(120s)) die("the BIOS guest did not boot");
+    std::this_thread::sleep_for(2s);
+    must(env.run(env.broker.save("qbs-bios", {file, false})), "save the BIOS guest");
+  }
+  std::vector<double> pooled, raw;
+  std::vector<std::string> devices;
+  for (int r = 0; r < rounds; ++r) {
+    auto api = [&] {
+      wait_pooled(env);
+      env.transcript.capture = devices.empty();
+      env.transcript.sent.clear();
+      const auto t0 = Clock::now();
+      auto info = env.run(env.broker.restore({file, "qbs-pooled", false}));
+      const auto t1 = Clock::now();
+      env.transcript.capture = false;
+      must(info, "pooled restore");
+      if (!info->pooled) die("the restore did not take the pooled QEMU");
+      pooled.push_back(ms(t1 - t0));
+      if (devices.empty()) devices = device_commands(env.transcript.sent);
+      must(env.run(env.broker.destroy("qbs-pooled")), "destroy the pooled restore");
+    };
+    auto floor = [&] {
+      const auto t0 = Clock::now();
+      RawGuest g = raw_restore_replayed(env, bios_guest("qbs-raw-bios"), file, devices,
+                                        qbtest::guest_boot_disk());
+      raw.push_back(ms(Clock::now() - t0));
+      g.qmp.reset();
+      must(env.launcher.destroy(g.inst), "destroy the raw restore");
+    };
+    api();  // first: the raw side replays what it sent
+    floor();
+  }
+  if (verbose) {
+    std::printf("pooled restore, device commands replayed by the raw side:\n");
+    for (const auto& l : devices) std::printf("  %s\n", l.c_str());
+  }
+  std::printf("pooled restore (BIOS+virtio disk, %.1f MiB file): broker med %.1f ms, raw cold "
+              "floor med %.1f ms, ratio %.2f; min %.1f / %.1f\n",
+              size_of(file) / 1048576.0, median(pooled), median(raw), median(pooled) / median(raw),
+              *std::min_element(pooled.begin(), pooled.end()),
+              *std::min_element(raw.begin(), raw.end()));
+  (void)env.run(stop_pool(env.broker.pool()));
 }
 
 }  // namespace
@@ -349,12 +518,14 @@ class BrokerMigrations {
 int main(int argc, char** argv) {
   int rounds = 5;
   bool verbose = false;
+  bool skip_pooled = false;
   int poll_ms = 50;
   std::string dir = "/var/tmp";
   for (int i = 1; i < argc; ++i) {
     if (std::string(argv[i]) == "--rounds" && i + 1 < argc) rounds = std::atoi(argv[++i]);
     if (std::string(argv[i]) == "--dir" && i + 1 < argc) dir = argv[++i];
     if (std::string(argv[i]) == "--verbose") verbose = true;
+    if (std::string(argv[i]) == "--no-pooled") skip_pooled = true;
     if (std::string(argv[i]) == "--memory-mib" && i + 1 < argc) g_memory_mib = std::atoi(argv[++i]);
     if (std::string(argv[i]) == "--poll-ms" && i + 1 < argc) poll_ms = std::atoi(argv[++i]);
   }
@@ -380,7 +551,7 @@ int main(int argc, char** argv) {
     api = true;
     qbtest::GuestConsole api_console(qbtest::connect_retry(info->console, 10s));
     must(env.run(env.broker.resume("qbs-api")), "resume");
-    raw = start_raw(env, "qbs-raw", {});
+    raw = start_raw(env, guest_spec("qbs-raw"), {});
     qbtest::GuestConsole raw_console(qbtest::connect_retry(raw->inst.console_path, 10s));
     raw->qmp->cmd(R"({"execute":"cont"})");
     if (!api_console.wait_ready(120s) || !raw_console.wait_ready(120s)) die("a guest did not boot");
@@ -476,6 +647,15 @@ int main(int argc, char** argv) {
   if (raw) {
     raw->qmp.reset();
     (void)env.launcher.destroy(raw->inst);
+  }
+  raw.reset();
+  if (rc == 0 && !skip_pooled) {
+    try {
+      pooled_restores(dir, rounds, verbose);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "save_bench: %s\n", e.what());
+      rc = 1;
+    }
   }
   return rc;
 }
