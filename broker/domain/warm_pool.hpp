@@ -84,9 +84,9 @@ class WarmPool {
   // of it is ready. A QEMU found dead is discarded on the way. The refill is woken either way.
   std::optional<lifecycle::Instance> take(const lifecycle::DomainSpec& spec,
                                           PoolUse use = PoolUse::create);
-  // Creates in flight hold the refill back: it spawns only when no create runs. A create holds
-  // a RefillHold for its whole run; it may outlive the pool (a coroutine frame destroyed with
-  // its io_context), and then only the count it shares with the pool goes.
+  // Creates and restores in flight hold the refill back: it spawns only when none runs. Each
+  // holds a RefillHold for its whole run; it may outlive the pool (a coroutine frame destroyed
+  // with its io_context), and then only the count it shares with the pool goes.
   class RefillHold {
    public:
     explicit RefillHold(WarmPool& pool);
