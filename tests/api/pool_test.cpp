@@ -88,6 +88,53 @@ void check_nothing_left(const qbtest::TempDir& dir, uid_t base) {
   CHECK_FALSE(files_named(dir / "run", "_pool-"));
 }
 
+// One round of a kill test: a qbrokerd run with `pooled` args until its pool has a QEMU ready,
+// sent `method route body`, SIGKILLed `delay_us` later; then one run with `plain` args, which must
+// leave domain `name` running under the pooled uid with no job, or gone, and nothing else of the
+// pool or the domain. Returns true when the domain was whole (and is destroyed again).
+bool kill_round(const qbtest::TempDir& dir, uid_t base, const std::vector<std::string>& pooled,
+                const std::vector<std::string>& plain, const std::string& route,
+                const std::string& body, const std::string& name, int delay_us) {
+  const std::string sock = dir / "qbroker.sock";
+  uid_t uid = 0;
+  {
+    Child d{spawn(pooled, dir / "log")};
+    REQUIRE(wait_for_socket(sock, 20s));
+    REQUIRE(wait_for([&] { return ready(sock).size() == 1; }, 60s));
+    uid = ready(sock).at(0).at("uid").to_number<uid_t>();
+    auto conn = qbtest::http::connect(sock);
+    REQUIRE(conn);
+    REQUIRE(qbtest::http::send_all(conn.get(), qbtest::http::request_text("POST", route, body)));
+    std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
+    ::kill(d.pid, SIGKILL);
+    CHECK(d.wait(10s) == 128 + SIGKILL);
+  }
+  const std::string log = dir / ("log-" + name);  // one per restart: each says it recovered
+  Child again{spawn(plain, log)};
+  REQUIRE(wait_for_socket(sock, 20s));
+  REQUIRE(recovered(log));
+  INFO(slurp(log));
+  // Either the request finished and the domain runs under the pooled uid, or it is gone: one the
+  // kill interrupted is undone by the restarted daemon, in the background.
+  auto shown = settled(sock, name);
+  REQUIRE(shown);
+  const bool whole = shown->status == 200;
+  if (whole) {
+    CHECK(shown->json.at("pooled") == true);
+    CHECK(shown->json.at("uid").to_number<uid_t>() == uid);
+    CHECK(qmp_over_http(sock, name, "query-status").at("status") == "running");
+    auto gone = qbtest::http::call(sock, "DELETE", "/v1/domains/" + name, {}, 30s);
+    REQUIRE(gone);
+    CHECK(gone->status == 200);
+  } else {
+    CHECK(shown->status == 404);
+  }
+  check_nothing_left(dir, base);
+  ::kill(again.pid, SIGTERM);
+  CHECK(again.wait(20s) == 0);
+  return whole;
+}
+
 }  // namespace
 
 TEST_CASE("qbrokerd --pool serves a create of its shape through the API, and SIGTERM kills what is pooled",
@@ -219,9 +266,8 @@ TEST_CASE("a qbrokerd SIGKILLed while a create takes a pooled QEMU leaves the do
   qbtest::become_subreaper();
   constexpr uid_t kBase = 3'170'400;
   qbtest::TempDir dir;
-  const std::string sock = dir / "qbroker.sock";
   auto plain = daemon_args(dir, kBase);
-  plain.insert(plain.end(), {"--socket", sock});
+  plain.insert(plain.end(), {"--socket", dir / "qbroker.sock"});
   auto pooled = plain;
   pooled.insert(pooled.end(), {"--pool", "memory_mib=256,count=1"});
   // From before the handover to after the answer: the kill lands in each of its steps in turn.
@@ -229,46 +275,11 @@ TEST_CASE("a qbrokerd SIGKILLed while a create takes a pooled QEMU leaves the do
   for (int delay_us : {0, 1000, 2000, 2500, 3000, 3500, 4000, 4500, 5000, 6000, 8000, 12000, 20000, 300000}) {
     INFO("killed " << delay_us << " us into the create");
     const std::string name = "pk" + std::to_string(delay_us);
-    std::vector<uid_t> uids;
-    {
-      Child d{spawn(pooled, dir / "log")};
-      REQUIRE(wait_for_socket(sock, 20s));
-      REQUIRE(wait_for([&] { return ready(sock).size() == 1; }, 60s));
-      uids.push_back(ready(sock).at(0).at("uid").to_number<uid_t>());
-      const std::string body =
-          R"({"name":")" + name + R"(","memory_mib":256,"boot_order":["d0"],"disks":[{"id":"d0","path":")" +
-          qbtest::guest_boot_disk() + R"(","bus":"virtio","read_only":true}]})";
-      auto conn = qbtest::http::connect(sock);
-      REQUIRE(conn);
-      REQUIRE(qbtest::http::send_all(conn.get(), qbtest::http::request_text("POST", "/v1/domains", body)));
-      std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
-      ::kill(d.pid, SIGKILL);
-      CHECK(d.wait(10s) == 128 + SIGKILL);
-    }
-    const std::string log = dir / ("log-" + name);  // one per restart: each says it recovered
-    Child again{spawn(plain, log)};
-    REQUIRE(wait_for_socket(sock, 20s));
-    REQUIRE(recovered(log));
-    INFO(slurp(log));
-    // Either the create finished and the domain runs under the pooled uid, or it is gone: a
-    // create the kill interrupted is undone by the restarted daemon, in the background.
-    auto shown = settled(sock, name);
-    REQUIRE(shown);
-    if (shown->status == 200) {
-      ++whole;
-      CHECK(shown->json.at("pooled") == true);
-      CHECK(shown->json.at("uid").to_number<uid_t>() == uids[0]);
-      CHECK(qmp_over_http(sock, name, "query-status").at("status") == "running");
-      auto gone = qbtest::http::call(sock, "DELETE", "/v1/domains/" + name, {}, 30s);
-      REQUIRE(gone);
-      CHECK(gone->status == 200);
-    } else {
-      ++none;
-      CHECK(shown->status == 404);
-    }
-    check_nothing_left(dir, kBase);
-    ::kill(again.pid, SIGTERM);
-    CHECK(again.wait(20s) == 0);
+    const std::string body =
+        R"({"name":")" + name + R"(","memory_mib":256,"boot_order":["d0"],"disks":[{"id":"d0","path":")" +
+        qbtest::guest_boot_disk() + R"(","bus":"virtio","read_only":true}]})";
+    const bool kept = kill_round(dir, kBase, pooled, plain, "/v1/domains", body, name, delay_us);
+    (kept ? whole : none) += 1;
   }
   // The kills before the first step and after the answer: both outcomes were met.
   CHECK(whole > 0);
@@ -310,51 +321,16 @@ TEST_CASE("a qbrokerd SIGKILLed while a restore takes a pooled QEMU leaves the d
   }
   REQUIRE(fs::exists(file));
   // From before the handover to after the answer: the kill lands in each of its steps in turn,
-  // the stream's copy among them.
+  // the stream's copy among them. The save file is the restore's input only: it stays, whole.
   int whole = 0, none = 0;
   for (int delay_us : {0, 1000, 2000, 3000, 4000, 6000, 10000, 20000, 60000, 150000, 1500000}) {
     INFO("killed " << delay_us << " us into the restore");
     const std::string name = "pr" + std::to_string(delay_us);
-    uid_t uid = 0;
-    {
-      Child d{spawn(pooled, dir / "log")};
-      REQUIRE(wait_for_socket(sock, 20s));
-      REQUIRE(wait_for([&] { return ready(sock).size() == 1; }, 60s));
-      uid = ready(sock).at(0).at("uid").to_number<uid_t>();
-      const std::string body = R"({"path":")" + file + R"(","name":")" + name + R"("})";
-      auto conn = qbtest::http::connect(sock);
-      REQUIRE(conn);
-      REQUIRE(qbtest::http::send_all(
-          conn.get(), qbtest::http::request_text("POST", "/v1/domains/restore", body)));
-      std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
-      ::kill(d.pid, SIGKILL);
-      CHECK(d.wait(10s) == 128 + SIGKILL);
-    }
-    const std::string log = dir / ("log-" + name);
-    Child again{spawn(plain, log)};
-    REQUIRE(wait_for_socket(sock, 20s));
-    REQUIRE(recovered(log));
-    INFO(slurp(log));
-    // Either the restore finished and the guest runs in the pooled QEMU, or nothing is left of it.
-    auto shown = settled(sock, name);
-    REQUIRE(shown);
-    if (shown->status == 200) {
-      ++whole;
-      CHECK(shown->json.at("pooled") == true);
-      CHECK(shown->json.at("uid").to_number<uid_t>() == uid);
-      CHECK(qmp_over_http(sock, name, "query-status").at("status") == "running");
-      auto gone = qbtest::http::call(sock, "DELETE", "/v1/domains/" + name, {}, 30s);
-      REQUIRE(gone);
-      CHECK(gone->status == 200);
-    } else {
-      ++none;
-      CHECK(shown->status == 404);
-    }
-    check_nothing_left(dir, kBase);
-    // The save file is the restore's input only: it is there, whole, for the next one.
+    const std::string body = R"({"path":")" + file + R"(","name":")" + name + R"("})";
+    const bool kept =
+        kill_round(dir, kBase, pooled, plain, "/v1/domains/restore", body, name, delay_us);
+    (kept ? whole : none) += 1;
     CHECK(fs::exists(file));
-    ::kill(again.pid, SIGTERM);
-    CHECK(again.wait(20s) == 0);
   }
   CHECK(whole > 0);
   CHECK(none > 0);
