@@ -54,6 +54,7 @@
 #include "fdpass/devices.hpp"
 #include "fdpass/opener.hpp"
 #include "support/asio_run.hpp"
+#include "pool_wait.hpp"
 #include "support/qemu.hpp"
 #include "support/request_specs.hpp"
 
@@ -758,25 +759,7 @@ std::vector<broker::PoolShape> bios_disk_pool() {
   return {shape};
 }
 
-// Runs the pool broker until a QEMU is ready, and half a second more: a pooled QEMU waits for
-// its create much longer than its machine set-up takes, which is not what is measured.
-void wait_pooled(Env& env) {
-  const auto deadline = Clock::now() + 60s;
-  while (env.broker.pool().size() == 0) {
-    if (Clock::now() > deadline) {
-      die("the pool never filled: " + json::serialize(env.broker.pool().to_json()));
-    }
-    env.io.restart();
-    env.io.run_for(10ms);
-  }
-  env.io.restart();
-  env.io.run_for(500ms);
-}
-
-asio::awaitable<bool> stop_pool(broker::WarmPool& pool) {
-  co_await pool.stop();
-  co_return true;
-}
+void wait_pooled(Env& env) { qbbench::wait_pooled(env.io, env.broker.pool()); }
 
 void pool_create(Env& env, PoolRow& r, const Shape& s) {
   wait_pooled(env);
@@ -893,7 +876,7 @@ int main(int argc, char** argv) {
                     pool.create.back(), pool.prompt.back());
         std::fflush(stdout);
       }
-      (void)pooled.run(stop_pool(pooled.broker.pool()));
+      (void)pooled.run(qbbench::stop_pool(pooled.broker.pool()));
       report_pool(pool, rows);
     }
   } catch (const std::exception& e) {
