@@ -9,8 +9,6 @@
 #include <unistd.h>
 
 #include <filesystem>
-#include <fstream>
-#include <iterator>
 
 #include <boost/json.hpp>
 
@@ -38,19 +36,6 @@ broker::BrokerConfig pooled(std::uint32_t memory_mib, std::uint32_t count) {
   shape.count = count;
   c.pool = {shape};
   return c;
-}
-
-// The words of `pid`'s command line.
-std::vector<std::string> cmdline(pid_t pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/cmdline", std::ios::binary);
-  const std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  std::vector<std::string> words;
-  for (std::size_t at = 0; at < all.size();) {
-    const auto end = all.find('\0', at);
-    words.push_back(all.substr(at, end - at));
-    at = end == std::string::npos ? all.size() : end + 1;
-  }
-  return words;
 }
 
 bool has_words(const std::vector<std::string>& words, const std::string& a, const std::string& b) {
@@ -216,7 +201,7 @@ TEST_CASE("a shape kept for restores serves a restore of a saved firmware domain
   const auto pool_pid = ready(fx).at(0).at("pid").to_number<pid_t>();
   const auto pool_uid = ready(fx).at(0).at("uid").to_number<uid_t>();
   // It waits for a migration stream, which a create could never give it.
-  CHECK(has_words(cmdline(pool_pid), "-incoming", "defer"));
+  CHECK(has_words(qbtest::cmdline_words(pool_pid), "-incoming", "defer"));
 
   // A create of the same shape spawns its own.
   auto console = fx.boot(qbtest::firmware_domain("r1", Firmware::bios, {"d0", "cd0"}));

@@ -700,13 +700,7 @@ TEST_CASE("QEMU never opens a path and every fd it holds is an object the broker
 
   // 4. Nor does its command line: the only paths are the jail's /boot files and the fdsets of
   //    the devices planned at spawn (/dev/fdset/N names an fd QEMU was given, not a file).
-  std::string cmdline = read_text(proc + "/cmdline");
-  std::vector<std::string> words;
-  for (std::size_t at = 0; at < cmdline.size();) {
-    auto end = cmdline.find('\0', at);
-    words.push_back(cmdline.substr(at, end - at));
-    at = end + 1;
-  }
+  const std::vector<std::string> words = qbtest::cmdline_words(pid);
   REQUIRE(words.size() > 10);
   const std::regex fdset_name("/dev/fdset/[0-9]+");
   int planned = 0;

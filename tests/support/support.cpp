@@ -8,6 +8,8 @@
 #include <sys/wait.h>
 
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <stdexcept>
 
 namespace qbtest {
@@ -32,6 +34,18 @@ int fds_on(pid_t pid, const std::string& path) {
     if (std::filesystem::read_symlink(e.path(), lec) == path) ++n;
   }
   return n;
+}
+
+std::vector<std::string> cmdline_words(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/cmdline", std::ios::binary);
+  const std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<std::string> words;
+  for (std::size_t at = 0; at < all.size();) {
+    const auto end = all.find('\0', at);
+    words.push_back(all.substr(at, end - at));
+    at = end == std::string::npos ? all.size() : end + 1;
+  }
+  return words;
 }
 
 TempDir::TempDir() {

@@ -16,6 +16,9 @@ std::size_t open_fd_count();
 // How many fds of process `pid` name `path` (what QEMU holds of an image, say).
 int fds_on(pid_t pid, const std::string& path);
 
+// The arguments of process `pid`'s command line, from /proc/PID/cmdline; empty when it is gone.
+std::vector<std::string> cmdline_words(pid_t pid);
+
 // Forks a child that switches to `uid` (and gid) and pauses until killed; returns once the child
 // runs as `uid`, so /proc already counts it. -1 when the fork or the switch failed.
 pid_t fork_as_uid(uid_t uid);
