@@ -274,7 +274,9 @@ const std::vector<Option>& options() {
        "firmware with a boot order: KEY=VALUE pairs, comma-separated, of machine (q35), "
        "memory_mib, vcpus, firmware (bios), pci_slots, count and for (create, or restore: "
        "they wait with -incoming defer for restores of that shape), e.g. "
-       "memory_mib=256,count=2 (repeatable; docs/pool.md)",
+       "memory_mib=256,count=2; with kernel, initrd and append, the QEMUs load that kernel and "
+       "serve direct kernel boots of it (a comma in a value is written twice) "
+       "(repeatable; docs/pool.md)",
        add_pool_shape},
       {"migration-listen", Kind::value, "ADDRESS:PORT",
        "take live migrations from brokers on other hosts here ([IPV6]:PORT; *:PORT for every "
@@ -496,6 +498,19 @@ Result<DaemonConfig> validate(const Settings& settings) {
   if (c.xen && !c.pool.empty()) {
     return invalid(settings.at("pool"), "--pool does not apply with --xen: a Xen device model's "
                                         "uid is fixed by its domid");
+  }
+  // A shape's kernel and initrd are opened as a create's are: beneath an image root.
+  for (const auto& shape : c.pool) {
+    for (auto [key, path] : {std::pair{"kernel", &shape.kernel}, std::pair{"initrd", &shape.initrd}}) {
+      if (path->empty()) continue;
+      auto holds = [path](const std::string& root) {
+        return path->starts_with(root.ends_with('/') ? root : root + "/");
+      };
+      if (std::none_of(c.image_roots.begin(), c.image_roots.end(), holds)) {
+        return invalid(settings.at("pool"), std::string(key) + " " + *path +
+                                                " is beneath no --image-root: no create could name it");
+      }
+    }
   }
   const bool any_file = !c.migration.cert.empty() || !c.migration.key.empty() || !c.migration.ca.empty();
   const bool all_files = !c.migration.cert.empty() && !c.migration.key.empty() && !c.migration.ca.empty();

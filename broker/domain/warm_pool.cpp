@@ -52,7 +52,10 @@ lifecycle::DomainSpec spec_for(const PoolShape& shape) {
   spec.vcpus = shape.vcpus;
   spec.firmware = shape.firmware;
   spec.pci_slots = shape.pci_slots;
-  spec.boot_order = {"pooled"};
+  spec.kernel = shape.kernel;
+  spec.initrd = shape.initrd;
+  spec.append = shape.append;
+  if (shape.kernel.empty()) spec.boot_order = {"pooled"};
   return spec;
 }
 
@@ -62,6 +65,8 @@ bool running(const lifecycle::Instance& inst) {
   pollfd p{inst.pidfd.get(), POLLIN, 0};
   return ::poll(&p, 1, 0) == 0;
 }
+
+json::value nullable(const std::string& s) { return s.empty() ? json::value(nullptr) : json::value(s); }
 
 std::string iso8601(std::chrono::system_clock::time_point t) {
   const std::time_t secs = std::chrono::system_clock::to_time_t(t);
@@ -74,25 +79,56 @@ std::string iso8601(std::chrono::system_clock::time_point t) {
 
 }  // namespace
 
+namespace {
+
+// "a=1,b=x,,y" as its items "a=1" and "b=x,y": a doubled comma is a comma of the value.
+std::vector<std::string> split_items(std::string_view text) {
+  std::vector<std::string> items(1);
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    if (text[i] != ',') {
+      items.back() += text[i];
+    } else if (i + 1 < text.size() && text[i + 1] == ',') {
+      items.back() += ',';
+      ++i;
+    } else {
+      items.emplace_back();
+    }
+  }
+  if (text.empty()) items.clear();
+  return items;
+}
+
+std::string escape_commas(std::string_view value) {
+  std::string out;
+  for (char c : value) {
+    out += c;
+    if (c == ',') out += ',';
+  }
+  return out;
+}
+
+}  // namespace
+
 Result<PoolShape> parse_pool_shape(std::string_view text) {
   PoolShape shape;
   bool seen_count = false;
-  std::vector<std::string_view> seen;
-  while (!text.empty()) {
-    const auto comma = text.find(',');
-    const std::string_view item = text.substr(0, comma);
-    text = comma == std::string_view::npos ? std::string_view() : text.substr(comma + 1);
+  std::vector<std::string> seen;
+  for (const std::string& item_text : split_items(text)) {
+    const std::string_view item = item_text;
     const auto eq = item.find('=');
     if (eq == std::string_view::npos) {
       return pool_error("'" + std::string(item) + "' is not KEY=VALUE");
     }
-    const std::string_view key = item.substr(0, eq);
+    const std::string key(item.substr(0, eq));
     const std::string_view value = item.substr(eq + 1);
     if (std::find(seen.begin(), seen.end(), key) != seen.end()) {
       return pool_error(std::string(key) + " is given twice");
     }
     seen.push_back(key);
-    if (key == "machine") {
+    if (key == "kernel" || key == "initrd" || key == "append") {
+      if (value.empty()) return pool_error(key + " is empty");
+      (key == "kernel" ? shape.kernel : key == "initrd" ? shape.initrd : shape.append) = value;
+    } else if (key == "machine") {
       if (value != "q35") return pool_error("machine must be q35: only a machine that boots can be pooled");
     } else if (key == "memory_mib") {
       auto n = number(key, value, 16, 1u << 20);
@@ -125,10 +161,14 @@ Result<PoolShape> parse_pool_shape(std::string_view text) {
       seen_count = true;
     } else {
       return pool_error("unknown key '" + std::string(key) +
-                        "' (machine, memory_mib, vcpus, firmware, pci_slots, count, for)");
+                        "' (machine, memory_mib, vcpus, firmware, pci_slots, count, for, kernel, "
+                        "initrd, append)");
     }
   }
   if (!seen_count) return pool_error("count is needed: how many QEMUs of the shape to keep");
+  if (shape.kernel.empty() && !shape.append.empty()) {
+    return pool_error("append needs a kernel: it is the kernel's command line");
+  }
   // The same bounds a create's spec has.
   lifecycle::DomainSpec spec = spec_for(shape);
   if (auto ok = lifecycle::validate(spec); !ok) return pool_error(ok.error().message);
@@ -144,6 +184,10 @@ std::string to_string(const PoolShape& s) {
                     ",firmware=" + std::string(lifecycle::to_string(s.firmware)) +
                     ",pci_slots=" + std::to_string(s.pci_slots) + ",count=" + std::to_string(s.count);
   if (s.use == PoolUse::restore) out += ",for=restore";
+  for (auto [key, value] : {std::pair{",kernel=", &s.kernel}, std::pair{",initrd=", &s.initrd},
+                            std::pair{",append=", &s.append}}) {
+    if (!value->empty()) out += key + escape_commas(*value);
+  }
   return out;
 }
 
@@ -151,8 +195,9 @@ bool matches(const PoolShape& shape, const lifecycle::DomainSpec& spec, PoolUse 
   return shape.use == use && spec.machine == shape.machine && spec.memory_mib == shape.memory_mib &&
          spec.vcpus == shape.vcpus && spec.firmware == shape.firmware &&
          spec.pci_slots == shape.pci_slots && spec.accel == lifecycle::Accel::automatic &&
-         spec.kernel.empty() && spec.initrd.empty() && spec.append.empty() &&
-         !spec.boot_order.empty() && !spec.secure_boot && spec.nvram.empty() && !spec.xen;
+         spec.kernel == shape.kernel && spec.initrd == shape.initrd &&
+         spec.append == shape.append && spec.boot_order.empty() == !shape.kernel.empty() &&
+         !spec.secure_boot && spec.nvram.empty() && !spec.xen;
 }
 
 WarmPool::WarmPool(asio::any_io_executor ex, Domains& domains, std::vector<PoolShape> shapes)
@@ -192,6 +237,15 @@ std::optional<lifecycle::Instance> WarmPool::take(const lifecycle::DomainSpec& s
     shaped = true;
     if (!running(it->instance)) {
       ++it;  // discard_dead takes it out
+      continue;
+    }
+    // A few syscalls on this thread: the kernel file's path opened beneath its root, and fstat.
+    if (!shapes_[it->shape].kernel.empty() &&
+        !domains_.launcher().boot_files_current(it->instance, spec)) {
+      log::info("pool: " + it->instance.name + " (uid " + std::to_string(it->instance.uid) +
+                ") loaded a kernel or initrd that is no longer the file at its path; discarding it");
+      stale_.push_back(std::move(it->instance));
+      it = entries_.erase(it);
       continue;
     }
     lifecycle::Instance inst = std::move(it->instance);
@@ -249,6 +303,8 @@ awaitable<std::size_t> WarmPool::discard_dead() {
     dead.push_back(std::move(it->instance));
     it = entries_.erase(it);
   }
+  for (auto& inst : stale_) dead.push_back(std::move(inst));
+  stale_.clear();
   for (auto& inst : dead) co_await discard(std::move(inst), false);
   // Those whose kill failed before, once more.
   std::vector<lifecycle::Instance> again = std::move(doomed_);
@@ -307,6 +363,8 @@ awaitable<void> WarmPool::stop() {
   }
   std::vector<Entry> all = std::move(entries_);
   entries_.clear();
+  for (auto& inst : stale_) all.push_back(Entry{0, std::move(inst), {}});
+  stale_.clear();
   for (auto& e : all) co_await discard(std::move(e.instance), false);
   std::vector<lifecycle::Instance> again = std::move(doomed_);
   doomed_.clear();
@@ -334,6 +392,9 @@ json::object WarmPool::to_json() const {
                                   {"pci_slots", s.pci_slots},
                                   {"count", s.count},
                                   {"for", to_string(s.use)},
+                                  {"kernel", nullable(s.kernel)},
+                                  {"initrd", nullable(s.initrd)},
+                                  {"append", nullable(s.append)},
                                   {"ready", std::move(ready)}});
   }
   json::object o{{"shapes", std::move(shapes)},

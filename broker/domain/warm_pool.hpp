@@ -1,7 +1,8 @@
 // The warm pool (docs/pool.md): jailed QEMUs of configured shapes, spawned paused (-S) with no
 // devices, each under its own uid, before any create asks for them. A create whose spec matches
-// a shape and boots through firmware takes one instead of spawning; its devices are then plugged
-// over QMP and a system_reset gives the firmware their boot order. A shape kept for restores
+// a shape takes one instead of spawning; its devices are then plugged over QMP and a
+// system_reset gives the firmware their boot order. A shape boots through firmware, or carries
+// the kernel its QEMUs load at spawn and serves the direct kernel boots of that kernel. A shape kept for restores
 // (for=restore) is spawned with -incoming defer as well: a restore of a saved domain of that
 // shape takes one, plugs the devices and feeds it the saved state.
 //
@@ -46,7 +47,9 @@ enum class PoolUse { create, restore };
 std::string_view to_string(PoolUse use);
 
 // One shape: "machine=q35,memory_mib=128,vcpus=1,firmware=bios,count=2" (--pool), with
-// ",for=restore" for a shape kept for restores.
+// ",for=restore" for a shape kept for restores. A shape may carry a kernel (with an initrd and
+// an append line): its QEMUs load that kernel at spawn and serve the direct kernel boots of it.
+// A comma inside a value is written twice, as in QEMU's options: "append=console=ttyS0,,115200".
 struct PoolShape {
   lifecycle::Machine machine = lifecycle::Machine::q35;
   std::uint32_t memory_mib = 128;
@@ -55,6 +58,9 @@ struct PoolShape {
   std::uint32_t pci_slots = 4;
   std::uint32_t count = 1;
   PoolUse use = PoolUse::create;
+  std::string kernel;
+  std::string initrd;
+  std::string append;
   bool operator==(const PoolShape&) const = default;
 };
 
@@ -63,10 +69,12 @@ Result<PoolShape> parse_pool_shape(std::string_view text);
 // The shape as parse_pool_shape reads it.
 std::string to_string(const PoolShape& shape);
 // True when a create (or, with PoolUse::restore, a restore) of `spec` may take a QEMU of `shape`:
-// kept for that use, same machine, memory, vcpus, firmware and PCIe slots, booted through
-// firmware with a boot order (pooled QEMUs boot strictly from the devices a create names), no
-// kernel, no own variable store, no Xen. A restored guest of a direct kernel boot needs its kernel
-// again when it reboots, so it is never pooled either.
+// kept for that use, same machine, memory, vcpus, firmware and PCIe slots, no own variable store,
+// no Xen, and booted as the shape's QEMUs boot. A shape without a kernel serves what boots
+// through firmware with a boot order (pooled QEMUs boot strictly from the devices a create
+// names); one with a kernel serves the direct kernel boots of the same kernel, initrd and append
+// line, by path (WarmPool::take compares the files too). A restored guest reboots into the kernel
+// its QEMU loaded at spawn, so the same holds for restores.
 bool matches(const PoolShape& shape, const lifecycle::DomainSpec& spec,
              PoolUse use = PoolUse::create);
 
@@ -81,7 +89,9 @@ class WarmPool {
   // not race the reclaim of an earlier broker's.
   void start();
   // A ready QEMU for a create (or restore) of `spec`, or nullopt when no shape matches or none
-  // of it is ready. A QEMU found dead is discarded on the way. The refill is woken either way.
+  // of it is ready. A QEMU found dead, or one whose kernel or initrd is no longer the file at
+  // its path (replaced or rewritten since its spawn), is discarded on the way. The refill is
+  // woken either way.
   std::optional<lifecycle::Instance> take(const lifecycle::DomainSpec& spec,
                                           PoolUse use = PoolUse::create);
   // Creates and restores in flight hold the refill back: it spawns only when none runs. Each
@@ -106,7 +116,7 @@ class WarmPool {
   // Pooled QEMUs ready now, for the metrics.
   std::size_t size() const { return entries_.size(); }
   // Uids the pool holds: its ready QEMUs and those whose kill has yet to succeed.
-  std::size_t uids_held() const { return entries_.size() + doomed_.size(); }
+  std::size_t uids_held() const { return entries_.size() + stale_.size() + doomed_.size(); }
 
  private:
   struct Entry {
@@ -115,7 +125,7 @@ class WarmPool {
     std::chrono::system_clock::time_point ready_since;
   };
   boost::asio::awaitable<void> refill();
-  // Discards the entries whose QEMU is gone; returns how many.
+  // Discards the entries whose QEMU is gone, and those take() found stale; returns how many.
   boost::asio::awaitable<std::size_t> discard_dead();
   // Kills `instance` by uid and removes its log; one whose kill fails waits in doomed_ for the
   // next pass. `retry`: it came from doomed_ (its failure was logged already).
@@ -127,6 +137,7 @@ class WarmPool {
   Domains& domains_;
   std::vector<PoolShape> shapes_;
   std::vector<Entry> entries_;
+  std::vector<lifecycle::Instance> stale_;   // taken out by take(): their boot files changed
   std::vector<lifecycle::Instance> doomed_;  // discarded, but their kill failed
   boost::asio::steady_timer wake_;
   std::shared_ptr<RefillState> refill_state_;

@@ -219,12 +219,19 @@ Result<void> make_run_dirs(const std::string& run_dir) {
   return {};
 }
 
-// The kernel and initrd, opened beneath the image roots with the broker's credentials and turned
-// into detached read-only mounts of those inodes at their jail paths.
-Result<void> mount_boot_files(const DomainSpec& spec, const fdpass::ImageRoots& roots,
-                              std::vector<fdpass::UniqueFd>& mounts, JailLayout& layout) {
-  for (auto [path, target, field] : {std::tuple{&spec.kernel, kKernelInJail, "kernel"},
-                                     std::tuple{&spec.initrd, kInitrdInJail, "initrd"}}) {
+Result<FileStamp> stamp_of(fdpass::BorrowedFd fd) {
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return make_error(errno_code(), "fstat of a boot file");
+  auto ns = [](const timespec& t) { return std::int64_t{t.tv_sec} * 1'000'000'000 + t.tv_nsec; };
+  return FileStamp{st.st_dev, st.st_ino, st.st_size, ns(st.st_mtim), ns(st.st_ctim)};
+}
+
+// The kernel and initrd of `spec`, opened beneath the image roots with the broker's credentials,
+// with their stamps.
+Result<std::vector<std::pair<fdpass::UniqueFd, FileStamp>>> open_boot_files(
+    const DomainSpec& spec, const fdpass::ImageRoots& roots) {
+  std::vector<std::pair<fdpass::UniqueFd, FileStamp>> files;
+  for (auto [path, field] : {std::pair{&spec.kernel, "kernel"}, std::pair{&spec.initrd, "initrd"}}) {
     if (path->empty()) continue;
     auto opened = roots.open(*path, {});
     if (!opened) {
@@ -232,10 +239,28 @@ Result<void> mount_boot_files(const DomainSpec& spec, const fdpass::ImageRoots& 
       e.field = field;
       return e;
     }
-    auto tree = detached_mount(opened->fd);
+    auto stamp = stamp_of(opened->fd);
+    if (!stamp) return stamp.error();
+    files.emplace_back(std::move(opened->fd), *stamp);
+  }
+  return files;
+}
+
+// The kernel and initrd turned into detached read-only mounts of the inodes opened, at their jail
+// paths; their stamps go to `stamps`.
+Result<void> mount_boot_files(const DomainSpec& spec, const fdpass::ImageRoots& roots,
+                              std::vector<fdpass::UniqueFd>& mounts, JailLayout& layout,
+                              std::vector<FileStamp>& stamps) {
+  auto files = open_boot_files(spec, roots);
+  if (!files) return files.error();
+  const char* targets[] = {kKernelInJail, kInitrdInJail};
+  for (std::size_t i = 0; i < files->size(); ++i) {
+    auto& [fd, stamp] = (*files)[i];
+    stamps.push_back(stamp);
+    auto tree = detached_mount(fd);
     if (!tree) return tree.error();
     mounts.push_back(std::move(*tree));
-    layout.fd_mounts.emplace_back(mounts.back(), target);
+    layout.fd_mounts.emplace_back(mounts.back(), targets[i]);
   }
   return {};
 }
@@ -381,6 +406,15 @@ Result<Instance> Launcher::start_pooled(const DomainSpec& spec, const std::strin
   return start_as(spec, pool_name, nullptr, {});
 }
 
+bool Launcher::boot_files_current(const Instance& inst, const DomainSpec& spec) const {
+  auto files = open_boot_files(spec, roots_);
+  if (!files || files->size() != inst.boot_files.size()) return false;
+  for (std::size_t i = 0; i < files->size(); ++i) {
+    if (!((*files)[i].second == inst.boot_files[i])) return false;
+  }
+  return true;
+}
+
 Result<void> Launcher::hand_over(Instance& inst, const std::string& name) {
   if (!valid_name(name)) {
     return Error(make_error_code(errc::invalid_spec), "'" + name + "' is not a domain name");
@@ -457,7 +491,9 @@ Result<Instance> Launcher::start_as(const DomainSpec& spec, const std::string& f
   layout.ro_dirs.insert(layout.ro_dirs.end(), install.exec_dirs.begin(), install.exec_dirs.end());
   layout.ro_data_dirs = std::move(install.data_dirs);
   if (spec.xen) layout.device_binds = spec.xen->device_nodes;
-  if (auto ok = mount_boot_files(spec, roots_, mounts, layout); !ok) return ok.error();
+  if (auto ok = mount_boot_files(spec, roots_, mounts, layout, inst.boot_files); !ok) {
+    return ok.error();
+  }
   inst.trace.mark("boot files");
   inst.qmp_path = config_.run_dir + "/qmp/" + file_name + ".sock";
   inst.console_path = config_.run_dir + "/console/" + file_name + ".sock";

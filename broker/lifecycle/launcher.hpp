@@ -73,6 +73,17 @@ class StartTrace {
   std::vector<Step> steps_;
 };
 
+// What a boot file (kernel, initrd) was when QEMU loaded it: a file replaced since, or rewritten in
+// place, compares unequal.
+struct FileStamp {
+  dev_t dev = 0;
+  ino_t ino = 0;
+  off_t size = 0;
+  std::int64_t mtime_ns = 0;
+  std::int64_t ctime_ns = 0;
+  bool operator==(const FileStamp&) const = default;
+};
+
 struct Instance {
   std::string name;
   uid_t uid = 0;
@@ -89,6 +100,7 @@ struct Instance {
   unsigned long long log_pipe_inode = 0;  // recorded: a restarted broker re-opens this pipe
   std::vector<std::string> argv;
   bool pooled = false;  // spawned by the warm pool before its domain asked for it
+  std::vector<FileStamp> boot_files;  // the kernel and initrd QEMU loaded at its spawn, in order
   StartTrace trace;  // from the call to start() until the domain runs
 };
 
@@ -116,6 +128,10 @@ class Launcher {
   static constexpr std::string_view kPoolPrefix = "_pool-";
   Result<Instance> start_pooled(const DomainSpec& spec, const std::string& pool_name,
                                 bool incoming = false);
+
+  // True when `spec`'s kernel and initrd, opened now as a spawn would open them, are the files
+  // `instance` loaded at its spawn (a pooled QEMU keeps the kernel it started with).
+  bool boot_files_current(const Instance& instance, const DomainSpec& spec) const;
 
   // Gives a pooled instance to domain `name`: the uid is recorded for it, and the QMP and
   // console sockets and the log take its name. QEMU notices nothing: it holds the listeners by

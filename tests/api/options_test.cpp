@@ -349,10 +349,92 @@ TEST_CASE("a create matches a pool shape only when it boots through firmware wit
   CHECK(broker::matches(for_restore, spec, broker::PoolUse::restore));
   CHECK_FALSE(broker::matches(for_restore, spec));
   CHECK_FALSE(broker::matches(shape, spec, broker::PoolUse::restore));
-  // A restored direct kernel boot needs its kernel again at its next reboot: never pooled.
+  // A restored direct kernel boot reboots into the kernel its QEMU loaded at spawn: a shape
+  // without a kernel never serves one.
   broker::lifecycle::DomainSpec kernel = spec;
   kernel.kernel = "/boot/vmlinuz";
+  kernel.boot_order.clear();
   CHECK_FALSE(broker::matches(for_restore, kernel, broker::PoolUse::restore));
+}
+
+TEST_CASE("a pool shape with a kernel serves the direct kernel boots of that kernel and nothing else",
+          "[api][daemon][options][pool]") {
+  broker::PoolShape shape;
+  shape.kernel = "/img/vmlinuz";
+  shape.initrd = "/img/initrd";
+  shape.append = "console=ttyS0 quiet";
+  broker::lifecycle::DomainSpec spec;
+  spec.name = "k";
+  spec.kernel = "/img/vmlinuz";
+  spec.initrd = "/img/initrd";
+  spec.append = "console=ttyS0 quiet";
+  CHECK(broker::matches(shape, spec));
+  auto differs = [&](auto change) {
+    broker::lifecycle::DomainSpec s = spec;
+    change(s);
+    return !broker::matches(shape, s);
+  };
+  CHECK(differs([](auto& s) { s.kernel = "/img/vmlinuz-2"; }));
+  CHECK(differs([](auto& s) { s.initrd.clear(); }));
+  CHECK(differs([](auto& s) { s.append = "console=ttyS0"; }));
+  CHECK(differs([](auto& s) { s.append.clear(); }));
+  CHECK(differs([](auto& s) { s.memory_mib = 256; }));
+  // A firmware boot (no kernel, a boot order) is another shape's.
+  CHECK(differs([](auto& s) {
+    s.kernel.clear();
+    s.initrd.clear();
+    s.append.clear();
+    s.boot_order = {"d0"};
+  }));
+  CHECK_FALSE(differs([](auto& s) { s.paused = true; }));
+  broker::PoolShape for_restore = shape;
+  for_restore.use = broker::PoolUse::restore;
+  CHECK(broker::matches(for_restore, spec, broker::PoolUse::restore));
+  CHECK_FALSE(broker::matches(for_restore, spec));
+}
+
+TEST_CASE("a pool shape's kernel, initrd and append read with doubled commas and print back",
+          "[api][daemon][options][pool]") {
+  auto o = parse({"--image-root", "/img", "--pool",
+                  "memory_mib=128,count=2,kernel=/img/vmlinuz,initrd=/img/initrd,"
+                  "append=console=ttyS0,,115200 quiet,for=restore"});
+  REQUIRE(o);
+  REQUIRE(o->pool.size() == 1);
+  const auto& shape = o->pool[0];
+  CHECK(shape.kernel == "/img/vmlinuz");
+  CHECK(shape.initrd == "/img/initrd");
+  CHECK(shape.append == "console=ttyS0,115200 quiet");
+  CHECK(shape.use == broker::PoolUse::restore);
+  CHECK(broker::to_string(shape) ==
+        "machine=q35,memory_mib=128,vcpus=1,firmware=bios,pci_slots=4,count=2,for=restore,"
+        "kernel=/img/vmlinuz,initrd=/img/initrd,append=console=ttyS0,,115200 quiet");
+  auto again = broker::parse_pool_shape(broker::to_string(shape));
+  REQUIRE(again);
+  CHECK(*again == shape);
+  // Two shapes that differ only in their kernel are two shapes.
+  CHECK(parse({"--image-root", "/img", "--pool", "count=1,kernel=/img/a", "--pool",
+               "count=1,kernel=/img/b"}));
+
+  struct Bad {
+    std::initializer_list<std::string_view> args;
+    std::string_view says;
+  };
+  for (const Bad& bad :
+       {Bad{{"--image-root", "/img", "--pool", "count=1,initrd=/img/initrd"}, "initrd: needs a kernel"},
+        Bad{{"--image-root", "/img", "--pool", "count=1,append=quiet"}, "append needs a kernel"},
+        Bad{{"--image-root", "/img", "--pool", "count=1,kernel="}, "kernel is empty"},
+        Bad{{"--image-root", "/img", "--pool", "count=1,kernel=vmlinuz"}, "kernel"},
+        Bad{{"--image-root", "/img", "--pool", "count=1,kernel=/boot/vmlinuz"},
+            "kernel /boot/vmlinuz is beneath no --image-root"},
+        Bad{{"--image-root", "/img", "--pool", "count=1,kernel=/img/vmlinuz,firmware=bios,,x"},
+            "firmware must be bios"}}) {
+    std::vector<std::string_view> v(bad.args);
+    auto r = parse_config(v);
+    INFO(bad.says);
+    REQUIRE_FALSE(r);
+    CHECK(r.error().field == "--pool");
+    CHECK(r.error().message.find(bad.says) != std::string::npos);
+  }
 }
 
 TEST_CASE("a pool shape for restores reads and prints as for=restore, and beside a create shape",

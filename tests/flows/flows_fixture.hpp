@@ -51,12 +51,14 @@ struct FlowsFixture {
   broker::Broker broker;
 
   // `base` must be unique per test case; the range is base..base+7. `ovmf_dir`: where OVMF is.
+  // `more_roots`: image roots beyond these, made before the broker whose config names them.
   explicit FlowsFixture(uid_t base, broker::BrokerConfig config = {},
-                        const std::string& ovmf_dir = broker::lifecycle::FirmwareConfig{}.ovmf_dir)
+                        const std::string& ovmf_dir = broker::lifecycle::FirmwareConfig{}.ovmf_dir,
+                        std::vector<std::string> more_roots = {})
       : reaper(killer, base),
         uids({base, 8}, state.path(), reaper),
         cgroups({}, "qbroker-" + std::to_string(base)),  // a subtree per range, as qbrokerd has
-        roots(*fdpass::ImageRoots::open({guest_dir(), images.path(), "/dev"})),
+        roots(*fdpass::ImageRoots::open(with_roots({guest_dir(), images.path(), "/dev"}, more_roots))),
         launcher(launcher_config(run_dir.path(), ovmf_dir), uids, cgroups, roots),
         broker(io.get_executor(), with_state(std::move(config)), launcher, roots) {
     become_subreaper();
@@ -73,6 +75,12 @@ struct FlowsFixture {
     c.firmware.ovmf_dir = ovmf_dir;
     c.firmware.nvram_dir = dir + "/nvram";  // UEFI variable stores, the test's own
     return c;
+  }
+
+  static std::vector<std::string> with_roots(std::vector<std::string> roots,
+                                             const std::vector<std::string>& more) {
+    roots.insert(roots.end(), more.begin(), more.end());
+    return roots;
   }
 
   broker::BrokerConfig with_state(broker::BrokerConfig c) {

@@ -2,8 +2,9 @@
 // spawned before it was asked, plugs the disk and CD over QMP and boots from them in the order
 // asked for; the pool refills; a create the pool cannot serve (direct kernel boot, another shape)
 // spawns its own; a pooled QEMU that dies is discarded, its uid swept of what it left; a stopped
-// pool leaves no process, uid record or file; and a shape kept for restores serves a restore,
-// whose guest goes on where it was saved, and no create.
+// pool leaves no process, uid record or file; a shape kept for restores serves a restore,
+// whose guest goes on where it was saved, and no create; and a shape with a kernel serves the
+// direct kernel boots and restores of that kernel file, until the file is replaced.
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -255,4 +256,139 @@ TEST_CASE("a shape kept for restores serves a restore of a saved firmware domain
   CHECK(processes_of_uid("/proc", next_uid).empty());
   CHECK(fs::is_empty(fx.state / "uids"));
   CHECK(fs::is_empty(fx.run_dir / "qmp"));
+}
+
+namespace {
+
+constexpr uid_t kKernelBase = 3'170'700;
+
+// An image root of its own holding a copy of the guest's kernel, which the test replaces, and a
+// save root; both made before the broker whose config names them.
+struct KernelDir {
+  qbtest::TempDir dir;
+  qbtest::TempDir saves;
+  std::string kernel = dir / "vmlinuz";
+  KernelDir() { fs::copy_file(qbtest::guest_kernel(), kernel); }
+};
+
+// Pool shapes with the copied kernel, the guest's initrd and its append line: one kept for
+// creates and one for restores.
+struct KernelPoolFixture : KernelDir, FlowsFixture {
+  KernelPoolFixture()
+      : FlowsFixture(kKernelBase, config(kernel, saves.path()),
+                     broker::lifecycle::FirmwareConfig{}.ovmf_dir, {dir.path()}) {}
+  static broker::BrokerConfig config(const std::string& kernel, const std::string& saves) {
+    broker::BrokerConfig c = pooled(128, 1);
+    c.pool[0].kernel = kernel;
+    c.pool[0].initrd = qbtest::guest_initrd();
+    c.pool[0].append = qbtest::kGuestAppend;
+    broker::PoolShape restores = c.pool[0];
+    restores.use = broker::PoolUse::restore;
+    c.pool.push_back(restores);
+    c.save_root = saves;
+    return c;
+  }
+  // The test guest booted from the copied kernel.
+  broker::CreateDomain domain(const std::string& name) const {
+    auto c = FlowsFixture::guest(name);
+    c.spec.kernel = kernel;
+    return c;
+  }
+  json::array ready_of(std::size_t shape) {
+    return broker.pool().to_json().at("shapes").as_array().at(shape).at("ready").as_array();
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a shape with a kernel serves the direct kernel boots and restores of it, and not once the file is replaced",
+          "[flows][pool][privileged][qemu][save]") {
+  QB_REQUIRE_ROOT();
+  KernelPoolFixture fx;
+  fx.run(fx.broker.recover());
+  auto both_ready = [&] { return fx.ready_of(0).size() == 1 && fx.ready_of(1).size() == 1; };
+  REQUIRE(run_until(fx, both_ready, 90s));
+  const auto create_pid = fx.ready_of(0).at(0).at("pid").to_number<pid_t>();
+  const auto restore_pid = fx.ready_of(1).at(0).at("pid").to_number<pid_t>();
+  // The kernel was loaded at the spawn, from the jail's mount of the file, never its host path.
+  const auto words = qbtest::cmdline_words(create_pid);
+  CHECK(has_words(words, "-kernel", "/boot/kernel"));
+  CHECK(has_words(words, "-append", qbtest::kGuestAppend));
+  CHECK(fx.broker.pool().to_json().at("shapes").as_array().at(0).at("kernel") == json::value(fx.kernel));
+
+  // A create of that kernel takes the pooled QEMU and boots the guest.
+  auto console = fx.boot(fx.domain("k1"));
+  auto k1 = fx.run(fx.broker.info("k1", false));
+  REQUIRE(k1);
+  CHECK(k1->pooled);
+  CHECK(k1->pid == create_pid);
+  CHECK(qbtest::guest_says(*console, "cat /proc/cmdline").find("cryptomgr.notests") != std::string::npos);
+
+  // Saved and restored: the restore shape's QEMU takes the guest where it was.
+  REQUIRE(qbtest::guest(*console, "echo QB-KERNEL-$((40 + 2)) > /tmp/mark").rc == 0);
+  const std::string file = fx.saves / "k1.state";
+  auto saved = fx.run(fx.broker.save("k1", {file, false}));
+  INFO((saved ? "" : saved.error().describe()));
+  REQUIRE(saved);
+  console.reset();
+  auto restored = fx.run(fx.broker.restore({file, "k1r", false}));
+  INFO((restored ? "" : restored.error().describe()));
+  REQUIRE(restored);
+  CHECK(restored->pooled);
+  CHECK(restored->pid == restore_pid);
+  {
+    auto fd = qbtest::connect_retry(restored->console, 10s);
+    REQUIRE(fd);
+    qbtest::GuestConsole again(std::move(fd));
+    CHECK(qbtest::guest_says(again, "cat /tmp/mark").find("QB-KERNEL-42") != std::string::npos);
+  }
+  REQUIRE(fx.run(fx.broker.destroy("k1r")));
+
+  // Another kernel path is another shape: the create spawns its own.
+  {
+    auto own = fx.boot(FlowsFixture::guest("k2"));
+    auto k2 = fx.run(fx.broker.info("k2", false));
+    REQUIRE(k2);
+    CHECK_FALSE(k2->pooled);
+    REQUIRE(fx.run(fx.broker.destroy("k2")));
+  }
+
+  // The file replaced after the refill's spawn: that QEMU holds the old kernel, so the next
+  // create spawns its own and the stale QEMU is discarded; its replacement loads the new file.
+  REQUIRE(run_until(fx, both_ready, 90s));
+  const auto stale_pid = fx.ready_of(0).at(0).at("pid").to_number<pid_t>();
+  fs::copy_file(qbtest::guest_kernel(), fx.kernel + ".new");
+  fs::rename(fx.kernel + ".new", fx.kernel);
+  {
+    auto c3 = fx.boot(fx.domain("k3"));
+    auto k3 = fx.run(fx.broker.info("k3", false));
+    REQUIRE(k3);
+    CHECK_FALSE(k3->pooled);
+    REQUIRE(fx.run(fx.broker.destroy("k3")));
+  }
+  auto discarded = [&] { return fx.broker.pool().to_json().at("discarded").to_number<int>() == 1; };
+  REQUIRE(run_until(fx, discarded, 30s));
+  qbtest::reap_exited_children();
+  CHECK(::kill(stale_pid, 0) == -1);  // killed by uid and reaped; the uid may serve the refill
+  REQUIRE(run_until(fx, both_ready, 90s));
+  const auto fresh_pid = fx.ready_of(0).at(0).at("pid").to_number<pid_t>();
+  CHECK(fresh_pid != stale_pid);
+  {
+    auto c4 = fx.boot(fx.domain("k4"));
+    auto k4 = fx.run(fx.broker.info("k4", false));
+    REQUIRE(k4);
+    CHECK(k4->pooled);
+    CHECK(k4->pid == fresh_pid);
+    REQUIRE(fx.run(fx.broker.destroy("k4")));
+  }
+
+  REQUIRE(fx.run(stop_pool(fx.broker.pool())));
+  qbtest::reap_exited_children();
+  CHECK(fs::is_empty(fx.state / "uids"));
+  CHECK(fs::is_empty(fx.run_dir / "qmp"));
+  CHECK(fs::is_empty(fx.run_dir / "console"));
+  for (const auto& line : fx.transcript) {
+    INFO(line);
+    CHECK(line.find(fx.dir.path()) == std::string::npos);
+  }
 }
