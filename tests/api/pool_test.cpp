@@ -120,6 +120,7 @@ bool kill_round(const qbtest::TempDir& dir, uid_t base, const std::vector<std::s
     ::kill(d.pid, SIGKILL);
     CHECK(d.wait(10s) == 128 + SIGKILL);
   }
+  INFO("the killed qbrokerd's log:\n" << slurp(dir / "log"));
   const std::string log = dir / ("log-" + name);  // one per restart: each says it recovered
   Child again{spawn(plain, log)};
   REQUIRE(wait_for_socket(sock, 20s));
