@@ -24,6 +24,9 @@
 // launch is taken apart once more per round with Launcher::start alone, a uid allocation, the
 // uid's sweep alone and a cgroup creation, so a miss can be traced to a step of broker/.
 //
+// Then pool hits: BIOS+disk and direct kernel creates through a broker with a warm pool of that
+// shape (a kernel shape for the latter), against the cold rows of the same run.
+//
 // Usage: firmware_bench [--rounds N] [--creates C] [--only SUBSTRING] [--verbose]   (root, test
 // guest and boot media, OVMF; build optimized. C: create pairs per round, 1 by default; the
 // guest boots to its prompt once per round whatever C is.)
@@ -746,15 +749,20 @@ void report_phases(const std::vector<Row>& rows) {
 }
 
 // A pool hit: the BIOS+disk shape again, created through a broker that keeps one QEMU of the
-// shape spawned ahead (--pool memory_mib=256,count=1), so the create takes it instead of spawning.
+// shape spawned ahead (--pool memory_mib=256,count=1), so the create takes it instead of spawning;
+// then the direct kernel shape, from a pool shape with its kernel, initrd and append line.
 struct PoolRow {
   std::vector<double> create, prompt;
   std::vector<Phases> phases;
 };
 
-std::vector<broker::PoolShape> bios_disk_pool() {
+std::vector<broker::PoolShape> pool_for(const Shape& s) {
+  const broker::CreateDomain c = request_for(s, false);
   broker::PoolShape shape;
-  shape.memory_mib = 256;  // request_for's firmware shapes
+  shape.memory_mib = c.spec.memory_mib;
+  shape.kernel = c.spec.kernel;
+  shape.initrd = c.spec.initrd;
+  shape.append = c.spec.append;
   shape.count = 1;
   return {shape};
 }
@@ -788,15 +796,15 @@ void pool_prompt(Env& env, PoolRow& r, const Shape& s) {
   destroy(env, s);
 }
 
-void report_pool(const PoolRow& p, const std::vector<Row>& rows) {
+void report_pool(const Shape& s, const PoolRow& p, const std::vector<Row>& rows) {
   const Row* cold = nullptr;
   for (const auto& r : rows) {
-    if (r.shape.label == "BIOS+disk") cold = &r;
+    if (r.shape.label == s.label) cold = &r;
   }
   const double hit = median(p.create), prompt = median(p.prompt);
   std::printf(
-      "\npool hit, BIOS+disk (medians, ms): create -> running %.1f (%s), to prompt %.0f (%s)\n",
-      hit, range(p.create).c_str(), prompt, range(p.prompt).c_str());
+      "\npool hit, %s (medians, ms): create -> running %.1f (%s), to prompt %.0f (%s)\n",
+      s.label.c_str(), hit, range(p.create).c_str(), prompt, range(p.prompt).c_str());
   if (cold != nullptr) {
     const double raw = median(cold->raw_create), cold_create = median(cold->broker_create);
     std::printf(
@@ -863,21 +871,23 @@ int main(int argc, char** argv) {
     }
     report_ratios(rows);
     report_phases(rows);
-    if (std::string("BIOS+disk pool").find(only) != std::string::npos) {
-      Env pooled(kBase + 100, bios_disk_pool());
+    uid_t pool_base = kBase + 100;
+    for (const Shape* shape : {&shapes.front(), &shapes.back()}) {
+      if ((shape->label + " pool").find(only) == std::string::npos) continue;
+      Env pooled(pool_base, pool_for(*shape));
+      pool_base += 10;
       (void)pooled.run(pooled.broker.recover());  // the pool fills once recovery is done
       Owned pooled_owned{pooled};
-      const Shape& shape = shapes.front();
       PoolRow pool;
       for (int round = 0; round < rounds; ++round) {
-        pool_create(pooled, pool, shape);
-        pool_prompt(pooled, pool, shape);
+        pool_create(pooled, pool, *shape);
+        pool_prompt(pooled, pool, *shape);
         std::printf("round %d pool hit      create %7.1f ms   prompt %8.1f ms\n", round + 1,
                     pool.create.back(), pool.prompt.back());
         std::fflush(stdout);
       }
       (void)pooled.run(qbbench::stop_pool(pooled.broker.pool()));
-      report_pool(pool, rows);
+      report_pool(*shape, pool, rows);
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "firmware_bench: %s\n", e.what());

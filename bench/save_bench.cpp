@@ -17,14 +17,16 @@
 //   update   broker: Broker::migrate(name, "local"), a live update of the running guest to a fresh
 //            QEMU: spawn with -incoming defer, QMP, socketpair, getfd into both, migrate, cont,
 //            the old QEMU killed by uid. raw: the same steps by hand on the raw guest.
-//   pooled   broker: Broker::restore of a guest booted through SeaBIOS from a read-only virtio
-//            disk, by a broker that keeps a QEMU of its shape spawned ahead (--pool ...,
-//            for=restore), so that the restore takes it: handover, QMP, the disk plugged, pipe,
-//            getfd, migrate-incoming fd:, copy, completion, cont, record. raw: the cold floor
-//            for the same file, Launcher::start with -incoming defer, QMP handshake, the
-//            broker's own device commands replayed with fds of the same disk, then as restore.
-//            The saves of that guest (keep_running) are timed beforehand, for the comparison
-//            with bench/libvirt_compare.sh --bios.
+//   pooled   broker: Broker::restore by a broker that keeps a QEMU of the saved guest's shape
+//            spawned ahead (--pool ...,for=restore), so that the restore takes it: handover,
+//            QMP, the devices plugged, pipe, getfd, migrate-incoming fd:, copy, completion,
+//            cont, record. Twice: for the direct kernel guest of the other sections, from a
+//            shape with its kernel, initrd and append line; then for a guest booted through
+//            SeaBIOS from a read-only virtio disk. raw: the cold floor for the same file,
+//            Launcher::start with -incoming defer, QMP handshake, the broker's own device
+//            commands replayed with fds of the same disk, then as restore. The saves of each
+//            guest (keep_running) are timed beforehand, for the comparison with
+//            bench/libvirt_compare.sh (--bios).
 //   migrate  broker: POST /v1/domains/NAME/migrate between two qbrokerd on this host, there and
 //            back in turn, one per round beside the raw update, from the request to its answer: the destination prepares the domain
 //            (HTTP, disk checks, spawn with -incoming defer, QMP, listener), the source connects,
@@ -368,30 +370,38 @@ RawGuest raw_restore_replayed(Env& env, const broker::CreateDomain& shape, const
 
 void wait_pooled(Env& env) { qbbench::wait_pooled(env.io, env.broker.pool()); }
 
-// Restores from the warm pool against their cold raw floor, `rounds` of each in turn.
-void pooled_restores(const std::string& dir, int rounds, bool verbose) {
+// Restores from the warm pool against their cold raw floor, `rounds` of each in turn: of the
+// BIOS guest, or with `kernel`, of the direct kernel boot the other sections use, from a shape
+// that carries its kernel, initrd and append line.
+void pooled_restores(const std::string& dir, int rounds, bool verbose, bool kernel) {
+  const broker::CreateDomain guest =
+      kernel ? broker::CreateDomain{.spec = guest_spec("qbs-kernel")} : bios_guest("qbs-bios");
+  const char* what = kernel ? "direct kernel" : "BIOS+virtio disk";
   broker::PoolShape shape;
   shape.memory_mib = static_cast<std::uint32_t>(g_memory_mib);
   shape.count = 1;
   shape.use = broker::PoolUse::restore;
-  Env env(dir, kBase + 50, {shape});
+  shape.kernel = guest.spec.kernel;
+  shape.initrd = guest.spec.initrd;
+  shape.append = guest.spec.append;
+  Env env(dir, kBase + (kernel ? 60 : 50), {shape});
   (void)env.run(env.broker.recover());  // the pool fills once recovery is done
-  const std::string file = env.saves / "bios.state";
-  std::vector<double> bios_saves;
+  const std::string file = env.saves / (kernel ? "kernel.state" : "bios.state");
+  std::vector<double> saves;
   {
-    auto info = env.run(env.broker.create(bios_guest("qbs-bios")));
-    must(info, "create the BIOS guest");
-    if (info->pooled) die("the BIOS guest took a QEMU kept for restores");
+    auto info = env.run(env.broker.create(guest));
+    must(info, std::string("create the ") + what + " guest");
+    if (info->pooled) die("a create took a QEMU kept for restores");
     qbtest::GuestConsole con(qbtest::connect_retry(info->console, 10s));
-    if (!con.wait_ready(120s)) die("the BIOS guest did not boot");
+    if (!con.wait_ready(120s)) die(std::string("the ") + what + " guest did not boot");
     std::this_thread::sleep_for(2s);
     // Its saves, timed too, for the comparison with libvirt on this guest; the last one ends it.
     for (int r = 0; r < rounds; ++r) {
       const auto t0 = Clock::now();
-      must(env.run(env.broker.save("qbs-bios", {file, true})), "save the BIOS guest");
-      bios_saves.push_back(ms(Clock::now() - t0));
+      must(env.run(env.broker.save(guest.spec.name, {file, true})), "save the guest");
+      saves.push_back(ms(Clock::now() - t0));
     }
-    must(env.run(env.broker.destroy("qbs-bios")), "destroy the BIOS guest");
+    must(env.run(env.broker.destroy(guest.spec.name)), "destroy the saved guest");
   }
   std::vector<double> pooled, raw;
   std::vector<std::string> devices;
@@ -412,8 +422,9 @@ void pooled_restores(const std::string& dir, int rounds, bool verbose) {
     };
     auto floor = [&] {
       const auto t0 = Clock::now();
-      RawGuest g = raw_restore_replayed(env, bios_guest("qbs-raw-bios"), file, devices,
-                                        qbtest::guest_boot_disk());
+      broker::CreateDomain floor_guest = guest;
+      floor_guest.spec.name = "qbs-raw-pooled";
+      RawGuest g = raw_restore_replayed(env, floor_guest, file, devices, qbtest::guest_boot_disk());
       raw.push_back(ms(Clock::now() - t0));
       g.qmp.reset();
       must(env.launcher.destroy(g.inst), "destroy the raw restore");
@@ -425,12 +436,12 @@ void pooled_restores(const std::string& dir, int rounds, bool verbose) {
     std::printf("pooled restore, device commands replayed by the raw side:\n");
     for (const auto& l : devices) std::printf("  %s\n", l.c_str());
   }
-  std::printf("pooled restore (BIOS+virtio disk, %.1f MiB file): broker med %.1f ms, raw cold "
-              "floor med %.1f ms, ratio %.2f; min %.1f / %.1f\n",
-              size_of(file) / 1048576.0, median(pooled), median(raw), median(pooled) / median(raw),
-              *std::min_element(pooled.begin(), pooled.end()),
+  std::printf("pooled restore (%s, %.1f MiB file): broker med %.1f ms, raw cold floor med "
+              "%.1f ms, ratio %.2f; min %.1f / %.1f\n",
+              what, size_of(file) / 1048576.0, median(pooled), median(raw),
+              median(pooled) / median(raw), *std::min_element(pooled.begin(), pooled.end()),
               *std::min_element(raw.begin(), raw.end()));
-  std::printf("save of the same guest (keep_running): broker med %.1f ms\n", median(bios_saves));
+  std::printf("save of the same guest (keep_running): broker med %.1f ms\n", median(saves));
   (void)env.run(qbbench::stop_pool(env.broker.pool()));
 }
 
@@ -646,7 +657,8 @@ int main(int argc, char** argv) {
   raw.reset();
   if (rc == 0 && !skip_pooled) {
     try {
-      pooled_restores(dir, rounds, verbose);
+      pooled_restores(dir, rounds, verbose, true);
+      pooled_restores(dir, rounds, verbose, false);
     } catch (const std::exception& e) {
       std::fprintf(stderr, "save_bench: %s\n", e.what());
       rc = 1;
