@@ -66,7 +66,9 @@ bool running(const lifecycle::Instance& inst) {
   return ::poll(&p, 1, 0) == 0;
 }
 
-json::value nullable(const std::string& s) { return s.empty() ? json::value(nullptr) : json::value(s); }
+json::value nullable(const std::string& s) {
+  return s.empty() ? json::value(nullptr) : json::value(s);
+}
 
 std::string iso8601(std::chrono::system_clock::time_point t) {
   const std::time_t secs = std::chrono::system_clock::to_time_t(t);
@@ -76,10 +78,6 @@ std::string iso8601(std::chrono::system_clock::time_point t) {
   std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
   return buf;
 }
-
-}  // namespace
-
-namespace {
 
 // "a=1,b=x,,y" as its items "a=1" and "b=x,y": a doubled comma is a comma of the value.
 std::vector<std::string> split_items(std::string_view text) {
