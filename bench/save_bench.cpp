@@ -185,6 +185,7 @@ struct Env {
     qbtest::become_subreaper();
     uids.load();
   }
+  ~Env() { cgroups.remove_base_if_empty(); }
   static fdpass::ImageRoots open_roots() {
     auto r = fdpass::ImageRoots::open({qbtest::guest_dir()});
     if (!r) die("image roots: " + r.error().message());
